@@ -1,0 +1,250 @@
+//! rustls configurations: the only place in the project where they are built.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use proto::AreaId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+
+use crate::{identity_of_cert, CertError, Credentials, Identity};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(cas: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, CertError> {
+    let mut store = RootCertStore::empty();
+    for ca in cas {
+        store
+            .add(ca.clone())
+            .map_err(|e| CertError::Verifier(e.to_string()))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The CA certificates a gateway trusts, each pinned to one area.
+#[derive(Debug, Clone)]
+pub struct ServerTrust {
+    /// This gateway's own area: its users and itself.
+    pub own_area: AreaId,
+    /// The own area's CA certificate(s).
+    pub own_cas: Vec<CertificateDer<'static>>,
+    /// Federation peers: each peer's CA(s), accepted only for `spiffe://<peer>/gateway`.
+    pub peers: Vec<PeerTrust>,
+}
+
+/// One federation peer's trust anchor.
+#[derive(Debug, Clone)]
+pub struct PeerTrust {
+    /// The peer's area.
+    pub area: AreaId,
+    /// The peer's CA certificate(s).
+    pub cas: Vec<CertificateDer<'static>>,
+}
+
+/// Accepts a client certificate only if it chains to the CA of the area its
+/// SPIFFE identity claims, and only users of the gateway's own area or the
+/// gateways of configured peers.
+#[derive(Debug)]
+struct AreaPinnedClientVerifier {
+    own_area: AreaId,
+    by_area: HashMap<AreaId, Arc<dyn ClientCertVerifier>>,
+    hints: Vec<DistinguishedName>,
+    any: Arc<dyn ClientCertVerifier>,
+}
+
+fn refuse(why: String) -> rustls::Error {
+    tracing::warn!(reason = %why, "refused client certificate");
+    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+impl ClientCertVerifier for AreaPinnedClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let identity = identity_of_cert(end_entity).map_err(|e| refuse(e.to_string()))?;
+        let area = identity.area();
+        let verifier = self
+            .by_area
+            .get(area)
+            .ok_or_else(|| refuse(format!("area {area} is not a configured peer")))?;
+        if let Identity::User(..) = identity {
+            if *area != self.own_area {
+                return Err(refuse(format!(
+                    "{identity}: users of other areas connect to their own gateway"
+                )));
+            }
+        }
+        verifier
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| {
+                tracing::warn!(%identity, error = %e, "client certificate did not verify against its area's CA");
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.any.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.any.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.any.supported_verify_schemes()
+    }
+}
+
+/// A gateway's server configuration: its own certificate, and mandatory client
+/// certificates verified per area (see the crate docs).
+pub fn server_config(own: &Credentials, trust: &ServerTrust) -> Result<Arc<ServerConfig>, CertError> {
+    let provider = provider();
+    let mut by_area: HashMap<AreaId, Arc<dyn ClientCertVerifier>> = HashMap::new();
+    let mut hints = Vec::new();
+    let areas = std::iter::once((&trust.own_area, &trust.own_cas))
+        .chain(trust.peers.iter().map(|p| (&p.area, &p.cas)));
+    for (area, cas) in areas {
+        let store = roots(cas)?;
+        hints.extend(store.subjects());
+        let v = WebPkiClientVerifier::builder_with_provider(store, provider.clone())
+            .build()
+            .map_err(|e| CertError::Verifier(format!("area {area}: {e}")))?;
+        if by_area.insert(area.clone(), v).is_some() {
+            return Err(CertError::Verifier(format!("area {area} is configured twice")));
+        }
+    }
+    let any = by_area
+        .get(&trust.own_area)
+        .cloned()
+        .ok_or_else(|| CertError::Verifier("own area has no CA".into()))?;
+    let verifier = AreaPinnedClientVerifier {
+        own_area: trust.own_area.clone(),
+        by_area,
+        hints,
+        any,
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(own.chain.clone(), own.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Verifies a gateway's server certificate against one area's CA (with the
+/// usual host name check) and requires the identity `spiffe://<area>/gateway`.
+#[derive(Debug)]
+struct PinnedGatewayVerifier {
+    area: AreaId,
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for PinnedGatewayVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        match identity_of_cert(end_entity) {
+            Ok(Identity::Gateway(area)) if area == self.area => Ok(verified),
+            Ok(other) => Err(refuse(format!(
+                "server is {other}, expected spiffe://{}/gateway",
+                self.area
+            ))),
+            Err(e) => Err(refuse(e.to_string())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn client_config(
+    own: &Credentials,
+    server_area: &AreaId,
+    server_cas: &[CertificateDer<'static>],
+) -> Result<ClientConfig, CertError> {
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(roots(server_cas)?, provider.clone())
+        .build()
+        .map_err(|e| CertError::Verifier(e.to_string()))?;
+    let verifier = PinnedGatewayVerifier {
+        area: server_area.clone(),
+        inner,
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(own.chain.clone(), own.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A user's client configuration for their home gateway: presents the user's
+/// certificate and accepts only `spiffe://<home>/gateway` under the home CA.
+pub fn user_client_config(
+    own: &Credentials,
+    home: &AreaId,
+    home_cas: &[CertificateDer<'static>],
+) -> Result<ClientConfig, CertError> {
+    client_config(own, home, home_cas)
+}
+
+/// A gateway's client configuration for one federation peer: presents the
+/// gateway's certificate and accepts only `spiffe://<peer>/gateway` under the
+/// peer's pinned CA.
+pub fn gateway_client_config(own: &Credentials, peer: &PeerTrust) -> Result<ClientConfig, CertError> {
+    client_config(own, &peer.area, &peer.cas)
+}

@@ -1,0 +1,45 @@
+//! The error type of this crate.
+
+/// Why a certificate, key or trust setting was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no certificate, or holds garbage.
+    #[error("{what}: no valid PEM certificate found")]
+    NoCertificate {
+        /// Which file or value.
+        what: String,
+    },
+    /// A PEM file holds no usable private key.
+    #[error("{what}: no valid PEM private key found")]
+    NoKey {
+        /// Which file or value.
+        what: String,
+    },
+    /// A certificate is not valid DER X.509.
+    #[error("certificate is not valid X.509: {0}")]
+    Malformed(String),
+    /// A certificate carries no SPIFFE identity or an unusable one.
+    #[error("certificate identity: {0}")]
+    BadIdentity(String),
+    /// The TLS peer presented no certificate.
+    #[error("peer presented no certificate")]
+    NoPeerCertificate,
+    /// rustls refused a configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A trust anchor could not be used.
+    #[error("trust anchor: {0}")]
+    Verifier(String),
+    /// Minting a certificate failed.
+    #[error("minting certificate: {0}")]
+    Mint(#[from] rcgen::Error),
+}

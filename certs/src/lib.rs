@@ -1,0 +1,43 @@
+//! Identity from X.509 certificates, and the only place rustls configurations
+//! are built.
+//!
+//! Every principal in the federation is named by a SPIFFE-style URI in its
+//! certificate's subject alternative names:
+//! * a gateway is `spiffe://<area>/gateway`;
+//! * a person is `spiffe://<area>/user/<user-id>`.
+//!
+//! Each area is a trust domain with its own CA. Promises:
+//! * a [`VerifiedPeer`] exists only for a TLS peer whose chain verified against
+//!   the CA pinned to the area its certificate claims: a certificate issued by
+//!   area B's CA that claims area C is refused during the handshake;
+//! * peer gateways may connect as `spiffe://<peer>/gateway` only; users may
+//!   connect only to their own area's gateway;
+//! * nothing here panics on a certificate, key or file from outside.
+//!
+//! [`mint`] creates CAs and certificates with rcgen for the development
+//! federation and tests.
+
+mod config;
+mod error;
+mod identity;
+pub mod mint;
+mod pem;
+
+pub use config::{
+    gateway_client_config, server_config, user_client_config, PeerTrust, ServerTrust,
+};
+pub use error::CertError;
+pub use identity::{identity_of_cert, Identity, VerifiedPeer};
+pub use pem::{load_certs, load_key, parse_certs, parse_key, Credentials};
+pub use rustls;
+
+/// Constructors that skip certificate verification, for tests only.
+#[cfg(feature = "test-util")]
+pub mod danger {
+    use crate::{Identity, VerifiedPeer};
+
+    /// A [`VerifiedPeer`] for `identity` without any certificate. Tests only.
+    pub fn assume_verified(identity: Identity) -> VerifiedPeer {
+        VerifiedPeer::new(identity)
+    }
+}

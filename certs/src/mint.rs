@@ -1,0 +1,138 @@
+//! Minting CAs and certificates with rcgen, for the development federation and
+//! tests. Production areas bring certificates from their own PKI.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::{CertError, Credentials, Identity};
+
+/// A PEM certificate and its PEM private key.
+#[derive(Clone)]
+pub struct PemPair {
+    /// The certificate, PEM.
+    pub cert: String,
+    /// The private key, PEM. Keep it secret.
+    pub key: String,
+}
+
+impl std::fmt::Debug for PemPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PemPair { .. }")
+    }
+}
+
+impl PemPair {
+    /// As rustls credentials.
+    pub fn credentials(&self) -> Result<Credentials, CertError> {
+        Credentials::from_pem(&self.cert, &self.key)
+    }
+}
+
+/// An area's certificate authority.
+pub struct Ca {
+    pem: PemPair,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ca { .. }")
+    }
+}
+
+/// How long a minted certificate is valid, relative to now.
+#[derive(Debug, Clone, Copy)]
+pub enum Validity {
+    /// From one hour ago for this long.
+    For(Duration),
+    /// Expired: valid from two days ago until one day ago.
+    Expired,
+}
+
+fn window(params: &mut CertificateParams, validity: Validity) {
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let day = Duration::from_secs(86_400);
+    let (from, to) = match validity {
+        Validity::For(d) => (now - hour, now + d),
+        Validity::Expired => (now - 2 * day, now - day),
+    };
+    params.not_before = from.into();
+    params.not_after = to.into();
+}
+
+impl Ca {
+    /// Mints a new CA for `area`, valid for ten years.
+    pub fn new(area: &proto::AreaId) -> Result<Ca, CertError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{area} referral gateway CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        window(&mut params, Validity::For(Duration::from_secs(10 * 365 * 86_400)));
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let pem = PemPair {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        };
+        Ok(Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA minted earlier from its PEM certificate and key.
+    pub fn from_pem(pem: PemPair) -> Result<Ca, CertError> {
+        let key = KeyPair::from_pem(&pem.key)?;
+        let issuer = Issuer::from_ca_cert_pem(&pem.cert, key)?;
+        Ok(Ca { pem, issuer })
+    }
+
+    /// The CA's certificate and key.
+    pub fn pem(&self) -> &PemPair {
+        &self.pem
+    }
+
+    /// Issues a certificate for `identity`. Gateways also get `localhost` and
+    /// `127.0.0.1` as server names, and both server and client usage; users
+    /// get client usage only.
+    pub fn issue(&self, identity: &Identity, validity: Validity) -> Result<PemPair, CertError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.uri());
+        let uri = identity
+            .uri()
+            .try_into()
+            .map_err(|e: rcgen::Error| CertError::Mint(e))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if let Identity::Gateway(_) = identity {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName("localhost".try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        params.use_authority_key_identifier_extension = true;
+        window(&mut params, validity);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(PemPair {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+}

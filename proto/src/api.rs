@@ -1,0 +1,176 @@
+//! JSON bodies of the user API (`/v1/...`) and the federation API
+//! (`/v1/federation/...`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Body, Category, Envelope, IdempotencyKey, MessageId, Recipient, Status};
+
+/// `POST /v1/messages`: a user submits a message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// Resubmitting with the same key returns the first message, never a copy.
+    pub idempotency_key: IdempotencyKey,
+    /// `user:<id>@<area>` or `team:<id>@<area>`.
+    pub recipient: Recipient,
+    /// What kind of message this is.
+    pub category: Category,
+    /// Urgent messages are routed to whoever is on duty.
+    #[serde(default)]
+    pub urgent: bool,
+    /// The opaque body (base64 on the wire).
+    pub body: Body,
+}
+
+/// Answer to a submission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    /// The message's id, the same for every resubmission with one key.
+    pub message_id: MessageId,
+    /// Its status now.
+    pub status: Status,
+    /// True when this key had been submitted before and nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// One message waiting in an inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxItem {
+    /// The message's envelope.
+    pub envelope: Envelope,
+    /// `delivered` (not yet fetched) or `fetched` (not yet acknowledged).
+    pub status: Status,
+}
+
+/// `GET /v1/inbox`: messages for the caller and their teams, not yet acknowledged,
+/// oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxResponse {
+    /// Waiting messages, in arrival order.
+    pub messages: Vec<InboxItem>,
+}
+
+/// `GET /v1/messages/{id}`: one message, with its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchResponse {
+    /// The envelope.
+    pub envelope: Envelope,
+    /// The opaque body.
+    pub body: Body,
+}
+
+/// One step in a message's life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    /// The status reached.
+    pub status: Status,
+    /// When (milliseconds since the Unix epoch), as recorded by the gateway that saw it.
+    pub at_ms: u64,
+    /// Why, for `undeliverable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /v1/messages/{id}/status`: what the sender sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The message.
+    pub message_id: MessageId,
+    /// Where it was sent.
+    pub recipient: Recipient,
+    /// Its current status.
+    pub status: Status,
+    /// Every status it has reached, oldest first.
+    pub history: Vec<StatusEvent>,
+}
+
+/// Machine-readable error codes. Scripts may rely on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request body is not valid JSON for this endpoint.
+    MalformedRequest,
+    /// The request body is larger than the gateway accepts.
+    PayloadTooLarge,
+    /// No such user or team, or an area that is not in the federation.
+    UnknownRecipient,
+    /// No such message (or not one the caller may see).
+    NotFound,
+    /// The caller's certificate does not allow this endpoint.
+    Forbidden,
+    /// Too many requests; retry after the `Retry-After` header.
+    RateLimited,
+    /// The idempotency key was used before for a different message.
+    IdempotencyConflict,
+    /// A federation item was refused.
+    Rejected,
+    /// Something failed inside the gateway; nothing was changed.
+    Internal,
+    /// The gateway is shutting down; retry.
+    Unavailable,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong, for programs.
+    pub error: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// `POST /v1/federation/batch`: a gateway hands a peer, in order, the
+/// messages and status updates queued for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationBatch {
+    /// Items in queue order.
+    pub items: Vec<FederationItem>,
+}
+
+/// One item of a federation batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FederationItem {
+    /// A message for a recipient in the receiving area.
+    Deliver {
+        /// Its envelope (sender area must be the calling peer's area).
+        envelope: Envelope,
+        /// Its opaque body; its hash must match the envelope.
+        body: Body,
+    },
+    /// News about a message the receiving gateway sent to the caller's area.
+    Status {
+        /// The message (sent from the receiving area).
+        message_id: MessageId,
+        /// The status it reached.
+        status: Status,
+        /// When.
+        at_ms: u64,
+    },
+}
+
+/// The receiver's verdict on one federation item, in batch order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ItemResult {
+    /// Stored durably; the sender may forget it.
+    Stored,
+    /// Already stored before: the sender may forget it, nothing new was stored.
+    Duplicate,
+    /// Refused for good; the sender must tell its user.
+    Rejected {
+        /// Why.
+        code: ErrorCode,
+        /// For people.
+        reason: String,
+    },
+}
+
+/// Answer to a federation batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederationBatchResponse {
+    /// One result per item, in order.
+    pub results: Vec<ItemResult>,
+}
