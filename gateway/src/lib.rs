@@ -1,1 +1,312 @@
-//! placeholder
+//! An area's referral gateway.
+//!
+//! The gateway accepts mutual-TLS connections from its own area's users and
+//! from the gateways of configured peer areas, stores messages durably, and
+//! forwards them to the recipient's area, exactly once and in order per peer.
+//! Message bodies are opaque bytes to it.
+//!
+//! Promises:
+//! * identity comes only from the verified client certificate (see `certs`);
+//! * a message is committed to disk before the sender hears `accepted`, and
+//!   a peer's batch before the peer hears `stored`;
+//! * resubmissions and retries are deduplicated on the idempotency key and
+//!   the message id;
+//! * a message that cannot reach its peer within its validity goes back to
+//!   its sender as `undeliverable`, with the reason;
+//! * logs never contain message bodies.
+
+mod api;
+pub mod config;
+pub mod dev;
+mod federation;
+pub mod metrics;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use certs::{Credentials, PeerTrust, ServerTrust, VerifiedPeer};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use proto::AreaId;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tower::ServiceExt as _;
+
+pub use config::{Config, ConfigError, Directory};
+use store::{SqliteStore, Store};
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A certificate, key or CA file is unusable.
+    #[error("TLS: {0}")]
+    Certs(#[from] certs::CertError),
+    /// The database could not be opened.
+    #[error("storage: {0}")]
+    Store(#[from] store::StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An HTTP client for a peer could not be built.
+    #[error("HTTP client for peer {peer}: {message}")]
+    PeerClient {
+        /// The peer.
+        peer: AreaId,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// State shared by the accept loop, the handlers and the peer workers.
+pub(crate) struct Shared {
+    config: Config,
+    directory: Directory,
+    store: SqliteStore,
+    users_limiter: DefaultKeyedRateLimiter<String>,
+    peers_limiter: DefaultKeyedRateLimiter<String>,
+    inbox_tx: watch::Sender<u64>,
+    wakers: HashMap<AreaId, Arc<Notify>>,
+    stop: watch::Sender<bool>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl Shared {
+    /// Wakes long-polling inboxes to look again.
+    fn inbox_changed(&self) {
+        self.inbox_tx.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Wakes a peer's worker to look at its queue.
+    fn wake_peer(&self, area: &AreaId) {
+        if let Some(n) = self.wakers.get(area) {
+            n.notify_one();
+        }
+    }
+}
+
+fn quota(per_second: u32, burst: u32) -> Quota {
+    let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).unwrap_or(rate))
+}
+
+/// A running gateway.
+pub struct Gateway {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("area", &self.shared.config.area).field("addr", &self.addr).finish()
+    }
+}
+
+impl Gateway {
+    /// Loads certificates, opens the store, binds the listener and starts
+    /// serving and forwarding.
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        let own = Credentials::load(&config.tls.cert, &config.tls.key)?;
+        let mut peers = Vec::new();
+        for p in &config.peers {
+            peers.push(PeerTrust { area: p.area.clone(), cas: certs::load_certs(&p.ca)? });
+        }
+        let trust = ServerTrust { own_area: config.area.clone(), own_cas: certs::load_certs(&config.tls.ca)?, peers: peers.clone() };
+        let server_config = certs::server_config(&own, &trust)?;
+        let store = SqliteStore::open(&config.data_dir, config.area.clone())?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| GatewayError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| GatewayError::Bind { addr: config.listen, source })?;
+
+        let mut clients = Vec::new();
+        let mut wakers = HashMap::new();
+        for (p, trust) in config.peers.iter().zip(&peers) {
+            let tls = certs::gateway_client_config(&own, trust)?;
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .timeout(config.delivery.peer_timeout)
+                .connect_timeout(Duration::from_secs(10))
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build()
+                .map_err(|e| GatewayError::PeerClient { peer: p.area.clone(), message: e.to_string() })?;
+            let wake = Arc::new(Notify::new());
+            wakers.insert(p.area.clone(), wake.clone());
+            clients.push((p.clone(), client, wake));
+        }
+        let limits = &config.limits;
+        let shared = Arc::new(Shared {
+            directory: Directory::new(&config.users),
+            users_limiter: RateLimiter::keyed(quota(limits.user_requests_per_second, limits.user_burst)),
+            peers_limiter: RateLimiter::keyed(quota(limits.peer_requests_per_second, limits.peer_burst)),
+            store,
+            inbox_tx: watch::channel(0).0,
+            wakers,
+            stop: watch::channel(false).0,
+            metrics: Arc::new(metrics::Metrics::default()),
+            config,
+        });
+
+        let mut tasks = JoinSet::new();
+        for (peer, client, wake) in clients {
+            tasks.spawn(federation::peer_worker(shared.clone(), peer, client, wake));
+        }
+        let metrics_addr = match shared.config.metrics_listen {
+            Some(a) => {
+                let l = TcpListener::bind(a).await.map_err(|source| GatewayError::Bind { addr: a, source })?;
+                let bound = l.local_addr().map_err(|source| GatewayError::Bind { addr: a, source })?;
+                tasks.spawn(serve_metrics(shared.clone(), l));
+                Some(bound)
+            }
+            None => None,
+        };
+        tasks.spawn(accept_loop(shared.clone(), listener, tokio_rustls::TlsAcceptor::from(server_config)));
+        tracing::info!(area = %shared.config.area, %addr, peers = shared.config.peers.len(), users = shared.config.users.len(), "gateway started");
+        Ok(Gateway { addr, metrics_addr, shared, tasks })
+    }
+
+    /// The address the gateway listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address of the metrics endpoint, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// This gateway's area.
+    pub fn area(&self) -> &AreaId {
+        &self.shared.config.area
+    }
+
+    /// Stops accepting, lets open requests finish (up to 10 s), stops the
+    /// peer workers and waits for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.shared.stop.send(true);
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(15), drain).await.is_err() {
+            tracing::warn!("shutdown: tasks did not finish in time; aborting them");
+            self.tasks.abort_all();
+        }
+        tracing::info!(area = %self.shared.config.area, "gateway stopped");
+    }
+}
+
+/// Runs a gateway until `shutdown` resolves, then stops it gracefully.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+    let gw = Gateway::start(config).await?;
+    shutdown.await;
+    gw.shutdown().await;
+    Ok(())
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    let router = api::router(shared.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::stopped(&mut stop) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let shared = shared.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    shared.metrics.tls_failures.inc();
+                    tracing::info!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared.metrics.tls_failures.inc();
+                    tracing::info!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer = match VerifiedPeer::from_server_connection(tls.get_ref().1) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "no usable identity after handshake");
+                    return;
+                }
+            };
+            tracing::debug!(%remote, %peer, "connection");
+            let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer.clone());
+                router.clone().oneshot(req)
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown: some connections were still open after 10 s");
+    }
+}
+
+async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get({
+            let shared = shared.clone();
+            move || {
+                let shared = shared.clone();
+                async move {
+                    let depths = shared.store.queue_depths().await.unwrap_or_default();
+                    shared.metrics.render(&depths)
+                }
+            }
+        }),
+    );
+    let mut stop = shared.stop.subscribe();
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            crate::stopped(&mut stop).await;
+        })
+        .await;
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,386 @@
+//! The HTTPS API: user endpoints and the federation endpoint, as axum handlers.
+//!
+//! Boundary: every handler receives the connection's [`VerifiedPeer`], set by
+//! the accept loop from the verified TLS chain; nothing in a request's
+//! headers or body can change who the caller is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use certs::{Identity, VerifiedPeer};
+use proto::{
+    ApiError, ErrorCode, Envelope, FederationBatch, FederationBatchResponse, FederationItem,
+    InboxResponse, ItemResult, MessageId, Recipient, Sender, SubmitRequest, SubmitResponse,
+};
+use serde::Deserialize;
+
+use crate::store::{Incoming, IncomingOutcome, Mailbox, NewMessage, Route, Store, SubmitOutcome};
+use crate::{now_ms, Shared};
+
+/// An error answer: HTTP status, machine code and a message for people.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure { status, code, message: message.into(), retry_after: None }
+    }
+
+    fn forbidden(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Failure {
+        tracing::error!(error = %e, "internal error");
+        Failure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "internal error; nothing was changed")
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = Json(ApiError { error: self.code, message: self.message });
+        let mut resp = (self.status, body).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(e: crate::store::StoreError) -> Failure {
+        Failure::internal(e)
+    }
+}
+
+/// Parses a JSON body, mapping size and syntax problems to typed errors.
+fn parse_json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Failure> {
+    let bytes = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Failure::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, "request body is too large")
+        } else {
+            Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, rej.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, format!("malformed JSON: {e}")))
+}
+
+/// Builds the router.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let user_limit = shared.config.limits.max_body_bytes.saturating_mul(4) / 3 + 64 * 1024;
+    let federation_limit = user_limit.saturating_mul(2).max(crate::federation::BATCH_MAX_BYTES * 2);
+    Router::new()
+        .route("/v1/messages", post(submit).layer(DefaultBodyLimit::max(user_limit)))
+        .route("/v1/inbox", get(inbox))
+        .route("/v1/messages/{id}", get(fetch))
+        .route("/v1/messages/{id}/ack", post(ack))
+        .route("/v1/messages/{id}/status", get(status))
+        .route(
+            "/v1/federation/batch",
+            post(federation_batch).layer(DefaultBodyLimit::max(federation_limit)),
+        )
+        .route("/v1/health", get(health))
+        .fallback(|| async { Failure::not_found("no such endpoint") })
+        .with_state(shared)
+}
+
+// === user endpoints ===
+
+/// The calling user and their mailbox, or Forbidden.
+fn user_of(shared: &Shared, peer: &VerifiedPeer) -> Result<(Sender, Mailbox), Failure> {
+    let sender = peer
+        .as_sender()
+        .ok_or_else(|| Failure::forbidden("this endpoint is for users; gateways use /v1/federation"))?;
+    if shared.directory.user(&sender.user).is_none() {
+        return Err(Failure::forbidden(format!("{peer} is not in this area's directory")));
+    }
+    let mb = Mailbox { user: sender.user.clone(), teams: shared.directory.teams_of(&sender.user) };
+    shared.limit_user(&sender.user)?;
+    Ok((sender, mb))
+}
+
+impl Shared {
+    fn limit_user(&self, user: &proto::UserId) -> Result<(), Failure> {
+        self.users_limiter.check_key(&user.to_string()).map_err(|not_until| {
+            self.metrics.rate_limited.inc();
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            Failure {
+                retry_after: Some(wait),
+                ..Failure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, "too many requests")
+            }
+        })
+    }
+
+    fn limit_peer(&self, area: &proto::AreaId) -> Result<(), Failure> {
+        self.peers_limiter.check_key(&area.to_string()).map_err(|not_until| {
+            self.metrics.rate_limited.inc();
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            Failure {
+                retry_after: Some(wait),
+                ..Failure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, "too many requests")
+            }
+        })
+    }
+}
+
+async fn submit(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<SubmitResponse>), Failure> {
+    let (sender, _) = user_of(&shared, &peer)?;
+    let req: SubmitRequest = parse_json(body)?;
+    if req.body.len() > shared.config.limits.max_body_bytes {
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            format!("body is {} bytes; this gateway accepts at most {}", req.body.len(), shared.config.limits.max_body_bytes),
+        ));
+    }
+    let route = route_for(&shared, &req.recipient)?;
+    let now = now_ms();
+    let envelope = Envelope {
+        message_id: MessageId::from_bytes(rand::random()),
+        idempotency_key: req.idempotency_key,
+        sender,
+        recipient: req.recipient,
+        category: req.category,
+        urgent: req.urgent,
+        content_hash: req.body.hash(),
+        accepted_at_ms: now,
+        expires_at_ms: now.saturating_add(shared.config.delivery.message_validity.as_millis() as u64),
+    };
+    let outcome = shared
+        .store
+        .submit(NewMessage { envelope: envelope.clone(), body: req.body, route: route.clone() })
+        .await?;
+    match outcome {
+        SubmitOutcome::Stored(message_id, status) => {
+            shared.metrics.submitted.inc();
+            tracing::info!(%message_id, recipient = %envelope.recipient, category = %envelope.category, "accepted");
+            match route {
+                Route::Local => shared.inbox_changed(),
+                Route::Peer(area) => shared.wake_peer(&area),
+            }
+            Ok((StatusCode::CREATED, Json(SubmitResponse { message_id, status, duplicate: false })))
+        }
+        SubmitOutcome::Duplicate(message_id, status) => {
+            shared.metrics.duplicates.inc();
+            tracing::info!(%message_id, "duplicate submission; nothing new stored");
+            Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true })))
+        }
+        SubmitOutcome::Conflict(message_id) => Err(Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::IdempotencyConflict,
+            format!("idempotency key was already used for message {message_id} with a different recipient, category or body"),
+        )),
+    }
+}
+
+fn route_for(shared: &Shared, to: &Recipient) -> Result<Route, Failure> {
+    let unknown = |m: String| Failure::new(StatusCode::NOT_FOUND, ErrorCode::UnknownRecipient, m);
+    if to.area == shared.config.area {
+        if shared.directory.has_target(&to.target) {
+            Ok(Route::Local)
+        } else {
+            Err(unknown(format!("{to} is not in this area's directory")))
+        }
+    } else if shared.config.peer(&to.area).is_some() {
+        Ok(Route::Peer(to.area.clone()))
+    } else {
+        Err(unknown(format!("area {} is not a federation peer of {}", to.area, shared.config.area)))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct InboxQuery {
+    /// Seconds to wait for a message when the inbox is empty.
+    #[serde(default)]
+    wait: u64,
+}
+
+async fn inbox(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<InboxResponse>, Failure> {
+    let (_, mb) = user_of(&shared, &peer)?;
+    let Query(q) = query.map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, e.body_text()))?;
+    let wait = Duration::from_secs(q.wait).min(shared.config.limits.max_inbox_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changed = shared.inbox_tx.subscribe();
+    loop {
+        changed.borrow_and_update();
+        let messages = shared.store.inbox(mb.clone(), 500).await?;
+        if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(InboxResponse { messages }));
+        }
+        let mut stop = shared.stop.subscribe();
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return Ok(Json(InboxResponse { messages })) },
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = crate::stopped(&mut stop) => return Ok(Json(InboxResponse { messages })),
+        }
+    }
+}
+
+fn message_id(raw: &str) -> Result<MessageId, Failure> {
+    MessageId::new(raw).map_err(|_| Failure::not_found("no such message"))
+}
+
+async fn fetch(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    Path(id): Path<String>,
+) -> Result<Json<proto::FetchResponse>, Failure> {
+    let (_, mb) = user_of(&shared, &peer)?;
+    let id = message_id(&id)?;
+    let (envelope, body) = shared
+        .store
+        .fetch(mb, id, now_ms())
+        .await?
+        .ok_or_else(|| Failure::not_found("no such message in your inbox"))?;
+    shared.wake_peer(&envelope.sender.area);
+    tracing::info!(message_id = %envelope.message_id, "fetched");
+    Ok(Json(proto::FetchResponse { envelope, body }))
+}
+
+async fn ack(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, Failure> {
+    let (_, mb) = user_of(&shared, &peer)?;
+    let id = message_id(&id)?;
+    let status = shared
+        .store
+        .ack(mb, id.clone(), now_ms())
+        .await?
+        .ok_or_else(|| Failure::not_found("no such message in your inbox"))?;
+    // The sender's area: ask the store would cost a read; waking every peer is cheap.
+    for p in &shared.config.peers {
+        shared.wake_peer(&p.area);
+    }
+    shared.inbox_changed();
+    tracing::info!(message_id = %id, "acknowledged");
+    Ok(Json(serde_json::json!({ "message_id": id, "status": status })))
+}
+
+async fn status(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    Path(id): Path<String>,
+) -> Result<Json<proto::StatusResponse>, Failure> {
+    let (sender, _) = user_of(&shared, &peer)?;
+    let id = message_id(&id)?;
+    shared
+        .store
+        .status(sender.user, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Failure::not_found("no such message sent by you"))
+}
+
+async fn health(Extension(peer): Extension<VerifiedPeer>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "you": peer.to_string() }))
+}
+
+// === federation endpoint ===
+
+async fn federation_batch(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<FederationBatchResponse>, Failure> {
+    let area = match peer.identity() {
+        Identity::Gateway(a) if shared.config.peer(a).is_some() => a.clone(),
+        _ => return Err(Failure::forbidden(format!("{peer} is not a federation peer of {}", shared.config.area))),
+    };
+    shared.limit_peer(&area)?;
+    let batch: FederationBatch = parse_json(body)?;
+    let n = batch.items.len();
+    let mut results: Vec<Option<ItemResult>> = vec![None; n];
+    let mut valid = Vec::with_capacity(n);
+    let mut index = Vec::with_capacity(n);
+    for (i, item) in batch.items.into_iter().enumerate() {
+        match check_item(&shared, &area, item) {
+            Ok(incoming) => {
+                valid.push(incoming);
+                index.push(i);
+            }
+            Err(rejected) => {
+                tracing::warn!(peer = %area, ?rejected, "refused federation item");
+                results[i] = Some(rejected);
+            }
+        }
+    }
+    let mut stored_any = false;
+    let outcomes = shared.store.accept_batch(area.clone(), valid).await?;
+    for (i, outcome) in index.into_iter().zip(outcomes) {
+        results[i] = Some(match outcome {
+            IncomingOutcome::Stored => {
+                stored_any = true;
+                ItemResult::Stored
+            }
+            IncomingOutcome::Duplicate => ItemResult::Duplicate,
+            IncomingOutcome::UnknownMessage => ItemResult::Rejected {
+                code: ErrorCode::NotFound,
+                reason: "no such message was sent to your area".into(),
+            },
+        });
+    }
+    shared.metrics.federation_items_received.add(n as u64);
+    if stored_any {
+        shared.inbox_changed();
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.unwrap_or(ItemResult::Rejected { code: ErrorCode::Internal, reason: "not processed".into() }))
+        .collect();
+    Ok(Json(FederationBatchResponse { results }))
+}
+
+fn check_item(shared: &Shared, peer: &proto::AreaId, item: FederationItem) -> Result<Incoming, ItemResult> {
+    let reject = |code, reason: String| ItemResult::Rejected { code, reason };
+    match item {
+        FederationItem::Deliver { envelope, body } => {
+            if &envelope.sender.area != peer {
+                return Err(reject(ErrorCode::Forbidden, format!("sender area {} is not your area", envelope.sender.area)));
+            }
+            if envelope.recipient.area != shared.config.area {
+                return Err(reject(ErrorCode::UnknownRecipient, format!("recipient area {} is not {}", envelope.recipient.area, shared.config.area)));
+            }
+            if !shared.directory.has_target(&envelope.recipient.target) {
+                return Err(reject(ErrorCode::UnknownRecipient, format!("{} is not in the directory of {}", envelope.recipient, shared.config.area)));
+            }
+            if body.len() > shared.config.limits.max_body_bytes {
+                return Err(reject(ErrorCode::PayloadTooLarge, format!("body is larger than {} bytes", shared.config.limits.max_body_bytes)));
+            }
+            if body.hash() != envelope.content_hash {
+                return Err(reject(ErrorCode::Rejected, "body does not match the envelope's content hash".into()));
+            }
+            Ok(Incoming::Deliver(envelope, body))
+        }
+        FederationItem::Status { message_id, status, at_ms } => Ok(Incoming::Status(message_id, status, at_ms)),
+    }
+}

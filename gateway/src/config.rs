@@ -1,0 +1,308 @@
+//! The gateway's TOML configuration.
+//!
+//! Relative paths are resolved against the directory of the configuration
+//! file. Unknown keys are errors, named with their line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::{AreaId, TeamId, UserId};
+use serde::{Deserialize, Deserializer};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key is unknown or has a bad value.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, with the line and the key.
+        message: String,
+    },
+    /// The values parse but do not fit together.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{e}: expected a duration such as \"250ms\", \"30s\" or \"5d\""
+        ))
+    })
+}
+
+/// The whole configuration of one gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This gateway's area.
+    pub area: AreaId,
+    /// Address to listen on for users and peers (mTLS), e.g. `0.0.0.0:7443`.
+    pub listen: SocketAddr,
+    /// Where the database lives.
+    pub data_dir: PathBuf,
+    /// Optional plain-HTTP address for Prometheus `/metrics` (keep it on loopback).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// This gateway's certificate, key and own CA.
+    pub tls: TlsConfig,
+    /// Delivery timing.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Size and rate limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Federation peers.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// The area's directory of users.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+/// Certificate files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain presented by this gateway (`spiffe://<area>/gateway`).
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) of this area: users' certificates chain to it.
+    pub ca: PathBuf,
+}
+
+/// Delivery timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// How long a message may wait for its recipient's gateway before it is
+    /// returned to its sender as undeliverable.
+    #[serde(deserialize_with = "duration")]
+    pub message_validity: Duration,
+    /// First retry delay after a peer failure.
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    /// Most items in one federation batch.
+    pub batch_max_items: usize,
+    /// Timeout of one federation request.
+    #[serde(deserialize_with = "duration")]
+    pub peer_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            message_validity: Duration::from_secs(5 * 86_400),
+            retry_initial: Duration::from_millis(250),
+            retry_max: Duration::from_secs(60),
+            batch_max_items: 256,
+            peer_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Size and rate limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message body a user may submit, in bytes (before base64).
+    pub max_body_bytes: usize,
+    /// Sustained requests per second per user.
+    pub user_requests_per_second: u32,
+    /// Burst of requests per user.
+    pub user_burst: u32,
+    /// Sustained federation requests per second per peer.
+    pub peer_requests_per_second: u32,
+    /// Burst of federation requests per peer.
+    pub peer_burst: u32,
+    /// Longest inbox long-poll a client may ask for.
+    #[serde(deserialize_with = "duration")]
+    pub max_inbox_wait: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: 1024 * 1024,
+            user_requests_per_second: 50,
+            user_burst: 200,
+            peer_requests_per_second: 200,
+            peer_burst: 400,
+            max_inbox_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One federation peer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's area.
+    pub area: AreaId,
+    /// Its base URL, e.g. `https://gateway.northshire.example:7443`.
+    pub url: String,
+    /// PEM CA certificate(s) of the peer's area, pinned to that area.
+    pub ca: PathBuf,
+}
+
+/// One person in the directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// User id, as in the certificate `spiffe://<area>/user/<id>`.
+    pub id: UserId,
+    /// Organisation, e.g. `southvale-childrens-services`.
+    pub organisation: String,
+    /// Role, e.g. `social-worker`, `police-officer`.
+    pub role: String,
+    /// Teams the user belongs to.
+    #[serde(default)]
+    pub teams: Vec<TeamId>,
+}
+
+/// The directory: who is in this area and in which teams.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    users: BTreeMap<UserId, UserConfig>,
+    teams: BTreeMap<TeamId, BTreeSet<UserId>>,
+}
+
+impl Directory {
+    /// Builds the directory from the configured users.
+    pub fn new(users: &[UserConfig]) -> Directory {
+        let mut d = Directory::default();
+        for u in users {
+            for t in &u.teams {
+                d.teams.entry(t.clone()).or_default().insert(u.id.clone());
+            }
+            d.users.insert(u.id.clone(), u.clone());
+        }
+        d
+    }
+
+    /// A user's entry.
+    pub fn user(&self, id: &UserId) -> Option<&UserConfig> {
+        self.users.get(id)
+    }
+
+    /// Whether the team exists (has members).
+    pub fn has_team(&self, id: &TeamId) -> bool {
+        self.teams.contains_key(id)
+    }
+
+    /// The teams a user belongs to.
+    pub fn teams_of(&self, id: &UserId) -> Vec<TeamId> {
+        self.users.get(id).map(|u| u.teams.clone()).unwrap_or_default()
+    }
+
+    /// Whether a recipient target exists here.
+    pub fn has_target(&self, target: &proto::Target) -> bool {
+        match target {
+            proto::Target::User(u) => self.users.contains_key(u),
+            proto::Target::Team(t) => self.has_team(t),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file; relative paths become relative
+    /// to the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, path, base)
+    }
+
+    /// Parses configuration text; `path` names it in errors and `base`
+    /// anchors relative paths.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut config.data_dir);
+        abs(&mut config.tls.cert);
+        abs(&mut config.tls.key);
+        abs(&mut config.tls.ca);
+        for p in &mut config.peers {
+            abs(&mut p.ca);
+        }
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut seen = BTreeSet::new();
+        for p in &self.peers {
+            if p.area == self.area {
+                return Err(format!("peers: area {} is this gateway's own area", p.area));
+            }
+            if !seen.insert(&p.area) {
+                return Err(format!("peers: area {} is listed twice", p.area));
+            }
+            if !p.url.starts_with("https://") {
+                return Err(format!("peers.{}.url: must start with https://", p.area));
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for u in &self.users {
+            if !ids.insert(&u.id) {
+                return Err(format!("users: id {} is listed twice", u.id));
+            }
+        }
+        let d = &self.delivery;
+        if d.batch_max_items == 0 {
+            return Err("delivery.batch_max_items: must be at least 1".into());
+        }
+        if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {
+            return Err("delivery.retry_initial must be > 0 and <= delivery.retry_max".into());
+        }
+        let l = &self.limits;
+        if l.user_requests_per_second == 0 || l.peer_requests_per_second == 0 {
+            return Err("limits: requests_per_second must be at least 1".into());
+        }
+        if l.max_body_bytes == 0 {
+            return Err("limits.max_body_bytes: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The peer configured for `area`, if any.
+    pub fn peer(&self, area: &AreaId) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| &p.area == area)
+    }
+}

@@ -1,0 +1,179 @@
+//! The `gateway` binary: runs an area's gateway, checks a configuration, or
+//! starts the development federation.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use gateway::{Config, Gateway};
+
+/// An area's referral gateway: federates with peer areas over mutual TLS and
+/// stores and forwards end-to-end encrypted referrals.
+///
+/// Exit codes: 0 success; 1 runtime failure; 2 bad command line; 3 bad
+/// configuration.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a gateway from its TOML configuration until Ctrl-C or SIGTERM.
+    ///
+    /// Example: gateway run --config /etc/referral-gateway/gateway.toml
+    Run {
+        /// The configuration file (see deploy/gateway.example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration and its certificate files without starting.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a local demo federation of three areas on 127.0.0.1, with
+    /// freshly minted certificates, and print what to type next.
+    ///
+    /// Files go under --dir; running it again reuses them (and the messages).
+    Dev {
+        /// Where to put certificates, configurations and databases.
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+        /// Port of the first gateway; the others follow.
+        #[arg(long, default_value_t = 7441)]
+        base_port: u16,
+        /// Write the files and exit without starting the gateways.
+        #[arg(long)]
+        init_only: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(real_main(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let config_error = e.chain().any(|c| {
+                c.downcast_ref::<gateway::ConfigError>().is_some()
+                    || matches!(c.downcast_ref::<gateway::GatewayError>(), Some(gateway::GatewayError::Config(_) | gateway::GatewayError::Certs(_)))
+            });
+            ExitCode::from(if config_error { 3 } else { 1 })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+async fn real_main(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            gateway::run(config, shutdown_signal()).await?;
+        }
+        Command::CheckConfig { config } => {
+            let path = config;
+            let config = Config::load(&path)?;
+            certs::Credentials::load(&config.tls.cert, &config.tls.key)?;
+            certs::load_certs(&config.tls.ca)?;
+            for p in &config.peers {
+                certs::load_certs(&p.ca).with_context(|| format!("peer {}", p.area))?;
+            }
+            println!(
+                "{}: ok (area {}, {} peers, {} users)",
+                path.display(),
+                config.area,
+                config.peers.len(),
+                config.users.len()
+            );
+        }
+        Command::Dev { dir, base_port, init_only } => {
+            let fed = gateway::dev::init(&dir, base_port).context("writing the development federation")?;
+            if init_only {
+                println!("Development federation written under {}", dir.display());
+                return Ok(());
+            }
+            let mut gateways = Vec::new();
+            for path in &fed.gateway_configs {
+                let config = Config::load(path)?;
+                gateways.push(Gateway::start(config).await?);
+            }
+            print_next_steps(&dir, &fed, &gateways);
+            shutdown_signal().await;
+            for g in gateways {
+                g.shutdown().await;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_next_steps(dir: &std::path::Path, fed: &gateway::dev::DevFederation, gateways: &[Gateway]) {
+    println!("\nDemo federation running:");
+    for g in gateways {
+        println!("  area {:<11} https://{}", g.area(), g.local_addr());
+    }
+    println!("\nUsers (client configs under {}):", dir.display());
+    for (area, user, path) in &fed.clients {
+        println!("  {user:<6} in {area:<11} {}", path.display());
+    }
+    let cfg = |area: &str, user: &str| {
+        fed.clients
+            .iter()
+            .find(|(a, u, _)| a.as_str() == area && u.as_str() == user)
+            .map(|(_, _, p)| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let alice = cfg("northshire", "alice");
+    let dan = cfg("southvale", "dan");
+    println!("\nIn another terminal, send a referral from alice (northshire) to southvale's duty team:");
+    println!("  echo 'test referral' | cargo run -q --release -p client -- --config {alice} send --to team:duty@southvale --category relocation --key demo-1");
+    println!("Read and acknowledge it as dan (southvale duty):");
+    println!("  cargo run -q --release -p client -- --config {dan} inbox --wait 30");
+    println!("  cargo run -q --release -p client -- --config {dan} fetch <message-id>");
+    println!("  cargo run -q --release -p client -- --config {dan} ack <message-id>");
+    println!("Then see its status as alice:");
+    println!("  cargo run -q --release -p client -- --config {alice} status <message-id>");
+    println!("\nPress Ctrl-C to stop the gateways.");
+}

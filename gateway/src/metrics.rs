@@ -1,0 +1,71 @@
+//! Prometheus metrics: a handful of counters, rendered in the text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The gateway's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Messages accepted from users.
+    pub submitted: Counter,
+    /// Resubmissions answered from the idempotency record.
+    pub duplicates: Counter,
+    /// Federation items received from peers.
+    pub federation_items_received: Counter,
+    /// Federation items sent to peers and accepted by them.
+    pub federation_items_sent: Counter,
+    /// Failed federation requests (each followed by a retry).
+    pub federation_failures: Counter,
+    /// Messages returned to their senders as undeliverable.
+    pub undeliverable: Counter,
+    /// Requests refused by a rate limit.
+    pub rate_limited: Counter,
+    /// TLS handshakes that failed (bad, missing or untrusted certificates).
+    pub tls_failures: Counter,
+}
+
+impl Metrics {
+    /// Renders the counters, plus the given queue depths, in the Prometheus text format.
+    pub fn render(&self, queue_depths: &[(proto::AreaId, u64)]) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("gateway_messages_submitted_total", "Messages accepted from users.", &self.submitted),
+            ("gateway_duplicate_submissions_total", "Resubmissions answered from the idempotency record.", &self.duplicates),
+            ("gateway_federation_items_received_total", "Federation items received from peers.", &self.federation_items_received),
+            ("gateway_federation_items_sent_total", "Federation items accepted by peers.", &self.federation_items_sent),
+            ("gateway_federation_failures_total", "Failed federation requests.", &self.federation_failures),
+            ("gateway_undeliverable_total", "Messages returned to senders as undeliverable.", &self.undeliverable),
+            ("gateway_rate_limited_total", "Requests refused by a rate limit.", &self.rate_limited),
+            ("gateway_tls_failures_total", "Failed TLS handshakes.", &self.tls_failures),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+        }
+        let _ = writeln!(out, "# HELP gateway_peer_queue_depth Items queued for each peer.\n# TYPE gateway_peer_queue_depth gauge");
+        for (peer, n) in queue_depths {
+            let _ = writeln!(out, "gateway_peer_queue_depth{{peer=\"{peer}\"}} {n}");
+        }
+        out
+    }
+}

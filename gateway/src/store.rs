@@ -1,0 +1,726 @@
+//! Durable storage: the [`Store`] contract and its SQLite implementation.
+//!
+//! Invariant: every method returns only after its changes are committed with
+//! `synchronous = FULL`, so a caller may acknowledge what it stored.
+//!
+//! The SQLite store runs one thread that owns the connection and commits the
+//! jobs waiting in its queue as one transaction (group commit), each job in
+//! its own savepoint so one failure does not undo the others.
+
+use std::future::Future;
+use std::path::Path;
+
+use proto::{
+    AreaId, Body, Envelope, FederationItem, InboxItem, MessageId, Status, StatusEvent,
+    StatusResponse, TeamId, UserId,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why storage failed. Nothing was changed by the failed call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("database: {0}")]
+    Db(String),
+    /// A stored row could not be decoded.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The store is shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// Where a newly accepted message goes next.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// The recipient is in this area: store it in the inbox at once.
+    Local,
+    /// Queue it for this peer.
+    Peer(AreaId),
+}
+
+/// A message a user submitted, ready to store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Its envelope (with a fresh message id).
+    pub envelope: Envelope,
+    /// Its body.
+    pub body: Body,
+    /// Where it goes.
+    pub route: Route,
+}
+
+/// What a submission did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// Stored as a new message.
+    Stored(MessageId, Status),
+    /// The sender's idempotency key was used before for this same message.
+    Duplicate(MessageId, Status),
+    /// The key was used before for a different recipient or body.
+    Conflict(MessageId),
+}
+
+/// An incoming federation item that passed the server's checks.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// A message for a recipient here.
+    Deliver(Envelope, Body),
+    /// A status change of a message sent from here to the calling peer.
+    Status(MessageId, Status, u64),
+}
+
+/// What became of an incoming item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingOutcome {
+    /// Stored now.
+    Stored,
+    /// Stored before: nothing changed.
+    Duplicate,
+    /// No such message was sent from here to that peer.
+    UnknownMessage,
+}
+
+/// One queued federation item.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Queue position (increasing).
+    pub seq: i64,
+    /// The item to send.
+    pub item: FederationItem,
+}
+
+/// What the peer said about a queued item.
+#[derive(Debug, Clone)]
+pub enum Sent {
+    /// Stored (or already stored) by the peer.
+    Accepted,
+    /// Refused for good, with the reason to tell the sender.
+    Refused(String),
+}
+
+/// Whose inbox: a user and the teams they are in.
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    /// The user.
+    pub user: UserId,
+    /// Their teams.
+    pub teams: Vec<TeamId>,
+}
+
+/// The storage contract of a gateway. The SQLite implementation is the
+/// embedded default; a PostgreSQL one can implement the same contract.
+pub trait Store: Send + Sync + 'static {
+    /// Accepts a submission, deduplicated on (sender, idempotency key).
+    fn submit(&self, m: NewMessage) -> impl Future<Output = Result<SubmitOutcome, StoreError>> + Send;
+    /// Stores a peer's batch, in order, deduplicated on message id and on
+    /// (sender, idempotency key).
+    fn accept_batch(
+        &self,
+        peer: AreaId,
+        items: Vec<Incoming>,
+    ) -> impl Future<Output = Result<Vec<IncomingOutcome>, StoreError>> + Send;
+    /// Messages for a mailbox not yet acknowledged, oldest first.
+    fn inbox(&self, mb: Mailbox, limit: usize) -> impl Future<Output = Result<Vec<InboxItem>, StoreError>> + Send;
+    /// One message of a mailbox; marks it fetched and queues the news for its sender.
+    fn fetch(
+        &self,
+        mb: Mailbox,
+        id: MessageId,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Option<(Envelope, Body)>, StoreError>> + Send;
+    /// Acknowledges a message of a mailbox and queues the news for its sender.
+    fn ack(
+        &self,
+        mb: Mailbox,
+        id: MessageId,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
+    /// A sent message's status, for its sender only.
+    fn status(&self, sender: UserId, id: MessageId) -> impl Future<Output = Result<Option<StatusResponse>, StoreError>> + Send;
+    /// The oldest queued items for a peer.
+    fn queued(&self, peer: AreaId, max: usize) -> impl Future<Output = Result<Vec<Queued>, StoreError>> + Send;
+    /// Records the peer's verdicts on queued items and removes them from the queue.
+    fn sent(
+        &self,
+        peer: AreaId,
+        results: Vec<(i64, Sent)>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Returns queued messages for `peer` that expired by `now_ms` to their
+    /// senders as undeliverable, giving `reason`; returns how many.
+    fn expire(
+        &self,
+        peer: AreaId,
+        now_ms: u64,
+        reason: String,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// How many items are queued per peer.
+    fn queue_depths(&self) -> impl Future<Output = Result<Vec<(AreaId, u64)>, StoreError>> + Send;
+}
+
+// === impl SqliteStore ===
+
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+/// The embedded store: one SQLite file in WAL mode, `synchronous = FULL`.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    own_area: AreaId,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sent (
+    message_id     TEXT PRIMARY KEY,
+    sender_user    TEXT NOT NULL,
+    idem_key       TEXT NOT NULL,
+    recipient_area TEXT NOT NULL,
+    envelope       TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    UNIQUE (sender_user, idem_key)
+);
+CREATE TABLE IF NOT EXISTS status_events (
+    message_id TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    reason     TEXT,
+    PRIMARY KEY (message_id, status)
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id  TEXT NOT NULL UNIQUE,
+    sender_area TEXT NOT NULL,
+    sender_user TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    target_kind TEXT NOT NULL,
+    target_id   TEXT NOT NULL,
+    envelope    TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    status      TEXT NOT NULL,
+    UNIQUE (sender_area, sender_user, idem_key)
+);
+CREATE INDEX IF NOT EXISTS inbox_target ON inbox (target_kind, target_id, status);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer        TEXT NOT NULL,
+    message_id  TEXT,
+    is_deliver  INTEGER NOT NULL,
+    item        TEXT NOT NULL,
+    expires_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_peer ON outbox (peer, seq);
+PRAGMA user_version = 1;
+";
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(corrupt)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(corrupt)
+}
+
+fn parse_status(s: &str) -> Result<Status, StoreError> {
+    Status::parse(s).ok_or_else(|| corrupt(format!("unknown status {s:?}")))
+}
+
+fn target_of(env: &Envelope) -> (&'static str, &str) {
+    match &env.recipient.target {
+        proto::Target::User(u) => ("user", u.as_str()),
+        proto::Target::Team(t) => ("team", t.as_str()),
+    }
+}
+
+/// Records a status change of a message sent from here, if it moves forward.
+fn advance_sent(
+    c: &Connection,
+    id: &str,
+    to: Status,
+    at_ms: u64,
+    reason: Option<&str>,
+) -> Result<bool, StoreError> {
+    let cur: Option<String> = c
+        .query_row("SELECT status FROM sent WHERE message_id = ?1", [id], |r| r.get(0))
+        .optional()?;
+    let Some(cur) = cur else { return Ok(false) };
+    if !parse_status(&cur)?.can_become(to) {
+        return Ok(false);
+    }
+    c.execute(
+        "UPDATE sent SET status = ?2 WHERE message_id = ?1",
+        params![id, to.as_str()],
+    )?;
+    c.execute(
+        "INSERT OR IGNORE INTO status_events (message_id, status, at_ms, reason) VALUES (?1, ?2, ?3, ?4)",
+        params![id, to.as_str(), at_ms as i64, reason],
+    )?;
+    Ok(true)
+}
+
+fn mailbox_clause(mb: &Mailbox) -> (String, Vec<String>) {
+    // (target_kind = 'user' AND target_id = ?1) OR (target_kind = 'team' AND target_id IN (?2, ...))
+    let mut args = vec![mb.user.to_string()];
+    let mut sql = String::from("((target_kind = 'user' AND target_id = ?1)");
+    if !mb.teams.is_empty() {
+        sql.push_str(" OR (target_kind = 'team' AND target_id IN (");
+        for (i, t) in mb.teams.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("?{}", i + 2));
+            args.push(t.to_string());
+        }
+        sql.push_str("))");
+    }
+    sql.push(')');
+    (sql, args)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `<data_dir>/gateway.sqlite3` and starts the
+    /// store thread.
+    pub fn open(data_dir: &Path, own_area: AreaId) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Db(format!("creating {}: {e}", data_dir.display())))?;
+        let conn = Connection::open(data_dir.join("gateway.sqlite3"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+        )?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > 1 {
+            return Err(StoreError::Db(format!(
+                "database schema version {version} is newer than this gateway understands (1)"
+            )));
+        }
+        conn.execute_batch(SCHEMA)?;
+        let (tx, rx) = mpsc::channel::<Job>(8192);
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || store_thread(conn, rx))
+            .map_err(|e| StoreError::Db(format!("starting store thread: {e}")))?;
+        Ok(SqliteStore { jobs: tx, own_area })
+    }
+
+    /// Runs `f` inside the next group transaction and waits for its commit.
+    async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn: &Connection| {
+            let r = in_savepoint(conn, f);
+            Box::new(move |commit: Result<(), StoreError>| {
+                let _ = tx.send(commit.and(r));
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(r) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(r)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            Err(e)
+        }
+    }
+}
+
+fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>) {
+    const GROUP: usize = 512;
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let err = StoreError::from(e);
+            tracing::error!(error = %err, "store: cannot begin transaction");
+            for job in jobs {
+                // Run nothing; tell every caller.
+                drop(job);
+            }
+            continue;
+        }
+        let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
+        let commit = conn.execute_batch("COMMIT").map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            tracing::error!(error = %e, "store: commit failed; the group was rolled back");
+            StoreError::from(e)
+        });
+        for c in completions {
+            c(commit.clone());
+        }
+    }
+    tracing::debug!("store thread stopped");
+}
+
+impl Store for SqliteStore {
+    async fn submit(&self, m: NewMessage) -> Result<SubmitOutcome, StoreError> {
+        let own = self.own_area.clone();
+        self.call(move |c| {
+            let env = &m.envelope;
+            let prior: Option<(String, String, String)> = c
+                .query_row(
+                    "SELECT message_id, envelope, status FROM sent WHERE sender_user = ?1 AND idem_key = ?2",
+                    params![env.sender.user.as_str(), env.idempotency_key.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((id, prior_env, status)) = prior {
+                let prior_env: Envelope = from_json(&prior_env)?;
+                let id = MessageId::new(id).map_err(corrupt)?;
+                let same = prior_env.recipient == env.recipient
+                    && prior_env.content_hash == env.content_hash
+                    && prior_env.category == env.category;
+                return Ok(if same {
+                    SubmitOutcome::Duplicate(id, parse_status(&status)?)
+                } else {
+                    SubmitOutcome::Conflict(id)
+                });
+            }
+            let id = env.message_id.as_str();
+            let status = match m.route {
+                Route::Local => Status::Delivered,
+                Route::Peer(_) => Status::Accepted,
+            };
+            c.execute(
+                "INSERT INTO sent (message_id, sender_user, idem_key, recipient_area, envelope, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, env.sender.user.as_str(), env.idempotency_key.as_str(), env.recipient.area.as_str(), to_json(env)?, status.as_str()],
+            )?;
+            c.execute(
+                "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'accepted', ?2)",
+                params![id, env.accepted_at_ms as i64],
+            )?;
+            match &m.route {
+                Route::Local => {
+                    debug_assert_eq!(env.recipient.area, own);
+                    c.execute(
+                        "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'delivered', ?2)",
+                        params![id, env.accepted_at_ms as i64],
+                    )?;
+                    insert_inbox(c, env, &m.body)?;
+                }
+                Route::Peer(peer) => {
+                    let item = FederationItem::Deliver { envelope: env.clone(), body: m.body.clone() };
+                    c.execute(
+                        "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 1, ?3, ?4)",
+                        params![peer.as_str(), id, to_json(&item)?, env.expires_at_ms as i64],
+                    )?;
+                }
+            }
+            Ok(SubmitOutcome::Stored(env.message_id.clone(), status))
+        })
+        .await
+    }
+
+    async fn accept_batch(
+        &self,
+        peer: AreaId,
+        items: Vec<Incoming>,
+    ) -> Result<Vec<IncomingOutcome>, StoreError> {
+        self.call(move |c| {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                out.push(match item {
+                    Incoming::Deliver(env, body) => {
+                        if insert_inbox(c, &env, &body)? {
+                            IncomingOutcome::Stored
+                        } else {
+                            IncomingOutcome::Duplicate
+                        }
+                    }
+                    Incoming::Status(id, status, at) => {
+                        let area: Option<String> = c
+                            .query_row(
+                                "SELECT recipient_area FROM sent WHERE message_id = ?1",
+                                [id.as_str()],
+                                |r| r.get(0),
+                            )
+                            .optional()?;
+                        match area {
+                            Some(a) if a == peer.as_str() => {
+                                if advance_sent(c, id.as_str(), status, at, None)? {
+                                    IncomingOutcome::Stored
+                                } else {
+                                    IncomingOutcome::Duplicate
+                                }
+                            }
+                            _ => IncomingOutcome::UnknownMessage,
+                        }
+                    }
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn inbox(&self, mb: Mailbox, limit: usize) -> Result<Vec<InboxItem>, StoreError> {
+        self.call(move |c| {
+            let (clause, args) = mailbox_clause(&mb);
+            let sql = format!(
+                "SELECT envelope, status FROM inbox WHERE status != 'acknowledged' AND {clause} ORDER BY seq LIMIT {limit}"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (env, status) = row?;
+                out.push(InboxItem { envelope: from_json(&env)?, status: parse_status(&status)? });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn fetch(
+        &self,
+        mb: Mailbox,
+        id: MessageId,
+        now_ms: u64,
+    ) -> Result<Option<(Envelope, Body)>, StoreError> {
+        let own = self.own_area.clone();
+        self.call(move |c| {
+            let Some((env, body, status)) = find_in_mailbox(c, &mb, &id)? else {
+                return Ok(None);
+            };
+            if status == Status::Delivered {
+                set_inbox_status(c, &own, &env, Status::Fetched, now_ms)?;
+            }
+            Ok(Some((env, Body(body))))
+        })
+        .await
+    }
+
+    async fn ack(&self, mb: Mailbox, id: MessageId, now_ms: u64) -> Result<Option<Status>, StoreError> {
+        let own = self.own_area.clone();
+        self.call(move |c| {
+            let Some((env, _, status)) = find_in_mailbox(c, &mb, &id)? else {
+                return Ok(None);
+            };
+            if status != Status::Acknowledged {
+                set_inbox_status(c, &own, &env, Status::Acknowledged, now_ms)?;
+            }
+            Ok(Some(Status::Acknowledged))
+        })
+        .await
+    }
+
+    async fn status(&self, sender: UserId, id: MessageId) -> Result<Option<StatusResponse>, StoreError> {
+        self.call(move |c| {
+            let row: Option<(String, String)> = c
+                .query_row(
+                    "SELECT envelope, status FROM sent WHERE message_id = ?1 AND sender_user = ?2",
+                    params![id.as_str(), sender.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((env, status)) = row else { return Ok(None) };
+            let env: Envelope = from_json(&env)?;
+            let mut stmt = c.prepare_cached(
+                "SELECT status, at_ms, reason FROM status_events WHERE message_id = ?1 ORDER BY at_ms, rowid",
+            )?;
+            let rows = stmt.query_map([id.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?))
+            })?;
+            let mut history = Vec::new();
+            for row in rows {
+                let (s, at, reason) = row?;
+                history.push(StatusEvent { status: parse_status(&s)?, at_ms: at.max(0) as u64, reason });
+            }
+            history.sort_by_key(|e| e.status.rank());
+            Ok(Some(StatusResponse {
+                message_id: id,
+                recipient: env.recipient,
+                status: parse_status(&status)?,
+                history,
+            }))
+        })
+        .await
+    }
+
+    async fn queued(&self, peer: AreaId, max: usize) -> Result<Vec<Queued>, StoreError> {
+        self.call(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT seq, item FROM outbox WHERE peer = ?1 ORDER BY seq LIMIT ?2")?;
+            let rows = stmt.query_map(params![peer.as_str(), max as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, item) = row?;
+                out.push(Queued { seq, item: from_json(&item)? });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn sent(&self, peer: AreaId, results: Vec<(i64, Sent)>, now_ms: u64) -> Result<(), StoreError> {
+        self.call(move |c| {
+            for (seq, result) in results {
+                let row: Option<(Option<String>, bool)> = c
+                    .query_row(
+                        "SELECT message_id, is_deliver FROM outbox WHERE seq = ?1 AND peer = ?2",
+                        params![seq, peer.as_str()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((message_id, is_deliver)) = row else { continue };
+                c.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+                let Some(id) = message_id.filter(|_| is_deliver) else {
+                    if let Sent::Refused(reason) = result {
+                        tracing::warn!(%peer, %reason, "peer refused a status update");
+                    }
+                    continue;
+                };
+                match result {
+                    Sent::Accepted => advance_sent(c, &id, Status::Delivered, now_ms, None)?,
+                    Sent::Refused(reason) => {
+                        let reason = format!("refused by {peer}: {reason}");
+                        advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?
+                    }
+                };
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn expire(&self, peer: AreaId, now_ms: u64, reason: String) -> Result<usize, StoreError> {
+        self.call(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND expires_ms <= ?2 ORDER BY seq",
+            )?;
+            let rows: Vec<(i64, Option<String>, bool)> = stmt
+                .query_map(params![peer.as_str(), now_ms as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut n = 0;
+            for (seq, id, is_deliver) in rows {
+                c.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+                match id {
+                    Some(id) if is_deliver => {
+                        advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?;
+                        n += 1;
+                    }
+                    _ => tracing::warn!(%peer, "a status update for the peer expired before it could be sent"),
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<(AreaId, u64)>, StoreError> {
+        self.call(|c| {
+            let mut stmt = c.prepare_cached("SELECT peer, COUNT(*) FROM outbox GROUP BY peer")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (peer, n) = row?;
+                out.push((AreaId::new(peer).map_err(corrupt)?, n.max(0) as u64));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Inserts a message into the inbox; false if it was there already.
+fn insert_inbox(c: &Connection, env: &Envelope, body: &Body) -> Result<bool, StoreError> {
+    let (kind, target) = target_of(env);
+    let n = c.execute(
+        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'delivered')",
+        params![
+            env.message_id.as_str(),
+            env.sender.area.as_str(),
+            env.sender.user.as_str(),
+            env.idempotency_key.as_str(),
+            kind,
+            target,
+            to_json(env)?,
+            &body.0
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+fn find_in_mailbox(
+    c: &Connection,
+    mb: &Mailbox,
+    id: &MessageId,
+) -> Result<Option<(Envelope, Vec<u8>, Status)>, StoreError> {
+    let (clause, mut args) = mailbox_clause(mb);
+    let n = args.len() + 1;
+    args.push(id.to_string());
+    let sql = format!("SELECT envelope, body, status FROM inbox WHERE message_id = ?{n} AND {clause}");
+    let row: Option<(String, Vec<u8>, String)> = c
+        .query_row(&sql, rusqlite::params_from_iter(args.iter()), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    match row {
+        None => Ok(None),
+        Some((env, body, status)) => Ok(Some((from_json(&env)?, body, parse_status(&status)?))),
+    }
+}
+
+/// Moves an inbox message forward and tells its sender: directly when the
+/// sender is local, through the sender's peer queue otherwise.
+fn set_inbox_status(
+    c: &Connection,
+    own: &AreaId,
+    env: &Envelope,
+    to: Status,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let id = env.message_id.as_str();
+    c.execute(
+        "UPDATE inbox SET status = ?2 WHERE message_id = ?1",
+        params![id, to.as_str()],
+    )?;
+    if &env.sender.area == own {
+        // Skipped steps (ack without fetch) are recorded too, so history is complete.
+        if to == Status::Acknowledged {
+            advance_sent(c, id, Status::Fetched, now_ms, None)?;
+        }
+        advance_sent(c, id, to, now_ms, None)?;
+    } else {
+        let item = FederationItem::Status { message_id: env.message_id.clone(), status: to, at_ms: now_ms };
+        c.execute(
+            "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 0, ?3, ?4)",
+            params![env.sender.area.as_str(), id, to_json(&item)?, (now_ms + 30 * 86_400_000) as i64],
+        )?;
+    }
+    Ok(())
+}
