@@ -1,1 +1,248 @@
-//! placeholder
+//! The client side of the referral gateway: configuration and a typed API
+//! client that talks to the user's home gateway over mutual TLS.
+//!
+//! The CLI (`client` binary) is a thin layer over [`Api`]. Promises:
+//! * the client trusts only its own area's CA and only the identity
+//!   `spiffe://<area>/gateway` for its gateway;
+//! * a submission may be retried freely: it carries an idempotency key, and
+//!   [`Api::submit`] retries transient failures with the same key;
+//! * errors are typed: configuration, transport (cannot reach or trust the
+//!   gateway), or a refusal by the gateway with its error code.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::{
+    ApiError, AreaId, ErrorCode, FetchResponse, InboxResponse, MessageId, Status, StatusResponse,
+    SubmitRequest, SubmitResponse,
+};
+use serde::Deserialize;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The configuration file is unreadable or invalid.
+    #[error("configuration {path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A certificate or key is unusable.
+    #[error("certificates: {0}")]
+    Certs(#[from] certs::CertError),
+    /// The gateway could not be reached or trusted (connection, TLS).
+    #[error("cannot reach the gateway: {0}")]
+    Transport(String),
+    /// The gateway refused the request.
+    #[error("gateway refused ({status}, {code:?}): {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+        /// Seconds to wait before retrying, if the gateway said.
+        retry_after: Option<u64>,
+    },
+    /// The gateway's answer could not be understood.
+    #[error("unexpected answer from the gateway: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The gateway's error code, if the gateway refused the request.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A client configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The home gateway's base URL, e.g. `https://127.0.0.1:7441`.
+    pub gateway: String,
+    /// The home area.
+    pub area: AreaId,
+    /// The user's certificate (PEM).
+    pub cert: PathBuf,
+    /// The user's private key (PEM).
+    pub key: PathBuf,
+    /// The home area's CA certificate (PEM).
+    pub ca: PathBuf,
+}
+
+impl ClientConfig {
+    /// Reads a configuration file; relative paths are relative to its directory.
+    pub fn load(path: &Path) -> Result<ClientConfig, ClientError> {
+        let err = |message: String| ClientError::Config { path: path.to_owned(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut c: ClientConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.cert, &mut c.key, &mut c.ca] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if !c.gateway.starts_with("https://") {
+            return Err(err("gateway: must start with https://".into()));
+        }
+        Ok(c)
+    }
+}
+
+/// A connection to the home gateway.
+#[derive(Debug, Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+impl Api {
+    /// Builds a client from a configuration.
+    pub fn new(config: &ClientConfig) -> Result<Api, ClientError> {
+        let creds = certs::Credentials::load(&config.cert, &config.key)?;
+        let cas = certs::load_certs(&config.ca)?;
+        Api::from_parts(&config.gateway, &creds, &config.area, &cas)
+    }
+
+    /// Builds a client from credentials in memory.
+    pub fn from_parts(
+        gateway: &str,
+        creds: &certs::Credentials,
+        area: &AreaId,
+        cas: &[certs::rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Api, ClientError> {
+        let tls = certs::user_client_config(creds, area, cas)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| ClientError::Transport(describe(&e)))?;
+        Ok(Api { http, base: gateway.trim_end_matches('/').to_owned() })
+    }
+
+    async fn answer<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+        let status = resp.status();
+        if status.is_success() {
+            return resp.json().await.map_err(|e| ClientError::Decode(describe(&e)));
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let text = resp.text().await.map_err(|e| ClientError::Transport(describe(&e)))?;
+        match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => Err(ClientError::Api { status: status.as_u16(), code: e.error, message: e.message, retry_after }),
+            Err(_) => Err(ClientError::Decode(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()))),
+        }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(describe(&e)))?;
+        Self::answer(resp).await
+    }
+
+    /// Sends raw bytes as a submission body. For tests of malformed input.
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<serde_json::Value, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(describe(&e)))?;
+        Self::answer(resp).await
+    }
+
+    /// Submits a message once, without retrying.
+    pub async fn submit_once(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/messages", self.base))
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(describe(&e)))?;
+        Self::answer(resp).await
+    }
+
+    /// Submits a message, retrying (with the same idempotency key) when the
+    /// gateway is briefly unreachable, overloaded or rate-limiting, for up to
+    /// about a minute.
+    pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
+        let mut delay = Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let err = match self.submit_once(req).await {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            let wait = match &err {
+                ClientError::Api { code: ErrorCode::RateLimited, retry_after, .. } => {
+                    Duration::from_secs(retry_after.unwrap_or(1))
+                }
+                ClientError::Api { code: ErrorCode::Unavailable | ErrorCode::Internal, .. } | ClientError::Transport(_) => delay,
+                _ => return Err(err),
+            };
+            if tokio::time::Instant::now() + wait > deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Lists the inbox; when it is empty, waits up to `wait` for a message.
+    pub async fn inbox(&self, wait: Duration) -> Result<InboxResponse, ClientError> {
+        self.get(&format!("/v1/inbox?wait={}", wait.as_secs())).await
+    }
+
+    /// Fetches one message (marks it fetched).
+    pub async fn fetch(&self, id: &MessageId) -> Result<FetchResponse, ClientError> {
+        self.get(&format!("/v1/messages/{id}")).await
+    }
+
+    /// Acknowledges a message.
+    pub async fn ack(&self, id: &MessageId) -> Result<Status, ClientError> {
+        let v: serde_json::Value = self.post_raw(&format!("/v1/messages/{id}/ack"), Vec::new()).await?;
+        serde_json::from_value(v.get("status").cloned().unwrap_or_default())
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// A sent message's status and history.
+    pub async fn status(&self, id: &MessageId) -> Result<StatusResponse, ClientError> {
+        self.get(&format!("/v1/messages/{id}/status")).await
+    }
+
+    /// Checks that the gateway answers and who it thinks we are.
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/health").await
+    }
+}

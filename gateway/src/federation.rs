@@ -51,8 +51,6 @@ pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, client: r
     let mut stop = shared.stop.subscribe();
     let mut backoff = delivery.retry_initial;
     let mut last_error: Option<String> = None;
-    let span = tracing::info_span!("peer", peer = %peer.area);
-    let _enter = span.enter();
     loop {
         if *stop.borrow() {
             return;

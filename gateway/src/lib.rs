@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tower::ServiceExt as _;
+use tracing::Instrument as _;
 
 pub use config::{Config, ConfigError, Directory};
 use store::{SqliteStore, Store};
@@ -171,7 +172,8 @@ impl Gateway {
 
         let mut tasks = JoinSet::new();
         for (peer, client, wake) in clients {
-            tasks.spawn(federation::peer_worker(shared.clone(), peer, client, wake));
+            let span = tracing::info_span!("peer", peer = %peer.area);
+            tasks.spawn(federation::peer_worker(shared.clone(), peer, client, wake).instrument(span));
         }
         let metrics_addr = match shared.config.metrics_listen {
             Some(a) => {

@@ -1,0 +1,259 @@
+//! The `client` binary: a worker's command line for sending referrals,
+//! reading the inbox and following a message's status.
+
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use client::{Api, ClientConfig, ClientError};
+use proto::{Body, Category, IdempotencyKey, MessageId, Recipient, SubmitRequest};
+
+/// Send and receive referrals through your area's gateway.
+///
+/// Every command needs --config (or CLIENT_CONFIG): a TOML file naming your
+/// gateway, your certificate and key, and your area's CA. `gateway dev`
+/// writes one per demo user.
+///
+/// Exit codes: 0 success; 1 other failure; 2 bad command line; 3 bad
+/// configuration or certificates; 4 the gateway refused the request (for
+/// example unknown recipient, not found); 5 the gateway could not be reached
+/// or trusted; 6 `inbox --wait` ended with an empty inbox.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Client configuration file.
+    #[arg(long, short, env = "CLIENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send a message (body from --file or standard input) to a user or team.
+    ///
+    /// Example: client send --to team:duty@southvale --category relocation --file referral.bin
+    Send {
+        /// Recipient: user:<id>@<area> or team:<id>@<area>.
+        #[arg(long)]
+        to: Recipient,
+        /// Category, e.g. relocation, urgent-risk, update, handover.
+        #[arg(long)]
+        category: Category,
+        /// Mark the message urgent.
+        #[arg(long)]
+        urgent: bool,
+        /// Idempotency key: sending again with the same key never makes a
+        /// second message. Default: a fresh random key (printed).
+        #[arg(long)]
+        key: Option<IdempotencyKey>,
+        /// Read the body from this file instead of standard input.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// List messages waiting for you and your teams, oldest first.
+    Inbox {
+        /// If the inbox is empty, wait up to this many seconds for a message.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Fetch a message's body (to standard output or --out) and mark it fetched.
+    Fetch {
+        /// The message id.
+        id: MessageId,
+        /// Write the body to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Acknowledge a message: tells the sender a person has it.
+    Ack {
+        /// The message id.
+        id: MessageId,
+    },
+    /// Show the status of a message you sent.
+    Status {
+        /// The message id.
+        id: MessageId,
+    },
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            return match c {
+                ClientError::Config { .. } | ClientError::Certs(_) => 3,
+                ClientError::Api { .. } => 4,
+                ClientError::Transport(_) => 5,
+                _ => 1,
+            };
+        }
+    }
+    1
+}
+
+/// Exit code 6: a wait ended with nothing to show.
+#[derive(Debug, thiserror::Error)]
+#[error("no messages")]
+struct Empty;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLIENT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Empty>().is_some() => ExitCode::from(6),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let path = cli.config.ok_or_else(|| ClientError::Config {
+        path: PathBuf::from("(none)"),
+        message: "no configuration: pass --config FILE or set CLIENT_CONFIG".into(),
+    })?;
+    let config = ClientConfig::load(&path)?;
+    let api = Api::new(&config)?;
+    let json = cli.json;
+    let print = |v: &dyn erased::Show| {
+        if json {
+            println!("{}", v.json());
+        } else {
+            println!("{}", v.text());
+        }
+    };
+    match cli.command {
+        Command::Send { to, category, urgent, key, file } => {
+            let body = match file {
+                Some(f) => std::fs::read(&f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+                None => {
+                    let mut b = Vec::new();
+                    std::io::stdin().read_to_end(&mut b)?;
+                    b
+                }
+            };
+            let key = match key {
+                Some(k) => k,
+                None => IdempotencyKey::new(hex::encode(rand::random::<[u8; 16]>()))?,
+            };
+            let req = SubmitRequest { idempotency_key: key.clone(), recipient: to, category, urgent, body: Body(body) };
+            let r = api.submit(&req).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let dup = if r.duplicate { " (already sent with this key; nothing new sent)" } else { "" };
+                println!("{}\t{}\tkey={key}{dup}", r.message_id, r.status);
+            }
+        }
+        Command::Inbox { wait } => {
+            let r = api.inbox(Duration::from_secs(wait)).await?;
+            print(&r);
+            if wait > 0 && r.messages.is_empty() {
+                return Err(Empty.into());
+            }
+        }
+        Command::Fetch { id, out } => {
+            let r = api.fetch(&id).await?;
+            match out {
+                Some(path) => std::fs::write(&path, &r.body.0).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+                None if json => println!("{}", serde_json::to_string(&r)?),
+                None => std::io::stdout().write_all(&r.body.0)?,
+            }
+            if !json {
+                eprintln!(
+                    "message {} from {} ({}{}, {} bytes, {})",
+                    r.envelope.message_id,
+                    r.envelope.sender,
+                    r.envelope.category,
+                    if r.envelope.urgent { ", URGENT" } else { "" },
+                    r.body.len(),
+                    r.envelope.content_hash
+                );
+            }
+        }
+        Command::Ack { id } => {
+            let status = api.ack(&id).await?;
+            if json {
+                println!("{}", serde_json::json!({ "message_id": id, "status": status }));
+            } else {
+                println!("{id}\t{status}");
+            }
+        }
+        Command::Status { id } => {
+            let r = api.status(&id).await?;
+            print(&r);
+        }
+    }
+    Ok(())
+}
+
+/// Text and JSON renderings of answers.
+mod erased {
+    use proto::{InboxResponse, StatusResponse};
+
+    pub(crate) trait Show {
+        fn text(&self) -> String;
+        fn json(&self) -> String;
+    }
+
+    impl Show for InboxResponse {
+        fn text(&self) -> String {
+            if self.messages.is_empty() {
+                return "inbox is empty".into();
+            }
+            let mut out = String::from("MESSAGE ID                        STATUS     FROM                         TO                           CATEGORY");
+            for m in &self.messages {
+                let e = &m.envelope;
+                out.push_str(&format!(
+                    "\n{} {:<10} {:<28} {:<28} {}{}",
+                    e.message_id,
+                    m.status.as_str(),
+                    e.sender.to_string(),
+                    e.recipient.to_string(),
+                    e.category,
+                    if e.urgent { " URGENT" } else { "" }
+                ));
+            }
+            out
+        }
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+
+    impl Show for StatusResponse {
+        fn text(&self) -> String {
+            let mut out = format!("{} to {}: {}", self.message_id, self.recipient, self.status);
+            for ev in &self.history {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ev.at_ms);
+                out.push_str(&format!("\n  {:<13} {}", ev.status.as_str(), humantime::format_rfc3339_millis(at)));
+                if let Some(r) = &ev.reason {
+                    out.push_str(&format!(" — {r}"));
+                }
+            }
+            out
+        }
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+}
