@@ -40,4 +40,22 @@ pub mod danger {
     pub fn assume_verified(identity: Identity) -> VerifiedPeer {
         VerifiedPeer::new(identity)
     }
+
+    /// A client configuration that trusts `server_cas` but presents no
+    /// client certificate. Tests of refusal only.
+    pub fn client_config_without_certificate(
+        server_cas: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<rustls::ClientConfig, crate::CertError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in server_cas {
+            roots
+                .add(ca.clone())
+                .map_err(|e| crate::CertError::Verifier(e.to_string()))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
 }

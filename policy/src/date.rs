@@ -18,7 +18,10 @@ pub struct Date {
 }
 
 fn is_leap(year: u16) -> bool {
-    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
+    matches!(
+        (year % 400, year % 100, year % 4),
+        (0, _, _) | (1.., 1.., 0)
+    )
 }
 
 fn days_in_month(year: u16, month: u8) -> u8 {

@@ -170,7 +170,7 @@ impl Decision {
         self.verdict == Verdict::Allow
     }
 
-    fn deny(kind: DenyKind, rule: Option<&Rule>, reason: String) -> Decision {
+    pub(crate) fn deny(kind: DenyKind, rule: Option<&Rule>, reason: String) -> Decision {
         Decision {
             verdict: Verdict::Deny(kind),
             rule: rule.map(|r| r.name.clone()),
@@ -213,7 +213,7 @@ impl Policy {
         }
         let rule = match self.governing_rule(sender, recipient, facts) {
             Ok(rule) => rule,
-            Err(d) => return d,
+            Err(why) => return Decision::deny(DenyKind::NoRuleMatched, None, why),
         };
         if declared.is_empty() {
             return Decision::deny(
@@ -284,14 +284,14 @@ impl Policy {
         None
     }
 
-    /// The first rule matching everything but the fields, or a default-deny
-    /// decision saying why each rule did not match.
+    /// The first rule matching everything but the fields, or the reason for a
+    /// default deny, saying why each rule did not match.
     pub(crate) fn governing_rule(
         &self,
         sender: &SenderContext,
         recipient: &RecipientContext,
         facts: &Facts,
-    ) -> Result<&Rule, Decision> {
+    ) -> Result<&Rule, String> {
         let mut why = Vec::with_capacity(self.rules.len());
         for rule in &self.rules {
             match mismatch(rule, sender, recipient, facts) {
@@ -304,7 +304,7 @@ impl Policy {
         } else {
             format!("no rule matched (default deny): {}", why.join("; "))
         };
-        Err(Decision::deny(DenyKind::NoRuleMatched, None, reason))
+        Err(reason)
     }
 }
 

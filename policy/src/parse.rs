@@ -424,79 +424,61 @@ fn is_key_char(c: char) -> bool {
 }
 
 /// Best-effort key path of the text at byte `start`: the enclosing table
-/// header (with `[n]` for arrays of tables, counted from 0), then the key on
-/// the line (and the inline-table key before the span, if any). This reads
-/// the text line by line; it does not re-parse TOML, so exotic layouts
-/// (quoted keys, keys split over lines) may give a shorter path.
+/// header (with `[n]` for arrays of tables, counted from 0), the key of the
+/// line (or of the line that opened a multi-line value), and the key inside
+/// an inline table, if any. This reads the text line by line rather than
+/// re-parsing TOML, so exotic layouts (quoted or dotted keys split over
+/// lines) may give a shorter path; the line and column are always exact.
 fn key_path(text: &str, start: usize, spanned: &str) -> String {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut table = String::new();
-    let mut last_key_line: Option<&str> = None;
+    let mut outer: Option<String> = None;
+    let mut prefix = "";
     let mut offset = 0;
-    let mut here = "";
-    let mut here_prefix = "";
-    for raw_line in text.split_inclusive('\n') {
-        let line_end = offset + raw_line.len();
-        let trimmed = raw_line.trim();
-        let is_here = start >= offset && (start < line_end || line_end == text.len());
+    let mut on_header = false;
+    for line in text.split_inclusive('\n') {
+        let line_end = offset + line.len();
+        let trimmed = line.trim();
+        on_header = false;
         if let Some(h) = trimmed.strip_prefix("[[") {
             let name = h.split("]]").next().unwrap_or("").trim().to_string();
-            let n = counts.entry(name.clone()).or_insert(0);
-            *n += 1;
+            *counts.entry(name.clone()).or_insert(0) += 1;
             table = indexed(&name, &counts);
-            last_key_line = None;
-        } else if let Some(h) = trimmed.strip_prefix('[') {
-            let name = h.split(']').next().unwrap_or("").trim().to_string();
+            outer = None;
+            on_header = true;
+        } else if let Some(name) = table_header(trimmed) {
             table = indexed(&name, &counts);
-            last_key_line = None;
-        } else if trimmed
-            .split_once('=')
-            .is_some_and(|(k, _)| !k.trim().is_empty() && k.trim().chars().all(|c| is_key_char(c) || c == '.'))
-        {
-            last_key_line = Some(trimmed);
+            outer = None;
+            on_header = true;
+        } else if let Some(k) = leading_key(trimmed) {
+            outer = Some(k);
         }
-        if is_here {
-            here = raw_line;
-            here_prefix = raw_line.get(..start - offset).unwrap_or("");
+        if start < line_end || line_end == text.len() {
+            prefix = line.get(..start.saturating_sub(offset)).unwrap_or("");
             break;
         }
         offset = line_end;
     }
-    let _ = here;
     let mut parts: Vec<String> = Vec::new();
     if !table.is_empty() {
         parts.push(table);
     }
-    // The key of the line holding the span (or of the line that opened a
-    // multi-line value).
-    let prefix_has_key = here_prefix.contains('=');
-    let key_line = if prefix_has_key { Some(here_prefix) } else { last_key_line.filter(|_| !here_prefix.trim().is_empty() || spanned.trim_start().starts_with(['[', '{', '"']) ) };
-    if let Some(l) = key_line {
-        if let Some((k, rest)) = l.split_once('=') {
-            parts.push(k.trim().to_string());
-            // An inline table before the span: add the innermost key.
-            if l == here_prefix && rest.contains('{') {
-                if let Some((inner, _)) = rest.rsplit_once('=') {
-                    let inner: String = inner
-                        .chars()
-                        .rev()
-                        .skip_while(|c| c.is_whitespace())
-                        .take_while(|c| is_key_char(*c))
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    if !inner.is_empty() {
-                        parts.push(inner);
-                    }
-                }
-            }
+    if !on_header {
+        if let Some(o) = outer {
+            parts.push(o);
         }
-    } else {
-        // The span is a key itself (e.g. an unknown field).
-        let k: String = spanned.trim().chars().take_while(|c| is_key_char(*c)).collect();
-        if !k.is_empty() && spanned.trim().len() == k.len() {
-            parts.push(k);
+        // Inside an inline table: the key being defined or valued.
+        if let Some(brace) = prefix.rfind('{') {
+            let inside = &prefix[brace + 1..];
+            let spanned_key: String = spanned.chars().take_while(|c| is_key_char(*c)).collect();
+            let inner = if !spanned_key.is_empty() && spanned_key.len() == spanned.trim_end().len() {
+                Some(spanned_key)
+            } else {
+                inside.rsplit_once('=').map(|(k, _)| last_key(k))
+            };
+            if let Some(inner) = inner.filter(|k| !k.is_empty()) {
+                parts.push(inner);
+            }
         }
     }
     if parts.is_empty() {
@@ -504,6 +486,34 @@ fn key_path(text: &str, start: usize, spanned: &str) -> String {
     } else {
         parts.join(".")
     }
+}
+
+/// The name in a `[name]` line (not an array value that starts a line).
+fn table_header(line: &str) -> Option<String> {
+    let inner = line.strip_prefix('[')?;
+    let (name, rest) = inner.split_once(']')?;
+    let rest = rest.trim_start();
+    let name_ok = !name.trim().is_empty()
+        && name.chars().all(|c| is_key_char(c) || c == '.' || c == ' ');
+    (name_ok && (rest.is_empty() || rest.starts_with('#'))).then(|| name.trim().to_string())
+}
+
+/// The key of a `key = value` line.
+fn leading_key(line: &str) -> Option<String> {
+    let (k, _) = line.split_once('=')?;
+    let k = k.trim();
+    (!k.is_empty() && k.chars().all(|c| is_key_char(c) || c == '.')).then(|| k.to_string())
+}
+
+/// The last key-like word of `s`: `"x", op ` → `op`.
+fn last_key(s: &str) -> String {
+    let word: Vec<char> = s
+        .trim_end()
+        .chars()
+        .rev()
+        .take_while(|c| is_key_char(*c))
+        .collect();
+    word.into_iter().rev().collect()
 }
 
 /// `a.b.c` with `[n]` after every prefix that is an array of tables.

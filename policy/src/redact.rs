@@ -6,7 +6,7 @@ use std::fmt;
 
 use proto::{AreaId, Recipient};
 
-use crate::decide::{Decision, Facts, RecipientContext, SenderContext};
+use crate::decide::{Decision, DenyKind, Facts, RecipientContext, SenderContext};
 use crate::names::{FieldPath, RuleName};
 use crate::parse::Policy;
 use crate::{Date, PolicyError};
@@ -87,7 +87,7 @@ impl Redaction {
 
     /// Applies the operation. `Ok(None)` means the field is dropped; `Err`
     /// says why the value does not suit the operation (the caller drops it).
-    fn apply(&self, value: &Value, today: Date, bands: &[u8]) -> Result<Option<Value>, String> {
+    pub(crate) fn apply(&self, value: &Value, today: Date, bands: &[u8]) -> Result<Option<Value>, String> {
         let wrong = |want: &str| Err(format!("{} needs {want}", self.name()));
         match (self, value) {
             (Redaction::Drop, _) => Ok(None),
@@ -153,7 +153,7 @@ pub(crate) fn postcode_district(postcode: &str) -> Option<String> {
 }
 
 /// `13-15`, `5` (a one-year band) or `18+` (the last band).
-fn age_band(age: u32, bands: &[u8]) -> String {
+pub(crate) fn age_band(age: u32, bands: &[u8]) -> String {
     let i = bands
         .iter()
         .rposition(|lo| u32::from(*lo) <= age)
@@ -311,7 +311,7 @@ impl Policy {
         }
         let rule = match self.governing_rule(sender, recipient, facts) {
             Ok(rule) => rule,
-            Err(d) => return denied(d),
+            Err(why) => return denied(Decision::deny(DenyKind::NoRuleMatched, None, why)),
         };
         let fled = facts
             .fled_from

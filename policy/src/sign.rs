@@ -134,9 +134,9 @@ impl<'de> Deserialize<'de> for PolicyVerifyingKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignedPolicy {
-    policy: String,
-    signer: PolicyVerifyingKey,
-    signature: String,
+    pub(crate) policy: String,
+    pub(crate) signer: PolicyVerifyingKey,
+    pub(crate) signature: String,
 }
 
 impl SignedPolicy {

@@ -1,1 +1,253 @@
-//! placeholder
+//! Test harness: federations of real gateways, in-process on 127.0.0.1, with
+//! freshly minted CAs and certificates and real SQLite files in a temporary
+//! directory. Used by the integration tests and the bench binary.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use certs::mint::{Ca, PemPair, Validity};
+use certs::Identity;
+use client::{Api, ClientConfig};
+use gateway::dev::AreaSpec;
+use gateway::{Config, Gateway};
+use proto::{AreaId, Body, Category, IdempotencyKey, Recipient, SubmitRequest, UserId};
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Settings for a test federation.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// TOML appended to every gateway configuration (`[delivery]`, `[limits]`).
+    pub toml: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            toml: "[delivery]\nmessage_validity = \"1h\"\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\n\
+                   [limits]\nuser_requests_per_second = 100000\nuser_burst = 100000\n\
+                   peer_requests_per_second = 100000\npeer_burst = 100000\n"
+                .into(),
+        }
+    }
+}
+
+/// One area of a test federation.
+#[derive(Debug)]
+pub struct TestArea {
+    /// Its id.
+    pub area: AreaId,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its gateway configuration file.
+    pub config_path: PathBuf,
+    /// The running gateway, if started.
+    pub gateway: Option<Gateway>,
+}
+
+/// A federation of in-process gateways.
+#[derive(Debug)]
+pub struct Federation {
+    /// Where everything lives; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// The areas, in the order given.
+    pub areas: Vec<TestArea>,
+}
+
+/// The standard three-area topology: `northshire` (alice, bob), `southvale`
+/// (dan, erin, farah in team `duty`; gita) and `eastmoor` (hana).
+pub fn standard_areas() -> Vec<(&'static str, Vec<(&'static str, &'static [&'static str])>)> {
+    vec![
+        ("northshire", vec![("alice", &["children-social-care"][..]), ("bob", &["exploitation-unit"][..])]),
+        ("southvale", vec![("dan", &["duty"][..]), ("erin", &["duty"][..]), ("farah", &["duty"][..]), ("gita", &[][..])]),
+        ("eastmoor", vec![("hana", &["duty"][..])]),
+    ]
+}
+
+impl Federation {
+    /// Writes a federation (certificates, configurations) without starting it.
+    pub fn create(
+        areas: &[(&str, Vec<(&str, &[&str])>)],
+        settings: &Settings,
+    ) -> anyhow::Result<Federation> {
+        let dir = tempfile::tempdir()?;
+        let specs: Vec<AreaSpec> = areas
+            .iter()
+            .map(|(area, users)| AreaSpec {
+                area: (*area).into(),
+                port: free_port(),
+                users: users
+                    .iter()
+                    .map(|(u, teams)| {
+                        ((*u).into(), format!("{area}-agency"), "social-worker".into(), teams.iter().map(|t| (*t).into()).collect())
+                    })
+                    .collect(),
+            })
+            .collect();
+        let fed = gateway::dev::write_federation(dir.path(), &specs, &settings.toml, false)?;
+        let areas = specs
+            .iter()
+            .zip(fed.gateway_configs)
+            .map(|(s, config_path)| {
+                Ok(TestArea {
+                    area: AreaId::new(s.area.as_str())?,
+                    dir: dir.path().join(&s.area),
+                    config_path,
+                    gateway: None,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Federation { dir, areas })
+    }
+
+    /// Writes and starts the standard three-area federation.
+    pub async fn standard() -> anyhow::Result<Federation> {
+        Federation::standard_with(&Settings::default()).await
+    }
+
+    /// Writes and starts the standard federation with other settings.
+    pub async fn standard_with(settings: &Settings) -> anyhow::Result<Federation> {
+        let mut fed = Federation::create(&standard_areas(), settings)?;
+        for i in 0..fed.areas.len() {
+            fed.start(i).await?;
+        }
+        Ok(fed)
+    }
+
+    /// The index of an area.
+    pub fn index(&self, area: &str) -> usize {
+        self.areas.iter().position(|a| a.area.as_str() == area).unwrap_or(usize::MAX)
+    }
+
+    /// The configuration of area `i`, as the gateway would load it.
+    pub fn config(&self, i: usize) -> anyhow::Result<Config> {
+        Ok(Config::load(&self.areas[i].config_path)?)
+    }
+
+    /// Starts area `i`'s gateway (again).
+    pub async fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        let config = self.config(i)?;
+        // A restarted gateway may find its port in TIME_WAIT briefly; retry the bind.
+        let mut tries = 0;
+        let gw = loop {
+            match Gateway::start(config.clone()).await {
+                Ok(g) => break g,
+                Err(gateway::GatewayError::Bind { .. }) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.areas[i].gateway = Some(gw);
+        Ok(())
+    }
+
+    /// Stops area `i`'s gateway gracefully.
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(g) = self.areas[i].gateway.take() {
+            g.shutdown().await;
+        }
+    }
+
+    /// The client configuration file of `user` in area `i`.
+    pub fn client_config_path(&self, i: usize, user: &str) -> PathBuf {
+        self.areas[i].dir.join("users").join(format!("{user}.toml"))
+    }
+
+    /// An API client for `user` of area `i`.
+    pub fn api(&self, i: usize, user: &str) -> anyhow::Result<Api> {
+        let config = ClientConfig::load(&self.client_config_path(i, user))?;
+        Ok(Api::new(&config)?)
+    }
+
+    /// Area `i`'s CA, to mint more certificates.
+    pub fn ca(&self, i: usize) -> anyhow::Result<Ca> {
+        let dir = self.areas[i].dir.join("ca");
+        let pem = PemPair {
+            cert: std::fs::read_to_string(dir.join("ca.crt"))?,
+            key: std::fs::read_to_string(dir.join("ca.key"))?,
+        };
+        Ok(Ca::from_pem(pem)?)
+    }
+
+    /// Area `i`'s CA certificates.
+    pub fn ca_certs(&self, i: usize) -> anyhow::Result<Vec<certs::rustls::pki_types::CertificateDer<'static>>> {
+        Ok(certs::load_certs(&self.areas[i].dir.join("ca").join("ca.crt"))?)
+    }
+
+    /// An API client for area `i`'s gateway presenting an arbitrary certificate.
+    pub fn api_with(&self, i: usize, pair: &PemPair) -> anyhow::Result<Api> {
+        let url = format!("https://127.0.0.1:{}", self.port(i)?);
+        Ok(Api::from_parts(&url, &pair.credentials()?, &self.areas[i].area, &self.ca_certs(i)?)?)
+    }
+
+    /// The port of area `i`'s gateway.
+    pub fn port(&self, i: usize) -> anyhow::Result<u16> {
+        Ok(self.config(i)?.listen.port())
+    }
+
+    /// Mints a certificate for `identity` from area `ca_of`'s CA.
+    pub fn mint(&self, ca_of: usize, identity: &Identity, validity: Validity) -> anyhow::Result<PemPair> {
+        Ok(self.ca(ca_of)?.issue(identity, validity)?)
+    }
+
+    /// The path of area `i`'s database.
+    pub fn db_path(&self, i: usize) -> PathBuf {
+        self.areas[i].dir.join("data").join("gateway.sqlite3")
+    }
+
+    /// Runs a counting query against area `i`'s database (read-only).
+    pub fn count(&self, i: usize, sql: &str) -> anyhow::Result<i64> {
+        count_rows(&self.db_path(i), sql)
+    }
+}
+
+/// Runs a `SELECT COUNT(*) ...` against a database file, read-only.
+pub fn count_rows(db: &Path, sql: &str) -> anyhow::Result<i64> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening {}", db.display()))?;
+    Ok(conn.query_row(sql, [], |r| r.get(0))?)
+}
+
+/// A submission with the given key and body.
+pub fn message(to: &str, key: &str, body: Vec<u8>) -> anyhow::Result<SubmitRequest> {
+    Ok(SubmitRequest {
+        idempotency_key: IdempotencyKey::new(key)?,
+        recipient: to.parse::<Recipient>()?,
+        category: Category::new("relocation")?,
+        urgent: false,
+        body: Body(body),
+    })
+}
+
+/// Polls `f` every 50 ms until it returns true or `limit` passes.
+/// The limit bounds a hung test; it is not a performance assertion.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Shorthand for a user id in tests.
+pub fn user(id: &str) -> UserId {
+    UserId::new(id).unwrap_or_else(|e| panic!("bad test user id {id}: {e}"))
+}
