@@ -73,14 +73,15 @@ pub struct AreaSpec {
     pub users: Vec<(String, String, String, Vec<String>)>,
 }
 
-/// The demo's areas, on ports `base_port`, `base_port + 1`, ...
+/// The demo's areas, on ports `base_port`, `base_port + 1`, ... or, when
+/// `base_port` is 0, on free ports chosen now.
 pub fn demo_areas(base_port: u16) -> Vec<AreaSpec> {
     AREAS
         .iter()
         .enumerate()
         .map(|(i, (area, users))| AreaSpec {
             area: (*area).to_owned(),
-            port: base_port.saturating_add(i as u16),
+            port: if base_port == 0 { free_port() } else { base_port.saturating_add(i as u16) },
             users: users
                 .iter()
                 .map(|(u, o, r, t)| ((*u).into(), (*o).into(), (*r).into(), t.iter().map(|t| (*t).into()).collect()))
@@ -123,10 +124,19 @@ fn write_pair(dir: &Path, name: &str, pair: &PemPair) -> Result<(), DevError> {
     write(&dir.join(format!("{name}.key")), &pair.key, true)
 }
 
+/// A free TCP port on 127.0.0.1 (bound, then released), or 0 if none.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
 /// Writes (or reuses) the development federation under `dir`, with gateways
-/// listening on `127.0.0.1:<base_port + i>` and metrics on `<base_port + 100 + i>`.
+/// listening on `127.0.0.1:<base_port + i>` and metrics on `<base_port + 100 + i>`
+/// (with `base_port` 0: free ports, no metrics).
 pub fn init(dir: &Path, base_port: u16) -> Result<DevFederation, DevError> {
-    write_federation(dir, &demo_areas(base_port), DEMO_SETTINGS, true)
+    write_federation(dir, &demo_areas(base_port), DEMO_SETTINGS, base_port != 0)
 }
 
 /// Writes a federation of `areas` under `dir`: per area a CA

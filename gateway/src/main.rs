@@ -53,7 +53,7 @@ enum Command {
         /// Where to put certificates, configurations and databases.
         #[arg(long, default_value = "demo")]
         dir: PathBuf,
-        /// Port of the first gateway; the others follow.
+        /// Port of the first gateway; the others follow (0: pick free ports).
         #[arg(long, default_value_t = 7441)]
         base_port: u16,
         /// Write the files and exit without starting the gateways.

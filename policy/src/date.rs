@@ -65,7 +65,11 @@ impl Date {
             part.parse().map_err(|_| bad())
         };
         let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-        Date::new(y, u8::try_from(m).map_err(|_| bad())?, u8::try_from(d).map_err(|_| bad())?)
+        Date::new(
+            y,
+            u8::try_from(m).map_err(|_| bad())?,
+            u8::try_from(d).map_err(|_| bad())?,
+        )
     }
 
     /// The year.
@@ -118,7 +122,7 @@ impl Date {
         }
         let mut years = u32::from(today.year - self.year);
         match self.anniversary_in(today.year) {
-            Some(birthday) if today < birthday => years -= 1,
+            Some(birthday) if today < birthday => years = years.saturating_sub(1),
             _ => {}
         }
         Some(years)

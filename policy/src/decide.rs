@@ -331,7 +331,10 @@ fn check_opt<T: PartialEq + fmt::Display>(
     }
     match value {
         Some(v) => check_one(what, allowed, v),
-        None => Some(format!("{what} is unknown; the rule needs one of {}", list(allowed))),
+        None => Some(format!(
+            "{what} is unknown; the rule needs one of {}",
+            list(allowed)
+        )),
     }
 }
 
@@ -361,7 +364,13 @@ fn mismatch(
         Target::User(_) => None,
     };
     check_one("sender area", &rule.from.areas, sender.area())
-        .or_else(|| check_opt("sender organisation", &rule.from.organisations, Some(sender.organisation())))
+        .or_else(|| {
+            check_opt(
+                "sender organisation",
+                &rule.from.organisations,
+                Some(sender.organisation()),
+            )
+        })
         .or_else(|| check_opt("sender role", &rule.from.roles, Some(sender.role())))
         .or_else(|| check_one("recipient area", &rule.to.areas, &recipient.recipient.area))
         .or_else(|| {

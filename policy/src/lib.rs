@@ -99,11 +99,9 @@ mod sign;
 pub use date::Date;
 pub use decide::{Decision, DenyKind, Facts, PolicyRef, RecipientContext, SenderContext, Verdict};
 pub use names::{FieldPath, Organisation, PolicyId, Purpose, Role, RuleName, Selector};
-pub use parse::{
-    FieldRedaction, Policy, Rule, RecipientSide, SenderSide, BUILTIN_LOCATING_FIELDS,
-};
+pub use parse::{FieldRedaction, Policy, RecipientSide, Rule, SenderSide, BUILTIN_LOCATING_FIELDS};
 pub use redact::{
-    Address, AgeRoute, Because, CaseFile, Prepared, RedactionRecord, Redaction, School, Value,
+    Address, AgeRoute, Because, CaseFile, Prepared, Redaction, RedactionRecord, School, Value,
 };
 pub use sign::{PolicySigningKey, PolicyVerifyingKey, SignedPolicy};
 

@@ -252,7 +252,9 @@ where
         if s == "*" {
             return Ok(Selector::Any);
         }
-        s.parse().map(Selector::One).map_err(serde::de::Error::custom)
+        s.parse()
+            .map(Selector::One)
+            .map_err(serde::de::Error::custom)
     }
 }
 

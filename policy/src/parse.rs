@@ -28,6 +28,7 @@ const DEFAULT_AGE_BANDS: [u8; 6] = [0, 5, 10, 13, 16, 18];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub(crate) id: PolicyId,
+    pub(crate) description: Option<String>,
     pub(crate) area: AreaId,
     pub(crate) version: u32,
     pub(crate) adult_services: Recipient,
@@ -112,6 +113,11 @@ impl Policy {
     /// The policy id.
     pub fn id(&self) -> &PolicyId {
         &self.id
+    }
+
+    /// The policy's free-text description, if any.
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
     }
 
     /// The owning area, which signs the policy.
@@ -259,7 +265,11 @@ fn plain_text(text: &str, v: &Spanned<String>, max: usize) -> Result<(), PolicyE
         return Err(error_at(text, v.span(), "must not be empty"));
     }
     if s.chars().count() > max {
-        return Err(error_at(text, v.span(), &format!("is longer than {max} characters")));
+        return Err(error_at(
+            text,
+            v.span(),
+            &format!("is longer than {max} characters"),
+        ));
     }
     if s.chars().any(char::is_control) {
         return Err(error_at(text, v.span(), "must not hold control characters"));
@@ -270,7 +280,6 @@ fn plain_text(text: &str, v: &Spanned<String>, max: usize) -> Result<(), PolicyE
 impl RawDoc {
     fn check(self, text: &str) -> Result<Policy, PolicyError> {
         let h = self.policy;
-        let _ = h.description;
         let version = u32::try_from(*h.version.get_ref())
             .ok()
             .filter(|v| *v >= 1)
@@ -382,6 +391,7 @@ impl RawDoc {
         }
         Ok(Policy {
             id: h.id,
+            description: h.description,
             area: h.area,
             version,
             adult_services: h.adult_services,
@@ -471,7 +481,8 @@ fn key_path(text: &str, start: usize, spanned: &str) -> String {
         if let Some(brace) = prefix.rfind('{') {
             let inside = &prefix[brace + 1..];
             let spanned_key: String = spanned.chars().take_while(|c| is_key_char(*c)).collect();
-            let inner = if !spanned_key.is_empty() && spanned_key.len() == spanned.trim_end().len() {
+            let inner = if !spanned_key.is_empty() && spanned_key.len() == spanned.trim_end().len()
+            {
                 Some(spanned_key)
             } else {
                 inside.rsplit_once('=').map(|(k, _)| last_key(k))
@@ -493,8 +504,8 @@ fn table_header(line: &str) -> Option<String> {
     let inner = line.strip_prefix('[')?;
     let (name, rest) = inner.split_once(']')?;
     let rest = rest.trim_start();
-    let name_ok = !name.trim().is_empty()
-        && name.chars().all(|c| is_key_char(c) || c == '.' || c == ' ');
+    let name_ok =
+        !name.trim().is_empty() && name.chars().all(|c| is_key_char(c) || c == '.' || c == ' ');
     (name_ok && (rest.is_empty() || rest.starts_with('#'))).then(|| name.trim().to_string())
 }
 

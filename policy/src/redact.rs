@@ -87,7 +87,12 @@ impl Redaction {
 
     /// Applies the operation. `Ok(None)` means the field is dropped; `Err`
     /// says why the value does not suit the operation (the caller drops it).
-    pub(crate) fn apply(&self, value: &Value, today: Date, bands: &[u8]) -> Result<Option<Value>, String> {
+    pub(crate) fn apply(
+        &self,
+        value: &Value,
+        today: Date,
+        bands: &[u8],
+    ) -> Result<Option<Value>, String> {
         let wrong = |want: &str| Err(format!("{} needs {want}", self.name()));
         match (self, value) {
             (Redaction::Drop, _) => Ok(None),
@@ -147,7 +152,10 @@ pub(crate) fn postcode_district(postcode: &str) -> Option<String> {
     let inward_ok =
         ib[0].is_ascii_digit() && ib[1].is_ascii_alphabetic() && ib[2].is_ascii_alphabetic();
     let outward_ok = outward.bytes().all(|b| b.is_ascii_alphanumeric())
-        && outward.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && outward
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic())
         && outward.bytes().any(|b| b.is_ascii_digit());
     (inward_ok && outward_ok).then(|| outward.to_string())
 }
@@ -192,7 +200,9 @@ impl fmt::Display for Because {
                 f,
                 "built-in rule: it locates the family and {fled_from} is an area they fled"
             ),
-            Because::NotAllowed { rule } => write!(f, "default deny: rule {rule} does not allow it"),
+            Because::NotAllowed { rule } => {
+                write!(f, "default deny: rule {rule} does not allow it")
+            }
         }
     }
 }
@@ -360,7 +370,10 @@ impl Policy {
                 Err(why) => report.push(record(
                     Redaction::Drop,
                     because,
-                    Some(format!("could not apply {}: {why}; dropped instead", op.op.name())),
+                    Some(format!(
+                        "could not apply {}: {why}; dropped instead",
+                        op.op.name()
+                    )),
                 )),
             }
         }

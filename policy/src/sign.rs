@@ -100,7 +100,9 @@ impl FromStr for PolicyVerifyingKey {
         let b64 = s
             .trim()
             .strip_prefix("ed25519:")
-            .ok_or(PolicyError::MalformedKey("public key must start with ed25519:"))?;
+            .ok_or(PolicyError::MalformedKey(
+                "public key must start with ed25519:",
+            ))?;
         let bytes = B64
             .decode(b64.as_bytes())
             .map_err(|_| PolicyError::MalformedKey("public key is not base64"))?;
@@ -217,8 +219,12 @@ impl SignedPolicy {
             .strip_prefix(TEXT_MAGIC)
             .and_then(|r| r.strip_prefix('\n'))
             .ok_or(bad("first line must be 'fedref-signed-policy v1'"))?;
-        let (signer_line, rest) = rest.split_once('\n').ok_or(bad("no signer line"))?;
-        let (sig_line, rest) = rest.split_once('\n').ok_or(bad("no signature line"))?;
+        let (signer_line, rest) = rest
+            .split_once('\n')
+            .ok_or(bad("document ends within the signer line"))?;
+        let (sig_line, rest) = rest
+            .split_once('\n')
+            .ok_or(bad("document ends within the signature line"))?;
         let policy = rest
             .strip_prefix('\n')
             .ok_or(bad("no blank line before the policy text"))?;

@@ -33,7 +33,12 @@ pub(crate) fn fields(s: &[&str]) -> Vec<FieldPath> {
 pub(crate) fn sender(who: &str, org: &str, role: &str) -> SenderContext {
     let (user, a) = who.split_once('@').unwrap();
     let peer = assume_verified(Identity::User(area(a), UserId::new(user).unwrap()));
-    SenderContext::new(&peer, Organisation::new(org).unwrap(), Role::new(role).unwrap()).unwrap()
+    SenderContext::new(
+        &peer,
+        Organisation::new(org).unwrap(),
+        Role::new(role).unwrap(),
+    )
+    .unwrap()
 }
 
 /// A recipient `team:x@area` or `user:x@area`, with optional organisation and role.
@@ -63,7 +68,10 @@ pub(crate) fn date(s: &str) -> Date {
 
 #[test]
 fn built_in_field_paths_are_valid() {
-    for f in BUILTIN_LOCATING_FIELDS.iter().chain([&crate::redact::CHILD_DOB]) {
+    for f in BUILTIN_LOCATING_FIELDS
+        .iter()
+        .chain([&crate::redact::CHILD_DOB])
+    {
         assert!(FieldPath::new(*f).is_ok(), "{f}");
     }
 }

@@ -13,13 +13,7 @@ use gateway::dev::AreaSpec;
 use gateway::{Config, Gateway};
 use proto::{AreaId, Body, Category, IdempotencyKey, Recipient, SubmitRequest, UserId};
 
-/// A free TCP port on 127.0.0.1 (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+pub use gateway::dev::free_port;
 
 /// Settings for a test federation.
 #[derive(Debug, Clone)]

@@ -380,7 +380,10 @@ fn a_policy_without_rules_denies_everything() {
         &fields(&["child.name"]),
     );
     assert_eq!(d.verdict, DENY_NO_RULE);
-    assert_eq!(d.reason, "no rule matched (default deny): the policy has no rules");
+    assert_eq!(
+        d.reason,
+        "no rule matched (default deny): the policy has no rules"
+    );
 }
 
 #[test]
@@ -394,7 +397,10 @@ fn sender_context_needs_a_user_matching_the_envelope() {
         Err(PolicyError::NotAUser(_))
     ));
 
-    let alice = assume_verified(Identity::User(area("southvale"), UserId::new("alice").unwrap()));
+    let alice = assume_verified(Identity::User(
+        area("southvale"),
+        UserId::new("alice").unwrap(),
+    ));
     let mut env = Envelope {
         message_id: MessageId::from_bytes([0; 16]),
         idempotency_key: IdempotencyKey::new("k1").unwrap(),

@@ -8,19 +8,32 @@ fn example_policy_parses() {
     assert_eq!(p.id().as_str(), "southvale-sharing");
     assert_eq!(p.area().as_str(), "southvale");
     assert_eq!(p.version(), 3);
-    assert_eq!(p.adult_services().to_string(), "team:adult-safeguarding@southvale");
+    assert_eq!(
+        p.adult_services().to_string(),
+        "team:adult-safeguarding@southvale"
+    );
     assert_eq!(p.turning_18_notice_days(), 90);
     assert_eq!(p.age_bands(), &[0, 5, 10, 13, 16, 18]);
     let names: Vec<&str> = p.rules().iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
         names,
-        ["relocation-to-receiving-social-care", "police-disruption", "update-to-school"]
+        [
+            "relocation-to-receiving-social-care",
+            "police-disruption",
+            "update-to-school"
+        ]
     );
     // The built-in locating fields come first, then the policy's own.
     let loc: Vec<&str> = p.locating_fields().iter().map(|f| f.as_str()).collect();
     assert_eq!(
         loc,
-        ["family.new_address", "family.new_school", "family.gp", "family.new_phone", "family.new_college"]
+        [
+            "family.new_address",
+            "family.new_school",
+            "family.gp",
+            "family.new_phone",
+            "family.new_college"
+        ]
     );
     assert_eq!(p.digest_hex().len(), 64);
     assert_eq!(
@@ -38,9 +51,27 @@ const ERRORS: &[(&str, &str, usize, &str, &str)] = &[
         "rule[0].from.rols",
         "unknown field `rols`",
     ),
-    ("version = 3", "version = \"3\"", 5, "policy.version", "invalid type: string \"3\""),
-    ("version = 3", "version = 0", 5, "policy.version", "must be a whole number from 1"),
-    ("version = 3", "version = -1", 5, "policy.version", "must be a whole number from 1"),
+    (
+        "version = 3",
+        "version = \"3\"",
+        5,
+        "policy.version",
+        "invalid type: string \"3\"",
+    ),
+    (
+        "version = 3",
+        "version = 0",
+        5,
+        "policy.version",
+        "must be a whole number from 1",
+    ),
+    (
+        "version = 3",
+        "version = -1",
+        5,
+        "policy.version",
+        "must be a whole number from 1",
+    ),
     (
         "legal_basis = \"Crime and Disorder Act 1998 s.115\"\n",
         "",
@@ -76,7 +107,13 @@ const ERRORS: &[(&str, &str, usize, &str, &str)] = &[
         "rule[1].name",
         "duplicate rule name",
     ),
-    ("categories = [\"disruption\"]", "categories = []", 49, "rule[1].categories", "must not be empty"),
+    (
+        "categories = [\"disruption\"]",
+        "categories = []",
+        49,
+        "rule[1].categories",
+        "must not be empty",
+    ),
     (
         "areas = [\"southvale\"]\norganisations = [\"southvale-police\"]",
         "areas = [\"South Vale\"]\norganisations = [\"southvale-police\"]",
@@ -91,7 +128,13 @@ const ERRORS: &[(&str, &str, usize, &str, &str)] = &[
         "policy.turning_18_notice_days",
         "must be 0 to 366 days",
     ),
-    ("[policy]\n", "[policy]\nbogus = 1\n", 3, "policy.bogus", "unknown field `bogus`"),
+    (
+        "[policy]\n",
+        "[policy]\nbogus = 1\n",
+        3,
+        "policy.bogus",
+        "unknown field `bogus`",
+    ),
     (
         "op = \"placeholder\", reason = \"shared at the family's request only\"",
         "op = \"placeholder\"",
@@ -134,15 +177,30 @@ const ERRORS: &[(&str, &str, usize, &str, &str)] = &[
         "policy.age_bands",
         "strictly increasing",
     ),
-    ("teams = [\"duty\", \"mash\"]", "teams = [\"Duty\"]", 43, "rule[0].to.teams", "invalid team id"),
-    ("[[rule]]\nname = \"update-to-school\"", "[[rule]]\nname = 7", 67, "rule[2].name", "invalid type"),
+    (
+        "teams = [\"duty\", \"mash\"]",
+        "teams = [\"Duty\"]",
+        43,
+        "rule[0].to.teams",
+        "invalid team id",
+    ),
+    (
+        "[[rule]]\nname = \"update-to-school\"",
+        "[[rule]]\nname = 7",
+        67,
+        "rule[2].name",
+        "invalid type",
+    ),
     ("[policy]", "[policy", 2, "(document)", ""),
 ];
 
 #[test]
 fn parse_errors_name_line_and_key() {
     for (from, to, line, key, message) in ERRORS {
-        assert!(SOUTHVALE.contains(from), "test input {from:?} not in the example");
+        assert!(
+            SOUTHVALE.contains(from),
+            "test input {from:?} not in the example"
+        );
         let text = SOUTHVALE.replacen(from, to, 1);
         match Policy::parse(&text) {
             Err(PolicyError::Parse {

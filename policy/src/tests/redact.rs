@@ -40,7 +40,11 @@ fn postcode_districts() {
         ("TOOLONG1 2AB", None),
     ];
     for (p, want) in table {
-        assert_eq!(crate::redact::postcode_district(p).as_deref(), want, "{p:?}");
+        assert_eq!(
+            crate::redact::postcode_district(p).as_deref(),
+            want,
+            "{p:?}"
+        );
     }
 }
 
@@ -49,26 +53,67 @@ fn operations() {
     let today = date("2025-06-15");
     let bands = [0, 5, 10, 13, 16, 18];
     // (op, value, result: Ok(Some(text)) | Ok(None) dropped | Err(why part))
-    let table: Vec<(Redaction, Value, Result<Option<&str>, &str>)> = vec![
+    type Want = Result<Option<&'static str>, &'static str>;
+    let table: Vec<(Redaction, Value, Want)> = vec![
         (Redaction::Drop, addr(), Ok(None)),
         (Redaction::Town, addr(), Ok(Some("Leeds"))),
         (Redaction::PostcodeDistrict, addr(), Ok(Some("LS6"))),
-        (Redaction::SchoolTown, school(), Ok(Some("a school in Otley"))),
-        (Redaction::Age, Value::Date(date("2010-06-16")), Ok(Some("aged 14"))),
-        (Redaction::Age, Value::Date(date("2010-06-15")), Ok(Some("aged 15"))),
-        (Redaction::AgeBand, Value::Date(date("2010-06-15")), Ok(Some("aged 13-15"))),
-        (Redaction::AgeBand, Value::Date(date("2023-01-01")), Ok(Some("aged 0-4"))),
-        (Redaction::AgeBand, Value::Date(date("2007-06-15")), Ok(Some("aged 18+"))),
-        (Redaction::AgeBand, Value::Date(date("2009-01-01")), Ok(Some("aged 16-17"))),
+        (
+            Redaction::SchoolTown,
+            school(),
+            Ok(Some("a school in Otley")),
+        ),
+        (
+            Redaction::Age,
+            Value::Date(date("2010-06-16")),
+            Ok(Some("aged 14")),
+        ),
+        (
+            Redaction::Age,
+            Value::Date(date("2010-06-15")),
+            Ok(Some("aged 15")),
+        ),
+        (
+            Redaction::AgeBand,
+            Value::Date(date("2010-06-15")),
+            Ok(Some("aged 13-15")),
+        ),
+        (
+            Redaction::AgeBand,
+            Value::Date(date("2023-01-01")),
+            Ok(Some("aged 0-4")),
+        ),
+        (
+            Redaction::AgeBand,
+            Value::Date(date("2007-06-15")),
+            Ok(Some("aged 18+")),
+        ),
+        (
+            Redaction::AgeBand,
+            Value::Date(date("2009-01-01")),
+            Ok(Some("aged 16-17")),
+        ),
         (
             Redaction::Placeholder("risk to family".into()),
             text("07700 900123"),
             Ok(Some("[withheld: risk to family]")),
         ),
-        (Redaction::Town, text("12 Acacia Avenue, Leeds"), Err("town needs an address")),
+        (
+            Redaction::Town,
+            text("12 Acacia Avenue, Leeds"),
+            Err("town needs an address"),
+        ),
         (Redaction::Age, text("2010-01-01"), Err("age needs a date")),
-        (Redaction::SchoolTown, text("Hill Top"), Err("school-town needs a school")),
-        (Redaction::Age, Value::Date(date("2030-01-01")), Err("the date is after today")),
+        (
+            Redaction::SchoolTown,
+            text("Hill Top"),
+            Err("school-town needs a school"),
+        ),
+        (
+            Redaction::Age,
+            Value::Date(date("2030-01-01")),
+            Err("the date is after today"),
+        ),
         (
             Redaction::PostcodeDistrict,
             Value::Address(Address {
@@ -212,14 +257,28 @@ fn prepare_to_the_new_area() {
     let p = southvale();
     let s = sender("alice@southvale", "southvale-council", "social-worker");
     let r = recipient("team:duty@northmoor", None, None);
-    let out = p.prepare(&s, &r, &facts("relocation", "safeguarding", 3, &[]), &case(), date("2025-06-15"));
+    let out = p.prepare(
+        &s,
+        &r,
+        &facts("relocation", "safeguarding", 3, &[]),
+        &case(),
+        date("2025-06-15"),
+    );
     assert!(out.decision.is_allowed(), "{}", out.decision.reason);
     let rule = "rule relocation-to-receiving-social-care";
     assert_eq!(
         summary(&out.report),
         vec![
-            ("family.new_address".into(), "postcode-district".into(), rule.into()),
-            ("family.new_school".into(), "school-town".into(), rule.into()),
+            (
+                "family.new_address".into(),
+                "postcode-district".into(),
+                rule.into()
+            ),
+            (
+                "family.new_school".into(),
+                "school-town".into(),
+                rule.into()
+            ),
             (
                 "health.diagnosis".into(),
                 "drop".into(),
@@ -227,12 +286,27 @@ fn prepare_to_the_new_area() {
             ),
         ]
     );
-    assert_eq!(out.content.get(&field("family.new_address")), Some(&text("LS6")));
-    assert_eq!(out.content.get(&field("family.new_school")), Some(&text("a school in Otley")));
-    assert_eq!(out.content.get(&field("family.gp")), Some(&text("Dr Patel, Hill Surgery")));
+    assert_eq!(
+        out.content.get(&field("family.new_address")),
+        Some(&text("LS6"))
+    );
+    assert_eq!(
+        out.content.get(&field("family.new_school")),
+        Some(&text("a school in Otley"))
+    );
+    assert_eq!(
+        out.content.get(&field("family.gp")),
+        Some(&text("Dr Patel, Hill Surgery"))
+    );
     assert!(!out.content.contains_key(&field("health.diagnosis")));
-    assert_eq!(out.declared_fields, out.content.keys().cloned().collect::<Vec<_>>());
-    assert!(matches!(out.age_route, Some(AgeRoute::Child { age: 15, .. })));
+    assert_eq!(
+        out.declared_fields,
+        out.content.keys().cloned().collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        out.age_route,
+        Some(AgeRoute::Child { age: 15, .. })
+    ));
 }
 
 #[test]
@@ -247,9 +321,17 @@ fn prepare_to_the_area_fled_drops_every_locating_field() {
     assert!(out.decision.is_allowed(), "{}", out.decision.reason);
     let fled = "built-in rule: it locates the family and northmoor is an area they fled";
     let report = summary(&out.report);
-    for f in ["family.new_address", "family.new_school", "family.gp", "family.new_phone"] {
+    for f in [
+        "family.new_address",
+        "family.new_school",
+        "family.gp",
+        "family.new_phone",
+    ] {
         assert!(!out.content.contains_key(&field(f)), "{f} was sent");
-        assert!(report.contains(&(f.into(), "drop".into(), fled.into())), "{f}: {report:?}");
+        assert!(
+            report.contains(&(f.into(), "drop".into(), fled.into())),
+            "{f}: {report:?}"
+        );
     }
     assert_eq!(out.content.get(&field("child.name")), Some(&text("Sam")));
     // And the gateway agrees with the client.
@@ -261,16 +343,26 @@ fn prepare_to_the_area_fled_drops_every_locating_field() {
 fn prepare_applies_placeholders_and_age() {
     let p = southvale();
     let s = sender("alice@southvale", "southvale-council", "key-lead");
-    let r = recipient("user:head@northmoor", None, Some("designated-safeguarding-lead"));
+    let r = recipient(
+        "user:head@northmoor",
+        None,
+        Some("designated-safeguarding-lead"),
+    );
     let f = facts("update", "safeguarding", 3, &[]);
     let out = p.prepare(&s, &r, &f, &case(), date("2025-06-15"));
     assert!(out.decision.is_allowed(), "{}", out.decision.reason);
-    assert_eq!(out.decision.rule.as_ref().unwrap().as_str(), "update-to-school");
+    assert_eq!(
+        out.decision.rule.as_ref().unwrap().as_str(),
+        "update-to-school"
+    );
     assert_eq!(
         out.content.get(&field("family_views")),
         Some(&text("[withheld: shared at the family's request only]"))
     );
-    assert_eq!(out.content.get(&field("child.date_of_birth")), Some(&text("aged 15")));
+    assert_eq!(
+        out.content.get(&field("child.date_of_birth")),
+        Some(&text("aged 15"))
+    );
     assert_eq!(
         out.declared_fields,
         fields(&["child.date_of_birth", "child.name", "family_views"])
@@ -283,9 +375,18 @@ fn prepare_drops_a_value_the_operation_does_not_fit() {
     let s = sender("alice@southvale", "southvale-council", "social-worker");
     let r = recipient("team:duty@northmoor", None, None);
     let mut c = CaseFile::new();
-    c.insert(field("family.new_address"), text("12 Acacia Avenue, Leeds LS6 2AB"));
+    c.insert(
+        field("family.new_address"),
+        text("12 Acacia Avenue, Leeds LS6 2AB"),
+    );
     c.insert(field("child.name"), text("Sam"));
-    let out = p.prepare(&s, &r, &facts("relocation", "safeguarding", 3, &[]), &c, date("2025-06-15"));
+    let out = p.prepare(
+        &s,
+        &r,
+        &facts("relocation", "safeguarding", 3, &[]),
+        &c,
+        date("2025-06-15"),
+    );
     assert!(out.decision.is_allowed());
     assert!(!out.content.contains_key(&field("family.new_address")));
     let rec = &out.report[0];
@@ -303,8 +404,14 @@ fn prepare_denied_sends_nothing() {
     let r = recipient("team:duty@northmoor", None, None);
     // (facts, deny kind)
     let table = [
-        (facts("relocation", "safeguarding", 3, &[]), DenyKind::NoRuleMatched),
-        (facts("relocation", "safeguarding", 2, &[]), DenyKind::OutdatedPolicy),
+        (
+            facts("relocation", "safeguarding", 3, &[]),
+            DenyKind::NoRuleMatched,
+        ),
+        (
+            facts("relocation", "safeguarding", 2, &[]),
+            DenyKind::OutdatedPolicy,
+        ),
     ];
     for (f, kind) in table {
         let out = p.prepare(&s, &r, &f, &case(), date("2025-06-15"));
@@ -315,7 +422,13 @@ fn prepare_denied_sends_nothing() {
     let s = sender("alice@southvale", "southvale-council", "social-worker");
     let mut c = CaseFile::new();
     c.insert(field("health.diagnosis"), text("asthma"));
-    let out = p.prepare(&s, &r, &facts("relocation", "safeguarding", 3, &[]), &c, date("2025-06-15"));
+    let out = p.prepare(
+        &s,
+        &r,
+        &facts("relocation", "safeguarding", 3, &[]),
+        &c,
+        date("2025-06-15"),
+    );
     assert_eq!(out.decision.verdict, Verdict::Deny(DenyKind::NoFields));
     assert!(out.content.is_empty());
     assert_eq!(out.report.len(), 1);
@@ -327,8 +440,17 @@ fn prepare_reports_adult_route() {
     let s = sender("alice@southvale", "southvale-council", "social-worker");
     let r = recipient("team:duty@northmoor", None, None);
     let mut c = case();
-    c.insert(field("child.date_of_birth"), Value::Date(date("2007-01-01")));
-    let out = p.prepare(&s, &r, &facts("handover", "safeguarding", 3, &[]), &c, date("2025-06-15"));
+    c.insert(
+        field("child.date_of_birth"),
+        Value::Date(date("2007-01-01")),
+    );
+    let out = p.prepare(
+        &s,
+        &r,
+        &facts("handover", "safeguarding", 3, &[]),
+        &c,
+        date("2025-06-15"),
+    );
     assert_eq!(
         out.age_route,
         Some(AgeRoute::Adult {

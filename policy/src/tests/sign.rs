@@ -31,7 +31,9 @@ fn verify_table() {
     };
     let tamper_sig = {
         let mut s = good.clone();
-        let mut bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &s.signature).unwrap();
+        let mut bytes =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &s.signature)
+                .unwrap();
         bytes[0] ^= 1;
         s.signature = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
         s
@@ -56,14 +58,62 @@ fn verify_table() {
     // (name, document, owner, trusted key, expected)
     let table = [
         ("good", &good, &southvale, key(1), Want::Ok),
-        ("text altered", &tamper_text, &southvale, key(1), Want::BadSignature),
-        ("one byte added", &tamper_whitespace, &southvale, key(1), Want::BadSignature),
-        ("signature altered", &tamper_sig, &southvale, key(1), Want::BadSignature),
-        ("signature too short", &short_sig, &southvale, key(1), Want::Malformed),
-        ("signature not base64", &not_b64, &southvale, key(1), Want::Malformed),
-        ("signed by another key, claiming ours", &forged, &southvale, key(1), Want::BadSignature),
-        ("signed by an untrusted key", &other_key, &southvale, key(1), Want::Untrusted),
-        ("another area's policy", &good, &area("northmoor"), key(1), Want::WrongOwner),
+        (
+            "text altered",
+            &tamper_text,
+            &southvale,
+            key(1),
+            Want::BadSignature,
+        ),
+        (
+            "one byte added",
+            &tamper_whitespace,
+            &southvale,
+            key(1),
+            Want::BadSignature,
+        ),
+        (
+            "signature altered",
+            &tamper_sig,
+            &southvale,
+            key(1),
+            Want::BadSignature,
+        ),
+        (
+            "signature too short",
+            &short_sig,
+            &southvale,
+            key(1),
+            Want::Malformed,
+        ),
+        (
+            "signature not base64",
+            &not_b64,
+            &southvale,
+            key(1),
+            Want::Malformed,
+        ),
+        (
+            "signed by another key, claiming ours",
+            &forged,
+            &southvale,
+            key(1),
+            Want::BadSignature,
+        ),
+        (
+            "signed by an untrusted key",
+            &other_key,
+            &southvale,
+            key(1),
+            Want::Untrusted,
+        ),
+        (
+            "another area's policy",
+            &good,
+            &area("northmoor"),
+            key(1),
+            Want::WrongOwner,
+        ),
     ];
     for (name, doc, owner, trusted, want) in table {
         let got = doc.verify(owner, &trusted.verifying_key());
@@ -96,16 +146,27 @@ fn text_form_round_trips_byte_for_byte() {
     let back = SignedPolicy::from_text(&text).unwrap();
     assert_eq!(back, signed);
     assert_eq!(back.policy_text(), SOUTHVALE);
-    let p = back.verify(&area("southvale"), &key(1).verifying_key()).unwrap();
+    let p = back
+        .verify(&area("southvale"), &key(1).verifying_key())
+        .unwrap();
     assert_eq!(p, southvale());
 
     // (document, error)
     let bad = [
         ("", "first line"),
         ("fedref-signed-policy v2\n", "first line"),
-        ("fedref-signed-policy v1\nsigner: x", "no signature line"),
-        ("fedref-signed-policy v1\nsignr: x\nsignature: y\n\n", "second line"),
-        ("fedref-signed-policy v1\nsigner: ed25519:AAAA\nsignature: y\n\n", "public key is not 32 bytes"),
+        (
+            "fedref-signed-policy v1\nsigner: x",
+            "ends within the signer line",
+        ),
+        (
+            "fedref-signed-policy v1\nsignr: x\nsignature: y\n\n",
+            "second line",
+        ),
+        (
+            "fedref-signed-policy v1\nsigner: ed25519:AAAA\nsignature: y\n\n",
+            "public key is not 32 bytes",
+        ),
     ];
     for (doc, why) in bad {
         let e = SignedPolicy::from_text(doc).unwrap_err().to_string();

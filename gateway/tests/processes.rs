@@ -1,0 +1,246 @@
+//! The real binaries: `gateway run` processes on loopback, killed with
+//! SIGKILL mid-traffic, and the `client` CLI end to end.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use client::{Api, ClientConfig};
+use proto::{Body, Category, IdempotencyKey, Status, SubmitRequest};
+use tokio::process::{Child, Command};
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+
+/// The client binary, built beside the gateway binary (client has integration tests).
+fn client_bin() -> PathBuf {
+    let p = Path::new(GATEWAY).with_file_name("client");
+    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+/// The demo federation's files, written by the real `gateway dev --init-only`.
+struct Demo {
+    dir: tempfile::TempDir,
+    procs: Vec<Option<Child>>,
+}
+
+const AREAS: [&str; 3] = ["northshire", "southvale", "eastmoor"];
+
+impl Demo {
+    async fn new() -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(GATEWAY)
+            .args(["dev", "--init-only", "--base-port", "0", "--dir"])
+            .arg(dir.path())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "gateway dev failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Quick retries make the restart tests fast.
+        for area in AREAS {
+            let p = dir.path().join(area).join("gateway.toml");
+            let text = std::fs::read_to_string(&p).unwrap();
+            let text = text.replace("retry_initial = \"250ms\"\nretry_max = \"10s\"", "retry_initial = \"50ms\"\nretry_max = \"500ms\"");
+            let text = text.replace("[delivery]", "[limits]\nuser_requests_per_second = 100000\nuser_burst = 100000\n\n[delivery]");
+            std::fs::write(&p, text).unwrap();
+        }
+        let mut demo = Demo { dir, procs: vec![None, None, None] };
+        for i in 0..3 {
+            demo.start(i).await;
+        }
+        demo
+    }
+
+    fn area_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(AREAS[i])
+    }
+
+    fn user_config(&self, i: usize, user: &str) -> PathBuf {
+        self.area_dir(i).join("users").join(format!("{user}.toml"))
+    }
+
+    fn api(&self, i: usize, user: &str) -> Api {
+        Api::new(&ClientConfig::load(&self.user_config(i, user)).unwrap()).unwrap()
+    }
+
+    async fn start(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.area_dir(i).join("gateway.log"))
+            .unwrap();
+        let child = Command::new(GATEWAY)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(self.area_dir(i).join("gateway.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.procs[i] = Some(child);
+        // Ready when a user of the area gets an answer.
+        let user = ["alice", "dan", "hana"][i];
+        let api = self.api(i, user);
+        for _ in 0..200 {
+            if api.health().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway {} did not start; see {}", AREAS[i], self.area_dir(i).join("gateway.log").display());
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    async fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.procs[i].take() {
+            c.kill().await.unwrap();
+        }
+    }
+
+    fn count(&self, i: usize, sql: &str) -> i64 {
+        let db = self.area_dir(i).join("data").join("gateway.sqlite3");
+        let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+}
+
+async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_either_gateway_with_1000_in_flight_loses_and_duplicates_nothing() {
+    let mut demo = Demo::new().await;
+    let (a, b) = (0, 1);
+    let mut tasks = Vec::new();
+    for user in ["alice", "bob"] {
+        let api = demo.api(a, user);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..500 {
+                let m = SubmitRequest {
+                    idempotency_key: IdempotencyKey::new(format!("{user}-{i:05}")).unwrap(),
+                    recipient: "team:duty@southvale".parse().unwrap(),
+                    category: Category::new("relocation").unwrap(),
+                    urgent: false,
+                    body: Body(vec![b'k'; 512]),
+                };
+                // submit() retries with the same key while the gateway is down.
+                api.submit(&m).await.unwrap();
+            }
+        }));
+    }
+    // Kill the receiver twice and the sender once, while traffic flows.
+    for (threshold, victim) in [(250, b), (500, a), (750, b)] {
+        assert!(eventually(Duration::from_secs(120), || demo.count(a, "SELECT COUNT(*) FROM sent") >= threshold).await);
+        demo.kill(victim).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        demo.start(victim).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(120), || demo.count(b, "SELECT COUNT(*) FROM inbox") >= 1000).await,
+        "all 1000 messages must arrive"
+    );
+    assert!(eventually(Duration::from_secs(60), || demo.count(a, "SELECT COUNT(*) FROM outbox") == 0).await);
+    assert_eq!(demo.count(a, "SELECT COUNT(*) FROM sent"), 1000);
+    assert_eq!(demo.count(b, "SELECT COUNT(*) FROM inbox"), 1000);
+    assert_eq!(demo.count(a, "SELECT COUNT(*) FROM sent WHERE status = 'delivered'"), 1000);
+    // In order per sender.
+    let db = demo.area_dir(b).join("data").join("gateway.sqlite3");
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    for user in ["alice", "bob"] {
+        let mut stmt = conn.prepare("SELECT idem_key FROM inbox WHERE sender_user = ?1 ORDER BY seq").unwrap();
+        let keys: Vec<String> = stmt.query_map([user], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+        let expected: Vec<String> = (0..500).map(|i| format!("{user}-{i:05}")).collect();
+        assert!(keys == expected, "{user}: messages lost, duplicated or reordered");
+    }
+}
+
+async fn cli(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = Command::new(client_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        input.write_all(data).await.unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_team_referral_from_a_to_b_reaches_acknowledged() {
+    let mut demo = Demo::new().await;
+    let alice = demo.user_config(0, "alice");
+    let dan = demo.user_config(1, "dan");
+    let erin = demo.user_config(1, "erin");
+
+    let (code, out, err) = cli(&alice, &["send", "--to", "team:duty@southvale", "--category", "relocation", "--key", "cli-1"], Some(b"referral bytes")).await;
+    assert_eq!(code, 0, "{err}");
+    let id = out.split('\t').next().unwrap().to_owned();
+    assert_eq!(id.len(), 32, "{out}");
+
+    let (code, out, err) = cli(&dan, &["--json", "inbox", "--wait", "30"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let inbox: proto::InboxResponse = serde_json::from_str(&out).unwrap();
+    assert_eq!(inbox.messages.len(), 1);
+    assert_eq!(inbox.messages[0].envelope.message_id.as_str(), id);
+
+    let (code, out, err) = cli(&erin, &["fetch", &id], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "referral bytes");
+    let (code, _, err) = cli(&dan, &["ack", &id], None).await;
+    assert_eq!(code, 0, "{err}");
+
+    let mut status = None;
+    for _ in 0..100 {
+        let (code, out, err) = cli(&alice, &["--json", "status", &id], None).await;
+        assert_eq!(code, 0, "{err}");
+        let s: proto::StatusResponse = serde_json::from_str(&out).unwrap();
+        if s.status == Status::Acknowledged {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.expect("status reaches acknowledged at the sender");
+    assert_eq!(status.history.len(), 4);
+    assert_eq!(demo.count(1, "SELECT COUNT(*) FROM inbox"), 1);
+
+    // Resending with the same key sends nothing new.
+    let (code, out, _) = cli(&alice, &["send", "--to", "team:duty@southvale", "--category", "relocation", "--key", "cli-1"], Some(b"referral bytes")).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&id) && out.contains("nothing new"), "{out}");
+
+    // Exit codes scripts rely on.
+    let (code, _, err) = cli(&alice, &["send", "--to", "team:nobody@westfell", "--category", "update"], Some(b"x")).await;
+    assert_eq!(code, 4, "refused by the gateway: {err}");
+    assert!(err.contains("unknown") || err.contains("UnknownRecipient"), "{err}");
+    let (code, _, _) = cli(&dan, &["inbox", "--wait", "1"], None).await;
+    assert_eq!(code, 6, "an empty inbox after waiting");
+    demo.kill(0).await;
+    let (code, _, err) = cli(&alice, &["status", &id], None).await;
+    assert_eq!(code, 5, "gateway unreachable: {err}");
+}
