@@ -123,7 +123,10 @@ impl ClientCertVerifier for AreaPinnedClientVerifier {
 
 /// A gateway's server configuration: its own certificate, and mandatory client
 /// certificates verified per area (see the crate docs).
-pub fn server_config(own: &Credentials, trust: &ServerTrust) -> Result<Arc<ServerConfig>, CertError> {
+pub fn server_config(
+    own: &Credentials,
+    trust: &ServerTrust,
+) -> Result<Arc<ServerConfig>, CertError> {
     let provider = provider();
     let mut by_area: HashMap<AreaId, Arc<dyn ClientCertVerifier>> = HashMap::new();
     let mut hints = Vec::new();
@@ -136,7 +139,9 @@ pub fn server_config(own: &Credentials, trust: &ServerTrust) -> Result<Arc<Serve
             .build()
             .map_err(|e| CertError::Verifier(format!("area {area}: {e}")))?;
         if by_area.insert(area.clone(), v).is_some() {
-            return Err(CertError::Verifier(format!("area {area} is configured twice")));
+            return Err(CertError::Verifier(format!(
+                "area {area} is configured twice"
+            )));
         }
     }
     let any = by_area
@@ -174,9 +179,13 @@ impl ServerCertVerifier for PinnedGatewayVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified =
-            self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         match identity_of_cert(end_entity) {
             Ok(Identity::Gateway(area)) if area == self.area => Ok(verified),
             Ok(other) => Err(refuse(format!(
@@ -245,6 +254,9 @@ pub fn user_client_config(
 /// A gateway's client configuration for one federation peer: presents the
 /// gateway's certificate and accepts only `spiffe://<peer>/gateway` under the
 /// peer's pinned CA.
-pub fn gateway_client_config(own: &Credentials, peer: &PeerTrust) -> Result<ClientConfig, CertError> {
+pub fn gateway_client_config(
+    own: &Credentials,
+    peer: &PeerTrust,
+) -> Result<ClientConfig, CertError> {
     client_config(own, &peer.area, &peer.cas)
 }

@@ -84,7 +84,9 @@ pub fn identity_of_cert(der: &[u8]) -> Result<Identity, CertError> {
             }
         }
     }
-    found.ok_or_else(|| CertError::BadIdentity("no spiffe:// URI in subject alternative names".into()))
+    found.ok_or_else(|| {
+        CertError::BadIdentity("no spiffe:// URI in subject alternative names".into())
+    })
 }
 
 /// A TLS peer whose certificate chain was verified against the CA pinned to

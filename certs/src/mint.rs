@@ -75,7 +75,10 @@ impl Ca {
             .push(DnType::CommonName, format!("{area} referral gateway CA"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        window(&mut params, Validity::For(Duration::from_secs(10 * 365 * 86_400)));
+        window(
+            &mut params,
+            Validity::For(Duration::from_secs(10 * 365 * 86_400)),
+        );
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         let pem = PemPair {

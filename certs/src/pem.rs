@@ -71,5 +71,6 @@ pub fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>
 
 /// Parses the first private key in PEM text; `what` names it in errors.
 pub fn parse_key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, CertError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| CertError::NoKey { what: what.into() })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| CertError::NoKey { what: what.into() })
 }

@@ -82,7 +82,10 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// Reads a configuration file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<ClientConfig, ClientError> {
-        let err = |message: String| ClientError::Config { path: path.to_owned(), message };
+        let err = |message: String| ClientError::Config {
+            path: path.to_owned(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let mut c: ClientConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -138,23 +141,42 @@ impl Api {
             .timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| ClientError::Transport(describe(&e)))?;
-        Ok(Api { http, base: gateway.trim_end_matches('/').to_owned() })
+        Ok(Api {
+            http,
+            base: gateway.trim_end_matches('/').to_owned(),
+        })
     }
 
-    async fn answer<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+    async fn answer<T: serde::de::DeserializeOwned>(
+        resp: reqwest::Response,
+    ) -> Result<T, ClientError> {
         let status = resp.status();
         if status.is_success() {
-            return resp.json().await.map_err(|e| ClientError::Decode(describe(&e)));
+            return resp
+                .json()
+                .await
+                .map_err(|e| ClientError::Decode(describe(&e)));
         }
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let text = resp.text().await.map_err(|e| ClientError::Transport(describe(&e)))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Transport(describe(&e)))?;
         match serde_json::from_str::<ApiError>(&text) {
-            Ok(e) => Err(ClientError::Api { status: status.as_u16(), code: e.error, message: e.message, retry_after }),
-            Err(_) => Err(ClientError::Decode(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()))),
+            Ok(e) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: e.error,
+                message: e.message,
+                retry_after,
+            }),
+            Err(_) => Err(ClientError::Decode(format!(
+                "HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            ))),
         }
     }
 
@@ -169,7 +191,11 @@ impl Api {
     }
 
     /// Sends raw bytes as a submission body. For tests of malformed input.
-    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<serde_json::Value, ClientError> {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
         let resp = self
             .http
             .post(format!("{}{path}", self.base))
@@ -205,10 +231,16 @@ impl Api {
                 Err(e) => e,
             };
             let wait = match &err {
-                ClientError::Api { code: ErrorCode::RateLimited, retry_after, .. } => {
-                    Duration::from_secs(retry_after.unwrap_or(1))
+                ClientError::Api {
+                    code: ErrorCode::RateLimited,
+                    retry_after,
+                    ..
+                } => Duration::from_secs(retry_after.unwrap_or(1)),
+                ClientError::Api {
+                    code: ErrorCode::Unavailable | ErrorCode::Internal,
+                    ..
                 }
-                ClientError::Api { code: ErrorCode::Unavailable | ErrorCode::Internal, .. } | ClientError::Transport(_) => delay,
+                | ClientError::Transport(_) => delay,
                 _ => return Err(err),
             };
             if tokio::time::Instant::now() + wait > deadline {
@@ -221,7 +253,8 @@ impl Api {
 
     /// Lists the inbox; when it is empty, waits up to `wait` for a message.
     pub async fn inbox(&self, wait: Duration) -> Result<InboxResponse, ClientError> {
-        self.get(&format!("/v1/inbox?wait={}", wait.as_secs())).await
+        self.get(&format!("/v1/inbox?wait={}", wait.as_secs()))
+            .await
     }
 
     /// Fetches one message (marks it fetched).
@@ -231,7 +264,9 @@ impl Api {
 
     /// Acknowledges a message.
     pub async fn ack(&self, id: &MessageId) -> Result<Status, ClientError> {
-        let v: serde_json::Value = self.post_raw(&format!("/v1/messages/{id}/ack"), Vec::new()).await?;
+        let v: serde_json::Value = self
+            .post_raw(&format!("/v1/messages/{id}/ack"), Vec::new())
+            .await?;
         serde_json::from_value(v.get("status").cloned().unwrap_or_default())
             .map_err(|e| ClientError::Decode(e.to_string()))
     }

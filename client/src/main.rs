@@ -105,11 +105,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLIENT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("CLIENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -142,9 +146,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     match cli.command {
-        Command::Send { to, category, urgent, key, file } => {
+        Command::Send {
+            to,
+            category,
+            urgent,
+            key,
+            file,
+        } => {
             let body = match file {
-                Some(f) => std::fs::read(&f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+                Some(f) => std::fs::read(&f)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
                 None => {
                     let mut b = Vec::new();
                     std::io::stdin().read_to_end(&mut b)?;
@@ -155,12 +166,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(k) => k,
                 None => IdempotencyKey::new(hex::encode(rand::random::<[u8; 16]>()))?,
             };
-            let req = SubmitRequest { idempotency_key: key.clone(), recipient: to, category, urgent, body: Body(body) };
+            let req = SubmitRequest {
+                idempotency_key: key.clone(),
+                recipient: to,
+                category,
+                urgent,
+                body: Body(body),
+            };
             let r = api.submit(&req).await?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                let dup = if r.duplicate { " (already sent with this key; nothing new sent)" } else { "" };
+                let dup = if r.duplicate {
+                    " (already sent with this key; nothing new sent)"
+                } else {
+                    ""
+                };
                 println!("{}\t{}\tkey={key}{dup}", r.message_id, r.status);
             }
         }
@@ -174,7 +195,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch { id, out } => {
             let r = api.fetch(&id).await?;
             match out {
-                Some(path) => std::fs::write(&path, &r.body.0).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+                Some(path) => std::fs::write(&path, &r.body.0)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
                 None if json => println!("{}", serde_json::to_string(&r)?),
                 None => std::io::stdout().write_all(&r.body.0)?,
             }
@@ -193,7 +215,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ack { id } => {
             let status = api.ack(&id).await?;
             if json {
-                println!("{}", serde_json::json!({ "message_id": id, "status": status }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "message_id": id, "status": status })
+                );
             } else {
                 println!("{id}\t{status}");
             }
@@ -245,7 +270,11 @@ mod erased {
             let mut out = format!("{} to {}: {}", self.message_id, self.recipient, self.status);
             for ev in &self.history {
                 let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ev.at_ms);
-                out.push_str(&format!("\n  {:<13} {}", ev.status.as_str(), humantime::format_rfc3339_millis(at)));
+                out.push_str(&format!(
+                    "\n  {:<13} {}",
+                    ev.status.as_str(),
+                    humantime::format_rfc3339_millis(at)
+                ));
                 if let Some(r) = &ev.reason {
                     out.push_str(&format!(" — {r}"));
                 }

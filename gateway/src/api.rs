@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use certs::{Identity, VerifiedPeer};
 use proto::{
-    ApiError, ErrorCode, Envelope, FederationBatch, FederationBatchResponse, FederationItem,
+    ApiError, Envelope, ErrorCode, FederationBatch, FederationBatchResponse, FederationItem,
     InboxResponse, ItemResult, MessageId, Recipient, Sender, SubmitRequest, SubmitResponse,
 };
 use serde::Deserialize;
@@ -35,7 +35,12 @@ pub(crate) struct Failure {
 
 impl Failure {
     fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { status, code, message: message.into(), retry_after: None }
+        Failure {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     fn forbidden(message: impl Into<String>) -> Failure {
@@ -48,13 +53,20 @@ impl Failure {
 
     fn internal(e: impl std::fmt::Display) -> Failure {
         tracing::error!(error = %e, "internal error");
-        Failure::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "internal error; nothing was changed")
+        Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "internal error; nothing was changed",
+        )
     }
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let body = Json(ApiError { error: self.code, message: self.message });
+        let body = Json(ApiError {
+            error: self.code,
+            message: self.message,
+        });
         let mut resp = (self.status, body).into_response();
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
@@ -73,24 +85,44 @@ impl From<crate::store::StoreError> for Failure {
 }
 
 /// Parses a JSON body, mapping size and syntax problems to typed errors.
-fn parse_json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Failure> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Failure> {
     let bytes = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Failure::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, "request body is too large")
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                "request body is too large",
+            )
         } else {
-            Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, rej.body_text())
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::MalformedRequest,
+                rej.body_text(),
+            )
         }
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, format!("malformed JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedRequest,
+            format!("malformed JSON: {e}"),
+        )
+    })
 }
 
 /// Builds the router.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let user_limit = shared.config.limits.max_body_bytes.saturating_mul(4) / 3 + 64 * 1024;
-    let federation_limit = user_limit.saturating_mul(2).max(crate::federation::BATCH_MAX_BYTES * 2);
+    let federation_limit = user_limit
+        .saturating_mul(2)
+        .max(crate::federation::BATCH_MAX_BYTES * 2);
     Router::new()
-        .route("/v1/messages", post(submit).layer(DefaultBodyLimit::max(user_limit)))
+        .route(
+            "/v1/messages",
+            post(submit).layer(DefaultBodyLimit::max(user_limit)),
+        )
         .route("/v1/inbox", get(inbox))
         .route("/v1/messages/{id}", get(fetch))
         .route("/v1/messages/{id}/ack", post(ack))
@@ -108,38 +140,59 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 
 /// The calling user and their mailbox, or Forbidden.
 fn user_of(shared: &Shared, peer: &VerifiedPeer) -> Result<(Sender, Mailbox), Failure> {
-    let sender = peer
-        .as_sender()
-        .ok_or_else(|| Failure::forbidden("this endpoint is for users; gateways use /v1/federation"))?;
+    let sender = peer.as_sender().ok_or_else(|| {
+        Failure::forbidden("this endpoint is for users; gateways use /v1/federation")
+    })?;
     if shared.directory.user(&sender.user).is_none() {
-        return Err(Failure::forbidden(format!("{peer} is not in this area's directory")));
+        return Err(Failure::forbidden(format!(
+            "{peer} is not in this area's directory"
+        )));
     }
-    let mb = Mailbox { user: sender.user.clone(), teams: shared.directory.teams_of(&sender.user) };
+    let mb = Mailbox {
+        user: sender.user.clone(),
+        teams: shared.directory.teams_of(&sender.user),
+    };
     shared.limit_user(&sender.user)?;
     Ok((sender, mb))
 }
 
 impl Shared {
     fn limit_user(&self, user: &proto::UserId) -> Result<(), Failure> {
-        self.users_limiter.check_key(&user.to_string()).map_err(|not_until| {
-            self.metrics.rate_limited.inc();
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-            Failure {
-                retry_after: Some(wait),
-                ..Failure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, "too many requests")
-            }
-        })
+        self.users_limiter
+            .check_key(&user.to_string())
+            .map_err(|not_until| {
+                self.metrics.rate_limited.inc();
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                Failure {
+                    retry_after: Some(wait),
+                    ..Failure::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::RateLimited,
+                        "too many requests",
+                    )
+                }
+            })
     }
 
     fn limit_peer(&self, area: &proto::AreaId) -> Result<(), Failure> {
-        self.peers_limiter.check_key(&area.to_string()).map_err(|not_until| {
-            self.metrics.rate_limited.inc();
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-            Failure {
-                retry_after: Some(wait),
-                ..Failure::new(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, "too many requests")
-            }
-        })
+        self.peers_limiter
+            .check_key(&area.to_string())
+            .map_err(|not_until| {
+                self.metrics.rate_limited.inc();
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                Failure {
+                    retry_after: Some(wait),
+                    ..Failure::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::RateLimited,
+                        "too many requests",
+                    )
+                }
+            })
     }
 }
 
@@ -154,7 +207,11 @@ async fn submit(
         return Err(Failure::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::PayloadTooLarge,
-            format!("body is {} bytes; this gateway accepts at most {}", req.body.len(), shared.config.limits.max_body_bytes),
+            format!(
+                "body is {} bytes; this gateway accepts at most {}",
+                req.body.len(),
+                shared.config.limits.max_body_bytes
+            ),
         ));
     }
     let route = route_for(&shared, &req.recipient)?;
@@ -168,11 +225,16 @@ async fn submit(
         urgent: req.urgent,
         content_hash: req.body.hash(),
         accepted_at_ms: now,
-        expires_at_ms: now.saturating_add(shared.config.delivery.message_validity.as_millis() as u64),
+        expires_at_ms: now
+            .saturating_add(shared.config.delivery.message_validity.as_millis() as u64),
     };
     let outcome = shared
         .store
-        .submit(NewMessage { envelope: envelope.clone(), body: req.body, route: route.clone() })
+        .submit(NewMessage {
+            envelope: envelope.clone(),
+            body: req.body,
+            route: route.clone(),
+        })
         .await?;
     match outcome {
         SubmitOutcome::Stored(message_id, status) => {
@@ -208,7 +270,10 @@ fn route_for(shared: &Shared, to: &Recipient) -> Result<Route, Failure> {
     } else if shared.config.peer(&to.area).is_some() {
         Ok(Route::Peer(to.area.clone()))
     } else {
-        Err(unknown(format!("area {} is not a federation peer of {}", to.area, shared.config.area)))
+        Err(unknown(format!(
+            "area {} is not a federation peer of {}",
+            to.area, shared.config.area
+        )))
     }
 }
 
@@ -225,7 +290,13 @@ async fn inbox(
     query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<InboxResponse>, Failure> {
     let (_, mb) = user_of(&shared, &peer)?;
-    let Query(q) = query.map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, e.body_text()))?;
+    let Query(q) = query.map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedRequest,
+            e.body_text(),
+        )
+    })?;
     let wait = Duration::from_secs(q.wait).min(shared.config.limits.max_inbox_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let mut changed = shared.inbox_tx.subscribe();
@@ -283,7 +354,9 @@ async fn ack(
     }
     shared.inbox_changed();
     tracing::info!(message_id = %id, "acknowledged");
-    Ok(Json(serde_json::json!({ "message_id": id, "status": status })))
+    Ok(Json(
+        serde_json::json!({ "message_id": id, "status": status }),
+    ))
 }
 
 async fn status(
@@ -314,7 +387,12 @@ async fn federation_batch(
 ) -> Result<Json<FederationBatchResponse>, Failure> {
     let area = match peer.identity() {
         Identity::Gateway(a) if shared.config.peer(a).is_some() => a.clone(),
-        _ => return Err(Failure::forbidden(format!("{peer} is not a federation peer of {}", shared.config.area))),
+        _ => {
+            return Err(Failure::forbidden(format!(
+                "{peer} is not a federation peer of {}",
+                shared.config.area
+            )))
+        }
     };
     shared.limit_peer(&area)?;
     let batch: FederationBatch = parse_json(body)?;
@@ -355,32 +433,69 @@ async fn federation_batch(
     }
     let results = results
         .into_iter()
-        .map(|r| r.unwrap_or(ItemResult::Rejected { code: ErrorCode::Internal, reason: "not processed".into() }))
+        .map(|r| {
+            r.unwrap_or(ItemResult::Rejected {
+                code: ErrorCode::Internal,
+                reason: "not processed".into(),
+            })
+        })
         .collect();
     Ok(Json(FederationBatchResponse { results }))
 }
 
-fn check_item(shared: &Shared, peer: &proto::AreaId, item: FederationItem) -> Result<Incoming, ItemResult> {
+fn check_item(
+    shared: &Shared,
+    peer: &proto::AreaId,
+    item: FederationItem,
+) -> Result<Incoming, ItemResult> {
     let reject = |code, reason: String| ItemResult::Rejected { code, reason };
     match item {
         FederationItem::Deliver { envelope, body } => {
             if &envelope.sender.area != peer {
-                return Err(reject(ErrorCode::Forbidden, format!("sender area {} is not your area", envelope.sender.area)));
+                return Err(reject(
+                    ErrorCode::Forbidden,
+                    format!("sender area {} is not your area", envelope.sender.area),
+                ));
             }
             if envelope.recipient.area != shared.config.area {
-                return Err(reject(ErrorCode::UnknownRecipient, format!("recipient area {} is not {}", envelope.recipient.area, shared.config.area)));
+                return Err(reject(
+                    ErrorCode::UnknownRecipient,
+                    format!(
+                        "recipient area {} is not {}",
+                        envelope.recipient.area, shared.config.area
+                    ),
+                ));
             }
             if !shared.directory.has_target(&envelope.recipient.target) {
-                return Err(reject(ErrorCode::UnknownRecipient, format!("{} is not in the directory of {}", envelope.recipient, shared.config.area)));
+                return Err(reject(
+                    ErrorCode::UnknownRecipient,
+                    format!(
+                        "{} is not in the directory of {}",
+                        envelope.recipient, shared.config.area
+                    ),
+                ));
             }
             if body.len() > shared.config.limits.max_body_bytes {
-                return Err(reject(ErrorCode::PayloadTooLarge, format!("body is larger than {} bytes", shared.config.limits.max_body_bytes)));
+                return Err(reject(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "body is larger than {} bytes",
+                        shared.config.limits.max_body_bytes
+                    ),
+                ));
             }
             if body.hash() != envelope.content_hash {
-                return Err(reject(ErrorCode::Rejected, "body does not match the envelope's content hash".into()));
+                return Err(reject(
+                    ErrorCode::Rejected,
+                    "body does not match the envelope's content hash".into(),
+                ));
             }
             Ok(Incoming::Deliver(envelope, body))
         }
-        FederationItem::Status { message_id, status, at_ms } => Ok(Incoming::Status(message_id, status, at_ms)),
+        FederationItem::Status {
+            message_id,
+            status,
+            at_ms,
+        } => Ok(Incoming::Status(message_id, status, at_ms)),
     }
 }

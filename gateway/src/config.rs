@@ -215,7 +215,10 @@ impl Directory {
 
     /// The teams a user belongs to.
     pub fn teams_of(&self, id: &UserId) -> Vec<TeamId> {
-        self.users.get(id).map(|u| u.teams.clone()).unwrap_or_default()
+        self.users
+            .get(id)
+            .map(|u| u.teams.clone())
+            .unwrap_or_default()
     }
 
     /// Whether a recipient target exists here.

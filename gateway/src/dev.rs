@@ -32,32 +32,82 @@ pub enum DevError {
 }
 
 /// A user of the demo: (id, organisation, role, teams).
-type DemoUser = (&'static str, &'static str, &'static str, &'static [&'static str]);
+type DemoUser = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
 
 /// The demo areas and their directories.
 const AREAS: &[(&str, &[DemoUser])] = &[
     (
         "northshire",
         &[
-            ("alice", "northshire-childrens-services", "social-worker", &["children-social-care"]),
-            ("bob", "northshire-police", "police-officer", &["exploitation-unit"]),
-            ("carol", "northshire-health", "school-nurse", &["health-safeguarding"]),
+            (
+                "alice",
+                "northshire-childrens-services",
+                "social-worker",
+                &["children-social-care"],
+            ),
+            (
+                "bob",
+                "northshire-police",
+                "police-officer",
+                &["exploitation-unit"],
+            ),
+            (
+                "carol",
+                "northshire-health",
+                "school-nurse",
+                &["health-safeguarding"],
+            ),
         ],
     ),
     (
         "southvale",
         &[
-            ("dan", "southvale-childrens-services", "duty-social-worker", &["duty"]),
-            ("erin", "southvale-childrens-services", "duty-social-worker", &["duty"]),
-            ("farah", "southvale-childrens-services", "team-manager", &["duty"]),
-            ("gita", "southvale-police", "police-officer", &["exploitation-unit"]),
+            (
+                "dan",
+                "southvale-childrens-services",
+                "duty-social-worker",
+                &["duty"],
+            ),
+            (
+                "erin",
+                "southvale-childrens-services",
+                "duty-social-worker",
+                &["duty"],
+            ),
+            (
+                "farah",
+                "southvale-childrens-services",
+                "team-manager",
+                &["duty"],
+            ),
+            (
+                "gita",
+                "southvale-police",
+                "police-officer",
+                &["exploitation-unit"],
+            ),
         ],
     ),
     (
         "eastmoor",
         &[
-            ("hana", "eastmoor-childrens-services", "social-worker", &["duty"]),
-            ("ivan", "eastmoor-police", "police-officer", &["exploitation-unit"]),
+            (
+                "hana",
+                "eastmoor-childrens-services",
+                "social-worker",
+                &["duty"],
+            ),
+            (
+                "ivan",
+                "eastmoor-police",
+                "police-officer",
+                &["exploitation-unit"],
+            ),
         ],
     ),
 ];
@@ -81,17 +131,29 @@ pub fn demo_areas(base_port: u16) -> Vec<AreaSpec> {
         .enumerate()
         .map(|(i, (area, users))| AreaSpec {
             area: (*area).to_owned(),
-            port: if base_port == 0 { free_port() } else { base_port.saturating_add(i as u16) },
+            port: if base_port == 0 {
+                free_port()
+            } else {
+                base_port.saturating_add(i as u16)
+            },
             users: users
                 .iter()
-                .map(|(u, o, r, t)| ((*u).into(), (*o).into(), (*r).into(), t.iter().map(|t| (*t).into()).collect()))
+                .map(|(u, o, r, t)| {
+                    (
+                        (*u).into(),
+                        (*o).into(),
+                        (*r).into(),
+                        t.iter().map(|t| (*t).into()).collect(),
+                    )
+                })
                 .collect(),
         })
         .collect()
 }
 
 /// The `[delivery]` section the demo uses.
-pub const DEMO_SETTINGS: &str = "[delivery]\nmessage_validity = \"5d\"\nretry_initial = \"250ms\"\nretry_max = \"10s\"\n";
+pub const DEMO_SETTINGS: &str =
+    "[delivery]\nmessage_validity = \"5d\"\nretry_initial = \"250ms\"\nretry_max = \"10s\"\n";
 
 /// What [`init`] produced.
 #[derive(Debug, Clone)]
@@ -105,7 +167,10 @@ pub struct DevFederation {
 fn write(path: &Path, contents: &str, secret: bool) -> Result<(), DevError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let io = |source| DevError::Io { path: path.to_owned(), source };
+    let io = |source| DevError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
@@ -145,8 +210,16 @@ pub fn init(dir: &Path, base_port: u16) -> Result<DevFederation, DevError> {
 /// peer, and per user a certificate and client configuration
 /// (`<area>/users/<user>.{crt,key,toml}`). An area whose configuration
 /// exists already is reused as it is.
-pub fn write_federation(dir: &Path, areas: &[AreaSpec], settings: &str, metrics: bool) -> Result<DevFederation, DevError> {
-    let mut out = DevFederation { gateway_configs: Vec::new(), clients: Vec::new() };
+pub fn write_federation(
+    dir: &Path,
+    areas: &[AreaSpec],
+    settings: &str,
+    metrics: bool,
+) -> Result<DevFederation, DevError> {
+    let mut out = DevFederation {
+        gateway_configs: Vec::new(),
+        clients: Vec::new(),
+    };
     let year = Validity::For(std::time::Duration::from_secs(365 * 86_400));
     for spec in areas {
         let area = &spec.area;
@@ -156,14 +229,22 @@ pub fn write_federation(dir: &Path, areas: &[AreaSpec], settings: &str, metrics:
         if !config_path.exists() {
             let ca = Ca::new(&area_id)?;
             write_pair(&adir.join("ca"), "ca", ca.pem())?;
-            write_pair(&adir, "gateway", &ca.issue(&Identity::Gateway(area_id.clone()), year)?)?;
+            write_pair(
+                &adir,
+                "gateway",
+                &ca.issue(&Identity::Gateway(area_id.clone()), year)?,
+            )?;
             let mut toml = format!(
                 "# Gateway of the area {area}. Generated by `gateway dev`.\n\
                  area = \"{area}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"data\"\n",
                 spec.port
             );
             if metrics {
-                let _ = writeln!(toml, "metrics_listen = \"127.0.0.1:{}\"", spec.port.saturating_add(100));
+                let _ = writeln!(
+                    toml,
+                    "metrics_listen = \"127.0.0.1:{}\"",
+                    spec.port.saturating_add(100)
+                );
             }
             let _ = write!(toml, "\n[tls]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\nca = \"ca/ca.crt\"\n\n{settings}");
             for peer in areas.iter().filter(|p| p.area != spec.area) {
@@ -182,7 +263,11 @@ pub fn write_federation(dir: &Path, areas: &[AreaSpec], settings: &str, metrics:
                 );
                 let uid = UserId::new(user.as_str())?;
                 let udir = adir.join("users");
-                write_pair(&udir, user, &ca.issue(&Identity::User(area_id.clone(), uid), year)?)?;
+                write_pair(
+                    &udir,
+                    user,
+                    &ca.issue(&Identity::User(area_id.clone(), uid), year)?,
+                )?;
                 write(
                     &udir.join(format!("{user}.toml")),
                     &format!(
@@ -198,7 +283,11 @@ pub fn write_federation(dir: &Path, areas: &[AreaSpec], settings: &str, metrics:
         }
         out.gateway_configs.push(config_path);
         for (user, ..) in &spec.users {
-            out.clients.push((area_id.clone(), UserId::new(user.as_str())?, adir.join("users").join(format!("{user}.toml"))));
+            out.clients.push((
+                area_id.clone(),
+                UserId::new(user.as_str())?,
+                adir.join("users").join(format!("{user}.toml")),
+            ));
         }
     }
     Ok(out)

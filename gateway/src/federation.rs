@@ -45,7 +45,12 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 /// Runs one peer's worker until shutdown.
-pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, client: reqwest::Client, wake: Arc<Notify>) {
+pub(crate) async fn peer_worker(
+    shared: Arc<Shared>,
+    peer: PeerConfig,
+    client: reqwest::Client,
+    wake: Arc<Notify>,
+) {
     let delivery = shared.config.delivery.clone();
     let url = format!("{}/v1/federation/batch", peer.url.trim_end_matches('/'));
     let mut stop = shared.stop.subscribe();
@@ -59,17 +64,31 @@ pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, client: r
             "not delivered to {} within its validity of {}{}",
             peer.area,
             humantime::format_duration(delivery.message_validity),
-            last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+            last_error
+                .as_deref()
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
         );
-        match shared.store.expire(peer.area.clone(), now_ms(), reason).await {
+        match shared
+            .store
+            .expire(peer.area.clone(), now_ms(), reason)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => {
                 shared.metrics.undeliverable.add(n as u64);
-                tracing::warn!(count = n, "messages expired undelivered; their senders are told");
+                tracing::warn!(
+                    count = n,
+                    "messages expired undelivered; their senders are told"
+                );
             }
             Err(e) => tracing::error!(error = %e, "expiring messages failed"),
         }
-        let batch = match shared.store.queued(peer.area.clone(), delivery.batch_max_items).await {
+        let batch = match shared
+            .store
+            .queued(peer.area.clone(), delivery.batch_max_items)
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "reading the queue failed");
@@ -97,7 +116,12 @@ pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, client: r
             take += 1;
         }
         let batch = &batch[..take];
-        let result = send(&client, &url, batch.iter().map(|q| q.item.clone()).collect()).await;
+        let result = send(
+            &client,
+            &url,
+            batch.iter().map(|q| q.item.clone()).collect(),
+        )
+        .await;
         match result {
             Ok(answer) => {
                 backoff = delivery.retry_initial;
@@ -106,17 +130,27 @@ pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, client: r
                 }
                 let mut verdicts = Vec::with_capacity(batch.len());
                 for (q, r) in batch.iter().zip(answer.results) {
-                    verdicts.push((q.seq, match r {
-                        ItemResult::Stored | ItemResult::Duplicate => Sent::Accepted,
-                        ItemResult::Rejected { code, reason } => {
-                            tracing::warn!(?code, %reason, "peer refused an item");
-                            shared.metrics.undeliverable.inc();
-                            Sent::Refused(reason)
-                        }
-                    }));
+                    verdicts.push((
+                        q.seq,
+                        match r {
+                            ItemResult::Stored | ItemResult::Duplicate => Sent::Accepted,
+                            ItemResult::Rejected { code, reason } => {
+                                tracing::warn!(?code, %reason, "peer refused an item");
+                                shared.metrics.undeliverable.inc();
+                                Sent::Refused(reason)
+                            }
+                        },
+                    ));
                 }
-                shared.metrics.federation_items_sent.add(verdicts.len() as u64);
-                if let Err(e) = shared.store.sent(peer.area.clone(), verdicts, now_ms()).await {
+                shared
+                    .metrics
+                    .federation_items_sent
+                    .add(verdicts.len() as u64);
+                if let Err(e) = shared
+                    .store
+                    .sent(peer.area.clone(), verdicts, now_ms())
+                    .await
+                {
                     tracing::error!(error = %e, "recording a delivered batch failed; it will be resent and deduplicated");
                 }
             }
@@ -147,7 +181,11 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms))
 }
 
-async fn send(client: &reqwest::Client, url: &str, items: Vec<FederationItem>) -> Result<FederationBatchResponse, SendError> {
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    items: Vec<FederationItem>,
+) -> Result<FederationBatchResponse, SendError> {
     let n = items.len();
     let resp = client
         .post(url)
@@ -168,9 +206,15 @@ async fn send(client: &reqwest::Client, url: &str, items: Vec<FederationItem>) -
     if !status.is_success() {
         return Err(SendError::Status(status.as_u16()));
     }
-    let answer: FederationBatchResponse = resp.json().await.map_err(|e| SendError::BadAnswer(describe(&e)))?;
+    let answer: FederationBatchResponse = resp
+        .json()
+        .await
+        .map_err(|e| SendError::BadAnswer(describe(&e)))?;
     if answer.results.len() != n {
-        return Err(SendError::BadAnswer(format!("{} results for {n} items", answer.results.len())));
+        return Err(SendError::BadAnswer(format!(
+            "{} results for {n} items",
+            answer.results.len()
+        )));
     }
     Ok(answer)
 }

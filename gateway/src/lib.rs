@@ -76,7 +76,10 @@ pub enum GatewayError {
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// State shared by the accept loop, the handlers and the peer workers.
@@ -121,7 +124,10 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway").field("area", &self.shared.config.area).field("addr", &self.addr).finish()
+        f.debug_struct("Gateway")
+            .field("area", &self.shared.config.area)
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -132,15 +138,29 @@ impl Gateway {
         let own = Credentials::load(&config.tls.cert, &config.tls.key)?;
         let mut peers = Vec::new();
         for p in &config.peers {
-            peers.push(PeerTrust { area: p.area.clone(), cas: certs::load_certs(&p.ca)? });
+            peers.push(PeerTrust {
+                area: p.area.clone(),
+                cas: certs::load_certs(&p.ca)?,
+            });
         }
-        let trust = ServerTrust { own_area: config.area.clone(), own_cas: certs::load_certs(&config.tls.ca)?, peers: peers.clone() };
+        let trust = ServerTrust {
+            own_area: config.area.clone(),
+            own_cas: certs::load_certs(&config.tls.ca)?,
+            peers: peers.clone(),
+        };
         let server_config = certs::server_config(&own, &trust)?;
         let store = SqliteStore::open(&config.data_dir, config.area.clone())?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| GatewayError::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| GatewayError::Bind { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
 
         let mut clients = Vec::new();
         let mut wakers = HashMap::new();
@@ -152,7 +172,10 @@ impl Gateway {
                 .connect_timeout(Duration::from_secs(10))
                 .pool_idle_timeout(Duration::from_secs(90))
                 .build()
-                .map_err(|e| GatewayError::PeerClient { peer: p.area.clone(), message: e.to_string() })?;
+                .map_err(|e| GatewayError::PeerClient {
+                    peer: p.area.clone(),
+                    message: e.to_string(),
+                })?;
             let wake = Arc::new(Notify::new());
             wakers.insert(p.area.clone(), wake.clone());
             clients.push((p.clone(), client, wake));
@@ -160,8 +183,14 @@ impl Gateway {
         let limits = &config.limits;
         let shared = Arc::new(Shared {
             directory: Directory::new(&config.users),
-            users_limiter: RateLimiter::keyed(quota(limits.user_requests_per_second, limits.user_burst)),
-            peers_limiter: RateLimiter::keyed(quota(limits.peer_requests_per_second, limits.peer_burst)),
+            users_limiter: RateLimiter::keyed(quota(
+                limits.user_requests_per_second,
+                limits.user_burst,
+            )),
+            peers_limiter: RateLimiter::keyed(quota(
+                limits.peer_requests_per_second,
+                limits.peer_burst,
+            )),
             store,
             inbox_tx: watch::channel(0).0,
             wakers,
@@ -173,20 +202,35 @@ impl Gateway {
         let mut tasks = JoinSet::new();
         for (peer, client, wake) in clients {
             let span = tracing::info_span!("peer", peer = %peer.area);
-            tasks.spawn(federation::peer_worker(shared.clone(), peer, client, wake).instrument(span));
+            tasks.spawn(
+                federation::peer_worker(shared.clone(), peer, client, wake).instrument(span),
+            );
         }
         let metrics_addr = match shared.config.metrics_listen {
             Some(a) => {
-                let l = TcpListener::bind(a).await.map_err(|source| GatewayError::Bind { addr: a, source })?;
-                let bound = l.local_addr().map_err(|source| GatewayError::Bind { addr: a, source })?;
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|source| GatewayError::Bind { addr: a, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| GatewayError::Bind { addr: a, source })?;
                 tasks.spawn(serve_metrics(shared.clone(), l));
                 Some(bound)
             }
             None => None,
         };
-        tasks.spawn(accept_loop(shared.clone(), listener, tokio_rustls::TlsAcceptor::from(server_config)));
+        tasks.spawn(accept_loop(
+            shared.clone(),
+            listener,
+            tokio_rustls::TlsAcceptor::from(server_config),
+        ));
         tracing::info!(area = %shared.config.area, %addr, peers = shared.config.peers.len(), users = shared.config.users.len(), "gateway started");
-        Ok(Gateway { addr, metrics_addr, shared, tasks })
+        Ok(Gateway {
+            addr,
+            metrics_addr,
+            shared,
+            tasks,
+        })
     }
 
     /// The address the gateway listens on (useful with port 0).
@@ -209,7 +253,10 @@ impl Gateway {
     pub async fn shutdown(mut self) {
         let _ = self.shared.stop.send(true);
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(15), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(15), drain)
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown: tasks did not finish in time; aborting them");
             self.tasks.abort_all();
         }
@@ -218,14 +265,21 @@ impl Gateway {
 }
 
 /// Runs a gateway until `shutdown` resolves, then stops it gracefully.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), GatewayError> {
     let gw = Gateway::start(config).await?;
     shutdown.await;
     gw.shutdown().await;
     Ok(())
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
     let router = api::router(shared.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shared.stop.subscribe();
@@ -247,19 +301,20 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio
         let shared = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    shared.metrics.tls_failures.inc();
-                    tracing::info!(%remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    shared.metrics.tls_failures.inc();
-                    tracing::info!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        shared.metrics.tls_failures.inc();
+                        tracing::info!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        shared.metrics.tls_failures.inc();
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let peer = match VerifiedPeer::from_server_connection(tls.get_ref().1) {
                 Ok(p) => p,
                 Err(e) => {
@@ -268,10 +323,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio
                 }
             };
             tracing::debug!(%remote, %peer, "connection");
-            let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                router.clone().oneshot(req)
-            });
+            let svc =
+                tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    router.clone().oneshot(req)
+                });
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -280,7 +336,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: tokio
         });
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown: some connections were still open after 10 s");
     }
 }

@@ -66,7 +66,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -84,7 +86,10 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             let config_error = e.chain().any(|c| {
                 c.downcast_ref::<gateway::ConfigError>().is_some()
-                    || matches!(c.downcast_ref::<gateway::GatewayError>(), Some(gateway::GatewayError::Config(_) | gateway::GatewayError::Certs(_)))
+                    || matches!(
+                        c.downcast_ref::<gateway::GatewayError>(),
+                        Some(gateway::GatewayError::Config(_) | gateway::GatewayError::Certs(_))
+                    )
             });
             ExitCode::from(if config_error { 3 } else { 1 })
         }
@@ -95,7 +100,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -128,8 +135,13 @@ async fn real_main(command: Command) -> anyhow::Result<()> {
                 config.users.len()
             );
         }
-        Command::Dev { dir, base_port, init_only } => {
-            let fed = gateway::dev::init(&dir, base_port).context("writing the development federation")?;
+        Command::Dev {
+            dir,
+            base_port,
+            init_only,
+        } => {
+            let fed = gateway::dev::init(&dir, base_port)
+                .context("writing the development federation")?;
             if init_only {
                 println!("Development federation written under {}", dir.display());
                 return Ok(());
@@ -149,7 +161,11 @@ async fn real_main(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_next_steps(dir: &std::path::Path, fed: &gateway::dev::DevFederation, gateways: &[Gateway]) {
+fn print_next_steps(
+    dir: &std::path::Path,
+    fed: &gateway::dev::DevFederation,
+    gateways: &[Gateway],
+) {
     println!("\nDemo federation running:");
     for g in gateways {
         println!("  area {:<11} https://{}", g.area(), g.local_addr());
@@ -167,7 +183,9 @@ fn print_next_steps(dir: &std::path::Path, fed: &gateway::dev::DevFederation, ga
     };
     let alice = cfg("northshire", "alice");
     let dan = cfg("southvale", "dan");
-    println!("\nIn another terminal, send a referral from alice (northshire) to southvale's duty team:");
+    println!(
+        "\nIn another terminal, send a referral from alice (northshire) to southvale's duty team:"
+    );
     println!("  echo 'test referral' | cargo run -q --release -p client -- --config {alice} send --to team:duty@southvale --category relocation --key demo-1");
     println!("Read and acknowledge it as dan (southvale duty):");
     println!("  cargo run -q --release -p client -- --config {dan} inbox --wait 30");

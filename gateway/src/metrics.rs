@@ -50,17 +50,53 @@ impl Metrics {
     pub fn render(&self, queue_depths: &[(proto::AreaId, u64)]) -> String {
         let mut out = String::new();
         let counters = [
-            ("gateway_messages_submitted_total", "Messages accepted from users.", &self.submitted),
-            ("gateway_duplicate_submissions_total", "Resubmissions answered from the idempotency record.", &self.duplicates),
-            ("gateway_federation_items_received_total", "Federation items received from peers.", &self.federation_items_received),
-            ("gateway_federation_items_sent_total", "Federation items accepted by peers.", &self.federation_items_sent),
-            ("gateway_federation_failures_total", "Failed federation requests.", &self.federation_failures),
-            ("gateway_undeliverable_total", "Messages returned to senders as undeliverable.", &self.undeliverable),
-            ("gateway_rate_limited_total", "Requests refused by a rate limit.", &self.rate_limited),
-            ("gateway_tls_failures_total", "Failed TLS handshakes.", &self.tls_failures),
+            (
+                "gateway_messages_submitted_total",
+                "Messages accepted from users.",
+                &self.submitted,
+            ),
+            (
+                "gateway_duplicate_submissions_total",
+                "Resubmissions answered from the idempotency record.",
+                &self.duplicates,
+            ),
+            (
+                "gateway_federation_items_received_total",
+                "Federation items received from peers.",
+                &self.federation_items_received,
+            ),
+            (
+                "gateway_federation_items_sent_total",
+                "Federation items accepted by peers.",
+                &self.federation_items_sent,
+            ),
+            (
+                "gateway_federation_failures_total",
+                "Failed federation requests.",
+                &self.federation_failures,
+            ),
+            (
+                "gateway_undeliverable_total",
+                "Messages returned to senders as undeliverable.",
+                &self.undeliverable,
+            ),
+            (
+                "gateway_rate_limited_total",
+                "Requests refused by a rate limit.",
+                &self.rate_limited,
+            ),
+            (
+                "gateway_tls_failures_total",
+                "Failed TLS handshakes.",
+                &self.tls_failures,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
         }
         let _ = writeln!(out, "# HELP gateway_peer_queue_depth Items queued for each peer.\n# TYPE gateway_peer_queue_depth gauge");
         for (peer, n) in queue_depths {

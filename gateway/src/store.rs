@@ -73,7 +73,7 @@ pub enum SubmitOutcome {
 #[derive(Debug, Clone)]
 pub enum Incoming {
     /// A message for a recipient here.
-    Deliver(Envelope, Body),
+    Deliver(Box<Envelope>, Body),
     /// A status change of a message sent from here to the calling peer.
     Status(MessageId, Status, u64),
 }
@@ -120,7 +120,10 @@ pub struct Mailbox {
 /// embedded default; a PostgreSQL one can implement the same contract.
 pub trait Store: Send + Sync + 'static {
     /// Accepts a submission, deduplicated on (sender, idempotency key).
-    fn submit(&self, m: NewMessage) -> impl Future<Output = Result<SubmitOutcome, StoreError>> + Send;
+    fn submit(
+        &self,
+        m: NewMessage,
+    ) -> impl Future<Output = Result<SubmitOutcome, StoreError>> + Send;
     /// Stores a peer's batch, in order, deduplicated on message id and on
     /// (sender, idempotency key).
     fn accept_batch(
@@ -129,7 +132,11 @@ pub trait Store: Send + Sync + 'static {
         items: Vec<Incoming>,
     ) -> impl Future<Output = Result<Vec<IncomingOutcome>, StoreError>> + Send;
     /// Messages for a mailbox not yet acknowledged, oldest first.
-    fn inbox(&self, mb: Mailbox, limit: usize) -> impl Future<Output = Result<Vec<InboxItem>, StoreError>> + Send;
+    fn inbox(
+        &self,
+        mb: Mailbox,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<InboxItem>, StoreError>> + Send;
     /// One message of a mailbox; marks it fetched and queues the news for its sender.
     fn fetch(
         &self,
@@ -145,9 +152,17 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
     ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
     /// A sent message's status, for its sender only.
-    fn status(&self, sender: UserId, id: MessageId) -> impl Future<Output = Result<Option<StatusResponse>, StoreError>> + Send;
+    fn status(
+        &self,
+        sender: UserId,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Option<StatusResponse>, StoreError>> + Send;
     /// The oldest queued items for a peer.
-    fn queued(&self, peer: AreaId, max: usize) -> impl Future<Output = Result<Vec<Queued>, StoreError>> + Send;
+    fn queued(
+        &self,
+        peer: AreaId,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Queued>, StoreError>> + Send;
     /// Records the peer's verdicts on queued items and removes them from the queue.
     fn sent(
         &self,
@@ -254,7 +269,9 @@ fn advance_sent(
     reason: Option<&str>,
 ) -> Result<bool, StoreError> {
     let cur: Option<String> = c
-        .query_row("SELECT status FROM sent WHERE message_id = ?1", [id], |r| r.get(0))
+        .query_row("SELECT status FROM sent WHERE message_id = ?1", [id], |r| {
+            r.get(0)
+        })
         .optional()?;
     let Some(cur) = cur else { return Ok(false) };
     if !parse_status(&cur)?.can_become(to) {
@@ -428,7 +445,7 @@ impl Store for SqliteStore {
                     insert_inbox(c, env, &m.body)?;
                 }
                 Route::Peer(peer) => {
-                    let item = FederationItem::Deliver { envelope: env.clone(), body: m.body.clone() };
+                    let item = FederationItem::Deliver { envelope: Box::new(env.clone()), body: m.body.clone() };
                     c.execute(
                         "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 1, ?3, ?4)",
                         params![peer.as_str(), id, to_json(&item)?, env.expires_at_ms as i64],
@@ -521,7 +538,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn ack(&self, mb: Mailbox, id: MessageId, now_ms: u64) -> Result<Option<Status>, StoreError> {
+    async fn ack(
+        &self,
+        mb: Mailbox,
+        id: MessageId,
+        now_ms: u64,
+    ) -> Result<Option<Status>, StoreError> {
         let own = self.own_area.clone();
         self.call(move |c| {
             let Some((env, _, status)) = find_in_mailbox(c, &mb, &id)? else {
@@ -535,7 +557,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn status(&self, sender: UserId, id: MessageId) -> Result<Option<StatusResponse>, StoreError> {
+    async fn status(
+        &self,
+        sender: UserId,
+        id: MessageId,
+    ) -> Result<Option<StatusResponse>, StoreError> {
         self.call(move |c| {
             let row: Option<(String, String)> = c
                 .query_row(
@@ -570,22 +596,31 @@ impl Store for SqliteStore {
 
     async fn queued(&self, peer: AreaId, max: usize) -> Result<Vec<Queued>, StoreError> {
         self.call(move |c| {
-            let mut stmt =
-                c.prepare_cached("SELECT seq, item FROM outbox WHERE peer = ?1 ORDER BY seq LIMIT ?2")?;
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, item FROM outbox WHERE peer = ?1 ORDER BY seq LIMIT ?2",
+            )?;
             let rows = stmt.query_map(params![peer.as_str(), max as i64], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
             })?;
             let mut out = Vec::new();
             for row in rows {
                 let (seq, item) = row?;
-                out.push(Queued { seq, item: from_json(&item)? });
+                out.push(Queued {
+                    seq,
+                    item: from_json(&item)?,
+                });
             }
             Ok(out)
         })
         .await
     }
 
-    async fn sent(&self, peer: AreaId, results: Vec<(i64, Sent)>, now_ms: u64) -> Result<(), StoreError> {
+    async fn sent(
+        &self,
+        peer: AreaId,
+        results: Vec<(i64, Sent)>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         self.call(move |c| {
             for (seq, result) in results {
                 let row: Option<(Option<String>, bool)> = c
@@ -595,7 +630,9 @@ impl Store for SqliteStore {
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
-                let Some((message_id, is_deliver)) = row else { continue };
+                let Some((message_id, is_deliver)) = row else {
+                    continue;
+                };
                 c.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
                 let Some(id) = message_id.filter(|_| is_deliver) else {
                     if let Sent::Refused(reason) = result {
@@ -683,7 +720,8 @@ fn find_in_mailbox(
     let (clause, mut args) = mailbox_clause(mb);
     let n = args.len() + 1;
     args.push(id.to_string());
-    let sql = format!("SELECT envelope, body, status FROM inbox WHERE message_id = ?{n} AND {clause}");
+    let sql =
+        format!("SELECT envelope, body, status FROM inbox WHERE message_id = ?{n} AND {clause}");
     let row: Option<(String, Vec<u8>, String)> = c
         .query_row(&sql, rusqlite::params_from_iter(args.iter()), |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -716,7 +754,11 @@ fn set_inbox_status(
         }
         advance_sent(c, id, to, now_ms, None)?;
     } else {
-        let item = FederationItem::Status { message_id: env.message_id.clone(), status: to, at_ms: now_ms };
+        let item = FederationItem::Status {
+            message_id: env.message_id.clone(),
+            status: to,
+            at_ms: now_ms,
+        };
         c.execute(
             "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 0, ?3, ?4)",
             params![env.sender.area.as_str(), id, to_json(&item)?, (now_ms + 30 * 86_400_000) as i64],

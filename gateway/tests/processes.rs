@@ -1,6 +1,8 @@
 //! The real binaries: `gateway run` processes on loopback, killed with
 //! SIGKILL mid-traffic, and the `client` CLI end to end.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failing test may panic
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,7 +16,11 @@ const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 /// The client binary, built beside the gateway binary (client has integration tests).
 fn client_bin() -> PathBuf {
     let p = Path::new(GATEWAY).with_file_name("client");
-    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -35,16 +41,29 @@ impl Demo {
             .output()
             .await
             .unwrap();
-        assert!(out.status.success(), "gateway dev failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "gateway dev failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Quick retries make the restart tests fast.
         for area in AREAS {
             let p = dir.path().join(area).join("gateway.toml");
             let text = std::fs::read_to_string(&p).unwrap();
-            let text = text.replace("retry_initial = \"250ms\"\nretry_max = \"10s\"", "retry_initial = \"50ms\"\nretry_max = \"500ms\"");
-            let text = text.replace("[delivery]", "[limits]\nuser_requests_per_second = 100000\nuser_burst = 100000\n\n[delivery]");
+            let text = text.replace(
+                "retry_initial = \"250ms\"\nretry_max = \"10s\"",
+                "retry_initial = \"50ms\"\nretry_max = \"500ms\"",
+            );
+            let text = text.replace(
+                "[delivery]",
+                "[limits]\nuser_requests_per_second = 100000\nuser_burst = 100000\n\n[delivery]",
+            );
             std::fs::write(&p, text).unwrap();
         }
-        let mut demo = Demo { dir, procs: vec![None, None, None] };
+        let mut demo = Demo {
+            dir,
+            procs: vec![None, None, None],
+        };
         for i in 0..3 {
             demo.start(i).await;
         }
@@ -88,7 +107,11 @@ impl Demo {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("gateway {} did not start; see {}", AREAS[i], self.area_dir(i).join("gateway.log").display());
+        panic!(
+            "gateway {} did not start; see {}",
+            AREAS[i],
+            self.area_dir(i).join("gateway.log").display()
+        );
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
@@ -100,7 +123,9 @@ impl Demo {
 
     fn count(&self, i: usize, sql: &str) -> i64 {
         let db = self.area_dir(i).join("data").join("gateway.sqlite3");
-        let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let conn =
+            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
         conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
 }
@@ -139,7 +164,12 @@ async fn sigkill_of_either_gateway_with_1000_in_flight_loses_and_duplicates_noth
     }
     // Kill the receiver twice and the sender once, while traffic flows.
     for (threshold, victim) in [(250, b), (500, a), (750, b)] {
-        assert!(eventually(Duration::from_secs(120), || demo.count(a, "SELECT COUNT(*) FROM sent") >= threshold).await);
+        assert!(
+            eventually(Duration::from_secs(120), || demo
+                .count(a, "SELECT COUNT(*) FROM sent")
+                >= threshold)
+            .await
+        );
         demo.kill(victim).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         demo.start(victim).await;
@@ -148,21 +178,43 @@ async fn sigkill_of_either_gateway_with_1000_in_flight_loses_and_duplicates_noth
         t.await.unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(120), || demo.count(b, "SELECT COUNT(*) FROM inbox") >= 1000).await,
+        eventually(Duration::from_secs(120), || demo
+            .count(b, "SELECT COUNT(*) FROM inbox")
+            >= 1000)
+        .await,
         "all 1000 messages must arrive"
     );
-    assert!(eventually(Duration::from_secs(60), || demo.count(a, "SELECT COUNT(*) FROM outbox") == 0).await);
+    assert!(
+        eventually(Duration::from_secs(60), || demo
+            .count(a, "SELECT COUNT(*) FROM outbox")
+            == 0)
+        .await
+    );
     assert_eq!(demo.count(a, "SELECT COUNT(*) FROM sent"), 1000);
     assert_eq!(demo.count(b, "SELECT COUNT(*) FROM inbox"), 1000);
-    assert_eq!(demo.count(a, "SELECT COUNT(*) FROM sent WHERE status = 'delivered'"), 1000);
+    assert_eq!(
+        demo.count(a, "SELECT COUNT(*) FROM sent WHERE status = 'delivered'"),
+        1000
+    );
     // In order per sender.
     let db = demo.area_dir(b).join("data").join("gateway.sqlite3");
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     for user in ["alice", "bob"] {
-        let mut stmt = conn.prepare("SELECT idem_key FROM inbox WHERE sender_user = ?1 ORDER BY seq").unwrap();
-        let keys: Vec<String> = stmt.query_map([user], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+        let mut stmt = conn
+            .prepare("SELECT idem_key FROM inbox WHERE sender_user = ?1 ORDER BY seq")
+            .unwrap();
+        let keys: Vec<String> = stmt
+            .query_map([user], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
         let expected: Vec<String> = (0..500).map(|i| format!("{user}-{i:05}")).collect();
-        assert!(keys == expected, "{user}: messages lost, duplicated or reordered");
+        assert!(
+            keys == expected,
+            "{user}: messages lost, duplicated or reordered"
+        );
     }
 }
 
@@ -197,7 +249,20 @@ async fn cli_team_referral_from_a_to_b_reaches_acknowledged() {
     let dan = demo.user_config(1, "dan");
     let erin = demo.user_config(1, "erin");
 
-    let (code, out, err) = cli(&alice, &["send", "--to", "team:duty@southvale", "--category", "relocation", "--key", "cli-1"], Some(b"referral bytes")).await;
+    let (code, out, err) = cli(
+        &alice,
+        &[
+            "send",
+            "--to",
+            "team:duty@southvale",
+            "--category",
+            "relocation",
+            "--key",
+            "cli-1",
+        ],
+        Some(b"referral bytes"),
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let id = out.split('\t').next().unwrap().to_owned();
     assert_eq!(id.len(), 32, "{out}");
@@ -230,14 +295,41 @@ async fn cli_team_referral_from_a_to_b_reaches_acknowledged() {
     assert_eq!(demo.count(1, "SELECT COUNT(*) FROM inbox"), 1);
 
     // Resending with the same key sends nothing new.
-    let (code, out, _) = cli(&alice, &["send", "--to", "team:duty@southvale", "--category", "relocation", "--key", "cli-1"], Some(b"referral bytes")).await;
+    let (code, out, _) = cli(
+        &alice,
+        &[
+            "send",
+            "--to",
+            "team:duty@southvale",
+            "--category",
+            "relocation",
+            "--key",
+            "cli-1",
+        ],
+        Some(b"referral bytes"),
+    )
+    .await;
     assert_eq!(code, 0);
     assert!(out.starts_with(&id) && out.contains("nothing new"), "{out}");
 
     // Exit codes scripts rely on.
-    let (code, _, err) = cli(&alice, &["send", "--to", "team:nobody@westfell", "--category", "update"], Some(b"x")).await;
+    let (code, _, err) = cli(
+        &alice,
+        &[
+            "send",
+            "--to",
+            "team:nobody@westfell",
+            "--category",
+            "update",
+        ],
+        Some(b"x"),
+    )
+    .await;
     assert_eq!(code, 4, "refused by the gateway: {err}");
-    assert!(err.contains("unknown") || err.contains("UnknownRecipient"), "{err}");
+    assert!(
+        err.contains("unknown") || err.contains("UnknownRecipient"),
+        "{err}"
+    );
     let (code, _, _) = cli(&dan, &["inbox", "--wait", "1"], None).await;
     assert_eq!(code, 6, "an empty inbox after waiting");
     demo.kill(0).await;

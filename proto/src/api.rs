@@ -136,7 +136,7 @@ pub enum FederationItem {
     /// A message for a recipient in the receiving area.
     Deliver {
         /// Its envelope (sender area must be the calling peer's area).
-        envelope: Envelope,
+        envelope: Box<Envelope>,
         /// Its opaque body; its hash must match the envelope.
         body: Body,
     },

@@ -117,7 +117,9 @@ impl std::str::FromStr for ContentHash {
             value: s.chars().take(64).collect(),
             why,
         };
-        let hex_part = s.strip_prefix("sha256:").ok_or(bad("must start with sha256:"))?;
+        let hex_part = s
+            .strip_prefix("sha256:")
+            .ok_or(bad("must start with sha256:"))?;
         let mut out = [0u8; 32];
         hex::decode_to_slice(hex_part, &mut out).map_err(|_| bad("must be 64 hex digits"))?;
         Ok(ContentHash(out))

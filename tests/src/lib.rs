@@ -55,22 +55,36 @@ pub struct Federation {
     pub areas: Vec<TestArea>,
 }
 
+/// An area and its users with their teams.
+pub type AreaUsers<'a> = (&'a str, Vec<(&'a str, &'a [&'a str])>);
+
 /// The standard three-area topology: `northshire` (alice, bob), `southvale`
 /// (dan, erin, farah in team `duty`; gita) and `eastmoor` (hana).
-pub fn standard_areas() -> Vec<(&'static str, Vec<(&'static str, &'static [&'static str])>)> {
+pub fn standard_areas() -> Vec<AreaUsers<'static>> {
     vec![
-        ("northshire", vec![("alice", &["children-social-care"][..]), ("bob", &["exploitation-unit"][..])]),
-        ("southvale", vec![("dan", &["duty"][..]), ("erin", &["duty"][..]), ("farah", &["duty"][..]), ("gita", &[][..])]),
+        (
+            "northshire",
+            vec![
+                ("alice", &["children-social-care"][..]),
+                ("bob", &["exploitation-unit"][..]),
+            ],
+        ),
+        (
+            "southvale",
+            vec![
+                ("dan", &["duty"][..]),
+                ("erin", &["duty"][..]),
+                ("farah", &["duty"][..]),
+                ("gita", &[][..]),
+            ],
+        ),
         ("eastmoor", vec![("hana", &["duty"][..])]),
     ]
 }
 
 impl Federation {
     /// Writes a federation (certificates, configurations) without starting it.
-    pub fn create(
-        areas: &[(&str, Vec<(&str, &[&str])>)],
-        settings: &Settings,
-    ) -> anyhow::Result<Federation> {
+    pub fn create(areas: &[AreaUsers<'_>], settings: &Settings) -> anyhow::Result<Federation> {
         let dir = tempfile::tempdir()?;
         let specs: Vec<AreaSpec> = areas
             .iter()
@@ -80,7 +94,12 @@ impl Federation {
                 users: users
                     .iter()
                     .map(|(u, teams)| {
-                        ((*u).into(), format!("{area}-agency"), "social-worker".into(), teams.iter().map(|t| (*t).into()).collect())
+                        (
+                            (*u).into(),
+                            format!("{area}-agency"),
+                            "social-worker".into(),
+                            teams.iter().map(|t| (*t).into()).collect(),
+                        )
                     })
                     .collect(),
             })
@@ -117,7 +136,10 @@ impl Federation {
 
     /// The index of an area.
     pub fn index(&self, area: &str) -> usize {
-        self.areas.iter().position(|a| a.area.as_str() == area).unwrap_or(usize::MAX)
+        self.areas
+            .iter()
+            .position(|a| a.area.as_str() == area)
+            .unwrap_or(usize::MAX)
     }
 
     /// The configuration of area `i`, as the gateway would load it.
@@ -173,14 +195,24 @@ impl Federation {
     }
 
     /// Area `i`'s CA certificates.
-    pub fn ca_certs(&self, i: usize) -> anyhow::Result<Vec<certs::rustls::pki_types::CertificateDer<'static>>> {
-        Ok(certs::load_certs(&self.areas[i].dir.join("ca").join("ca.crt"))?)
+    pub fn ca_certs(
+        &self,
+        i: usize,
+    ) -> anyhow::Result<Vec<certs::rustls::pki_types::CertificateDer<'static>>> {
+        Ok(certs::load_certs(
+            &self.areas[i].dir.join("ca").join("ca.crt"),
+        )?)
     }
 
     /// An API client for area `i`'s gateway presenting an arbitrary certificate.
     pub fn api_with(&self, i: usize, pair: &PemPair) -> anyhow::Result<Api> {
         let url = format!("https://127.0.0.1:{}", self.port(i)?);
-        Ok(Api::from_parts(&url, &pair.credentials()?, &self.areas[i].area, &self.ca_certs(i)?)?)
+        Ok(Api::from_parts(
+            &url,
+            &pair.credentials()?,
+            &self.areas[i].area,
+            &self.ca_certs(i)?,
+        )?)
     }
 
     /// The port of area `i`'s gateway.
@@ -189,7 +221,12 @@ impl Federation {
     }
 
     /// Mints a certificate for `identity` from area `ca_of`'s CA.
-    pub fn mint(&self, ca_of: usize, identity: &Identity, validity: Validity) -> anyhow::Result<PemPair> {
+    pub fn mint(
+        &self,
+        ca_of: usize,
+        identity: &Identity,
+        validity: Validity,
+    ) -> anyhow::Result<PemPair> {
         Ok(self.ca(ca_of)?.issue(identity, validity)?)
     }
 
@@ -206,8 +243,9 @@ impl Federation {
 
 /// Runs a `SELECT COUNT(*) ...` against a database file, read-only.
 pub fn count_rows(db: &Path, sql: &str) -> anyhow::Result<i64> {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("opening {}", db.display()))?;
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {}", db.display()))?;
     Ok(conn.query_row(sql, [], |r| r.get(0))?)
 }
 

@@ -13,7 +13,10 @@ async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
     let dan = fed.api(b, "dan").unwrap();
     let erin = fed.api(b, "erin").unwrap();
 
-    let sent = alice.submit(&message("team:duty@southvale", "k-1", b"opaque ciphertext".to_vec()).unwrap()).await.unwrap();
+    let sent = alice
+        .submit(&message("team:duty@southvale", "k-1", b"opaque ciphertext".to_vec()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(sent.status, Status::Accepted);
     assert!(!sent.duplicate);
 
@@ -29,18 +32,48 @@ async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
     let got = erin.fetch(&sent.message_id).await.unwrap();
     assert_eq!(got.body.0, b"opaque ciphertext");
     assert_eq!(got.envelope.content_hash, got.body.hash());
-    assert!(eventually(Duration::from_secs(20), || async {
-        alice.status(&sent.message_id).await.map(|s| s.status == Status::Fetched).unwrap_or(false)
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            alice
+                .status(&sent.message_id)
+                .await
+                .map(|s| s.status == Status::Fetched)
+                .unwrap_or(false)
+        })
+        .await
+    );
 
-    assert_eq!(dan.ack(&sent.message_id).await.unwrap(), Status::Acknowledged);
-    assert!(eventually(Duration::from_secs(20), || async {
-        alice.status(&sent.message_id).await.map(|s| s.status == Status::Acknowledged).unwrap_or(false)
-    })
-    .await);
-    let history: Vec<Status> = alice.status(&sent.message_id).await.unwrap().history.iter().map(|e| e.status).collect();
-    assert_eq!(history, [Status::Accepted, Status::Delivered, Status::Fetched, Status::Acknowledged]);
+    assert_eq!(
+        dan.ack(&sent.message_id).await.unwrap(),
+        Status::Acknowledged
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            alice
+                .status(&sent.message_id)
+                .await
+                .map(|s| s.status == Status::Acknowledged)
+                .unwrap_or(false)
+        })
+        .await
+    );
+    let history: Vec<Status> = alice
+        .status(&sent.message_id)
+        .await
+        .unwrap()
+        .history
+        .iter()
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        history,
+        [
+            Status::Accepted,
+            Status::Delivered,
+            Status::Fetched,
+            Status::Acknowledged
+        ]
+    );
 
     // Acknowledged messages leave every team member's inbox; stored exactly once.
     assert!(dan.inbox(Duration::ZERO).await.unwrap().messages.is_empty());
@@ -54,12 +87,18 @@ async fn local_recipient_is_delivered_without_federation() {
     let a = fed.index("northshire");
     let alice = fed.api(a, "alice").unwrap();
     let bob = fed.api(a, "bob").unwrap();
-    let sent = alice.submit(&message("user:bob@northshire", "local-1", vec![1, 2, 3]).unwrap()).await.unwrap();
+    let sent = alice
+        .submit(&message("user:bob@northshire", "local-1", vec![1, 2, 3]).unwrap())
+        .await
+        .unwrap();
     assert_eq!(sent.status, Status::Delivered);
     let got = bob.fetch(&sent.message_id).await.unwrap();
     assert_eq!(got.body.0, vec![1, 2, 3]);
     bob.ack(&sent.message_id).await.unwrap();
-    assert_eq!(alice.status(&sent.message_id).await.unwrap().status, Status::Acknowledged);
+    assert_eq!(
+        alice.status(&sent.message_id).await.unwrap().status,
+        Status::Acknowledged
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,12 +109,25 @@ async fn only_the_recipient_reads_and_only_the_sender_sees_status() {
     let bob = fed.api(a, "bob").unwrap();
     let gita = fed.api(b, "gita").unwrap(); // in southvale, not in the duty team
     let dan = fed.api(b, "dan").unwrap();
-    let sent = alice.submit(&message("team:duty@southvale", "priv-1", b"x".to_vec()).unwrap()).await.unwrap();
-    assert!(!dan.inbox(Duration::from_secs(30)).await.unwrap().messages.is_empty());
+    let sent = alice
+        .submit(&message("team:duty@southvale", "priv-1", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(!dan
+        .inbox(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
 
     let e = gita.fetch(&sent.message_id).await.unwrap_err();
     assert_eq!(e.code(), Some(proto::ErrorCode::NotFound));
-    assert!(gita.inbox(Duration::ZERO).await.unwrap().messages.is_empty());
+    assert!(gita
+        .inbox(Duration::ZERO)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
     let e = gita.ack(&sent.message_id).await.unwrap_err();
     assert_eq!(e.code(), Some(proto::ErrorCode::NotFound));
     let e = bob.status(&sent.message_id).await.unwrap_err();
@@ -87,13 +139,29 @@ async fn unknown_team_in_a_peer_area_comes_back_undeliverable_with_reason() {
     let fed = Federation::standard().await.unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
     let alice = fed.api(a, "alice").unwrap();
-    let sent = alice.submit(&message("team:nobody@southvale", "bounce-1", b"x".to_vec()).unwrap()).await.unwrap();
-    assert!(eventually(Duration::from_secs(20), || async {
-        alice.status(&sent.message_id).await.map(|s| s.status == Status::Undeliverable).unwrap_or(false)
-    })
-    .await);
+    let sent = alice
+        .submit(&message("team:nobody@southvale", "bounce-1", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            alice
+                .status(&sent.message_id)
+                .await
+                .map(|s| s.status == Status::Undeliverable)
+                .unwrap_or(false)
+        })
+        .await
+    );
     let st = alice.status(&sent.message_id).await.unwrap();
-    let reason = st.history.last().and_then(|e| e.reason.clone()).unwrap_or_default();
-    assert!(reason.contains("refused by southvale") && reason.contains("not in the directory"), "{reason}");
+    let reason = st
+        .history
+        .last()
+        .and_then(|e| e.reason.clone())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("refused by southvale") && reason.contains("not in the directory"),
+        "{reason}"
+    );
     assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 0);
 }

@@ -9,7 +9,12 @@ use tests::{eventually, message, Federation, Settings};
 async fn send_sequence(api: client::Api, user: &'static str, n: usize) -> Vec<proto::MessageId> {
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
-        let m = message("team:duty@southvale", &format!("{user}-{i:05}"), vec![b'x'; 256]).unwrap();
+        let m = message(
+            "team:duty@southvale",
+            &format!("{user}-{i:05}"),
+            vec![b'x'; 256],
+        )
+        .unwrap();
         ids.push(api.submit(&m).await.unwrap().message_id);
     }
     ids
@@ -17,12 +22,26 @@ async fn send_sequence(api: client::Api, user: &'static str, n: usize) -> Vec<pr
 
 /// Every sender's messages are in the inbox exactly once, in the order sent.
 fn assert_exactly_once_in_order(fed: &Federation, b: usize, senders: &[&str], per_sender: usize) {
-    let conn = rusqlite::Connection::open_with_flags(fed.db_path(b), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let conn = rusqlite::Connection::open_with_flags(
+        fed.db_path(b),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
     for s in senders {
-        let mut stmt = conn.prepare("SELECT idem_key FROM inbox WHERE sender_user = ?1 ORDER BY seq").unwrap();
-        let keys: Vec<String> = stmt.query_map([s], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+        let mut stmt = conn
+            .prepare("SELECT idem_key FROM inbox WHERE sender_user = ?1 ORDER BY seq")
+            .unwrap();
+        let keys: Vec<String> = stmt
+            .query_map([s], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
         let expected: Vec<String> = (0..per_sender).map(|i| format!("{s}-{i:05}")).collect();
-        assert_eq!(keys.len(), expected.len(), "{s}: every message exactly once");
+        assert_eq!(
+            keys.len(),
+            expected.len(),
+            "{s}: every message exactly once"
+        );
         assert!(keys == expected, "{s}: messages arrived out of order");
     }
 }
@@ -38,7 +57,12 @@ async fn restart_of_the_receiving_gateway_with_1000_in_flight_loses_and_duplicat
         .collect();
     // Let traffic flow, then restart the receiver twice while it is busy.
     for _ in 0..2 {
-        assert!(eventually(Duration::from_secs(60), || async { fed.count(a, "SELECT COUNT(*) FROM sent").unwrap_or(0) >= 300 }).await);
+        assert!(
+            eventually(Duration::from_secs(60), || async {
+                fed.count(a, "SELECT COUNT(*) FROM sent").unwrap_or(0) >= 300
+            })
+            .await
+        );
         fed.stop(b).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         fed.start(b).await.unwrap();
@@ -47,13 +71,20 @@ async fn restart_of_the_receiving_gateway_with_1000_in_flight_loses_and_duplicat
         t.await.unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(120), || async { fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) >= 1000 }).await,
+        eventually(Duration::from_secs(120), || async {
+            fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) >= 1000
+        })
+        .await,
         "all 1000 messages must arrive"
     );
-    assert!(eventually(Duration::from_secs(60), || async {
-        fed.count(a, "SELECT COUNT(*) FROM sent WHERE status = 'delivered'").unwrap_or(0) == 1000
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            fed.count(a, "SELECT COUNT(*) FROM sent WHERE status = 'delivered'")
+                .unwrap_or(0)
+                == 1000
+        })
+        .await
+    );
     assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 1000);
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 0);
     assert_exactly_once_in_order(&fed, b, &["alice", "bob"], 500);
@@ -66,7 +97,10 @@ async fn peer_outage_queues_in_order_and_survives_a_sender_restart() {
     fed.stop(b).await;
     let ids = send_sequence(fed.api(a, "alice").unwrap(), "alice", 150).await;
     let alice = fed.api(a, "alice").unwrap();
-    assert_eq!(alice.status(&ids[0]).await.unwrap().status, Status::Accepted);
+    assert_eq!(
+        alice.status(&ids[0]).await.unwrap().status,
+        Status::Accepted
+    );
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 150);
 
     // The sending gateway restarts too while its peer is away.
@@ -75,11 +109,22 @@ async fn peer_outage_queues_in_order_and_survives_a_sender_restart() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     fed.start(b).await.unwrap();
 
-    assert!(eventually(Duration::from_secs(60), || async { fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) >= 150 }).await);
-    assert!(eventually(Duration::from_secs(30), || async {
-        alice.status(&ids[149]).await.map(|s| s.status == Status::Delivered).unwrap_or(false)
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) >= 150
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            alice
+                .status(&ids[149])
+                .await
+                .map(|s| s.status == Status::Delivered)
+                .unwrap_or(false)
+        })
+        .await
+    );
     assert_exactly_once_in_order(&fed, b, &["alice"], 150);
 }
 
@@ -92,15 +137,34 @@ async fn a_message_that_cannot_be_delivered_in_time_returns_undeliverable() {
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
     fed.stop(b).await;
     let alice = fed.api(a, "alice").unwrap();
-    let sent = alice.submit(&message("team:duty@southvale", "late", b"x".to_vec()).unwrap()).await.unwrap();
-    assert!(eventually(Duration::from_secs(30), || async {
-        alice.status(&sent.message_id).await.map(|s| s.status == Status::Undeliverable).unwrap_or(false)
-    })
-    .await);
+    let sent = alice
+        .submit(&message("team:duty@southvale", "late", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            alice
+                .status(&sent.message_id)
+                .await
+                .map(|s| s.status == Status::Undeliverable)
+                .unwrap_or(false)
+        })
+        .await
+    );
     let st = alice.status(&sent.message_id).await.unwrap();
-    let reason = st.history.last().and_then(|e| e.reason.clone()).unwrap_or_default();
-    assert!(reason.contains("not delivered to southvale within its validity"), "{reason}");
-    assert!(reason.contains("last error"), "the reason names the last error: {reason}");
+    let reason = st
+        .history
+        .last()
+        .and_then(|e| e.reason.clone())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("not delivered to southvale within its validity"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("last error"),
+        "the reason names the last error: {reason}"
+    );
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 0);
 
     // When the peer returns, the expired message is not delivered late.
@@ -111,24 +175,39 @@ async fn a_message_that_cannot_be_delivered_in_time_returns_undeliverable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
-    let settings = Settings { toml: "[limits]\nuser_requests_per_second = 1\nuser_burst = 2\n".into() };
+    let settings = Settings {
+        toml: "[limits]\nuser_requests_per_second = 1\nuser_burst = 2\n".into(),
+    };
     let fed = Federation::standard_with(&settings).await.unwrap();
     let a = fed.index("northshire");
     let alice = fed.api(a, "alice").unwrap();
     let mut limited = None;
     for i in 0..5 {
-        if let Err(e) = alice.submit_once(&message("user:bob@northshire", &format!("r{i}"), b"x".to_vec()).unwrap()).await {
+        if let Err(e) = alice
+            .submit_once(&message("user:bob@northshire", &format!("r{i}"), b"x".to_vec()).unwrap())
+            .await
+        {
             limited = Some(e);
             break;
         }
     }
     match limited {
-        Some(client::ClientError::Api { status: 429, code: ErrorCode::RateLimited, retry_after: Some(s), .. }) => assert!(s >= 1),
+        Some(client::ClientError::Api {
+            status: 429,
+            code: ErrorCode::RateLimited,
+            retry_after: Some(s),
+            ..
+        }) => assert!(s >= 1),
         other => panic!("expected 429 with Retry-After, got {other:?}"),
     }
     // Another user is not affected.
     let bob = fed.api(a, "bob").unwrap();
-    bob.submit_once(&message("user:alice@northshire", "b0", b"x".to_vec()).unwrap()).await.unwrap();
+    bob.submit_once(&message("user:alice@northshire", "b0", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
     // And the retrying submit gets through once the window passes.
-    alice.submit(&message("user:bob@northshire", "after", b"x".to_vec()).unwrap()).await.unwrap();
+    alice
+        .submit(&message("user:bob@northshire", "after", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
 }

@@ -15,7 +15,12 @@ async fn same_key_twice_is_one_message() {
     let second = alice.submit(&m).await.unwrap();
     assert_eq!(first.message_id, second.message_id);
     assert!(!first.duplicate && second.duplicate);
-    assert!(eventually(Duration::from_secs(20), || async { fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) == 1 }).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) == 1
+        })
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(), 1);
@@ -44,7 +49,12 @@ async fn same_key_sent_concurrently_is_one_message() {
     ids.dedup();
     assert_eq!(ids.len(), 1, "every submission names the same message");
     assert_eq!(fresh, 1, "exactly one submission stored a message");
-    assert!(eventually(Duration::from_secs(20), || async { fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) == 1 }).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) == 1
+        })
+        .await
+    );
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(), 1);
 }
 
@@ -53,8 +63,14 @@ async fn same_key_with_a_different_body_is_a_conflict_and_stores_nothing() {
     let fed = Federation::standard().await.unwrap();
     let a = fed.index("northshire");
     let alice = fed.api(a, "alice").unwrap();
-    alice.submit(&message("team:duty@southvale", "k", b"one".to_vec()).unwrap()).await.unwrap();
-    let e = alice.submit(&message("team:duty@southvale", "k", b"two".to_vec()).unwrap()).await.unwrap_err();
+    alice
+        .submit(&message("team:duty@southvale", "k", b"one".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let e = alice
+        .submit(&message("team:duty@southvale", "k", b"two".to_vec()).unwrap())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::IdempotencyConflict));
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(), 1);
 }

@@ -14,7 +14,9 @@ const YEAR: Validity = Validity::For(Duration::from_secs(365 * 86_400));
 fn assert_nothing_stored(fed: &Federation) {
     for i in 0..fed.areas.len() {
         for table in ["sent", "inbox", "outbox", "status_events"] {
-            let n = fed.count(i, &format!("SELECT COUNT(*) FROM {table}")).unwrap();
+            let n = fed
+                .count(i, &format!("SELECT COUNT(*) FROM {table}"))
+                .unwrap();
             assert_eq!(n, 0, "{table} of {} is not empty", fed.areas[i].area);
         }
     }
@@ -35,7 +37,10 @@ fn batch_from(from: &str, to: &str) -> Vec<u8> {
     let envelope = proto::Envelope {
         message_id: proto::MessageId::from_bytes([7; 16]),
         idempotency_key: proto::IdempotencyKey::new("forged").unwrap(),
-        sender: proto::Sender { area: AreaId::new(from).unwrap(), user: user("mallory") },
+        sender: proto::Sender {
+            area: AreaId::new(from).unwrap(),
+            user: user("mallory"),
+        },
         recipient: format!("team:duty@{to}").parse().unwrap(),
         category: proto::Category::new("relocation").unwrap(),
         urgent: false,
@@ -43,7 +48,13 @@ fn batch_from(from: &str, to: &str) -> Vec<u8> {
         accepted_at_ms: 0,
         expires_at_ms: u64::MAX,
     };
-    serde_json::to_vec(&FederationBatch { items: vec![FederationItem::Deliver { envelope, body }] }).unwrap()
+    serde_json::to_vec(&FederationBatch {
+        items: vec![FederationItem::Deliver {
+            envelope: Box::new(envelope),
+            body,
+        }],
+    })
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,35 +65,81 @@ async fn refusals_at_the_tls_layer_store_nothing() {
 
     // No client certificate at all.
     let tls = certs::danger::client_config_without_certificate(&fed.ca_certs(a).unwrap()).unwrap();
-    let http = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
-    assert!(http.get(&url).send().await.is_err(), "no client certificate must be refused");
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    assert!(
+        http.get(&url).send().await.is_err(),
+        "no client certificate must be refused"
+    );
 
     // A certificate from a CA nobody configured, claiming to be alice of northshire.
     let rogue = Ca::new(&AreaId::new("northshire").unwrap()).unwrap();
-    let pair = rogue.issue(&Identity::User(AreaId::new("northshire").unwrap(), user("alice")), YEAR).unwrap();
+    let pair = rogue
+        .issue(
+            &Identity::User(AreaId::new("northshire").unwrap(), user("alice")),
+            YEAR,
+        )
+        .unwrap();
     assert_refused_by_tls(fed.api_with(a, &pair).unwrap().health().await);
 
     // alice's own CA, but expired.
-    let pair = fed.mint(a, &Identity::User(AreaId::new("northshire").unwrap(), user("alice")), Validity::Expired).unwrap();
+    let pair = fed
+        .mint(
+            a,
+            &Identity::User(AreaId::new("northshire").unwrap(), user("alice")),
+            Validity::Expired,
+        )
+        .unwrap();
     assert_refused_by_tls(fed.api_with(a, &pair).unwrap().health().await);
 
     // southvale's CA issuing a gateway certificate that claims eastmoor.
-    let pair = fed.mint(b, &Identity::Gateway(AreaId::new("eastmoor").unwrap()), YEAR).unwrap();
+    let pair = fed
+        .mint(
+            b,
+            &Identity::Gateway(AreaId::new("eastmoor").unwrap()),
+            YEAR,
+        )
+        .unwrap();
     let forged = fed.api_with(a, &pair).unwrap();
-    assert_refused_by_tls(forged.post_raw("/v1/federation/batch", batch_from("eastmoor", "northshire")).await);
+    assert_refused_by_tls(
+        forged
+            .post_raw("/v1/federation/batch", batch_from("eastmoor", "northshire"))
+            .await,
+    );
 
     // southvale's CA issuing a user certificate that claims northshire.
-    let pair = fed.mint(b, &Identity::User(AreaId::new("northshire").unwrap(), user("alice")), YEAR).unwrap();
+    let pair = fed
+        .mint(
+            b,
+            &Identity::User(AreaId::new("northshire").unwrap(), user("alice")),
+            YEAR,
+        )
+        .unwrap();
     assert_refused_by_tls(fed.api_with(a, &pair).unwrap().health().await);
 
     // A gateway of an area that is not a configured peer.
     let west = AreaId::new("westfell").unwrap();
-    let pair = Ca::new(&west).unwrap().issue(&Identity::Gateway(west), YEAR).unwrap();
+    let pair = Ca::new(&west)
+        .unwrap()
+        .issue(&Identity::Gateway(west), YEAR)
+        .unwrap();
     let stranger = fed.api_with(a, &pair).unwrap();
-    assert_refused_by_tls(stranger.post_raw("/v1/federation/batch", batch_from("westfell", "northshire")).await);
+    assert_refused_by_tls(
+        stranger
+            .post_raw("/v1/federation/batch", batch_from("westfell", "northshire"))
+            .await,
+    );
 
     // A user of a peer area connecting to a gateway that is not theirs.
-    let pair = fed.mint(b, &Identity::User(AreaId::new("southvale").unwrap(), user("dan")), YEAR).unwrap();
+    let pair = fed
+        .mint(
+            b,
+            &Identity::User(AreaId::new("southvale").unwrap(), user("dan")),
+            YEAR,
+        )
+        .unwrap();
     assert_refused_by_tls(fed.api_with(a, &pair).unwrap().health().await);
 
     // The genuine alice gets in, so the refusals above were about the certificates.
@@ -97,19 +154,43 @@ async fn wrong_principal_for_the_endpoint_is_forbidden() {
 
     // A user certificate calling the federation endpoint.
     let alice = fed.api(a, "alice").unwrap();
-    let e = alice.post_raw("/v1/federation/batch", batch_from("northshire", "northshire")).await.unwrap_err();
+    let e = alice
+        .post_raw(
+            "/v1/federation/batch",
+            batch_from("northshire", "northshire"),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Forbidden));
 
     // A peer gateway calling a user endpoint.
-    let pair = fed.mint(b, &Identity::Gateway(AreaId::new("southvale").unwrap()), YEAR).unwrap();
+    let pair = fed
+        .mint(
+            b,
+            &Identity::Gateway(AreaId::new("southvale").unwrap()),
+            YEAR,
+        )
+        .unwrap();
     let southvale_gw = fed.api_with(a, &pair).unwrap();
-    let e = southvale_gw.submit_once(&message("user:bob@northshire", "gw", b"x".to_vec()).unwrap()).await.unwrap_err();
+    let e = southvale_gw
+        .submit_once(&message("user:bob@northshire", "gw", b"x".to_vec()).unwrap())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Forbidden));
 
     // A user certificate from the right CA but not in the directory.
-    let pair = fed.mint(a, &Identity::User(AreaId::new("northshire").unwrap(), user("zed")), YEAR).unwrap();
+    let pair = fed
+        .mint(
+            a,
+            &Identity::User(AreaId::new("northshire").unwrap(), user("zed")),
+            YEAR,
+        )
+        .unwrap();
     let zed = fed.api_with(a, &pair).unwrap();
-    let e = zed.submit_once(&message("user:bob@northshire", "z", b"x".to_vec()).unwrap()).await.unwrap_err();
+    let e = zed
+        .submit_once(&message("user:bob@northshire", "z", b"x".to_vec()).unwrap())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Forbidden));
     assert_nothing_stored(&fed);
 }
@@ -118,24 +199,40 @@ async fn wrong_principal_for_the_endpoint_is_forbidden() {
 async fn a_peer_cannot_speak_for_another_area_or_forge_a_body() {
     let fed = Federation::standard().await.unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
-    let pair = fed.mint(b, &Identity::Gateway(AreaId::new("southvale").unwrap()), YEAR).unwrap();
+    let pair = fed
+        .mint(
+            b,
+            &Identity::Gateway(AreaId::new("southvale").unwrap()),
+            YEAR,
+        )
+        .unwrap();
     let southvale_gw = fed.api_with(a, &pair).unwrap();
 
     // Claims the message comes from eastmoor.
-    let answer = southvale_gw.post_raw("/v1/federation/batch", batch_from("eastmoor", "northshire")).await.unwrap();
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", batch_from("eastmoor", "northshire"))
+        .await
+        .unwrap();
     assert_eq!(answer["results"][0]["result"], "rejected");
     assert_eq!(answer["results"][0]["code"], "forbidden");
 
     // Body does not match the content hash.
-    let mut batch: serde_json::Value = serde_json::from_slice(&batch_from("southvale", "northshire")).unwrap();
+    let mut batch: serde_json::Value =
+        serde_json::from_slice(&batch_from("southvale", "northshire")).unwrap();
     batch["items"][0]["envelope"]["recipient"] = "user:alice@northshire".into();
     batch["items"][0]["body"] = "dGFtcGVyZWQ=".into();
-    let answer = southvale_gw.post_raw("/v1/federation/batch", serde_json::to_vec(&batch).unwrap()).await.unwrap();
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", serde_json::to_vec(&batch).unwrap())
+        .await
+        .unwrap();
     assert_eq!(answer["results"][0]["result"], "rejected");
 
     // A status update for a message never sent to southvale.
     let batch = serde_json::json!({"items": [{"kind": "status", "message_id": "00112233445566778899aabbccddeeff", "status": "acknowledged", "at_ms": 1}]});
-    let answer = southvale_gw.post_raw("/v1/federation/batch", serde_json::to_vec(&batch).unwrap()).await.unwrap();
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", serde_json::to_vec(&batch).unwrap())
+        .await
+        .unwrap();
     assert_eq!(answer["results"][0]["code"], "not_found");
     assert_nothing_stored(&fed);
 }
@@ -161,8 +258,16 @@ async fn bad_requests_get_typed_errors_and_store_nothing() {
     // A request far over the transport limit: the gateway answers 413 without
     // reading it all and closes the connection, so the client may see either
     // the 413 or the reset while still writing. Either way nothing is stored.
-    match alice.post_raw("/v1/messages", vec![b' '; 3 * 1024 * 1024]).await {
-        Err(ClientError::Api { status: 413, code: ErrorCode::PayloadTooLarge, .. }) | Err(ClientError::Transport(_)) => {}
+    match alice
+        .post_raw("/v1/messages", vec![b' '; 3 * 1024 * 1024])
+        .await
+    {
+        Err(ClientError::Api {
+            status: 413,
+            code: ErrorCode::PayloadTooLarge,
+            ..
+        })
+        | Err(ClientError::Transport(_)) => {}
         other => panic!("huge request: {other:?}"),
     }
 
@@ -170,11 +275,21 @@ async fn bad_requests_get_typed_errors_and_store_nothing() {
     let e = alice.submit_once(&too_big).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::PayloadTooLarge), "{e}");
 
-    for to in ["user:nobody@northshire", "team:nobody@northshire", "team:duty@westfell"] {
-        let e = alice.submit_once(&message(to, "unknown", b"x".to_vec()).unwrap()).await.unwrap_err();
+    for to in [
+        "user:nobody@northshire",
+        "team:nobody@northshire",
+        "team:duty@westfell",
+    ] {
+        let e = alice
+            .submit_once(&message(to, "unknown", b"x".to_vec()).unwrap())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::UnknownRecipient), "{to}: {e}");
     }
-    let e = alice.fetch(&proto::MessageId::from_bytes([1; 16])).await.unwrap_err();
+    let e = alice
+        .fetch(&proto::MessageId::from_bytes([1; 16]))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound));
     assert_nothing_stored(&fed);
 }
