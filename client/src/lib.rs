@@ -9,6 +9,8 @@
 //! * errors are typed: configuration, transport (cannot reach or trust the
 //!   gateway), or a refusal by the gateway with its error code.
 
+pub mod mls;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -16,6 +16,7 @@
 mod api;
 mod envelope;
 mod ids;
+pub mod mls;
 
 pub use api::*;
 pub use envelope::*;

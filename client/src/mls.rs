@@ -1,0 +1,1 @@
+//! MLS client state (being built).

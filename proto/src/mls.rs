@@ -1,0 +1,1 @@
+//! MLS framing (being built).
