@@ -1,1 +1,0 @@
-//! MLS framing (being built).
