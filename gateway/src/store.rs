@@ -222,6 +222,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     envelope    TEXT NOT NULL,
     body        BLOB NOT NULL,
     status      TEXT NOT NULL,
+    stored_at_us INTEGER NOT NULL,
     UNIQUE (sender_area, sender_user, idem_key)
 );
 CREATE INDEX IF NOT EXISTS inbox_target ON inbox (target_kind, target_id, status);
@@ -692,12 +693,19 @@ impl Store for SqliteStore {
     }
 }
 
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 /// Inserts a message into the inbox; false if it was there already.
 fn insert_inbox(c: &Connection, env: &Envelope, body: &Body) -> Result<bool, StoreError> {
     let (kind, target) = target_of(env);
     let n = c.execute(
-        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'delivered')",
+        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'delivered', ?9)",
         params![
             env.message_id.as_str(),
             env.sender.area.as_str(),
@@ -706,7 +714,8 @@ fn insert_inbox(c: &Connection, env: &Envelope, body: &Body) -> Result<bool, Sto
             kind,
             target,
             to_json(env)?,
-            &body.0
+            &body.0,
+            now_us()
         ],
     )?;
     Ok(n == 1)

@@ -1,0 +1,229 @@
+//! Relay benchmark: A→B through two real gateways (mTLS, SQLite with
+//! synchronous=FULL, federation batches), against a plain rustls+hyper mTLS
+//! echo server measured in the same run on the same machine.
+//!
+//! Run: `cargo run --release -p tests --bin bench` (add `-- --help` for options).
+//! Prints throughput and p50/p99 latency at each concurrency, and the ratio
+//! relay/echo. Nothing here asserts a time: the figures are for people.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tests::{message, Federation, Settings};
+
+/// Measure A→B relay throughput and latency against a plain mTLS echo.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Messages in flight (concurrent senders), comma-separated.
+    #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    body: usize,
+    /// Seconds to spend on each measurement (after warm-up).
+    #[arg(long, default_value_t = 4.0)]
+    seconds: f64,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    n: usize,
+}
+
+fn figures(mut lat_us: Vec<i64>, elapsed: Duration) -> Figures {
+    lat_us.sort_unstable();
+    let pick = |q: f64| {
+        if lat_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat_us.len() as f64 - 1.0) * q).round() as usize;
+        lat_us[i.min(lat_us.len() - 1)] as f64 / 1000.0
+    };
+    Figures { per_sec: lat_us.len() as f64 / elapsed.as_secs_f64(), p50_ms: pick(0.50), p99_ms: pick(0.99), n: lat_us.len() }
+}
+
+// === echo baseline ===
+
+/// A plain hyper server over rustls with the same mTLS configuration the gateway uses.
+async fn start_echo(fed: &Federation) -> anyhow::Result<(u16, tokio::task::JoinHandle<()>)> {
+    let config = fed.config(0)?;
+    let own = certs::Credentials::load(&config.tls.cert, &config.tls.key)?;
+    let trust = certs::ServerTrust { own_area: config.area.clone(), own_cas: certs::load_certs(&config.tls.ca)?, peers: vec![] };
+    let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let handle = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((port, handle))
+}
+
+async fn run_echo(fed: &Federation, port: u16, c: usize, body: usize, secs: f64) -> anyhow::Result<Figures> {
+    let config = client::ClientConfig::load(&fed.client_config_path(0, "s0"))?;
+    let creds = certs::Credentials::load(&config.cert, &config.key)?;
+    let tls = certs::user_client_config(&creds, &config.area, &certs::load_certs(&config.ca)?)?;
+    let http = reqwest::Client::builder().use_preconfigured_tls(tls).build()?;
+    let url = format!("https://127.0.0.1:{port}/echo");
+    let payload = Bytes::from(vec![b'e'; body]);
+    let run = |dur: Duration| {
+        let http = http.clone();
+        let url = url.clone();
+        let payload = payload.clone();
+        async move {
+            let deadline = Instant::now() + dur;
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..c {
+                let (http, url, payload) = (http.clone(), url.clone(), payload.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let r = http.post(&url).body(payload.clone()).send().await?;
+                        let got = r.bytes().await?;
+                        anyhow::ensure!(got.len() == payload.len(), "echo returned {} bytes", got.len());
+                        lat.push(t.elapsed().as_micros() as i64);
+                    }
+                    Ok::<_, anyhow::Error>(lat)
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await??);
+            }
+            Ok::<_, anyhow::Error>(figures(all, start.elapsed()))
+        }
+    };
+    run(Duration::from_secs_f64(0.5)).await?;
+    run(Duration::from_secs_f64(secs)).await
+}
+
+// === relay ===
+
+/// `c` senders in area A each submit one message after another to their own
+/// recipient in area B; a message's latency runs from the start of its
+/// submission at A to its commit at B (B's `stored_at_us`).
+async fn run_relay(fed: &Federation, c: usize, body: usize, secs: f64, round: &str) -> anyhow::Result<Figures> {
+    let (a, b) = (0, 1);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..c {
+        let api = fed.api(a, &format!("s{w}"))?;
+        let round = round.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let key = format!("{round}-{w}-{i}");
+                let m = message(&format!("user:r{w}@southvale"), &key, vec![b'r'; body])?;
+                let t = now_us();
+                api.submit(&m).await?;
+                sent.push((key, t));
+                i += 1;
+            }
+            Ok::<_, anyhow::Error>(sent)
+        }));
+    }
+    let mut sent = std::collections::HashMap::new();
+    for t in tasks {
+        sent.extend(t.await??);
+    }
+    // Wait for B to have them all, then read its commit times.
+    let want = sent.len() as i64;
+    let like = format!("{round}-%");
+    let count_sql = format!("SELECT COUNT(*) FROM inbox WHERE idem_key LIKE '{like}'");
+    let ok = tests::eventually(Duration::from_secs(120), || async { fed.count(b, &count_sql).unwrap_or(0) >= want }).await;
+    anyhow::ensure!(ok, "not every message reached B");
+    let conn = rusqlite::Connection::open_with_flags(fed.db_path(b), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt = conn.prepare("SELECT idem_key, stored_at_us FROM inbox WHERE idem_key LIKE ?1")?;
+    let rows = stmt.query_map([&like], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut lat = Vec::new();
+    let mut last = 0;
+    for row in rows {
+        let (key, stored) = row?;
+        if let Some(t) = sent.get(&key) {
+            lat.push(stored - t);
+            last = last.max(stored);
+        }
+    }
+    let first = sent.values().copied().min().unwrap_or(0);
+    let elapsed = Duration::from_micros((last - first).max(1) as u64);
+    let _ = start;
+    Ok(figures(lat, elapsed))
+}
+
+/// Raw fsync cost on this disk, for context.
+fn fsync_baseline(dir: &std::path::Path) -> anyhow::Result<f64> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(dir.join("fsync.bin"))?;
+    let n = 500;
+    let t = Instant::now();
+    for _ in 0..n {
+        f.write_all(&[0u8; 512])?;
+        f.sync_data()?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
+    let senders: Vec<String> = (0..max_c).map(|i| format!("s{i}")).collect();
+    let receivers: Vec<String> = (0..max_c).map(|i| format!("r{i}")).collect();
+    let areas: Vec<tests::AreaUsers<'_>> = vec![
+        ("northshire", senders.iter().map(|s| (s.as_str(), &[][..])).collect()),
+        ("southvale", receivers.iter().map(|s| (s.as_str(), &[][..])).collect()),
+    ];
+    let settings = Settings {
+        toml: "[delivery]\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n[limits]\nuser_requests_per_second = 1000000\nuser_burst = 1000000\npeer_requests_per_second = 1000000\npeer_burst = 1000000\n".into(),
+    };
+    let mut fed = Federation::create(&areas, &settings).context("creating the federation")?;
+    fed.start(0).await?;
+    fed.start(1).await?;
+    let (echo_port, echo) = start_echo(&fed).await?;
+
+    println!("relay A→B vs plain rustls+hyper mTLS echo; {} B bodies; {:.1} s per point; {} cores", args.body, args.seconds, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("raw fdatasync loop: {:.0} syncs/s", fsync_baseline(fed.dir.path())?);
+    println!("{:>9} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>8}", "in flight", "echo/s", "p50 ms", "p99 ms", "relay/s", "p50 ms", "p99 ms", "ratio");
+    for (i, &c) in args.concurrency.iter().enumerate() {
+        let e = run_echo(&fed, echo_port, c, args.body, args.seconds).await?;
+        // Warm-up round, then the measured one.
+        run_relay(&fed, c, args.body, 0.5, &format!("warm{i}")).await?;
+        let r = run_relay(&fed, c, args.body, args.seconds, &format!("run{i}")).await?;
+        println!(
+            "{:>9} | {:>10.0} {:>8.2} {:>8.2} | {:>10.0} {:>8.2} {:>8.2} | {:>7.1}%   (n echo {}, relay {})",
+            c, e.per_sec, e.p50_ms, e.p99_ms, r.per_sec, r.p50_ms, r.p99_ms, 100.0 * r.per_sec / e.per_sec.max(1.0), e.n, r.n
+        );
+    }
+    echo.abort();
+    fed.stop(0).await;
+    fed.stop(1).await;
+    Ok(())
+}
