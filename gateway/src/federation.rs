@@ -5,6 +5,7 @@
 //! (stored, duplicate or refused), so a crash on either side can repeat a
 //! batch but never lose or reorder one; the peer deduplicates repeats.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,37 +57,50 @@ pub(crate) async fn peer_worker(
     let mut stop = shared.stop.subscribe();
     let mut backoff = delivery.retry_initial;
     let mut last_error: Option<String> = None;
+    // Highest queue position the peer has answered for. Items up to it are
+    // being removed from the queue by `recording`; after a failure to record
+    // (or a restart) the cursor goes back to 0 and the peer deduplicates.
+    let mut cursor: i64 = 0;
+    let record_failed = Arc::new(AtomicBool::new(false));
+    let mut recording: Option<tokio::task::JoinHandle<()>> = None;
+    let mut last_expiry = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
         if *stop.borrow() {
-            return;
+            break;
         }
-        let reason = format!(
-            "not delivered to {} within its validity of {}{}",
-            peer.area,
-            humantime::format_duration(delivery.message_validity),
-            last_error
-                .as_deref()
-                .map(|e| format!(" (last error: {e})"))
-                .unwrap_or_default()
-        );
-        match shared
-            .store
-            .expire(peer.area.clone(), now_ms(), reason)
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => {
-                shared.metrics.undeliverable.add(n as u64);
-                tracing::warn!(
-                    count = n,
-                    "messages expired undelivered; their senders are told"
-                );
+        if record_failed.swap(false, Ordering::SeqCst) {
+            cursor = 0;
+        }
+        if last_expiry.elapsed() >= Duration::from_secs(1) {
+            last_expiry = tokio::time::Instant::now();
+            let reason = format!(
+                "not delivered to {} within its validity of {}{}",
+                peer.area,
+                humantime::format_duration(delivery.message_validity),
+                last_error
+                    .as_deref()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            );
+            match shared
+                .store
+                .expire(peer.area.clone(), cursor, now_ms(), reason)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    shared.metrics.undeliverable.add(n as u64);
+                    tracing::warn!(
+                        count = n,
+                        "messages expired undelivered; their senders are told"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "expiring messages failed"),
             }
-            Err(e) => tracing::error!(error = %e, "expiring messages failed"),
         }
         let batch = match shared
             .store
-            .queued(peer.area.clone(), delivery.batch_max_items)
+            .queued(peer.area.clone(), cursor, delivery.batch_max_items)
             .await
         {
             Ok(b) => b,
@@ -98,8 +112,8 @@ pub(crate) async fn peer_worker(
         if batch.is_empty() {
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-                _ = crate::stopped(&mut stop) => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = crate::stopped(&mut stop) => break,
             }
             continue;
         }
@@ -116,13 +130,13 @@ pub(crate) async fn peer_worker(
             take += 1;
         }
         let batch = &batch[..take];
-        let result = send(
+        match send(
             &client,
             &url,
             batch.iter().map(|q| q.item.clone()).collect(),
         )
-        .await;
-        match result {
+        .await
+        {
             Ok(answer) => {
                 backoff = delivery.retry_initial;
                 if last_error.take().is_some() {
@@ -130,6 +144,7 @@ pub(crate) async fn peer_worker(
                 }
                 let mut verdicts = Vec::with_capacity(batch.len());
                 for (q, r) in batch.iter().zip(answer.results) {
+                    cursor = cursor.max(q.seq);
                     verdicts.push((
                         q.seq,
                         match r {
@@ -146,13 +161,18 @@ pub(crate) async fn peer_worker(
                     .metrics
                     .federation_items_sent
                     .add(verdicts.len() as u64);
-                if let Err(e) = shared
-                    .store
-                    .sent(peer.area.clone(), verdicts, now_ms())
-                    .await
-                {
-                    tracing::error!(error = %e, "recording a delivered batch failed; it will be resent and deduplicated");
+                // Record while the next batch is on its way; one recording at a time.
+                if let Some(h) = recording.take() {
+                    let _ = h.await;
                 }
+                let (shared2, area, failed) =
+                    (shared.clone(), peer.area.clone(), record_failed.clone());
+                recording = Some(tokio::spawn(async move {
+                    if let Err(e) = shared2.store.sent(area, verdicts, now_ms()).await {
+                        tracing::error!(error = %e, "recording a delivered batch failed; it will be resent and deduplicated");
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                }));
             }
             Err(e) => {
                 shared.metrics.federation_failures.inc();
@@ -168,10 +188,13 @@ pub(crate) async fn peer_worker(
                 last_error = Some(e.to_string());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = crate::stopped(&mut stop) => return,
+                    _ = crate::stopped(&mut stop) => break,
                 }
             }
         }
+    }
+    if let Some(h) = recording.take() {
+        let _ = h.await;
     }
 }
 

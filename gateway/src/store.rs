@@ -157,10 +157,11 @@ pub trait Store: Send + Sync + 'static {
         sender: UserId,
         id: MessageId,
     ) -> impl Future<Output = Result<Option<StatusResponse>, StoreError>> + Send;
-    /// The oldest queued items for a peer.
+    /// The oldest queued items for a peer after queue position `after`.
     fn queued(
         &self,
         peer: AreaId,
+        after: i64,
         max: usize,
     ) -> impl Future<Output = Result<Vec<Queued>, StoreError>> + Send;
     /// Records the peer's verdicts on queued items and removes them from the queue.
@@ -170,11 +171,13 @@ pub trait Store: Send + Sync + 'static {
         results: Vec<(i64, Sent)>,
         now_ms: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Returns queued messages for `peer` that expired by `now_ms` to their
-    /// senders as undeliverable, giving `reason`; returns how many.
+    /// Returns queued messages for `peer` after queue position `after` that
+    /// expired by `now_ms` to their senders as undeliverable, giving `reason`;
+    /// returns how many.
     fn expire(
         &self,
         peer: AreaId,
+        after: i64,
         now_ms: u64,
         reason: String,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
@@ -191,8 +194,11 @@ type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
+    reads: mpsc::Sender<ReadJob>,
     own_area: AreaId,
 }
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sent (
@@ -325,12 +331,46 @@ impl SqliteStore {
             )));
         }
         conn.execute_batch(SCHEMA)?;
+        // Readers see committed data through WAL without waiting for the writer.
+        let reader = Connection::open(data_dir.join("gateway.sqlite3"))?;
+        reader.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000;")?;
         let (tx, rx) = mpsc::channel::<Job>(8192);
         std::thread::Builder::new()
             .name("store".into())
             .spawn(move || store_thread(conn, rx))
             .map_err(|e| StoreError::Db(format!("starting store thread: {e}")))?;
-        Ok(SqliteStore { jobs: tx, own_area })
+        let (rtx, mut rrx) = mpsc::channel::<ReadJob>(8192);
+        std::thread::Builder::new()
+            .name("store-read".into())
+            .spawn(move || {
+                while let Some(job) = rrx.blocking_recv() {
+                    job(&reader);
+                }
+            })
+            .map_err(|e| StoreError::Db(format!("starting store reader: {e}")))?;
+        Ok(SqliteStore {
+            jobs: tx,
+            reads: rtx,
+            own_area,
+        })
+    }
+
+    /// Runs a read-only `f` on the reader connection, in one read transaction.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn: &Connection| {
+            let r = conn
+                .execute_batch("BEGIN DEFERRED")
+                .map_err(StoreError::from)
+                .and_then(|()| f(conn));
+            let _ = conn.execute_batch("COMMIT");
+            let _ = tx.send(r);
+        });
+        self.reads.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` inside the next group transaction and waits for its commit.
@@ -402,6 +442,15 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>) {
 impl Store for SqliteStore {
     async fn submit(&self, m: NewMessage) -> Result<SubmitOutcome, StoreError> {
         let own = self.own_area.clone();
+        // Serialise outside the writer thread: it is the one serial resource.
+        let env_json = to_json(&m.envelope)?;
+        let item_json = match &m.route {
+            Route::Peer(_) => Some(to_json(&FederationItem::Deliver {
+                envelope: Box::new(m.envelope.clone()),
+                body: m.body.clone(),
+            })?),
+            Route::Local => None,
+        };
         self.call(move |c| {
             let env = &m.envelope;
             let prior: Option<(String, String, String)> = c
@@ -430,7 +479,7 @@ impl Store for SqliteStore {
             };
             c.execute(
                 "INSERT INTO sent (message_id, sender_user, idem_key, recipient_area, envelope, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, env.sender.user.as_str(), env.idempotency_key.as_str(), env.recipient.area.as_str(), to_json(env)?, status.as_str()],
+                params![id, env.sender.user.as_str(), env.idempotency_key.as_str(), env.recipient.area.as_str(), env_json, status.as_str()],
             )?;
             c.execute(
                 "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'accepted', ?2)",
@@ -443,13 +492,12 @@ impl Store for SqliteStore {
                         "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'delivered', ?2)",
                         params![id, env.accepted_at_ms as i64],
                     )?;
-                    insert_inbox(c, env, &m.body)?;
+                    insert_inbox(c, env, &env_json, &m.body)?;
                 }
                 Route::Peer(peer) => {
-                    let item = FederationItem::Deliver { envelope: Box::new(env.clone()), body: m.body.clone() };
                     c.execute(
                         "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 1, ?3, ?4)",
-                        params![peer.as_str(), id, to_json(&item)?, env.expires_at_ms as i64],
+                        params![peer.as_str(), id, item_json.as_deref().unwrap_or_default(), env.expires_at_ms as i64],
                     )?;
                 }
             }
@@ -463,12 +511,22 @@ impl Store for SqliteStore {
         peer: AreaId,
         items: Vec<Incoming>,
     ) -> Result<Vec<IncomingOutcome>, StoreError> {
+        let items = items
+            .into_iter()
+            .map(|item| {
+                let json = match &item {
+                    Incoming::Deliver(env, _) => to_json(env)?,
+                    Incoming::Status(..) => String::new(),
+                };
+                Ok((item, json))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         self.call(move |c| {
             let mut out = Vec::with_capacity(items.len());
-            for item in items {
+            for (item, env_json) in items {
                 out.push(match item {
                     Incoming::Deliver(env, body) => {
-                        if insert_inbox(c, &env, &body)? {
+                        if insert_inbox(c, &env, &env_json, &body)? {
                             IncomingOutcome::Stored
                         } else {
                             IncomingOutcome::Duplicate
@@ -501,7 +559,7 @@ impl Store for SqliteStore {
     }
 
     async fn inbox(&self, mb: Mailbox, limit: usize) -> Result<Vec<InboxItem>, StoreError> {
-        self.call(move |c| {
+        self.read(move |c| {
             let (clause, args) = mailbox_clause(&mb);
             let sql = format!(
                 "SELECT envelope, status FROM inbox WHERE status != 'acknowledged' AND {clause} ORDER BY seq LIMIT {limit}"
@@ -563,7 +621,7 @@ impl Store for SqliteStore {
         sender: UserId,
         id: MessageId,
     ) -> Result<Option<StatusResponse>, StoreError> {
-        self.call(move |c| {
+        self.read(move |c| {
             let row: Option<(String, String)> = c
                 .query_row(
                     "SELECT envelope, status FROM sent WHERE message_id = ?1 AND sender_user = ?2",
@@ -595,25 +653,31 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn queued(&self, peer: AreaId, max: usize) -> Result<Vec<Queued>, StoreError> {
-        self.call(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, item FROM outbox WHERE peer = ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![peer.as_str(), max as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (seq, item) = row?;
-                out.push(Queued {
+    async fn queued(
+        &self,
+        peer: AreaId,
+        after: i64,
+        max: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let rows = self
+            .read(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, item FROM outbox WHERE peer = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![peer.as_str(), after, max as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(seq, item)| {
+                Ok(Queued {
                     seq,
                     item: from_json(&item)?,
-                });
-            }
-            Ok(out)
-        })
-        .await
+                })
+            })
+            .collect()
     }
 
     async fn sent(
@@ -654,13 +718,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn expire(&self, peer: AreaId, now_ms: u64, reason: String) -> Result<usize, StoreError> {
+    async fn expire(
+        &self,
+        peer: AreaId,
+        after: i64,
+        now_ms: u64,
+        reason: String,
+    ) -> Result<usize, StoreError> {
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND expires_ms <= ?2 ORDER BY seq",
+                "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND seq > ?3 AND expires_ms <= ?2 ORDER BY seq",
             )?;
             let rows: Vec<(i64, Option<String>, bool)> = stmt
-                .query_map(params![peer.as_str(), now_ms as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .query_map(params![peer.as_str(), now_ms as i64, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
             let mut n = 0;
             for (seq, id, is_deliver) in rows {
@@ -679,7 +749,7 @@ impl Store for SqliteStore {
     }
 
     async fn queue_depths(&self) -> Result<Vec<(AreaId, u64)>, StoreError> {
-        self.call(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare_cached("SELECT peer, COUNT(*) FROM outbox GROUP BY peer")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             let mut out = Vec::new();
@@ -701,7 +771,12 @@ fn now_us() -> i64 {
 }
 
 /// Inserts a message into the inbox; false if it was there already.
-fn insert_inbox(c: &Connection, env: &Envelope, body: &Body) -> Result<bool, StoreError> {
+fn insert_inbox(
+    c: &Connection,
+    env: &Envelope,
+    env_json: &str,
+    body: &Body,
+) -> Result<bool, StoreError> {
     let (kind, target) = target_of(env);
     let n = c.execute(
         "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us)
@@ -713,7 +788,7 @@ fn insert_inbox(c: &Connection, env: &Envelope, body: &Body) -> Result<bool, Sto
             env.idempotency_key.as_str(),
             kind,
             target,
-            to_json(env)?,
+            env_json,
             &body.0,
             now_us()
         ],

@@ -30,7 +30,10 @@ struct Args {
 }
 
 fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +53,12 @@ fn figures(mut lat_us: Vec<i64>, elapsed: Duration) -> Figures {
         let i = ((lat_us.len() as f64 - 1.0) * q).round() as usize;
         lat_us[i.min(lat_us.len() - 1)] as f64 / 1000.0
     };
-    Figures { per_sec: lat_us.len() as f64 / elapsed.as_secs_f64(), p50_ms: pick(0.50), p99_ms: pick(0.99), n: lat_us.len() }
+    Figures {
+        per_sec: lat_us.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+        n: lat_us.len(),
+    }
 }
 
 // === echo baseline ===
@@ -59,21 +67,36 @@ fn figures(mut lat_us: Vec<i64>, elapsed: Duration) -> Figures {
 async fn start_echo(fed: &Federation) -> anyhow::Result<(u16, tokio::task::JoinHandle<()>)> {
     let config = fed.config(0)?;
     let own = certs::Credentials::load(&config.tls.cert, &config.tls.key)?;
-    let trust = certs::ServerTrust { own_area: config.area.clone(), own_cas: certs::load_certs(&config.tls.ca)?, peers: vec![] };
+    let trust = certs::ServerTrust {
+        own_area: config.area.clone(),
+        own_cas: certs::load_certs(&config.tls.ca)?,
+        peers: vec![],
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let handle = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
-                });
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
+                    },
+                );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
                     .await;
@@ -83,11 +106,19 @@ async fn start_echo(fed: &Federation) -> anyhow::Result<(u16, tokio::task::JoinH
     Ok((port, handle))
 }
 
-async fn run_echo(fed: &Federation, port: u16, c: usize, body: usize, secs: f64) -> anyhow::Result<Figures> {
+async fn run_echo(
+    fed: &Federation,
+    port: u16,
+    c: usize,
+    body: usize,
+    secs: f64,
+) -> anyhow::Result<Figures> {
     let config = client::ClientConfig::load(&fed.client_config_path(0, "s0"))?;
     let creds = certs::Credentials::load(&config.cert, &config.key)?;
     let tls = certs::user_client_config(&creds, &config.area, &certs::load_certs(&config.ca)?)?;
-    let http = reqwest::Client::builder().use_preconfigured_tls(tls).build()?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()?;
     let url = format!("https://127.0.0.1:{port}/echo");
     let payload = Bytes::from(vec![b'e'; body]);
     let run = |dur: Duration| {
@@ -106,7 +137,11 @@ async fn run_echo(fed: &Federation, port: u16, c: usize, body: usize, secs: f64)
                         let t = Instant::now();
                         let r = http.post(&url).body(payload.clone()).send().await?;
                         let got = r.bytes().await?;
-                        anyhow::ensure!(got.len() == payload.len(), "echo returned {} bytes", got.len());
+                        anyhow::ensure!(
+                            got.len() == payload.len(),
+                            "echo returned {} bytes",
+                            got.len()
+                        );
                         lat.push(t.elapsed().as_micros() as i64);
                     }
                     Ok::<_, anyhow::Error>(lat)
@@ -128,7 +163,13 @@ async fn run_echo(fed: &Federation, port: u16, c: usize, body: usize, secs: f64)
 /// `c` senders in area A each submit one message after another to their own
 /// recipient in area B; a message's latency runs from the start of its
 /// submission at A to its commit at B (B's `stored_at_us`).
-async fn run_relay(fed: &Federation, c: usize, body: usize, secs: f64, round: &str) -> anyhow::Result<Figures> {
+async fn run_relay(
+    fed: &Federation,
+    c: usize,
+    body: usize,
+    secs: f64,
+    round: &str,
+) -> anyhow::Result<Figures> {
     let (a, b) = (0, 1);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
@@ -158,11 +199,20 @@ async fn run_relay(fed: &Federation, c: usize, body: usize, secs: f64, round: &s
     let want = sent.len() as i64;
     let like = format!("{round}-%");
     let count_sql = format!("SELECT COUNT(*) FROM inbox WHERE idem_key LIKE '{like}'");
-    let ok = tests::eventually(Duration::from_secs(120), || async { fed.count(b, &count_sql).unwrap_or(0) >= want }).await;
+    let ok = tests::eventually(Duration::from_secs(120), || async {
+        fed.count(b, &count_sql).unwrap_or(0) >= want
+    })
+    .await;
     anyhow::ensure!(ok, "not every message reached B");
-    let conn = rusqlite::Connection::open_with_flags(fed.db_path(b), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let mut stmt = conn.prepare("SELECT idem_key, stored_at_us FROM inbox WHERE idem_key LIKE ?1")?;
-    let rows = stmt.query_map([&like], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let conn = rusqlite::Connection::open_with_flags(
+        fed.db_path(b),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let mut stmt =
+        conn.prepare("SELECT idem_key, stored_at_us FROM inbox WHERE idem_key LIKE ?1")?;
+    let rows = stmt.query_map([&like], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })?;
     let mut lat = Vec::new();
     let mut last = 0;
     for row in rows {
@@ -198,8 +248,14 @@ async fn main() -> anyhow::Result<()> {
     let senders: Vec<String> = (0..max_c).map(|i| format!("s{i}")).collect();
     let receivers: Vec<String> = (0..max_c).map(|i| format!("r{i}")).collect();
     let areas: Vec<tests::AreaUsers<'_>> = vec![
-        ("northshire", senders.iter().map(|s| (s.as_str(), &[][..])).collect()),
-        ("southvale", receivers.iter().map(|s| (s.as_str(), &[][..])).collect()),
+        (
+            "northshire",
+            senders.iter().map(|s| (s.as_str(), &[][..])).collect(),
+        ),
+        (
+            "southvale",
+            receivers.iter().map(|s| (s.as_str(), &[][..])).collect(),
+        ),
     ];
     let settings = Settings {
         toml: "[delivery]\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n[limits]\nuser_requests_per_second = 1000000\nuser_burst = 1000000\npeer_requests_per_second = 1000000\npeer_burst = 1000000\n".into(),
@@ -209,9 +265,22 @@ async fn main() -> anyhow::Result<()> {
     fed.start(1).await?;
     let (echo_port, echo) = start_echo(&fed).await?;
 
-    println!("relay A→B vs plain rustls+hyper mTLS echo; {} B bodies; {:.1} s per point; {} cores", args.body, args.seconds, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!("raw fdatasync loop: {:.0} syncs/s", fsync_baseline(fed.dir.path())?);
-    println!("{:>9} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>8}", "in flight", "echo/s", "p50 ms", "p99 ms", "relay/s", "p50 ms", "p99 ms", "ratio");
+    println!(
+        "relay A→B vs plain rustls+hyper mTLS echo; {} B bodies; {:.1} s per point; {} cores",
+        args.body,
+        args.seconds,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!(
+        "raw fdatasync loop: {:.0} syncs/s",
+        fsync_baseline(fed.dir.path())?
+    );
+    println!(
+        "{:>9} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>8}",
+        "in flight", "echo/s", "p50 ms", "p99 ms", "relay/s", "p50 ms", "p99 ms", "ratio"
+    );
     for (i, &c) in args.concurrency.iter().enumerate() {
         let e = run_echo(&fed, echo_port, c, args.body, args.seconds).await?;
         // Warm-up round, then the measured one.

@@ -1,1 +1,0 @@
-//! MLS client state (being built).
