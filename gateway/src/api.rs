@@ -217,7 +217,7 @@ async fn submit(
     let route = route_for(&shared, &req.recipient)?;
     let now = now_ms();
     let envelope = Envelope {
-        message_id: MessageId::from_bytes(rand::random()),
+        message_id: MessageId::time_ordered(now, rand::random()),
         idempotency_key: req.idempotency_key,
         sender,
         recipient: req.recipient,

@@ -196,6 +196,8 @@ pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     reads: mpsc::Sender<ReadJob>,
     own_area: AreaId,
+    /// Alive while any clone of the store is: the checkpointer stops with it.
+    _alive: std::sync::Arc<()>,
 }
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
@@ -237,12 +239,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     peer        TEXT NOT NULL,
     message_id  TEXT,
     is_deliver  INTEGER NOT NULL,
-    item        TEXT NOT NULL,
+    item        TEXT,
+    envelope    TEXT,
+    body        BLOB,
     expires_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_peer ON outbox (peer, seq);
 PRAGMA user_version = 1;
 ";
+
+/// Executes a statement through the connection's statement cache.
+fn exec<P: rusqlite::Params>(c: &Connection, sql: &str, p: P) -> Result<usize, StoreError> {
+    Ok(c.prepare_cached(sql)?.execute(p)?)
+}
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
@@ -276,19 +285,19 @@ fn advance_sent(
     reason: Option<&str>,
 ) -> Result<bool, StoreError> {
     let cur: Option<String> = c
-        .query_row("SELECT status FROM sent WHERE message_id = ?1", [id], |r| {
-            r.get(0)
-        })
+        .prepare_cached("SELECT status FROM sent WHERE message_id = ?1")?
+        .query_row([id], |r| r.get(0))
         .optional()?;
     let Some(cur) = cur else { return Ok(false) };
     if !parse_status(&cur)?.can_become(to) {
         return Ok(false);
     }
-    c.execute(
+    exec(
+        c,
         "UPDATE sent SET status = ?2 WHERE message_id = ?1",
         params![id, to.as_str()],
     )?;
-    c.execute(
+    exec(c,
         "INSERT OR IGNORE INTO status_events (message_id, status, at_ms, reason) VALUES (?1, ?2, ?3, ?4)",
         params![id, to.as_str(), at_ms as i64, reason],
     )?;
@@ -322,7 +331,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::Db(format!("creating {}: {e}", data_dir.display())))?;
         let conn = Connection::open(data_dir.join("gateway.sqlite3"))?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+             PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;",
         )?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > 1 {
@@ -348,10 +358,29 @@ impl SqliteStore {
                 }
             })
             .map_err(|e| StoreError::Db(format!("starting store reader: {e}")))?;
+        // Checkpoints run beside the writer (PASSIVE never blocks it), so the
+        // writer's commits pay only for the WAL append and its fsync.
+        let alive = std::sync::Arc::new(());
+        let weak = std::sync::Arc::downgrade(&alive);
+        let checkpointer = Connection::open(data_dir.join("gateway.sqlite3"))?;
+        checkpointer.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || {
+                while weak.upgrade().is_some() {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                        tracing::warn!(error = %e, "store: checkpoint failed");
+                    }
+                }
+                let _ = checkpointer.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+            })
+            .map_err(|e| StoreError::Db(format!("starting store checkpointer: {e}")))?;
         Ok(SqliteStore {
             jobs: tx,
             reads: rtx,
             own_area,
+            _alive: alive,
         })
     }
 
@@ -444,19 +473,9 @@ impl Store for SqliteStore {
         let own = self.own_area.clone();
         // Serialise outside the writer thread: it is the one serial resource.
         let env_json = to_json(&m.envelope)?;
-        let item_json = match &m.route {
-            Route::Peer(_) => Some(to_json(&FederationItem::Deliver {
-                envelope: Box::new(m.envelope.clone()),
-                body: m.body.clone(),
-            })?),
-            Route::Local => None,
-        };
         self.call(move |c| {
             let env = &m.envelope;
-            let prior: Option<(String, String, String)> = c
-                .query_row(
-                    "SELECT message_id, envelope, status FROM sent WHERE sender_user = ?1 AND idem_key = ?2",
-                    params![env.sender.user.as_str(), env.idempotency_key.as_str()],
+            let prior: Option<(String, String, String)> = c.prepare_cached("SELECT message_id, envelope, status FROM sent WHERE sender_user = ?1 AND idem_key = ?2")?.query_row(params![env.sender.user.as_str(), env.idempotency_key.as_str()],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
@@ -477,27 +496,27 @@ impl Store for SqliteStore {
                 Route::Local => Status::Delivered,
                 Route::Peer(_) => Status::Accepted,
             };
-            c.execute(
+            exec(c,
                 "INSERT INTO sent (message_id, sender_user, idem_key, recipient_area, envelope, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![id, env.sender.user.as_str(), env.idempotency_key.as_str(), env.recipient.area.as_str(), env_json, status.as_str()],
             )?;
-            c.execute(
+            exec(c,
                 "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'accepted', ?2)",
                 params![id, env.accepted_at_ms as i64],
             )?;
             match &m.route {
                 Route::Local => {
                     debug_assert_eq!(env.recipient.area, own);
-                    c.execute(
+                    exec(c,
                         "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'delivered', ?2)",
                         params![id, env.accepted_at_ms as i64],
                     )?;
                     insert_inbox(c, env, &env_json, &m.body)?;
                 }
                 Route::Peer(peer) => {
-                    c.execute(
-                        "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 1, ?3, ?4)",
-                        params![peer.as_str(), id, item_json.as_deref().unwrap_or_default(), env.expires_at_ms as i64],
+                    exec(c,
+                        "INSERT INTO outbox (peer, message_id, is_deliver, envelope, body, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5)",
+                        params![peer.as_str(), id, env_json, &m.body.0, env.expires_at_ms as i64],
                     )?;
                 }
             }
@@ -534,11 +553,10 @@ impl Store for SqliteStore {
                     }
                     Incoming::Status(id, status, at) => {
                         let area: Option<String> = c
-                            .query_row(
+                            .prepare_cached(
                                 "SELECT recipient_area FROM sent WHERE message_id = ?1",
-                                [id.as_str()],
-                                |r| r.get(0),
-                            )
+                            )?
+                            .query_row([id.as_str()], |r| r.get(0))
                             .optional()?;
                         match area {
                             Some(a) if a == peer.as_str() => {
@@ -622,10 +640,7 @@ impl Store for SqliteStore {
         id: MessageId,
     ) -> Result<Option<StatusResponse>, StoreError> {
         self.read(move |c| {
-            let row: Option<(String, String)> = c
-                .query_row(
-                    "SELECT envelope, status FROM sent WHERE message_id = ?1 AND sender_user = ?2",
-                    params![id.as_str(), sender.as_str()],
+            let row: Option<(String, String)> = c.prepare_cached("SELECT envelope, status FROM sent WHERE message_id = ?1 AND sender_user = ?2")?.query_row(params![id.as_str(), sender.as_str()],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -659,23 +674,33 @@ impl Store for SqliteStore {
         after: i64,
         max: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        let rows = self
+        type Row = (i64, Option<String>, Option<String>, Option<Vec<u8>>);
+        let rows: Vec<Row> = self
             .read(move |c| {
                 let mut stmt = c.prepare_cached(
-                    "SELECT seq, item FROM outbox WHERE peer = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                    "SELECT seq, item, envelope, body FROM outbox WHERE peer = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                 )?;
                 let rows = stmt.query_map(params![peer.as_str(), after, max as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
             .await?;
         rows.into_iter()
-            .map(|(seq, item)| {
-                Ok(Queued {
-                    seq,
-                    item: from_json(&item)?,
-                })
+            .map(|(seq, item, envelope, body)| {
+                let item = match (item, envelope, body) {
+                    (Some(item), _, _) => from_json(&item)?,
+                    (None, Some(env), Some(body)) => FederationItem::Deliver {
+                        envelope: Box::new(from_json(&env)?),
+                        body: Body(body),
+                    },
+                    _ => {
+                        return Err(corrupt(format!(
+                            "outbox row {seq} has neither item nor message"
+                        )))
+                    }
+                };
+                Ok(Queued { seq, item })
             })
             .collect()
     }
@@ -689,16 +714,15 @@ impl Store for SqliteStore {
         self.call(move |c| {
             for (seq, result) in results {
                 let row: Option<(Option<String>, bool)> = c
-                    .query_row(
+                    .prepare_cached(
                         "SELECT message_id, is_deliver FROM outbox WHERE seq = ?1 AND peer = ?2",
-                        params![seq, peer.as_str()],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    )?
+                    .query_row(params![seq, peer.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
                 let Some((message_id, is_deliver)) = row else {
                     continue;
                 };
-                c.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+                exec(c, "DELETE FROM outbox WHERE seq = ?1", [seq])?;
                 let Some(id) = message_id.filter(|_| is_deliver) else {
                     if let Sent::Refused(reason) = result {
                         tracing::warn!(%peer, %reason, "peer refused a status update");
@@ -734,7 +758,7 @@ impl Store for SqliteStore {
                 .collect::<Result<_, _>>()?;
             let mut n = 0;
             for (seq, id, is_deliver) in rows {
-                c.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+                exec(c, "DELETE FROM outbox WHERE seq = ?1", [seq])?;
                 match id {
                     Some(id) if is_deliver => {
                         advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?;
@@ -778,7 +802,7 @@ fn insert_inbox(
     body: &Body,
 ) -> Result<bool, StoreError> {
     let (kind, target) = target_of(env);
-    let n = c.execute(
+    let n = exec(c,
         "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'delivered', ?9)",
         params![
@@ -807,7 +831,8 @@ fn find_in_mailbox(
     let sql =
         format!("SELECT envelope, body, status FROM inbox WHERE message_id = ?{n} AND {clause}");
     let row: Option<(String, Vec<u8>, String)> = c
-        .query_row(&sql, rusqlite::params_from_iter(args.iter()), |r| {
+        .prepare_cached(&sql)?
+        .query_row(rusqlite::params_from_iter(args.iter()), |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .optional()?;
@@ -827,7 +852,8 @@ fn set_inbox_status(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let id = env.message_id.as_str();
-    c.execute(
+    exec(
+        c,
         "UPDATE inbox SET status = ?2 WHERE message_id = ?1",
         params![id, to.as_str()],
     )?;
@@ -843,7 +869,7 @@ fn set_inbox_status(
             status: to,
             at_ms: now_ms,
         };
-        c.execute(
+        exec(c,
             "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 0, ?3, ?4)",
             params![env.sender.area.as_str(), id, to_json(&item)?, (now_ms + 30 * 86_400_000) as i64],
         )?;

@@ -24,6 +24,9 @@ struct Args {
     /// Body size in bytes.
     #[arg(long, default_value_t = 4096)]
     body: usize,
+    /// Skip the echo baseline (for profiling the relay alone).
+    #[arg(long)]
+    relay_only: bool,
     /// Seconds to spend on each measurement (after warm-up).
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
@@ -185,16 +188,25 @@ async fn run_relay(
                 let m = message(&format!("user:r{w}@southvale"), &key, vec![b'r'; body])?;
                 let t = now_us();
                 api.submit(&m).await?;
-                sent.push((key, t));
+                sent.push((key, t, now_us() - t));
                 i += 1;
             }
             Ok::<_, anyhow::Error>(sent)
         }));
     }
     let mut sent = std::collections::HashMap::new();
+    let mut accept = Vec::new();
     for t in tasks {
-        sent.extend(t.await??);
+        for (key, t0, rtt) in t.await?? {
+            sent.insert(key, t0);
+            accept.push(rtt);
+        }
     }
+    let acc = figures(accept, Duration::from_secs(1));
+    eprintln!(
+        "    accept at A: p50 {:.2} ms p99 {:.2} ms",
+        acc.p50_ms, acc.p99_ms
+    );
     // Wait for B to have them all, then read its commit times.
     let want = sent.len() as i64;
     let like = format!("{round}-%");
@@ -282,7 +294,16 @@ async fn main() -> anyhow::Result<()> {
         "in flight", "echo/s", "p50 ms", "p99 ms", "relay/s", "p50 ms", "p99 ms", "ratio"
     );
     for (i, &c) in args.concurrency.iter().enumerate() {
-        let e = run_echo(&fed, echo_port, c, args.body, args.seconds).await?;
+        let e = if args.relay_only {
+            Figures {
+                per_sec: 0.0,
+                p50_ms: 0.0,
+                p99_ms: 0.0,
+                n: 0,
+            }
+        } else {
+            run_echo(&fed, echo_port, c, args.body, args.seconds).await?
+        };
         // Warm-up round, then the measured one.
         run_relay(&fed, c, args.body, 0.5, &format!("warm{i}")).await?;
         let r = run_relay(&fed, c, args.body, args.seconds, &format!("run{i}")).await?;
