@@ -9,7 +9,10 @@
 //! * errors are typed: configuration, transport (cannot reach or trust the
 //!   gateway), or a refusal by the gateway with its error code.
 
+pub mod cases;
+pub mod lint;
 pub mod mls;
+pub mod referral;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -79,6 +82,10 @@ pub struct ClientConfig {
     pub key: PathBuf,
     /// The home area's CA certificate (PEM).
     pub ca: PathBuf,
+    /// Where the client keeps its MLS keys, groups and case history.
+    /// Default: `<config file stem>.data` beside the configuration file.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -96,6 +103,19 @@ impl ClientConfig {
                 *p = base.join(&*p);
             }
         }
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "client".into());
+        let data = c
+            .data_dir
+            .take()
+            .unwrap_or_else(|| PathBuf::from(format!("{stem}.data")));
+        c.data_dir = Some(if data.is_relative() {
+            base.join(data)
+        } else {
+            data
+        });
         if !c.gateway.starts_with("https://") {
             return Err(err("gateway: must start with https://".into()));
         }
@@ -276,6 +296,32 @@ impl Api {
     /// A sent message's status and history.
     pub async fn status(&self, id: &MessageId) -> Result<StatusResponse, ClientError> {
         self.get(&format!("/v1/messages/{id}/status")).await
+    }
+
+    /// Publishes MLS KeyPackages (TLS-encoded); returns the stock left.
+    pub async fn upload_key_packages(
+        &self,
+        kps: Vec<Vec<u8>>,
+    ) -> Result<proto::KeyPackageStock, ClientError> {
+        let body = serde_json::to_vec(&proto::KeyPackageUpload {
+            key_packages: kps.into_iter().map(proto::Body).collect(),
+        })
+        .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let v = self.post_raw("/v1/keypackages", body).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// Claims one KeyPackage for each member of a user or team, here or in a peer area.
+    pub async fn claim(
+        &self,
+        recipient: &proto::Recipient,
+    ) -> Result<proto::ClaimResponse, ClientError> {
+        let body = serde_json::to_vec(&proto::ClaimRequest {
+            recipient: recipient.clone(),
+        })
+        .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let v = self.post_raw("/v1/keypackages/claim", body).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// Checks that the gateway answers and who it thinks we are.

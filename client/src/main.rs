@@ -80,11 +80,101 @@ enum Command {
         /// The message id.
         id: MessageId,
     },
+    /// Publish your MLS KeyPackages so others can add you to referrals.
+    ///
+    /// Run once after setup, and again when `read` says your stock is low.
+    Keys {
+        /// How many single-use KeyPackages to publish (a last-resort one is added).
+        #[arg(long, default_value_t = client::cases::KEY_STOCK)]
+        count: usize,
+    },
+    /// Start an end-to-end encrypted referral to a team or a person: creates
+    /// the case's MLS group with their members and sends the body (from
+    /// --file or standard input) as its first message.
+    ///
+    /// Example: client refer --to team:duty@southvale --category relocation --file referral.txt
+    Refer {
+        /// Recipient: team:<id>@<area> or user:<id>@<area>.
+        #[arg(long)]
+        to: Recipient,
+        /// Category, e.g. relocation, urgent-risk.
+        #[arg(long, default_value = "relocation")]
+        category: Category,
+        /// Mark it urgent.
+        #[arg(long)]
+        urgent: bool,
+        /// Case id to use (default: a new random one, printed).
+        #[arg(long)]
+        case: Option<String>,
+        /// Idempotency key for the messages (default: random).
+        #[arg(long)]
+        key: Option<String>,
+        /// Read the body from this file instead of standard input.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Take the encrypted case messages from your inbox: join new cases,
+    /// decrypt and print messages, apply membership changes, acknowledge.
+    Read {
+        /// If nothing is waiting, wait up to this many seconds.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Send a reply or update in a case (body from --file or standard input).
+    Reply {
+        /// The case id.
+        #[arg(long)]
+        case: String,
+        /// Category.
+        #[arg(long, default_value = "update")]
+        category: Category,
+        /// Read the body from this file instead of standard input.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Add a person or team to an open case.
+    Add {
+        /// The case id.
+        #[arg(long)]
+        case: String,
+        /// Who: user:<id>@<area> or team:<id>@<area>.
+        #[arg(long)]
+        to: Recipient,
+    },
+    /// Hand a case to a new key lead: adds them and removes you in one MLS
+    /// commit (your keys no longer read what follows), and sends them the
+    /// case chronology.
+    Handover {
+        /// The case id.
+        #[arg(long)]
+        case: String,
+        /// The new key lead: user:<id>@<area>.
+        #[arg(long)]
+        to: Recipient,
+    },
+    /// Print a case's chronology as this client holds it.
+    History {
+        /// The case id.
+        #[arg(long)]
+        case: String,
+    },
+    /// List the cases this client is in.
+    Cases,
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(c) = cause.downcast_ref::<ClientError>() {
+            return match c {
+                ClientError::Config { .. } | ClientError::Certs(_) => 3,
+                ClientError::Api { .. } => 4,
+                ClientError::Transport(_) => 5,
+                _ => 1,
+            };
+        }
+        if let Some(client::cases::CaseError::Client(c)) =
+            cause.downcast_ref::<client::cases::CaseError>()
+        {
             return match c {
                 ClientError::Config { .. } | ClientError::Certs(_) => 3,
                 ClientError::Api { .. } => 4,
@@ -171,6 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 recipient: to,
                 category,
                 urgent,
+                kind: proto::MessageKind::Opaque,
                 body: Body(body),
             };
             let r = api.submit(&req).await?;
@@ -227,6 +318,155 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = api.status(&id).await?;
             print(&r);
         }
+        other => cases_command(&config, api, other, json).await?,
+    }
+    Ok(())
+}
+
+fn read_body(file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
+    match file {
+        Some(f) => {
+            std::fs::read(&f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))
+        }
+        None => {
+            let mut b = Vec::new();
+            std::io::stdin().read_to_end(&mut b)?;
+            Ok(b)
+        }
+    }
+}
+
+async fn cases_command(
+    config: &ClientConfig,
+    api: Api,
+    command: Command,
+    json: bool,
+) -> anyhow::Result<()> {
+    use client::cases::{Caseworker, Event};
+    let mut cw = Caseworker::open(config, api)?;
+    match command {
+        Command::Keys { count } => {
+            let stock = cw.publish_keys(count).await?;
+            println!(
+                "published {} KeyPackages; {} available, last resort: {}",
+                stock.stored, stock.available, stock.last_resort
+            );
+        }
+        Command::Refer {
+            to,
+            category,
+            urgent,
+            case,
+            key,
+            file,
+        } => {
+            let body = read_body(file)?;
+            let (case_id, missing) = cw.refer(&to, &category, urgent, &body, case, key).await?;
+            println!("{case_id}");
+            for m in missing {
+                eprintln!("warning: {m} has published no keys and was not added; add them later with `client add --case {case_id}`");
+            }
+        }
+        Command::Read { wait } => {
+            let events = cw.read(Duration::from_secs(wait)).await?;
+            let mut refused = false;
+            for e in &events {
+                match e {
+                    Event::Joined { case_id, from } => {
+                        println!("joined case {case_id} (added by {from})")
+                    }
+                    Event::Message {
+                        case_id,
+                        from,
+                        plaintext,
+                    } => {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"case": case_id, "from": from, "text": String::from_utf8_lossy(plaintext)})
+                            );
+                        } else {
+                            println!(
+                                "--- case {case_id}, from {from}\n{}",
+                                String::from_utf8_lossy(plaintext)
+                            );
+                        }
+                    }
+                    Event::Membership {
+                        case_id,
+                        added,
+                        removed,
+                    } => {
+                        println!("case {case_id}: added {added:?}, removed {removed:?}")
+                    }
+                    Event::Removed { case_id } => println!("you were removed from case {case_id}"),
+                    Event::History {
+                        case_id,
+                        from,
+                        entries,
+                    } => {
+                        println!(
+                            "case {case_id}: received {entries} chronology entries from {from}"
+                        )
+                    }
+                    Event::Refused {
+                        message_id,
+                        from,
+                        error,
+                    } => {
+                        refused = true;
+                        eprintln!("REFUSED message {message_id} from {from}: {error}");
+                    }
+                    _ => {}
+                }
+            }
+            if refused {
+                anyhow::bail!("some messages were refused (see above); they stay in the inbox");
+            }
+            if events.is_empty() && wait > 0 {
+                return Err(Empty.into());
+            }
+        }
+        Command::Reply {
+            case,
+            category,
+            file,
+        } => {
+            let body = read_body(file)?;
+            let ids = cw.send(&case, &category, &body, None).await?;
+            println!("sent to {} address(es)", ids.len());
+        }
+        Command::Add { case, to } => {
+            let missing = cw.add(&case, &to, None).await?;
+            println!("added {to} to case {case}");
+            for m in missing {
+                eprintln!("warning: {m} has published no keys and was not added");
+            }
+        }
+        Command::Handover { case, to } => {
+            cw.handover(&case, &to, None).await?;
+            println!("case {case} handed over to {to}; this client can no longer read it");
+        }
+        Command::History { case } => {
+            for e in cw.history(&case)? {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
+                println!(
+                    "--- {} {}{}\n{}",
+                    humantime::format_rfc3339_millis(at),
+                    e.sender,
+                    e.imported_from
+                        .map(|f| format!(" (handed over by {f})"))
+                        .unwrap_or_default(),
+                    String::from_utf8_lossy(&e.plaintext)
+                );
+            }
+        }
+        Command::Cases => {
+            for c in cw.cases()? {
+                println!("{c}");
+            }
+        }
+        _ => {}
     }
     Ok(())
 }

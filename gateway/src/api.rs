@@ -23,6 +23,8 @@ use serde::Deserialize;
 
 use crate::store::{Incoming, IncomingOutcome, Mailbox, NewMessage, Route, Store, SubmitOutcome};
 use crate::{now_ms, Shared};
+use proto::mls::{ContentType, MlsMessageInfo};
+use proto::MessageKind;
 
 /// An error answer: HTTP status, machine code and a message for people.
 #[derive(Debug)]
@@ -132,6 +134,12 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             post(federation_batch).layer(DefaultBodyLimit::max(federation_limit)),
         )
         .route("/v1/health", get(health))
+        .route(
+            "/v1/keypackages",
+            post(upload_key_packages).layer(DefaultBodyLimit::max(user_limit)),
+        )
+        .route("/v1/keypackages/claim", post(claim_key_packages))
+        .route("/v1/federation/keypackages/claim", post(federation_claim))
         .fallback(|| async { Failure::not_found("no such endpoint") })
         .with_state(shared)
 }
@@ -215,6 +223,10 @@ async fn submit(
         ));
     }
     let route = route_for(&shared, &req.recipient)?;
+    let commit = match req.kind {
+        MessageKind::Opaque => None,
+        MessageKind::Mls => check_mls(&req.body.0)?,
+    };
     let now = now_ms();
     let envelope = Envelope {
         message_id: MessageId::time_ordered(now, rand::random()),
@@ -223,6 +235,7 @@ async fn submit(
         recipient: req.recipient,
         category: req.category,
         urgent: req.urgent,
+        kind: req.kind,
         content_hash: req.body.hash(),
         accepted_at_ms: now,
         expires_at_ms: now
@@ -234,6 +247,7 @@ async fn submit(
             envelope: envelope.clone(),
             body: req.body,
             route: route.clone(),
+            commit,
         })
         .await?;
     match outcome {
@@ -251,6 +265,11 @@ async fn submit(
             tracing::info!(%message_id, "duplicate submission; nothing new stored");
             Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true })))
         }
+        SubmitOutcome::StaleEpoch(newest) => Err(Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::StaleEpoch,
+            format!("another Commit was already accepted for this epoch (newest Commit epoch {newest}); process pending messages and retry"),
+        )),
         SubmitOutcome::Conflict(message_id) => Err(Failure::new(
             StatusCode::CONFLICT,
             ErrorCode::IdempotencyConflict,
@@ -498,4 +517,204 @@ fn check_item(
             at_ms,
         } => Ok(Incoming::Status(message_id, status, at_ms)),
     }
+}
+
+// === MLS delivery service ===
+
+/// Checks an MLS message's public framing. Returns the group and epoch of a
+/// Commit, which the store checks for order.
+fn check_mls(body: &[u8]) -> Result<Option<(String, u64)>, Failure> {
+    let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
+    let info =
+        MlsMessageInfo::parse(body).map_err(|e| bad(format!("not a valid MLS message: {e}")))?;
+    match &info {
+        MlsMessageInfo::PublicMessage(m) | MlsMessageInfo::PrivateMessage(m) => {
+            if m.content_type() == ContentType::Commit {
+                return Ok(Some((hex::encode(m.group_id()), m.epoch())));
+            }
+            Ok(None)
+        }
+        MlsMessageInfo::Welcome(_) => Ok(None),
+        MlsMessageInfo::GroupInfo(_) | MlsMessageInfo::KeyPackage(_) => Err(bad(
+            "KeyPackages are published with /v1/keypackages; GroupInfo is not relayed".into(),
+        )),
+    }
+}
+
+/// Most KeyPackages one upload may carry.
+const MAX_UPLOAD: usize = 100;
+/// Below this many single-use KeyPackages the uploader is told to top up.
+const LOW_STOCK: usize = 5;
+
+async fn upload_key_packages(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<proto::KeyPackageStock>, Failure> {
+    let (sender, _) = user_of(&shared, &peer)?;
+    let upload: proto::KeyPackageUpload = parse_json(body)?;
+    if upload.key_packages.len() > MAX_UPLOAD {
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            format!("at most {MAX_UPLOAD} KeyPackages per upload"),
+        ));
+    }
+    let me = peer.identity().uri();
+    let now_s = now_ms() / 1000;
+    let mut kps = Vec::with_capacity(upload.key_packages.len());
+    for (i, kp) in upload.key_packages.into_iter().enumerate() {
+        let info = proto::mls::KeyPackageInfo::parse(&kp.0).map_err(|e| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::MalformedRequest,
+                format!("key_packages[{i}]: {e}"),
+            )
+        })?;
+        if info.identity() != me {
+            return Err(Failure::forbidden(format!(
+                "key_packages[{i}]: its credential names {:?}, but your certificate is {me}",
+                info.identity().chars().take(100).collect::<String>()
+            )));
+        }
+        if !info.lifetime().contains(now_s) {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::MalformedRequest,
+                format!("key_packages[{i}]: expired or not yet valid"),
+            ));
+        }
+        kps.push((
+            info.key_package_ref().to_string(),
+            kp.0,
+            info.is_last_resort(),
+        ));
+    }
+    let (stored, available, last_resort) = shared
+        .store
+        .put_key_packages(sender.user, kps, now_ms())
+        .await?;
+    Ok(Json(proto::KeyPackageStock {
+        stored,
+        available,
+        last_resort,
+        low: available < LOW_STOCK,
+    }))
+}
+
+/// Claims KeyPackages of a target in this area.
+async fn claim_local(
+    shared: &Shared,
+    target: &proto::Target,
+) -> Result<proto::ClaimResponse, Failure> {
+    let members = shared.directory.members(target);
+    let claimed = shared.store.claim_key_packages(members).await?;
+    let mut out = proto::ClaimResponse {
+        key_packages: Vec::new(),
+        missing: Vec::new(),
+    };
+    for (user, kp) in claimed {
+        let identity = Identity::User(shared.config.area.clone(), user).uri();
+        match kp {
+            Some(kp) => out.key_packages.push(proto::ClaimedKeyPackage {
+                identity,
+                key_package: proto::Body(kp),
+            }),
+            None => out.missing.push(identity),
+        }
+    }
+    Ok(out)
+}
+
+async fn claim_key_packages(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<proto::ClaimResponse>, Failure> {
+    let _ = user_of(&shared, &peer)?;
+    let req: proto::ClaimRequest = parse_json(body)?;
+    let to = &req.recipient;
+    let unknown = |m: String| Failure::new(StatusCode::NOT_FOUND, ErrorCode::UnknownRecipient, m);
+    if to.area == shared.config.area {
+        if !shared.directory.has_target(&to.target) {
+            return Err(unknown(format!("{to} is not in this area's directory")));
+        }
+        return claim_local(&shared, &to.target).await.map(Json);
+    }
+    let Some((client, url)) = shared.peer_clients.get(&to.area) else {
+        return Err(unknown(format!(
+            "area {} is not a federation peer of {}",
+            to.area, shared.config.area
+        )));
+    };
+    // Claiming needs the peer now: a group cannot be made without its members' keys.
+    let unavailable =
+        |m: String| Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m);
+    let resp = client
+        .post(format!("{url}/v1/federation/keypackages/claim"))
+        .json(&req)
+        .send()
+        .await
+        .map_err(|e| unavailable(format!("peer {} unreachable: {e}", to.area)))?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        let e: ApiError = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
+        return Err(unknown(e.message));
+    }
+    if !status.is_success() {
+        return Err(unavailable(format!(
+            "peer {} answered HTTP {status}",
+            to.area
+        )));
+    }
+    let answer: proto::ClaimResponse = resp
+        .json()
+        .await
+        .map_err(|e| unavailable(format!("peer {}: {e}", to.area)))?;
+    // Only identities of the peer's own area, and only real KeyPackages for them.
+    for kp in &answer.key_packages {
+        let info = proto::mls::KeyPackageInfo::parse(&kp.key_package.0)
+            .map_err(|e| unavailable(format!("peer {} sent a bad KeyPackage: {e}", to.area)))?;
+        let ok =
+            matches!(Identity::parse_uri(&kp.identity), Ok(Identity::User(a, _)) if a == to.area);
+        if !ok || info.identity() != kp.identity {
+            return Err(unavailable(format!(
+                "peer {} sent a KeyPackage for an identity outside its area",
+                to.area
+            )));
+        }
+    }
+    Ok(Json(answer))
+}
+
+async fn federation_claim(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<proto::ClaimResponse>, Failure> {
+    let area = match peer.identity() {
+        Identity::Gateway(a) if shared.config.peer(a).is_some() => a.clone(),
+        _ => {
+            return Err(Failure::forbidden(format!(
+                "{peer} is not a federation peer of {}",
+                shared.config.area
+            )))
+        }
+    };
+    shared.limit_peer(&area)?;
+    let req: proto::ClaimRequest = parse_json(body)?;
+    if req.recipient.area != shared.config.area
+        || !shared.directory.has_target(&req.recipient.target)
+    {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownRecipient,
+            format!(
+                "{} is not in the directory of {}",
+                req.recipient, shared.config.area
+            ),
+        ));
+    }
+    tracing::info!(peer = %area, recipient = %req.recipient, "KeyPackages claimed by a peer");
+    claim_local(&shared, &req.recipient.target).await.map(Json)
 }

@@ -221,6 +221,19 @@ impl Directory {
             .unwrap_or_default()
     }
 
+    /// The members of a recipient target here: the user, or the team's members.
+    pub fn members(&self, target: &proto::Target) -> Vec<UserId> {
+        match target {
+            proto::Target::User(u) if self.users.contains_key(u) => vec![u.clone()],
+            proto::Target::User(_) => Vec::new(),
+            proto::Target::Team(t) => self
+                .teams
+                .get(t)
+                .map(|m| m.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
     /// Whether a recipient target exists here.
     pub fn has_target(&self, target: &proto::Target) -> bool {
         match target {

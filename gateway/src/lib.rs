@@ -91,6 +91,8 @@ pub(crate) struct Shared {
     peers_limiter: DefaultKeyedRateLimiter<String>,
     inbox_tx: watch::Sender<u64>,
     wakers: HashMap<AreaId, Arc<Notify>>,
+    /// HTTP client and base URL per peer, for synchronous federation calls.
+    peer_clients: HashMap<AreaId, (reqwest::Client, String)>,
     stop: watch::Sender<bool>,
     metrics: Arc<metrics::Metrics>,
 }
@@ -164,6 +166,7 @@ impl Gateway {
 
         let mut clients = Vec::new();
         let mut wakers = HashMap::new();
+        let mut peer_clients = HashMap::new();
         for (p, trust) in config.peers.iter().zip(&peers) {
             let tls = certs::gateway_client_config(&own, trust)?;
             let client = reqwest::Client::builder()
@@ -178,6 +181,10 @@ impl Gateway {
                 })?;
             let wake = Arc::new(Notify::new());
             wakers.insert(p.area.clone(), wake.clone());
+            peer_clients.insert(
+                p.area.clone(),
+                (client.clone(), p.url.trim_end_matches('/').to_owned()),
+            );
             clients.push((p.clone(), client, wake));
         }
         let limits = &config.limits;
@@ -194,6 +201,7 @@ impl Gateway {
             store,
             inbox_tx: watch::channel(0).0,
             wakers,
+            peer_clients,
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
             config,

@@ -56,6 +56,8 @@ pub struct NewMessage {
     pub body: Body,
     /// Where it goes.
     pub route: Route,
+    /// For an MLS Commit: its group id (hex) and epoch, checked for order.
+    pub commit: Option<(String, u64)>,
 }
 
 /// What a submission did.
@@ -67,6 +69,9 @@ pub enum SubmitOutcome {
     Duplicate(MessageId, Status),
     /// The key was used before for a different recipient or body.
     Conflict(MessageId),
+    /// An MLS Commit for an epoch that already has a different Commit; the
+    /// group's newest epoch with a Commit is given.
+    StaleEpoch(u64),
 }
 
 /// An incoming federation item that passed the server's checks.
@@ -181,6 +186,20 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         reason: String,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// Stores a user's KeyPackages `(reference, bytes, last resort)`; a new
+    /// last-resort package replaces the old one. Returns the user's stock.
+    fn put_key_packages(
+        &self,
+        user: UserId,
+        kps: Vec<(String, Vec<u8>, bool)>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<(usize, usize, bool), StoreError>> + Send;
+    /// Takes one KeyPackage per user: the oldest single-use one (removed), or
+    /// else the last-resort one (kept).
+    fn claim_key_packages(
+        &self,
+        users: Vec<UserId>,
+    ) -> impl Future<Output = Result<Vec<(UserId, Option<Vec<u8>>)>, StoreError>> + Send;
     /// How many items are queued per peer.
     fn queue_depths(&self) -> impl Future<Output = Result<Vec<(AreaId, u64)>, StoreError>> + Send;
 }
@@ -231,9 +250,17 @@ CREATE TABLE IF NOT EXISTS inbox (
     body        BLOB NOT NULL,
     status      TEXT NOT NULL,
     stored_at_us INTEGER NOT NULL,
+    kind        TEXT NOT NULL DEFAULT 'opaque',
     UNIQUE (sender_area, sender_user, idem_key)
 );
 CREATE INDEX IF NOT EXISTS inbox_target ON inbox (target_kind, target_id, status);
+-- MLS messages to a team must reach every member: each member acknowledges
+-- for themselves (the sender hears of the first).
+CREATE TABLE IF NOT EXISTS member_acks (
+    message_id TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    PRIMARY KEY (message_id, user_id)
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     peer        TEXT NOT NULL,
@@ -245,6 +272,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     expires_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_peer ON outbox (peer, seq);
+CREATE TABLE IF NOT EXISTS group_commits (
+    group_id     TEXT NOT NULL,
+    epoch        INTEGER NOT NULL,
+    content_hash TEXT NOT NULL,
+    PRIMARY KEY (group_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS key_packages (
+    kp_ref      TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL,
+    key_package BLOB NOT NULL,
+    last_resort INTEGER NOT NULL,
+    created_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS key_packages_user ON key_packages (user_id, last_resort, created_ms);
 PRAGMA user_version = 1;
 ";
 
@@ -491,6 +532,30 @@ impl Store for SqliteStore {
                     SubmitOutcome::Conflict(id)
                 });
             }
+            if let Some((group, epoch)) = &m.commit {
+                let hash = env.content_hash.to_string();
+                let newest: Option<i64> = c
+                    .prepare_cached("SELECT MAX(epoch) FROM group_commits WHERE group_id = ?1")?
+                    .query_row([group], |r| r.get(0))?;
+                let same: Option<String> = c
+                    .prepare_cached("SELECT content_hash FROM group_commits WHERE group_id = ?1 AND epoch = ?2")?
+                    .query_row(params![group, *epoch as i64], |r| r.get(0))
+                    .optional()?;
+                match same {
+                    Some(h) if h == hash => {}
+                    Some(_) => return Ok(SubmitOutcome::StaleEpoch(newest.unwrap_or(0).max(0) as u64)),
+                    None if newest.is_some_and(|n| n > *epoch as i64) => {
+                        return Ok(SubmitOutcome::StaleEpoch(newest.unwrap_or(0).max(0) as u64))
+                    }
+                    None => {
+                        exec(
+                            c,
+                            "INSERT INTO group_commits (group_id, epoch, content_hash) VALUES (?1, ?2, ?3)",
+                            params![group, *epoch as i64, hash],
+                        )?;
+                    }
+                }
+            }
             let id = env.message_id.as_str();
             let status = match m.route {
                 Route::Local => Status::Delivered,
@@ -580,7 +645,10 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let (clause, args) = mailbox_clause(&mb);
             let sql = format!(
-                "SELECT envelope, status FROM inbox WHERE status != 'acknowledged' AND {clause} ORDER BY seq LIMIT {limit}"
+                "SELECT envelope, status FROM inbox WHERE {clause} AND \
+                 ((kind = 'opaque' AND status != 'acknowledged') OR \
+                  (kind = 'mls' AND NOT EXISTS (SELECT 1 FROM member_acks a WHERE a.message_id = inbox.message_id AND a.user_id = ?1))) \
+                 ORDER BY seq LIMIT {limit}"
             );
             let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
@@ -626,6 +694,13 @@ impl Store for SqliteStore {
             let Some((env, _, status)) = find_in_mailbox(c, &mb, &id)? else {
                 return Ok(None);
             };
+            if env.kind == proto::MessageKind::Mls {
+                exec(
+                    c,
+                    "INSERT OR IGNORE INTO member_acks (message_id, user_id) VALUES (?1, ?2)",
+                    params![id.as_str(), mb.user.as_str()],
+                )?;
+            }
             if status != Status::Acknowledged {
                 set_inbox_status(c, &own, &env, Status::Acknowledged, now_ms)?;
             }
@@ -772,6 +847,63 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn put_key_packages(
+        &self,
+        user: UserId,
+        kps: Vec<(String, Vec<u8>, bool)>,
+        now_ms: u64,
+    ) -> Result<(usize, usize, bool), StoreError> {
+        self.call(move |c| {
+            let mut stored = 0;
+            for (kp_ref, bytes, last_resort) in kps {
+                if last_resort {
+                    exec(c, "DELETE FROM key_packages WHERE user_id = ?1 AND last_resort = 1", [user.as_str()])?;
+                }
+                stored += exec(
+                    c,
+                    "INSERT OR IGNORE INTO key_packages (kp_ref, user_id, key_package, last_resort, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![kp_ref, user.as_str(), bytes, last_resort, now_ms as i64],
+                )?;
+            }
+            let (available, last): (i64, i64) = c
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(SUM(last_resort = 1), 0) FROM key_packages WHERE user_id = ?1",
+                )?
+                .query_row([user.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok((stored, available.max(0) as usize, last > 0))
+        })
+        .await
+    }
+
+    async fn claim_key_packages(
+        &self,
+        users: Vec<UserId>,
+    ) -> Result<Vec<(UserId, Option<Vec<u8>>)>, StoreError> {
+        self.call(move |c| {
+            let mut out = Vec::with_capacity(users.len());
+            for user in users {
+                let row: Option<(String, Vec<u8>, bool)> = c
+                    .prepare_cached(
+                        "SELECT kp_ref, key_package, last_resort FROM key_packages WHERE user_id = ?1 ORDER BY last_resort, created_ms LIMIT 1",
+                    )?
+                    .query_row([user.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                let kp = match row {
+                    Some((kp_ref, bytes, last_resort)) => {
+                        if !last_resort {
+                            exec(c, "DELETE FROM key_packages WHERE kp_ref = ?1", [kp_ref])?;
+                        }
+                        Some(bytes)
+                    }
+                    None => None,
+                };
+                out.push((user, kp));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn queue_depths(&self) -> Result<Vec<(AreaId, u64)>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached("SELECT peer, COUNT(*) FROM outbox GROUP BY peer")?;
@@ -803,8 +935,8 @@ fn insert_inbox(
 ) -> Result<bool, StoreError> {
     let (kind, target) = target_of(env);
     let n = exec(c,
-        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'delivered', ?9)",
+        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us, kind)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'delivered', ?9, ?10)",
         params![
             env.message_id.as_str(),
             env.sender.area.as_str(),
@@ -814,7 +946,11 @@ fn insert_inbox(
             target,
             env_json,
             &body.0,
-            now_us()
+            now_us(),
+            match env.kind {
+                proto::MessageKind::Mls => "mls",
+                _ => "opaque",
+            }
         ],
     )?;
     Ok(n == 1)

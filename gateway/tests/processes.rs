@@ -155,6 +155,7 @@ async fn sigkill_of_either_gateway_with_1000_in_flight_loses_and_duplicates_noth
                     recipient: "team:duty@southvale".parse().unwrap(),
                     category: Category::new("relocation").unwrap(),
                     urgent: false,
+                    kind: proto::MessageKind::Opaque,
                     body: Body(vec![b'k'; 512]),
                 };
                 // submit() retries with the same key while the gateway is down.

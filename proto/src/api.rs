@@ -18,6 +18,9 @@ pub struct SubmitRequest {
     /// Urgent messages are routed to whoever is on duty.
     #[serde(default)]
     pub urgent: bool,
+    /// What the body is (default: opaque).
+    #[serde(default)]
+    pub kind: crate::MessageKind,
     /// The opaque body (base64 on the wire).
     pub body: Body,
 }
@@ -107,8 +110,11 @@ pub enum ErrorCode {
     Rejected,
     /// Something failed inside the gateway; nothing was changed.
     Internal,
-    /// The gateway is shutting down; retry.
+    /// The gateway is shutting down or a peer is unreachable; retry.
     Unavailable,
+    /// An MLS Commit for an epoch that already has a different Commit:
+    /// process the pending Commits and retry.
+    StaleEpoch,
 }
 
 /// The body of every error answer.
@@ -173,4 +179,51 @@ pub enum ItemResult {
 pub struct FederationBatchResponse {
     /// One result per item, in order.
     pub results: Vec<ItemResult>,
+}
+
+/// `POST /v1/keypackages`: a user publishes MLS KeyPackages (TLS-encoded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPackageUpload {
+    /// KeyPackages whose credential identity is the uploader's certificate identity.
+    pub key_packages: Vec<Body>,
+}
+
+/// Answer to an upload: the uploader's stock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPackageStock {
+    /// How many were stored now.
+    pub stored: usize,
+    /// Single-use KeyPackages left.
+    pub available: usize,
+    /// Whether a last-resort KeyPackage is held (handed out but never used up).
+    pub last_resort: bool,
+    /// True when the stock is low: publish more.
+    pub low: bool,
+}
+
+/// `POST /v1/keypackages/claim`: take one KeyPackage for each member of a recipient.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// A user or a team, here or in a peer area.
+    pub recipient: Recipient,
+}
+
+/// One claimed KeyPackage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedKeyPackage {
+    /// The member's identity, `spiffe://<area>/user/<id>`.
+    pub identity: String,
+    /// The KeyPackage (TLS-encoded).
+    pub key_package: Body,
+}
+
+/// Answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    /// One KeyPackage per member that had one.
+    pub key_packages: Vec<ClaimedKeyPackage>,
+    /// Members who have published no KeyPackage (they cannot be added yet).
+    pub missing: Vec<String>,
 }

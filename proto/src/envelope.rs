@@ -40,12 +40,27 @@ pub struct Envelope {
     pub category: Category,
     /// Whether the sender marked it urgent.
     pub urgent: bool,
+    /// What the body is.
+    #[serde(default)]
+    pub kind: MessageKind,
     /// SHA-256 of the body.
     pub content_hash: ContentHash,
     /// When the sending gateway accepted it (milliseconds since the Unix epoch).
     pub accepted_at_ms: u64,
     /// After this instant an undelivered message is returned as undeliverable.
     pub expires_at_ms: u64,
+}
+
+/// What a message body is. Either way the gateway never holds a key to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// Bytes the gateway does not interpret.
+    #[default]
+    Opaque,
+    /// An MLS message (RFC 9420): Welcome, Commit or application ciphertext.
+    /// The gateway checks its framing and, for Commits, the epoch order.
+    Mls,
 }
 
 /// The opaque bytes a message carries: ciphertext, never read by a gateway.

@@ -14,6 +14,7 @@
 //! * deserialising untrusted JSON never panics; bad input is a typed error.
 
 mod api;
+pub mod case;
 mod envelope;
 mod ids;
 pub mod mls;

@@ -256,6 +256,7 @@ pub fn message(to: &str, key: &str, body: Vec<u8>) -> anyhow::Result<SubmitReque
         recipient: to.parse::<Recipient>()?,
         category: Category::new("relocation")?,
         urgent: false,
+        kind: proto::MessageKind::Opaque,
         body: Body(body),
     })
 }

@@ -7,3 +7,4 @@ mod delivery;
 mod faults;
 mod idempotency;
 mod negative;
+mod referrals;

@@ -1,0 +1,756 @@
+//! Referrals as MLS groups, over the gateway: the worker's side of the
+//! Delivery Service.
+//!
+//! A referral (case) is an MLS group. [`Caseworker::refer`] claims the
+//! recipient's members' KeyPackages through the gateways, creates the group,
+//! adds them and sends the Welcome and the first message; [`Caseworker::read`]
+//! takes MLS messages from the inbox in order, joins, decrypts, applies
+//! membership changes and acknowledges. Plaintext exists only here, in the
+//! client's data directory; the gateways carry ciphertext.
+//!
+//! Each case remembers the addresses its messages go to (the lead's user
+//! address and the receiving team's address); commits update them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::{
+    Body, Category, IdempotencyKey, MessageId, MessageKind, Recipient, SubmitRequest, Target,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::mls::{GroupId, HistoryEntry, MlsClient, MlsError, Processed};
+use crate::{Api, ClientConfig, ClientError};
+
+/// Why a case operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaseError {
+    /// Talking to the gateway failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The MLS layer refused.
+    #[error("MLS: {0}")]
+    Mls(#[from] MlsError),
+    /// No such case on this client.
+    #[error("no case {0:?} on this client")]
+    UnknownCase(String),
+    /// Nobody in the recipient has published KeyPackages.
+    #[error("no member of {0} can be reached yet: none has published keys")]
+    NoMembers(String),
+    /// The case metadata file is unreadable.
+    #[error("case metadata {path}: {message}")]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// An argument is not usable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What reading the inbox brought.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// We joined a case.
+    Joined {
+        /// The case.
+        case_id: String,
+        /// Who added us.
+        from: String,
+    },
+    /// A message in a case.
+    Message {
+        /// The case.
+        case_id: String,
+        /// The sender's identity.
+        from: String,
+        /// The decrypted content.
+        plaintext: Vec<u8>,
+    },
+    /// Members were added or removed.
+    Membership {
+        /// The case.
+        case_id: String,
+        /// Identities added.
+        added: Vec<String>,
+        /// Identities removed.
+        removed: Vec<String>,
+    },
+    /// We were removed from a case (for example, handed over).
+    Removed {
+        /// The case.
+        case_id: String,
+    },
+    /// A case chronology was handed to us.
+    History {
+        /// The case.
+        case_id: String,
+        /// Who handed it over.
+        from: String,
+        /// How many entries were new.
+        entries: usize,
+    },
+    /// A message was refused (tampered, replayed, not decryptable); it stays
+    /// in the inbox, unacknowledged.
+    Refused {
+        /// The message.
+        message_id: MessageId,
+        /// Its sender per the envelope.
+        from: String,
+        /// Why.
+        error: String,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Meta {
+    /// case id → addresses its messages go to.
+    cases: BTreeMap<String, Vec<String>>,
+    /// History exports waiting for their case's Welcome: (case id, from, export).
+    pending_history: Vec<(String, String, Vec<u8>)>,
+    /// Addresses handed over with a case, waiting for its Welcome.
+    #[serde(default)]
+    pending_addresses: BTreeMap<String, Vec<String>>,
+    /// Messages refused once (reported once; they stay unacknowledged).
+    #[serde(default)]
+    refused: std::collections::BTreeSet<String>,
+}
+
+/// A hand-over sent to the new lead in the transfer group.
+#[derive(Debug, Serialize, Deserialize)]
+struct Transfer {
+    case_id: String,
+    addresses: Vec<String>,
+    history: Vec<u8>,
+}
+
+/// Marks a handover request inside a case's application messages.
+const HANDOVER_MARK: &[u8] = b"\0handover-request\0";
+
+/// The old lead's request, to the case, that a remaining member commit the handover.
+#[derive(Debug, Serialize, Deserialize)]
+struct HandoverRequest {
+    new_lead: String,
+    key_package: Vec<u8>,
+}
+
+/// A worker's cases: MLS state plus the gateway connection.
+pub struct Caseworker {
+    api: Api,
+    mls: MlsClient,
+    me: Recipient,
+    meta_path: PathBuf,
+    meta: Meta,
+}
+
+impl std::fmt::Debug for Caseworker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caseworker")
+            .field("me", &self.me.to_string())
+            .finish()
+    }
+}
+
+/// How many single-use KeyPackages `keys publish` publishes by default.
+pub const KEY_STOCK: usize = 20;
+/// Prefix of the case id of a chronology transfer group.
+const TRANSFER: &str = "transfer:";
+
+fn address_of(identity: &str) -> Option<String> {
+    match certs::Identity::parse_uri(identity) {
+        Ok(certs::Identity::User(area, user)) => Some(format!("user:{user}@{area}")),
+        _ => None,
+    }
+}
+
+fn fresh_key() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+impl Caseworker {
+    /// Opens the worker's MLS state for a client configuration.
+    pub fn open(config: &ClientConfig, api: Api) -> Result<Caseworker, CaseError> {
+        let creds =
+            certs::Credentials::load(&config.cert, &config.key).map_err(ClientError::from)?;
+        let leaf = creds
+            .chain
+            .first()
+            .ok_or_else(|| CaseError::Invalid("no certificate".into()))?;
+        let identity = certs::identity_of_cert(leaf).map_err(ClientError::from)?;
+        let certs::Identity::User(area, user) = &identity else {
+            return Err(CaseError::Invalid(format!("{identity} is not a user")));
+        };
+        let me = Recipient {
+            area: area.clone(),
+            target: Target::User(user.clone()),
+        };
+        let dir = config
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("client.data"));
+        let mls = MlsClient::open(&dir, &identity.uri())?;
+        let meta_path = dir.join("cases.json");
+        let meta = match std::fs::read(&meta_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CaseError::Metadata {
+                path: meta_path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Meta::default(),
+            Err(e) => {
+                return Err(CaseError::Metadata {
+                    path: meta_path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        Ok(Caseworker {
+            api,
+            mls,
+            me,
+            meta_path,
+            meta,
+        })
+    }
+
+    fn save(&self) -> Result<(), CaseError> {
+        use std::io::Write as _;
+        let err = |e: std::io::Error| CaseError::Metadata {
+            path: self.meta_path.clone(),
+            message: e.to_string(),
+        };
+        let bytes = serde_json::to_vec_pretty(&self.meta).map_err(|e| CaseError::Metadata {
+            path: self.meta_path.clone(),
+            message: e.to_string(),
+        })?;
+        let tmp = self.meta_path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(&bytes).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &self.meta_path).map_err(err)
+    }
+
+    /// The MLS state (for history and inspection).
+    pub fn mls(&self) -> &MlsClient {
+        &self.mls
+    }
+
+    /// Publishes `n` single-use KeyPackages and a last-resort one.
+    pub async fn publish_keys(&mut self, n: usize) -> Result<proto::KeyPackageStock, CaseError> {
+        let mut kps = self.mls.key_packages(n)?;
+        kps.push(self.mls.last_resort_key_package()?);
+        Ok(self.api.upload_key_packages(kps).await?)
+    }
+
+    fn group_of(&self, case_id: &str) -> Result<GroupId, CaseError> {
+        self.mls
+            .groups()?
+            .into_iter()
+            .find(|(_, c)| c == case_id)
+            .map(|(g, _)| g)
+            .ok_or_else(|| CaseError::UnknownCase(case_id.to_owned()))
+    }
+
+    fn case_of(&self, group: &GroupId) -> Option<String> {
+        self.mls
+            .groups()
+            .ok()?
+            .into_iter()
+            .find(|(g, _)| g == group)
+            .map(|(_, c)| c)
+    }
+
+    async fn submit(
+        &self,
+        to: &str,
+        category: &Category,
+        urgent: bool,
+        key: String,
+        body: Vec<u8>,
+    ) -> Result<MessageId, CaseError> {
+        let req = SubmitRequest {
+            idempotency_key: IdempotencyKey::new(key)
+                .map_err(|e| CaseError::Invalid(e.to_string()))?,
+            recipient: to
+                .parse()
+                .map_err(|e: proto::ProtoError| CaseError::Invalid(e.to_string()))?,
+            category: category.clone(),
+            urgent,
+            kind: MessageKind::Mls,
+            body: Body(body),
+        };
+        Ok(self.api.submit(&req).await?.message_id)
+    }
+
+    /// Claims KeyPackages for every member of `to`; at least one must exist.
+    async fn claim(&self, to: &Recipient) -> Result<(Vec<Vec<u8>>, Vec<String>), CaseError> {
+        let claimed = self.api.claim(to).await?;
+        if claimed.key_packages.is_empty() {
+            return Err(CaseError::NoMembers(to.to_string()));
+        }
+        Ok((
+            claimed
+                .key_packages
+                .into_iter()
+                .map(|k| k.key_package.0)
+                .collect(),
+            claimed.missing,
+        ))
+    }
+
+    /// Starts a referral: a new group with the members of `to`, the Welcome,
+    /// then `body` as the first message. Returns the case id and the members
+    /// who could not be added yet (no KeyPackages).
+    pub async fn refer(
+        &mut self,
+        to: &Recipient,
+        category: &Category,
+        urgent: bool,
+        body: &[u8],
+        case_id: Option<String>,
+        key: Option<String>,
+    ) -> Result<(String, Vec<String>), CaseError> {
+        let case_id =
+            case_id.unwrap_or_else(|| format!("case-{}", hex::encode(rand::random::<[u8; 8]>())));
+        let key = key.unwrap_or_else(fresh_key);
+        let (kps, missing) = self.claim(to).await?;
+        let group = self.mls.create_group(&case_id)?;
+        let (_commit, welcome) = self.mls.add_members(&group, &kps)?;
+        self.meta
+            .cases
+            .insert(case_id.clone(), vec![to.to_string()]);
+        self.save()?;
+        self.submit(
+            &to.to_string(),
+            category,
+            urgent,
+            format!("{key}:welcome"),
+            welcome,
+        )
+        .await?;
+        let msg = self.mls.encrypt(&group, body)?;
+        self.submit(
+            &to.to_string(),
+            category,
+            urgent,
+            format!("{key}:message"),
+            msg,
+        )
+        .await?;
+        Ok((case_id, missing))
+    }
+
+    /// Sends a message (reply, update) to everyone in a case.
+    pub async fn send(
+        &mut self,
+        case_id: &str,
+        category: &Category,
+        body: &[u8],
+        key: Option<String>,
+    ) -> Result<Vec<MessageId>, CaseError> {
+        let group = self.group_of(case_id)?;
+        let key = key.unwrap_or_else(fresh_key);
+        let msg = self.mls.encrypt(&group, body)?;
+        self.fan_out(case_id, category, &key, msg).await
+    }
+
+    async fn fan_out(
+        &self,
+        case_id: &str,
+        category: &Category,
+        key: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<MessageId>, CaseError> {
+        let me = self.me.to_string();
+        let mut ids = Vec::new();
+        for (i, addr) in self
+            .meta
+            .cases
+            .get(case_id)
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if *addr != me {
+                ids.push(
+                    self.submit(addr, category, false, format!("{key}:{i}"), bytes.clone())
+                        .await?,
+                );
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Adds the members of `to` to an open case (for example, someone who
+    /// joined the team later).
+    pub async fn add(
+        &mut self,
+        case_id: &str,
+        to: &Recipient,
+        key: Option<String>,
+    ) -> Result<Vec<String>, CaseError> {
+        let group = self.group_of(case_id)?;
+        let key = key.unwrap_or_else(fresh_key);
+        let (kps, missing) = self.claim(to).await?;
+        let (commit, welcome) = self.mls.add_members(&group, &kps)?;
+        let category = Category::new("update").map_err(|e| CaseError::Invalid(e.to_string()))?;
+        self.fan_out(case_id, &category, &format!("{key}:commit"), commit)
+            .await?;
+        self.submit(
+            &to.to_string(),
+            &category,
+            false,
+            format!("{key}:welcome"),
+            welcome,
+        )
+        .await?;
+        let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();
+        if !addrs.contains(&to.to_string()) {
+            addrs.push(to.to_string());
+        }
+        self.save()?;
+        Ok(missing)
+    }
+
+    /// Hands a case to a new key lead (a user). MLS does not let a member
+    /// commit its own removal, so: the chronology and the case's addresses
+    /// go to the new lead end to end encrypted (in a two-member transfer
+    /// group), and a handover request goes to the case; the first remaining
+    /// member (by identity order) commits it when they read: one Commit that
+    /// adds the new lead and removes us, after which our keys read nothing new.
+    pub async fn handover(
+        &mut self,
+        case_id: &str,
+        to: &Recipient,
+        key: Option<String>,
+    ) -> Result<(), CaseError> {
+        let Target::User(user) = &to.target else {
+            return Err(CaseError::Invalid(
+                "a case is handed over to a person: use user:<id>@<area>".into(),
+            ));
+        };
+        let new_lead = certs::Identity::User(to.area.clone(), user.clone()).uri();
+        let group = self.group_of(case_id)?;
+        let key = key.unwrap_or_else(fresh_key);
+        let category = Category::new("handover").map_err(|e| CaseError::Invalid(e.to_string()))?;
+        // Two KeyPackages: one for the transfer group, one for the case.
+        let (first, _) = self.claim(to).await?;
+        let (second, _) = self.claim(to).await?;
+        let (Some(kp_transfer), Some(kp_case)) =
+            (first.into_iter().next(), second.into_iter().next())
+        else {
+            return Err(CaseError::NoMembers(to.to_string()));
+        };
+        let transfer = Transfer {
+            case_id: case_id.to_owned(),
+            addresses: self.meta.cases.get(case_id).cloned().unwrap_or_default(),
+            history: self.mls.export_history(&group)?,
+        };
+        let transfer =
+            serde_json::to_vec(&transfer).map_err(|e| CaseError::Invalid(e.to_string()))?;
+        let tgroup = self
+            .mls
+            .create_group(&format!("{TRANSFER}{case_id}:{}", fresh_key()))?;
+        let (_c, welcome_t) = self.mls.add_members(&tgroup, &[kp_transfer])?;
+        let transfer_msg = self.mls.encrypt(&tgroup, &transfer)?;
+        self.submit(
+            &to.to_string(),
+            &category,
+            false,
+            format!("{key}:transfer-welcome"),
+            welcome_t,
+        )
+        .await?;
+        self.submit(
+            &to.to_string(),
+            &category,
+            false,
+            format!("{key}:transfer"),
+            transfer_msg,
+        )
+        .await?;
+        let request = serde_json::to_vec(&HandoverRequest {
+            new_lead,
+            key_package: kp_case,
+        })
+        .map_err(|e| CaseError::Invalid(e.to_string()))?;
+        let mut body = HANDOVER_MARK.to_vec();
+        body.extend_from_slice(&request);
+        let msg = self.mls.encrypt(&group, &body)?;
+        self.fan_out(case_id, &category, &format!("{key}:request"), msg)
+            .await?;
+        Ok(())
+    }
+
+    /// Commits a handover request if we are the designated committer.
+    async fn commit_handover(
+        &mut self,
+        group: &GroupId,
+        case_id: &str,
+        old_lead: &str,
+        request: &[u8],
+    ) -> Result<Vec<Event>, CaseError> {
+        let req: HandoverRequest = serde_json::from_slice(request)
+            .map_err(|e| CaseError::Invalid(format!("handover request: {e}")))?;
+        let me = self.mls.identity().to_owned();
+        let designated = self
+            .mls
+            .members(group)?
+            .into_iter()
+            .filter(|m| m != old_lead)
+            .min();
+        if designated.as_deref() != Some(me.as_str()) {
+            return Ok(Vec::new());
+        }
+        let (commit, welcome) = self.mls.handover(group, &req.key_package, old_lead)?;
+        let category = Category::new("handover").map_err(|e| CaseError::Invalid(e.to_string()))?;
+        let key = fresh_key();
+        // Everyone, the old lead included, gets the Commit.
+        self.fan_out(case_id, &category, &format!("{key}:commit"), commit)
+            .await?;
+        let new_addr = address_of(&req.new_lead)
+            .ok_or_else(|| CaseError::Invalid("new lead is not a user".into()))?;
+        self.submit(
+            &new_addr,
+            &category,
+            false,
+            format!("{key}:welcome"),
+            welcome,
+        )
+        .await?;
+        let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();
+        if let Some(old) = address_of(old_lead) {
+            addrs.retain(|a| *a != old);
+        }
+        if !addrs.contains(&new_addr) {
+            addrs.push(new_addr);
+        }
+        self.save()?;
+        Ok(vec![Event::Membership {
+            case_id: case_id.to_owned(),
+            added: vec![req.new_lead],
+            removed: vec![old_lead.to_owned()],
+        }])
+    }
+
+    /// The case's chronology as this client holds it.
+    pub fn history(&self, case_id: &str) -> Result<Vec<HistoryEntry>, CaseError> {
+        Ok(self.mls.history(&self.group_of(case_id)?)?)
+    }
+
+    /// The cases this client is in (not transfer groups).
+    pub fn cases(&self) -> Result<Vec<String>, CaseError> {
+        Ok(self
+            .mls
+            .groups()?
+            .into_iter()
+            .map(|(_, c)| c)
+            .filter(|c| !c.starts_with(TRANSFER))
+            .collect())
+    }
+
+    /// Processes the MLS messages waiting in the inbox, oldest first, waiting
+    /// up to `wait` for the first one; acknowledges each one handled. Tops up
+    /// KeyPackages when the gateway says the stock is low.
+    pub async fn read(&mut self, wait: Duration) -> Result<Vec<Event>, CaseError> {
+        let inbox = self.api.inbox(wait).await?;
+        let mut events = Vec::new();
+        for item in inbox
+            .messages
+            .iter()
+            .filter(|m| m.envelope.kind == MessageKind::Mls)
+        {
+            let env = &item.envelope;
+            if self.meta.refused.contains(env.message_id.as_str()) {
+                continue;
+            }
+            let fetched = self.api.fetch(&env.message_id).await?;
+            let from = env.sender.to_string();
+            if fetched.body.hash() != fetched.envelope.content_hash {
+                self.meta.refused.insert(env.message_id.to_string());
+                self.save()?;
+                events.push(Event::Refused {
+                    message_id: env.message_id.clone(),
+                    from,
+                    error: "the body does not match the envelope's content hash".into(),
+                });
+                continue;
+            }
+            match self.handle(env, &fetched.body.0).await {
+                Ok(mut evs) => {
+                    events.append(&mut evs);
+                    self.api.ack(&env.message_id).await?;
+                }
+                Err(e) => {
+                    self.meta.refused.insert(env.message_id.to_string());
+                    self.save()?;
+                    events.push(Event::Refused {
+                        message_id: env.message_id.clone(),
+                        from,
+                        error: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    async fn handle(
+        &mut self,
+        env: &proto::Envelope,
+        bytes: &[u8],
+    ) -> Result<Vec<Event>, CaseError> {
+        let is_welcome = matches!(
+            proto::mls::MlsMessageInfo::parse(bytes),
+            Ok(proto::mls::MlsMessageInfo::Welcome(_))
+        );
+        if is_welcome {
+            return match self.mls.join(bytes) {
+                Ok((_, case_id)) if case_id.starts_with(TRANSFER) => Ok(Vec::new()),
+                Ok((_, case_id)) => {
+                    let me = self.me.to_string();
+                    let addrs: Vec<String> = match self.meta.pending_addresses.remove(&case_id) {
+                        // A handed-over case: the old lead's list, with us instead of them.
+                        Some(list) => list
+                            .into_iter()
+                            .chain([format!("user:{}@{}", env.sender.user, env.sender.area)])
+                            .collect(),
+                        None => vec![
+                            format!("user:{}@{}", env.sender.user, env.sender.area),
+                            env.recipient.to_string(),
+                        ],
+                    };
+                    let mut addrs: Vec<String> = addrs.into_iter().filter(|a| *a != me).collect();
+                    addrs.dedup();
+                    // A handover Welcome is addressed to us; the rest of the
+                    // case is reached through its team address, learnt from commits.
+                    self.meta.cases.insert(case_id.clone(), addrs);
+                    let mut events = vec![Event::Joined {
+                        case_id: case_id.clone(),
+                        from: env.sender.to_string(),
+                    }];
+                    events.extend(self.import_pending(&case_id)?);
+                    self.save()?;
+                    Ok(events)
+                }
+                Err(MlsError::WelcomeNotForUs) => Ok(Vec::new()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        match self.mls.process(bytes)? {
+            Processed::Application {
+                group,
+                sender,
+                plaintext,
+                ..
+            } => {
+                let case_id = self.case_of(&group).unwrap_or_default();
+                if case_id.starts_with(TRANSFER) {
+                    return self.receive_history(&sender, plaintext);
+                }
+                if let Some(request) = plaintext.strip_prefix(HANDOVER_MARK) {
+                    return self
+                        .commit_handover(&group, &case_id, &sender, request)
+                        .await;
+                }
+                Ok(vec![Event::Message {
+                    case_id,
+                    from: sender,
+                    plaintext,
+                }])
+            }
+            Processed::HistoryImported {
+                group,
+                from,
+                imported,
+            } => Ok(vec![Event::History {
+                case_id: self.case_of(&group).unwrap_or_default(),
+                from,
+                entries: imported,
+            }]),
+            Processed::Commit {
+                group,
+                added,
+                removed,
+                ..
+            } => {
+                let case_id = self.case_of(&group).unwrap_or_default();
+                let addrs = self.meta.cases.entry(case_id.clone()).or_default();
+                for r in &removed {
+                    if let Some(a) = address_of(r) {
+                        addrs.retain(|x| *x != a);
+                    }
+                }
+                // Members added through a team are reached by its address already.
+                let teams: Vec<String> = addrs
+                    .iter()
+                    .filter(|a| a.starts_with("team:"))
+                    .map(|a| a.rsplit('@').next().unwrap_or_default().to_owned())
+                    .collect();
+                for a in added.iter().filter_map(|i| address_of(i)) {
+                    let area = a.rsplit('@').next().unwrap_or_default().to_owned();
+                    if !teams.contains(&area) && !addrs.contains(&a) && a != self.me.to_string() {
+                        addrs.push(a);
+                    }
+                }
+                self.save()?;
+                Ok(vec![Event::Membership {
+                    case_id,
+                    added,
+                    removed,
+                }])
+            }
+            Processed::RemovedUs { group, .. } => Ok(vec![Event::Removed {
+                case_id: self.case_of(&group).unwrap_or_default(),
+            }]),
+            Processed::OwnMessage { .. } => Ok(Vec::new()),
+            #[allow(unreachable_patterns)]
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn receive_history(&mut self, from: &str, transfer: Vec<u8>) -> Result<Vec<Event>, CaseError> {
+        let t: Transfer = serde_json::from_slice(&transfer)
+            .map_err(|e| CaseError::Invalid(format!("history hand-over: {e}")))?;
+        let old = address_of(from);
+        let addrs = t
+            .addresses
+            .into_iter()
+            .filter(|a| Some(a) != old.as_ref())
+            .collect();
+        self.meta.pending_addresses.insert(t.case_id.clone(), addrs);
+        self.meta
+            .pending_history
+            .push((t.case_id.clone(), from.to_owned(), t.history));
+        let events = self.import_pending(&t.case_id)?;
+        self.save()?;
+        Ok(events)
+    }
+
+    /// Imports handed-over history for a case once we are in its group.
+    fn import_pending(&mut self, case_id: &str) -> Result<Vec<Event>, CaseError> {
+        let Ok(group) = self.group_of(case_id) else {
+            return Ok(Vec::new());
+        };
+        let mut events = Vec::new();
+        let pending = std::mem::take(&mut self.meta.pending_history);
+        for (c, from, export) in pending {
+            if c == case_id {
+                let n = self.mls.import_history(&group, &from, &export)?;
+                events.push(Event::History {
+                    case_id: c,
+                    from,
+                    entries: n,
+                });
+            } else {
+                self.meta.pending_history.push((c, from, export));
+            }
+        }
+        Ok(events)
+    }
+}

@@ -1,0 +1,1 @@
+//! Language check (being built).

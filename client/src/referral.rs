@@ -1,0 +1,1 @@
+//! Referral preparation (being built).

@@ -1,0 +1,1 @@
+//! The structured referral case file (being built).

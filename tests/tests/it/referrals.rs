@@ -1,0 +1,539 @@
+//! End-to-end encrypted referrals (MLS) through real gateways: gateways carry
+//! ciphertext only; handover removes the old lead.
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use client::cases::{CaseError, Caseworker, Event};
+use client::{ClientConfig, ClientError};
+use proto::{Category, ErrorCode, Recipient};
+use tests::Federation;
+
+fn worker(fed: &Federation, area: usize, user: &str) -> Caseworker {
+    let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
+    let api = client::Api::new(&config).unwrap();
+    Caseworker::open(&config, api).unwrap()
+}
+
+fn category(c: &str) -> Category {
+    Category::new(c).unwrap()
+}
+
+fn to(r: &str) -> Recipient {
+    r.parse().unwrap()
+}
+
+/// Reads until at least one event arrives (bounded), returning all events.
+async fn read(w: &mut Caseworker) -> Vec<Event> {
+    let mut all = Vec::new();
+    for _ in 0..20 {
+        all.extend(w.read(Duration::from_secs(5)).await.unwrap());
+        if !all.is_empty() {
+            // Drain whatever else is already waiting.
+            all.extend(w.read(Duration::ZERO).await.unwrap());
+            return all;
+        }
+    }
+    all
+}
+
+fn texts(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { plaintext, .. } => {
+                Some(String::from_utf8_lossy(plaintext).into_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A standard federation where everyone has published KeyPackages.
+async fn federation_with_keys() -> Federation {
+    let fed = Federation::standard().await.unwrap();
+    for (area, users) in [
+        (0, &["alice", "bob"][..]),
+        (1, &["dan", "erin", "farah", "gita"][..]),
+        (2, &["hana"][..]),
+    ] {
+        for u in users {
+            let stock = worker(&fed, area, u).publish_keys(5).await.unwrap();
+            assert_eq!(stock.available, 5);
+            assert!(stock.last_resort);
+        }
+    }
+    fed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both_ways() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, missing) = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            b"Referral: family moved to southvale",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(missing.is_empty());
+    for u in ["dan", "erin", "farah"] {
+        let mut w = worker(&fed, 1, u);
+        let events = read(&mut w).await;
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+            "{u}: {events:?}"
+        );
+        assert_eq!(
+            texts(&events),
+            ["Referral: family moved to southvale"],
+            "{u}"
+        );
+    }
+    // gita is in southvale but not in the duty team: she is not in the case.
+    let mut gita = worker(&fed, 1, "gita");
+    assert!(gita.read(Duration::ZERO).await.unwrap().is_empty());
+
+    // dan replies; alice and the rest of the team read it.
+    let mut dan = worker(&fed, 1, "dan");
+    dan.send(&case, &category("update"), b"Received; visit booked", None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut alice).await), ["Received; visit booked"]);
+    let mut erin = worker(&fed, 1, "erin");
+    assert_eq!(texts(&read(&mut erin).await), ["Received; visit booked"]);
+    // alice sends an update; all three read it.
+    alice
+        .send(&case, &category("update"), b"Update from northshire", None)
+        .await
+        .unwrap();
+    for (u, expected) in [
+        ("dan", &["Update from northshire"][..]),
+        ("erin", &["Update from northshire"][..]),
+        // farah had not read dan's reply yet: every member gets every message.
+        (
+            "farah",
+            &["Received; visit booked", "Update from northshire"][..],
+        ),
+    ] {
+        let mut w = worker(&fed, 1, u);
+        assert_eq!(texts(&read(&mut w).await), expected, "{u}");
+    }
+}
+
+/// Everything the gateways print, for the canary test.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || Capture(writer.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_plaintext_never_reaches_gateway_files_or_logs() {
+    let logs = captured_logs();
+    let fed = federation_with_keys().await;
+    let canary = format!("CANARY-{}-new-address-17-Elm-Row", rand::random::<u64>());
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            canary.as_bytes(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut dan = worker(&fed, 1, "dan");
+    assert_eq!(
+        texts(&read(&mut dan).await),
+        [canary.clone()],
+        "the recipient does read it"
+    );
+    let reply = format!("{canary}-reply");
+    dan.send(&case, &category("update"), reply.as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut alice).await), [reply.clone()]);
+
+    // Force everything to disk, including the WAL, then scan every gateway file.
+    for i in 0..fed.areas.len() {
+        let conn = rusqlite::Connection::open(fed.db_path(i)).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    let mut scanned = 0;
+    for area in &fed.areas {
+        for file in files_under(&area.dir.join("data")) {
+            let bytes = std::fs::read(&file).unwrap();
+            assert!(
+                !contains(&bytes, canary.as_bytes()),
+                "plaintext found in {}",
+                file.display()
+            );
+            scanned += 1;
+        }
+    }
+    assert!(scanned >= 3, "the gateway databases were scanned");
+    std::io::stdout().flush().unwrap();
+    let logs = logs.lock().unwrap();
+    assert!(!logs.is_empty(), "gateway tracing output was captured");
+    assert!(
+        !contains(&logs, canary.as_bytes()),
+        "plaintext found in gateway logs"
+    );
+    // The clients do hold it (in their own data directories).
+    assert!(alice
+        .history(&case)
+        .unwrap()
+        .iter()
+        .any(|e| contains(&e.plaintext, canary.as_bytes())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            b"first referral",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut dan = worker(&fed, 1, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["first referral"]);
+    dan.send(&case, &category("update"), b"dan's note", None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut alice).await), ["dan's note"]);
+
+    // alice hands the case to bob (northshire); dan, the first remaining
+    // member, commits it (MLS does not let alice commit her own removal).
+    alice
+        .handover(&case, &to("user:bob@northshire"), None)
+        .await
+        .unwrap();
+    let events = read(&mut dan).await;
+    assert!(events.iter().any(|e| matches!(e, Event::Membership { removed, added, .. }
+        if removed.iter().any(|r| r.ends_with("/user/alice")) && added.iter().any(|a| a.ends_with("/user/bob")))), "{events:?}");
+    let mut bob = worker(&fed, 0, "bob");
+    let mut events = read(&mut bob).await;
+    if !events
+        .iter()
+        .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case))
+    {
+        events.extend(read(&mut bob).await);
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::History { entries, .. } if *entries >= 2)),
+        "{events:?}"
+    );
+    let history: Vec<String> = bob
+        .history(&case)
+        .unwrap()
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.plaintext).into_owned())
+        .collect();
+    assert!(
+        history.contains(&"first referral".to_owned())
+            && history.contains(&"dan's note".to_owned()),
+        "{history:?}"
+    );
+
+    // The rest of the team sees the membership change; alice learns she is out.
+    let mut erin = worker(&fed, 1, "erin");
+    let events = read(&mut erin).await;
+    assert!(events.iter().any(|e| matches!(e, Event::Membership { removed, .. } if removed.iter().any(|r| r.ends_with("/user/alice")))), "{events:?}");
+    let events = read(&mut alice).await;
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Removed { .. })),
+        "{events:?}"
+    );
+
+    // A message after the handover: bob reads it; alice cannot.
+    dan.send(&case, &category("update"), b"after handover", None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut bob).await), ["after handover"]);
+    let after = alice.read(Duration::from_secs(2)).await.unwrap();
+    assert!(
+        texts(&after).is_empty(),
+        "the old lead must not decrypt: {after:?}"
+    );
+    // And alice can no longer send in the case.
+    assert!(alice
+        .send(&case, &category("update"), b"x", None)
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_restart_mid_conversation_loses_nothing() {
+    let fed = federation_with_keys().await;
+    let case = {
+        let mut alice = worker(&fed, 0, "alice");
+        alice
+            .refer(
+                &to("team:duty@southvale"),
+                &category("relocation"),
+                false,
+                b"one",
+                None,
+                None,
+            )
+            .await
+            .unwrap()
+            .0
+    };
+    {
+        let mut dan = worker(&fed, 1, "dan");
+        assert_eq!(texts(&read(&mut dan).await), ["one"]);
+    }
+    // Both reopen from disk and carry on both ways.
+    let mut dan = worker(&fed, 1, "dan");
+    dan.send(&case, &category("update"), b"two", None)
+        .await
+        .unwrap();
+    let mut alice = worker(&fed, 0, "alice");
+    assert_eq!(texts(&read(&mut alice).await), ["two"]);
+    alice
+        .send(&case, &category("update"), b"three", None)
+        .await
+        .unwrap();
+    let mut dan = worker(&fed, 1, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["three"]);
+    let history: Vec<Vec<u8>> = dan
+        .history(&case)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.plaintext)
+        .collect();
+    assert_eq!(
+        history,
+        [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("user:dan@southvale"),
+            &category("relocation"),
+            false,
+            b"genuine",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut dan = worker(&fed, 1, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["genuine"]);
+
+    // Capture a real ciphertext by reading the gateway's copy after sending.
+    alice
+        .send(&case, &category("update"), b"second", None)
+        .await
+        .unwrap();
+    let dan_api = fed.api(1, "dan").unwrap();
+    let inbox = dan_api.inbox(Duration::from_secs(10)).await.unwrap();
+    let ciphertext = dan_api
+        .fetch(&inbox.messages[0].envelope.message_id)
+        .await
+        .unwrap()
+        .body
+        .0;
+    assert_eq!(texts(&read(&mut dan).await), ["second"]);
+
+    let alice_api = fed.api(0, "alice").unwrap();
+    let resend = |bytes: Vec<u8>, key: &str| {
+        let alice_api = alice_api.clone();
+        let key = key.to_owned();
+        async move {
+            alice_api
+                .submit(&proto::SubmitRequest {
+                    idempotency_key: proto::IdempotencyKey::new(key).unwrap(),
+                    recipient: to("user:dan@southvale"),
+                    category: category("update"),
+                    urgent: false,
+                    kind: proto::MessageKind::Mls,
+                    body: proto::Body(bytes),
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // Replay: the same ciphertext again.
+    resend(ciphertext.clone(), "replay").await;
+    let events = read(&mut dan).await;
+    assert!(
+        matches!(events.as_slice(), [Event::Refused { error, .. }] if error.to_lowercase().contains("replay")),
+        "{events:?}"
+    );
+    // Tamper: flip a byte near the end (inside the AEAD ciphertext; framing stays valid).
+    let mut tampered = ciphertext.clone();
+    let n = tampered.len();
+    tampered[n - 20] ^= 0x01;
+    resend(tampered, "tamper").await;
+    let events = read(&mut dan).await;
+    assert!(
+        matches!(events.as_slice(), [Event::Refused { .. }]),
+        "{events:?}"
+    );
+    // Refused messages stay in the inbox, unacknowledged, and are reported once.
+    assert_eq!(
+        dan_api.inbox(Duration::ZERO).await.unwrap().messages.len(),
+        2
+    );
+    assert!(dan.read(Duration::ZERO).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_packages_are_bound_to_the_uploaders_certificate() {
+    let fed = Federation::standard().await.unwrap();
+    // alice's client makes KeyPackages; bob tries to publish them as his.
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice_mls =
+        client::mls::MlsClient::open(dir.path(), "spiffe://northshire/user/alice").unwrap();
+    let kps = alice_mls.key_packages(2).unwrap();
+    let bob = fed.api(0, "bob").unwrap();
+    let e = bob.upload_key_packages(kps.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Forbidden), "{e}");
+    assert_eq!(
+        fed.count(0, "SELECT COUNT(*) FROM key_packages").unwrap(),
+        0
+    );
+    // Garbage is refused too.
+    let e = bob
+        .upload_key_packages(vec![b"not a key package".to_vec()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::MalformedRequest));
+    // alice may publish her own; each is handed out once, the last resort forever.
+    let alice = fed.api(0, "alice").unwrap();
+    let mut all = kps;
+    all.push(alice_mls.last_resort_key_package().unwrap());
+    let stock = alice.upload_key_packages(all).await.unwrap();
+    assert_eq!(
+        (stock.available, stock.last_resort, stock.low),
+        (2, true, true)
+    );
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(
+            bob.claim(&to("user:alice@northshire"))
+                .await
+                .unwrap()
+                .key_packages[0]
+                .key_package
+                .0
+                .clone(),
+        );
+    }
+    assert_ne!(got[0], got[1]);
+    assert_eq!(
+        got[2], got[3],
+        "after the single-use ones, the last resort is handed out again"
+    );
+    assert_eq!(
+        fed.count(0, "SELECT COUNT(*) FROM key_packages").unwrap(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("user:bob@northshire"),
+            &category("relocation"),
+            false,
+            b"hi",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut bob = worker(&fed, 0, "bob");
+    assert_eq!(texts(&read(&mut bob).await), ["hi"]);
+    // Both commit at the same epoch; the gateway accepts the first only.
+    alice
+        .add(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    let e = bob
+        .add(&case, &to("user:hana@eastmoor"), None)
+        .await
+        .unwrap_err();
+    match e {
+        CaseError::Client(ClientError::Api {
+            code: ErrorCode::StaleEpoch,
+            ..
+        }) => {}
+        other => panic!("expected stale_epoch, got {other:?}"),
+    }
+}
