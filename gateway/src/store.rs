@@ -112,6 +112,9 @@ pub enum Sent {
     Refused(String),
 }
 
+/// A user and the KeyPackage claimed for them, if they had one.
+pub type Claimed = (UserId, Option<Vec<u8>>);
+
 /// Whose inbox: a user and the teams they are in.
 #[derive(Debug, Clone)]
 pub struct Mailbox {
@@ -199,7 +202,7 @@ pub trait Store: Send + Sync + 'static {
     fn claim_key_packages(
         &self,
         users: Vec<UserId>,
-    ) -> impl Future<Output = Result<Vec<(UserId, Option<Vec<u8>>)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Claimed>, StoreError>> + Send;
     /// How many items are queued per peer.
     fn queue_depths(&self) -> impl Future<Output = Result<Vec<(AreaId, u64)>, StoreError>> + Send;
 }

@@ -411,6 +411,7 @@ fn sender_context_needs_a_user_matching_the_envelope() {
         recipient: "team:duty@northmoor".parse().unwrap(),
         category: Category::new("relocation").unwrap(),
         urgent: false,
+        kind: proto::MessageKind::Opaque,
         content_hash: ContentHash([0; 32]),
         accepted_at_ms: 0,
         expires_at_ms: 0,
