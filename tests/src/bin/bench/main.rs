@@ -15,6 +15,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tests::{message, Federation, Settings};
 
+mod mls;
+
 /// Measure A→B relay throughput and latency against a plain mTLS echo.
 #[derive(Debug, Parser)]
 struct Args {
@@ -24,6 +26,12 @@ struct Args {
     /// Body size in bytes.
     #[arg(long, default_value_t = 4096)]
     body: usize,
+    /// Also measure client-side MLS costs (referral creation, follow-up) against raw openmls.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    mls: bool,
+    /// Rounds for the MLS measurements.
+    #[arg(long, default_value_t = 20)]
+    mls_rounds: usize,
     /// Skip the echo baseline (for profiling the relay alone).
     #[arg(long)]
     relay_only: bool,
@@ -315,5 +323,8 @@ async fn main() -> anyhow::Result<()> {
     echo.abort();
     fed.stop(0).await;
     fed.stop(1).await;
+    if args.mls {
+        mls::run(args.mls_rounds, 5, 8192).await?;
+    }
     Ok(())
 }
