@@ -183,15 +183,20 @@ fn print_next_steps(
     };
     let alice = cfg("northshire", "alice");
     let dan = cfg("southvale", "dan");
+    let client = "cargo run -q --release -p client --";
+    println!("\nIn another terminal: southvale's duty team publishes its encryption keys (once):");
+    for u in ["dan", "erin", "farah"] {
+        println!("  {client} --config {} keys", cfg("southvale", u));
+    }
+    println!("alice (northshire) sends an end-to-end encrypted referral to southvale's duty team:");
+    println!("  echo 'Family relocated; see plan' | {client} --config {alice} refer --to team:duty@southvale --category relocation");
+    println!("dan reads it (joins the case, decrypts, acknowledges) and replies:");
+    println!("  {client} --config {dan} read --wait 30");
+    println!("  echo 'Received; visit booked' | {client} --config {dan} reply --case <case-id>");
+    println!("alice reads the reply:");
+    println!("  {client} --config {alice} read --wait 30");
     println!(
-        "\nIn another terminal, send a referral from alice (northshire) to southvale's duty team:"
+        "Opaque messages and their status: `send`, `inbox`, `fetch`, `ack`, `status` (see --help)."
     );
-    println!("  echo 'test referral' | cargo run -q --release -p client -- --config {alice} send --to team:duty@southvale --category relocation --key demo-1");
-    println!("Read and acknowledge it as dan (southvale duty):");
-    println!("  cargo run -q --release -p client -- --config {dan} inbox --wait 30");
-    println!("  cargo run -q --release -p client -- --config {dan} fetch <message-id>");
-    println!("  cargo run -q --release -p client -- --config {dan} ack <message-id>");
-    println!("Then see its status as alice:");
-    println!("  cargo run -q --release -p client -- --config {alice} status <message-id>");
     println!("\nPress Ctrl-C to stop the gateways.");
 }

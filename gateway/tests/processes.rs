@@ -337,3 +337,49 @@ async fn cli_team_referral_from_a_to_b_reaches_acknowledged() {
     let (code, _, err) = cli(&alice, &["status", &id], None).await;
     assert_eq!(code, 5, "gateway unreachable: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_encrypted_referral_reaches_the_whole_team_and_the_gateways_hold_ciphertext_only() {
+    let demo = Demo::new().await;
+    let alice = demo.user_config(0, "alice");
+    for user in ["dan", "erin", "farah"] {
+        let (code, out, err) =
+            cli(&demo.user_config(1, user), &["keys", "--count", "3"], None).await;
+        assert_eq!(code, 0, "{user}: {err}");
+        assert!(out.contains("published"), "{out}");
+    }
+    let secret = format!("CLI-CANARY-{}", std::process::id());
+    let (code, out, err) = cli(
+        &alice,
+        &[
+            "refer",
+            "--to",
+            "team:duty@southvale",
+            "--category",
+            "relocation",
+        ],
+        Some(secret.as_bytes()),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let case = out.trim().to_owned();
+    assert!(case.starts_with("case-"), "{out}");
+    for user in ["dan", "erin", "farah"] {
+        let (code, out, err) =
+            cli(&demo.user_config(1, user), &["read", "--wait", "30"], None).await;
+        assert_eq!(code, 0, "{user}: {err}");
+        assert!(
+            out.contains(&format!("joined case {case}")) && out.contains(&secret),
+            "{user}: {out}"
+        );
+    }
+    // The gateways' files hold only ciphertext.
+    for i in 0..3 {
+        for entry in std::fs::read_dir(demo.area_dir(i).join("data")).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        }
+        let log = std::fs::read(demo.area_dir(i).join("gateway.log")).unwrap();
+        assert!(!log.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+}
