@@ -260,3 +260,22 @@ pub fn gateway_client_config(
 ) -> Result<ClientConfig, CertError> {
     client_config(own, &peer.area, &peer.cas)
 }
+
+/// Verifies one's own certificate chain against one's area CA, as a server
+/// would, and returns the identity it proves. Used by a client that applies
+/// its area's sharing policy to itself before sending.
+pub fn verify_own_certificate(
+    own: &Credentials,
+    area_cas: &[CertificateDer<'static>],
+) -> Result<crate::VerifiedPeer, CertError> {
+    let leaf = own.chain.first().ok_or(CertError::NoPeerCertificate)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(area_cas)?, provider())
+        .build()
+        .map_err(|e| CertError::Verifier(e.to_string()))?;
+    verifier.verify_client_cert(leaf, &own.chain[1..], UnixTime::now())?;
+    let identity = identity_of_cert(leaf)?;
+    if identity.area().as_str().is_empty() {
+        return Err(CertError::BadIdentity("empty area".into()));
+    }
+    Ok(crate::VerifiedPeer::new(identity))
+}

@@ -24,7 +24,8 @@ pub mod mint;
 mod pem;
 
 pub use config::{
-    gateway_client_config, server_config, user_client_config, PeerTrust, ServerTrust,
+    gateway_client_config, server_config, user_client_config, verify_own_certificate, PeerTrust,
+    ServerTrust,
 };
 pub use error::CertError;
 pub use identity::{identity_of_cert, Identity, VerifiedPeer};

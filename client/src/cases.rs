@@ -143,6 +143,8 @@ struct HandoverRequest {
 pub struct Caseworker {
     api: Api,
     mls: MlsClient,
+    policy_key: Option<String>,
+    policy: Option<policy::Policy>,
     me: Recipient,
     meta_path: PathBuf,
     meta: Meta,
@@ -211,6 +213,8 @@ impl Caseworker {
         Ok(Caseworker {
             api,
             mls,
+            policy_key: config.policy_key.clone(),
+            policy: None,
             me,
             meta_path,
             meta,
@@ -232,6 +236,51 @@ impl Caseworker {
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &self.meta_path).map_err(err)
+    }
+
+    /// The home area's sharing policy, fetched from the gateway and verified
+    /// with the configured key; `None` when the area publishes none.
+    pub async fn policy(&mut self) -> Result<Option<&policy::Policy>, CaseError> {
+        if self.policy.is_none() {
+            let Some(text) = self.api.policy_text().await? else {
+                return Ok(None);
+            };
+            let key: policy::PolicyVerifyingKey = self
+                .policy_key
+                .as_deref()
+                .ok_or_else(|| CaseError::Invalid("the gateway publishes a sharing policy but this client has no policy_key to verify it".into()))?
+                .parse()
+                .map_err(|e: policy::PolicyError| CaseError::Invalid(e.to_string()))?;
+            let signed = policy::SignedPolicy::from_text(&text)
+                .map_err(|e| CaseError::Invalid(e.to_string()))?;
+            let verified = signed
+                .verify(&self.me.area, &key)
+                .map_err(|e| CaseError::Invalid(format!("the gateway's policy: {e}")))?;
+            self.policy = Some(verified);
+        }
+        Ok(self.policy.as_ref())
+    }
+
+    /// The disclosure to declare for content with `fields`, under the home
+    /// policy (none when the area has no policy).
+    pub async fn declare(
+        &mut self,
+        purpose: &str,
+        fields: Vec<String>,
+        fled_from: Vec<proto::AreaId>,
+    ) -> Result<Option<proto::Disclosure>, CaseError> {
+        Ok(self.policy().await?.map(|p| proto::Disclosure {
+            policy_id: p.id().to_string(),
+            policy_version: p.version(),
+            purpose: purpose.to_owned(),
+            fields,
+            fled_from,
+        }))
+    }
+
+    /// Our directory entry at the home gateway.
+    pub async fn whoami(&self) -> Result<proto::Me, CaseError> {
+        Ok(self.api.me().await?)
     }
 
     /// The MLS state (for history and inspection).
@@ -272,6 +321,19 @@ impl Caseworker {
         key: String,
         body: Vec<u8>,
     ) -> Result<MessageId, CaseError> {
+        self.submit_declared(to, category, urgent, key, body, None)
+            .await
+    }
+
+    async fn submit_declared(
+        &self,
+        to: &str,
+        category: &Category,
+        urgent: bool,
+        key: String,
+        body: Vec<u8>,
+        disclosure: Option<proto::Disclosure>,
+    ) -> Result<MessageId, CaseError> {
         let req = SubmitRequest {
             idempotency_key: IdempotencyKey::new(key)
                 .map_err(|e| CaseError::Invalid(e.to_string()))?,
@@ -281,6 +343,7 @@ impl Caseworker {
             category: category.clone(),
             urgent,
             kind: MessageKind::Mls,
+            disclosure,
             body: Body(body),
         };
         Ok(self.api.submit(&req).await?.message_id)
@@ -305,6 +368,7 @@ impl Caseworker {
     /// Starts a referral: a new group with the members of `to`, the Welcome,
     /// then `body` as the first message. Returns the case id and the members
     /// who could not be added yet (no KeyPackages).
+    #[allow(clippy::too_many_arguments)] // each is a separate choice of the worker's
     pub async fn refer(
         &mut self,
         to: &Recipient,
@@ -313,6 +377,7 @@ impl Caseworker {
         body: &[u8],
         case_id: Option<String>,
         key: Option<String>,
+        disclosure: Option<proto::Disclosure>,
     ) -> Result<(String, Vec<String>), CaseError> {
         let case_id =
             case_id.unwrap_or_else(|| format!("case-{}", hex::encode(rand::random::<[u8; 8]>())));
@@ -333,12 +398,13 @@ impl Caseworker {
         )
         .await?;
         let msg = self.mls.encrypt(&group, body)?;
-        self.submit(
+        self.submit_declared(
             &to.to_string(),
             category,
             urgent,
             format!("{key}:message"),
             msg,
+            disclosure,
         )
         .await?;
         Ok((case_id, missing))
@@ -351,11 +417,13 @@ impl Caseworker {
         category: &Category,
         body: &[u8],
         key: Option<String>,
+        disclosure: Option<proto::Disclosure>,
     ) -> Result<Vec<MessageId>, CaseError> {
         let group = self.group_of(case_id)?;
         let key = key.unwrap_or_else(fresh_key);
         let msg = self.mls.encrypt(&group, body)?;
-        self.fan_out(case_id, category, &key, msg).await
+        self.fan_out_declared(case_id, category, &key, msg, disclosure)
+            .await
     }
 
     async fn fan_out(
@@ -364,6 +432,18 @@ impl Caseworker {
         category: &Category,
         key: &str,
         bytes: Vec<u8>,
+    ) -> Result<Vec<MessageId>, CaseError> {
+        self.fan_out_declared(case_id, category, key, bytes, None)
+            .await
+    }
+
+    async fn fan_out_declared(
+        &self,
+        case_id: &str,
+        category: &Category,
+        key: &str,
+        bytes: Vec<u8>,
+        disclosure: Option<proto::Disclosure>,
     ) -> Result<Vec<MessageId>, CaseError> {
         let me = self.me.to_string();
         let mut ids = Vec::new();
@@ -378,8 +458,15 @@ impl Caseworker {
         {
             if *addr != me {
                 ids.push(
-                    self.submit(addr, category, false, format!("{key}:{i}"), bytes.clone())
-                        .await?,
+                    self.submit_declared(
+                        addr,
+                        category,
+                        false,
+                        format!("{key}:{i}"),
+                        bytes.clone(),
+                        disclosure.clone(),
+                    )
+                    .await?,
                 );
             }
         }
@@ -752,5 +839,34 @@ impl Caseworker {
             }
         }
         Ok(events)
+    }
+}
+
+/// The third policy check: decrypted content must hold only the fields its
+/// envelope declared. Structured content is a JSON object of dotted field
+/// paths; free text counts as one `chronology` entry.
+pub fn check_declared(plaintext: &[u8], declared: &[String]) -> Result<(), CaseError> {
+    let covered = |field: &str| {
+        declared.iter().any(|d| {
+            field == d || field.starts_with(&format!("{d}.")) || d.starts_with(&format!("{field}."))
+        })
+    };
+    match serde_json::from_slice::<serde_json::Value>(plaintext) {
+        Ok(serde_json::Value::Object(_)) => {
+            let declared = declared
+                .iter()
+                .map(|d| {
+                    policy::FieldPath::new(d.as_str())
+                        .map_err(|e| CaseError::Invalid(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            crate::referral::check_declared(plaintext, &declared)
+                .map_err(|e| CaseError::Invalid(format!("{e}: refused")))?;
+            Ok(())
+        }
+        _ if covered("chronology") => Ok(()),
+        _ => Err(CaseError::Invalid(
+            "free-text content, but the envelope does not declare chronology: refused".into(),
+        )),
     }
 }

@@ -82,6 +82,10 @@ pub struct ClientConfig {
     pub key: PathBuf,
     /// The home area's CA certificate (PEM).
     pub ca: PathBuf,
+    /// The home area's sharing-policy verification key (`ed25519:<base64>`):
+    /// the client verifies the policy its gateway serves before applying it.
+    #[serde(default)]
+    pub policy_key: Option<String>,
     /// Where the client keeps its MLS keys, groups and case history.
     /// Default: `<config file stem>.data` beside the configuration file.
     #[serde(default)]
@@ -322,6 +326,31 @@ impl Api {
         .map_err(|e| ClientError::Decode(e.to_string()))?;
         let v = self.post_raw("/v1/keypackages/claim", body).await?;
         serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// The home area's signed sharing policy document, if it publishes one.
+    pub async fn policy_text(&self) -> Result<Option<String>, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/policy", self.base))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(describe(&e)))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Self::answer::<serde_json::Value>(resp).await.map(|_| None);
+        }
+        resp.text()
+            .await
+            .map(Some)
+            .map_err(|e| ClientError::Transport(describe(&e)))
+    }
+
+    /// The caller's directory entry (organisation, role, teams).
+    pub async fn me(&self) -> Result<proto::Me, ClientError> {
+        self.get("/v1/me").await
     }
 
     /// Checks that the gateway answers and who it thinks we are.

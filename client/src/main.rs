@@ -106,12 +106,29 @@ enum Command {
         /// Case id to use (default: a new random one, printed).
         #[arg(long)]
         case: Option<String>,
+        /// Why it is shared (as the sharing policy names purposes).
+        #[arg(long, default_value = "safeguarding")]
+        purpose: String,
+        /// An area the family fled: nothing that locates them goes there (repeatable).
+        #[arg(long = "fled-from")]
+        fled_from: Vec<proto::AreaId>,
         /// Idempotency key for the messages (default: random).
         #[arg(long)]
         key: Option<String>,
-        /// Read the body from this file instead of standard input.
+        /// Read a free-text body from this file instead of standard input.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// A structured case file (see `client referral-template`): checked for
+        /// victim-blaming language, redacted by the sharing policy for this
+        /// recipient, previewed, then sent.
+        #[arg(long)]
+        case_file: Option<PathBuf>,
+        /// Send without asking after the preview.
+        #[arg(long)]
+        yes: bool,
+        /// Keep a flagged phrase, with the reason: --confirm "streetwise=quoting the child's own words" (repeatable; recorded).
+        #[arg(long)]
+        confirm: Vec<String>,
     },
     /// Take the encrypted case messages from your inbox: join new cases,
     /// decrypt and print messages, apply membership changes, acknowledge.
@@ -128,10 +145,30 @@ enum Command {
         /// Category.
         #[arg(long, default_value = "update")]
         category: Category,
+        /// Why it is shared (as the sharing policy names purposes).
+        #[arg(long, default_value = "safeguarding")]
+        purpose: String,
+        /// An area the family fled: nothing that locates them goes there (repeatable).
+        #[arg(long = "fled-from")]
+        fled_from: Vec<proto::AreaId>,
         /// Read the body from this file instead of standard input.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// A structured case file instead of free text (needs --to).
+        #[arg(long)]
+        case_file: Option<PathBuf>,
+        /// Who the case-file disclosure is prepared for (user or team).
+        #[arg(long)]
+        to: Option<Recipient>,
+        /// Send without asking after the preview.
+        #[arg(long)]
+        yes: bool,
+        /// Keep a flagged phrase, with the reason (repeatable; recorded).
+        #[arg(long)]
+        confirm: Vec<String>,
     },
+    /// Print a case-file template to start a structured referral.
+    ReferralTemplate,
     /// Add a person or team to an open case.
     Add {
         /// The case id.
@@ -262,6 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 category,
                 urgent,
                 kind: proto::MessageKind::Opaque,
+                disclosure: None,
                 body: Body(body),
             };
             let r = api.submit(&req).await?;
@@ -323,6 +361,133 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses, lints, redacts and previews a case file for `to`; returns the
+/// disclosed bytes and the disclosure to declare.
+#[allow(clippy::too_many_arguments)]
+async fn prepare_case_file(
+    config: &ClientConfig,
+    cw: &mut client::cases::Caseworker,
+    path: &std::path::Path,
+    to: &Recipient,
+    category: &Category,
+    purpose: &str,
+    fled_from: &[proto::AreaId],
+    yes: bool,
+    confirm: &[String],
+) -> anyhow::Result<(Vec<u8>, proto::Disclosure)> {
+    use client::lint::{ConfirmTarget, Confirmation, Lint};
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let case = client::referral::parse_case_toml(&text)?;
+    // The language check: refuse until each flagged phrase is rephrased or confirmed with a reason.
+    let findings = Lint::new(&[])?.check(&case);
+    let confirmations: Vec<Confirmation> = confirm
+        .iter()
+        .map(|c| {
+            let (phrase, reason) = c.split_once('=').unwrap_or((c.as_str(), ""));
+            Confirmation {
+                target: ConfirmTarget::Phrase(phrase.trim().to_owned()),
+                reason: reason.trim().to_owned(),
+            }
+        })
+        .collect();
+    if let Err(e) = client::lint::require_resolved(&findings, &confirmations) {
+        for f in &findings {
+            eprintln!(
+                "{}: \"{}\" — {}\n    in: {}",
+                f.field_path, f.phrase, f.suggestion, f.excerpt
+            );
+        }
+        anyhow::bail!("{e}\nRephrase, or keep a phrase with --confirm \"<phrase>=<reason>\" (the reason is recorded)");
+    }
+    let recorded = client::lint::require_resolved(&findings, &confirmations)?;
+    let policy = cw.policy().await?.cloned().ok_or_else(|| {
+        anyhow::anyhow!("this area publishes no sharing policy: nothing may be disclosed")
+    })?;
+    let me = cw.whoami().await?;
+    let creds = certs::Credentials::load(&config.cert, &config.key)?;
+    let peer = certs::verify_own_certificate(&creds, &certs::load_certs(&config.ca)?)?;
+    let sender = policy::SenderContext::new(
+        &peer,
+        policy::Organisation::new(me.organisation.as_str())?,
+        policy::Role::new(me.role.as_str())?,
+    )?;
+    let recipient = policy::RecipientContext {
+        recipient: to.clone(),
+        organisation: None,
+        role: None,
+    };
+    let facts = policy::Facts {
+        category: category.clone(),
+        purpose: policy::Purpose::new(purpose)?,
+        cited: policy::PolicyRef {
+            id: policy.id().clone(),
+            version: policy.version(),
+        },
+        fled_from: fled_from.to_vec(),
+    };
+    let fields = client::referral::to_policy_fields(&case)?;
+    let days = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        / 86_400) as i64;
+    let today = civil_from_days(days)?;
+    let prepared = policy.prepare(&sender, &recipient, &facts, &fields, today);
+    eprintln!("{}", client::referral::preview(&prepared));
+    if !prepared.decision.is_allowed() {
+        anyhow::bail!(
+            "the sharing policy does not allow this: {}",
+            prepared.decision.reason
+        );
+    }
+    if !yes {
+        eprint!("Send exactly this to {to}? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            anyhow::bail!("not sent");
+        }
+    }
+    if !recorded.is_empty() {
+        let dir = config.data_dir.clone().unwrap_or_default();
+        let line = serde_json::to_string(
+            &serde_json::json!({ "case_file": path.display().to_string(), "confirmed": recorded }),
+        )?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("language-confirmations.jsonl"))?;
+        writeln!(f, "{line}")?;
+    }
+    let body = client::referral::disclosed_bytes(&prepared.content);
+    let disclosure = proto::Disclosure {
+        policy_id: policy.id().to_string(),
+        policy_version: policy.version(),
+        purpose: purpose.to_owned(),
+        fields: prepared
+            .declared_fields
+            .iter()
+            .map(|f| f.to_string())
+            .collect(),
+        fled_from: fled_from.to_vec(),
+    };
+    Ok((body, disclosure))
+}
+
+/// The calendar date of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(z: i64) -> anyhow::Result<policy::Date> {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as u16;
+    Ok(policy::Date::new(y, m, d)?)
+}
+
 fn read_body(file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
     match file {
         Some(f) => {
@@ -359,9 +524,32 @@ async fn cases_command(
             case,
             key,
             file,
+            purpose,
+            fled_from,
+            case_file,
+            yes,
+            confirm,
         } => {
-            let body = read_body(file)?;
-            let (case_id, missing) = cw.refer(&to, &category, urgent, &body, case, key).await?;
+            let (body, disclosure) = match case_file {
+                Some(path) => {
+                    let (body, d) = prepare_case_file(
+                        config, &mut cw, &path, &to, &category, &purpose, &fled_from, yes, &confirm,
+                    )
+                    .await?;
+                    (body, Some(d))
+                }
+                None => {
+                    let body = read_body(file)?;
+                    (
+                        body,
+                        cw.declare(&purpose, vec!["chronology".into()], fled_from.clone())
+                            .await?,
+                    )
+                }
+            };
+            let (case_id, missing) = cw
+                .refer(&to, &category, urgent, &body, case, key, disclosure)
+                .await?;
             println!("{case_id}");
             for m in missing {
                 eprintln!("warning: {m} has published no keys and was not added; add them later with `client add --case {case_id}`");
@@ -431,9 +619,36 @@ async fn cases_command(
             case,
             category,
             file,
+            purpose,
+            fled_from,
+            case_file,
+            to,
+            yes,
+            confirm,
         } => {
-            let body = read_body(file)?;
-            let ids = cw.send(&case, &category, &body, None).await?;
+            let (body, disclosure) = match case_file {
+                Some(path) => {
+                    let to = to.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--case-file needs --to: who the disclosure is prepared for"
+                        )
+                    })?;
+                    let (body, d) = prepare_case_file(
+                        config, &mut cw, &path, &to, &category, &purpose, &fled_from, yes, &confirm,
+                    )
+                    .await?;
+                    (body, Some(d))
+                }
+                None => {
+                    let body = read_body(file)?;
+                    (
+                        body,
+                        cw.declare(&purpose, vec!["chronology".into()], fled_from)
+                            .await?,
+                    )
+                }
+            };
+            let ids = cw.send(&case, &category, &body, None, disclosure).await?;
             println!("sent to {} address(es)", ids.len());
         }
         Command::Add { case, to } => {
@@ -461,6 +676,7 @@ async fn cases_command(
                 );
             }
         }
+        Command::ReferralTemplate => print!("{}", client::referral::template()),
         Command::Cases => {
             for c in cw.cases()? {
                 println!("{c}");

@@ -140,6 +140,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/keypackages/claim", post(claim_key_packages))
         .route("/v1/federation/keypackages/claim", post(federation_claim))
+        .route("/v1/policy", get(get_policy))
+        .route("/v1/me", get(me))
+        .route("/v1/federation/policy", get(federation_policy))
         .fallback(|| async { Failure::not_found("no such endpoint") })
         .with_state(shared)
 }
@@ -223,10 +226,11 @@ async fn submit(
         ));
     }
     let route = route_for(&shared, &req.recipient)?;
-    let commit = match req.kind {
-        MessageKind::Opaque => None,
+    let (commit, application) = match req.kind {
+        MessageKind::Opaque => (None, false),
         MessageKind::Mls => check_mls(&req.body.0)?,
     };
+    check_disclosure(&shared, &peer, &sender, &req, application)?;
     let now = now_ms();
     let envelope = Envelope {
         message_id: MessageId::time_ordered(now, rand::random()),
@@ -236,6 +240,7 @@ async fn submit(
         category: req.category,
         urgent: req.urgent,
         kind: req.kind,
+        disclosure: req.disclosure.clone(),
         content_hash: req.body.hash(),
         accepted_at_ms: now,
         expires_at_ms: now
@@ -422,6 +427,18 @@ async fn federation_batch(
     for (i, item) in batch.items.into_iter().enumerate() {
         match check_item(&shared, &area, item) {
             Ok(incoming) => {
+                if let Incoming::Deliver(env, _) = &incoming {
+                    if let Some(d) = &env.disclosure {
+                        if let Err(reason) = check_incoming_policy(&shared, &area, d).await {
+                            tracing::warn!(peer = %area, %reason, "refused federation item");
+                            results[i] = Some(ItemResult::Rejected {
+                                code: ErrorCode::PolicyDenied,
+                                reason,
+                            });
+                            continue;
+                        }
+                    }
+                }
                 valid.push(incoming);
                 index.push(i);
             }
@@ -523,18 +540,20 @@ fn check_item(
 
 /// Checks an MLS message's public framing. Returns the group and epoch of a
 /// Commit, which the store checks for order.
-fn check_mls(body: &[u8]) -> Result<Option<(String, u64)>, Failure> {
+/// Also says whether it is an application message (referral content).
+fn check_mls(body: &[u8]) -> Result<(Option<(String, u64)>, bool), Failure> {
     let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
     let info =
         MlsMessageInfo::parse(body).map_err(|e| bad(format!("not a valid MLS message: {e}")))?;
     match &info {
         MlsMessageInfo::PublicMessage(m) | MlsMessageInfo::PrivateMessage(m) => {
-            if m.content_type() == ContentType::Commit {
-                return Ok(Some((hex::encode(m.group_id()), m.epoch())));
+            match m.content_type() {
+                ContentType::Commit => Ok((Some((hex::encode(m.group_id()), m.epoch())), false)),
+                ContentType::Application => Ok((None, true)),
+                ContentType::Proposal => Ok((None, false)),
             }
-            Ok(None)
         }
-        MlsMessageInfo::Welcome(_) => Ok(None),
+        MlsMessageInfo::Welcome(_) => Ok((None, false)),
         MlsMessageInfo::GroupInfo(_) | MlsMessageInfo::KeyPackage(_) => Err(bad(
             "KeyPackages are published with /v1/keypackages; GroupInfo is not relayed".into(),
         )),
@@ -717,4 +736,136 @@ async fn federation_claim(
     }
     tracing::info!(peer = %area, recipient = %req.recipient, "KeyPackages claimed by a peer");
     claim_local(&shared, &req.recipient.target).await.map(Json)
+}
+
+// === sharing policy ===
+
+/// The second policy check (the client made the first): referral content
+/// leaving a gateway that has a policy must declare its disclosure, and the
+/// policy must allow it.
+fn check_disclosure(
+    shared: &Shared,
+    peer: &VerifiedPeer,
+    sender: &proto::Sender,
+    req: &proto::SubmitRequest,
+    application: bool,
+) -> Result<(), Failure> {
+    let denied = |m: String| Failure::new(StatusCode::FORBIDDEN, ErrorCode::PolicyDenied, m);
+    let Some(own) = &shared.own_policy else {
+        return match &req.disclosure {
+            Some(_) => Err(denied(format!(
+                "{} has no sharing policy: nothing may be disclosed",
+                shared.config.area
+            ))),
+            None => Ok(()),
+        };
+    };
+    let Some(d) = &req.disclosure else {
+        return if application {
+            Err(denied(
+                "referral content must declare its disclosure (policy, purpose, fields)".into(),
+            ))
+        } else {
+            Ok(())
+        };
+    };
+    let user = shared
+        .directory
+        .user(&sender.user)
+        .ok_or_else(|| Failure::forbidden("not in the directory"))?;
+    crate::sharing::check_outgoing(own, peer, user, &req.recipient, &req.category, d).map_err(
+        |reason| {
+            tracing::info!(recipient = %req.recipient, %reason, "disclosure refused by policy");
+            denied(reason)
+        },
+    )
+}
+
+async fn own_policy_text(shared: &Shared) -> Result<String, Failure> {
+    shared
+        .own_policy
+        .as_ref()
+        .map(|p| p.signed_text.clone())
+        .ok_or_else(|| {
+            Failure::not_found(format!(
+                "{} publishes no sharing policy",
+                shared.config.area
+            ))
+        })
+}
+
+async fn get_policy(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+) -> Result<String, Failure> {
+    let _ = user_of(&shared, &peer)?;
+    own_policy_text(&shared).await
+}
+
+async fn federation_policy(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+) -> Result<String, Failure> {
+    match peer.identity() {
+        Identity::Gateway(a) if shared.config.peer(a).is_some() => own_policy_text(&shared).await,
+        _ => Err(Failure::forbidden(format!(
+            "{peer} is not a federation peer of {}",
+            shared.config.area
+        ))),
+    }
+}
+
+/// Checks that an incoming disclosure cites the sending area's current
+/// signed policy (when a policy key is configured for that peer); fetches
+/// the peer's policy when it cites a version we have not seen.
+async fn check_incoming_policy(
+    shared: &Shared,
+    peer: &proto::AreaId,
+    d: &proto::Disclosure,
+) -> Result<(), String> {
+    let Some(key) = shared.config.peer(peer).and_then(|p| p.policy_key.clone()) else {
+        return Ok(());
+    };
+    let cited = (d.policy_id.clone(), d.policy_version);
+    let current = match shared.peer_policies.cached(peer) {
+        Some(c) if c.0 == cited.0 && c.1 >= cited.1 => c,
+        _ => {
+            let (client, url) = shared.peer_clients.get(peer).ok_or("no client for peer")?;
+            let text = client
+                .get(format!("{url}/v1/federation/policy"))
+                .send()
+                .await
+                .map_err(|e| format!("cannot fetch {peer}'s policy: {e}"))?
+                .text()
+                .await
+                .map_err(|e| format!("cannot fetch {peer}'s policy: {e}"))?;
+            shared.peer_policies.update(peer, &key, &text)?
+        }
+    };
+    if current == cited {
+        Ok(())
+    } else {
+        Err(format!(
+            "cites policy {} v{}, but {peer}'s current policy is {} v{}",
+            cited.0, cited.1, current.0, current.1
+        ))
+    }
+}
+
+/// The caller's directory entry: organisation, role and teams.
+async fn me(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+) -> Result<Json<proto::Me>, Failure> {
+    let (sender, mb) = user_of(&shared, &peer)?;
+    let user = shared
+        .directory
+        .user(&sender.user)
+        .ok_or_else(|| Failure::forbidden("not in the directory"))?;
+    Ok(Json(proto::Me {
+        identity: peer.identity().uri(),
+        organisation: user.organisation.clone(),
+        role: user.role.clone(),
+        teams: mb.teams,
+    }))
 }

@@ -71,12 +71,26 @@ pub struct Config {
     /// Size and rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// This area's signed sharing policy.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
     /// Federation peers.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
     /// The area's directory of users.
     #[serde(default)]
     pub users: Vec<UserConfig>,
+}
+
+/// The area's sharing policy: a signed policy document and the key that must
+/// have signed it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The signed policy document (`policy` crate text form).
+    pub file: PathBuf,
+    /// The area's policy verification key, `ed25519:<base64>`.
+    pub key: String,
 }
 
 /// Certificate files.
@@ -166,6 +180,10 @@ pub struct PeerConfig {
     pub url: String,
     /// PEM CA certificate(s) of the peer's area, pinned to that area.
     pub ca: PathBuf,
+    /// The peer's policy verification key, `ed25519:<base64>`: when set,
+    /// messages from the peer must cite its current signed policy.
+    #[serde(default)]
+    pub policy_key: Option<String>,
 }
 
 /// One person in the directory.
@@ -273,6 +291,9 @@ impl Config {
         abs(&mut config.tls.ca);
         for p in &mut config.peers {
             abs(&mut p.ca);
+        }
+        if let Some(p) = &mut config.policy {
+            abs(&mut p.file);
         }
         config.check().map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),

@@ -20,6 +20,7 @@ pub mod config;
 pub mod dev;
 mod federation;
 pub mod metrics;
+pub mod sharing;
 pub mod store;
 
 use std::collections::HashMap;
@@ -64,6 +65,9 @@ pub enum GatewayError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The area's sharing policy could not be loaded or verified.
+    #[error(transparent)]
+    Policy(#[from] sharing::SharingError),
     /// An HTTP client for a peer could not be built.
     #[error("HTTP client for peer {peer}: {message}")]
     PeerClient {
@@ -93,6 +97,10 @@ pub(crate) struct Shared {
     wakers: HashMap<AreaId, Arc<Notify>>,
     /// HTTP client and base URL per peer, for synchronous federation calls.
     peer_clients: HashMap<AreaId, (reqwest::Client, String)>,
+    /// This area's verified sharing policy, if configured.
+    own_policy: Option<sharing::OwnPolicy>,
+    /// Peers' current policy versions.
+    peer_policies: sharing::PeerPolicies,
     stop: watch::Sender<bool>,
     metrics: Arc<metrics::Metrics>,
 }
@@ -151,6 +159,10 @@ impl Gateway {
             peers: peers.clone(),
         };
         let server_config = certs::server_config(&own, &trust)?;
+        let own_policy = match &config.policy {
+            Some(p) => Some(sharing::OwnPolicy::load(p, &config.area)?),
+            None => None,
+        };
         let store = SqliteStore::open(&config.data_dir, config.area.clone())?;
         let listener =
             TcpListener::bind(config.listen)
@@ -202,6 +214,8 @@ impl Gateway {
             inbox_tx: watch::channel(0).0,
             wakers,
             peer_clients,
+            own_policy,
+            peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
             config,

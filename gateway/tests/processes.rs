@@ -156,6 +156,7 @@ async fn sigkill_of_either_gateway_with_1000_in_flight_loses_and_duplicates_noth
                     category: Category::new("relocation").unwrap(),
                     urgent: false,
                     kind: proto::MessageKind::Opaque,
+                    disclosure: None,
                     body: Body(vec![b'k'; 512]),
                 };
                 // submit() retries with the same key while the gateway is down.

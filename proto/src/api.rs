@@ -21,6 +21,9 @@ pub struct SubmitRequest {
     /// What the body is (default: opaque).
     #[serde(default)]
     pub kind: crate::MessageKind,
+    /// For referral content: what it discloses, under which policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disclosure: Option<crate::Disclosure>,
     /// The opaque body (base64 on the wire).
     pub body: Body,
 }
@@ -112,6 +115,9 @@ pub enum ErrorCode {
     Internal,
     /// The gateway is shutting down or a peer is unreachable; retry.
     Unavailable,
+    /// The sharing policy does not allow this disclosure; the message says
+    /// which rule (or that none matched).
+    PolicyDenied,
     /// An MLS Commit for an epoch that already has a different Commit:
     /// process the pending Commits and retry.
     StaleEpoch,
@@ -226,4 +232,17 @@ pub struct ClaimResponse {
     pub key_packages: Vec<ClaimedKeyPackage>,
     /// Members who have published no KeyPackage (they cannot be added yet).
     pub missing: Vec<String>,
+}
+
+/// `GET /v1/me`: the caller's directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Me {
+    /// `spiffe://<area>/user/<id>`.
+    pub identity: String,
+    /// Organisation.
+    pub organisation: String,
+    /// Role.
+    pub role: String,
+    /// Teams.
+    pub teams: Vec<crate::TeamId>,
 }

@@ -43,12 +43,35 @@ pub struct Envelope {
     /// What the body is.
     #[serde(default)]
     pub kind: MessageKind,
+    /// For referral content: what it discloses, under which policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disclosure: Option<Disclosure>,
     /// SHA-256 of the body.
     pub content_hash: ContentHash,
     /// When the sending gateway accepted it (milliseconds since the Unix epoch).
     pub accepted_at_ms: u64,
     /// After this instant an undelivered message is returned as undeliverable.
     pub expires_at_ms: u64,
+}
+
+/// What a referral message discloses, declared by the sender: names of
+/// fields (never their values), the policy applied and why. Checked by both
+/// gateways against the sending area's signed policy, and by the receiving
+/// client against the decrypted content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disclosure {
+    /// The sending area's policy id.
+    pub policy_id: String,
+    /// Its version.
+    pub policy_version: u32,
+    /// Why it is sent, e.g. `safeguarding`.
+    pub purpose: String,
+    /// The fields inside, as dotted paths (`child.name`, `facts`, ...).
+    pub fields: Vec<String>,
+    /// Areas the family fled: locating fields never go there.
+    #[serde(default)]
+    pub fled_from: Vec<AreaId>,
 }
 
 /// What a message body is. Either way the gateway never holds a key to read it.

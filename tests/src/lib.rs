@@ -20,6 +20,8 @@ pub use gateway::dev::free_port;
 pub struct Settings {
     /// TOML appended to every gateway configuration (`[delivery]`, `[limits]`).
     pub toml: String,
+    /// Give every area a signed development sharing policy, enforced.
+    pub policies: bool,
 }
 
 impl Default for Settings {
@@ -29,6 +31,7 @@ impl Default for Settings {
                    [limits]\nuser_requests_per_second = 100000\nuser_burst = 100000\n\
                    peer_requests_per_second = 100000\npeer_burst = 100000\n"
                 .into(),
+            policies: false,
         }
     }
 }
@@ -104,7 +107,13 @@ impl Federation {
                     .collect(),
             })
             .collect();
-        let fed = gateway::dev::write_federation(dir.path(), &specs, &settings.toml, false)?;
+        let fed = gateway::dev::write_federation(
+            dir.path(),
+            &specs,
+            &settings.toml,
+            false,
+            settings.policies,
+        )?;
         let areas = specs
             .iter()
             .zip(fed.gateway_configs)
@@ -257,6 +266,7 @@ pub fn message(to: &str, key: &str, body: Vec<u8>) -> anyhow::Result<SubmitReque
         category: Category::new("relocation")?,
         urgent: false,
         kind: proto::MessageKind::Opaque,
+        disclosure: None,
         body: Body(body),
     })
 }

@@ -412,6 +412,7 @@ fn sender_context_needs_a_user_matching_the_envelope() {
         category: Category::new("relocation").unwrap(),
         urgent: false,
         kind: proto::MessageKind::Opaque,
+        disclosure: None,
         content_hash: ContentHash([0; 32]),
         accepted_at_ms: 0,
         expires_at_ms: 0,

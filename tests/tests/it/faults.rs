@@ -132,6 +132,7 @@ async fn peer_outage_queues_in_order_and_survives_a_sender_restart() {
 async fn a_message_that_cannot_be_delivered_in_time_returns_undeliverable() {
     let settings = Settings {
         toml: "[delivery]\nmessage_validity = \"1s\"\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n".into(),
+        policies: false,
     };
     let mut fed = Federation::standard_with(&settings).await.unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
@@ -177,6 +178,7 @@ async fn a_message_that_cannot_be_delivered_in_time_returns_undeliverable() {
 async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
     let settings = Settings {
         toml: "[limits]\nuser_requests_per_second = 1\nuser_burst = 2\n".into(),
+        policies: false,
     };
     let fed = Federation::standard_with(&settings).await.unwrap();
     let a = fed.index("northshire");

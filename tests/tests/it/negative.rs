@@ -45,6 +45,7 @@ fn batch_from(from: &str, to: &str) -> Vec<u8> {
         category: proto::Category::new("relocation").unwrap(),
         urgent: false,
         kind: proto::MessageKind::Opaque,
+        disclosure: None,
         content_hash: body.hash(),
         accepted_at_ms: 0,
         expires_at_ms: u64::MAX,

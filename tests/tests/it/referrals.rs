@@ -82,6 +82,7 @@ async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both
             b"Referral: family moved to southvale",
             None,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -107,15 +108,27 @@ async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both
 
     // dan replies; alice and the rest of the team read it.
     let mut dan = worker(&fed, 1, "dan");
-    dan.send(&case, &category("update"), b"Received; visit booked", None)
-        .await
-        .unwrap();
+    dan.send(
+        &case,
+        &category("update"),
+        b"Received; visit booked",
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(texts(&read(&mut alice).await), ["Received; visit booked"]);
     let mut erin = worker(&fed, 1, "erin");
     assert_eq!(texts(&read(&mut erin).await), ["Received; visit booked"]);
     // alice sends an update; all three read it.
     alice
-        .send(&case, &category("update"), b"Update from northshire", None)
+        .send(
+            &case,
+            &category("update"),
+            b"Update from northshire",
+            None,
+            None,
+        )
         .await
         .unwrap();
     for (u, expected) in [
@@ -191,6 +204,7 @@ async fn canary_plaintext_never_reaches_gateway_files_or_logs() {
             canary.as_bytes(),
             None,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -201,7 +215,7 @@ async fn canary_plaintext_never_reaches_gateway_files_or_logs() {
         "the recipient does read it"
     );
     let reply = format!("{canary}-reply");
-    dan.send(&case, &category("update"), reply.as_bytes(), None)
+    dan.send(&case, &category("update"), reply.as_bytes(), None, None)
         .await
         .unwrap();
     assert_eq!(texts(&read(&mut alice).await), std::slice::from_ref(&reply));
@@ -252,12 +266,13 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
             b"first referral",
             None,
             None,
+            None,
         )
         .await
         .unwrap();
     let mut dan = worker(&fed, 1, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["first referral"]);
-    dan.send(&case, &category("update"), b"dan's note", None)
+    dan.send(&case, &category("update"), b"dan's note", None, None)
         .await
         .unwrap();
     assert_eq!(texts(&read(&mut alice).await), ["dan's note"]);
@@ -314,7 +329,7 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
     );
 
     // A message after the handover: bob reads it; alice cannot.
-    dan.send(&case, &category("update"), b"after handover", None)
+    dan.send(&case, &category("update"), b"after handover", None, None)
         .await
         .unwrap();
     assert_eq!(texts(&read(&mut bob).await), ["after handover"]);
@@ -325,7 +340,7 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
     );
     // And alice can no longer send in the case.
     assert!(alice
-        .send(&case, &category("update"), b"x", None)
+        .send(&case, &category("update"), b"x", None, None)
         .await
         .is_err());
 }
@@ -343,6 +358,7 @@ async fn client_restart_mid_conversation_loses_nothing() {
                 b"one",
                 None,
                 None,
+                None,
             )
             .await
             .unwrap()
@@ -354,13 +370,13 @@ async fn client_restart_mid_conversation_loses_nothing() {
     }
     // Both reopen from disk and carry on both ways.
     let mut dan = worker(&fed, 1, "dan");
-    dan.send(&case, &category("update"), b"two", None)
+    dan.send(&case, &category("update"), b"two", None, None)
         .await
         .unwrap();
     let mut alice = worker(&fed, 0, "alice");
     assert_eq!(texts(&read(&mut alice).await), ["two"]);
     alice
-        .send(&case, &category("update"), b"three", None)
+        .send(&case, &category("update"), b"three", None, None)
         .await
         .unwrap();
     let mut dan = worker(&fed, 1, "dan");
@@ -389,6 +405,7 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
             b"genuine",
             None,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -397,7 +414,7 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
 
     // Capture a real ciphertext by reading the gateway's copy after sending.
     alice
-        .send(&case, &category("update"), b"second", None)
+        .send(&case, &category("update"), b"second", None, None)
         .await
         .unwrap();
     let dan_api = fed.api(1, "dan").unwrap();
@@ -422,6 +439,7 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
                     category: category("update"),
                     urgent: false,
                     kind: proto::MessageKind::Mls,
+                    disclosure: None,
                     body: proto::Body(bytes),
                 })
                 .await
@@ -516,6 +534,7 @@ async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
             &category("relocation"),
             false,
             b"hi",
+            None,
             None,
             None,
         )

@@ -279,6 +279,7 @@ async fn main() -> anyhow::Result<()> {
     ];
     let settings = Settings {
         toml: "[delivery]\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n[limits]\nuser_requests_per_second = 1000000\nuser_burst = 1000000\npeer_requests_per_second = 1000000\npeer_burst = 1000000\n".into(),
+        policies: false,
     };
     let mut fed = Federation::create(&areas, &settings).context("creating the federation")?;
     fed.start(0).await?;
