@@ -745,6 +745,10 @@ impl Caseworker {
                         .commit_handover(&group, &case_id, &sender, request)
                         .await;
                 }
+                // The third policy check: only what the envelope declared.
+                if let Some(d) = &env.disclosure {
+                    check_declared(&plaintext, &d.fields)?;
+                }
                 Ok(vec![Event::Message {
                     case_id,
                     from: sender,

@@ -258,6 +258,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::ReferralTemplate = cli.command {
+        print!("{}", client::referral::template());
+        return Ok(());
+    }
     let path = cli.config.ok_or_else(|| ClientError::Config {
         path: PathBuf::from("(none)"),
         message: "no configuration: pass --config FILE or set CLIENT_CONFIG".into(),

@@ -384,3 +384,117 @@ async fn cli_encrypted_referral_reaches_the_whole_team_and_the_gateways_hold_cip
         assert!(!log.windows(secret.len()).any(|w| w == secret.as_bytes()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relocation_the_new_area_gets_the_referral_and_the_fled_area_never_learns_where_the_family_is(
+) {
+    let demo = Demo::new().await;
+    let alice = demo.user_config(0, "alice"); // northshire: the area the family fled
+    let dan = demo.user_config(1, "dan"); // southvale: where the family now lives
+    for user in ["dan", "erin", "farah"] {
+        let (code, _, err) = cli(&demo.user_config(1, user), &["keys", "--count", "3"], None).await;
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, template, err) = cli(&alice, &["referral-template"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let case_file = demo.dir.path().join("case.toml");
+    std::fs::write(&case_file, &template).unwrap();
+    let case_arg = case_file.to_str().unwrap();
+    let locating = [
+        "12 Example Street",
+        "NM4 7QT",
+        "Northmoor Academy",
+        "07700 900123",
+        "Riverside Medical Practice",
+    ];
+
+    // A refers to B: the whole referral, previewed, then sent.
+    let (code, out, preview) = cli(
+        &alice,
+        &[
+            "refer",
+            "--case-file",
+            case_arg,
+            "--to",
+            "team:duty@southvale",
+            "--category",
+            "relocation",
+            "--fled-from",
+            "northshire",
+            "--yes",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{preview}");
+    assert!(
+        preview.contains("referral-to-receiving-area"),
+        "the preview names the rule: {preview}"
+    );
+    let case = out.trim().to_owned();
+    let (code, out, err) = cli(&dan, &["--json", "read", "--wait", "30"], None).await;
+    assert_eq!(code, 0, "{err}");
+    for value in ["Amira Example", "12 Example Street", "Northmoor Academy"] {
+        assert!(
+            out.contains(value),
+            "B receives the full referral ({value}): {out}"
+        );
+    }
+    assert!(
+        !out.contains("SV-2025-0142"),
+        "a field no rule allows never leaves the client: {out}"
+    );
+
+    // B sends an update back to A: nothing that locates the family.
+    let (code, _, preview) = cli(
+        &dan,
+        &[
+            "reply",
+            "--case",
+            &case,
+            "--case-file",
+            case_arg,
+            "--to",
+            "user:alice@northshire",
+            "--category",
+            "update",
+            "--fled-from",
+            "northshire",
+            "--yes",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{preview}");
+    let (code, out, err) = cli(&alice, &["--json", "read", "--wait", "30"], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Amira Example"), "A gets the update: {out}");
+    for value in locating {
+        assert!(
+            !out.contains(value),
+            "{value} reached the area the family fled: {out}"
+        );
+    }
+
+    // Declaring a locating field towards the fled area is refused by B's gateway itself.
+    let api = Api::new(&ClientConfig::load(&dan).unwrap()).unwrap();
+    let e = api
+        .submit_once(&SubmitRequest {
+            idempotency_key: IdempotencyKey::new("smuggle").unwrap(),
+            recipient: "user:alice@northshire".parse().unwrap(),
+            category: Category::new("update").unwrap(),
+            urgent: false,
+            kind: proto::MessageKind::Opaque,
+            disclosure: Some(proto::Disclosure {
+                policy_id: "southvale-sharing".into(),
+                policy_version: 1,
+                purpose: "safeguarding".into(),
+                fields: vec!["family.new_address".into()],
+                fled_from: vec!["northshire".parse().unwrap()],
+            }),
+            body: Body(b"x".to_vec()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(proto::ErrorCode::PolicyDenied), "{e}");
+}

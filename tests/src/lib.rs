@@ -97,10 +97,16 @@ impl Federation {
                 users: users
                     .iter()
                     .map(|(u, teams)| {
+                        // Exploitation-unit members are police; everyone else social care.
+                        let role = if teams.contains(&"exploitation-unit") {
+                            "police-officer"
+                        } else {
+                            "social-worker"
+                        };
                         (
                             (*u).into(),
                             format!("{area}-agency"),
-                            "social-worker".into(),
+                            role.into(),
                             teams.iter().map(|t| (*t).into()).collect(),
                         )
                     })

@@ -7,4 +7,5 @@ mod delivery;
 mod faults;
 mod idempotency;
 mod negative;
+mod policy;
 mod referrals;

@@ -1,0 +1,234 @@
+//! Sharing policies at the gateways and the receiving client (issue 5).
+
+use std::time::Duration;
+
+use client::cases::{Caseworker, Event};
+use client::{ClientConfig, ClientError};
+use proto::{Category, Disclosure, ErrorCode, MessageKind, SubmitRequest};
+use tests::{Federation, Settings};
+
+async fn with_policies() -> Federation {
+    let settings = Settings {
+        policies: true,
+        ..Settings::default()
+    };
+    let mut fed = Federation::create(&tests::standard_areas(), &settings).unwrap();
+    for i in 0..fed.areas.len() {
+        fed.start(i).await.unwrap();
+    }
+    fed
+}
+
+fn disclosure(version: u32, purpose: &str, fields: &[&str], fled_from: &[&str]) -> Disclosure {
+    Disclosure {
+        policy_id: "northshire-sharing".into(),
+        policy_version: version,
+        purpose: purpose.into(),
+        fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+        fled_from: fled_from.iter().map(|a| a.parse().unwrap()).collect(),
+    }
+}
+
+fn request(category: &str, d: Option<Disclosure>, key: &str) -> SubmitRequest {
+    SubmitRequest {
+        idempotency_key: proto::IdempotencyKey::new(key).unwrap(),
+        recipient: "team:duty@southvale".parse().unwrap(),
+        category: Category::new(category).unwrap(),
+        urgent: false,
+        kind: MessageKind::Opaque,
+        disclosure: d,
+        body: proto::Body(b"ciphertext".to_vec()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sending_gateway_enforces_the_signed_policy() {
+    let fed = with_policies().await;
+    let alice = fed.api(0, "alice").unwrap(); // northshire social worker
+    let bob = fed.api(0, "bob").unwrap(); // northshire police officer
+
+    // (what, who sends, category, declared disclosure, expected refusal reason)
+    type Case<'a> = (
+        &'a str,
+        &'a client::Api,
+        &'a str,
+        Option<Disclosure>,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "allowed",
+            &alice,
+            "relocation",
+            Some(disclosure(
+                1,
+                "safeguarding",
+                &["child.name", "family", "facts"],
+                &[],
+            )),
+            None,
+        ),
+        (
+            "field no rule allows",
+            &alice,
+            "relocation",
+            Some(disclosure(
+                1,
+                "safeguarding",
+                &["child.name", "case.family_ref"],
+                &[],
+            )),
+            Some("case.family_ref"),
+        ),
+        (
+            "no rule for the category",
+            &alice,
+            "disruption",
+            Some(disclosure(1, "crime-prevention", &["child.name"], &[])),
+            Some("no rule"),
+        ),
+        (
+            "wrong role for the rule",
+            &bob,
+            "relocation",
+            Some(disclosure(1, "safeguarding", &["child.name"], &[])),
+            Some("no rule"),
+        ),
+        (
+            "outdated policy version",
+            &alice,
+            "relocation",
+            Some(disclosure(0, "safeguarding", &["child.name"], &[])),
+            Some("outdated policy version 0"),
+        ),
+        (
+            "unknown policy",
+            &alice,
+            "relocation",
+            Some(Disclosure {
+                policy_id: "other".into(),
+                ..disclosure(1, "safeguarding", &["child.name"], &[])
+            }),
+            Some("other"),
+        ),
+        (
+            "locating field to the area the family fled",
+            &alice,
+            "relocation",
+            Some(disclosure(
+                1,
+                "safeguarding",
+                &["family.new_address"],
+                &["southvale"],
+            )),
+            Some("family.new_address"),
+        ),
+    ];
+    for (i, (what, api, category, d, expected)) in cases.into_iter().enumerate() {
+        let r = api
+            .submit_once(&request(category, d, &format!("p{i}")))
+            .await;
+        match (expected, r) {
+            (None, Ok(_)) => {}
+            (
+                Some(needle),
+                Err(ClientError::Api {
+                    code: ErrorCode::PolicyDenied,
+                    message,
+                    ..
+                }),
+            ) => {
+                assert!(
+                    message.to_lowercase().contains(&needle.to_lowercase()),
+                    "{what}: reason {message:?} should mention {needle:?}"
+                );
+            }
+            (expected, r) => panic!("{what}: expected {expected:?}, got {r:?}"),
+        }
+    }
+    assert_eq!(
+        fed.count(0, "SELECT COUNT(*) FROM sent").unwrap(),
+        1,
+        "only the allowed message was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_content_must_declare_its_disclosure_and_match_it() {
+    let fed = with_policies().await;
+    let open = |area: usize, user: &str| {
+        let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
+        Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
+    };
+    let mut dan = open(1, "dan");
+    dan.publish_keys(3).await.unwrap();
+    let mut alice = open(0, "alice");
+    let to = "user:dan@southvale".parse().unwrap();
+    let relocation = Category::new("relocation").unwrap();
+
+    // Referral content without a declared disclosure is refused by the gateway.
+    let e = alice
+        .refer(&to, &relocation, false, b"free text", None, None, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            client::cases::CaseError::Client(ClientError::Api {
+                code: ErrorCode::PolicyDenied,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+
+    // Declared as a chronology note: allowed, and dan reads it.
+    let d = alice
+        .declare("safeguarding", vec!["chronology".into()], vec![])
+        .await
+        .unwrap();
+    let (case, _) = alice
+        .refer(&to, &relocation, false, b"a chronology note", None, None, d)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    for _ in 0..50 {
+        events.extend(dan.read(Duration::from_secs(2)).await.unwrap());
+        if events.iter().any(|e| matches!(e, Event::Message { .. })) {
+            break;
+        }
+    }
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Message { plaintext, .. } if plaintext == b"a chronology note")
+        ),
+        "{events:?}"
+    );
+
+    // Content holding more than it declares is refused by the receiving client.
+    let d = alice
+        .declare("safeguarding", vec!["chronology".into()], vec![])
+        .await
+        .unwrap();
+    let mut content = policy::CaseFile::new();
+    content.insert(
+        policy::FieldPath::new("child.name").unwrap(),
+        policy::Value::Text("Amira Example".into()),
+    );
+    let smuggled = &client::referral::disclosed_bytes(&content);
+    alice
+        .send(&case, &Category::new("update").unwrap(), smuggled, None, d)
+        .await
+        .unwrap();
+    let mut refused = Vec::new();
+    for _ in 0..50 {
+        refused.extend(dan.read(Duration::from_secs(2)).await.unwrap());
+        if !refused.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        matches!(refused.as_slice(), [Event::Refused { error, .. }] if error.contains("child.name")),
+        "{refused:?}"
+    );
+}
