@@ -684,6 +684,13 @@ impl Caseworker {
                 }
             }
         }
+        // Joining used up a KeyPackage: top up when the gateway says the stock is low.
+        if events.iter().any(|e| matches!(e, Event::Joined { .. })) {
+            let stock = self.api.key_package_stock().await?;
+            if stock.low {
+                self.publish_keys(KEY_STOCK).await?;
+            }
+        }
         Ok(events)
     }
 

@@ -315,6 +315,11 @@ impl Api {
         serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// The caller's KeyPackage stock at the gateway.
+    pub async fn key_package_stock(&self) -> Result<proto::KeyPackageStock, ClientError> {
+        self.get("/v1/keypackages").await
+    }
+
     /// Claims one KeyPackage for each member of a user or team, here or in a peer area.
     pub async fn claim(
         &self,

@@ -438,6 +438,25 @@ async fn prepare_case_file(
     let today = civil_from_days(days)?;
     let prepared = policy.prepare(&sender, &recipient, &facts, &fields, today);
     eprintln!("{}", client::referral::preview(&prepared));
+    // Safeguarding to 18; then the transition to adult services the policy names.
+    match &prepared.age_route {
+        Some(policy::AgeRoute::Adult {
+            age,
+            adult_services,
+        }) if adult_services != to => {
+            anyhow::bail!(
+                "the young person is {age}: children's safeguarding ends at 18; send this to adult services, {adult_services}, as the policy names"
+            );
+        }
+        Some(policy::AgeRoute::Child {
+            turning_18_soon: true,
+            turns_18_on,
+            ..
+        }) => {
+            eprintln!("note: turns 18 on {turns_18_on}: plan the transition to adult services now");
+        }
+        _ => {}
+    }
     if !prepared.decision.is_allowed() {
         anyhow::bail!(
             "the sharing policy does not allow this: {}",

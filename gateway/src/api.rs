@@ -136,7 +136,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/health", get(health))
         .route(
             "/v1/keypackages",
-            post(upload_key_packages).layer(DefaultBodyLimit::max(user_limit)),
+            post(upload_key_packages)
+                .get(key_package_stock)
+                .layer(DefaultBodyLimit::max(user_limit)),
         )
         .route("/v1/keypackages/claim", post(claim_key_packages))
         .route("/v1/federation/keypackages/claim", post(federation_claim))
@@ -867,5 +869,23 @@ async fn me(
         organisation: user.organisation.clone(),
         role: user.role.clone(),
         teams: mb.teams,
+    }))
+}
+
+/// `GET /v1/keypackages`: the caller's stock, so the client tops up when low.
+async fn key_package_stock(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+) -> Result<Json<proto::KeyPackageStock>, Failure> {
+    let (sender, _) = user_of(&shared, &peer)?;
+    let (_, available, last_resort) = shared
+        .store
+        .put_key_packages(sender.user, Vec::new(), now_ms())
+        .await?;
+    Ok(Json(proto::KeyPackageStock {
+        stored: 0,
+        available,
+        last_resort,
+        low: available < LOW_STOCK,
     }))
 }

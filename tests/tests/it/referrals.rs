@@ -102,6 +102,14 @@ async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both
             "{u}"
         );
     }
+    // Joining used a KeyPackage (5 -> 4, low): the client topped its stock up.
+    let dan_stock = fed
+        .api(1, "dan")
+        .unwrap()
+        .key_package_stock()
+        .await
+        .unwrap();
+    assert!(dan_stock.available >= 5 && !dan_stock.low, "{dan_stock:?}");
     // gita is in southvale but not in the duty team: she is not in the case.
     let mut gita = worker(&fed, 1, "gita");
     assert!(gita.read(Duration::ZERO).await.unwrap().is_empty());
