@@ -497,4 +497,33 @@ async fn relocation_the_new_area_gets_the_referral_and_the_fled_area_never_learn
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(proto::ErrorCode::PolicyDenied), "{e}");
+
+    // A young person of 18 or over is routed to adult services, not children's.
+    let adult = template.replace(
+        "date_of_birth = \"2011-09-14\"",
+        "date_of_birth = \"2001-01-01\"",
+    );
+    assert_ne!(adult, template);
+    let adult_file = demo.dir.path().join("adult.toml");
+    std::fs::write(&adult_file, adult).unwrap();
+    let (code, _, err) = cli(
+        &alice,
+        &[
+            "refer",
+            "--case-file",
+            adult_file.to_str().unwrap(),
+            "--to",
+            "team:duty@southvale",
+            "--category",
+            "relocation",
+            "--yes",
+        ],
+        None,
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("adult services") && err.contains("adult-safeguarding@northshire"),
+        "{err}"
+    );
 }
