@@ -171,41 +171,33 @@ fn user_of(shared: &Shared, peer: &VerifiedPeer) -> Result<(Sender, Mailbox), Fa
 
 impl Shared {
     fn limit_user(&self, user: &proto::UserId) -> Result<(), Failure> {
-        self.users_limiter
-            .check_key(&user.to_string())
-            .map_err(|not_until| {
-                self.metrics.rate_limited.inc();
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                    &governor::clock::DefaultClock::default(),
-                ));
-                Failure {
-                    retry_after: Some(wait),
-                    ..Failure::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        ErrorCode::RateLimited,
-                        "too many requests",
-                    )
-                }
-            })
+        self.limit(&self.users_limiter, user.as_str())
     }
 
     fn limit_peer(&self, area: &proto::AreaId) -> Result<(), Failure> {
-        self.peers_limiter
-            .check_key(&area.to_string())
-            .map_err(|not_until| {
-                self.metrics.rate_limited.inc();
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                    &governor::clock::DefaultClock::default(),
-                ));
-                Failure {
-                    retry_after: Some(wait),
-                    ..Failure::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        ErrorCode::RateLimited,
-                        "too many requests",
-                    )
-                }
-            })
+        self.limit(&self.peers_limiter, area.as_str())
+    }
+
+    /// One rate-limit check: 429 with `Retry-After` when over the quota.
+    fn limit(
+        &self,
+        limiter: &governor::DefaultKeyedRateLimiter<String>,
+        key: &str,
+    ) -> Result<(), Failure> {
+        limiter.check_key(&key.to_owned()).map_err(|not_until| {
+            self.metrics.rate_limited.inc();
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            Failure {
+                retry_after: Some(wait),
+                ..Failure::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::RateLimited,
+                    "too many requests",
+                )
+            }
+        })
     }
 }
 
