@@ -398,20 +398,24 @@ async fn health(Extension(peer): Extension<VerifiedPeer>) -> Json<serde_json::Va
 
 // === federation endpoint ===
 
+/// The calling peer gateway's area, or Forbidden (the federation endpoints'
+/// counterpart of [`user_of`]).
+fn peer_of(shared: &Shared, peer: &VerifiedPeer) -> Result<proto::AreaId, Failure> {
+    match peer.identity() {
+        Identity::Gateway(a) if shared.config.peer(a).is_some() => Ok(a.clone()),
+        _ => Err(Failure::forbidden(format!(
+            "{peer} is not a federation peer of {}",
+            shared.config.area
+        ))),
+    }
+}
+
 async fn federation_batch(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<FederationBatchResponse>, Failure> {
-    let area = match peer.identity() {
-        Identity::Gateway(a) if shared.config.peer(a).is_some() => a.clone(),
-        _ => {
-            return Err(Failure::forbidden(format!(
-                "{peer} is not a federation peer of {}",
-                shared.config.area
-            )))
-        }
-    };
+    let area = peer_of(&shared, &peer)?;
     shared.limit_peer(&area)?;
     let batch: FederationBatch = parse_json(body)?;
     let n = batch.items.len();
@@ -705,15 +709,7 @@ async fn federation_claim(
     Extension(peer): Extension<VerifiedPeer>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<proto::ClaimResponse>, Failure> {
-    let area = match peer.identity() {
-        Identity::Gateway(a) if shared.config.peer(a).is_some() => a.clone(),
-        _ => {
-            return Err(Failure::forbidden(format!(
-                "{peer} is not a federation peer of {}",
-                shared.config.area
-            )))
-        }
-    };
+    let area = peer_of(&shared, &peer)?;
     shared.limit_peer(&area)?;
     let req: proto::ClaimRequest = parse_json(body)?;
     if req.recipient.area != shared.config.area
@@ -800,13 +796,8 @@ async fn federation_policy(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
 ) -> Result<String, Failure> {
-    match peer.identity() {
-        Identity::Gateway(a) if shared.config.peer(a).is_some() => own_policy_text(&shared).await,
-        _ => Err(Failure::forbidden(format!(
-            "{peer} is not a federation peer of {}",
-            shared.config.area
-        ))),
-    }
+    peer_of(&shared, &peer)?;
+    own_policy_text(&shared).await
 }
 
 /// Checks that an incoming disclosure cites the sending area's current
