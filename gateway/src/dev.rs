@@ -278,7 +278,29 @@ fn write_pair(dir: &Path, name: &str, pair: &PemPair) -> Result<(), DevError> {
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released), or 0 if none.
+///
+/// Ports come from 20000–32767, below Linux's ephemeral range, so a port
+/// chosen now cannot be taken by some client connection's ephemeral port
+/// before the gateway binds it; successive calls in one process never
+/// repeat a port.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_768;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + rand::random::<u16>() % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let port = LOW + n;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
