@@ -233,12 +233,14 @@ impl Api {
         Self::answer(resp).await
     }
 
-    /// Submits a message once, without retrying.
+    /// Submits a message once, without retrying. The request is framed
+    /// ([`proto::frame`]): the body travels raw, not in base64.
     pub async fn submit_once(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
         let resp = self
             .http
             .post(format!("{}/v1/messages", self.base))
-            .json(req)
+            .header(reqwest::header::CONTENT_TYPE, proto::frame::FRAMED)
+            .body(proto::frame::encode_submit(req))
             .send()
             .await
             .map_err(|e| ClientError::Transport(describe(&e)))?;

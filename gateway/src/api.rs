@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -86,11 +86,9 @@ impl From<crate::store::StoreError> for Failure {
     }
 }
 
-/// Parses a JSON body, mapping size and syntax problems to typed errors.
-fn parse_json<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, Failure> {
-    let bytes = body.map_err(|rej| {
+/// Reads a request body, mapping a size problem to a typed error.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
+    body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Failure::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -104,12 +102,42 @@ fn parse_json<T: serde::de::DeserializeOwned>(
                 rej.body_text(),
             )
         }
-    })?;
+    })
+}
+
+/// Parses a JSON body, mapping size and syntax problems to typed errors.
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Failure> {
+    let bytes = read_body(body)?;
     serde_json::from_slice(&bytes).map_err(|e| {
         Failure::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::MalformedRequest,
             format!("malformed JSON: {e}"),
+        )
+    })
+}
+
+/// Whether a request is in the framed encoding ([`proto::frame`]).
+fn is_framed(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(proto::frame::FRAMED))
+}
+
+/// Decodes a framed body with `decode`, mapping problems to typed errors.
+fn parse_framed<T>(
+    body: Result<Bytes, BytesRejection>,
+    decode: impl FnOnce(&[u8]) -> Result<T, proto::frame::FrameError>,
+) -> Result<T, Failure> {
+    let bytes = read_body(body)?;
+    decode(&bytes).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedRequest,
+            format!("malformed framed request: {e}"),
         )
     })
 }
@@ -132,6 +160,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/v1/federation/batch",
             post(federation_batch).layer(DefaultBodyLimit::max(federation_limit)),
+        )
+        .route(
+            "/v1/federation/frames",
+            post(federation_frames).layer(DefaultBodyLimit::max(federation_limit)),
         )
         .route("/v1/health", get(health))
         .route(
@@ -204,10 +236,15 @@ impl Shared {
 async fn submit(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), Failure> {
     let (sender, _) = user_of(&shared, &peer)?;
-    let req: SubmitRequest = parse_json(body)?;
+    let req: SubmitRequest = if is_framed(&headers) {
+        parse_framed(body, proto::frame::decode_submit)?
+    } else {
+        parse_json(body)?
+    };
     if req.body.len() > shared.config.limits.max_body_bytes {
         return Err(Failure::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -410,6 +447,10 @@ fn peer_of(shared: &Shared, peer: &VerifiedPeer) -> Result<proto::AreaId, Failur
     }
 }
 
+/// Most items in one framed federation request.
+const MAX_FRAMED_ITEMS: usize = 4096;
+
+/// `POST /v1/federation/batch`: a peer's batch as JSON (bodies in base64).
 async fn federation_batch(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
@@ -418,11 +459,33 @@ async fn federation_batch(
     let area = peer_of(&shared, &peer)?;
     shared.limit_peer(&area)?;
     let batch: FederationBatch = parse_json(body)?;
-    let n = batch.items.len();
+    accept_items(&shared, area, batch.items).await
+}
+
+/// `POST /v1/federation/frames`: a peer's batch in the framed encoding.
+async fn federation_frames(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<FederationBatchResponse>, Failure> {
+    let area = peer_of(&shared, &peer)?;
+    shared.limit_peer(&area)?;
+    let items = parse_framed(body, |b| proto::frame::decode_items(b, MAX_FRAMED_ITEMS))?;
+    accept_items(&shared, area, items).await
+}
+
+/// Checks and stores a peer's items, answering for each in order.
+async fn accept_items(
+    shared: &Arc<Shared>,
+    area: proto::AreaId,
+    items: Vec<FederationItem>,
+) -> Result<Json<FederationBatchResponse>, Failure> {
+    let shared = shared.as_ref();
+    let n = items.len();
     let mut results: Vec<Option<ItemResult>> = vec![None; n];
     let mut valid = Vec::with_capacity(n);
     let mut index = Vec::with_capacity(n);
-    for (i, item) in batch.items.into_iter().enumerate() {
+    for (i, item) in items.into_iter().enumerate() {
         match check_item(&shared, &area, item) {
             Ok(incoming) => {
                 if let Incoming::Deliver(env, _) = &incoming {

@@ -53,7 +53,10 @@ pub(crate) async fn peer_worker(
     wake: Arc<Notify>,
 ) {
     let delivery = shared.config.delivery.clone();
-    let url = format!("{}/v1/federation/batch", peer.url.trim_end_matches('/'));
+    let base = peer.url.trim_end_matches('/').to_owned();
+    // Framed batches carry bodies raw; a peer that predates them answers 404
+    // and is sent JSON from then on.
+    let mut framed = true;
     let mut stop = shared.stop.subscribe();
     let mut backoff = delivery.retry_initial;
     let mut last_error: Option<String> = None;
@@ -130,13 +133,7 @@ pub(crate) async fn peer_worker(
             take += 1;
         }
         let batch = &batch[..take];
-        match send(
-            &client,
-            &url,
-            batch.iter().map(|q| q.item.clone()).collect(),
-        )
-        .await
-        {
+        match send(&client, &base, &mut framed, batch).await {
             Ok(answer) => {
                 backoff = delivery.retry_initial;
                 if last_error.take().is_some() {
@@ -206,16 +203,32 @@ fn jitter(d: Duration) -> Duration {
 
 async fn send(
     client: &reqwest::Client,
-    url: &str,
-    items: Vec<FederationItem>,
+    base: &str,
+    framed: &mut bool,
+    batch: &[crate::store::Queued],
 ) -> Result<FederationBatchResponse, SendError> {
-    let n = items.len();
-    let resp = client
-        .post(url)
-        .json(&FederationBatch { items })
-        .send()
-        .await
-        .map_err(|e| SendError::Http(describe(&e)))?;
+    let n = batch.len();
+    let post = |framed: bool| {
+        let req = if framed {
+            client
+                .post(format!("{base}/v1/federation/frames"))
+                .header(reqwest::header::CONTENT_TYPE, proto::frame::FRAMED)
+                .body(proto::frame::encode_items(batch.iter().map(|q| &q.item)))
+        } else {
+            client
+                .post(format!("{base}/v1/federation/batch"))
+                .json(&FederationBatch {
+                    items: batch.iter().map(|q| q.item.clone()).collect(),
+                })
+        };
+        async move { req.send().await.map_err(|e| SendError::Http(describe(&e))) }
+    };
+    let mut resp = post(*framed).await?;
+    if *framed && resp.status() == reqwest::StatusCode::NOT_FOUND {
+        tracing::info!("peer does not accept framed batches; sending JSON");
+        *framed = false;
+        resp = post(false).await?;
+    }
     let status = resp.status();
     if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         let after = resp

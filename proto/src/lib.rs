@@ -16,6 +16,7 @@
 mod api;
 pub mod case;
 mod envelope;
+pub mod frame;
 mod ids;
 pub mod mls;
 

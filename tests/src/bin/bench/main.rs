@@ -47,12 +47,31 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Figures {
     per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
     n: usize,
+    /// CPU time (all threads of this process) per message, in microseconds.
+    cpu_us: f64,
+}
+
+/// CPU time this process has used so far (user + system), from /proc; zero
+/// where /proc is not available.
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Linux reports these in USER_HZ, which is 100 on every supported platform.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 fn figures(mut lat_us: Vec<i64>, elapsed: Duration) -> Figures {
@@ -69,6 +88,7 @@ fn figures(mut lat_us: Vec<i64>, elapsed: Duration) -> Figures {
         p50_ms: pick(0.50),
         p99_ms: pick(0.99),
         n: lat_us.len(),
+        cpu_us: 0.0,
     }
 }
 
@@ -166,7 +186,10 @@ async fn run_echo(
         }
     };
     run(Duration::from_secs_f64(0.5)).await?;
-    run(Duration::from_secs_f64(secs)).await
+    let cpu = cpu_time();
+    let mut f = run(Duration::from_secs_f64(secs)).await?;
+    f.cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / f.n.max(1) as f64;
+    Ok(f)
 }
 
 // === relay ===
@@ -182,6 +205,7 @@ async fn run_relay(
     round: &str,
 ) -> anyhow::Result<Figures> {
     let (a, b) = (0, 1);
+    let cpu = cpu_time();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -224,6 +248,7 @@ async fn run_relay(
     })
     .await;
     anyhow::ensure!(ok, "not every message reached B");
+    let cpu = cpu_time() - cpu;
     let conn = rusqlite::Connection::open_with_flags(
         fed.db_path(b),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -245,7 +270,9 @@ async fn run_relay(
     let first = sent.values().copied().min().unwrap_or(0);
     let elapsed = Duration::from_micros((last - first).max(1) as u64);
     let _ = start;
-    Ok(figures(lat, elapsed))
+    let mut f = figures(lat, elapsed);
+    f.cpu_us = cpu.as_secs_f64() * 1e6 / f.n.max(1) as f64;
+    Ok(f)
 }
 
 /// Raw fsync cost on this disk, for context.
@@ -299,17 +326,21 @@ async fn main() -> anyhow::Result<()> {
         fsync_baseline(fed.dir.path())?
     );
     println!(
-        "{:>9} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>8}",
-        "in flight", "echo/s", "p50 ms", "p99 ms", "relay/s", "p50 ms", "p99 ms", "ratio"
+        "{:>9} | {:>10} {:>8} {:>8} {:>7} | {:>10} {:>8} {:>8} {:>7} | {:>8}",
+        "in flight",
+        "echo/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu µs",
+        "relay/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu µs",
+        "ratio"
     );
     for (i, &c) in args.concurrency.iter().enumerate() {
         let e = if args.relay_only {
-            Figures {
-                per_sec: 0.0,
-                p50_ms: 0.0,
-                p99_ms: 0.0,
-                n: 0,
-            }
+            Figures::default()
         } else {
             run_echo(&fed, echo_port, c, args.body, args.seconds).await?
         };
@@ -317,8 +348,8 @@ async fn main() -> anyhow::Result<()> {
         run_relay(&fed, c, args.body, 0.5, &format!("warm{i}")).await?;
         let r = run_relay(&fed, c, args.body, args.seconds, &format!("run{i}")).await?;
         println!(
-            "{:>9} | {:>10.0} {:>8.2} {:>8.2} | {:>10.0} {:>8.2} {:>8.2} | {:>7.1}%   (n echo {}, relay {})",
-            c, e.per_sec, e.p50_ms, e.p99_ms, r.per_sec, r.p50_ms, r.p99_ms, 100.0 * r.per_sec / e.per_sec.max(1.0), e.n, r.n
+            "{:>9} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>7.1}%   (n echo {}, relay {})",
+            c, e.per_sec, e.p50_ms, e.p99_ms, e.cpu_us, r.per_sec, r.p50_ms, r.p99_ms, r.cpu_us, 100.0 * r.per_sec / e.per_sec.max(1.0), e.n, r.n
         );
     }
     echo.abort();
