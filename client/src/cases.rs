@@ -171,7 +171,7 @@ fn address_of(identity: &str) -> Option<String> {
 }
 
 fn fresh_key() -> String {
-    hex::encode(rand::random::<[u8; 16]>())
+    crate::fresh_idempotency_key().to_string()
 }
 
 impl Caseworker {

@@ -23,6 +23,17 @@ use proto::{
 };
 use serde::Deserialize;
 
+/// A fresh idempotency key for a new submission: time-ordered, so the
+/// gateways' idempotency indexes grow at one end
+/// ([`proto::IdempotencyKey::time_ordered`]).
+pub fn fresh_idempotency_key() -> proto::IdempotencyKey {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    proto::IdempotencyKey::time_ordered(ms, rand::random())
+}
+
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -222,10 +233,29 @@ impl Api {
         path: &str,
         body: Vec<u8>,
     ) -> Result<serde_json::Value, ClientError> {
+        self.post_typed(path, "application/json", body).await
+    }
+
+    /// POSTs bytes in the framed encoding ([`proto::frame`]) to `path` and
+    /// returns the JSON answer (for tests and tools).
+    pub async fn post_framed(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.post_typed(path, proto::frame::FRAMED, body).await
+    }
+
+    async fn post_typed(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
         let resp = self
             .http
             .post(format!("{}{path}", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
             .send()
             .await

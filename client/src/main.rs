@@ -295,7 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let key = match key {
                 Some(k) => k,
-                None => IdempotencyKey::new(hex::encode(rand::random::<[u8; 16]>()))?,
+                None => client::fresh_idempotency_key(),
             };
             let req = SubmitRequest {
                 idempotency_key: key.clone(),

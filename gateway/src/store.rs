@@ -224,23 +224,30 @@ pub struct SqliteStore {
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
+/// The schema version this gateway writes.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The schema, version 2. A sent message's whole status history lives in its
+/// `sent` row (one time column per status), so a status change rewrites one
+/// row; the outbox holds only a delivery's body and reads its envelope from
+/// `sent`. Idempotency keys are indexed key first: keys that sort by time
+/// (as the client makes them) keep that index append-only.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sent (
-    message_id     TEXT PRIMARY KEY,
-    sender_user    TEXT NOT NULL,
-    idem_key       TEXT NOT NULL,
-    recipient_area TEXT NOT NULL,
-    envelope       TEXT NOT NULL,
-    status         TEXT NOT NULL,
-    UNIQUE (sender_user, idem_key)
-);
-CREATE TABLE IF NOT EXISTS status_events (
-    message_id TEXT NOT NULL,
-    status     TEXT NOT NULL,
-    at_ms      INTEGER NOT NULL,
-    reason     TEXT,
-    PRIMARY KEY (message_id, status)
-);
+    message_id       TEXT PRIMARY KEY,
+    sender_user      TEXT NOT NULL,
+    idem_key         TEXT NOT NULL,
+    recipient_area   TEXT NOT NULL,
+    envelope         TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    accepted_ms      INTEGER NOT NULL,
+    delivered_ms     INTEGER,
+    fetched_ms       INTEGER,
+    acknowledged_ms  INTEGER,
+    undeliverable_ms INTEGER,
+    reason           TEXT
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS sent_idem ON sent (idem_key, sender_user);
 CREATE TABLE IF NOT EXISTS inbox (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id  TEXT NOT NULL UNIQUE,
@@ -264,6 +271,8 @@ CREATE TABLE IF NOT EXISTS member_acks (
     user_id    TEXT NOT NULL,
     PRIMARY KEY (message_id, user_id)
 );
+-- A delivery (is_deliver = 1) has its body here and its envelope in `sent`
+-- (schema 1 rows also carry the envelope); a status item has its JSON in `item`.
 CREATE TABLE IF NOT EXISTS outbox (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     peer        TEXT NOT NULL,
@@ -289,8 +298,54 @@ CREATE TABLE IF NOT EXISTS key_packages (
     created_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS key_packages_user ON key_packages (user_id, last_resort, created_ms);
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
+
+/// Schema 1 to 2: status history moves from `status_events` into `sent`,
+/// and the idempotency index is rebuilt key first. One transaction.
+const MIGRATE_1_TO_2: &str = "
+BEGIN IMMEDIATE;
+CREATE TABLE sent_v2 (
+    message_id       TEXT PRIMARY KEY,
+    sender_user      TEXT NOT NULL,
+    idem_key         TEXT NOT NULL,
+    recipient_area   TEXT NOT NULL,
+    envelope         TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    accepted_ms      INTEGER NOT NULL,
+    delivered_ms     INTEGER,
+    fetched_ms       INTEGER,
+    acknowledged_ms  INTEGER,
+    undeliverable_ms INTEGER,
+    reason           TEXT
+) WITHOUT ROWID;
+INSERT INTO sent_v2
+SELECT s.message_id, s.sender_user, s.idem_key, s.recipient_area, s.envelope, s.status,
+    COALESCE((SELECT at_ms FROM status_events e WHERE e.message_id = s.message_id AND e.status = 'accepted'), 0),
+    (SELECT at_ms FROM status_events e WHERE e.message_id = s.message_id AND e.status = 'delivered'),
+    (SELECT at_ms FROM status_events e WHERE e.message_id = s.message_id AND e.status = 'fetched'),
+    (SELECT at_ms FROM status_events e WHERE e.message_id = s.message_id AND e.status = 'acknowledged'),
+    (SELECT at_ms FROM status_events e WHERE e.message_id = s.message_id AND e.status = 'undeliverable'),
+    (SELECT reason FROM status_events e WHERE e.message_id = s.message_id AND e.status = 'undeliverable')
+FROM sent s;
+DROP TABLE sent;
+DROP TABLE status_events;
+ALTER TABLE sent_v2 RENAME TO sent;
+CREATE UNIQUE INDEX sent_idem ON sent (idem_key, sender_user);
+PRAGMA user_version = 2;
+COMMIT;
+";
+
+/// The `sent` column holding the time a status was reached.
+fn time_column(s: Status) -> &'static str {
+    match s {
+        Status::Accepted => "accepted_ms",
+        Status::Delivered => "delivered_ms",
+        Status::Fetched => "fetched_ms",
+        Status::Acknowledged => "acknowledged_ms",
+        Status::Undeliverable => "undeliverable_ms",
+    }
+}
 
 /// Executes a statement through the connection's statement cache.
 fn exec<P: rusqlite::Params>(c: &Connection, sql: &str, p: P) -> Result<usize, StoreError> {
@@ -336,13 +391,10 @@ fn advance_sent(
     if !parse_status(&cur)?.can_become(to) {
         return Ok(false);
     }
+    let column = time_column(to);
     exec(
         c,
-        "UPDATE sent SET status = ?2 WHERE message_id = ?1",
-        params![id, to.as_str()],
-    )?;
-    exec(c,
-        "INSERT OR IGNORE INTO status_events (message_id, status, at_ms, reason) VALUES (?1, ?2, ?3, ?4)",
+        &format!("UPDATE sent SET status = ?2, {column} = ?3, reason = COALESCE(?4, reason) WHERE message_id = ?1"),
         params![id, to.as_str(), at_ms as i64, reason],
     )?;
     Ok(true)
@@ -379,10 +431,20 @@ impl SqliteStore {
              PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;",
         )?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > 1 {
-            return Err(StoreError::Db(format!(
-                "database schema version {version} is newer than this gateway understands (1)"
-            )));
+        match version {
+            v if v > SCHEMA_VERSION => {
+                return Err(StoreError::Db(format!(
+                    "database schema version {v} is newer than this gateway understands ({SCHEMA_VERSION})"
+                )))
+            }
+            1 => {
+                tracing::info!("migrating the database from schema 1 to 2");
+                conn.execute_batch(MIGRATE_1_TO_2).map_err(|e| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    StoreError::Db(format!("migrating schema 1 to 2 (nothing was changed): {e}"))
+                })?;
+            }
+            _ => {}
         }
         conn.execute_batch(SCHEMA)?;
         // Readers see committed data through WAL without waiting for the writer.
@@ -467,14 +529,15 @@ fn in_savepoint<R>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<R, StoreError>,
 ) -> Result<R, StoreError> {
-    conn.execute_batch("SAVEPOINT job")?;
+    exec(conn, "SAVEPOINT job", [])?;
     match f(conn) {
         Ok(r) => {
-            conn.execute_batch("RELEASE job")?;
+            exec(conn, "RELEASE job", [])?;
             Ok(r)
         }
         Err(e) => {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            exec(conn, "ROLLBACK TO job", [])?;
+            exec(conn, "RELEASE job", [])?;
             Err(e)
         }
     }
@@ -519,7 +582,7 @@ impl Store for SqliteStore {
         let env_json = to_json(&m.envelope)?;
         self.call(move |c| {
             let env = &m.envelope;
-            let prior: Option<(String, String, String)> = c.prepare_cached("SELECT message_id, envelope, status FROM sent WHERE sender_user = ?1 AND idem_key = ?2")?.query_row(params![env.sender.user.as_str(), env.idempotency_key.as_str()],
+            let prior: Option<(String, String, String)> = c.prepare_cached("SELECT message_id, envelope, status FROM sent WHERE idem_key = ?1 AND sender_user = ?2")?.query_row(params![env.idempotency_key.as_str(), env.sender.user.as_str()],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
@@ -564,27 +627,21 @@ impl Store for SqliteStore {
                 Route::Local => Status::Delivered,
                 Route::Peer(_) => Status::Accepted,
             };
+            let at = env.accepted_at_ms as i64;
+            let delivered_at = matches!(m.route, Route::Local).then_some(at);
             exec(c,
-                "INSERT INTO sent (message_id, sender_user, idem_key, recipient_area, envelope, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, env.sender.user.as_str(), env.idempotency_key.as_str(), env.recipient.area.as_str(), env_json, status.as_str()],
-            )?;
-            exec(c,
-                "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'accepted', ?2)",
-                params![id, env.accepted_at_ms as i64],
+                "INSERT INTO sent (message_id, sender_user, idem_key, recipient_area, envelope, status, accepted_ms, delivered_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![id, env.sender.user.as_str(), env.idempotency_key.as_str(), env.recipient.area.as_str(), env_json, status.as_str(), at, delivered_at],
             )?;
             match &m.route {
                 Route::Local => {
                     debug_assert_eq!(env.recipient.area, own);
-                    exec(c,
-                        "INSERT INTO status_events (message_id, status, at_ms) VALUES (?1, 'delivered', ?2)",
-                        params![id, env.accepted_at_ms as i64],
-                    )?;
                     insert_inbox(c, env, &env_json, &m.body)?;
                 }
                 Route::Peer(peer) => {
                     exec(c,
-                        "INSERT INTO outbox (peer, message_id, is_deliver, envelope, body, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5)",
-                        params![peer.as_str(), id, env_json, &m.body.0, env.expires_at_ms as i64],
+                        "INSERT INTO outbox (peer, message_id, is_deliver, body, expires_ms) VALUES (?1, ?2, 1, ?3, ?4)",
+                        params![peer.as_str(), id, &m.body.0, env.expires_at_ms as i64],
                     )?;
                 }
             }
@@ -718,23 +775,28 @@ impl Store for SqliteStore {
         id: MessageId,
     ) -> Result<Option<StatusResponse>, StoreError> {
         self.read(move |c| {
-            let row: Option<(String, String)> = c.prepare_cached("SELECT envelope, status FROM sent WHERE message_id = ?1 AND sender_user = ?2")?.query_row(params![id.as_str(), sender.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let Some((env, status)) = row else { return Ok(None) };
+            type Row = (String, String, [Option<i64>; 5], Option<String>);
+            let row: Option<Row> = c.prepare_cached(
+                "SELECT envelope, status, accepted_ms, delivered_ms, fetched_ms, acknowledged_ms, undeliverable_ms, reason FROM sent WHERE message_id = ?1 AND sender_user = ?2",
+            )?
+            .query_row(params![id.as_str(), sender.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?], r.get(7)?))
+            })
+            .optional()?;
+            let Some((env, status, times, reason)) = row else { return Ok(None) };
             let env: Envelope = from_json(&env)?;
-            let mut stmt = c.prepare_cached(
-                "SELECT status, at_ms, reason FROM status_events WHERE message_id = ?1 ORDER BY at_ms, rowid",
-            )?;
-            let rows = stmt.query_map([id.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?))
-            })?;
-            let mut history = Vec::new();
-            for row in rows {
-                let (s, at, reason) = row?;
-                history.push(StatusEvent { status: parse_status(&s)?, at_ms: at.max(0) as u64, reason });
-            }
+            let steps = [Status::Accepted, Status::Delivered, Status::Fetched, Status::Acknowledged, Status::Undeliverable];
+            let mut history: Vec<StatusEvent> = steps
+                .into_iter()
+                .zip(times)
+                .filter_map(|(s, at)| {
+                    at.map(|at| StatusEvent {
+                        status: s,
+                        at_ms: at.max(0) as u64,
+                        reason: (s == Status::Undeliverable).then(|| reason.clone()).flatten(),
+                    })
+                })
+                .collect();
             history.sort_by_key(|e| e.status.rank());
             Ok(Some(StatusResponse {
                 message_id: id,
@@ -756,7 +818,7 @@ impl Store for SqliteStore {
         let rows: Vec<Row> = self
             .read(move |c| {
                 let mut stmt = c.prepare_cached(
-                    "SELECT seq, item, envelope, body FROM outbox WHERE peer = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                    "SELECT o.seq, o.item, COALESCE(o.envelope, s.envelope), o.body FROM outbox o LEFT JOIN sent s ON o.is_deliver = 1 AND s.message_id = o.message_id WHERE o.peer = ?1 AND o.seq > ?2 ORDER BY o.seq LIMIT ?3",
                 )?;
                 let rows = stmt.query_map(params![peer.as_str(), after, max as i64], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
@@ -790,6 +852,10 @@ impl Store for SqliteStore {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.call(move |c| {
+            // The results are consecutive rows of the peer's queue, so the
+            // peer's rows from the first to the last are exactly these.
+            let first = results.iter().map(|(seq, _)| *seq).min();
+            let last = results.iter().map(|(seq, _)| *seq).max();
             for (seq, result) in results {
                 let row: Option<(Option<String>, bool)> = c
                     .prepare_cached(
@@ -800,7 +866,6 @@ impl Store for SqliteStore {
                 let Some((message_id, is_deliver)) = row else {
                     continue;
                 };
-                exec(c, "DELETE FROM outbox WHERE seq = ?1", [seq])?;
                 let Some(id) = message_id.filter(|_| is_deliver) else {
                     if let Sent::Refused(reason) = result {
                         tracing::warn!(%peer, %reason, "peer refused a status update");
@@ -814,6 +879,13 @@ impl Store for SqliteStore {
                         advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?
                     }
                 };
+            }
+            if let (Some(first), Some(last)) = (first, last) {
+                exec(
+                    c,
+                    "DELETE FROM outbox WHERE peer = ?1 AND seq BETWEEN ?2 AND ?3",
+                    params![peer.as_str(), first, last],
+                )?;
             }
             Ok(())
         })
@@ -1015,3 +1087,6 @@ fn set_inbox_status(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

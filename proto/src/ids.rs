@@ -142,6 +142,16 @@ impl MessageId {
     }
 }
 
+impl IdempotencyKey {
+    /// A fresh time-ordered key: 48 bits of milliseconds since the Unix
+    /// epoch, then 80 random bits, in hex. Keys made later sort later, so the
+    /// gateways' idempotency indexes grow at one end (any unique key works;
+    /// random ones cost more index pages per commit).
+    pub fn time_ordered(unix_ms: u64, random: [u8; 10]) -> Self {
+        Self(MessageId::time_ordered(unix_ms, random).0)
+    }
+}
+
 /// What a message is addressed to inside an area.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {

@@ -13,7 +13,14 @@ const YEAR: Validity = Validity::For(Duration::from_secs(365 * 86_400));
 /// Nothing at all was stored by any gateway.
 fn assert_nothing_stored(fed: &Federation) {
     for i in 0..fed.areas.len() {
-        for table in ["sent", "inbox", "outbox", "status_events"] {
+        for table in [
+            "sent",
+            "inbox",
+            "outbox",
+            "member_acks",
+            "group_commits",
+            "key_packages",
+        ] {
             let n = fed
                 .count(i, &format!("SELECT COUNT(*) FROM {table}"))
                 .unwrap();
@@ -57,6 +64,12 @@ fn batch_from(from: &str, to: &str) -> Vec<u8> {
         }],
     })
     .unwrap()
+}
+
+/// A JSON batch re-encoded in the framed encoding.
+fn framed(json_batch: &[u8]) -> Vec<u8> {
+    let batch: FederationBatch = serde_json::from_slice(json_batch).unwrap();
+    proto::frame::encode_items(&batch.items)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,6 +177,14 @@ async fn wrong_principal_for_the_endpoint_is_forbidden() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Forbidden));
+    let e = alice
+        .post_framed(
+            "/v1/federation/frames",
+            framed(&batch_from("northshire", "northshire")),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Forbidden));
 
     // A peer gateway calling a user endpoint.
     let pair = fed
@@ -217,6 +238,35 @@ async fn a_peer_cannot_speak_for_another_area_or_forge_a_body() {
         .unwrap();
     assert_eq!(answer["results"][0]["result"], "rejected");
     assert_eq!(answer["results"][0]["code"], "forbidden");
+    let answer = southvale_gw
+        .post_framed(
+            "/v1/federation/frames",
+            framed(&batch_from("eastmoor", "northshire")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["results"][0]["code"], "forbidden");
+
+    // Malformed frames from a genuine peer: a typed error, nothing stored.
+    let whole = framed(&batch_from("southvale", "northshire"));
+    let mut body_in_head = Vec::new();
+    proto::frame::push_record(
+        &mut body_in_head,
+        br#"{"kind":"status","message_id":"00112233445566778899aabbccddeeff","status":"fetched","at_ms":1}"#,
+        b"a body where none belongs",
+    );
+    for (what, bytes) in [
+        ("truncated", whole[..whole.len() - 1].to_vec()),
+        ("empty", Vec::new()),
+        ("head too large", u32::MAX.to_be_bytes().to_vec()),
+        ("body on a status item", body_in_head),
+    ] {
+        let e = southvale_gw
+            .post_framed("/v1/federation/frames", bytes)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::MalformedRequest), "{what}: {e}");
+    }
 
     // Body does not match the content hash.
     let mut batch: serde_json::Value =
@@ -255,6 +305,29 @@ async fn bad_requests_get_typed_errors_and_store_nothing() {
     for (what, body, code) in cases {
         let e = alice.post_raw("/v1/messages", body).await.unwrap_err();
         assert_eq!(e.code(), Some(code), "{what}: {e}");
+    }
+    // The same in the framed encoding.
+    let good =
+        proto::frame::encode_submit(&message("user:bob@northshire", "f", b"x".to_vec()).unwrap());
+    let mut two = good.clone();
+    two.extend_from_slice(&good);
+    let mut base64_in_head = Vec::new();
+    proto::frame::push_record(
+        &mut base64_in_head,
+        br#"{"idempotency_key":"k","recipient":"user:bob@northshire","category":"update","body":"eA=="}"#,
+        b"x",
+    );
+    for (what, body) in [
+        ("truncated frame", good[..good.len() - 1].to_vec()),
+        ("two submissions", two),
+        ("body in the head", base64_in_head),
+        (
+            "JSON sent as frames",
+            br#"{"idempotency_key":"k"}"#.to_vec(),
+        ),
+    ] {
+        let e = alice.post_framed("/v1/messages", body).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::MalformedRequest), "{what}: {e}");
     }
 
     // A request far over the transport limit: the gateway answers 413 without

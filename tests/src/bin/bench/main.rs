@@ -69,7 +69,12 @@ fn cpu_time() -> Duration {
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // Linux reports these in USER_HZ, which is 100 on every supported platform.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
@@ -197,13 +202,7 @@ async fn run_echo(
 /// `c` senders in area A each submit one message after another to their own
 /// recipient in area B; a message's latency runs from the start of its
 /// submission at A to its commit at B (B's `stored_at_us`).
-async fn run_relay(
-    fed: &Federation,
-    c: usize,
-    body: usize,
-    secs: f64,
-    round: &str,
-) -> anyhow::Result<Figures> {
+async fn run_relay(fed: &Federation, c: usize, body: usize, secs: f64) -> anyhow::Result<Figures> {
     let (a, b) = (0, 1);
     let cpu = cpu_time();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -211,17 +210,15 @@ async fn run_relay(
     let mut tasks = Vec::new();
     for w in 0..c {
         let api = fed.api(a, &format!("s{w}"))?;
-        let round = round.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut sent = Vec::new();
-            let mut i = 0;
             while Instant::now() < deadline {
-                let key = format!("{round}-{w}-{i}");
+                // Keys as the real client makes them (time-ordered).
+                let key = client::fresh_idempotency_key().to_string();
                 let m = message(&format!("user:r{w}@southvale"), &key, vec![b'r'; body])?;
                 let t = now_us();
                 api.submit(&m).await?;
                 sent.push((key, t, now_us() - t));
-                i += 1;
             }
             Ok::<_, anyhow::Error>(sent)
         }));
@@ -240,33 +237,35 @@ async fn run_relay(
         acc.p50_ms, acc.p99_ms
     );
     // Wait for B to have them all, then read its commit times.
-    let want = sent.len() as i64;
-    let like = format!("{round}-%");
-    let count_sql = format!("SELECT COUNT(*) FROM inbox WHERE idem_key LIKE '{like}'");
-    let ok = tests::eventually(Duration::from_secs(120), || async {
-        fed.count(b, &count_sql).unwrap_or(0) >= want
-    })
-    .await;
-    anyhow::ensure!(ok, "not every message reached B");
-    let cpu = cpu_time() - cpu;
+    let want = sent.len();
+    let since = sent.values().copied().min().unwrap_or(0);
     let conn = rusqlite::Connection::open_with_flags(
         fed.db_path(b),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )?;
-    let mut stmt =
-        conn.prepare("SELECT idem_key, stored_at_us FROM inbox WHERE idem_key LIKE ?1")?;
-    let rows = stmt.query_map([&like], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-    })?;
-    let mut lat = Vec::new();
-    let mut last = 0;
-    for row in rows {
-        let (key, stored) = row?;
-        if let Some(t) = sent.get(&key) {
-            lat.push(stored - t);
-            last = last.max(stored);
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let (lat, last) = loop {
+        let mut stmt = conn
+            .prepare_cached("SELECT idem_key, stored_at_us FROM inbox WHERE stored_at_us >= ?1")?;
+        let rows = stmt.query_map([since], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut lat = Vec::with_capacity(want);
+        let mut last = 0;
+        for row in rows {
+            let (key, stored) = row?;
+            if let Some(t) = sent.get(&key) {
+                lat.push(stored - t);
+                last = last.max(stored);
+            }
         }
-    }
+        if lat.len() >= want {
+            break (lat, last);
+        }
+        anyhow::ensure!(Instant::now() < give_up, "not every message reached B");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let cpu = cpu_time() - cpu;
     let first = sent.values().copied().min().unwrap_or(0);
     let elapsed = Duration::from_micros((last - first).max(1) as u64);
     let _ = start;
@@ -338,15 +337,15 @@ async fn main() -> anyhow::Result<()> {
         "cpu µs",
         "ratio"
     );
-    for (i, &c) in args.concurrency.iter().enumerate() {
+    for &c in &args.concurrency {
         let e = if args.relay_only {
             Figures::default()
         } else {
             run_echo(&fed, echo_port, c, args.body, args.seconds).await?
         };
         // Warm-up round, then the measured one.
-        run_relay(&fed, c, args.body, 0.5, &format!("warm{i}")).await?;
-        let r = run_relay(&fed, c, args.body, args.seconds, &format!("run{i}")).await?;
+        run_relay(&fed, c, args.body, 0.5).await?;
+        let r = run_relay(&fed, c, args.body, args.seconds).await?;
         println!(
             "{:>9} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>7.1}%   (n echo {}, relay {})",
             c, e.per_sec, e.p50_ms, e.p99_ms, e.cpu_us, r.per_sec, r.p50_ms, r.p99_ms, r.cpu_us, 100.0 * r.per_sec / e.per_sec.max(1.0), e.n, r.n

@@ -1,0 +1,200 @@
+//! The store's schema migration, on a real SQLite file written as schema 1.
+
+use super::*;
+use proto::{Category, IdempotencyKey, MessageKind, Sender};
+
+/// Schema 1 as gateways before schema 2 wrote it (the tables that changed).
+const SCHEMA_1: &str = "
+CREATE TABLE sent (
+    message_id     TEXT PRIMARY KEY,
+    sender_user    TEXT NOT NULL,
+    idem_key       TEXT NOT NULL,
+    recipient_area TEXT NOT NULL,
+    envelope       TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    UNIQUE (sender_user, idem_key)
+);
+CREATE TABLE status_events (
+    message_id TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    reason     TEXT,
+    PRIMARY KEY (message_id, status)
+);
+CREATE TABLE outbox (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer        TEXT NOT NULL,
+    message_id  TEXT,
+    is_deliver  INTEGER NOT NULL,
+    item        TEXT,
+    envelope    TEXT,
+    body        BLOB,
+    expires_ms  INTEGER NOT NULL
+);
+PRAGMA user_version = 1;
+";
+
+fn envelope(n: u8, key: &str) -> Envelope {
+    let body = Body(vec![n; 8]);
+    Envelope {
+        message_id: MessageId::time_ordered(1_000 + u64::from(n), [n; 10]),
+        idempotency_key: IdempotencyKey::new(key).unwrap(),
+        sender: Sender {
+            area: AreaId::new("northshire").unwrap(),
+            user: UserId::new("alice").unwrap(),
+        },
+        recipient: "user:bob@southvale".parse().unwrap(),
+        category: Category::new("update").unwrap(),
+        urgent: false,
+        kind: MessageKind::Opaque,
+        disclosure: None,
+        content_hash: body.hash(),
+        accepted_at_ms: 1_000,
+        expires_at_ms: u64::MAX / 2,
+    }
+}
+
+fn write_schema_1(path: &Path, envs: &[Envelope]) {
+    let c = Connection::open(path).unwrap();
+    c.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+    c.execute_batch(SCHEMA_1).unwrap();
+    let events: [&[(&str, i64, Option<&str>)]; 3] = [
+        &[
+            ("accepted", 1_000, None),
+            ("delivered", 1_100, None),
+            ("fetched", 1_200, None),
+        ],
+        &[
+            ("accepted", 1_000, None),
+            ("undeliverable", 1_300, Some("not delivered in time")),
+        ],
+        &[("accepted", 1_000, None)],
+    ];
+    let statuses = ["fetched", "undeliverable", "accepted"];
+    for ((env, events), status) in envs.iter().zip(events).zip(statuses) {
+        let json = serde_json::to_string(env).unwrap();
+        c.execute(
+            "INSERT INTO sent VALUES (?1, 'alice', ?2, 'southvale', ?3, ?4)",
+            params![
+                env.message_id.as_str(),
+                env.idempotency_key.as_str(),
+                json,
+                status
+            ],
+        )
+        .unwrap();
+        for (s, at, reason) in events {
+            c.execute(
+                "INSERT INTO status_events VALUES (?1, ?2, ?3, ?4)",
+                params![env.message_id.as_str(), s, at, reason],
+            )
+            .unwrap();
+        }
+    }
+    // The third is still queued, with its envelope in the outbox as schema 1 kept it.
+    c.execute(
+        "INSERT INTO outbox (peer, message_id, is_deliver, envelope, body, expires_ms) VALUES ('southvale', ?1, 1, ?2, ?3, ?4)",
+        params![envs[2].message_id.as_str(), serde_json::to_string(&envs[2]).unwrap(), vec![3u8; 8], i64::MAX / 2],
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [envelope(1, "k1"), envelope(2, "k2"), envelope(3, "k3")];
+    write_schema_1(&dir.path().join("gateway.sqlite3"), &envs);
+
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let alice = UserId::new("alice").unwrap();
+
+    // History survives, in order, with the reason.
+    let s = store
+        .status(alice.clone(), envs[0].message_id.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.status, Status::Fetched);
+    let steps: Vec<(Status, u64)> = s.history.iter().map(|e| (e.status, e.at_ms)).collect();
+    assert_eq!(
+        steps,
+        vec![
+            (Status::Accepted, 1_000),
+            (Status::Delivered, 1_100),
+            (Status::Fetched, 1_200)
+        ]
+    );
+    let s = store
+        .status(alice.clone(), envs[1].message_id.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.status, Status::Undeliverable);
+    assert_eq!(
+        s.history.last().and_then(|e| e.reason.as_deref()),
+        Some("not delivered in time")
+    );
+
+    // The queued message is still queued, whole.
+    let q = store
+        .queued(AreaId::new("southvale").unwrap(), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(q.len(), 1);
+    match &q[0].item {
+        FederationItem::Deliver { envelope, body } => {
+            assert_eq!(envelope.message_id, envs[2].message_id);
+            assert_eq!(body.0, vec![3u8; 8]);
+        }
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+
+    // Idempotency keys still deduplicate.
+    let again = NewMessage {
+        envelope: Envelope {
+            message_id: MessageId::time_ordered(9_999, [9; 10]),
+            ..envs[0].clone()
+        },
+        body: Body(vec![1; 8]),
+        route: Route::Peer(AreaId::new("southvale").unwrap()),
+        commit: None,
+    };
+    assert_eq!(
+        store.submit(again).await.unwrap(),
+        SubmitOutcome::Duplicate(envs[0].message_id.clone(), Status::Fetched)
+    );
+
+    // Delivery is recorded in the new columns, and the queue empties.
+    store
+        .sent(
+            AreaId::new("southvale").unwrap(),
+            vec![(q[0].seq, Sent::Accepted)],
+            2_000,
+        )
+        .await
+        .unwrap();
+    let s = store
+        .status(alice, envs[2].message_id.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.status, Status::Delivered);
+    assert_eq!(s.history.last().map(|e| e.at_ms), Some(2_000));
+    assert!(store
+        .queued(AreaId::new("southvale").unwrap(), 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    drop(store);
+
+    // Opening again is a no-op; a newer schema is refused with a clear error.
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let v: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 2);
+    c.execute_batch("PRAGMA user_version = 3").unwrap();
+    drop(c);
+    let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
+    assert!(e.to_string().contains("newer"), "{e}");
+}
