@@ -486,11 +486,11 @@ async fn accept_items(
     let mut valid = Vec::with_capacity(n);
     let mut index = Vec::with_capacity(n);
     for (i, item) in items.into_iter().enumerate() {
-        match check_item(&shared, &area, item) {
+        match check_item(shared, &area, item) {
             Ok(incoming) => {
                 if let Incoming::Deliver(env, _) = &incoming {
                     if let Some(d) = &env.disclosure {
-                        if let Err(reason) = check_incoming_policy(&shared, &area, d).await {
+                        if let Err(reason) = check_incoming_policy(shared, &area, d).await {
                             tracing::warn!(peer = %area, %reason, "refused federation item");
                             results[i] = Some(ItemResult::Rejected {
                                 code: ErrorCode::PolicyDenied,
