@@ -230,8 +230,9 @@ const SCHEMA_VERSION: i64 = 2;
 /// The schema, version 2. A sent message's whole status history lives in its
 /// `sent` row (one time column per status), so a status change rewrites one
 /// row; the outbox holds only a delivery's body and reads its envelope from
-/// `sent`. Idempotency keys are indexed key first: keys that sort by time
-/// (as the client makes them) keep that index append-only.
+/// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
+/// keys that sort by time (as the client makes them) keep those indexes
+/// append-only instead of touching one page per sender in every commit.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sent (
     message_id       TEXT PRIMARY KEY,
@@ -260,9 +261,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     body        BLOB NOT NULL,
     status      TEXT NOT NULL,
     stored_at_us INTEGER NOT NULL,
-    kind        TEXT NOT NULL DEFAULT 'opaque',
-    UNIQUE (sender_area, sender_user, idem_key)
+    kind        TEXT NOT NULL DEFAULT 'opaque'
 );
+CREATE UNIQUE INDEX IF NOT EXISTS inbox_idem ON inbox (idem_key, sender_area, sender_user);
 CREATE INDEX IF NOT EXISTS inbox_target ON inbox (target_kind, target_id, status);
 -- MLS messages to a team must reach every member: each member acknowledges
 -- for themselves (the sender hears of the first).
@@ -302,7 +303,8 @@ PRAGMA user_version = 2;
 ";
 
 /// Schema 1 to 2: status history moves from `status_events` into `sent`,
-/// and the idempotency index is rebuilt key first. One transaction.
+/// and the idempotency indexes of `sent` and `inbox` are rebuilt key first.
+/// One transaction.
 const MIGRATE_1_TO_2: &str = "
 BEGIN IMMEDIATE;
 CREATE TABLE sent_v2 (
@@ -332,6 +334,26 @@ DROP TABLE sent;
 DROP TABLE status_events;
 ALTER TABLE sent_v2 RENAME TO sent;
 CREATE UNIQUE INDEX sent_idem ON sent (idem_key, sender_user);
+CREATE TABLE inbox_v2 (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id  TEXT NOT NULL UNIQUE,
+    sender_area TEXT NOT NULL,
+    sender_user TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    target_kind TEXT NOT NULL,
+    target_id   TEXT NOT NULL,
+    envelope    TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    status      TEXT NOT NULL,
+    stored_at_us INTEGER NOT NULL,
+    kind        TEXT NOT NULL DEFAULT 'opaque'
+);
+INSERT INTO inbox_v2 (seq, message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us, kind)
+SELECT seq, message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us, kind FROM inbox;
+DROP TABLE inbox;
+ALTER TABLE inbox_v2 RENAME TO inbox;
+CREATE UNIQUE INDEX inbox_idem ON inbox (idem_key, sender_area, sender_user);
+CREATE INDEX inbox_target ON inbox (target_kind, target_id, status);
 PRAGMA user_version = 2;
 COMMIT;
 ";
@@ -856,31 +878,33 @@ impl Store for SqliteStore {
             // peer's rows from the first to the last are exactly these.
             let first = results.iter().map(|(seq, _)| *seq).min();
             let last = results.iter().map(|(seq, _)| *seq).max();
+            // Refusals (rare) one by one, first, so the bulk update below
+            // finds them no longer `accepted`.
             for (seq, result) in results {
+                let Sent::Refused(reason) = result else { continue };
                 let row: Option<(Option<String>, bool)> = c
                     .prepare_cached(
                         "SELECT message_id, is_deliver FROM outbox WHERE seq = ?1 AND peer = ?2",
                     )?
                     .query_row(params![seq, peer.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
-                let Some((message_id, is_deliver)) = row else {
-                    continue;
-                };
-                let Some(id) = message_id.filter(|_| is_deliver) else {
-                    if let Sent::Refused(reason) = result {
-                        tracing::warn!(%peer, %reason, "peer refused a status update");
-                    }
-                    continue;
-                };
-                match result {
-                    Sent::Accepted => advance_sent(c, &id, Status::Delivered, now_ms, None)?,
-                    Sent::Refused(reason) => {
+                match row {
+                    Some((Some(id), true)) => {
                         let reason = format!("refused by {peer}: {reason}");
-                        advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?
+                        advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?;
                     }
-                };
+                    Some(_) => tracing::warn!(%peer, %reason, "peer refused a status update"),
+                    None => {}
+                }
             }
             if let (Some(first), Some(last)) = (first, last) {
+                // Every other delivery in the range was stored by the peer.
+                exec(
+                    c,
+                    "UPDATE sent SET status = 'delivered', delivered_ms = ?1 WHERE status = 'accepted' AND message_id IN \
+                     (SELECT message_id FROM outbox WHERE peer = ?2 AND seq BETWEEN ?3 AND ?4 AND is_deliver = 1)",
+                    params![now_ms as i64, peer.as_str(), first, last],
+                )?;
                 exec(
                     c,
                     "DELETE FROM outbox WHERE peer = ?1 AND seq BETWEEN ?2 AND ?3",

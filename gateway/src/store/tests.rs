@@ -21,6 +21,22 @@ CREATE TABLE status_events (
     reason     TEXT,
     PRIMARY KEY (message_id, status)
 );
+CREATE TABLE inbox (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id  TEXT NOT NULL UNIQUE,
+    sender_area TEXT NOT NULL,
+    sender_user TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    target_kind TEXT NOT NULL,
+    target_id   TEXT NOT NULL,
+    envelope    TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    status      TEXT NOT NULL,
+    stored_at_us INTEGER NOT NULL,
+    kind        TEXT NOT NULL DEFAULT 'opaque',
+    UNIQUE (sender_area, sender_user, idem_key)
+);
+CREATE INDEX inbox_target ON inbox (target_kind, target_id, status);
 CREATE TABLE outbox (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     peer        TEXT NOT NULL,
@@ -51,6 +67,18 @@ fn envelope(n: u8, key: &str) -> Envelope {
         content_hash: body.hash(),
         accepted_at_ms: 1_000,
         expires_at_ms: u64::MAX / 2,
+    }
+}
+
+/// A message from bob in southvale to alice here.
+fn incoming(n: u8, key: &str) -> Envelope {
+    Envelope {
+        sender: Sender {
+            area: AreaId::new("southvale").unwrap(),
+            user: UserId::new("bob").unwrap(),
+        },
+        recipient: "user:alice@northshire".parse().unwrap(),
+        ..envelope(n, key)
     }
 }
 
@@ -91,6 +119,14 @@ fn write_schema_1(path: &Path, envs: &[Envelope]) {
             .unwrap();
         }
     }
+    // One message received from a peer, waiting in alice's inbox.
+    let inc = incoming(7, "in-1");
+    c.execute(
+        "INSERT INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us, kind) \
+         VALUES (?1, 'southvale', 'bob', 'in-1', 'user', 'alice', ?2, ?3, 'delivered', 5, 'opaque')",
+        params![inc.message_id.as_str(), serde_json::to_string(&inc).unwrap(), vec![7u8; 8]],
+    )
+    .unwrap();
     // The third is still queued, with its envelope in the outbox as schema 1 kept it.
     c.execute(
         "INSERT INTO outbox (peer, message_id, is_deliver, envelope, body, expires_ms) VALUES ('southvale', ?1, 1, ?2, ?3, ?4)",
@@ -185,6 +221,40 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
         .await
         .unwrap()
         .is_empty());
+
+    // The inbox kept its message, and still deduplicates on the sender's key.
+    let mb = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![],
+    };
+    let items = store.inbox(mb.clone(), 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].envelope.message_id, incoming(7, "in-1").message_id);
+    let resent = Envelope {
+        message_id: MessageId::time_ordered(9_998, [6; 10]),
+        ..incoming(7, "in-1")
+    };
+    let fresh = incoming(8, "in-2");
+    let out = store
+        .accept_batch(
+            AreaId::new("southvale").unwrap(),
+            vec![
+                Incoming::Deliver(Box::new(resent), Body(vec![7; 8])),
+                Incoming::Deliver(Box::new(fresh.clone()), Body(vec![8; 8])),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![IncomingOutcome::Duplicate, IncomingOutcome::Stored]
+    );
+    let items = store.inbox(mb, 10).await.unwrap();
+    let ids: Vec<_> = items
+        .iter()
+        .map(|i| i.envelope.message_id.clone())
+        .collect();
+    assert_eq!(ids, vec![incoming(7, "in-1").message_id, fresh.message_id]);
     drop(store);
 
     // Opening again is a no-op; a newer schema is refused with a clear error.
