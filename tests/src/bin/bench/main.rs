@@ -3,8 +3,9 @@
 //! echo server measured in the same run on the same machine.
 //!
 //! Run: `cargo run --release -p tests --bin bench` (add `-- --help` for options).
-//! Prints throughput and p50/p99 latency at each concurrency, and the ratio
-//! relay/echo. Nothing here asserts a time: the figures are for people.
+//! Prints throughput, p50/p99 latency and CPU time per message at each
+//! concurrency (medians over rounds that alternate echo and relay), and the
+//! ratio relay/echo. Nothing here asserts a time: the figures are for people.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +39,27 @@ struct Args {
     /// Seconds to spend on each measurement (after warm-up).
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
+    /// Rounds per concurrency, echo and relay alternating; the table shows
+    /// the median of each column, so one noisy moment on a shared machine
+    /// does not decide the figure.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+/// The median of each figure over several rounds.
+fn median(rounds: &[Figures]) -> Figures {
+    let mid = |f: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Figures {
+        per_sec: mid(|f| f.per_sec),
+        p50_ms: mid(|f| f.p50_ms),
+        p99_ms: mid(|f| f.p99_ms),
+        n: rounds.iter().map(|f| f.n).sum(),
+        cpu_us: mid(|f| f.cpu_us),
+    }
 }
 
 fn now_us() -> i64 {
@@ -338,14 +360,24 @@ async fn main() -> anyhow::Result<()> {
         "ratio"
     );
     for &c in &args.concurrency {
-        let e = if args.relay_only {
-            Figures::default()
-        } else {
-            run_echo(&fed, echo_port, c, args.body, args.seconds).await?
-        };
-        // Warm-up round, then the measured one.
+        // Warm-up, then rounds of echo and relay in turn.
         run_relay(&fed, c, args.body, 0.5).await?;
-        let r = run_relay(&fed, c, args.body, args.seconds).await?;
+        let (mut echoes, mut relays) = (Vec::new(), Vec::new());
+        for round in 1..=args.rounds.max(1) {
+            let e = if args.relay_only {
+                Figures::default()
+            } else {
+                run_echo(&fed, echo_port, c, args.body, args.seconds).await?
+            };
+            let r = run_relay(&fed, c, args.body, args.seconds).await?;
+            eprintln!(
+                "    round {round}: echo {:.0}/s p99 {:.2} ms, relay {:.0}/s p50 {:.2} ms p99 {:.2} ms",
+                e.per_sec, e.p99_ms, r.per_sec, r.p50_ms, r.p99_ms
+            );
+            echoes.push(e);
+            relays.push(r);
+        }
+        let (e, r) = (median(&echoes), median(&relays));
         println!(
             "{:>9} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>7.1}%   (n echo {}, relay {})",
             c, e.per_sec, e.p50_ms, e.p99_ms, e.cpu_us, r.per_sec, r.p50_ms, r.p99_ms, r.cpu_us, 100.0 * r.per_sec / e.per_sec.max(1.0), e.n, r.n
