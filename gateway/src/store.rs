@@ -450,7 +450,8 @@ impl SqliteStore {
         let conn = Connection::open(data_dir.join("gateway.sqlite3"))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-             PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;",
+             PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0; \
+             PRAGMA journal_size_limit = 67108864;",
         )?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
@@ -473,6 +474,25 @@ impl SqliteStore {
         let reader = Connection::open(data_dir.join("gateway.sqlite3"))?;
         reader.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000;")?;
         let (tx, rx) = mpsc::channel::<Job>(8192);
+        // Checkpoints run beside the writer (below), but under steady writes
+        // such a checkpoint never catches up with the end of the WAL, so the
+        // WAL would never restart from its beginning and would grow without
+        // bound. When it is long, the writer completes the checkpoint itself
+        // right after a commit (the background one has copied most of it);
+        // the next commit then writes the WAL from its beginning again.
+        let mut conn = conn;
+        conn.wal_hook(Some(
+            |wal: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int| {
+                if i64::from(frames) >= WAL_RESTART_FRAMES {
+                    // The commit has happened; a failed checkpoint must not be
+                    // reported as a failed commit.
+                    if let Err(e) = wal.checkpoint() {
+                        tracing::warn!(error = %e, "store: checkpoint failed");
+                    }
+                }
+                Ok(())
+            },
+        ))?;
         std::thread::Builder::new()
             .name("store".into())
             .spawn(move || store_thread(conn, rx))
@@ -564,6 +584,11 @@ fn in_savepoint<R>(
         }
     }
 }
+
+/// WAL length (frames, 4 KiB each) at which the writer completes a
+/// checkpoint itself after a commit, so that the next transaction writes the
+/// WAL from its beginning again.
+const WAL_RESTART_FRAMES: i64 = 4096;
 
 fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>) {
     const GROUP: usize = 512;

@@ -268,3 +268,47 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
     let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
     assert!(e.to_string().contains("newer"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_restarts_under_sustained_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let wal = dir.path().join("gateway.sqlite3-wal");
+    // 3,200 messages of 16 KiB: about 52 MB through the WAL, three times the
+    // length at which it is made to restart.
+    let mut tasks = Vec::new();
+    for w in 0..16u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200u32 {
+                let body = Body(vec![w; 16 * 1024]);
+                let key = format!("w{w}-{i}");
+                let mut env = envelope(w, &key);
+                env.message_id = MessageId::time_ordered(1_000 + u64::from(i), [w; 10]);
+                env.content_hash = body.hash();
+                store
+                    .submit(NewMessage {
+                        envelope: env,
+                        body,
+                        route: Route::Peer(AreaId::new("southvale").unwrap()),
+                        commit: None,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let mut largest = 0;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let written = 3_200 * 16 * 1024;
+    assert!(
+        largest < written / 2,
+        "the WAL reached {largest} bytes of {written} written: it did not restart"
+    );
+}

@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tests::{message, Federation, Settings};
 
 mod mls;
+mod store;
 
 /// Measure A→B relay throughput and latency against a plain mTLS echo.
 #[derive(Debug, Parser)]
@@ -36,6 +37,9 @@ struct Args {
     /// Skip the echo baseline (for profiling the relay alone).
     #[arg(long)]
     relay_only: bool,
+    /// Measure only the storage part (two stores driven directly, no network).
+    #[arg(long)]
+    store_only: bool,
     /// Seconds to spend on each measurement (after warm-up).
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
@@ -329,6 +333,16 @@ async fn main() -> anyhow::Result<()> {
         toml: "[delivery]\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n[limits]\nuser_requests_per_second = 1000000\nuser_burst = 1000000\npeer_requests_per_second = 1000000\npeer_burst = 1000000\n".into(),
         policies: false,
     };
+    if args.store_only {
+        for &c in &args.concurrency {
+            let s = store::run(c, args.body, args.seconds).await?;
+            println!(
+                "storage alone, {c} in flight: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, cpu {:.0} µs per message",
+                s.per_sec, s.p50_ms, s.p99_ms, s.cpu_us
+            );
+        }
+        return Ok(());
+    }
     let mut fed = Federation::create(&areas, &settings).context("creating the federation")?;
     fed.start(0).await?;
     fed.start(1).await?;
@@ -386,6 +400,12 @@ async fn main() -> anyhow::Result<()> {
     echo.abort();
     fed.stop(0).await;
     fed.stop(1).await;
+    let c = args.concurrency.iter().copied().max().unwrap_or(1);
+    let s = store::run(c, args.body, args.seconds).await?;
+    println!(
+        "storage alone (two SqliteStores, no TLS or HTTP), {c} in flight: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, cpu {:.0} µs per message",
+        s.per_sec, s.p50_ms, s.p99_ms, s.cpu_us
+    );
     if args.mls {
         mls::run(args.mls_rounds, 5, 8192).await?;
     }
