@@ -163,7 +163,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/v1/federation/frames",
-            post(federation_frames).layer(DefaultBodyLimit::max(federation_limit)),
+            post(federation_batch).layer(DefaultBodyLimit::max(federation_limit)),
         )
         .route("/v1/health", get(health))
         .route(
@@ -450,27 +450,22 @@ fn peer_of(shared: &Shared, peer: &VerifiedPeer) -> Result<proto::AreaId, Failur
 /// Most items in one framed federation request.
 const MAX_FRAMED_ITEMS: usize = 4096;
 
-/// `POST /v1/federation/batch`: a peer's batch as JSON (bodies in base64).
+/// `POST /v1/federation/frames` (framed, bodies raw) and
+/// `POST /v1/federation/batch` (JSON, bodies in base64): a peer's batch. The
+/// encoding is chosen by the request's content type.
 async fn federation_batch(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<FederationBatchResponse>, Failure> {
     let area = peer_of(&shared, &peer)?;
     shared.limit_peer(&area)?;
-    let batch: FederationBatch = parse_json(body)?;
-    accept_items(&shared, area, batch.items).await
-}
-
-/// `POST /v1/federation/frames`: a peer's batch in the framed encoding.
-async fn federation_frames(
-    State(shared): State<Arc<Shared>>,
-    Extension(peer): Extension<VerifiedPeer>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<FederationBatchResponse>, Failure> {
-    let area = peer_of(&shared, &peer)?;
-    shared.limit_peer(&area)?;
-    let items = parse_framed(body, |b| proto::frame::decode_items(b, MAX_FRAMED_ITEMS))?;
+    let items = if is_framed(&headers) {
+        parse_framed(body, |b| proto::frame::decode_items(b, MAX_FRAMED_ITEMS))?
+    } else {
+        parse_json::<FederationBatch>(body)?.items
+    };
     accept_items(&shared, area, items).await
 }
 

@@ -227,14 +227,8 @@ type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 /// The schema version this gateway writes.
 const SCHEMA_VERSION: i64 = 2;
 
-/// The schema, version 2. A sent message's whole status history lives in its
-/// `sent` row (one time column per status), so a status change rewrites one
-/// row; the outbox holds only a delivery's body and reads its envelope from
-/// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
-/// keys that sort by time (as the client makes them) keep those indexes
-/// append-only instead of touching one page per sender in every commit.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS sent (
+/// Columns of `sent` (schema 2), shared by the schema and the migration.
+const SENT_TABLE: &str = "(
     message_id       TEXT PRIMARY KEY,
     sender_user      TEXT NOT NULL,
     idem_key         TEXT NOT NULL,
@@ -247,9 +241,10 @@ CREATE TABLE IF NOT EXISTS sent (
     acknowledged_ms  INTEGER,
     undeliverable_ms INTEGER,
     reason           TEXT
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS sent_idem ON sent (idem_key, sender_user);
-CREATE TABLE IF NOT EXISTS inbox (
+) WITHOUT ROWID";
+
+/// Columns of `inbox` (schema 2), shared by the schema and the migration.
+const INBOX_TABLE: &str = "(
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id  TEXT NOT NULL UNIQUE,
     sender_area TEXT NOT NULL,
@@ -262,7 +257,25 @@ CREATE TABLE IF NOT EXISTS inbox (
     status      TEXT NOT NULL,
     stored_at_us INTEGER NOT NULL,
     kind        TEXT NOT NULL DEFAULT 'opaque'
-);
+)";
+
+/// Fills the `{SENT}` and `{INBOX}` table definitions into a script.
+fn with_tables(template: &str) -> String {
+    template
+        .replace("{SENT}", SENT_TABLE)
+        .replace("{INBOX}", INBOX_TABLE)
+}
+
+/// The schema, version 2. A sent message's whole status history lives in its
+/// `sent` row (one time column per status), so a status change rewrites one
+/// row; the outbox holds only a delivery's body and reads its envelope from
+/// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
+/// keys that sort by time (as the client makes them) keep those indexes
+/// append-only instead of touching one page per sender in every commit.
+const SCHEMA_TEMPLATE: &str = "
+CREATE TABLE IF NOT EXISTS sent {SENT};
+CREATE UNIQUE INDEX IF NOT EXISTS sent_idem ON sent (idem_key, sender_user);
+CREATE TABLE IF NOT EXISTS inbox {INBOX};
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_idem ON inbox (idem_key, sender_area, sender_user);
 CREATE INDEX IF NOT EXISTS inbox_target ON inbox (target_kind, target_id, status);
 -- MLS messages to a team must reach every member: each member acknowledges
@@ -305,22 +318,9 @@ PRAGMA user_version = 2;
 /// Schema 1 to 2: status history moves from `status_events` into `sent`,
 /// and the idempotency indexes of `sent` and `inbox` are rebuilt key first.
 /// One transaction.
-const MIGRATE_1_TO_2: &str = "
+const MIGRATE_1_TO_2_TEMPLATE: &str = "
 BEGIN IMMEDIATE;
-CREATE TABLE sent_v2 (
-    message_id       TEXT PRIMARY KEY,
-    sender_user      TEXT NOT NULL,
-    idem_key         TEXT NOT NULL,
-    recipient_area   TEXT NOT NULL,
-    envelope         TEXT NOT NULL,
-    status           TEXT NOT NULL,
-    accepted_ms      INTEGER NOT NULL,
-    delivered_ms     INTEGER,
-    fetched_ms       INTEGER,
-    acknowledged_ms  INTEGER,
-    undeliverable_ms INTEGER,
-    reason           TEXT
-) WITHOUT ROWID;
+CREATE TABLE sent_v2 {SENT};
 INSERT INTO sent_v2
 SELECT s.message_id, s.sender_user, s.idem_key, s.recipient_area, s.envelope, s.status,
     COALESCE((SELECT at_ms FROM status_events e WHERE e.message_id = s.message_id AND e.status = 'accepted'), 0),
@@ -334,20 +334,7 @@ DROP TABLE sent;
 DROP TABLE status_events;
 ALTER TABLE sent_v2 RENAME TO sent;
 CREATE UNIQUE INDEX sent_idem ON sent (idem_key, sender_user);
-CREATE TABLE inbox_v2 (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id  TEXT NOT NULL UNIQUE,
-    sender_area TEXT NOT NULL,
-    sender_user TEXT NOT NULL,
-    idem_key    TEXT NOT NULL,
-    target_kind TEXT NOT NULL,
-    target_id   TEXT NOT NULL,
-    envelope    TEXT NOT NULL,
-    body        BLOB NOT NULL,
-    status      TEXT NOT NULL,
-    stored_at_us INTEGER NOT NULL,
-    kind        TEXT NOT NULL DEFAULT 'opaque'
-);
+CREATE TABLE inbox_v2 {INBOX};
 INSERT INTO inbox_v2 (seq, message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us, kind)
 SELECT seq, message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us, kind FROM inbox;
 DROP TABLE inbox;
@@ -462,14 +449,14 @@ impl SqliteStore {
             }
             1 => {
                 tracing::info!("migrating the database from schema 1 to 2");
-                conn.execute_batch(MIGRATE_1_TO_2).map_err(|e| {
+                conn.execute_batch(&with_tables(MIGRATE_1_TO_2_TEMPLATE)).map_err(|e| {
                     let _ = conn.execute_batch("ROLLBACK");
                     StoreError::Db(format!("migrating schema 1 to 2 (nothing was changed): {e}"))
                 })?;
             }
             _ => {}
         }
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&with_tables(SCHEMA_TEMPLATE))?;
         // Readers see committed data through WAL without waiting for the writer.
         let reader = Connection::open(data_dir.join("gateway.sqlite3"))?;
         reader.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000;")?;
