@@ -17,6 +17,9 @@ use proto::{
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+mod bodies;
+use bodies::{BodyLog, BodyRef};
+
 /// Why storage failed. Nothing was changed by the failed call.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -218,11 +221,49 @@ pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     reads: mpsc::Sender<ReadJob>,
     own_area: AreaId,
+    bodies: std::sync::Arc<Bodies>,
     /// Alive while any clone of the store is: the checkpointer stops with it.
     _alive: std::sync::Arc<()>,
 }
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The body logs: outgoing deliveries (removed once the peer has them) and
+/// inbox messages.
+#[derive(Debug)]
+struct Bodies {
+    outbox: BodyLog,
+    inbox: BodyLog,
+}
+
+impl Bodies {
+    fn sync(&self) -> std::io::Result<()> {
+        self.outbox.sync()?;
+        self.inbox.sync()
+    }
+
+    fn discard(&self) {
+        self.outbox.discard();
+        self.inbox.discard();
+    }
+}
+
+/// A stored body: inline in its row (schema 1 rows) or in a body log.
+fn stored_body(
+    log: &BodyLog,
+    inline: Option<Vec<u8>>,
+    seg: Option<i64>,
+    off: Option<i64>,
+    len: Option<i64>,
+) -> Result<Vec<u8>, StoreError> {
+    match (inline, seg, off, len) {
+        (Some(b), _, _, _) => Ok(b),
+        (None, Some(seg), Some(off), Some(len)) => log
+            .read(BodyRef { seg, off, len })
+            .map_err(|e| corrupt(format!("body in segment {seg} at {off}: {e}"))),
+        _ => Err(corrupt("a row has neither a body nor a body reference")),
+    }
+}
 
 /// The schema version this gateway writes.
 const SCHEMA_VERSION: i64 = 2;
@@ -253,10 +294,13 @@ const INBOX_TABLE: &str = "(
     target_kind TEXT NOT NULL,
     target_id   TEXT NOT NULL,
     envelope    TEXT NOT NULL,
-    body        BLOB NOT NULL,
+    body        BLOB,
     status      TEXT NOT NULL,
     stored_at_us INTEGER NOT NULL,
-    kind        TEXT NOT NULL DEFAULT 'opaque'
+    kind        TEXT NOT NULL DEFAULT 'opaque',
+    body_seg    INTEGER,
+    body_off    INTEGER,
+    body_len    INTEGER
 )";
 
 /// Fills the `{SENT}` and `{INBOX}` table definitions into a script.
@@ -285,8 +329,9 @@ CREATE TABLE IF NOT EXISTS member_acks (
     user_id    TEXT NOT NULL,
     PRIMARY KEY (message_id, user_id)
 );
--- A delivery (is_deliver = 1) has its body here and its envelope in `sent`
--- (schema 1 rows also carry the envelope); a status item has its JSON in `item`.
+-- A delivery (is_deliver = 1) has its body in the outbox body log (schema 1
+-- rows: in `body`, with the envelope) and its envelope in `sent`; a status
+-- item has its JSON in `item`.
 CREATE TABLE IF NOT EXISTS outbox (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     peer        TEXT NOT NULL,
@@ -295,7 +340,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     item        TEXT,
     envelope    TEXT,
     body        BLOB,
-    expires_ms  INTEGER NOT NULL
+    expires_ms  INTEGER NOT NULL,
+    body_seg    INTEGER,
+    body_off    INTEGER,
+    body_len    INTEGER
 );
 CREATE INDEX IF NOT EXISTS outbox_peer ON outbox (peer, seq);
 CREATE TABLE IF NOT EXISTS group_commits (
@@ -341,6 +389,9 @@ DROP TABLE inbox;
 ALTER TABLE inbox_v2 RENAME TO inbox;
 CREATE UNIQUE INDEX inbox_idem ON inbox (idem_key, sender_area, sender_user);
 CREATE INDEX inbox_target ON inbox (target_kind, target_id, status);
+ALTER TABLE outbox ADD COLUMN body_seg INTEGER;
+ALTER TABLE outbox ADD COLUMN body_off INTEGER;
+ALTER TABLE outbox ADD COLUMN body_len INTEGER;
 PRAGMA user_version = 2;
 COMMIT;
 ";
@@ -460,6 +511,12 @@ impl SqliteStore {
         // Readers see committed data through WAL without waiting for the writer.
         let reader = Connection::open(data_dir.join("gateway.sqlite3"))?;
         reader.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000;")?;
+        let bodies = std::sync::Arc::new(Bodies {
+            outbox: BodyLog::open(&data_dir.join("bodies").join("outbox"))
+                .map_err(|e| StoreError::Db(format!("opening the outbox body log: {e}")))?,
+            inbox: BodyLog::open(&data_dir.join("bodies").join("inbox"))
+                .map_err(|e| StoreError::Db(format!("opening the inbox body log: {e}")))?,
+        });
         let (tx, rx) = mpsc::channel::<Job>(8192);
         // Checkpoints run beside the writer (below), but under steady writes
         // such a checkpoint never catches up with the end of the WAL, so the
@@ -482,7 +539,10 @@ impl SqliteStore {
         ))?;
         std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || store_thread(conn, rx))
+            .spawn({
+                let bodies = bodies.clone();
+                move || store_thread(conn, rx, &bodies)
+            })
             .map_err(|e| StoreError::Db(format!("starting store thread: {e}")))?;
         let (rtx, mut rrx) = mpsc::channel::<ReadJob>(8192);
         std::thread::Builder::new()
@@ -515,6 +575,7 @@ impl SqliteStore {
             jobs: tx,
             reads: rtx,
             own_area,
+            bodies,
             _alive: alive,
         })
     }
@@ -577,8 +638,27 @@ fn in_savepoint<R>(
 /// WAL from its beginning again.
 const WAL_RESTART_FRAMES: i64 = 4096;
 
-fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>) {
+/// Removes the outbox body segments that no queued delivery refers to any more.
+fn remove_delivered_bodies(conn: &Connection, log: &BodyLog) {
+    if !log.has_closed_segments() {
+        return;
+    }
+    let oldest: Result<Option<i64>, _> = conn.query_row(
+        "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
+        [],
+        |r| r.get(0),
+    );
+    match oldest.map(|o| log.remove_below(o.unwrap_or(i64::MAX))) {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(segments = n, "store: removed delivered bodies"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "store: removing delivered bodies failed"),
+        Err(e) => tracing::warn!(error = %e, "store: finding delivered bodies failed"),
+    }
+}
+
+fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, bodies: &Bodies) {
     const GROUP: usize = 512;
+    let mut last_gc = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < GROUP {
@@ -597,13 +677,22 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>) {
             continue;
         }
         let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
-        let commit = conn.execute_batch("COMMIT").map_err(|e| {
+        // Bodies are durable before the rows that point at them commit.
+        let commit = match bodies.sync() {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(StoreError::from),
+            Err(e) => Err(StoreError::Db(format!("writing bodies: {e}"))),
+        }
+        .inspect_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
+            bodies.discard();
             tracing::error!(error = %e, "store: commit failed; the group was rolled back");
-            StoreError::from(e)
         });
         for c in completions {
             c(commit.clone());
+        }
+        if last_gc.elapsed() >= std::time::Duration::from_secs(1) {
+            last_gc = std::time::Instant::now();
+            remove_delivered_bodies(&conn, &bodies.outbox);
         }
     }
     tracing::debug!("store thread stopped");
@@ -614,6 +703,7 @@ impl Store for SqliteStore {
         let own = self.own_area.clone();
         // Serialise outside the writer thread: it is the one serial resource.
         let env_json = to_json(&m.envelope)?;
+        let bodies = self.bodies.clone();
         self.call(move |c| {
             let env = &m.envelope;
             let prior: Option<(String, String, String)> = c.prepare_cached("SELECT message_id, envelope, status FROM sent WHERE idem_key = ?1 AND sender_user = ?2")?.query_row(params![env.idempotency_key.as_str(), env.sender.user.as_str()],
@@ -670,12 +760,13 @@ impl Store for SqliteStore {
             match &m.route {
                 Route::Local => {
                     debug_assert_eq!(env.recipient.area, own);
-                    insert_inbox(c, env, &env_json, &m.body)?;
+                    insert_inbox(c, &bodies.inbox, env, &env_json, &m.body)?;
                 }
                 Route::Peer(peer) => {
+                    let r = bodies.outbox.append(&m.body.0);
                     exec(c,
-                        "INSERT INTO outbox (peer, message_id, is_deliver, body, expires_ms) VALUES (?1, ?2, 1, ?3, ?4)",
-                        params![peer.as_str(), id, &m.body.0, env.expires_at_ms as i64],
+                        "INSERT INTO outbox (peer, message_id, is_deliver, body_seg, body_off, body_len, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6)",
+                        params![peer.as_str(), id, r.seg, r.off, r.len, env.expires_at_ms as i64],
                     )?;
                 }
             }
@@ -699,12 +790,13 @@ impl Store for SqliteStore {
                 Ok((item, json))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let bodies = self.bodies.clone();
         self.call(move |c| {
             let mut out = Vec::with_capacity(items.len());
             for (item, env_json) in items {
                 out.push(match item {
                     Incoming::Deliver(env, body) => {
-                        if insert_inbox(c, &env, &env_json, &body)? {
+                        if insert_inbox(c, &bodies.inbox, &env, &env_json, &body)? {
                             IncomingOutcome::Stored
                         } else {
                             IncomingOutcome::Duplicate
@@ -765,8 +857,10 @@ impl Store for SqliteStore {
         now_ms: u64,
     ) -> Result<Option<(Envelope, Body)>, StoreError> {
         let own = self.own_area.clone();
+        let bodies = self.bodies.clone();
         self.call(move |c| {
-            let Some((env, body, status)) = find_in_mailbox(c, &mb, &id)? else {
+            let Some((env, body, status)) = find_in_mailbox(c, Some(&bodies.inbox), &mb, &id)?
+            else {
                 return Ok(None);
             };
             if status == Status::Delivered {
@@ -785,7 +879,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<Status>, StoreError> {
         let own = self.own_area.clone();
         self.call(move |c| {
-            let Some((env, _, status)) = find_in_mailbox(c, &mb, &id)? else {
+            let Some((env, _, status)) = find_in_mailbox(c, None, &mb, &id)? else {
                 return Ok(None);
             };
             if env.kind == proto::MessageKind::Mls {
@@ -848,25 +942,32 @@ impl Store for SqliteStore {
         after: i64,
         max: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        type Row = (i64, Option<String>, Option<String>, Option<Vec<u8>>);
+        type Row = (
+            i64,
+            Option<String>,
+            Option<String>,
+            Option<Vec<u8>>,
+            [Option<i64>; 3],
+        );
+        let bodies = self.bodies.clone();
         let rows: Vec<Row> = self
             .read(move |c| {
                 let mut stmt = c.prepare_cached(
-                    "SELECT o.seq, o.item, COALESCE(o.envelope, s.envelope), o.body FROM outbox o LEFT JOIN sent s ON o.is_deliver = 1 AND s.message_id = o.message_id WHERE o.peer = ?1 AND o.seq > ?2 ORDER BY o.seq LIMIT ?3",
+                    "SELECT o.seq, o.item, COALESCE(o.envelope, s.envelope), o.body, o.body_seg, o.body_off, o.body_len FROM outbox o LEFT JOIN sent s ON o.is_deliver = 1 AND s.message_id = o.message_id WHERE o.peer = ?1 AND o.seq > ?2 ORDER BY o.seq LIMIT ?3",
                 )?;
                 let rows = stmt.query_map(params![peer.as_str(), after, max as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, [r.get(4)?, r.get(5)?, r.get(6)?]))
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
             .await?;
         rows.into_iter()
-            .map(|(seq, item, envelope, body)| {
-                let item = match (item, envelope, body) {
-                    (Some(item), _, _) => from_json(&item)?,
-                    (None, Some(env), Some(body)) => FederationItem::Deliver {
+            .map(|(seq, item, envelope, inline, [seg, off, len])| {
+                let item = match (item, envelope) {
+                    (Some(item), _) => from_json(&item)?,
+                    (None, Some(env)) => FederationItem::Deliver {
                         envelope: Box::new(from_json(&env)?),
-                        body: Body(body),
+                        body: Body(stored_body(&bodies.outbox, inline, seg, off, len)?),
                     },
                     _ => {
                         return Err(corrupt(format!(
@@ -1040,14 +1141,28 @@ fn now_us() -> i64 {
 /// Inserts a message into the inbox; false if it was there already.
 fn insert_inbox(
     c: &Connection,
+    log: &BodyLog,
     env: &Envelope,
     env_json: &str,
     body: &Body,
 ) -> Result<bool, StoreError> {
     let (kind, target) = target_of(env);
+    // A duplicate is refused by the insert; its appended body is never
+    // referred to, so the check comes first.
+    let known: Option<i64> = c
+        .prepare_cached("SELECT 1 FROM inbox WHERE message_id = ?1 OR (idem_key = ?2 AND sender_area = ?3 AND sender_user = ?4)")?
+        .query_row(
+            params![env.message_id.as_str(), env.idempotency_key.as_str(), env.sender.area.as_str(), env.sender.user.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if known.is_some() {
+        return Ok(false);
+    }
+    let r = log.append(&body.0);
     let n = exec(c,
-        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, status, stored_at_us, kind)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'delivered', ?9, ?10)",
+        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body_seg, body_off, body_len, status, stored_at_us, kind)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'delivered', ?11, ?12)",
         params![
             env.message_id.as_str(),
             env.sender.area.as_str(),
@@ -1056,7 +1171,9 @@ fn insert_inbox(
             kind,
             target,
             env_json,
-            &body.0,
+            r.seg,
+            r.off,
+            r.len,
             now_us(),
             match env.kind {
                 proto::MessageKind::Mls => "mls",
@@ -1067,26 +1184,48 @@ fn insert_inbox(
     Ok(n == 1)
 }
 
+/// A mailbox's message: its envelope, status and (when `with_body`) body.
 fn find_in_mailbox(
     c: &Connection,
+    log: Option<&BodyLog>,
     mb: &Mailbox,
     id: &MessageId,
 ) -> Result<Option<(Envelope, Vec<u8>, Status)>, StoreError> {
     let (clause, mut args) = mailbox_clause(mb);
     let n = args.len() + 1;
     args.push(id.to_string());
-    let sql =
-        format!("SELECT envelope, body, status FROM inbox WHERE message_id = ?{n} AND {clause}");
-    let row: Option<(String, Vec<u8>, String)> = c
+    let sql = format!(
+        "SELECT envelope, status, body, body_seg, body_off, body_len FROM inbox WHERE message_id = ?{n} AND {clause}"
+    );
+    type Row = (
+        String,
+        String,
+        Option<Vec<u8>>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let row: Option<Row> = c
         .prepare_cached(&sql)?
         .query_row(rusqlite::params_from_iter(args.iter()), |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
         .optional()?;
-    match row {
-        None => Ok(None),
-        Some((env, body, status)) => Ok(Some((from_json(&env)?, body, parse_status(&status)?))),
-    }
+    let Some((env, status, inline, seg, off, len)) = row else {
+        return Ok(None);
+    };
+    let body = match log {
+        Some(log) => stored_body(log, inline, seg, off, len)?,
+        None => Vec::new(),
+    };
+    Ok(Some((from_json(&env)?, body, parse_status(&status)?)))
 }
 
 /// Moves an inbox message forward and tells its sender: directly when the

@@ -376,9 +376,21 @@ async fn cli_encrypted_referral_reaches_the_whole_team_and_the_gateways_hold_cip
     }
     // The gateways' files hold only ciphertext.
     for i in 0..3 {
-        for entry in std::fs::read_dir(demo.area_dir(i).join("data")).unwrap() {
-            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        let mut dirs = vec![demo.area_dir(i).join("data")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{}",
+                    path.display()
+                );
+            }
         }
         let log = std::fs::read(demo.area_dir(i).join("gateway.log")).unwrap();
         assert!(!log.windows(secret.len()).any(|w| w == secret.as_bytes()));

@@ -274,16 +274,24 @@ async fn the_wal_restarts_under_sustained_writes() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
     let wal = dir.path().join("gateway.sqlite3-wal");
-    // 3,200 messages of 16 KiB: about 52 MB through the WAL, three times the
-    // length at which it is made to restart.
+    // 3,200 messages whose envelopes (declared disclosures, stored in rows)
+    // are about 16 KiB: about 52 MB through the WAL, three times the length
+    // at which it is made to restart. (Bodies go to the body log.)
     let mut tasks = Vec::new();
     for w in 0..16u8 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..200u32 {
-                let body = Body(vec![w; 16 * 1024]);
+                let body = Body(vec![w; 64]);
                 let key = format!("w{w}-{i}");
                 let mut env = envelope(w, &key);
+                env.disclosure = Some(proto::Disclosure {
+                    policy_id: "northshire".into(),
+                    policy_version: 1,
+                    purpose: "safeguarding".into(),
+                    fields: (0..1024).map(|f| format!("field.{f:010}")).collect(),
+                    fled_from: vec![],
+                });
                 env.message_id = MessageId::time_ordered(1_000 + u64::from(i), [w; 10]);
                 env.content_hash = body.hash();
                 store

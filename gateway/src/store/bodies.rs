@@ -1,0 +1,284 @@
+//! Message bodies in append-only segment files beside the database.
+//!
+//! A body (ciphertext) is written once, sequentially, instead of through
+//! SQLite's WAL and then again into the database file by a checkpoint. The
+//! store thread appends the bodies of a group, then [`BodyLog::sync`] writes
+//! them with one call and `fdatasync`s the segment *before* the group's
+//! COMMIT, so a committed row never points at bytes that are not durable.
+//! Bytes of a group that did not commit stay in the file unreferenced; a
+//! reopened log appends after whatever the file holds, torn tail included.
+//!
+//! Segments are `<n>.seg` files; a full one is closed and the next begins.
+//! Closed segments that no row refers to any more are removed by
+//! [`BodyLog::remove_below`].
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// Size at which a segment is closed and the next one begun.
+const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Where a body is: segment number, offset and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BodyRef {
+    pub(crate) seg: i64,
+    pub(crate) off: i64,
+    pub(crate) len: i64,
+}
+
+/// One directory of segments.
+#[derive(Debug)]
+pub(crate) struct BodyLog {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The segment being appended to.
+    seg: i64,
+    file: File,
+    /// Bytes in that segment's file.
+    len: u64,
+    /// Appended since the last sync.
+    pending: Vec<u8>,
+    /// Smallest segment number that may still exist.
+    oldest: i64,
+}
+
+fn segment_path(dir: &Path, seg: i64) -> PathBuf {
+    dir.join(format!("{seg:010}.seg"))
+}
+
+/// Segment numbers present in `dir`, ascending.
+fn segments(dir: &Path) -> io::Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".seg")) else {
+            continue;
+        };
+        if let Ok(n) = stem.parse::<i64>() {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn open_segment(dir: &Path, seg: i64) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(segment_path(dir, seg))
+}
+
+/// Makes a new or removed directory entry durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl BodyLog {
+    /// Opens (creating if needed) the segments in `dir`; appends continue
+    /// after the end of the newest.
+    pub(crate) fn open(dir: &Path) -> io::Result<BodyLog> {
+        std::fs::create_dir_all(dir)?;
+        let existing = segments(dir)?;
+        let seg = existing.last().copied().unwrap_or(1);
+        let file = open_segment(dir, seg)?;
+        let len = file.metadata()?.len();
+        if existing.is_empty() {
+            sync_dir(dir)?;
+        }
+        Ok(BodyLog {
+            dir: dir.to_owned(),
+            inner: Mutex::new(Inner {
+                seg,
+                file,
+                len,
+                pending: Vec::new(),
+                oldest: existing.first().copied().unwrap_or(seg),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state stays consistent even if a holder panicked: every
+        // mutation below is a single assignment or a buffer operation.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a body for the next [`sync`](Self::sync); returns where it will be.
+    pub(crate) fn append(&self, body: &[u8]) -> BodyRef {
+        let mut inner = self.lock();
+        let off = inner.len + inner.pending.len() as u64;
+        inner.pending.extend_from_slice(body);
+        BodyRef {
+            seg: inner.seg,
+            off: off as i64,
+            len: body.len() as i64,
+        }
+    }
+
+    /// Writes the queued bodies and makes them durable. On failure nothing
+    /// queued may be referred to: the caller rolls its transaction back.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        let mut inner = self.lock();
+        if inner.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut inner.pending);
+        let at = inner.len;
+        // Advance first: after a failed write the bytes at `at` are unknown,
+        // and later bodies must not be placed over them.
+        inner.len += pending.len() as u64;
+        inner.file.write_all_at(&pending, at)?;
+        inner.file.sync_data()?;
+        if inner.len >= SEGMENT_BYTES {
+            let next = inner.seg + 1;
+            inner.file = open_segment(&self.dir, next)?;
+            sync_dir(&self.dir)?;
+            inner.seg = next;
+            inner.len = 0;
+        }
+        Ok(())
+    }
+
+    /// Drops the bodies queued since the last sync.
+    pub(crate) fn discard(&self) {
+        let mut inner = self.lock();
+        let n = inner.pending.len() as u64;
+        inner.pending.clear();
+        // Keep offsets unique: refs handed out for the dropped bytes are
+        // never committed, and the space is skipped.
+        inner.len += n;
+    }
+
+    /// Reads a body.
+    pub(crate) fn read(&self, r: BodyRef) -> io::Result<Vec<u8>> {
+        let (Ok(off), Ok(len)) = (u64::try_from(r.off), usize::try_from(r.len)) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad body reference {r:?}"),
+            ));
+        };
+        let file = File::open(segment_path(&self.dir, r.seg))?;
+        // Bound the allocation by what the file holds, whatever the row says.
+        if off.saturating_add(len as u64) > file.metadata()?.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("body reference {r:?} is past the end of its segment"),
+            ));
+        }
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off)?;
+        Ok(buf)
+    }
+
+    /// Whether a closed segment exists that might be removable.
+    pub(crate) fn has_closed_segments(&self) -> bool {
+        let inner = self.lock();
+        inner.oldest < inner.seg
+    }
+
+    /// Removes closed segments numbered below `seg` (no row refers to them).
+    pub(crate) fn remove_below(&self, seg: i64) -> io::Result<usize> {
+        let mut inner = self.lock();
+        let limit = seg.min(inner.seg);
+        let mut removed = 0;
+        for n in segments(&self.dir)? {
+            if n >= limit {
+                break;
+            }
+            std::fs::remove_file(segment_path(&self.dir, n))?;
+            removed += 1;
+        }
+        inner.oldest = limit;
+        if removed > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_round_trip_across_syncs_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BodyLog::open(dir.path()).unwrap();
+        let a = log.append(b"first body");
+        let b = log.append(&[7u8; 5000]);
+        log.sync().unwrap();
+        assert_eq!(log.read(a).unwrap(), b"first body");
+        assert_eq!(log.read(b).unwrap(), vec![7u8; 5000]);
+        // A group that did not commit leaves unreferenced bytes behind.
+        let lost = log.append(b"rolled back");
+        log.discard();
+        let c = log.append(b"after the rollback");
+        log.sync().unwrap();
+        assert!(c.off > lost.off);
+        assert_eq!(log.read(c).unwrap(), b"after the rollback");
+        drop(log);
+        // A torn tail from a crash: reopening appends after it.
+        let f = open_segment(dir.path(), 1).unwrap();
+        f.write_all_at(b"torn", f.metadata().unwrap().len())
+            .unwrap();
+        let log = BodyLog::open(dir.path()).unwrap();
+        let d = log.append(b"after the crash");
+        log.sync().unwrap();
+        assert_eq!(log.read(a).unwrap(), b"first body");
+        assert_eq!(log.read(d).unwrap(), b"after the crash");
+        assert!(d.off >= c.off + c.len + 4);
+    }
+
+    #[test]
+    fn full_segments_are_closed_and_removed_when_unreferenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BodyLog::open(dir.path()).unwrap();
+        let big = vec![1u8; 8 * 1024 * 1024];
+        let mut refs = Vec::new();
+        for _ in 0..9 {
+            refs.push(log.append(&big));
+            log.sync().unwrap();
+        }
+        assert!(log.has_closed_segments());
+        let last = *refs.last().unwrap();
+        assert_eq!(last.seg, 2, "the first 64 MiB fill segment 1");
+        // Segment 1 is still referred to: nothing goes.
+        assert_eq!(log.remove_below(1).unwrap(), 0);
+        assert_eq!(log.read(refs[0]).unwrap().len(), big.len());
+        // Nothing refers to segment 1 any more.
+        assert_eq!(log.remove_below(2).unwrap(), 1);
+        assert!(log.read(refs[0]).is_err());
+        assert_eq!(log.read(last).unwrap().len(), big.len());
+        assert!(!log.has_closed_segments());
+        // The open segment is never removed.
+        assert_eq!(log.remove_below(i64::MAX).unwrap(), 0);
+        assert_eq!(log.read(last).unwrap().len(), big.len());
+    }
+
+    #[test]
+    fn a_bad_reference_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BodyLog::open(dir.path()).unwrap();
+        let r = log.append(b"x");
+        log.sync().unwrap();
+        for bad in [
+            BodyRef { off: -1, ..r },
+            BodyRef { len: -1, ..r },
+            BodyRef { seg: 99, ..r },
+            BodyRef { len: 1000, ..r },
+            BodyRef { len: i64::MAX, ..r },
+        ] {
+            assert!(log.read(bad).is_err(), "{bad:?}");
+        }
+    }
+}
