@@ -234,9 +234,41 @@ type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 struct Bodies {
     outbox: BodyLog,
     inbox: BodyLog,
+    /// Body bytes the current group may still store inline, in its rows.
+    inline_left: std::sync::atomic::AtomicUsize,
+}
+
+/// Body bytes per group stored inline in rows. A light group (one message,
+/// say) then commits with one fsync instead of two; a heavy one sends the
+/// rest of its bodies to the body log, written once instead of through the
+/// WAL and again by a checkpoint.
+const INLINE_BYTES_PER_GROUP: usize = 32 * 1024;
+
+/// Where a body goes: its bytes for the row's `body` column, or a reference.
+enum Placed<'a> {
+    Inline(&'a [u8]),
+    Log(BodyRef),
 }
 
 impl Bodies {
+    /// Starts a group's budget of inline bytes.
+    fn start_group(&self) {
+        self.inline_left
+            .store(INLINE_BYTES_PER_GROUP, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Places a body inline while the group's budget lasts, else in `log`.
+    fn place<'a>(&self, log: &BodyLog, body: &'a [u8]) -> Placed<'a> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let left = self.inline_left.load(Relaxed);
+        if body.len() <= left {
+            self.inline_left.store(left - body.len(), Relaxed);
+            Placed::Inline(body)
+        } else {
+            Placed::Log(log.append(body))
+        }
+    }
+
     fn sync(&self) -> std::io::Result<()> {
         self.outbox.sync()?;
         self.inbox.sync()
@@ -516,6 +548,7 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Db(format!("opening the outbox body log: {e}")))?,
             inbox: BodyLog::open(&data_dir.join("bodies").join("inbox"))
                 .map_err(|e| StoreError::Db(format!("opening the inbox body log: {e}")))?,
+            inline_left: std::sync::atomic::AtomicUsize::new(0),
         });
         let (tx, rx) = mpsc::channel::<Job>(8192);
         // Checkpoints run beside the writer (below), but under steady writes
@@ -676,6 +709,7 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, bodies: &Bodies) 
             }
             continue;
         }
+        bodies.start_group();
         let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
         // Bodies are durable before the rows that point at them commit.
         let commit = match bodies.sync() {
@@ -760,13 +794,16 @@ impl Store for SqliteStore {
             match &m.route {
                 Route::Local => {
                     debug_assert_eq!(env.recipient.area, own);
-                    insert_inbox(c, &bodies.inbox, env, &env_json, &m.body)?;
+                    insert_inbox(c, &bodies, env, &env_json, &m.body)?;
                 }
                 Route::Peer(peer) => {
-                    let r = bodies.outbox.append(&m.body.0);
+                    let (inline, r) = match bodies.place(&bodies.outbox, &m.body.0) {
+                        Placed::Inline(b) => (Some(b), None),
+                        Placed::Log(r) => (None, Some(r)),
+                    };
                     exec(c,
-                        "INSERT INTO outbox (peer, message_id, is_deliver, body_seg, body_off, body_len, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6)",
-                        params![peer.as_str(), id, r.seg, r.off, r.len, env.expires_at_ms as i64],
+                        "INSERT INTO outbox (peer, message_id, is_deliver, body, body_seg, body_off, body_len, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
+                        params![peer.as_str(), id, inline, r.map(|r| r.seg), r.map(|r| r.off), r.map(|r| r.len), env.expires_at_ms as i64],
                     )?;
                 }
             }
@@ -796,7 +833,7 @@ impl Store for SqliteStore {
             for (item, env_json) in items {
                 out.push(match item {
                     Incoming::Deliver(env, body) => {
-                        if insert_inbox(c, &bodies.inbox, &env, &env_json, &body)? {
+                        if insert_inbox(c, &bodies, &env, &env_json, &body)? {
                             IncomingOutcome::Stored
                         } else {
                             IncomingOutcome::Duplicate
@@ -1141,7 +1178,7 @@ fn now_us() -> i64 {
 /// Inserts a message into the inbox; false if it was there already.
 fn insert_inbox(
     c: &Connection,
-    log: &BodyLog,
+    bodies: &Bodies,
     env: &Envelope,
     env_json: &str,
     body: &Body,
@@ -1159,10 +1196,13 @@ fn insert_inbox(
     if known.is_some() {
         return Ok(false);
     }
-    let r = log.append(&body.0);
+    let (inline, r) = match bodies.place(&bodies.inbox, &body.0) {
+        Placed::Inline(b) => (Some(b), None),
+        Placed::Log(r) => (None, Some(r)),
+    };
     let n = exec(c,
-        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body_seg, body_off, body_len, status, stored_at_us, kind)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'delivered', ?11, ?12)",
+        "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, body_seg, body_off, body_len, status, stored_at_us, kind)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'delivered', ?12, ?13)",
         params![
             env.message_id.as_str(),
             env.sender.area.as_str(),
@@ -1171,9 +1211,10 @@ fn insert_inbox(
             kind,
             target,
             env_json,
-            r.seg,
-            r.off,
-            r.len,
+            inline,
+            r.map(|r| r.seg),
+            r.map(|r| r.off),
+            r.map(|r| r.len),
             now_us(),
             match env.kind {
                 proto::MessageKind::Mls => "mls",
