@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failing test may panic
 
+mod compat;
 mod delivery;
 mod faults;
 mod idempotency;

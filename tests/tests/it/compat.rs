@@ -1,0 +1,136 @@
+//! Mixed versions in one federation: a peer that predates framed batches.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proto::{FederationBatch, FederationBatchResponse, FederationItem, ItemResult, Status};
+use tests::{eventually, message, Federation};
+
+/// Stands in for southvale's gateway as an older version: real mTLS with
+/// southvale's certificate and trust, no `/v1/federation/frames` (404), and a
+/// JSON `/v1/federation/batch` that stores nothing but records what came.
+async fn older_peer(
+    fed: &Federation,
+    b: usize,
+) -> (Arc<Mutex<Vec<FederationItem>>>, tokio::task::JoinHandle<()>) {
+    let config = fed.config(b).unwrap();
+    let own = certs::Credentials::load(&config.tls.cert, &config.tls.key).unwrap();
+    let trust = certs::ServerTrust {
+        own_area: config.area.clone(),
+        own_cas: certs::load_certs(&config.tls.ca).unwrap(),
+        peers: config
+            .peers
+            .iter()
+            .map(|p| certs::PeerTrust {
+                area: p.area.clone(),
+                cas: certs::load_certs(&p.ca).unwrap(),
+            })
+            .collect(),
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust).unwrap());
+    let listener = {
+        let mut tries = 0;
+        loop {
+            match tokio::net::TcpListener::bind(config.listen).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("binding {}: {e}", config.listen),
+            }
+        }
+    };
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let seen = got.clone();
+    let handle = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let (status, answer) = if path == "/v1/federation/batch" {
+                                let batch: FederationBatch = serde_json::from_slice(&body).unwrap();
+                                let results =
+                                    batch.items.iter().map(|_| ItemResult::Stored).collect();
+                                seen.lock().unwrap().extend(batch.items);
+                                (
+                                    200,
+                                    serde_json::to_vec(&FederationBatchResponse { results })
+                                        .unwrap(),
+                                )
+                            } else {
+                                (
+                                    404,
+                                    br#"{"error":"not_found","message":"no such endpoint"}"#
+                                        .to_vec(),
+                                )
+                            };
+                            let resp = hyper::Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(answer)))
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (got, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_framed_batches_is_sent_json() {
+    let mut fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    fed.stop(b).await;
+    let (got, older) = older_peer(&fed, b).await;
+
+    let alice = fed.api(a, "alice").unwrap();
+    let sent = alice
+        .submit(&message("user:dan@southvale", "compat-1", vec![7u8; 4096]).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            alice
+                .status(&sent.message_id)
+                .await
+                .map(|s| s.status == Status::Delivered)
+                .unwrap_or(false)
+        })
+        .await,
+        "the message was not delivered to the older peer"
+    );
+    let items = got.lock().unwrap().clone();
+    assert_eq!(items.len(), 1, "one delivery, sent once, as JSON");
+    match &items[0] {
+        FederationItem::Deliver { envelope, body } => {
+            assert_eq!(envelope.message_id, sent.message_id);
+            assert_eq!(body.0, vec![7u8; 4096]);
+        }
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+    older.abort();
+}
