@@ -70,6 +70,13 @@ impl IntoResponse for Failure {
             message: self.message,
         });
         let mut resp = (self.status, body).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the request body is not read, so the connection
+            // cannot carry another request: say so, or a client may reuse it
+            // and see its next request fail. (HTTP/2 drops this header.)
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
