@@ -277,6 +277,22 @@ pub fn message(to: &str, key: &str, body: Vec<u8>) -> anyhow::Result<SubmitReque
     })
 }
 
+/// Whether the sender sees message `id` reach `status` within `limit`.
+pub async fn reaches(
+    api: &Api,
+    id: &proto::MessageId,
+    status: proto::Status,
+    limit: Duration,
+) -> bool {
+    eventually(limit, || async {
+        api.status(id)
+            .await
+            .map(|s| s.status == status)
+            .unwrap_or(false)
+    })
+    .await
+}
+
 /// Polls `f` every 50 ms until it returns true or `limit` passes.
 /// The limit bounds a hung test; it is not a performance assertion.
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proto::{FederationBatch, FederationBatchResponse, FederationItem, ItemResult, Status};
-use tests::{eventually, message, Federation};
+use tests::{message, reaches, Federation};
 
 /// Stands in for southvale's gateway as an older version: real mTLS with
 /// southvale's certificate and trust, no `/v1/federation/frames` (404), and a
@@ -113,13 +113,12 @@ async fn a_peer_without_framed_batches_is_sent_json() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            alice
-                .status(&sent.message_id)
-                .await
-                .map(|s| s.status == Status::Delivered)
-                .unwrap_or(false)
-        })
+        reaches(
+            &alice,
+            &sent.message_id,
+            Status::Delivered,
+            Duration::from_secs(30)
+        )
         .await,
         "the message was not delivered to the older peer"
     );

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use proto::{Status, Target};
-use tests::{eventually, message, Federation};
+use tests::{message, reaches, Federation};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
@@ -33,13 +33,12 @@ async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
     assert_eq!(got.body.0, b"opaque ciphertext");
     assert_eq!(got.envelope.content_hash, got.body.hash());
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            alice
-                .status(&sent.message_id)
-                .await
-                .map(|s| s.status == Status::Fetched)
-                .unwrap_or(false)
-        })
+        reaches(
+            &alice,
+            &sent.message_id,
+            Status::Fetched,
+            Duration::from_secs(20)
+        )
         .await
     );
 
@@ -48,13 +47,12 @@ async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
         Status::Acknowledged
     );
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            alice
-                .status(&sent.message_id)
-                .await
-                .map(|s| s.status == Status::Acknowledged)
-                .unwrap_or(false)
-        })
+        reaches(
+            &alice,
+            &sent.message_id,
+            Status::Acknowledged,
+            Duration::from_secs(20)
+        )
         .await
     );
     let history: Vec<Status> = alice
@@ -144,13 +142,12 @@ async fn unknown_team_in_a_peer_area_comes_back_undeliverable_with_reason() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            alice
-                .status(&sent.message_id)
-                .await
-                .map(|s| s.status == Status::Undeliverable)
-                .unwrap_or(false)
-        })
+        reaches(
+            &alice,
+            &sent.message_id,
+            Status::Undeliverable,
+            Duration::from_secs(20)
+        )
         .await
     );
     let st = alice.status(&sent.message_id).await.unwrap();

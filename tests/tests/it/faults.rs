@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use proto::{ErrorCode, Status};
-use tests::{eventually, message, Federation, Settings};
+use tests::{eventually, message, reaches, Federation, Settings};
 
 /// Sends `n` messages from `user` of area `a`, one after another, keys `<user>-<i>`.
 async fn send_sequence(api: client::Api, user: &'static str, n: usize) -> Vec<proto::MessageId> {
@@ -116,13 +116,12 @@ async fn peer_outage_queues_in_order_and_survives_a_sender_restart() {
         .await
     );
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            alice
-                .status(&ids[149])
-                .await
-                .map(|s| s.status == Status::Delivered)
-                .unwrap_or(false)
-        })
+        reaches(
+            &alice,
+            &ids[149],
+            Status::Delivered,
+            Duration::from_secs(30)
+        )
         .await
     );
     assert_exactly_once_in_order(&fed, b, &["alice"], 150);
@@ -143,13 +142,12 @@ async fn a_message_that_cannot_be_delivered_in_time_returns_undeliverable() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            alice
-                .status(&sent.message_id)
-                .await
-                .map(|s| s.status == Status::Undeliverable)
-                .unwrap_or(false)
-        })
+        reaches(
+            &alice,
+            &sent.message_id,
+            Status::Undeliverable,
+            Duration::from_secs(30)
+        )
         .await
     );
     let st = alice.status(&sent.message_id).await.unwrap();
