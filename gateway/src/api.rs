@@ -478,11 +478,10 @@ async fn federation_batch(
 
 /// Checks and stores a peer's items, answering for each in order.
 async fn accept_items(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     area: proto::AreaId,
     items: Vec<FederationItem>,
 ) -> Result<Json<FederationBatchResponse>, Failure> {
-    let shared = shared.as_ref();
     let n = items.len();
     let mut results: Vec<Option<ItemResult>> = vec![None; n];
     let mut valid = Vec::with_capacity(n);

@@ -244,11 +244,9 @@ struct Bodies {
 /// WAL and again by a checkpoint.
 const INLINE_BYTES_PER_GROUP: usize = 32 * 1024;
 
-/// Where a body goes: its bytes for the row's `body` column, or a reference.
-enum Placed<'a> {
-    Inline(&'a [u8]),
-    Log(BodyRef),
-}
+/// Where a body goes: its bytes for the row's `body` column, or a reference
+/// for its `body_seg`, `body_off` and `body_len` columns (one is `None`).
+type Placed<'a> = (Option<&'a [u8]>, Option<BodyRef>);
 
 impl Bodies {
     /// Starts a group's budget of inline bytes.
@@ -263,9 +261,9 @@ impl Bodies {
         let left = self.inline_left.load(Relaxed);
         if body.len() <= left {
             self.inline_left.store(left - body.len(), Relaxed);
-            Placed::Inline(body)
+            (Some(body), None)
         } else {
-            Placed::Log(log.append(body))
+            (None, Some(log.append(body)))
         }
     }
 
@@ -797,10 +795,7 @@ impl Store for SqliteStore {
                     insert_inbox(c, &bodies, env, &env_json, &m.body)?;
                 }
                 Route::Peer(peer) => {
-                    let (inline, r) = match bodies.place(&bodies.outbox, &m.body.0) {
-                        Placed::Inline(b) => (Some(b), None),
-                        Placed::Log(r) => (None, Some(r)),
-                    };
+                    let (inline, r) = bodies.place(&bodies.outbox, &m.body.0);
                     exec(c,
                         "INSERT INTO outbox (peer, message_id, is_deliver, body, body_seg, body_off, body_len, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
                         params![peer.as_str(), id, inline, r.map(|r| r.seg), r.map(|r| r.off), r.map(|r| r.len), env.expires_at_ms as i64],
@@ -1186,10 +1181,7 @@ fn insert_inbox(
     let (kind, target) = target_of(env);
     // A duplicate (rare: a peer's retry) is refused by the insert; a body
     // it appended to the log stays there unreferenced.
-    let (inline, r) = match bodies.place(&bodies.inbox, &body.0) {
-        Placed::Inline(b) => (Some(b), None),
-        Placed::Log(r) => (None, Some(r)),
-    };
+    let (inline, r) = bodies.place(&bodies.inbox, &body.0);
     let n = exec(c,
         "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, body_seg, body_off, body_len, status, stored_at_us, kind)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'delivered', ?12, ?13)",

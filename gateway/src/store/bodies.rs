@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Size at which a segment is closed and the next one begun.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -34,6 +34,8 @@ pub(crate) struct BodyRef {
 pub(crate) struct BodyLog {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// The segment last read, kept open: a batch reads many bodies from one.
+    reading: Mutex<Option<(i64, Arc<File>)>>,
 }
 
 #[derive(Debug)]
@@ -104,6 +106,7 @@ impl BodyLog {
                 pending: Vec::new(),
                 oldest: existing.first().copied().unwrap_or(seg),
             }),
+            reading: Mutex::new(None),
         })
     }
 
@@ -167,7 +170,17 @@ impl BodyLog {
                 format!("bad body reference {r:?}"),
             ));
         };
-        let file = File::open(segment_path(&self.dir, r.seg))?;
+        let file = {
+            let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            match &*reading {
+                Some((seg, file)) if *seg == r.seg => file.clone(),
+                _ => {
+                    let file = Arc::new(File::open(segment_path(&self.dir, r.seg))?);
+                    *reading = Some((r.seg, file.clone()));
+                    file
+                }
+            }
+        };
         // Bound the allocation by what the file holds, whatever the row says.
         if off.saturating_add(len as u64) > file.metadata()?.len() {
             return Err(io::Error::new(
@@ -199,6 +212,10 @@ impl BodyLog {
             removed += 1;
         }
         inner.oldest = limit;
+        let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        if reading.as_ref().is_some_and(|(n, _)| *n < limit) {
+            *reading = None;
+        }
         if removed > 0 {
             sync_dir(&self.dir)?;
         }
