@@ -1,11 +1,15 @@
 //! Durable storage: the [`Store`] contract and its SQLite implementation.
 //!
-//! Invariant: every method returns only after its changes are committed with
-//! `synchronous = FULL`, so a caller may acknowledge what it stored.
+//! Invariant: every method returns only after its changes are committed and
+//! on disk (fsynced), so a caller may acknowledge what it stored; and reads
+//! see only what is on disk.
 //!
 //! The SQLite store runs one thread that owns the connection and commits the
 //! jobs waiting in its queue as one transaction (group commit), each job in
-//! its own savepoint so one failure does not undo the others.
+//! its own savepoint so one failure does not undo the others. The commit is
+//! pipelined: a second thread fsyncs the WAL and only then answers the
+//! group's callers, while the writer already runs the next group (see
+//! [`Durability`]).
 
 use std::future::Future;
 use std::path::Path;
@@ -215,18 +219,144 @@ pub trait Store: Send + Sync + 'static {
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
 
-/// The embedded store: one SQLite file in WAL mode, `synchronous = FULL`.
+/// The embedded store: one SQLite file in WAL mode; commits are fsynced by
+/// the sync thread before anyone is answered or can read them.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     reads: mpsc::Sender<ReadJob>,
     own_area: AreaId,
     bodies: std::sync::Arc<Bodies>,
+    #[cfg(test)]
+    durability: std::sync::Arc<Durability>,
     /// Alive while any clone of the store is: the checkpointer stops with it.
     _alive: std::sync::Arc<()>,
 }
 
-type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection, &Durability) + Send>;
+
+/// Which group commits are on disk. The writer numbers each group before its
+/// COMMIT ([`Durability::issue`]); the sync thread fsyncs the WAL and then
+/// marks every group committed before the fsync began as durable. Callers are
+/// answered only then, and readers wait until every commit their snapshot
+/// may hold is durable, so nobody acts on data a power cut could undo.
+#[derive(Debug, Default)]
+struct Durability {
+    /// The number of the last group whose COMMIT has been issued.
+    issued: std::sync::atomic::AtomicU64,
+    /// The number of the last group known to be on disk.
+    durable: std::sync::Mutex<u64>,
+    advanced: std::sync::Condvar,
+    /// Held by a test to stop the sync thread before its next fsync.
+    #[cfg(test)]
+    gate: std::sync::Mutex<()>,
+}
+
+impl Durability {
+    /// Numbers the next group; call before its COMMIT.
+    fn issue(&self) -> u64 {
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    fn issued(&self) -> u64 {
+        self.issued.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn durable(&self) -> std::sync::MutexGuard<'_, u64> {
+        // The value is a plain counter: a panic elsewhere cannot leave it torn.
+        self.durable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Blocks until group `n` (and every group before it) is on disk.
+    fn wait_for(&self, n: u64) {
+        let mut durable = self.durable();
+        while *durable < n {
+            durable = self
+                .advanced
+                .wait(durable)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        let mut durable = self.durable();
+        if n > *durable {
+            *durable = n;
+            self.advanced.notify_all();
+        }
+    }
+}
+
+/// A group the writer has committed, waiting for the WAL fsync.
+struct Committed {
+    n: u64,
+    commit: Result<(), StoreError>,
+    completions: Vec<Completion>,
+}
+
+/// The WAL file, opened for fsync (SQLite writes it; this only syncs it).
+/// Reopened if SQLite ever replaces it.
+struct WalFile {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl WalFile {
+    fn new(path: std::path::PathBuf) -> WalFile {
+        WalFile { path, file: None }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let on_disk = std::fs::metadata(&self.path)?.ino();
+        let file = match self.file.take() {
+            Some(f) if f.metadata()?.ino() == on_disk => f,
+            _ => std::fs::OpenOptions::new().write(true).open(&self.path)?,
+        };
+        let r = file.sync_data();
+        self.file = Some(file);
+        r
+    }
+}
+
+/// Fsyncs the WAL for every batch of committed groups, then marks them
+/// durable and answers their callers.
+fn sync_thread(
+    mut wal: WalFile,
+    rx: &std::sync::mpsc::Receiver<Committed>,
+    durability: &Durability,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        groups.extend(rx.try_iter());
+        #[cfg(test)]
+        let _gate = durability
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let synced = if groups.iter().any(|g| g.commit.is_ok()) {
+            wal.sync().map_err(|e| {
+                tracing::error!(error = %e, "store: fsync of the WAL failed");
+                StoreError::Db(format!("making the commit durable: {e}"))
+            })
+        } else {
+            Ok(())
+        };
+        let last = groups.last().map_or(0, |g| g.n);
+        durability.advance(last);
+        for g in groups {
+            let r = g.commit.and(synced.clone());
+            for c in g.completions {
+                c(r.clone());
+            }
+        }
+    }
+    tracing::debug!("store sync thread stopped");
+}
 
 /// The body logs: outgoing deliveries (removed once the peer has them) and
 /// inbox messages.
@@ -538,6 +668,20 @@ impl SqliteStore {
             _ => {}
         }
         conn.execute_batch(&with_tables(SCHEMA_TEMPLATE))?;
+        // From here on the sync thread fsyncs the WAL after each group's
+        // COMMIT (see `Durability`); SQLite itself still syncs around
+        // checkpoints and when the WAL restarts.
+        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        let durability = std::sync::Arc::new(Durability::default());
+        let (synced_tx, synced_rx) = std::sync::mpsc::sync_channel::<Committed>(256);
+        let wal = WalFile::new(data_dir.join("gateway.sqlite3-wal"));
+        std::thread::Builder::new()
+            .name("store-sync".into())
+            .spawn({
+                let durability = durability.clone();
+                move || sync_thread(wal, &synced_rx, &durability)
+            })
+            .map_err(|e| StoreError::Db(format!("starting store sync thread: {e}")))?;
         // Readers see committed data through WAL without waiting for the writer.
         let reader = Connection::open(data_dir.join("gateway.sqlite3"))?;
         reader.execute_batch("PRAGMA query_only = ON; PRAGMA busy_timeout = 5000;")?;
@@ -572,15 +716,19 @@ impl SqliteStore {
             .name("store".into())
             .spawn({
                 let bodies = bodies.clone();
-                move || store_thread(conn, rx, &bodies)
+                let durability = durability.clone();
+                move || store_thread(conn, rx, &bodies, &durability, &synced_tx)
             })
             .map_err(|e| StoreError::Db(format!("starting store thread: {e}")))?;
         let (rtx, mut rrx) = mpsc::channel::<ReadJob>(8192);
         std::thread::Builder::new()
             .name("store-read".into())
-            .spawn(move || {
-                while let Some(job) = rrx.blocking_recv() {
-                    job(&reader);
+            .spawn({
+                let durability = durability.clone();
+                move || {
+                    while let Some(job) = rrx.blocking_recv() {
+                        job(&reader, &durability);
+                    }
                 }
             })
             .map_err(|e| StoreError::Db(format!("starting store reader: {e}")))?;
@@ -607,6 +755,8 @@ impl SqliteStore {
             reads: rtx,
             own_area,
             bodies,
+            #[cfg(test)]
+            durability,
             _alive: alive,
         })
     }
@@ -617,11 +767,17 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let job: ReadJob = Box::new(move |conn: &Connection| {
+        let job: ReadJob = Box::new(move |conn: &Connection, durability: &Durability| {
             let r = conn
                 .execute_batch("BEGIN DEFERRED")
                 .map_err(StoreError::from)
-                .and_then(|()| f(conn));
+                .and_then(|()| {
+                    // Take the snapshot, then wait until every commit it may
+                    // hold is on disk: nothing is read that a crash could undo.
+                    conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |_| Ok(()))?;
+                    durability.wait_for(durability.issued());
+                    f(conn)
+                });
             let _ = conn.execute_batch("COMMIT");
             let _ = tx.send(r);
         });
@@ -687,7 +843,13 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog) {
     }
 }
 
-fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, bodies: &Bodies) {
+fn store_thread(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    bodies: &Bodies,
+    durability: &Durability,
+    synced: &std::sync::mpsc::SyncSender<Committed>,
+) {
     const GROUP: usize = 512;
     let mut last_gc = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
@@ -710,6 +872,7 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, bodies: &Bodies) 
         bodies.start_group();
         let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
         // Bodies are durable before the rows that point at them commit.
+        let n = durability.issue();
         let commit = match bodies.sync() {
             Ok(()) => conn.execute_batch("COMMIT").map_err(StoreError::from),
             Err(e) => Err(StoreError::Db(format!("writing bodies: {e}"))),
@@ -719,11 +882,24 @@ fn store_thread(conn: Connection, mut rx: mpsc::Receiver<Job>, bodies: &Bodies) 
             bodies.discard();
             tracing::error!(error = %e, "store: commit failed; the group was rolled back");
         });
-        for c in completions {
-            c(commit.clone());
+        let group = Committed {
+            n,
+            commit,
+            completions,
+        };
+        if let Err(std::sync::mpsc::SendError(group)) = synced.send(group) {
+            // The sync thread is gone: nothing can be made durable.
+            tracing::error!("store: the sync thread has stopped");
+            for c in group.completions {
+                c(Err(StoreError::Closed));
+            }
+            break;
         }
         if last_gc.elapsed() >= std::time::Duration::from_secs(1) {
             last_gc = std::time::Instant::now();
+            // Decide from durable rows only: a delivery a crash could bring
+            // back must still find its body.
+            durability.wait_for(n);
             remove_delivered_bodies(&conn, &bodies.outbox);
         }
     }

@@ -1,7 +1,9 @@
-//! The store's schema migration, on a real SQLite file written as schema 1.
+//! The store on real SQLite files: schema migration, WAL restarts, body
+//! placement, and the pipelined commit's promises.
 
 use super::*;
 use proto::{Category, IdempotencyKey, MessageKind, Sender};
+use std::time::Duration;
 
 /// Schema 1 as gateways before schema 2 wrote it (the tables that changed).
 const SCHEMA_1: &str = "
@@ -398,4 +400,51 @@ async fn bodies_read_back_whether_inline_or_in_the_body_log() {
         .query_row("SELECT COUNT(body_seg) FROM outbox", [], |r| r.get(0))
         .unwrap();
     assert_eq!(logged, 1);
+}
+
+/// With the WAL fsync held back, neither the caller nor a reader sees a
+/// committed message: the caller is answered, and the row can be read, only
+/// once the commit is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The held guard stops the store's sync thread, not this runtime.
+#[allow(clippy::await_holding_lock)]
+async fn nothing_is_answered_or_read_before_its_commit_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let southvale = AreaId::new("southvale").unwrap();
+    let new = |n: u8| {
+        let env = envelope(n, &format!("fence-{n}"));
+        NewMessage {
+            body: Body(vec![n; 8]),
+            envelope: env,
+            route: Route::Peer(AreaId::new("southvale").unwrap()),
+            commit: None,
+        }
+    };
+    store.submit(new(1)).await.unwrap();
+    let durable = store.durability.issued();
+
+    let gate = store.durability.gate.lock().unwrap();
+    let submitting = tokio::spawn({
+        let store = store.clone();
+        async move { store.submit(new(2)).await }
+    });
+    // Wait until the second group's COMMIT has been issued (it is in the
+    // database file, not yet fsynced).
+    while store.durability.issued() == durable {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reading = tokio::spawn({
+        let store = store.clone();
+        let southvale = southvale.clone();
+        async move { store.queued(southvale, 0, 100).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!submitting.is_finished(), "answered before the fsync");
+    assert!(!reading.is_finished(), "read a commit that is not on disk");
+
+    drop(gate);
+    submitting.await.unwrap().unwrap();
+    let queued = reading.await.unwrap().unwrap();
+    assert_eq!(queued.len(), 2, "the read sees both once they are durable");
 }
