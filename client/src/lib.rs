@@ -143,6 +143,8 @@ impl ClientConfig {
 pub struct Api {
     http: reqwest::Client,
     base: String,
+    /// `{base}/v1/messages`, parsed once: submitting is the hot path.
+    messages: reqwest::Url,
 }
 
 fn describe(e: &reqwest::Error) -> String {
@@ -178,9 +180,13 @@ impl Api {
             .timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| ClientError::Transport(describe(&e)))?;
+        let base = gateway.trim_end_matches('/').to_owned();
+        let messages = reqwest::Url::parse(&format!("{base}/v1/messages"))
+            .map_err(|e| ClientError::Transport(format!("gateway URL {gateway:?}: {e}")))?;
         Ok(Api {
             http,
-            base: gateway.trim_end_matches('/').to_owned(),
+            base,
+            messages,
         })
     }
 
@@ -268,7 +274,7 @@ impl Api {
     pub async fn submit_once(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
         let resp = self
             .http
-            .post(format!("{}/v1/messages", self.base))
+            .post(self.messages.clone())
             .header(reqwest::header::CONTENT_TYPE, proto::frame::FRAMED)
             .body(proto::frame::encode_submit(req))
             .send()
