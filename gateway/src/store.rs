@@ -368,10 +368,10 @@ struct Bodies {
     inline_left: std::sync::atomic::AtomicUsize,
 }
 
-/// Body bytes per group stored inline in rows. A light group (one message,
-/// say) then commits with one fsync instead of two; a heavy one sends the
-/// rest of its bodies to the body log, written once instead of through the
-/// WAL and again by a checkpoint.
+/// Body bytes a group of one job may store inline in its rows: a lone
+/// message then commits with one fsync instead of two. The bodies of larger
+/// groups (and larger bodies) go to the body log, written once instead of
+/// through the WAL and again by a checkpoint.
 const INLINE_BYTES_PER_GROUP: usize = 32 * 1024;
 
 /// Where a body goes: its bytes for the row's `body` column, or a reference
@@ -380,9 +380,10 @@ type Placed<'a> = (Option<&'a [u8]>, Option<BodyRef>);
 
 impl Bodies {
     /// Starts a group's budget of inline bytes.
-    fn start_group(&self) {
+    fn start_group(&self, jobs: usize) {
+        let budget = if jobs == 1 { INLINE_BYTES_PER_GROUP } else { 0 };
         self.inline_left
-            .store(INLINE_BYTES_PER_GROUP, std::sync::atomic::Ordering::Relaxed);
+            .store(budget, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Places a body inline while the group's budget lasts, else in `log`.
@@ -869,7 +870,7 @@ fn store_thread(
             }
             continue;
         }
-        bodies.start_group();
+        bodies.start_group(jobs.len());
         let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
         // Bodies are durable before the rows that point at them commit.
         let n = durability.issue();

@@ -40,6 +40,10 @@ struct Args {
     /// Measure only the storage part (two stores driven directly, no network).
     #[arg(long)]
     store_only: bool,
+    /// Measure only acceptance at A (B is not started; the relay columns
+    /// then show A's answers to the senders), to split the relay's cost.
+    #[arg(long)]
+    accept_only: bool,
     /// Seconds to spend on each measurement (after warm-up).
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
@@ -228,7 +232,13 @@ async fn run_echo(
 /// `c` senders in area A each submit one message after another to their own
 /// recipient in area B; a message's latency runs from the start of its
 /// submission at A to its commit at B (B's `stored_at_us`).
-async fn run_relay(fed: &Federation, c: usize, body: usize, secs: f64) -> anyhow::Result<Figures> {
+async fn run_relay(
+    fed: &Federation,
+    c: usize,
+    body: usize,
+    secs: f64,
+    accept_only: bool,
+) -> anyhow::Result<Figures> {
     let (a, b) = (0, 1);
     let cpu = cpu_time();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -256,6 +266,12 @@ async fn run_relay(fed: &Federation, c: usize, body: usize, secs: f64) -> anyhow
             sent.insert(key, t0);
             accept.push(rtt);
         }
+    }
+    if accept_only {
+        let cpu = cpu_time() - cpu;
+        let mut f = figures(accept, start.elapsed());
+        f.cpu_us = cpu.as_secs_f64() * 1e6 / f.n.max(1) as f64;
+        return Ok(f);
     }
     let acc = figures(accept, Duration::from_secs(1));
     eprintln!(
@@ -345,7 +361,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut fed = Federation::create(&areas, &settings).context("creating the federation")?;
     fed.start(0).await?;
-    fed.start(1).await?;
+    if !args.accept_only {
+        fed.start(1).await?;
+    }
     let (echo_port, echo) = start_echo(&fed).await?;
 
     println!(
@@ -375,7 +393,7 @@ async fn main() -> anyhow::Result<()> {
     );
     for &c in &args.concurrency {
         // Warm-up, then rounds of echo and relay in turn.
-        run_relay(&fed, c, args.body, 0.5).await?;
+        run_relay(&fed, c, args.body, 0.5, args.accept_only).await?;
         let (mut echoes, mut relays) = (Vec::new(), Vec::new());
         for round in 1..=args.rounds.max(1) {
             let e = if args.relay_only {
@@ -383,7 +401,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 run_echo(&fed, echo_port, c, args.body, args.seconds).await?
             };
-            let r = run_relay(&fed, c, args.body, args.seconds).await?;
+            let r = run_relay(&fed, c, args.body, args.seconds, args.accept_only).await?;
             eprintln!(
                 "    round {round}: echo {:.0}/s p99 {:.2} ms, relay {:.0}/s p50 {:.2} ms p99 {:.2} ms",
                 e.per_sec, e.p99_ms, r.per_sec, r.p50_ms, r.p99_ms
