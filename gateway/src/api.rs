@@ -465,15 +465,65 @@ async fn federation_batch(
     Extension(peer): Extension<VerifiedPeer>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<FederationBatchResponse>, Failure> {
+) -> Result<Response, Failure> {
     let area = peer_of(&shared, &peer)?;
     shared.limit_peer(&area)?;
+    let order = batch_order(&headers)?;
     let items = if is_framed(&headers) {
         parse_framed(body, |b| proto::frame::decode_items(b, MAX_FRAMED_ITEMS))?
     } else {
         parse_json::<FederationBatch>(body)?.items
     };
-    accept_items(&shared, area, items).await
+    let answer = accept_items(&shared, area, items, order).await?;
+    let mut resp = answer.into_response();
+    if order.is_some() {
+        resp.headers_mut().insert(
+            proto::frame::ORDERED_HEADER,
+            HeaderValue::from_static("1"),
+        );
+    }
+    Ok(resp)
+}
+
+/// How long a pipelined batch waits for its predecessor before it is
+/// refused (the peer then starts a new session from its last answer).
+const ORDER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A pipelined batch's session and number, from its headers (both or none).
+fn batch_order(headers: &HeaderMap) -> Result<Option<(u64, u64)>, Failure> {
+    let number = |name: &str| -> Result<Option<u64>, Failure> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        Failure::new(
+                            StatusCode::BAD_REQUEST,
+                            ErrorCode::MalformedRequest,
+                            format!("header {name} must be a decimal number"),
+                        )
+                    })
+            })
+            .transpose()
+    };
+    match (
+        number(proto::frame::SESSION_HEADER)?,
+        number(proto::frame::BATCH_HEADER)?,
+    ) {
+        (None, None) => Ok(None),
+        (Some(session), Some(batch)) if batch >= 1 => Ok(Some((session, batch))),
+        _ => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedRequest,
+            format!(
+                "headers {} and {} come together, with a batch number from 1",
+                proto::frame::SESSION_HEADER,
+                proto::frame::BATCH_HEADER
+            ),
+        )),
+    }
 }
 
 /// Checks and stores a peer's items, answering for each in order.
@@ -481,6 +531,7 @@ async fn accept_items(
     shared: &Shared,
     area: proto::AreaId,
     items: Vec<FederationItem>,
+    order: Option<(u64, u64)>,
 ) -> Result<Json<FederationBatchResponse>, Failure> {
     let n = items.len();
     let mut results: Vec<Option<ItemResult>> = vec![None; n];
@@ -511,7 +562,26 @@ async fn accept_items(
         }
     }
     let mut stored_any = false;
-    let outcomes = shared.store.accept_batch(area.clone(), valid).await?;
+    // A pipelined batch waits for its session's earlier batches (checking
+    // above ran meanwhile), so items are stored in the peer's order.
+    let turn = match order {
+        Some((session, batch)) => Some(
+            shared
+                .sequencer
+                .turn(&area, session, batch, ORDER_PATIENCE)
+                .await
+                .map_err(|e| {
+                    tracing::info!(peer = %area, error = %e, "pipelined batch refused");
+                    Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string())
+                })?,
+        ),
+        None => None,
+    };
+    let stored = shared.store.accept_batch(area.clone(), valid).await;
+    if let Some(turn) = turn {
+        turn.done(stored.is_ok());
+    }
+    let outcomes = stored?;
     for (i, outcome) in index.into_iter().zip(outcomes) {
         results[i] = Some(match outcome {
             IncomingOutcome::Stored => {

@@ -121,6 +121,9 @@ pub struct DeliveryConfig {
     pub retry_max: Duration,
     /// Most items in one federation batch.
     pub batch_max_items: usize,
+    /// Most batches on the wire to one peer at once. More than one is used
+    /// only with a peer that confirms it stores them in order.
+    pub batches_in_flight: usize,
     /// Timeout of one federation request.
     #[serde(deserialize_with = "duration")]
     pub peer_timeout: Duration,
@@ -133,6 +136,7 @@ impl Default for DeliveryConfig {
             retry_initial: Duration::from_millis(250),
             retry_max: Duration::from_secs(60),
             batch_max_items: 256,
+            batches_in_flight: 4,
             peer_timeout: Duration::from_secs(30),
         }
     }
@@ -324,6 +328,9 @@ impl Config {
         let d = &self.delivery;
         if d.batch_max_items == 0 {
             return Err("delivery.batch_max_items: must be at least 1".into());
+        }
+        if !(1..=64).contains(&d.batches_in_flight) {
+            return Err("delivery.batches_in_flight: must be from 1 to 64".into());
         }
         if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {
             return Err("delivery.retry_initial must be > 0 and <= delivery.retry_max".into());

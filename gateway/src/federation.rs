@@ -45,7 +45,29 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+/// One batch on the wire: its items' queue positions and the request.
+struct InFlight {
+    seqs: Vec<i64>,
+    request: tokio::task::JoinHandle<Answer>,
+}
+
+/// What a request came back with, and whether the peer takes framed batches.
+type Answer = (Result<Answered, SendError>, bool);
+
+/// A peer's answer to a batch, and whether it confirmed taking the batch in
+/// session order.
+struct Answered {
+    response: FederationBatchResponse,
+    ordered: bool,
+}
+
 /// Runs one peer's worker until shutdown.
+///
+/// Batches are pipelined: up to `delivery.batches_in_flight` requests are on
+/// the wire at once, numbered within a session so the peer stores them in
+/// order ([`crate::sequencer`]). Until the peer confirms it does that, one
+/// batch at a time. Answers are taken in order; the first failure drops the
+/// batches behind it, and a new session starts from the last answered item.
 pub(crate) async fn peer_worker(
     shared: Arc<Shared>,
     peer: PeerConfig,
@@ -53,10 +75,12 @@ pub(crate) async fn peer_worker(
     wake: Arc<Notify>,
 ) {
     let delivery = shared.config.delivery.clone();
-    let base = peer.url.trim_end_matches('/').to_owned();
+    let base: Arc<str> = peer.url.trim_end_matches('/').into();
     // Framed batches carry bodies raw; a peer that predates them answers 404
     // and is sent JSON from then on.
     let mut framed = true;
+    // Whether the peer confirmed it stores pipelined batches in order.
+    let mut ordered = false;
     let mut stop = shared.stop.subscribe();
     let mut backoff = delivery.retry_initial;
     let mut last_error: Option<String> = None;
@@ -64,6 +88,11 @@ pub(crate) async fn peer_worker(
     // being removed from the queue by `recording`; after a failure to record
     // (or a restart) the cursor goes back to 0 and the peer deduplicates.
     let mut cursor: i64 = 0;
+    // Highest queue position sent (answered or on the wire).
+    let mut sent_up_to: i64 = 0;
+    let mut session: u64 = rand::random();
+    let mut next_batch: u64 = 1;
+    let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
     let record_failed = Arc::new(AtomicBool::new(false));
     let mut recording: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_expiry = tokio::time::Instant::now() - Duration::from_secs(60);
@@ -72,78 +101,71 @@ pub(crate) async fn peer_worker(
             break;
         }
         if record_failed.swap(false, Ordering::SeqCst) {
+            abandon(&mut in_flight);
             cursor = 0;
+            sent_up_to = 0;
+            (session, next_batch) = (rand::random(), 1);
         }
         if last_expiry.elapsed() >= Duration::from_secs(1) {
             last_expiry = tokio::time::Instant::now();
-            let reason = format!(
-                "not delivered to {} within its validity of {}{}",
-                peer.area,
-                humantime::format_duration(delivery.message_validity),
-                last_error
-                    .as_deref()
-                    .map(|e| format!(" (last error: {e})"))
-                    .unwrap_or_default()
-            );
-            match shared
-                .store
-                .expire(peer.area.clone(), cursor, now_ms(), reason)
-                .await
-            {
-                Ok(0) => {}
-                Ok(n) => {
-                    shared.metrics.undeliverable.add(n as u64);
-                    tracing::warn!(
-                        count = n,
-                        "messages expired undelivered; their senders are told"
-                    );
-                }
-                Err(e) => tracing::error!(error = %e, "expiring messages failed"),
-            }
+            expire(&shared, &peer, sent_up_to, last_error.as_deref()).await;
         }
-        let batch = match shared
-            .store
-            .queued(peer.area.clone(), cursor, delivery.batch_max_items)
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the queue failed");
-                Vec::new()
-            }
+        // Fill the window.
+        let window = if ordered {
+            delivery.batches_in_flight
+        } else {
+            1
         };
-        if batch.is_empty() {
+        while in_flight.len() < window {
+            let Some(batch) = next_items(&shared, &peer, sent_up_to).await else {
+                break;
+            };
+            let seqs: Vec<i64> = batch.iter().map(|q| q.seq).collect();
+            sent_up_to = seqs.last().copied().unwrap_or(sent_up_to);
+            let order = (session, next_batch);
+            next_batch += 1;
+            let (client, base) = (client.clone(), base.clone());
+            let request = tokio::spawn(async move {
+                let mut framed = framed;
+                let answer = send(&client, &base, &mut framed, order, &batch).await;
+                (answer, framed)
+            });
+            in_flight.push_back(InFlight { seqs, request });
+        }
+        let room = in_flight.len() < window;
+        let Some(front) = in_flight.front_mut() else {
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = crate::stopped(&mut stop) => break,
             }
             continue;
-        }
-        // Pack items until the byte budget is reached (at least one).
-        let mut size = 0;
-        let mut take = 0;
-        for q in &batch {
-            if let FederationItem::Deliver { body, .. } = &q.item {
-                size += body.len();
-            }
-            if take > 0 && size > BATCH_MAX_BYTES {
-                break;
-            }
-            take += 1;
-        }
-        let batch = &batch[..take];
-        match send(&client, &base, &mut framed, batch).await {
-            Ok(answer) => {
+        };
+        let (answer, now_framed) = tokio::select! {
+            a = &mut front.request => match a {
+                Ok(a) => a,
+                Err(e) => (Err(SendError::Http(format!("request task failed: {e}"))), framed),
+            },
+            // New items can go out while earlier batches are on the wire.
+            _ = wake.notified(), if room => continue,
+            _ = crate::stopped(&mut stop) => break,
+        };
+        framed = now_framed;
+        let Some(done) = in_flight.pop_front() else {
+            continue;
+        };
+        match answer {
+            Ok(answered) => {
+                ordered = answered.ordered;
                 backoff = delivery.retry_initial;
                 if last_error.take().is_some() {
                     tracing::info!("peer reachable again");
                 }
-                let mut verdicts = Vec::with_capacity(batch.len());
-                for (q, r) in batch.iter().zip(answer.results) {
-                    cursor = cursor.max(q.seq);
+                let mut verdicts = Vec::with_capacity(done.seqs.len());
+                for (seq, r) in done.seqs.iter().zip(answered.response.results) {
+                    cursor = cursor.max(*seq);
                     verdicts.push((
-                        q.seq,
+                        *seq,
                         match r {
                             ItemResult::Stored | ItemResult::Duplicate => Sent::Accepted,
                             ItemResult::Rejected { code, reason } => {
@@ -158,7 +180,7 @@ pub(crate) async fn peer_worker(
                     .metrics
                     .federation_items_sent
                     .add(verdicts.len() as u64);
-                // Record while the next batch is on its way; one recording at a time.
+                // Record while the next batches are on their way; one recording at a time.
                 if let Some(h) = recording.take() {
                     let _ = h.await;
                 }
@@ -172,6 +194,12 @@ pub(crate) async fn peer_worker(
                 }));
             }
             Err(e) => {
+                // The batches behind this one may or may not reach the peer;
+                // start again from the last answer (the peer deduplicates).
+                abandon(&mut in_flight);
+                sent_up_to = cursor;
+                (session, next_batch) = (rand::random(), 1);
+                ordered = false;
                 shared.metrics.federation_failures.inc();
                 let wait = match &e {
                     SendError::RateLimited(Some(after)) => *after,
@@ -181,7 +209,7 @@ pub(crate) async fn peer_worker(
                         w
                     }
                 };
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, queued = batch.len(), "federation send failed");
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, queued = done.seqs.len(), "federation send failed");
                 last_error = Some(e.to_string());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -190,9 +218,82 @@ pub(crate) async fn peer_worker(
             }
         }
     }
+    abandon(&mut in_flight);
     if let Some(h) = recording.take() {
         let _ = h.await;
     }
+}
+
+/// Drops the batches on the wire (the peer may still store them; a later
+/// session's repeats are deduplicated).
+fn abandon(in_flight: &mut std::collections::VecDeque<InFlight>) {
+    for f in in_flight.drain(..) {
+        f.request.abort();
+    }
+}
+
+/// Returns to their senders the items past `after` whose validity ran out.
+async fn expire(shared: &Shared, peer: &PeerConfig, after: i64, last_error: Option<&str>) {
+    let reason = format!(
+        "not delivered to {} within its validity of {}{}",
+        peer.area,
+        humantime::format_duration(shared.config.delivery.message_validity),
+        last_error
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
+    );
+    match shared
+        .store
+        .expire(peer.area.clone(), after, now_ms(), reason)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => {
+            shared.metrics.undeliverable.add(n as u64);
+            tracing::warn!(
+                count = n,
+                "messages expired undelivered; their senders are told"
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "expiring messages failed"),
+    }
+}
+
+/// The next batch after queue position `after`: up to `batch_max_items`
+/// items within the byte budget (at least one), or `None` if nothing waits.
+async fn next_items(
+    shared: &Shared,
+    peer: &PeerConfig,
+    after: i64,
+) -> Option<Vec<crate::store::Queued>> {
+    let mut batch = match shared
+        .store
+        .queued(
+            peer.area.clone(),
+            after,
+            shared.config.delivery.batch_max_items,
+        )
+        .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "reading the queue failed");
+            return None;
+        }
+    };
+    let mut size = 0;
+    let mut take = 0;
+    for q in &batch {
+        if let FederationItem::Deliver { body, .. } = &q.item {
+            size += body.len();
+        }
+        if take > 0 && size > BATCH_MAX_BYTES {
+            break;
+        }
+        take += 1;
+    }
+    batch.truncate(take);
+    (!batch.is_empty()).then_some(batch)
 }
 
 /// Full jitter between half and all of `d`.
@@ -205,8 +306,9 @@ async fn send(
     client: &reqwest::Client,
     base: &str,
     framed: &mut bool,
+    (session, number): (u64, u64),
     batch: &[crate::store::Queued],
-) -> Result<FederationBatchResponse, SendError> {
+) -> Result<Answered, SendError> {
     let n = batch.len();
     let post = |framed: bool| {
         let req = if framed {
@@ -221,6 +323,9 @@ async fn send(
                     items: batch.iter().map(|q| q.item.clone()).collect(),
                 })
         };
+        let req = req
+            .header(proto::frame::SESSION_HEADER, session)
+            .header(proto::frame::BATCH_HEADER, number);
         async move { req.send().await.map_err(|e| SendError::Http(describe(&e))) }
     };
     let mut resp = post(*framed).await?;
@@ -242,6 +347,10 @@ async fn send(
     if !status.is_success() {
         return Err(SendError::Status(status.as_u16()));
     }
+    let ordered = resp
+        .headers()
+        .get(proto::frame::ORDERED_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
     let answer: FederationBatchResponse = resp
         .json()
         .await
@@ -252,5 +361,8 @@ async fn send(
             answer.results.len()
         )));
     }
-    Ok(answer)
+    Ok(Answered {
+        response: answer,
+        ordered,
+    })
 }

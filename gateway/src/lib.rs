@@ -20,6 +20,7 @@ pub mod config;
 pub mod dev;
 mod federation;
 pub mod metrics;
+mod sequencer;
 pub mod sharing;
 pub mod store;
 
@@ -103,6 +104,8 @@ pub(crate) struct Shared {
     peer_policies: sharing::PeerPolicies,
     stop: watch::Sender<bool>,
     metrics: Arc<metrics::Metrics>,
+    /// Puts peers' pipelined batches in their order before storing them.
+    sequencer: sequencer::Sequencer,
 }
 
 impl Shared {
@@ -218,6 +221,7 @@ impl Gateway {
             peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
+            sequencer: sequencer::Sequencer::default(),
             config,
         });
 

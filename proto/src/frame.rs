@@ -23,6 +23,19 @@ use crate::{Body, Envelope, FederationItem, SubmitRequest};
 /// Media type of framed requests.
 pub const FRAMED: &str = "application/vnd.gateway.frames";
 
+/// Request header naming the sender's federation session (a random
+/// number, in decimal) when it pipelines batches; see [`BATCH_HEADER`].
+pub const SESSION_HEADER: &str = "x-federation-session";
+
+/// Request header numbering a batch within its session (1, 2, 3, …). A
+/// receiver that honours it stores batch `k` only after batch `k − 1` of the
+/// same session, and says so with [`ORDERED_HEADER`] in its answer; a sender
+/// keeps at most one batch on the wire until it has seen that.
+pub const BATCH_HEADER: &str = "x-federation-batch";
+
+/// Answer header (value `1`): the batch was taken in session order.
+pub const ORDERED_HEADER: &str = "x-federation-ordered";
+
 /// Largest head accepted (a head is an envelope or a request's metadata).
 pub const MAX_HEAD: usize = 64 * 1024;
 

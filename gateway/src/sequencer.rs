@@ -1,0 +1,241 @@
+//! Ordered intake of pipelined federation batches.
+//!
+//! A peer may have several batches on the wire at once (see
+//! [`crate::federation`]). They travel on different connections, so they can
+//! arrive in any order; this module makes them enter the store in the order
+//! the peer numbered them. Each of the peer's sending sessions numbers its
+//! batches 1, 2, 3, …; batch `k` of a session waits until batch `k − 1` of
+//! that session is stored.
+//!
+//! Invariant: a batch is stored only after every earlier batch of its
+//! session was stored, and a session's first batch starts where the peer's
+//! answered items end. So the items a peer hands over are stored in its
+//! order, whatever the network does. A batch that fails (or whose request is
+//! dropped) breaks its session: later batches of that session are refused
+//! rather than stored past a gap, and the peer starts a new session from its
+//! last answered item (repeats are deduplicated by the store).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use proto::AreaId;
+use tokio::sync::Notify;
+
+/// Sessions remembered per peer; older ones are forgotten (their late
+/// batches then wait for a predecessor that never comes, and time out).
+const SESSIONS_PER_PEER: usize = 8;
+
+/// Why a batch may not enter the store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum OrderError {
+    /// An earlier batch of the session failed or was abandoned.
+    #[error("an earlier batch of this session was not stored; start a new session")]
+    Broken,
+    /// The batch number was already used in this session.
+    #[error("batch {0} of this session was already handled; start a new session")]
+    Repeated(u64),
+    /// The earlier batch did not arrive in time.
+    #[error("batch {0} of this session did not arrive in time; start a new session")]
+    TimedOut(u64),
+}
+
+#[derive(Debug)]
+struct Session {
+    /// The batch number allowed in next.
+    next: u64,
+    broken: bool,
+    touched: Instant,
+}
+
+/// Per-peer, per-session turn-taking for incoming batches.
+#[derive(Debug, Default)]
+pub(crate) struct Sequencer {
+    sessions: Mutex<HashMap<AreaId, HashMap<u64, Session>>>,
+    changed: Notify,
+}
+
+/// The right to store one batch; say how it went with [`Turn::done`].
+/// Dropping a turn without that (a cancelled request) breaks the session.
+#[derive(Debug)]
+pub(crate) struct Turn<'a> {
+    seq: &'a Sequencer,
+    peer: AreaId,
+    session: u64,
+    batch: u64,
+    finished: bool,
+}
+
+impl Sequencer {
+    /// Waits (at most `patience`) until batch `batch` of `session` from
+    /// `peer` may be stored.
+    pub(crate) async fn turn(
+        &self,
+        peer: &AreaId,
+        session: u64,
+        batch: u64,
+        patience: Duration,
+    ) -> Result<Turn<'_>, OrderError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            // Register for wake-ups before looking, so none is missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.check(peer, session, batch) {
+                Ok(true) => {
+                    return Ok(Turn {
+                        seq: self,
+                        peer: peer.clone(),
+                        session,
+                        batch,
+                        finished: false,
+                    })
+                }
+                Ok(false) => {}
+                Err(e) => return Err(e),
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(OrderError::TimedOut(batch.saturating_sub(1)));
+            }
+        }
+    }
+
+    /// Whether it is this batch's turn (`Ok(false)`: not yet).
+    fn check(&self, peer: &AreaId, session: u64, batch: u64) -> Result<bool, OrderError> {
+        let mut all = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let sessions = all.entry(peer.clone()).or_default();
+        if !sessions.contains_key(&session) && sessions.len() >= SESSIONS_PER_PEER {
+            let oldest = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.touched)
+                .map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                sessions.remove(&id);
+            }
+        }
+        let s = sessions.entry(session).or_insert(Session {
+            next: 1,
+            broken: false,
+            touched: Instant::now(),
+        });
+        s.touched = Instant::now();
+        if s.broken {
+            Err(OrderError::Broken)
+        } else if batch < s.next {
+            Err(OrderError::Repeated(batch))
+        } else {
+            Ok(batch == s.next)
+        }
+    }
+
+    fn finish(&self, peer: &AreaId, session: u64, batch: u64, stored: bool) {
+        {
+            let mut all = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = all.get_mut(peer).and_then(|m| m.get_mut(&session)) {
+                if stored && s.next == batch {
+                    s.next = batch + 1;
+                } else {
+                    s.broken = true;
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+impl Turn<'_> {
+    /// Records whether the batch was stored; lets the next one in (or, if
+    /// not stored, refuses the rest of the session).
+    pub(crate) fn done(mut self, stored: bool) {
+        self.finished = true;
+        self.seq.finish(&self.peer, self.session, self.batch, stored);
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.seq
+                .finish(&self.peer, self.session, self.batch, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn area(s: &str) -> AreaId {
+        s.parse().unwrap()
+    }
+
+    const LONG: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn batches_enter_in_their_numbered_order_whatever_order_they_arrive_in() {
+        let seq = Arc::new(Sequencer::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // Arrive 4, 3, 2, 1.
+        for batch in (1..=4u64).rev() {
+            let (seq, order) = (seq.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let turn = seq.turn(&area("b"), 7, batch, LONG).await.unwrap();
+                order.lock().unwrap().push(batch);
+                tokio::task::yield_now().await;
+                turn.done(true);
+            }));
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_or_dropped_batch_breaks_its_session_only() {
+        let seq = Sequencer::default();
+        let b = area("b");
+        seq.turn(&b, 1, 1, LONG).await.unwrap().done(false);
+        assert_eq!(seq.turn(&b, 1, 2, LONG).await.unwrap_err(), OrderError::Broken);
+        // A dropped turn (a cancelled request) breaks its session too.
+        drop(seq.turn(&b, 2, 1, LONG).await.unwrap());
+        assert_eq!(seq.turn(&b, 2, 2, LONG).await.unwrap_err(), OrderError::Broken);
+        // A new session starts afresh; another peer's sessions are apart.
+        seq.turn(&b, 3, 1, LONG).await.unwrap().done(true);
+        seq.turn(&b, 3, 2, LONG).await.unwrap().done(true);
+        assert_eq!(
+            seq.turn(&b, 3, 2, LONG).await.unwrap_err(),
+            OrderError::Repeated(2)
+        );
+        seq.turn(&area("c"), 1, 1, LONG).await.unwrap().done(true);
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_predecessor_never_comes_times_out_and_changes_nothing() {
+        let seq = Sequencer::default();
+        let b = area("b");
+        let e = seq
+            .turn(&b, 1, 2, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(e, OrderError::TimedOut(1));
+        // The predecessor can still come, and then the batch.
+        seq.turn(&b, 1, 1, LONG).await.unwrap().done(true);
+        seq.turn(&b, 1, 2, LONG).await.unwrap().done(true);
+    }
+
+    #[tokio::test]
+    async fn old_sessions_are_forgotten_beyond_a_bound() {
+        let seq = Sequencer::default();
+        let b = area("b");
+        for s in 0..(SESSIONS_PER_PEER as u64 * 3) {
+            seq.turn(&b, s, 1, LONG).await.unwrap().done(true);
+        }
+        let n = seq.sessions.lock().unwrap().get(&b).map(|m| m.len());
+        assert_eq!(n, Some(SESSIONS_PER_PEER));
+    }
+}
