@@ -565,16 +565,20 @@ async fn accept_items(
     // A pipelined batch waits for its session's earlier batches (checking
     // above ran meanwhile), so items are stored in the peer's order.
     let turn = match order {
-        Some((session, batch)) => Some(
-            shared
-                .sequencer
-                .turn(&area, session, batch, ORDER_PATIENCE)
-                .await
-                .map_err(|e| {
+        Some((session, batch)) => {
+            let unavailable = |m: String| {
+                Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
+            };
+            let mut stop = shared.stop.subscribe();
+            tokio::select! {
+                t = shared.sequencer.turn(&area, session, batch, ORDER_PATIENCE) => Some(t.map_err(|e| {
                     tracing::info!(peer = %area, error = %e, "pipelined batch refused");
-                    Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string())
-                })?,
-        ),
+                    unavailable(e.to_string())
+                })?),
+                // A waiting batch does not hold up a shutdown.
+                _ = crate::stopped(&mut stop) => return Err(unavailable("shutting down".into())),
+            }
+        }
         None => None,
     };
     let stored = shared.store.accept_batch(area.clone(), valid).await;

@@ -122,6 +122,9 @@ pub(crate) async fn peer_worker(
             };
             let seqs: Vec<i64> = batch.iter().map(|q| q.seq).collect();
             sent_up_to = seqs.last().copied().unwrap_or(sent_up_to);
+            if !in_flight.is_empty() {
+                shared.metrics.federation_batches_pipelined.inc();
+            }
             let order = (session, next_batch);
             next_batch += 1;
             let (client, base) = (client.clone(), base.clone());
@@ -180,6 +183,7 @@ pub(crate) async fn peer_worker(
                     .metrics
                     .federation_items_sent
                     .add(verdicts.len() as u64);
+                shared.metrics.federation_batches_sent.inc();
                 // Record while the next batches are on their way; one recording at a time.
                 if let Some(h) = recording.take() {
                     let _ = h.await;

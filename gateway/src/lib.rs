@@ -269,6 +269,11 @@ impl Gateway {
         self.metrics_addr
     }
 
+    /// The gateway's counters (what `/metrics` shows).
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.shared.metrics
+    }
+
     /// This gateway's area.
     pub fn area(&self) -> &AreaId {
         &self.shared.config.area

@@ -35,6 +35,11 @@ pub struct Metrics {
     pub federation_items_received: Counter,
     /// Federation items sent to peers and accepted by them.
     pub federation_items_sent: Counter,
+    /// Federation batches a peer answered.
+    pub federation_batches_sent: Counter,
+    /// Federation batches sent while an earlier one to the same peer was
+    /// still on the wire.
+    pub federation_batches_pipelined: Counter,
     /// Failed federation requests (each followed by a retry).
     pub federation_failures: Counter,
     /// Messages returned to their senders as undeliverable.
@@ -69,6 +74,16 @@ impl Metrics {
                 "gateway_federation_items_sent_total",
                 "Federation items accepted by peers.",
                 &self.federation_items_sent,
+            ),
+            (
+                "gateway_federation_batches_sent_total",
+                "Federation batches answered by peers.",
+                &self.federation_batches_sent,
+            ),
+            (
+                "gateway_federation_batches_pipelined_total",
+                "Federation batches sent while an earlier batch to the same peer was on the wire.",
+                &self.federation_batches_pipelined,
             ),
             (
                 "gateway_federation_failures_total",

@@ -162,6 +162,11 @@ impl Federation {
         Ok(Config::load(&self.areas[i].config_path)?)
     }
 
+    /// Area `i`'s running gateway, if started.
+    pub fn gateway(&self, i: usize) -> Option<&Gateway> {
+        self.areas.get(i).and_then(|a| a.gateway.as_ref())
+    }
+
     /// Starts area `i`'s gateway (again).
     pub async fn start(&mut self, i: usize) -> anyhow::Result<()> {
         let config = self.config(i)?;

@@ -128,6 +128,54 @@ async fn peer_outage_queues_in_order_and_survives_a_sender_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_batches_arrive_exactly_once_in_order_across_receiver_restarts() {
+    // Tiny batches and a wide window: many batches are on the wire at once.
+    let settings = Settings {
+        toml: "[delivery]\nbatch_max_items = 3\nbatches_in_flight = 8\nretry_initial = \"50ms\"\nretry_max = \"300ms\"\n".into(),
+        policies: false,
+    };
+    let mut fed = Federation::standard_with(&settings).await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    // A queue builds up while the receiver is away, then drains pipelined.
+    fed.stop(b).await;
+    let senders = [("alice", 200), ("bob", 200)];
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|(u, n)| tokio::spawn(send_sequence(fed.api(a, u).unwrap(), u, *n)))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    fed.start(b).await.unwrap();
+    // Restart the receiver twice while batches are on the wire.
+    for seen in [60, 200] {
+        assert!(
+            eventually(Duration::from_secs(60), || async {
+                fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap_or(0) >= seen
+            })
+            .await
+        );
+        fed.stop(b).await;
+        fed.start(b).await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap_or(-1) == 0
+        })
+        .await,
+        "every item must be answered"
+    );
+    assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 400);
+    assert_exactly_once_in_order(&fed, b, &["alice", "bob"], 200);
+    let m = fed.gateway(a).unwrap().metrics();
+    assert!(
+        m.federation_batches_pipelined.get() > 0,
+        "batches must have been pipelined ({} sent)",
+        m.federation_batches_sent.get()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_cannot_be_delivered_in_time_returns_undeliverable() {
     let settings = Settings {
         toml: "[delivery]\nmessage_validity = \"1s\"\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n".into(),

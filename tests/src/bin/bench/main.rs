@@ -44,6 +44,10 @@ struct Args {
     /// then show A's answers to the senders), to split the relay's cost.
     #[arg(long)]
     accept_only: bool,
+    /// Federation batches on the wire to the peer at once (the gateway's
+    /// `delivery.batches_in_flight`).
+    #[arg(long, default_value_t = 4)]
+    batches_in_flight: usize,
     /// Seconds to spend on each measurement (after warm-up).
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
@@ -346,7 +350,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     ];
     let settings = Settings {
-        toml: "[delivery]\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n[limits]\nuser_requests_per_second = 1000000\nuser_burst = 1000000\npeer_requests_per_second = 1000000\npeer_burst = 1000000\n".into(),
+        toml: format!("[delivery]\nretry_initial = \"50ms\"\nretry_max = \"1s\"\nbatches_in_flight = {}\n\n[limits]\nuser_requests_per_second = 1000000\nuser_burst = 1000000\npeer_requests_per_second = 1000000\npeer_burst = 1000000\n", args.batches_in_flight),
         policies: false,
     };
     if args.store_only {
