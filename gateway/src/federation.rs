@@ -5,7 +5,7 @@
 //! (stored, duplicate or refused), so a crash on either side can repeat a
 //! batch but never lose or reorder one; the peer deduplicates repeats.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,27 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+/// A batch sent behind others that are still on the wire carries at least
+/// this many new items (unless a backlog is draining): on a fast link, many
+/// tiny batches would cost more than they save.
+const PIPELINE_MIN_ITEMS: u64 = 8;
+
+/// How the gateway tells a peer's worker that items were queued for it.
+#[derive(Debug, Default)]
+pub(crate) struct PeerWake {
+    notify: Notify,
+    /// Items queued since start (approximately: each wake counts one).
+    queued: AtomicU64,
+}
+
+impl PeerWake {
+    /// Says one more item is queued.
+    pub(crate) fn wake(&self) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+}
+
 /// One batch on the wire: its items' queue positions and the request.
 struct InFlight {
     seqs: Vec<i64>,
@@ -72,7 +93,7 @@ pub(crate) async fn peer_worker(
     shared: Arc<Shared>,
     peer: PeerConfig,
     client: reqwest::Client,
-    wake: Arc<Notify>,
+    wake: Arc<PeerWake>,
 ) {
     let delivery = shared.config.delivery.clone();
     let base: Arc<str> = peer.url.trim_end_matches('/').into();
@@ -93,6 +114,10 @@ pub(crate) async fn peer_worker(
     let mut session: u64 = rand::random();
     let mut next_batch: u64 = 1;
     let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
+    // Whether the last read of the queue left items behind, and the wake
+    // count when it was made.
+    let mut backlog = false;
+    let mut seen = 0u64;
     let record_failed = Arc::new(AtomicBool::new(false));
     let mut recording: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_expiry = tokio::time::Instant::now() - Duration::from_secs(60);
@@ -117,9 +142,20 @@ pub(crate) async fn peer_worker(
             1
         };
         while in_flight.len() < window {
-            let Some(batch) = next_items(&shared, &peer, sent_up_to).await else {
+            // Behind a batch on the wire, send another only for a backlog
+            // or enough new items; otherwise wait for the answer.
+            if !in_flight.is_empty()
+                && !backlog
+                && wake.queued.load(Ordering::Relaxed).wrapping_sub(seen) < PIPELINE_MIN_ITEMS
+            {
+                break;
+            }
+            seen = wake.queued.load(Ordering::Relaxed);
+            let Some((batch, more)) = next_items(&shared, &peer, sent_up_to).await else {
+                backlog = false;
                 break;
             };
+            backlog = more;
             let seqs: Vec<i64> = batch.iter().map(|q| q.seq).collect();
             sent_up_to = seqs.last().copied().unwrap_or(sent_up_to);
             if !in_flight.is_empty() {
@@ -138,7 +174,7 @@ pub(crate) async fn peer_worker(
         let room = in_flight.len() < window;
         let Some(front) = in_flight.front_mut() else {
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = wake.notify.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = crate::stopped(&mut stop) => break,
             }
@@ -150,7 +186,7 @@ pub(crate) async fn peer_worker(
                 Err(e) => (Err(SendError::Http(format!("request task failed: {e}"))), framed),
             },
             // New items can go out while earlier batches are on the wire.
-            _ = wake.notified(), if room => continue,
+            _ = wake.notify.notified(), if room => continue,
             _ = crate::stopped(&mut stop) => break,
         };
         framed = now_framed;
@@ -264,19 +300,17 @@ async fn expire(shared: &Shared, peer: &PeerConfig, after: i64, last_error: Opti
 }
 
 /// The next batch after queue position `after`: up to `batch_max_items`
-/// items within the byte budget (at least one), or `None` if nothing waits.
+/// items within the byte budget (at least one), and whether more items were
+/// left behind; `None` if nothing waits.
 async fn next_items(
     shared: &Shared,
     peer: &PeerConfig,
     after: i64,
-) -> Option<Vec<crate::store::Queued>> {
+) -> Option<(Vec<crate::store::Queued>, bool)> {
+    let max = shared.config.delivery.batch_max_items;
     let mut batch = match shared
         .store
-        .queued(
-            peer.area.clone(),
-            after,
-            shared.config.delivery.batch_max_items,
-        )
+        .queued(peer.area.clone(), after, max)
         .await
     {
         Ok(b) => b,
@@ -296,8 +330,9 @@ async fn next_items(
         }
         take += 1;
     }
+    let more = take < batch.len() || batch.len() >= max;
     batch.truncate(take);
-    (!batch.is_empty()).then_some(batch)
+    (!batch.is_empty()).then_some((batch, more))
 }
 
 /// Full jitter between half and all of `d`.

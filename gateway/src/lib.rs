@@ -37,7 +37,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use proto::AreaId;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 use tracing::Instrument as _;
@@ -95,7 +95,7 @@ pub(crate) struct Shared {
     users_limiter: DefaultKeyedRateLimiter<String>,
     peers_limiter: DefaultKeyedRateLimiter<String>,
     inbox_tx: watch::Sender<u64>,
-    wakers: HashMap<AreaId, Arc<Notify>>,
+    wakers: HashMap<AreaId, Arc<federation::PeerWake>>,
     /// HTTP client and base URL per peer, for synchronous federation calls.
     peer_clients: HashMap<AreaId, (reqwest::Client, String)>,
     /// This area's verified sharing policy, if configured.
@@ -117,7 +117,7 @@ impl Shared {
     /// Wakes a peer's worker to look at its queue.
     fn wake_peer(&self, area: &AreaId) {
         if let Some(n) = self.wakers.get(area) {
-            n.notify_one();
+            n.wake();
         }
     }
 }
@@ -194,7 +194,7 @@ impl Gateway {
                     peer: p.area.clone(),
                     message: e.to_string(),
                 })?;
-            let wake = Arc::new(Notify::new());
+            let wake = Arc::new(federation::PeerWake::default());
             wakers.insert(p.area.clone(), wake.clone());
             peer_clients.insert(
                 p.area.clone(),
