@@ -477,10 +477,8 @@ async fn federation_batch(
     let answer = accept_items(&shared, area, items, order).await?;
     let mut resp = answer.into_response();
     if order.is_some() {
-        resp.headers_mut().insert(
-            proto::frame::ORDERED_HEADER,
-            HeaderValue::from_static("1"),
-        );
+        resp.headers_mut()
+            .insert(proto::frame::ORDERED_HEADER, HeaderValue::from_static("1"));
     }
     Ok(resp)
 }

@@ -308,11 +308,7 @@ async fn next_items(
     after: i64,
 ) -> Option<(Vec<crate::store::Queued>, bool)> {
     let max = shared.config.delivery.batch_max_items;
-    let mut batch = match shared
-        .store
-        .queued(peer.area.clone(), after, max)
-        .await
-    {
+    let mut batch = match shared.store.queued(peer.area.clone(), after, max).await {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "reading the queue failed");

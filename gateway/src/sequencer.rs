@@ -149,15 +149,15 @@ impl Turn<'_> {
     /// not stored, refuses the rest of the session).
     pub(crate) fn done(mut self, stored: bool) {
         self.finished = true;
-        self.seq.finish(&self.peer, self.session, self.batch, stored);
+        self.seq
+            .finish(&self.peer, self.session, self.batch, stored);
     }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.seq
-                .finish(&self.peer, self.session, self.batch, false);
+            self.seq.finish(&self.peer, self.session, self.batch, false);
         }
     }
 }
@@ -200,10 +200,16 @@ mod tests {
         let seq = Sequencer::default();
         let b = area("b");
         seq.turn(&b, 1, 1, LONG).await.unwrap().done(false);
-        assert_eq!(seq.turn(&b, 1, 2, LONG).await.unwrap_err(), OrderError::Broken);
+        assert_eq!(
+            seq.turn(&b, 1, 2, LONG).await.unwrap_err(),
+            OrderError::Broken
+        );
         // A dropped turn (a cancelled request) breaks its session too.
         drop(seq.turn(&b, 2, 1, LONG).await.unwrap());
-        assert_eq!(seq.turn(&b, 2, 2, LONG).await.unwrap_err(), OrderError::Broken);
+        assert_eq!(
+            seq.turn(&b, 2, 2, LONG).await.unwrap_err(),
+            OrderError::Broken
+        );
         // A new session starts afresh; another peer's sessions are apart.
         seq.turn(&b, 3, 1, LONG).await.unwrap().done(true);
         seq.turn(&b, 3, 2, LONG).await.unwrap().done(true);
