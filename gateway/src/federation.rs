@@ -144,13 +144,11 @@ pub(crate) async fn peer_worker(
         while in_flight.len() < window {
             // Behind a batch on the wire, send another only for a backlog
             // or enough new items; otherwise wait for the answer.
-            if !in_flight.is_empty()
-                && !backlog
-                && wake.queued.load(Ordering::Relaxed).wrapping_sub(seen) < PIPELINE_MIN_ITEMS
-            {
+            let queued = wake.queued.load(Ordering::Relaxed);
+            if !in_flight.is_empty() && !backlog && queued.wrapping_sub(seen) < PIPELINE_MIN_ITEMS {
                 break;
             }
-            seen = wake.queued.load(Ordering::Relaxed);
+            seen = queued;
             let Some((batch, more)) = next_items(&shared, &peer, sent_up_to).await else {
                 backlog = false;
                 break;

@@ -82,18 +82,14 @@ impl Sequencer {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.check(peer, session, batch) {
-                Ok(true) => {
-                    return Ok(Turn {
-                        seq: self,
-                        peer: peer.clone(),
-                        session,
-                        batch,
-                        finished: false,
-                    })
-                }
-                Ok(false) => {}
-                Err(e) => return Err(e),
+            if self.check(peer, session, batch)? {
+                return Ok(Turn {
+                    seq: self,
+                    peer: peer.clone(),
+                    session,
+                    batch,
+                    finished: false,
+                });
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(OrderError::TimedOut(batch.saturating_sub(1)));
@@ -163,85 +159,4 @@ impl Drop for Turn<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    fn area(s: &str) -> AreaId {
-        s.parse().unwrap()
-    }
-
-    const LONG: Duration = Duration::from_secs(30);
-
-    #[tokio::test]
-    async fn batches_enter_in_their_numbered_order_whatever_order_they_arrive_in() {
-        let seq = Arc::new(Sequencer::default());
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        // Arrive 4, 3, 2, 1.
-        for batch in (1..=4u64).rev() {
-            let (seq, order) = (seq.clone(), order.clone());
-            tasks.push(tokio::spawn(async move {
-                let turn = seq.turn(&area("b"), 7, batch, LONG).await.unwrap();
-                order.lock().unwrap().push(batch);
-                tokio::task::yield_now().await;
-                turn.done(true);
-            }));
-            tokio::task::yield_now().await;
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        assert_eq!(*order.lock().unwrap(), vec![1, 2, 3, 4]);
-    }
-
-    #[tokio::test]
-    async fn a_failed_or_dropped_batch_breaks_its_session_only() {
-        let seq = Sequencer::default();
-        let b = area("b");
-        seq.turn(&b, 1, 1, LONG).await.unwrap().done(false);
-        assert_eq!(
-            seq.turn(&b, 1, 2, LONG).await.unwrap_err(),
-            OrderError::Broken
-        );
-        // A dropped turn (a cancelled request) breaks its session too.
-        drop(seq.turn(&b, 2, 1, LONG).await.unwrap());
-        assert_eq!(
-            seq.turn(&b, 2, 2, LONG).await.unwrap_err(),
-            OrderError::Broken
-        );
-        // A new session starts afresh; another peer's sessions are apart.
-        seq.turn(&b, 3, 1, LONG).await.unwrap().done(true);
-        seq.turn(&b, 3, 2, LONG).await.unwrap().done(true);
-        assert_eq!(
-            seq.turn(&b, 3, 2, LONG).await.unwrap_err(),
-            OrderError::Repeated(2)
-        );
-        seq.turn(&area("c"), 1, 1, LONG).await.unwrap().done(true);
-    }
-
-    #[tokio::test]
-    async fn a_batch_whose_predecessor_never_comes_times_out_and_changes_nothing() {
-        let seq = Sequencer::default();
-        let b = area("b");
-        let e = seq
-            .turn(&b, 1, 2, Duration::from_millis(50))
-            .await
-            .unwrap_err();
-        assert_eq!(e, OrderError::TimedOut(1));
-        // The predecessor can still come, and then the batch.
-        seq.turn(&b, 1, 1, LONG).await.unwrap().done(true);
-        seq.turn(&b, 1, 2, LONG).await.unwrap().done(true);
-    }
-
-    #[tokio::test]
-    async fn old_sessions_are_forgotten_beyond_a_bound() {
-        let seq = Sequencer::default();
-        let b = area("b");
-        for s in 0..(SESSIONS_PER_PEER as u64 * 3) {
-            seq.turn(&b, s, 1, LONG).await.unwrap().done(true);
-        }
-        let n = seq.sessions.lock().unwrap().get(&b).map(|m| m.len());
-        assert_eq!(n, Some(SESSIONS_PER_PEER));
-    }
-}
+mod tests;
