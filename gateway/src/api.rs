@@ -21,7 +21,9 @@ use proto::{
 };
 use serde::Deserialize;
 
-use crate::store::{Incoming, IncomingOutcome, Mailbox, NewMessage, Route, Store, SubmitOutcome};
+use crate::store::{
+    BatchOrder, Incoming, IncomingOutcome, Mailbox, NewMessage, Route, Store, SubmitOutcome,
+};
 use crate::{now_ms, Shared};
 use proto::mls::{ContentType, MlsMessageInfo};
 use proto::MessageKind;
@@ -89,7 +91,13 @@ impl IntoResponse for Failure {
 
 impl From<crate::store::StoreError> for Failure {
     fn from(e: crate::store::StoreError) -> Failure {
-        Failure::internal(e)
+        match e {
+            // The peer starts a new session from its last answer.
+            crate::store::StoreError::OutOfOrder(m) => {
+                Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
+            }
+            e => Failure::internal(e),
+        }
     }
 }
 
@@ -560,8 +568,10 @@ async fn accept_items(
         }
     }
     let mut stored_any = false;
-    // A pipelined batch waits for its session's earlier batches (checking
-    // above ran meanwhile), so items are stored in the peer's order.
+    // A pipelined batch waits until its session's earlier batches are in the
+    // store's queue (checking above ran meanwhile), so it is queued, and
+    // stored, in the peer's order; the store checks that order again in the
+    // batch's own transaction.
     let turn = match order {
         Some((session, batch)) => {
             let unavailable = |m: String| {
@@ -579,11 +589,12 @@ async fn accept_items(
         }
         None => None,
     };
-    let stored = shared.store.accept_batch(area.clone(), valid).await;
+    let order = order.map(|(session, batch)| BatchOrder { session, batch });
+    let queued = shared.store.queue_batch(area.clone(), valid, order).await;
     if let Some(turn) = turn {
-        turn.done(stored.is_ok());
+        turn.done(queued.is_ok());
     }
-    let outcomes = stored?;
+    let outcomes = queued?.await?;
     for (i, outcome) in index.into_iter().zip(outcomes) {
         results[i] = Some(match outcome {
             IncomingOutcome::Stored => {

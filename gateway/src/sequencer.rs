@@ -2,18 +2,23 @@
 //!
 //! A peer may have several batches on the wire at once (see
 //! [`crate::federation`]). They travel on different connections, so they can
-//! arrive in any order; this module makes them enter the store in the order
-//! the peer numbered them. Each of the peer's sending sessions numbers its
-//! batches 1, 2, 3, …; batch `k` of a session waits until batch `k − 1` of
-//! that session is stored.
+//! arrive in any order; this module makes them enter the store's queue in
+//! the order the peer numbered them. Each of the peer's sending sessions
+//! numbers its batches 1, 2, 3, …; batch `k` of a session waits until batch
+//! `k − 1` of that session is in the store's queue (not until it is on
+//! disk: consecutive batches then share group commits and fsyncs).
 //!
-//! Invariant: a batch is stored only after every earlier batch of its
-//! session was stored, and a session's first batch starts where the peer's
-//! answered items end. So the items a peer hands over are stored in its
-//! order, whatever the network does. A batch that fails (or whose request is
-//! dropped) breaks its session: later batches of that session are refused
-//! rather than stored past a gap, and the peer starts a new session from its
-//! last answered item (repeats are deduplicated by the store).
+//! Invariant: the store runs its queue in order and stores a batch only if
+//! it directly follows the last stored batch of its session, checked in the
+//! batch's own transaction ([`crate::store::Store::queue_batch`]); a
+//! session's first batch starts where the peer's answered items end. So the
+//! items a peer hands over are stored in its order, whatever the network
+//! does. A batch that fails (or whose request is dropped before it is
+//! queued) breaks its session: later batches of that session are refused
+//! rather than stored past a gap, here or by the store's check, and the peer
+//! starts a new session from its last answered item (repeats are
+//! deduplicated by the store). This module only saves those refusals in the
+//! common case, where requests merely overtake each other.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,7 +35,7 @@ const SESSIONS_PER_PEER: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum OrderError {
     /// An earlier batch of the session failed or was abandoned.
-    #[error("an earlier batch of this session was not stored; start a new session")]
+    #[error("an earlier batch of this session failed; start a new session")]
     Broken,
     /// The batch number was already used in this session.
     #[error("batch {0} of this session was already handled; start a new session")]
@@ -55,7 +60,7 @@ pub(crate) struct Sequencer {
     changed: Notify,
 }
 
-/// The right to store one batch; say how it went with [`Turn::done`].
+/// The right to queue one batch for storing; say how it went with [`Turn::done`].
 /// Dropping a turn without that (a cancelled request) breaks the session.
 #[derive(Debug)]
 pub(crate) struct Turn<'a> {
@@ -68,7 +73,7 @@ pub(crate) struct Turn<'a> {
 
 impl Sequencer {
     /// Waits (at most `patience`) until batch `batch` of `session` from
-    /// `peer` may be stored.
+    /// `peer` may be queued for storing.
     pub(crate) async fn turn(
         &self,
         peer: &AreaId,
@@ -125,11 +130,11 @@ impl Sequencer {
         }
     }
 
-    fn finish(&self, peer: &AreaId, session: u64, batch: u64, stored: bool) {
+    fn finish(&self, peer: &AreaId, session: u64, batch: u64, queued: bool) {
         {
             let mut all = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = all.get_mut(peer).and_then(|m| m.get_mut(&session)) {
-                if stored && s.next == batch {
+                if queued && s.next == batch {
                     s.next = batch + 1;
                 } else {
                     s.broken = true;
@@ -141,12 +146,12 @@ impl Sequencer {
 }
 
 impl Turn<'_> {
-    /// Records whether the batch was stored; lets the next one in (or, if
-    /// not stored, refuses the rest of the session).
-    pub(crate) fn done(mut self, stored: bool) {
+    /// Records whether the batch was queued for storing; lets the next one
+    /// in (or, if not, refuses the rest of the session).
+    pub(crate) fn done(mut self, queued: bool) {
         self.finished = true;
         self.seq
-            .finish(&self.peer, self.session, self.batch, stored);
+            .finish(&self.peer, self.session, self.batch, queued);
     }
 }
 

@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("store is closed")]
     Closed,
+    /// A pipelined batch does not directly follow its session's last
+    /// stored batch; nothing of it was stored.
+    #[error("{0}")]
+    OutOfOrder(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -131,6 +135,34 @@ pub struct Mailbox {
     pub teams: Vec<TeamId>,
 }
 
+/// Where a pipelined federation batch stands in its sender's session: the
+/// session's random id and the batch's number in it (1, 2, 3, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOrder {
+    /// The sending session.
+    pub session: u64,
+    /// The batch's number within it.
+    pub batch: u64,
+}
+
+/// A job in the store's queue: resolves to its outcome once its group is
+/// committed and on disk.
+#[derive(Debug)]
+pub struct Committing<R>(oneshot::Receiver<Result<R, StoreError>>);
+
+impl<R> Future for Committing<R> {
+    type Output = Result<R, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
 /// The storage contract of a gateway. The SQLite implementation is the
 /// embedded default; a PostgreSQL one can implement the same contract.
 pub trait Store: Send + Sync + 'static {
@@ -146,6 +178,21 @@ pub trait Store: Send + Sync + 'static {
         peer: AreaId,
         items: Vec<Incoming>,
     ) -> impl Future<Output = Result<Vec<IncomingOutcome>, StoreError>> + Send;
+    /// Puts a peer's batch in the queue of work to store, and returns once
+    /// it is there: batches queued one after another are stored in that
+    /// order. Await the [`Committing`] for the outcome (as [`Store::accept_batch`]).
+    ///
+    /// With an `order`, the batch is stored only if it directly follows the
+    /// last batch stored of its session (batch 1 starts a session); the
+    /// check and the items commit together. Otherwise nothing of it is
+    /// stored and it fails with [`StoreError::OutOfOrder`], so a session's
+    /// batches are never stored past a gap.
+    fn queue_batch(
+        &self,
+        peer: AreaId,
+        items: Vec<Incoming>,
+        order: Option<BatchOrder>,
+    ) -> impl Future<Output = Result<Committing<Vec<IncomingOutcome>>, StoreError>> + Send;
     /// Messages for a mailbox not yet acknowledged, oldest first.
     fn inbox(
         &self,
@@ -521,6 +568,15 @@ CREATE TABLE IF NOT EXISTS key_packages (
     created_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS key_packages_user ON key_packages (user_id, last_resort, created_ms);
+-- The last batch stored of each of a peer's pipelined sending sessions
+-- (see `follow_session`); a few sessions per peer.
+CREATE TABLE IF NOT EXISTS peer_sessions (
+    id         INTEGER PRIMARY KEY,
+    peer       TEXT NOT NULL,
+    session    INTEGER NOT NULL,
+    last_batch INTEGER NOT NULL,
+    UNIQUE (peer, session)
+);
 PRAGMA user_version = 2;
 ";
 
@@ -650,7 +706,7 @@ impl SqliteStore {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
              PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0; \
-             PRAGMA journal_size_limit = 67108864;",
+             PRAGMA journal_size_limit = 100663296;",
         )?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
@@ -734,21 +790,32 @@ impl SqliteStore {
             })
             .map_err(|e| StoreError::Db(format!("starting store reader: {e}")))?;
         // Checkpoints run beside the writer (PASSIVE never blocks it), so the
-        // writer's commits pay only for the WAL append and its fsync.
+        // writer's commits pay only for the WAL append and its fsync. Often,
+        // so that what is left for the writer's own checkpoint (above) is
+        // little. Delivered bodies are removed here too, off the writer.
         let alive = std::sync::Arc::new(());
         let weak = std::sync::Arc::downgrade(&alive);
         let checkpointer = Connection::open(data_dir.join("gateway.sqlite3"))?;
         checkpointer.execute_batch("PRAGMA busy_timeout = 5000;")?;
         std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || {
-                while weak.upgrade().is_some() {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-                        tracing::warn!(error = %e, "store: checkpoint failed");
+            .spawn({
+                let (bodies, durability) = (bodies.clone(), durability.clone());
+                move || {
+                    let mut last_gc = std::time::Instant::now();
+                    while weak.upgrade().is_some() {
+                        std::thread::sleep(CHECKPOINT_EVERY);
+                        if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+                        {
+                            tracing::warn!(error = %e, "store: checkpoint failed");
+                        }
+                        if last_gc.elapsed() >= std::time::Duration::from_secs(1) {
+                            last_gc = std::time::Instant::now();
+                            remove_delivered_bodies(&checkpointer, &bodies.outbox, &durability);
+                        }
                     }
+                    let _ = checkpointer.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
                 }
-                let _ = checkpointer.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
             })
             .map_err(|e| StoreError::Db(format!("starting store checkpointer: {e}")))?;
         Ok(SqliteStore {
@@ -791,6 +858,15 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.queue(f).await?.await
+    }
+
+    /// Puts `f` in the writer's queue (jobs run in queue order) and returns
+    /// the handle to its outcome.
+    async fn queue<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<Committing<R>, StoreError> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn: &Connection| {
             let r = in_savepoint(conn, f);
@@ -799,7 +875,7 @@ impl SqliteStore {
             })
         });
         self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(Committing(rx))
     }
 }
 
@@ -821,21 +897,82 @@ fn in_savepoint<R>(
     }
 }
 
+/// How often the background checkpointer copies the WAL into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// WAL length (frames, 4 KiB each) at which the writer completes a
 /// checkpoint itself after a commit, so that the next transaction writes the
-/// WAL from its beginning again.
+/// WAL from its beginning again: 64 MiB, so that this pause (the part the
+/// background checkpointer has not copied yet, and an fsync of the
+/// database) comes seldom. The unit tests use a quarter of it, to see the
+/// restart with less writing.
+#[cfg(not(test))]
+const WAL_RESTART_FRAMES: i64 = 16384;
+#[cfg(test)]
 const WAL_RESTART_FRAMES: i64 = 4096;
 
-/// Removes the outbox body segments that no queued delivery refers to any more.
-fn remove_delivered_bodies(conn: &Connection, log: &BodyLog) {
+/// Sessions remembered per peer in `peer_sessions`; a new one pushes out
+/// the oldest (whose late batches are then refused as out of order).
+const SESSIONS_PER_PEER: i64 = 8;
+
+/// Checks that a pipelined batch directly follows the last stored batch of
+/// its session, and records it as the last; in the batch's transaction.
+fn follow_session(c: &Connection, peer: &AreaId, o: BatchOrder) -> Result<(), StoreError> {
+    // Session ids are random 64-bit numbers, kept bit for bit.
+    let session = o.session as i64;
+    let last: Option<i64> = c
+        .prepare_cached("SELECT last_batch FROM peer_sessions WHERE peer = ?1 AND session = ?2")?
+        .query_row(params![peer.as_str(), session], |r| r.get(0))
+        .optional()?;
+    let expected = last.map_or(1, |l| l.saturating_add(1));
+    if i64::try_from(o.batch).ok() != Some(expected) {
+        return Err(StoreError::OutOfOrder(format!(
+            "batch {} of this session does not follow the last one stored ({}); start a new session",
+            o.batch,
+            last.map_or_else(|| "none".to_owned(), |l| l.to_string()),
+        )));
+    }
+    if last.is_some() {
+        exec(
+            c,
+            "UPDATE peer_sessions SET last_batch = ?3 WHERE peer = ?1 AND session = ?2",
+            params![peer.as_str(), session, expected],
+        )?;
+    } else {
+        exec(
+            c,
+            "DELETE FROM peer_sessions WHERE peer = ?1 AND id NOT IN \
+             (SELECT id FROM peer_sessions WHERE peer = ?1 ORDER BY id DESC LIMIT ?2)",
+            params![peer.as_str(), SESSIONS_PER_PEER - 1],
+        )?;
+        exec(
+            c,
+            "INSERT INTO peer_sessions (peer, session, last_batch) VALUES (?1, ?2, 1)",
+            params![peer.as_str(), session],
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes the outbox body segments that no queued delivery refers to any
+/// more. Runs beside the writer: new deliveries only ever refer to the
+/// segment being appended to, which is never removed.
+fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durability) {
     if !log.has_closed_segments() {
         return;
     }
-    let oldest: Result<Option<i64>, _> = conn.query_row(
-        "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
-        [],
-        |r| r.get(0),
-    );
+    // Decide from durable rows only: a delivery a crash could bring back
+    // must still find its body.
+    let oldest = conn.execute_batch("BEGIN DEFERRED").and_then(|()| {
+        let oldest: Option<i64> = conn.query_row(
+            "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        durability.wait_for(durability.issued());
+        Ok(oldest)
+    });
+    let _ = conn.execute_batch("COMMIT");
     match oldest.map(|o| log.remove_below(o.unwrap_or(i64::MAX))) {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => tracing::debug!(segments = n, "store: removed delivered bodies"),
@@ -852,7 +989,6 @@ fn store_thread(
     synced: &std::sync::mpsc::SyncSender<Committed>,
 ) {
     const GROUP: usize = 512;
-    let mut last_gc = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < GROUP {
@@ -872,9 +1008,13 @@ fn store_thread(
         }
         bodies.start_group(jobs.len());
         let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
-        // Bodies are durable before the rows that point at them commit.
+        // Bodies are durable before the rows that point at them commit. The
+        // group is numbered only then, right before its COMMIT: a reader
+        // whose snapshot holds it waits for its fsync, and one that started
+        // while its bodies were being written need not.
+        let synced_bodies = bodies.sync();
         let n = durability.issue();
-        let commit = match bodies.sync() {
+        let commit = match synced_bodies {
             Ok(()) => conn.execute_batch("COMMIT").map_err(StoreError::from),
             Err(e) => Err(StoreError::Db(format!("writing bodies: {e}"))),
         }
@@ -895,13 +1035,6 @@ fn store_thread(
                 c(Err(StoreError::Closed));
             }
             break;
-        }
-        if last_gc.elapsed() >= std::time::Duration::from_secs(1) {
-            last_gc = std::time::Instant::now();
-            // Decide from durable rows only: a delivery a crash could bring
-            // back must still find its body.
-            durability.wait_for(n);
-            remove_delivered_bodies(&conn, &bodies.outbox);
         }
     }
     tracing::debug!("store thread stopped");
@@ -989,6 +1122,15 @@ impl Store for SqliteStore {
         peer: AreaId,
         items: Vec<Incoming>,
     ) -> Result<Vec<IncomingOutcome>, StoreError> {
+        self.queue_batch(peer, items, None).await?.await
+    }
+
+    async fn queue_batch(
+        &self,
+        peer: AreaId,
+        items: Vec<Incoming>,
+        order: Option<BatchOrder>,
+    ) -> Result<Committing<Vec<IncomingOutcome>>, StoreError> {
         let items = items
             .into_iter()
             .map(|item| {
@@ -1000,7 +1142,10 @@ impl Store for SqliteStore {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let bodies = self.bodies.clone();
-        self.call(move |c| {
+        self.queue(move |c| {
+            if let Some(order) = order {
+                follow_session(c, &peer, order)?;
+            }
             let mut out = Vec::with_capacity(items.len());
             for (item, env_json) in items {
                 out.push(match item {

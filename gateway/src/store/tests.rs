@@ -448,3 +448,106 @@ async fn nothing_is_answered_or_read_before_its_commit_is_on_disk() {
     let queued = reading.await.unwrap().unwrap();
     assert_eq!(queued.len(), 2, "the read sees both once they are durable");
 }
+
+#[tokio::test]
+async fn pipelined_batches_are_stored_only_in_session_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let n = std::sync::atomic::AtomicU8::new(0);
+    let batch = || {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = Body(vec![i; 32]);
+        let mut env = incoming(i, &format!("p-{i}"));
+        env.message_id = MessageId::time_ordered(20_000 + u64::from(i), [i; 10]);
+        env.content_hash = body.hash();
+        vec![Incoming::Deliver(Box::new(env), body)]
+    };
+    let at = |session, batch| Some(BatchOrder { session, batch });
+    let stored = |dir: &Path| -> i64 {
+        Connection::open(dir.join("gateway.sqlite3"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM inbox", [], |r| r.get(0))
+            .unwrap()
+    };
+    {
+        let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+        // Batches 1 and 2 are queued before either is on disk.
+        let first = store
+            .queue_batch(peer.clone(), batch(), at(7, 1))
+            .await
+            .unwrap();
+        let second = store
+            .queue_batch(peer.clone(), batch(), at(7, 2))
+            .await
+            .unwrap();
+        assert_eq!(first.await.unwrap(), vec![IncomingOutcome::Stored]);
+        assert_eq!(second.await.unwrap(), vec![IncomingOutcome::Stored]);
+        // A gap, a repeat and a session that starts past 1 store nothing.
+        for (session, number) in [(7, 4), (7, 2), (7, 1), (8, 2)] {
+            let e = store
+                .queue_batch(peer.clone(), batch(), at(session, number))
+                .await
+                .unwrap()
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, StoreError::OutOfOrder(_)),
+                "{session}/{number}: {e}"
+            );
+        }
+        assert_eq!(stored(dir.path()), 2);
+        // The refused batches did not move the session on.
+        let third = store
+            .queue_batch(peer.clone(), batch(), at(7, 3))
+            .await
+            .unwrap();
+        assert_eq!(third.await.unwrap(), vec![IncomingOutcome::Stored]);
+        // Sessions are per peer: another peer's session 7 starts at 1.
+        let other = AreaId::new("eastmoor").unwrap();
+        let e = store
+            .queue_batch(other.clone(), batch(), at(7, 4))
+            .await
+            .unwrap()
+            .await;
+        assert!(matches!(e, Err(StoreError::OutOfOrder(_))));
+        // Without an order, nothing is checked.
+        store
+            .queue_batch(other, batch(), None)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(stored(dir.path()), 4);
+    }
+    // The order survives a restart, and a peer keeps only its newest sessions.
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let e = store
+        .queue_batch(peer.clone(), batch(), at(7, 3))
+        .await
+        .unwrap()
+        .await;
+    assert!(matches!(e, Err(StoreError::OutOfOrder(_))));
+    for session in 100..100 + SESSIONS_PER_PEER as u64 {
+        store
+            .queue_batch(peer.clone(), batch(), at(session, 1))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let e = store
+        .queue_batch(peer.clone(), batch(), at(7, 4))
+        .await
+        .unwrap()
+        .await;
+    assert!(
+        matches!(e, Err(StoreError::OutOfOrder(_))),
+        "session 7 is forgotten"
+    );
+    let e = store
+        .queue_batch(peer.clone(), batch(), at(100, 2))
+        .await
+        .unwrap()
+        .await;
+    assert_eq!(e.unwrap(), vec![IncomingOutcome::Stored]);
+}

@@ -19,6 +19,9 @@ use tests::{message, Federation, Settings};
 mod mls;
 mod store;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Measure A→B relay throughput and latency against a plain mTLS echo.
 #[derive(Debug, Parser)]
 struct Args {
