@@ -19,6 +19,8 @@ use tests::{message, Federation, Settings};
 mod mls;
 mod store;
 
+/// The allocator the `gateway` binary uses, so the gateways measured here
+/// allocate as deployed ones do.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
