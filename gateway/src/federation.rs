@@ -72,8 +72,9 @@ struct InFlight {
     request: tokio::task::JoinHandle<Answer>,
 }
 
-/// What a request came back with, and whether the peer takes framed batches.
-type Answer = (Result<Answered, SendError>, bool);
+/// What a request came back with, when (ms since the epoch), and whether
+/// the peer takes framed batches.
+type Answer = (Result<Answered, SendError>, u64, bool);
 
 /// A peer's answer to a batch, and whether it confirmed taking the batch in
 /// session order.
@@ -165,7 +166,9 @@ pub(crate) async fn peer_worker(
             let request = tokio::spawn(async move {
                 let mut framed = framed;
                 let answer = send(&client, &base, &mut framed, order, &batch).await;
-                (answer, framed)
+                // When the items were delivered, however long the worker
+                // takes to get to the answer.
+                (answer, now_ms(), framed)
             });
             in_flight.push_back(InFlight { seqs, request });
         }
@@ -178,10 +181,10 @@ pub(crate) async fn peer_worker(
             }
             continue;
         };
-        let (answer, now_framed) = tokio::select! {
+        let (answer, answered_at, now_framed) = tokio::select! {
             a = &mut front.request => match a {
                 Ok(a) => a,
-                Err(e) => (Err(SendError::Http(format!("request task failed: {e}"))), framed),
+                Err(e) => (Err(SendError::Http(format!("request task failed: {e}"))), now_ms(), framed),
             },
             // New items can go out while earlier batches are on the wire.
             _ = wake.notify.notified(), if room => continue,
@@ -225,7 +228,7 @@ pub(crate) async fn peer_worker(
                 let (shared2, area, failed) =
                     (shared.clone(), peer.area.clone(), record_failed.clone());
                 recording = Some(tokio::spawn(async move {
-                    if let Err(e) = shared2.store.sent(area, verdicts, now_ms()).await {
+                    if let Err(e) = shared2.store.sent(area, verdicts, answered_at).await {
                         tracing::error!(error = %e, "recording a delivered batch failed; it will be resent and deduplicated");
                         failed.store(true, Ordering::SeqCst);
                     }
