@@ -167,6 +167,11 @@ impl Gateway {
             None => None,
         };
         let store = SqliteStore::open(&config.data_dir, config.area.clone())?;
+        // Peers' pipelined sessions go on where the store left them.
+        let sequencer = sequencer::Sequencer::default();
+        for (peer, at) in store.peer_sessions().await? {
+            sequencer.resume(&peer, at.session, at.batch);
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -221,7 +226,7 @@ impl Gateway {
             peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
-            sequencer: sequencer::Sequencer::default(),
+            sequencer,
             config,
         });
 

@@ -102,6 +102,24 @@ impl Sequencer {
         }
     }
 
+    /// Remembers a session whose batches up to `last` are stored (from the
+    /// store, at start), so that a peer's session goes on across a restart
+    /// of this gateway instead of waiting for a batch that came before it.
+    pub(crate) fn resume(&self, peer: &AreaId, session: u64, last: u64) {
+        let mut all = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let sessions = all.entry(peer.clone()).or_default();
+        if sessions.len() < SESSIONS_PER_PEER || sessions.contains_key(&session) {
+            sessions.insert(
+                session,
+                Session {
+                    next: last.saturating_add(1),
+                    broken: false,
+                    touched: Instant::now(),
+                },
+            );
+        }
+    }
+
     /// Whether it is this batch's turn (`Ok(false)`: not yet).
     fn check(&self, peer: &AreaId, session: u64, batch: u64) -> Result<bool, OrderError> {
         let mut all = self.sessions.lock().unwrap_or_else(|p| p.into_inner());

@@ -259,6 +259,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Claimed>, StoreError>> + Send;
     /// How many items are queued per peer.
     fn queue_depths(&self) -> impl Future<Output = Result<Vec<(AreaId, u64)>, StoreError>> + Send;
+    /// The pipelined sessions remembered per peer, each with its last
+    /// stored batch (see [`Store::queue_batch`]).
+    fn peer_sessions(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(AreaId, BatchOrder)>, StoreError>> + Send;
 }
 
 // === impl SqliteStore ===
@@ -1478,6 +1483,34 @@ impl Store for SqliteStore {
             for row in rows {
                 let (peer, n) = row?;
                 out.push((AreaId::new(peer).map_err(corrupt)?, n.max(0) as u64));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn peer_sessions(&self) -> Result<Vec<(AreaId, BatchOrder)>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT peer, session, last_batch FROM peer_sessions ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (peer, session, last) = row?;
+                let batch = u64::try_from(last).map_err(corrupt)?;
+                // Stored bit for bit (see `follow_session`).
+                let session = session as u64;
+                out.push((
+                    AreaId::new(peer).map_err(corrupt)?,
+                    BatchOrder { session, batch },
+                ));
             }
             Ok(out)
         })

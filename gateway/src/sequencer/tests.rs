@@ -80,3 +80,26 @@ async fn old_sessions_are_forgotten_beyond_a_bound() {
     let n = seq.sessions.lock().unwrap().get(&b).map(|m| m.len());
     assert_eq!(n, Some(SESSIONS_PER_PEER));
 }
+
+#[tokio::test]
+async fn a_resumed_session_goes_on_from_its_last_stored_batch() {
+    let seq = Sequencer::default();
+    let b = area("b");
+    seq.resume(&b, 5, 41);
+    // Batch 42 need not wait for 1..=41; 41 itself is a repeat.
+    seq.turn(&b, 5, 42, Duration::from_millis(1))
+        .await
+        .unwrap()
+        .done(true);
+    assert_eq!(
+        seq.turn(&b, 5, 41, LONG).await.unwrap_err(),
+        OrderError::Repeated(41)
+    );
+    // Other sessions still start at 1.
+    assert_eq!(
+        seq.turn(&b, 6, 2, Duration::from_millis(20))
+            .await
+            .unwrap_err(),
+        OrderError::TimedOut(1)
+    );
+}

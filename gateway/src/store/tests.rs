@@ -521,6 +521,16 @@ async fn pipelined_batches_are_stored_only_in_session_order() {
     }
     // The order survives a restart, and a peer keeps only its newest sessions.
     let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    assert_eq!(
+        store.peer_sessions().await.unwrap(),
+        vec![(
+            peer.clone(),
+            BatchOrder {
+                session: 7,
+                batch: 3
+            }
+        )]
+    );
     let e = store
         .queue_batch(peer.clone(), batch(), at(7, 3))
         .await

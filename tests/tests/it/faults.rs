@@ -176,6 +176,42 @@ async fn pipelined_batches_arrive_exactly_once_in_order_across_receiver_restarts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_session_goes_on_at_once_after_a_quiet_receiver_restart() {
+    let mut fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let alice = fed.api(a, "alice").unwrap();
+    // A few batches: B confirms it keeps order, and A's session moves on.
+    let ids = send_sequence(fed.api(a, "alice").unwrap(), "alice", 3).await;
+    for id in &ids {
+        assert!(reaches(&alice, id, Status::Delivered, Duration::from_secs(30)).await);
+    }
+    // B restarts while nothing is on the wire; A's next batch continues the
+    // same session, which B must recognise from its store (a fresh receiver
+    // would wait for a batch 1 that never comes, then refuse).
+    fed.stop(b).await;
+    fed.start(b).await.unwrap();
+    let failures = fed.gateway(a).unwrap().metrics().federation_failures.get();
+    let next = alice
+        .submit(&message("team:duty@southvale", "after-restart", vec![b'y'; 64]).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        reaches(
+            &alice,
+            &next.message_id,
+            Status::Delivered,
+            Duration::from_secs(60)
+        )
+        .await
+    );
+    assert_eq!(
+        fed.gateway(a).unwrap().metrics().federation_failures.get(),
+        failures,
+        "the restarted receiver refused the session's next batch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_cannot_be_delivered_in_time_returns_undeliverable() {
     let settings = Settings {
         toml: "[delivery]\nmessage_validity = \"1s\"\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n".into(),
