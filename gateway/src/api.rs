@@ -444,8 +444,19 @@ async fn status(
         .ok_or_else(|| Failure::not_found("no such message sent by you"))
 }
 
-async fn health(Extension(peer): Extension<VerifiedPeer>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "you": peer.to_string() }))
+async fn health(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+) -> Response {
+    match shared.store.fault() {
+        None => Json(serde_json::json!({ "status": "ok", "you": peer.to_string() })).into_response(),
+        // An operator's probe sees what is wrong; nothing is being acknowledged.
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "failing", "reason": reason, "you": peer.to_string() })),
+        )
+            .into_response(),
+    }
 }
 
 // === federation endpoint ===
@@ -594,7 +605,9 @@ async fn accept_items(
     if let Some(turn) = turn {
         turn.done(queued.is_ok());
     }
-    let outcomes = queued?.await?;
+    let outcomes = queued?.await.inspect_err(|e| {
+        tracing::info!(peer = %area, error = %e, "federation batch not stored");
+    })?;
     for (i, outcome) in index.into_iter().zip(outcomes) {
         results[i] = Some(match outcome {
             IncomingOutcome::Stored => {

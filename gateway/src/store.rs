@@ -257,6 +257,9 @@ pub trait Store: Send + Sync + 'static {
         &self,
         users: Vec<UserId>,
     ) -> impl Future<Output = Result<Vec<Claimed>, StoreError>> + Send;
+    /// Why the store takes no more work, if it does not (an fsync of its
+    /// log failed); the gateway then reports itself unhealthy.
+    fn fault(&self) -> Option<String>;
     /// How many items are queued per peer.
     fn queue_depths(&self) -> impl Future<Output = Result<Vec<(AreaId, u64)>, StoreError>> + Send;
     /// The pipelined sessions remembered per peer, each with its last
@@ -279,7 +282,6 @@ pub struct SqliteStore {
     reads: mpsc::Sender<ReadJob>,
     own_area: AreaId,
     bodies: std::sync::Arc<Bodies>,
-    #[cfg(test)]
     durability: std::sync::Arc<Durability>,
     /// Alive while any clone of the store is: the checkpointer stops with it.
     _alive: std::sync::Arc<()>,
@@ -299,10 +301,21 @@ struct Durability {
     /// The number of the last group known to be on disk.
     durable: std::sync::Mutex<u64>,
     advanced: std::sync::Condvar,
+    /// An fsync of the WAL failed: nothing written since can be trusted to
+    /// be on disk (the kernel may have dropped the pages), so the store
+    /// answers and reads nothing more.
+    failed: std::sync::atomic::AtomicBool,
     /// Held by a test to stop the sync thread before its next fsync.
     #[cfg(test)]
     gate: std::sync::Mutex<()>,
+    /// Set by a test to make the next fsync of the WAL fail.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
+
+/// What every call gets once an fsync of the WAL has failed.
+const FAILED_SYNC: &str =
+    "an fsync of the database's WAL failed; the store takes no more work (restart the gateway once the disk is sound)";
 
 impl Durability {
     /// Numbers the next group; call before its COMMIT.
@@ -323,15 +336,31 @@ impl Durability {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Blocks until group `n` (and every group before it) is on disk.
-    fn wait_for(&self, n: u64) {
+    /// Blocks until group `n` (and every group before it) is on disk; an
+    /// error once that can no longer be known.
+    fn wait_for(&self, n: u64) -> Result<(), StoreError> {
         let mut durable = self.durable();
         while *durable < n {
+            if self.has_failed() {
+                return Err(StoreError::Db(FAILED_SYNC.into()));
+            }
             durable = self
                 .advanced
                 .wait(durable)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        Ok(())
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records a failed fsync and wakes every waiting reader.
+    fn fail(&self) {
+        let _durable = self.durable();
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.advanced.notify_all();
     }
 
     fn advance(&self, n: u64) {
@@ -390,18 +419,43 @@ fn sync_thread(
             .gate
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        #[cfg(test)]
+        let injected = durability
+            .fail_next_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        #[cfg(not(test))]
+        let injected = false;
         let synced = if groups.iter().any(|g| g.commit.is_ok()) {
-            wal.sync().map_err(|e| {
-                tracing::error!(error = %e, "store: fsync of the WAL failed");
+            let r = if injected {
+                Err(std::io::Error::other("injected by a test"))
+            } else {
+                wal.sync()
+            };
+            r.map_err(|e| {
+                tracing::error!(error = %e, "store: fsync of the WAL failed; the store stops taking work");
                 StoreError::Db(format!("making the commit durable: {e}"))
             })
         } else {
             Ok(())
         };
+        if let Err(e) = synced {
+            // The WAL's frames are chained by checksums: frames lost here
+            // would also cut off every later commit at recovery. So nothing
+            // more is acknowledged: these callers get the error, and the
+            // groups still queued (dropped with this thread) and every later
+            // call get `Closed`.
+            durability.fail();
+            for g in groups {
+                for c in g.completions {
+                    c(Err(e.clone()));
+                }
+            }
+            break;
+        }
         let last = groups.last().map_or(0, |g| g.n);
         durability.advance(last);
         for g in groups {
-            let r = g.commit.and(synced.clone());
+            let r = g.commit;
             for c in g.completions {
                 c(r.clone());
             }
@@ -810,6 +864,11 @@ impl SqliteStore {
                     let mut last_gc = std::time::Instant::now();
                     while weak.upgrade().is_some() {
                         std::thread::sleep(CHECKPOINT_EVERY);
+                        if durability.has_failed() {
+                            // The WAL may hold frames the disk lost: copy
+                            // nothing of it into the database.
+                            return;
+                        }
                         if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
                         {
                             tracing::warn!(error = %e, "store: checkpoint failed");
@@ -828,7 +887,6 @@ impl SqliteStore {
             reads: rtx,
             own_area,
             bodies,
-            #[cfg(test)]
             durability,
             _alive: alive,
         })
@@ -848,7 +906,7 @@ impl SqliteStore {
                     // Take the snapshot, then wait until every commit it may
                     // hold is on disk: nothing is read that a crash could undo.
                     conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |_| Ok(()))?;
-                    durability.wait_for(durability.issued());
+                    durability.wait_for(durability.issued())?;
                     f(conn)
                 });
             let _ = conn.execute_batch("COMMIT");
@@ -968,15 +1026,18 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
     }
     // Decide from durable rows only: a delivery a crash could bring back
     // must still find its body.
-    let oldest = conn.execute_batch("BEGIN DEFERRED").and_then(|()| {
-        let oldest: Option<i64> = conn.query_row(
-            "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )?;
-        durability.wait_for(durability.issued());
-        Ok(oldest)
-    });
+    let oldest = conn
+        .execute_batch("BEGIN DEFERRED")
+        .map_err(StoreError::from)
+        .and_then(|()| {
+            let oldest: Option<i64> = conn.query_row(
+                "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            durability.wait_for(durability.issued())?;
+            Ok(oldest)
+        });
     let _ = conn.execute_batch("COMMIT");
     match oldest.map(|o| log.remove_below(o.unwrap_or(i64::MAX))) {
         Ok(Ok(0)) => {}
@@ -1487,6 +1548,10 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.durability.has_failed().then(|| FAILED_SYNC.to_owned())
     }
 
     async fn peer_sessions(&self) -> Result<Vec<(AreaId, BatchOrder)>, StoreError> {

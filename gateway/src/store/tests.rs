@@ -561,3 +561,33 @@ async fn pipelined_batches_are_stored_only_in_session_order() {
         .await;
     assert_eq!(e.unwrap(), vec![IncomingOutcome::Stored]);
 }
+
+#[tokio::test]
+async fn after_a_failed_wal_fsync_nothing_more_is_answered_or_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let new = |n: u8| NewMessage {
+        body: Body(vec![n; 8]),
+        envelope: envelope(n, &format!("fail-{n}")),
+        route: Route::Peer(AreaId::new("southvale").unwrap()),
+        commit: None,
+    };
+    let first = store.submit(new(1)).await.unwrap();
+    assert!(matches!(first, SubmitOutcome::Stored(..)), "{first:?}");
+    assert!(store.fault().is_none());
+
+    store
+        .durability
+        .fail_next_sync
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = store.submit(new(2)).await.unwrap_err();
+    assert!(failed.to_string().contains("durable"), "{failed}");
+    // Later writes and reads are refused, not acknowledged or served from
+    // a log the disk may have lost part of.
+    assert!(store.submit(new(3)).await.is_err());
+    assert!(store
+        .queued(AreaId::new("southvale").unwrap(), 0, 10)
+        .await
+        .is_err());
+    assert!(store.fault().is_some_and(|f| f.contains("restart")));
+}
