@@ -16,6 +16,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tests::{message, Federation, Settings};
 
+mod link;
 mod mls;
 mod store;
 
@@ -53,6 +54,12 @@ struct Args {
     /// `delivery.batches_in_flight`).
     #[arg(long, default_value_t = 4)]
     batches_in_flight: usize,
+    /// One-way delay, in milliseconds, added to the link between gateway A
+    /// and gateway B (a relay on loopback holds every chunk that long), to
+    /// see the relay over an inter-area round trip; the senders' link to A
+    /// stays direct.
+    #[arg(long, default_value_t = 0)]
+    link_delay_ms: u64,
     /// Seconds to spend on each measurement (after warm-up).
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
@@ -403,6 +410,22 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut fed = Federation::create(&areas, &settings).context("creating the federation")?;
+    if args.link_delay_ms > 0 {
+        // A reaches B through the slow link: point A's peer URL at it.
+        let b_port = fed.port(1)?;
+        let via = link::start(b_port, Duration::from_millis(args.link_delay_ms)).await?;
+        let path = &fed.areas[0].config_path;
+        let config = std::fs::read_to_string(path)?;
+        let direct = format!("https://127.0.0.1:{b_port}\"");
+        anyhow::ensure!(
+            config.contains(&direct),
+            "A's configuration has no peer URL for B"
+        );
+        std::fs::write(
+            path,
+            config.replace(&direct, &format!("https://127.0.0.1:{via}\"")),
+        )?;
+    }
     fed.start(0).await?;
     if !args.accept_only {
         fed.start(1).await?;
@@ -410,9 +433,11 @@ async fn main() -> anyhow::Result<()> {
     let (echo_port, echo) = start_echo(&fed).await?;
 
     println!(
-        "relay A→B vs plain rustls+hyper mTLS echo; {} B bodies; {:.1} s per point; {} cores",
+        "relay A→B vs plain rustls+hyper mTLS echo; {} B bodies; {:.1} s per point; {} ms each way between A and B; {} batches in flight; {} cores",
         args.body,
         args.seconds,
+        args.link_delay_ms,
+        args.batches_in_flight,
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
