@@ -1599,8 +1599,8 @@ fn insert_inbox(
     body: &Body,
 ) -> Result<bool, StoreError> {
     let (kind, target) = target_of(env);
-    // A duplicate (rare: a peer's retry) is refused by the insert; a body
-    // it appended to the log stays there unreferenced.
+    // A duplicate (a peer's retry) is refused by the insert, and the body
+    // it queued for the log is taken back.
     let (inline, r) = bodies.place(&bodies.inbox, &body.0);
     let n = exec(c,
         "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, body_seg, body_off, body_len, status, stored_at_us, kind)
@@ -1624,6 +1624,11 @@ fn insert_inbox(
             }
         ],
     )?;
+    if n == 0 {
+        if let Some(r) = r {
+            bodies.inbox.unappend(r);
+        }
+    }
     Ok(n == 1)
 }
 

@@ -128,6 +128,23 @@ impl BodyLog {
         }
     }
 
+    /// Takes back the body queued last, if `r` is it (and it is not written
+    /// yet): for a body whose row turned out to be a duplicate. Returns
+    /// whether it was taken back.
+    pub(crate) fn unappend(&self, r: BodyRef) -> bool {
+        let mut inner = self.lock();
+        let queued = inner.pending.len() as u64;
+        let (Ok(off), Ok(len)) = (u64::try_from(r.off), u64::try_from(r.len)) else {
+            return false;
+        };
+        let last = r.seg == inner.seg && len <= queued && off + len == inner.len + queued;
+        if last {
+            let keep = (queued - len) as usize;
+            inner.pending.truncate(keep);
+        }
+        last
+    }
+
     /// Writes the queued bodies and makes them durable. On failure nothing
     /// queued may be referred to: the caller rolls its transaction back.
     pub(crate) fn sync(&self) -> io::Result<()> {
@@ -297,5 +314,22 @@ mod tests {
         ] {
             assert!(log.read(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_the_last_unwritten_body_can_be_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BodyLog::open(dir.path()).unwrap();
+        let a = log.append(b"kept");
+        let b = log.append(b"a duplicate");
+        assert!(!log.unappend(a), "not the last");
+        assert!(log.unappend(b));
+        assert!(!log.unappend(b), "already taken back");
+        let c = log.append(b"next");
+        assert_eq!(c.off, b.off, "its space is used again");
+        log.sync().unwrap();
+        assert!(!log.unappend(c), "already written");
+        assert_eq!(log.read(a).unwrap(), b"kept");
+        assert_eq!(log.read(c).unwrap(), b"next");
     }
 }

@@ -591,3 +591,38 @@ async fn after_a_failed_wal_fsync_nothing_more_is_answered_or_read() {
         .is_err());
     assert!(store.fault().is_some_and(|f| f.contains("restart")));
 }
+
+#[tokio::test]
+async fn a_repeated_delivery_adds_no_body_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    // Bodies over the inline budget go to the inbox body log.
+    let items = || -> Vec<Incoming> {
+        (0..3u8)
+            .map(|n| {
+                let body = Body(vec![n; 40 * 1024]);
+                let mut env = incoming(n, &format!("again-{n}"));
+                env.content_hash = body.hash();
+                Incoming::Deliver(Box::new(env), body)
+            })
+            .collect()
+    };
+    let log_bytes = || -> u64 {
+        std::fs::read_dir(dir.path().join("bodies").join("inbox"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let peer = AreaId::new("southvale").unwrap();
+    let first = store.accept_batch(peer.clone(), items()).await.unwrap();
+    assert!(first.iter().all(|o| *o == IncomingOutcome::Stored));
+    let stored = log_bytes();
+    assert!(stored >= 3 * 40 * 1024, "{stored}");
+    let again = store.accept_batch(peer, items()).await.unwrap();
+    assert!(again.iter().all(|o| *o == IncomingOutcome::Duplicate));
+    assert_eq!(
+        log_bytes(),
+        stored,
+        "the repeats' bodies were written again"
+    );
+}
