@@ -390,7 +390,9 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                 let shared = shared.clone();
                 async move {
                     let depths = shared.store.queue_depths().await.unwrap_or_default();
-                    shared.metrics.render(&depths)
+                    shared
+                        .metrics
+                        .render(&depths, shared.store.fault().is_none())
                 }
             }
         }),

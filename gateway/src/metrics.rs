@@ -51,8 +51,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Renders the counters, plus the given queue depths, in the Prometheus text format.
-    pub fn render(&self, queue_depths: &[(proto::AreaId, u64)]) -> String {
+    /// Renders the counters, plus the given queue depths and whether the
+    /// store takes work, in the Prometheus text format.
+    pub fn render(&self, queue_depths: &[(proto::AreaId, u64)], store_ok: bool) -> String {
         let mut out = String::new();
         let counters = [
             (
@@ -113,6 +114,11 @@ impl Metrics {
                 c.get()
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP gateway_store_ok 1 while the store takes work; 0 after a failed fsync of its log (restart the gateway once the disk is sound).\n# TYPE gateway_store_ok gauge\ngateway_store_ok {}",
+            u8::from(store_ok)
+        );
         let _ = writeln!(out, "# HELP gateway_peer_queue_depth Items queued for each peer.\n# TYPE gateway_peer_queue_depth gauge");
         for (peer, n) in queue_depths {
             let _ = writeln!(out, "gateway_peer_queue_depth{{peer=\"{peer}\"}} {n}");
@@ -120,3 +126,6 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;
