@@ -107,38 +107,13 @@ impl Sequencer {
     /// of this gateway instead of waiting for a batch that came before it.
     pub(crate) fn resume(&self, peer: &AreaId, session: u64, last: u64) {
         let mut all = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let sessions = all.entry(peer.clone()).or_default();
-        if sessions.len() < SESSIONS_PER_PEER || sessions.contains_key(&session) {
-            sessions.insert(
-                session,
-                Session {
-                    next: last.saturating_add(1),
-                    broken: false,
-                    touched: Instant::now(),
-                },
-            );
-        }
+        session_entry(all.entry(peer.clone()).or_default(), session).next = last.saturating_add(1);
     }
 
     /// Whether it is this batch's turn (`Ok(false)`: not yet).
     fn check(&self, peer: &AreaId, session: u64, batch: u64) -> Result<bool, OrderError> {
         let mut all = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let sessions = all.entry(peer.clone()).or_default();
-        if !sessions.contains_key(&session) && sessions.len() >= SESSIONS_PER_PEER {
-            let oldest = sessions
-                .iter()
-                .min_by_key(|(_, s)| s.touched)
-                .map(|(id, _)| *id);
-            if let Some(id) = oldest {
-                sessions.remove(&id);
-            }
-        }
-        let s = sessions.entry(session).or_insert(Session {
-            next: 1,
-            broken: false,
-            touched: Instant::now(),
-        });
-        s.touched = Instant::now();
+        let s = session_entry(all.entry(peer.clone()).or_default(), session);
         if s.broken {
             Err(OrderError::Broken)
         } else if batch < s.next {
@@ -161,6 +136,28 @@ impl Sequencer {
         }
         self.changed.notify_waiters();
     }
+}
+
+/// A peer's session, touched now; a new one starts at batch 1 and, when
+/// the peer has [`SESSIONS_PER_PEER`] already, pushes out the one touched
+/// longest ago.
+fn session_entry(sessions: &mut HashMap<u64, Session>, session: u64) -> &mut Session {
+    if !sessions.contains_key(&session) && sessions.len() >= SESSIONS_PER_PEER {
+        let oldest = sessions
+            .iter()
+            .min_by_key(|(_, s)| s.touched)
+            .map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            sessions.remove(&id);
+        }
+    }
+    let s = sessions.entry(session).or_insert(Session {
+        next: 1,
+        broken: false,
+        touched: Instant::now(),
+    });
+    s.touched = Instant::now();
+    s
 }
 
 impl Turn<'_> {

@@ -899,18 +899,7 @@ impl SqliteStore {
     ) -> Result<R, StoreError> {
         let (tx, rx) = oneshot::channel();
         let job: ReadJob = Box::new(move |conn: &Connection, durability: &Durability| {
-            let r = conn
-                .execute_batch("BEGIN DEFERRED")
-                .map_err(StoreError::from)
-                .and_then(|()| {
-                    // Take the snapshot, then wait until every commit it may
-                    // hold is on disk: nothing is read that a crash could undo.
-                    conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |_| Ok(()))?;
-                    durability.wait_for(durability.issued())?;
-                    f(conn)
-                });
-            let _ = conn.execute_batch("COMMIT");
-            let _ = tx.send(r);
+            let _ = tx.send(read_on_disk(conn, durability, f));
         });
         self.reads.send(job).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -940,6 +929,27 @@ impl SqliteStore {
         self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
         Ok(Committing(rx))
     }
+}
+
+/// Runs a read-only `f` in one read transaction on `conn`, seeing only
+/// what is on disk: it takes the snapshot, then waits until every commit
+/// the snapshot may hold is durable, so nothing is read that a crash could
+/// undo.
+fn read_on_disk<R>(
+    conn: &Connection,
+    durability: &Durability,
+    f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    let r = conn
+        .execute_batch("BEGIN DEFERRED")
+        .map_err(StoreError::from)
+        .and_then(|()| {
+            conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |_| Ok(()))?;
+            durability.wait_for(durability.issued())?;
+            f(conn)
+        });
+    let _ = conn.execute_batch("COMMIT");
+    r
 }
 
 fn in_savepoint<R>(
@@ -1026,19 +1036,14 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
     }
     // Decide from durable rows only: a delivery a crash could bring back
     // must still find its body.
-    let oldest = conn
-        .execute_batch("BEGIN DEFERRED")
-        .map_err(StoreError::from)
-        .and_then(|()| {
-            let oldest: Option<i64> = conn.query_row(
-                "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
-                [],
-                |r| r.get(0),
-            )?;
-            durability.wait_for(durability.issued())?;
-            Ok(oldest)
-        });
-    let _ = conn.execute_batch("COMMIT");
+    let oldest = read_on_disk(conn, durability, |c| {
+        let oldest: Option<i64> = c.query_row(
+            "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(oldest)
+    });
     match oldest.map(|o| log.remove_below(o.unwrap_or(i64::MAX))) {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => tracing::debug!(segments = n, "store: removed delivered bodies"),
