@@ -1,0 +1,92 @@
+//! Tests of the body log: round trips, reopening, segments, bad references.
+
+use super::*;
+
+#[test]
+fn bodies_round_trip_across_syncs_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let a = log.append(b"first body");
+    let b = log.append(&[7u8; 5000]);
+    log.sync().unwrap();
+    assert_eq!(log.read(a).unwrap(), b"first body");
+    assert_eq!(log.read(b).unwrap(), vec![7u8; 5000]);
+    // A group that did not commit leaves unreferenced bytes behind.
+    let lost = log.append(b"rolled back");
+    log.discard();
+    let c = log.append(b"after the rollback");
+    log.sync().unwrap();
+    assert!(c.off > lost.off);
+    assert_eq!(log.read(c).unwrap(), b"after the rollback");
+    drop(log);
+    // A torn tail from a crash: reopening appends after it.
+    let f = open_segment(dir.path(), 1).unwrap();
+    f.write_all_at(b"torn", f.metadata().unwrap().len())
+        .unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let d = log.append(b"after the crash");
+    log.sync().unwrap();
+    assert_eq!(log.read(a).unwrap(), b"first body");
+    assert_eq!(log.read(d).unwrap(), b"after the crash");
+    assert!(d.off >= c.off + c.len + 4);
+}
+
+#[test]
+fn full_segments_are_closed_and_removed_when_unreferenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let big = vec![1u8; 8 * 1024 * 1024];
+    let mut refs = Vec::new();
+    for _ in 0..9 {
+        refs.push(log.append(&big));
+        log.sync().unwrap();
+    }
+    assert!(log.has_closed_segments());
+    let last = *refs.last().unwrap();
+    assert_eq!(last.seg, 2, "the first 64 MiB fill segment 1");
+    // Segment 1 is still referred to: nothing goes.
+    assert_eq!(log.remove_below(1).unwrap(), 0);
+    assert_eq!(log.read(refs[0]).unwrap().len(), big.len());
+    // Nothing refers to segment 1 any more.
+    assert_eq!(log.remove_below(2).unwrap(), 1);
+    assert!(log.read(refs[0]).is_err());
+    assert_eq!(log.read(last).unwrap().len(), big.len());
+    assert!(!log.has_closed_segments());
+    // The open segment is never removed.
+    assert_eq!(log.remove_below(i64::MAX).unwrap(), 0);
+    assert_eq!(log.read(last).unwrap().len(), big.len());
+}
+
+#[test]
+fn a_bad_reference_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let r = log.append(b"x");
+    log.sync().unwrap();
+    for bad in [
+        BodyRef { off: -1, ..r },
+        BodyRef { len: -1, ..r },
+        BodyRef { seg: 99, ..r },
+        BodyRef { len: 1000, ..r },
+        BodyRef { len: i64::MAX, ..r },
+    ] {
+        assert!(log.read(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn only_the_last_unwritten_body_can_be_taken_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let a = log.append(b"kept");
+    let b = log.append(b"a duplicate");
+    assert!(!log.unappend(a), "not the last");
+    assert!(log.unappend(b));
+    assert!(!log.unappend(b), "already taken back");
+    let c = log.append(b"next");
+    assert_eq!(c.off, b.off, "its space is used again");
+    log.sync().unwrap();
+    assert!(!log.unappend(c), "already written");
+    assert_eq!(log.read(a).unwrap(), b"kept");
+    assert_eq!(log.read(c).unwrap(), b"next");
+}
