@@ -272,13 +272,60 @@ pub trait Store: Send + Sync + 'static {
 // === impl SqliteStore ===
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+/// A unit of the writer's work. A group's jobs normally run back to back in
+/// its transaction, without savepoints: a savepoint copies every page a job
+/// touches into a sub-journal first (about a tenth of the store's CPU). If a
+/// job fails, the whole group is rolled back and run again with a savepoint
+/// per job, so that the failure undoes only that job's writes; a job is
+/// therefore written so that it can run more than once, with only its last
+/// run counting.
+trait Job: Send {
+    /// Runs the job; `own_savepoint`: inside a savepoint of its own, undone
+    /// if it fails. Returns whether it succeeded.
+    fn run(&mut self, conn: &Connection, own_savepoint: bool) -> bool;
+    /// Tells the caller the outcome of its last run, given the group's commit.
+    fn complete(self: Box<Self>) -> Completion;
+}
+
+/// A job for [`SqliteStore::queue`]: the work and its caller's channel.
+struct Pending<F, R> {
+    work: F,
+    outcome: Option<Result<R, StoreError>>,
+    tx: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<F, R> Job for Pending<F, R>
+where
+    F: FnMut(&Connection) -> Result<R, StoreError> + Send,
+    R: Send + 'static,
+{
+    fn run(&mut self, conn: &Connection, own_savepoint: bool) -> bool {
+        let r = if own_savepoint {
+            in_savepoint(conn, &mut self.work)
+        } else {
+            (self.work)(conn)
+        };
+        let ok = r.is_ok();
+        self.outcome = Some(r);
+        ok
+    }
+
+    fn complete(self: Box<Self>) -> Completion {
+        let Pending { outcome, tx, .. } = *self;
+        // A job that never ran (its group could not begin) has no outcome.
+        let r = outcome.unwrap_or(Err(StoreError::Closed));
+        Box::new(move |commit: Result<(), StoreError>| {
+            let _ = tx.send(commit.and(r));
+        })
+    }
+}
 
 /// The embedded store: one SQLite file in WAL mode; commits are fsynced by
 /// the sync thread before anyone is answered or can read them.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Box<dyn Job>>,
     reads: mpsc::Sender<ReadJob>,
     own_area: AreaId,
     bodies: std::sync::Arc<Bodies>,
@@ -808,7 +855,7 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Db(format!("opening the inbox body log: {e}")))?,
             inline_left: std::sync::atomic::AtomicUsize::new(0),
         });
-        let (tx, rx) = mpsc::channel::<Job>(8192);
+        let (tx, rx) = mpsc::channel::<Box<dyn Job>>(8192);
         // Checkpoints run beside the writer (below), but under steady writes
         // such a checkpoint never catches up with the end of the WAL, so the
         // WAL would never restart from its beginning and would grow without
@@ -908,23 +955,22 @@ impl SqliteStore {
     /// Runs `f` inside the next group transaction and waits for its commit.
     async fn call<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnMut(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         self.queue(f).await?.await
     }
 
     /// Puts `f` in the writer's queue (jobs run in queue order) and returns
-    /// the handle to its outcome.
+    /// the handle to its outcome. `f` may run more than once (see [`Job`]).
     async fn queue<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnMut(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<Committing<R>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn: &Connection| {
-            let r = in_savepoint(conn, f);
-            Box::new(move |commit: Result<(), StoreError>| {
-                let _ = tx.send(commit.and(r));
-            })
+        let job = Box::new(Pending {
+            work: f,
+            outcome: None,
+            tx,
         });
         self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
         Ok(Committing(rx))
@@ -950,6 +996,30 @@ fn read_on_disk<R>(
         });
     let _ = conn.execute_batch("COMMIT");
     r
+}
+
+/// Runs a group's jobs in its open transaction: all without savepoints
+/// first; if one fails, the group is rolled back and every job runs again in
+/// a savepoint of its own, so that the failure undoes only its own writes.
+/// Err: the transaction could not be begun again.
+fn run_jobs(
+    conn: &Connection,
+    bodies: &Bodies,
+    jobs: &mut [Box<dyn Job>],
+) -> Result<(), StoreError> {
+    bodies.start_group(jobs.len());
+    if jobs.iter_mut().all(|job| job.run(conn, false)) {
+        return Ok(());
+    }
+    // A failed statement may already have ended the transaction.
+    let _ = conn.execute_batch("ROLLBACK");
+    bodies.discard();
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    bodies.start_group(jobs.len());
+    for job in jobs.iter_mut() {
+        job.run(conn, true);
+    }
+    Ok(())
 }
 
 fn in_savepoint<R>(
@@ -1054,7 +1124,7 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
 
 fn store_thread(
     conn: Connection,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<Box<dyn Job>>,
     bodies: &Bodies,
     durability: &Durability,
     synced: &std::sync::mpsc::SyncSender<Committed>,
@@ -1077,8 +1147,16 @@ fn store_thread(
             }
             continue;
         }
-        bodies.start_group(jobs.len());
-        let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
+        if let Err(e) = run_jobs(&conn, bodies, &mut jobs) {
+            tracing::error!(error = %e, "store: cannot run a group again after a failed job");
+            let _ = conn.execute_batch("ROLLBACK");
+            bodies.discard();
+            for job in jobs {
+                job.complete()(Err(StoreError::Db(format!("store: {e}"))));
+            }
+            continue;
+        }
+        let completions: Vec<Completion> = jobs.into_iter().map(|job| job.complete()).collect();
         // Bodies are durable before the rows that point at them commit. The
         // group is numbered only then, right before its COMMIT: a reader
         // whose snapshot holds it waits for its fsync, and one that started
@@ -1218,10 +1296,10 @@ impl Store for SqliteStore {
                 follow_session(c, &peer, order)?;
             }
             let mut out = Vec::with_capacity(items.len());
-            for (item, env_json) in items {
+            for (item, env_json) in &items {
                 out.push(match item {
                     Incoming::Deliver(env, body) => {
-                        if insert_inbox(c, &bodies, &env, &env_json, &body)? {
+                        if insert_inbox(c, &bodies, env, env_json, body)? {
                             IncomingOutcome::Stored
                         } else {
                             IncomingOutcome::Duplicate
@@ -1236,7 +1314,7 @@ impl Store for SqliteStore {
                             .optional()?;
                         match area {
                             Some(a) if a == peer.as_str() => {
-                                if advance_sent(c, id.as_str(), status, at, None)? {
+                                if advance_sent(c, id.as_str(), *status, *at, None)? {
                                     IncomingOutcome::Stored
                                 } else {
                                     IncomingOutcome::Duplicate
@@ -1418,7 +1496,7 @@ impl Store for SqliteStore {
             let last = results.iter().map(|(seq, _)| *seq).max();
             // Refusals (rare) one by one, first, so the bulk update below
             // finds them no longer `accepted`.
-            for (seq, result) in results {
+            for (seq, result) in &results {
                 let Sent::Refused(reason) = result else { continue };
                 let row: Option<(Option<String>, bool)> = c
                     .prepare_cached(
@@ -1492,8 +1570,8 @@ impl Store for SqliteStore {
     ) -> Result<(usize, usize, bool), StoreError> {
         self.call(move |c| {
             let mut stored = 0;
-            for (kp_ref, bytes, last_resort) in kps {
-                if last_resort {
+            for (kp_ref, bytes, last_resort) in &kps {
+                if *last_resort {
                     exec(c, "DELETE FROM key_packages WHERE user_id = ?1 AND last_resort = 1", [user.as_str()])?;
                 }
                 stored += exec(
@@ -1518,7 +1596,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(UserId, Option<Vec<u8>>)>, StoreError> {
         self.call(move |c| {
             let mut out = Vec::with_capacity(users.len());
-            for user in users {
+            for user in &users {
                 let row: Option<(String, Vec<u8>, bool)> = c
                     .prepare_cached(
                         "SELECT kp_ref, key_package, last_resort FROM key_packages WHERE user_id = ?1 ORDER BY last_resort, created_ms LIMIT 1",
@@ -1534,7 +1612,7 @@ impl Store for SqliteStore {
                     }
                     None => None,
                 };
-                out.push((user, kp));
+                out.push((user.clone(), kp));
             }
             Ok(out)
         })

@@ -626,3 +626,92 @@ async fn a_repeated_delivery_adds_no_body_bytes() {
         "the repeats' bodies were written again"
     );
 }
+
+#[tokio::test]
+async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let runs: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
+    // One row per job, then job 1 fails after writing its row.
+    let job = |n: usize| {
+        let runs = runs.clone();
+        move |c: &Connection| {
+            runs[n].fetch_add(1, SeqCst);
+            exec(
+                c,
+                "INSERT INTO peer_sessions (peer, session, last_batch) VALUES ('job', ?1, 1)",
+                [n as i64],
+            )?;
+            if n == 1 {
+                return Err(StoreError::Corrupt("job 1 fails after writing".into()));
+            }
+            Ok(n)
+        }
+    };
+    // Hold the writer in a job of its own while the three are queued, so
+    // that they share the next group.
+    let (open, wait) = std::sync::mpsc::channel::<()>();
+    let blocker = store
+        .queue(move |_: &Connection| {
+            let _ = wait.recv();
+            Ok(())
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let queued = [
+        store.queue(job(0)).await.unwrap(),
+        store.queue(job(1)).await.unwrap(),
+        store.queue(job(2)).await.unwrap(),
+    ];
+    open.send(()).unwrap();
+    blocker.await.unwrap();
+    let mut outcomes = Vec::new();
+    for q in queued {
+        outcomes.push(q.await);
+    }
+    assert_eq!(outcomes[0].as_ref().unwrap(), &0);
+    assert!(
+        matches!(outcomes[1], Err(StoreError::Corrupt(_))),
+        "{:?}",
+        outcomes[1]
+    );
+    assert_eq!(outcomes[2].as_ref().unwrap(), &2);
+    // The group ran once without savepoints, up to the failure, then again
+    // with a savepoint per job.
+    let runs: Vec<usize> = runs.iter().map(|r| r.load(SeqCst)).collect();
+    assert_eq!(runs, vec![2, 2, 1]);
+
+    let db = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let stored: Vec<i64> = db
+        .prepare("SELECT session FROM peer_sessions WHERE peer = 'job' ORDER BY session")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored, vec![0, 2], "only the failed job's row is undone");
+
+    // Without a failure, a job runs once; a job that fails alone is undone.
+    let once = Arc::new(AtomicUsize::new(0));
+    let n = store
+        .call({
+            let once = once.clone();
+            move |c: &Connection| {
+                once.fetch_add(1, SeqCst);
+                exec(c, "DELETE FROM peer_sessions WHERE peer = 'job'", [])
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!((n, once.load(SeqCst)), (2, 1));
+    let again = store.call(job(2)).await;
+    assert!(again.is_ok(), "{again:?}");
+    let repeat = store.call(job(2)).await;
+    assert!(
+        matches!(repeat, Err(StoreError::Db(_))),
+        "a unique row twice: {repeat:?}"
+    );
+}
