@@ -22,7 +22,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 mod bodies;
+mod tail;
 use bodies::{BodyLog, BodyRef};
+use tail::{Effect, Tails};
 
 /// Why storage failed. Nothing was changed by the failed call.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -329,6 +331,8 @@ pub struct SqliteStore {
     reads: mpsc::Sender<ReadJob>,
     own_area: AreaId,
     bodies: std::sync::Arc<Bodies>,
+    /// Peers' newest queued items, for the federation worker's reads.
+    tails: std::sync::Arc<Tails>,
     durability: std::sync::Arc<Durability>,
     /// Alive while any clone of the store is: the checkpointer stops with it.
     _alive: std::sync::Arc<()>,
@@ -855,6 +859,7 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Db(format!("opening the inbox body log: {e}")))?,
             inline_left: std::sync::atomic::AtomicUsize::new(0),
         });
+        let tails = std::sync::Arc::new(Tails::default());
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>(8192);
         // Checkpoints run beside the writer (below), but under steady writes
         // such a checkpoint never catches up with the end of the WAL, so the
@@ -878,9 +883,9 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("store".into())
             .spawn({
-                let bodies = bodies.clone();
+                let (bodies, tails) = (bodies.clone(), tails.clone());
                 let durability = durability.clone();
-                move || store_thread(conn, rx, &bodies, &durability, &synced_tx)
+                move || store_thread(conn, rx, &bodies, &tails, &durability, &synced_tx)
             })
             .map_err(|e| StoreError::Db(format!("starting store thread: {e}")))?;
         let (rtx, mut rrx) = mpsc::channel::<ReadJob>(8192);
@@ -930,6 +935,7 @@ impl SqliteStore {
             })
             .map_err(|e| StoreError::Db(format!("starting store checkpointer: {e}")))?;
         Ok(SqliteStore {
+            tails,
             jobs: tx,
             reads: rtx,
             own_area,
@@ -1005,6 +1011,7 @@ fn read_on_disk<R>(
 fn run_jobs(
     conn: &Connection,
     bodies: &Bodies,
+    tails: &Tails,
     jobs: &mut [Box<dyn Job>],
 ) -> Result<(), StoreError> {
     bodies.start_group(jobs.len());
@@ -1014,10 +1021,15 @@ fn run_jobs(
     // A failed statement may already have ended the transaction.
     let _ = conn.execute_batch("ROLLBACK");
     bodies.discard();
+    tails.discard_staged();
     conn.execute_batch("BEGIN IMMEDIATE")?;
     bodies.start_group(jobs.len());
     for job in jobs.iter_mut() {
-        job.run(conn, true);
+        // A failed job's writes are undone, and so are its queue effects.
+        let mark = tails.staged_len();
+        if !job.run(conn, true) {
+            tails.truncate_staged(mark);
+        }
     }
     Ok(())
 }
@@ -1126,6 +1138,7 @@ fn store_thread(
     conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn Job>>,
     bodies: &Bodies,
+    tails: &std::sync::Arc<Tails>,
     durability: &Durability,
     synced: &std::sync::mpsc::SyncSender<Committed>,
 ) {
@@ -1147,16 +1160,29 @@ fn store_thread(
             }
             continue;
         }
-        if let Err(e) = run_jobs(&conn, bodies, &mut jobs) {
+        if let Err(e) = run_jobs(&conn, bodies, tails, &mut jobs) {
             tracing::error!(error = %e, "store: cannot run a group again after a failed job");
             let _ = conn.execute_batch("ROLLBACK");
             bodies.discard();
+            tails.discard_staged();
             for job in jobs {
                 job.complete()(Err(StoreError::Db(format!("store: {e}"))));
             }
             continue;
         }
-        let completions: Vec<Completion> = jobs.into_iter().map(|job| job.complete()).collect();
+        // The group's queue effects reach the tails once it is durable,
+        // before anyone is answered (a caller may wake the peer's worker).
+        let effects = tails.take_staged();
+        let mut completions: Vec<Completion> = Vec::with_capacity(jobs.len() + 1);
+        if !effects.is_empty() {
+            let tails = tails.clone();
+            completions.push(Box::new(move |commit: Result<(), StoreError>| {
+                if commit.is_ok() {
+                    tails.apply(effects);
+                }
+            }));
+        }
+        completions.extend(jobs.into_iter().map(|job| job.complete()));
         // Bodies are durable before the rows that point at them commit. The
         // group is numbered only then, right before its COMMIT: a reader
         // whose snapshot holds it waits for its fsync, and one that started
@@ -1194,7 +1220,7 @@ impl Store for SqliteStore {
         let own = self.own_area.clone();
         // Serialise outside the writer thread: it is the one serial resource.
         let env_json = to_json(&m.envelope)?;
-        let bodies = self.bodies.clone();
+        let (bodies, tails) = (self.bodies.clone(), self.tails.clone());
         self.call(move |c| {
             let env = &m.envelope;
             let prior: Option<(String, String, String)> = c.prepare_cached("SELECT message_id, envelope, status FROM sent WHERE idem_key = ?1 AND sender_user = ?2")?.query_row(params![env.idempotency_key.as_str(), env.sender.user.as_str()],
@@ -1259,6 +1285,8 @@ impl Store for SqliteStore {
                         "INSERT INTO outbox (peer, message_id, is_deliver, body, body_seg, body_off, body_len, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
                         params![peer.as_str(), id, inline, r.map(|r| r.seg), r.map(|r| r.off), r.map(|r| r.len), env.expires_at_ms as i64],
                     )?;
+                    let item = FederationItem::Deliver { envelope: Box::new(env.clone()), body: m.body.clone() };
+                    tails.stage(Effect::Push(peer.clone(), Queued { seq: c.last_insert_rowid(), item }));
                 }
             }
             Ok(SubmitOutcome::Stored(env.message_id.clone(), status))
@@ -1360,6 +1388,7 @@ impl Store for SqliteStore {
         now_ms: u64,
     ) -> Result<Option<(Envelope, Body)>, StoreError> {
         let own = self.own_area.clone();
+        let tails = self.tails.clone();
         let bodies = self.bodies.clone();
         self.call(move |c| {
             let Some((env, body, status)) = find_in_mailbox(c, Some(&bodies.inbox), &mb, &id)?
@@ -1367,7 +1396,7 @@ impl Store for SqliteStore {
                 return Ok(None);
             };
             if status == Status::Delivered {
-                set_inbox_status(c, &own, &env, Status::Fetched, now_ms)?;
+                set_inbox_status(c, &tails, &own, &env, Status::Fetched, now_ms)?;
             }
             Ok(Some((env, Body(body))))
         })
@@ -1381,6 +1410,7 @@ impl Store for SqliteStore {
         now_ms: u64,
     ) -> Result<Option<Status>, StoreError> {
         let own = self.own_area.clone();
+        let tails = self.tails.clone();
         self.call(move |c| {
             let Some((env, _, status)) = find_in_mailbox(c, None, &mb, &id)? else {
                 return Ok(None);
@@ -1393,7 +1423,7 @@ impl Store for SqliteStore {
                 )?;
             }
             if status != Status::Acknowledged {
-                set_inbox_status(c, &own, &env, Status::Acknowledged, now_ms)?;
+                set_inbox_status(c, &tails, &own, &env, Status::Acknowledged, now_ms)?;
             }
             Ok(Some(Status::Acknowledged))
         })
@@ -1452,7 +1482,13 @@ impl Store for SqliteStore {
             Option<Vec<u8>>,
             [Option<i64>; 3],
         );
+        if let Some(items) = self.tails.serve(&peer, after, max) {
+            return Ok(items);
+        }
+        // Collect from before the snapshot is taken (see `tail`).
+        let epoch = self.tails.collect(&peer);
         let bodies = self.bodies.clone();
+        let tail_peer = peer.clone();
         let rows: Vec<Row> = self
             .read(move |c| {
                 let mut stmt = c.prepare_cached(
@@ -1464,7 +1500,9 @@ impl Store for SqliteStore {
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
             .await?;
-        rows.into_iter()
+        let caught_up = rows.len() < max;
+        let items = rows
+            .into_iter()
             .map(|(seq, item, envelope, inline, [seg, off, len])| {
                 let item = match (item, envelope) {
                     (Some(item), _) => from_json(&item)?,
@@ -1480,7 +1518,12 @@ impl Store for SqliteStore {
                 };
                 Ok(Queued { seq, item })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        if caught_up {
+            let last = items.last().map_or(after, |q| q.seq);
+            self.tails.found_end(&tail_peer, epoch, last);
+        }
+        Ok(items)
     }
 
     async fn sent(
@@ -1489,6 +1532,8 @@ impl Store for SqliteStore {
         results: Vec<(i64, Sent)>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let last_answered = results.iter().map(|(seq, _)| *seq).max();
+        let tail_peer = peer.clone();
         self.call(move |c| {
             // The results are consecutive rows of the peer's queue, so the
             // peer's rows from the first to the last are exactly these.
@@ -1529,7 +1574,11 @@ impl Store for SqliteStore {
             }
             Ok(())
         })
-        .await
+        .await?;
+        if let Some(last) = last_answered {
+            self.tails.answered(&tail_peer, last);
+        }
+        Ok(())
     }
 
     async fn expire(
@@ -1539,6 +1588,7 @@ impl Store for SqliteStore {
         now_ms: u64,
         reason: String,
     ) -> Result<usize, StoreError> {
+        let tails = self.tails.clone();
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND seq > ?3 AND expires_ms <= ?2 ORDER BY seq",
@@ -1547,11 +1597,16 @@ impl Store for SqliteStore {
                 .query_map(params![peer.as_str(), now_ms as i64, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
             let mut n = 0;
-            for (seq, id, is_deliver) in rows {
+            if !rows.is_empty() {
+                // The tail holds no gaps: it is rebuilt from the database.
+                tails.stage(Effect::Forget(peer.clone()));
+            }
+            for (seq, id, is_deliver) in &rows {
+                let (seq, is_deliver) = (*seq, *is_deliver);
                 exec(c, "DELETE FROM outbox WHERE seq = ?1", [seq])?;
                 match id {
                     Some(id) if is_deliver => {
-                        advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?;
+                        advance_sent(c, id, Status::Undeliverable, now_ms, Some(&reason))?;
                         n += 1;
                     }
                     _ => tracing::warn!(%peer, "a status update for the peer expired before it could be sent"),
@@ -1763,6 +1818,7 @@ fn find_in_mailbox(
 /// sender is local, through the sender's peer queue otherwise.
 fn set_inbox_status(
     c: &Connection,
+    tails: &Tails,
     own: &AreaId,
     env: &Envelope,
     to: Status,
@@ -1790,6 +1846,8 @@ fn set_inbox_status(
             "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 0, ?3, ?4)",
             params![env.sender.area.as_str(), id, to_json(&item)?, (now_ms + 30 * 86_400_000) as i64],
         )?;
+        let seq = c.last_insert_rowid();
+        tails.stage(Effect::Push(env.sender.area.clone(), Queued { seq, item }));
     }
     Ok(())
 }

@@ -634,9 +634,14 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
     let runs: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
-    // One row per job, then job 1 fails after writing its row.
+    // The tail of a peer's queue follows the jobs' effects from here.
+    let peer = AreaId::new("southvale").unwrap();
+    let epoch = store.tails.collect(&peer);
+    store.tails.found_end(&peer, epoch, 0);
+    // One row and one queue effect per job, then job 1 fails after both.
     let job = |n: usize| {
         let runs = runs.clone();
+        let (tails, peer) = (store.tails.clone(), peer.clone());
         move |c: &Connection| {
             runs[n].fetch_add(1, SeqCst);
             exec(
@@ -644,6 +649,13 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
                 "INSERT INTO peer_sessions (peer, session, last_batch) VALUES ('job', ?1, 1)",
                 [n as i64],
             )?;
+            let item = FederationItem::Status {
+                message_id: MessageId::time_ordered(1_000, [n as u8; 10]),
+                status: Status::Fetched,
+                at_ms: 1,
+            };
+            let seq = 10 + n as i64;
+            tails.stage(Effect::Push(peer.clone(), Queued { seq, item }));
             if n == 1 {
                 return Err(StoreError::Corrupt("job 1 fails after writing".into()));
             }
@@ -693,6 +705,14 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(stored, vec![0, 2], "only the failed job's row is undone");
+    let queued: Vec<i64> = store
+        .tails
+        .serve(&peer, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|q| q.seq)
+        .collect();
+    assert_eq!(queued, vec![10, 12], "and only its queue effect");
 
     // Without a failure, a job runs once; a job that fails alone is undone.
     let once = Arc::new(AtomicUsize::new(0));
@@ -714,4 +734,91 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
         matches!(repeat, Err(StoreError::Db(_))),
         "a unique row twice: {repeat:?}"
     );
+}
+
+#[tokio::test]
+async fn fresh_queue_items_are_served_from_memory_until_the_queue_changes_under_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let new = |n: u8| NewMessage {
+        body: Body(vec![n; 8]),
+        envelope: envelope(n, &format!("tail-{n}")),
+        route: Route::Peer(peer.clone()),
+        commit: None,
+    };
+    let side = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    // Deleting a row behind the store's back shows which reads skip the
+    // database.
+    let delete_row = |n: u8| {
+        let id = envelope(n, "x").message_id;
+        let gone = side
+            .execute("DELETE FROM outbox WHERE message_id = ?1", [id.as_str()])
+            .unwrap();
+        assert_eq!(gone, 1);
+    };
+    for n in 1..=3 {
+        store.submit(new(n)).await.unwrap();
+    }
+    let first = store.queued(peer.clone(), 0, 10).await.unwrap();
+    assert_eq!(first.len(), 3, "read from the database, to its end");
+    let third = first[2].seq;
+
+    for n in 4..=5 {
+        store.submit(new(n)).await.unwrap();
+        delete_row(n);
+    }
+    let fresh = store.queued(peer.clone(), third, 10).await.unwrap();
+    assert_eq!(fresh.len(), 2, "served from memory");
+    for (q, n) in fresh.iter().zip(4u8..) {
+        assert!(q.seq > third);
+        let FederationItem::Deliver { envelope: e, body } = &q.item else {
+            panic!("{q:?}");
+        };
+        assert_eq!(**e, new(n).envelope);
+        assert_eq!(body.0, vec![n; 8]);
+    }
+    assert_eq!(
+        store.queued(peer.clone(), fresh[0].seq, 1).await.unwrap()[0].seq,
+        fresh[1].seq
+    );
+
+    // Answered items are not served again, even to a read from before them.
+    let last = fresh[1].seq;
+    let answered = first
+        .iter()
+        .chain(&fresh)
+        .map(|q| (q.seq, Sent::Accepted))
+        .collect();
+    store.sent(peer.clone(), answered, 2_000).await.unwrap();
+    assert!(store
+        .queued(peer.clone(), last, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // An expired item leaves a gap the tail does not follow: reads go to
+    // the database again, which no longer holds message 7's row.
+    let mut stale = new(6);
+    stale.envelope.expires_at_ms = 1;
+    store.submit(stale).await.unwrap();
+    assert_eq!(
+        store
+            .expire(peer.clone(), last, 3_000, "expired".into())
+            .await
+            .unwrap(),
+        1
+    );
+    store.submit(new(7)).await.unwrap();
+    delete_row(7);
+    assert!(store
+        .queued(peer.clone(), last, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Until a read finds the end, and the tail serves again.
+    store.submit(new(8)).await.unwrap();
+    delete_row(8);
+    let again = store.queued(peer.clone(), last, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
 }
