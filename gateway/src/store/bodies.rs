@@ -217,9 +217,14 @@ impl BodyLog {
     }
 
     /// Removes closed segments numbered below `seg` (no row refers to them).
+    ///
+    /// The writer's lock is held only to read the open segment and record
+    /// the new bound: unlinking a full segment and syncing the directory
+    /// take tens of milliseconds under load, and the writer appends and
+    /// syncs bodies meanwhile. Only segments below the open one are
+    /// touched, so nothing the writer uses is removed.
     pub(crate) fn remove_below(&self, seg: i64) -> io::Result<usize> {
-        let mut inner = self.lock();
-        let limit = seg.min(inner.seg);
+        let limit = seg.min(self.lock().seg);
         let mut removed = 0;
         for n in segments(&self.dir)? {
             if n >= limit {
@@ -228,10 +233,15 @@ impl BodyLog {
             std::fs::remove_file(segment_path(&self.dir, n))?;
             removed += 1;
         }
-        inner.oldest = limit;
-        let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
-        if reading.as_ref().is_some_and(|(n, _)| *n < limit) {
-            *reading = None;
+        {
+            let mut inner = self.lock();
+            inner.oldest = inner.oldest.max(limit);
+        }
+        {
+            let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            if reading.as_ref().is_some_and(|(n, _)| *n < limit) {
+                *reading = None;
+            }
         }
         if removed > 0 {
             sync_dir(&self.dir)?;
