@@ -18,8 +18,11 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Size at which a segment is closed and the next one begun.
-const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Size at which a segment is closed and the next one begun. Small enough
+/// that removing a delivered one is a short job for the file system (a
+/// 64 MiB unlink stalled every writer on the disk for tens of
+/// milliseconds), large enough that a segment outlives many groups.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Where a body is: segment number, offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
