@@ -27,6 +27,9 @@ use super::Queued;
 /// peer that is away builds a backlog, read from the database as before).
 const MAX_BYTES: usize = 32 * 1024 * 1024;
 
+/// Items a peer's tail holds at most (status updates carry no body).
+const MAX_ITEMS: usize = 65_536;
+
 /// A change to the tails, staged by a job and applied once its group is
 /// durable.
 #[derive(Debug)]
@@ -97,7 +100,7 @@ impl Tail {
         }
         self.bytes += body_bytes(&q);
         self.items.push_back(q);
-        if self.bytes > MAX_BYTES {
+        if self.bytes > MAX_BYTES || self.items.len() > MAX_ITEMS {
             self.turn_off();
         }
     }

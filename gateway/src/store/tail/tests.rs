@@ -95,7 +95,7 @@ fn answered_items_are_dropped_and_never_served_again() {
 }
 
 #[test]
-fn an_item_out_of_order_or_too_many_bytes_turn_the_tail_off() {
+fn an_item_out_of_order_or_too_many_bytes_or_items_turn_the_tail_off() {
     let t = Tails::default();
     let epoch = t.collect(&peer());
     t.found_end(&peer(), epoch, 0);
@@ -119,6 +119,14 @@ fn an_item_out_of_order_or_too_many_bytes_turn_the_tail_off() {
     assert_eq!(seqs(t.serve(&peer(), 2, 10)), Some(vec![3, 4]));
     t.apply(vec![Effect::Push(peer(), big(5))]);
     assert_eq!(seqs(t.serve(&peer(), 2, 10)), None, "over its bytes");
+
+    let epoch = t.collect(&peer());
+    t.found_end(&peer(), epoch, 5);
+    let many = (6..6 + MAX_ITEMS as i64).map(|seq| Effect::Push(peer(), status(seq)));
+    t.apply(many.collect());
+    assert_eq!(t.serve(&peer(), 5, 1).map(|v| v.len()), Some(1));
+    push(&t, 6 + MAX_ITEMS as i64);
+    assert_eq!(seqs(t.serve(&peer(), 5, 1)), None, "over its items");
 }
 
 fn status_envelope() -> proto::Envelope {
