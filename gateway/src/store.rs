@@ -1018,10 +1018,7 @@ fn run_jobs(
     if jobs.iter_mut().all(|job| job.run(conn, false)) {
         return Ok(());
     }
-    // A failed statement may already have ended the transaction.
-    let _ = conn.execute_batch("ROLLBACK");
-    bodies.discard();
-    tails.discard_staged();
+    roll_back_group(conn, bodies, tails);
     conn.execute_batch("BEGIN IMMEDIATE")?;
     bodies.start_group(jobs.len());
     for job in jobs.iter_mut() {
@@ -1032,6 +1029,15 @@ fn run_jobs(
         }
     }
     Ok(())
+}
+
+/// Rolls the open group back: its transaction, the bodies it queued and the
+/// queue effects it staged.
+fn roll_back_group(conn: &Connection, bodies: &Bodies, tails: &Tails) {
+    // A failed statement may already have ended the transaction.
+    let _ = conn.execute_batch("ROLLBACK");
+    bodies.discard();
+    tails.discard_staged();
 }
 
 fn in_savepoint<R>(
@@ -1162,9 +1168,7 @@ fn store_thread(
         }
         if let Err(e) = run_jobs(&conn, bodies, tails, &mut jobs) {
             tracing::error!(error = %e, "store: cannot run a group again after a failed job");
-            let _ = conn.execute_batch("ROLLBACK");
-            bodies.discard();
-            tails.discard_staged();
+            roll_back_group(&conn, bodies, tails);
             for job in jobs {
                 job.complete()(Err(StoreError::Db(format!("store: {e}"))));
             }
@@ -1194,8 +1198,7 @@ fn store_thread(
             Err(e) => Err(StoreError::Db(format!("writing bodies: {e}"))),
         }
         .inspect_err(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
-            bodies.discard();
+            roll_back_group(&conn, bodies, tails);
             tracing::error!(error = %e, "store: commit failed; the group was rolled back");
         });
         let group = Committed {
@@ -1532,13 +1535,12 @@ impl Store for SqliteStore {
         results: Vec<(i64, Sent)>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let last_answered = results.iter().map(|(seq, _)| *seq).max();
+        // The results are consecutive rows of the peer's queue, so the
+        // peer's rows from the first to the last are exactly these.
+        let first = results.iter().map(|(seq, _)| *seq).min();
+        let last = results.iter().map(|(seq, _)| *seq).max();
         let tail_peer = peer.clone();
         self.call(move |c| {
-            // The results are consecutive rows of the peer's queue, so the
-            // peer's rows from the first to the last are exactly these.
-            let first = results.iter().map(|(seq, _)| *seq).min();
-            let last = results.iter().map(|(seq, _)| *seq).max();
             // Refusals (rare) one by one, first, so the bulk update below
             // finds them no longer `accepted`.
             for (seq, result) in &results {
@@ -1575,7 +1577,7 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await?;
-        if let Some(last) = last_answered {
+        if let Some(last) = last {
             self.tails.answered(&tail_peer, last);
         }
         Ok(())

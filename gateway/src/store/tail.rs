@@ -107,10 +107,8 @@ impl Tail {
 
     /// Drops the items up to `seq`.
     fn drop_through(&mut self, seq: i64) {
-        while self.items.front().is_some_and(|q| q.seq <= seq) {
-            if let Some(q) = self.items.pop_front() {
-                self.bytes -= body_bytes(&q);
-            }
+        while let Some(q) = self.items.pop_front_if(|q| q.seq <= seq) {
+            self.bytes -= body_bytes(&q);
         }
     }
 }
