@@ -163,6 +163,22 @@ pub const KEY_STOCK: usize = 20;
 /// Prefix of the case id of a chronology transfer group.
 const TRANSFER: &str = "transfer:";
 
+/// How long [`Caseworker::read`] waits, after joining a case, for the
+/// case's first message when it has not arrived with the Welcome.
+pub const FIRST_MESSAGE_GRACE: Duration = Duration::from_secs(3);
+
+/// Whether some case in `events` was joined and nothing of it (a message or
+/// a handed-over chronology) followed.
+fn awaiting_first_content(events: &[Event]) -> bool {
+    events.iter().enumerate().any(|(i, e)| match e {
+        Event::Joined { case_id, .. } => !events[i + 1..].iter().any(|later| match later {
+            Event::Message { case_id: c, .. } | Event::History { case_id: c, .. } => c == case_id,
+            _ => false,
+        }),
+        _ => false,
+    })
+}
+
 fn address_of(identity: &str) -> Option<String> {
     match certs::Identity::parse_uri(identity) {
         Ok(certs::Identity::User(area, user)) => Some(format!("user:{user}@{area}")),
@@ -644,7 +660,41 @@ impl Caseworker {
     /// Processes the MLS messages waiting in the inbox, oldest first, waiting
     /// up to `wait` for the first one; acknowledges each one handled. Tops up
     /// KeyPackages when the gateway says the stock is low.
+    ///
+    /// A case's Welcome and its first message travel as two messages, so a
+    /// reader woken by the Welcome may find the message not there yet. When
+    /// a case was joined and nothing of it has been read, `read` waits up to
+    /// [`FIRST_MESSAGE_GRACE`] more (within `wait`) for it: the worker sees
+    /// the referral with the join, not on the next read.
     pub async fn read(&mut self, wait: Duration) -> Result<Vec<Event>, CaseError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut events = self.read_batch(wait).await?;
+        let grace_end = tokio::time::Instant::now() + FIRST_MESSAGE_GRACE;
+        while awaiting_first_content(&events) {
+            let left = deadline
+                .min(grace_end)
+                .saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let more = self.read_batch(left).await?;
+            if more.is_empty() {
+                break;
+            }
+            events.extend(more);
+        }
+        // Joining used up a KeyPackage: top up when the gateway says the stock is low.
+        if events.iter().any(|e| matches!(e, Event::Joined { .. })) {
+            let stock = self.api.key_package_stock().await?;
+            if stock.low {
+                self.publish_keys(KEY_STOCK).await?;
+            }
+        }
+        Ok(events)
+    }
+
+    /// One pass over the inbox: waits up to `wait` for the first message.
+    async fn read_batch(&mut self, wait: Duration) -> Result<Vec<Event>, CaseError> {
         let inbox = self.api.inbox(wait).await?;
         let mut events = Vec::new();
         for item in inbox
@@ -682,13 +732,6 @@ impl Caseworker {
                         error: e.to_string(),
                     })
                 }
-            }
-        }
-        // Joining used up a KeyPackage: top up when the gateway says the stock is low.
-        if events.iter().any(|e| matches!(e, Event::Joined { .. })) {
-            let stock = self.api.key_package_stock().await?;
-            if stock.low {
-                self.publish_keys(KEY_STOCK).await?;
             }
         }
         Ok(events)

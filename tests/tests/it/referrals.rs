@@ -154,6 +154,41 @@ async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both
 }
 
 /// Everything the gateways print, for the canary test.
+/// The Welcome and the first message travel separately: a reader already
+/// waiting is woken by the Welcome, and still gets the referral in the same
+/// read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waiting_when_a_referral_arrives_gets_the_join_and_the_referral_in_one_read() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let mut dan = worker(&fed, 1, "dan");
+    for round in 0..3 {
+        let text = format!("Referral {round}: family moved to southvale");
+        let (events, referred) = tokio::join!(dan.read(Duration::from_secs(30)), async {
+            // Let dan's long-poll start waiting first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            alice
+                .refer(
+                    &to("user:dan@southvale"),
+                    &category("relocation"),
+                    false,
+                    text.as_bytes(),
+                    None,
+                    None,
+                    None,
+                )
+                .await
+        });
+        let (case, _) = referred.unwrap();
+        let events = events.unwrap();
+        assert!(
+            matches!(events.first(), Some(Event::Joined { case_id, .. }) if *case_id == case),
+            "{events:?}"
+        );
+        assert_eq!(texts(&events), [text]);
+    }
+}
+
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOGS.get_or_init(|| {
