@@ -665,14 +665,17 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
     // Hold the writer in a job of its own while the three are queued, so
     // that they share the next group.
     let (open, wait) = std::sync::mpsc::channel::<()>();
+    let (running, started) = std::sync::mpsc::channel::<()>();
     let blocker = store
         .queue(move |_: &Connection| {
+            let _ = running.send(());
             let _ = wait.recv();
             Ok(())
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The writer is inside the blocker's group: the next jobs make a new one.
+    started.recv().unwrap();
     let queued = [
         store.queue(job(0)).await.unwrap(),
         store.queue(job(1)).await.unwrap(),
