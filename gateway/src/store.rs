@@ -526,9 +526,9 @@ struct Bodies {
 }
 
 /// Body bytes a group of one job may store inline in its rows: a lone
-/// message then commits with one fsync instead of two. The bodies of larger
-/// groups (and larger bodies) go to the body log, written once instead of
-/// through the WAL and again by a checkpoint.
+/// message (or a small batch) then commits with one fsync instead of two.
+/// The bodies of larger groups (and larger bodies) go to the body log,
+/// written once instead of through the WAL and again by a checkpoint.
 const INLINE_BYTES_PER_GROUP: usize = 32 * 1024;
 
 /// Where a body goes: its bytes for the row's `body` column, or a reference
@@ -543,12 +543,22 @@ impl Bodies {
             .store(budget, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Places a body inline while the group's budget lasts, else in `log`.
-    fn place<'a>(&self, log: &BodyLog, body: &'a [u8]) -> Placed<'a> {
+    /// Whether a job's bodies, `total` bytes in all, go inline: all of them
+    /// when they fit the group's budget, else none. Some inline and the rest
+    /// in the log would cost the log's fsync and the WAL's writes both.
+    fn inline_all(&self, total: usize) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let left = self.inline_left.load(Relaxed);
-        if body.len() <= left {
-            self.inline_left.store(left - body.len(), Relaxed);
+        let fits = total <= left;
+        if fits {
+            self.inline_left.store(left - total, Relaxed);
+        }
+        fits
+    }
+
+    /// Places a body inline or in `log`, as [`Bodies::inline_all`] decided.
+    fn place<'a>(&self, log: &BodyLog, body: &'a [u8], inline: bool) -> Placed<'a> {
+        if inline {
             (Some(body), None)
         } else {
             (None, Some(log.append(body)))
@@ -1280,10 +1290,12 @@ impl Store for SqliteStore {
             match &m.route {
                 Route::Local => {
                     debug_assert_eq!(env.recipient.area, own);
-                    insert_inbox(c, &bodies, env, &env_json, &m.body)?;
+                    let inline = bodies.inline_all(m.body.0.len());
+                    insert_inbox(c, &bodies, env, &env_json, &m.body, inline)?;
                 }
                 Route::Peer(peer) => {
-                    let (inline, r) = bodies.place(&bodies.outbox, &m.body.0);
+                    let inline = bodies.inline_all(m.body.0.len());
+                    let (inline, r) = bodies.place(&bodies.outbox, &m.body.0, inline);
                     exec(c,
                         "INSERT INTO outbox (peer, message_id, is_deliver, body, body_seg, body_off, body_len, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
                         params![peer.as_str(), id, inline, r.map(|r| r.seg), r.map(|r| r.off), r.map(|r| r.len), env.expires_at_ms as i64],
@@ -1321,16 +1333,24 @@ impl Store for SqliteStore {
                 Ok((item, json))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let body_bytes = items
+            .iter()
+            .map(|(item, _)| match item {
+                Incoming::Deliver(_, body) => body.0.len(),
+                Incoming::Status(..) => 0,
+            })
+            .sum::<usize>();
         let bodies = self.bodies.clone();
         self.queue(move |c| {
             if let Some(order) = order {
                 follow_session(c, &peer, order)?;
             }
             let mut out = Vec::with_capacity(items.len());
+            let inline = bodies.inline_all(body_bytes);
             for (item, env_json) in &items {
                 out.push(match item {
                     Incoming::Deliver(env, body) => {
-                        if insert_inbox(c, &bodies, env, env_json, body)? {
+                        if insert_inbox(c, &bodies, env, env_json, body, inline)? {
                             IncomingOutcome::Stored
                         } else {
                             IncomingOutcome::Duplicate
@@ -1737,11 +1757,12 @@ fn insert_inbox(
     env: &Envelope,
     env_json: &str,
     body: &Body,
+    inline: bool,
 ) -> Result<bool, StoreError> {
     let (kind, target) = target_of(env);
     // A duplicate (a peer's retry) is refused by the insert, and the body
     // it queued for the log is taken back.
-    let (inline, r) = bodies.place(&bodies.inbox, &body.0);
+    let (inline, r) = bodies.place(&bodies.inbox, &body.0, inline);
     let n = exec(c,
         "INSERT OR IGNORE INTO inbox (message_id, sender_area, sender_user, idem_key, target_kind, target_id, envelope, body, body_seg, body_off, body_len, status, stored_at_us, kind)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'delivered', ?12, ?13)",
