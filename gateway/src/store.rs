@@ -594,7 +594,7 @@ fn stored_body(
 }
 
 /// The schema version this gateway writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Columns of `sent` (schema 2), shared by the schema and the migration.
 const SENT_TABLE: &str = "(
@@ -631,11 +631,13 @@ const INBOX_TABLE: &str = "(
     body_len    INTEGER
 )";
 
-/// Fills the `{SENT}` and `{INBOX}` table definitions into a script.
+/// Fills the `{SENT}`, `{INBOX}` and `{MAILBOX}` table definitions into a
+/// script.
 fn with_tables(template: &str) -> String {
     template
         .replace("{SENT}", SENT_TABLE)
         .replace("{INBOX}", INBOX_TABLE)
+        .replace("{MAILBOX}", MAILBOX_TABLES)
 }
 
 /// The schema, version 2. A sent message's whole status history lives in its
@@ -649,7 +651,7 @@ CREATE TABLE IF NOT EXISTS sent {SENT};
 CREATE UNIQUE INDEX IF NOT EXISTS sent_idem ON sent (idem_key, sender_user);
 CREATE TABLE IF NOT EXISTS inbox {INBOX};
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_idem ON inbox (idem_key, sender_area, sender_user);
-CREATE INDEX IF NOT EXISTS inbox_target ON inbox (target_kind, target_id, status);
+{MAILBOX}
 -- MLS messages to a team must reach every member: each member acknowledges
 -- for themselves (the sender hears of the first).
 CREATE TABLE IF NOT EXISTS member_acks (
@@ -697,8 +699,69 @@ CREATE TABLE IF NOT EXISTS peer_sessions (
     last_batch INTEGER NOT NULL,
     UNIQUE (peer, session)
 );
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 ";
+
+/// Which inbox rows each mailbox (a user or a team) holds: the `mailbox`
+/// index, added to in bulk (see `index_mailboxes`) up to `mailbox_mark`.
+/// Rows after the mark are found by a scan of the inbox's newest rows.
+const MAILBOX_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS mailbox (
+    target_kind TEXT NOT NULL,
+    target_id   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (target_kind, target_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailbox_mark (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    up_to INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO mailbox_mark (id, up_to) VALUES (0, 0);
+";
+
+/// Schema 2 to 3: the inbox's index by recipient (which took one scattered
+/// page write per message stored) becomes the bulk-built `mailbox` index.
+/// One transaction.
+const MIGRATE_2_TO_3_TEMPLATE: &str = "
+BEGIN IMMEDIATE;
+{MAILBOX}
+INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq)
+    SELECT target_kind, target_id, seq FROM inbox ORDER BY target_kind, target_id, seq;
+UPDATE mailbox_mark SET up_to = (SELECT COALESCE(MAX(seq), 0) FROM inbox) WHERE id = 0;
+DROP INDEX IF EXISTS inbox_target;
+PRAGMA user_version = 3;
+COMMIT;
+";
+
+/// How often the writer adds the inbox's newest rows to the `mailbox`
+/// index. Between times they are found by scanning the rows after the mark:
+/// a few thousand at most under heavy load. The unit tests index when they
+/// choose.
+#[cfg(not(test))]
+const INDEX_MAILBOXES_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+#[cfg(test)]
+const INDEX_MAILBOXES_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Adds the inbox rows after the mark to the `mailbox` index, in key order
+/// (one write per mailbox page, not one per message), and moves the mark.
+fn index_mailboxes(c: &Connection) -> Result<usize, StoreError> {
+    let n = exec(
+        c,
+        "INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq) \
+         SELECT target_kind, target_id, seq FROM inbox \
+         WHERE seq > (SELECT up_to FROM mailbox_mark WHERE id = 0) \
+         ORDER BY target_kind, target_id, seq",
+        [],
+    )?;
+    if n > 0 {
+        exec(
+            c,
+            "UPDATE mailbox_mark SET up_to = (SELECT MAX(seq) FROM inbox) WHERE id = 0",
+            [],
+        )?;
+    }
+    Ok(n)
+}
 
 /// Schema 1 to 2: status history moves from `status_events` into `sent`,
 /// and the idempotency indexes of `sent` and `inbox` are rebuilt key first.
@@ -835,12 +898,18 @@ impl SqliteStore {
                     "database schema version {v} is newer than this gateway understands ({SCHEMA_VERSION})"
                 )))
             }
-            1 => {
-                tracing::info!("migrating the database from schema 1 to 2");
-                conn.execute_batch(&with_tables(MIGRATE_1_TO_2_TEMPLATE)).map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    StoreError::Db(format!("migrating schema 1 to 2 (nothing was changed): {e}"))
-                })?;
+            1 | 2 => {
+                let steps = [(1, MIGRATE_1_TO_2_TEMPLATE), (2, MIGRATE_2_TO_3_TEMPLATE)];
+                for (from, template) in steps.into_iter().filter(|(from, _)| *from >= version) {
+                    let to = from + 1;
+                    tracing::info!("migrating the database from schema {from} to {to}");
+                    conn.execute_batch(&with_tables(template)).map_err(|e| {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        StoreError::Db(format!(
+                            "migrating schema {from} to {to} (that step changed nothing): {e}"
+                        ))
+                    })?;
+                }
             }
             _ => {}
         }
@@ -1159,6 +1228,7 @@ fn store_thread(
     synced: &std::sync::mpsc::SyncSender<Committed>,
 ) {
     const GROUP: usize = 512;
+    let mut indexed_at = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < GROUP {
@@ -1183,6 +1253,13 @@ fn store_thread(
                 job.complete()(Err(StoreError::Db(format!("store: {e}"))));
             }
             continue;
+        }
+        if indexed_at.elapsed() >= INDEX_MAILBOXES_EVERY {
+            indexed_at = std::time::Instant::now();
+            // Derived data: on failure the newest rows stay found by the scan.
+            if let Err(e) = in_savepoint(&conn, index_mailboxes) {
+                tracing::warn!(error = %e, "store: could not index the newest inbox rows");
+            }
         }
         // The group's queue effects reach the tails once it is durable,
         // before anyone is answered (a caller may wake the peer's worker).
@@ -1384,8 +1461,11 @@ impl Store for SqliteStore {
     async fn inbox(&self, mb: Mailbox, limit: usize) -> Result<Vec<InboxItem>, StoreError> {
         self.read(move |c| {
             let (clause, args) = mailbox_clause(&mb);
+            // Indexed rows, and the newest ones the index does not cover yet.
             let sql = format!(
-                "SELECT envelope, status FROM inbox WHERE {clause} AND \
+                "SELECT envelope, status FROM inbox WHERE seq IN \
+                 (SELECT seq FROM mailbox WHERE {clause} \
+                  UNION ALL SELECT seq FROM inbox WHERE seq > (SELECT up_to FROM mailbox_mark WHERE id = 0) AND {clause}) AND \
                  ((kind = 'opaque' AND status != 'acknowledged') OR \
                   (kind = 'mls' AND NOT EXISTS (SELECT 1 FROM member_acks a WHERE a.message_id = inbox.message_id AND a.user_id = ?1))) \
                  ORDER BY seq LIMIT {limit}"

@@ -264,8 +264,27 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 2);
-    c.execute_batch("PRAGMA user_version = 3").unwrap();
+    assert_eq!(v, 3);
+    // Schema 3: the migrated message is in the bulk-built mailbox index,
+    // and the per-message index by recipient is gone.
+    let indexed: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM mailbox WHERE target_kind = 'user' AND target_id = 'alice' \
+             AND seq <= (SELECT up_to FROM mailbox_mark)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(indexed >= 1, "{indexed}");
+    let old_index: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'inbox_target'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(old_index, 0);
+    c.execute_batch("PRAGMA user_version = 4").unwrap();
     drop(c);
     let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
     assert!(e.to_string().contains("newer"), "{e}");
@@ -827,4 +846,97 @@ async fn fresh_queue_items_are_served_from_memory_until_the_queue_changes_under_
     delete_row(8);
     let again = store.queued(peer.clone(), last, 10).await.unwrap();
     assert_eq!(again.len(), 1);
+}
+
+#[tokio::test]
+async fn mailboxes_list_indexed_and_newest_messages_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let recipients = [
+        "user:alice@northshire",
+        "team:duty@northshire",
+        "user:carol@northshire",
+    ];
+    let batch = |ns: std::ops::Range<u8>| -> Vec<Incoming> {
+        ns.map(|n| {
+            let mut env = incoming(n, &format!("m-{n}"));
+            env.recipient = recipients[usize::from(n) % 3].parse().unwrap();
+            Incoming::Deliver(Box::new(env), Body(vec![n; 8]))
+        })
+        .collect()
+    };
+    // The first two batches get indexed (as the writer does every
+    // INDEX_MAILBOXES_EVERY); the third is left to the scan of the newest
+    // rows.
+    store.accept_batch(peer.clone(), batch(0..6)).await.unwrap();
+    store
+        .accept_batch(peer.clone(), batch(6..12))
+        .await
+        .unwrap();
+    let added = store.call(index_mailboxes).await.unwrap();
+    assert_eq!(added, 12);
+    assert_eq!(store.call(index_mailboxes).await.unwrap(), 0, "once only");
+    store
+        .accept_batch(peer.clone(), batch(12..18))
+        .await
+        .unwrap();
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let (indexed, mark): (i64, i64) = c
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM mailbox), (SELECT up_to FROM mailbox_mark)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let newest: i64 = c
+        .query_row("SELECT MAX(seq) FROM inbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(indexed, 12, "the first two batches are indexed");
+    assert!(
+        mark < newest,
+        "the third is not: mark {mark}, newest {newest}"
+    );
+
+    let ids = |ns: &[u8]| -> Vec<MessageId> {
+        ns.iter()
+            .map(|n| incoming(*n, &format!("m-{n}")).message_id)
+            .collect()
+    };
+    let listed = |mb: Mailbox| {
+        let store = store.clone();
+        async move {
+            store
+                .inbox(mb, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|i| i.envelope.message_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let alice = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![TeamId::new("duty").unwrap()],
+    };
+    let carol = Mailbox {
+        user: UserId::new("carol").unwrap(),
+        teams: vec![],
+    };
+    assert_eq!(
+        listed(alice.clone()).await,
+        ids(&[0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16]),
+        "her own and her team's, indexed or not, in order"
+    );
+    assert_eq!(listed(carol).await, ids(&[2, 5, 8, 11, 14, 17]));
+    // Acknowledged messages leave the listing, indexed or not.
+    for n in [3u8, 15] {
+        let id = incoming(n, &format!("m-{n}")).message_id;
+        let acked = store.ack(alice.clone(), id, 5).await.unwrap();
+        assert_eq!(acked, Some(Status::Acknowledged));
+    }
+    assert_eq!(
+        listed(alice).await,
+        ids(&[0, 1, 4, 6, 7, 9, 10, 12, 13, 16])
+    );
 }
