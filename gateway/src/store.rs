@@ -751,7 +751,7 @@ fn index_mailboxes(c: &Connection) -> Result<usize, StoreError> {
         c,
         "INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq) \
          SELECT target_kind, target_id, seq FROM inbox \
-         WHERE seq > (SELECT up_to FROM mailbox_mark WHERE id = 0) \
+         WHERE seq > COALESCE((SELECT up_to FROM mailbox_mark WHERE id = 0), 0) \
          ORDER BY target_kind, target_id, seq",
         [],
     )?;
@@ -1467,7 +1467,7 @@ impl Store for SqliteStore {
             let sql = format!(
                 "SELECT envelope, status FROM inbox WHERE seq IN \
                  (SELECT seq FROM mailbox WHERE {clause} \
-                  UNION ALL SELECT seq FROM inbox WHERE seq > (SELECT up_to FROM mailbox_mark WHERE id = 0) AND {clause}) AND \
+                  UNION ALL SELECT seq FROM inbox WHERE seq > COALESCE((SELECT up_to FROM mailbox_mark WHERE id = 0), 0) AND {clause}) AND \
                  ((kind = 'opaque' AND status != 'acknowledged') OR \
                   (kind = 'mls' AND NOT EXISTS (SELECT 1 FROM member_acks a WHERE a.message_id = inbox.message_id AND a.user_id = ?1))) \
                  ORDER BY seq LIMIT {limit}"

@@ -935,8 +935,10 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
         let acked = store.ack(alice.clone(), id, 5).await.unwrap();
         assert_eq!(acked, Some(Status::Acknowledged));
     }
-    assert_eq!(
-        listed(alice).await,
-        ids(&[0, 1, 4, 6, 7, 9, 10, 12, 13, 16])
-    );
+    let expected = ids(&[0, 1, 4, 6, 7, 9, 10, 12, 13, 16]);
+    assert_eq!(listed(alice.clone()).await, expected);
+    // Without its mark (a damaged file), every row is scanned: slower, and
+    // still complete.
+    c.execute("DELETE FROM mailbox_mark", []).unwrap();
+    assert_eq!(listed(alice).await, expected);
 }
