@@ -1366,14 +1366,13 @@ impl Store for SqliteStore {
                 "INSERT INTO sent (message_id, sender_user, idem_key, recipient_area, envelope, status, accepted_ms, delivered_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![id, env.sender.user.as_str(), env.idempotency_key.as_str(), env.recipient.area.as_str(), env_json, status.as_str(), at, delivered_at],
             )?;
+            let inline = bodies.inline_all(m.body.0.len());
             match &m.route {
                 Route::Local => {
                     debug_assert_eq!(env.recipient.area, own);
-                    let inline = bodies.inline_all(m.body.0.len());
                     insert_inbox(c, &bodies, env, &env_json, &m.body, inline)?;
                 }
                 Route::Peer(peer) => {
-                    let inline = bodies.inline_all(m.body.0.len());
                     let (inline, r) = bodies.place(&bodies.outbox, &m.body.0, inline);
                     exec(c,
                         "INSERT INTO outbox (peer, message_id, is_deliver, body, body_seg, body_off, body_len, expires_ms) VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7)",
