@@ -10,7 +10,15 @@
 //!
 //! Segments are `<n>.seg` files; a full one is closed and the next begins.
 //! Closed segments that no row refers to any more are removed by
-//! [`BodyLog::remove_below`].
+//! [`BodyLog::remove_below`], which keeps one of them as a spare: renamed,
+//! it becomes the next segment instead of a new file. Unlinking a full
+//! segment frees its blocks and creating one allocates them again, both
+//! through the file system's journal, which every other sync on the disk
+//! then waits behind (measured at 64 in flight: relay p99 25.3–26.7 ms
+//! against 26.3–31.9 ms, alternating runs). Bodies written over a spare's
+//! old bytes are found only through committed rows, as always; a reopened
+//! log never appends to a segment that has reached the roll size (its
+//! length no longer tells where its bodies end) but begins the next.
 
 use std::fs::File;
 use std::io;
@@ -23,6 +31,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// 64 MiB unlink stalled every writer on the disk for tens of
 /// milliseconds), large enough that a segment outlives many groups.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A closed segment kept for reuse as the next one.
+const SPARE: &str = "spare.seg-old";
 
 /// Where a body is: segment number, offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +63,8 @@ struct Inner {
     pending: Vec<u8>,
     /// Smallest segment number that may still exist.
     oldest: i64,
+    /// Whether [`SPARE`] holds a closed segment ready for reuse.
+    spare: bool,
 }
 
 fn segment_path(dir: &Path, seg: i64) -> PathBuf {
@@ -94,10 +107,17 @@ impl BodyLog {
     pub(crate) fn open(dir: &Path) -> io::Result<BodyLog> {
         std::fs::create_dir_all(dir)?;
         let existing = segments(dir)?;
-        let seg = existing.last().copied().unwrap_or(1);
-        let file = open_segment(dir, seg)?;
-        let len = file.metadata()?.len();
-        if existing.is_empty() {
+        let mut seg = existing.last().copied().unwrap_or(1);
+        let mut file = open_segment(dir, seg)?;
+        let mut len = file.metadata()?.len();
+        if len >= SEGMENT_BYTES {
+            // Full, or a reused spare whose length says nothing of where
+            // its bodies end: begin the next segment.
+            seg += 1;
+            file = open_segment(dir, seg)?;
+            len = 0;
+        }
+        if existing.last() != Some(&seg) {
             sync_dir(dir)?;
         }
         Ok(BodyLog {
@@ -108,6 +128,7 @@ impl BodyLog {
                 len,
                 pending: Vec::new(),
                 oldest: existing.first().copied().unwrap_or(seg),
+                spare: dir.join(SPARE).exists(),
             }),
             reading: Mutex::new(None),
         })
@@ -164,6 +185,9 @@ impl BodyLog {
         inner.file.sync_data()?;
         if inner.len >= SEGMENT_BYTES {
             let next = inner.seg + 1;
+            if std::mem::take(&mut inner.spare) {
+                std::fs::rename(self.dir.join(SPARE), segment_path(&self.dir, next))?;
+            }
             inner.file = open_segment(&self.dir, next)?;
             sync_dir(&self.dir)?;
             inner.seg = next;
@@ -219,21 +243,33 @@ impl BodyLog {
         inner.oldest < inner.seg
     }
 
-    /// Removes closed segments numbered below `seg` (no row refers to them).
+    /// Removes closed segments numbered below `seg` (no row refers to them),
+    /// keeping one as the spare when none is kept yet.
     ///
-    /// The writer's lock is held only to read the open segment and record
-    /// the new bound: unlinking a full segment and syncing the directory
-    /// take tens of milliseconds under load, and the writer appends and
-    /// syncs bodies meanwhile. Only segments below the open one are
-    /// touched, so nothing the writer uses is removed.
+    /// The writer's lock is held only to read the open segment and the
+    /// spare, and to record what changed: unlinking a full segment and
+    /// syncing the directory take tens of milliseconds under load, and the
+    /// writer appends and syncs bodies meanwhile. Only segments below the
+    /// open one are touched, so nothing the writer uses is removed; the
+    /// writer takes the spare only once it is recorded, after its rename.
     pub(crate) fn remove_below(&self, seg: i64) -> io::Result<usize> {
-        let limit = seg.min(self.lock().seg);
+        let (limit, mut spare) = {
+            let inner = self.lock();
+            (seg.min(inner.seg), inner.spare)
+        };
         let mut removed = 0;
         for n in segments(&self.dir)? {
             if n >= limit {
                 break;
             }
-            std::fs::remove_file(segment_path(&self.dir, n))?;
+            let path = segment_path(&self.dir, n);
+            if spare {
+                std::fs::remove_file(path)?;
+            } else {
+                std::fs::rename(path, self.dir.join(SPARE))?;
+                self.lock().spare = true;
+                spare = true;
+            }
             removed += 1;
         }
         {

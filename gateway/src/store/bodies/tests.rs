@@ -47,9 +47,10 @@ fn full_segments_are_closed_and_removed_when_unreferenced() {
     // Segment 1 is still referred to: nothing goes.
     assert_eq!(log.remove_below(1).unwrap(), 0);
     assert_eq!(log.read(refs[0]).unwrap().len(), big.len());
-    // Nothing refers to segment 1 any more.
+    // Nothing refers to segment 1 any more: it becomes the spare.
     assert_eq!(log.remove_below(2).unwrap(), 1);
     assert!(log.read(refs[0]).is_err());
+    assert!(dir.path().join(SPARE).exists());
     assert_eq!(log.read(last).unwrap().len(), big.len());
     assert!(!log.has_closed_segments());
     // The open segment is never removed.
@@ -89,4 +90,60 @@ fn only_the_last_unwritten_body_can_be_taken_back() {
     assert!(!log.unappend(c), "already written");
     assert_eq!(log.read(a).unwrap(), b"kept");
     assert_eq!(log.read(c).unwrap(), b"next");
+}
+
+#[test]
+fn a_removed_segment_is_reused_as_the_next_and_reopening_begins_a_new_one() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let big = vec![1u8; (SEGMENT_BYTES / 8) as usize];
+    for _ in 0..8 {
+        log.append(&big);
+        log.sync().unwrap();
+    }
+    let first = std::fs::metadata(segment_path(dir.path(), 1))
+        .unwrap()
+        .ino();
+    // Segment 1 is delivered: kept as the spare, not unlinked.
+    assert_eq!(log.remove_below(2).unwrap(), 1);
+    assert_eq!(
+        std::fs::metadata(dir.path().join(SPARE)).unwrap().ino(),
+        first
+    );
+    // Filling segment 2 rolls into the spare: segment 3 is that file, and
+    // bodies written over its old bytes read back as written.
+    let mut refs = Vec::new();
+    for i in 0..9u8 {
+        refs.push((log.append(&vec![i; big.len()]), i));
+        log.sync().unwrap();
+    }
+    assert_eq!(refs[8].0.seg, 3);
+    assert!(!dir.path().join(SPARE).exists());
+    assert_eq!(
+        std::fs::metadata(segment_path(dir.path(), 3))
+            .unwrap()
+            .ino(),
+        first
+    );
+    for (r, i) in &refs {
+        assert_eq!(log.read(*r).unwrap(), vec![*i; big.len()]);
+    }
+    // Segment 2 goes too: it is the new spare, and with a spare kept the
+    // next removal unlinks.
+    assert_eq!(log.remove_below(3).unwrap(), 1);
+    assert!(dir.path().join(SPARE).exists());
+    drop(log);
+    // Reopened, the log does not append to segment 3 (full of old bytes
+    // past its newest body) but begins segment 4, and takes the spare up.
+    let log = BodyLog::open(dir.path()).unwrap();
+    let after = log.append(b"after reopening");
+    log.sync().unwrap();
+    assert_eq!(after.seg, 4);
+    assert_eq!(
+        (after.off, log.read(after).unwrap()),
+        (0, b"after reopening".to_vec())
+    );
+    assert_eq!(log.read(refs[8].0).unwrap(), vec![8u8; big.len()]);
+    assert!(log.lock().spare);
 }
