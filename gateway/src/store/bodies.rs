@@ -32,6 +32,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// milliseconds), large enough that a segment outlives many groups.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Room kept between groups for the bodies a group appends.
+const KEPT_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
 /// A closed segment kept for reuse as the next one.
 const SPARE: &str = "spare.seg-old";
 
@@ -176,13 +179,23 @@ impl BodyLog {
         if inner.pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut inner.pending);
+        let mut pending = std::mem::take(&mut inner.pending);
         let at = inner.len;
         // Advance first: after a failed write the bytes at `at` are unknown,
         // and later bodies must not be placed over them.
         inner.len += pending.len() as u64;
-        inner.file.write_all_at(&pending, at)?;
-        inner.file.sync_data()?;
+        let written = inner
+            .file
+            .write_all_at(&pending, at)
+            .and_then(|()| inner.file.sync_data());
+        // The next group appends into the same room: growing a fresh buffer
+        // group after group copied every body again and again. A burst's
+        // larger room is given back.
+        pending.clear();
+        if pending.capacity() <= KEPT_BUFFER_BYTES {
+            inner.pending = pending;
+        }
+        written?;
         if inner.len >= SEGMENT_BYTES {
             let next = inner.seg + 1;
             if std::mem::take(&mut inner.spare) {

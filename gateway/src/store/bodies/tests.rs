@@ -147,3 +147,22 @@ fn a_removed_segment_is_reused_as_the_next_and_reopening_begins_a_new_one() {
     assert_eq!(log.read(refs[8].0).unwrap(), vec![8u8; big.len()]);
     assert!(log.lock().spare);
 }
+
+#[test]
+fn the_append_buffer_keeps_its_room_between_groups_but_not_after_a_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let a = log.append(&[3u8; 64 * 1024]);
+    log.sync().unwrap();
+    assert!(log.lock().pending.capacity() >= 64 * 1024, "room kept");
+    assert!(log.lock().pending.is_empty());
+    let b = log.append(&vec![4u8; KEPT_BUFFER_BYTES + 1]);
+    log.sync().unwrap();
+    assert_eq!(
+        log.lock().pending.capacity(),
+        0,
+        "a burst's room is given back"
+    );
+    assert_eq!(log.read(a).unwrap(), vec![3u8; 64 * 1024]);
+    assert_eq!(log.read(b).unwrap().len(), KEPT_BUFFER_BYTES + 1);
+}
