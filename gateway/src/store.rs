@@ -744,15 +744,21 @@ const INDEX_MAILBOXES_EVERY: std::time::Duration = std::time::Duration::from_mil
 #[cfg(test)]
 const INDEX_MAILBOXES_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The inbox rows the `mailbox` index covers: those up to this (0 if the
+/// mark's row is missing, so a listing then scans every row).
+const MAILBOX_MARK: &str = "COALESCE((SELECT up_to FROM mailbox_mark WHERE id = 0), 0)";
+
 /// Adds the inbox rows after the mark to the `mailbox` index, in key order
 /// (one write per mailbox page, not one per message), and moves the mark.
 fn index_mailboxes(c: &Connection) -> Result<usize, StoreError> {
     let n = exec(
         c,
-        "INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq) \
+        &format!(
+            "INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq) \
          SELECT target_kind, target_id, seq FROM inbox \
-         WHERE seq > COALESCE((SELECT up_to FROM mailbox_mark WHERE id = 0), 0) \
-         ORDER BY target_kind, target_id, seq",
+         WHERE seq > {MAILBOX_MARK} \
+         ORDER BY target_kind, target_id, seq"
+        ),
         [],
     )?;
     // Written only when it moves, so an idle pass writes no page.
@@ -1466,7 +1472,7 @@ impl Store for SqliteStore {
             let sql = format!(
                 "SELECT envelope, status FROM inbox WHERE seq IN \
                  (SELECT seq FROM mailbox WHERE {clause} \
-                  UNION ALL SELECT seq FROM inbox WHERE seq > COALESCE((SELECT up_to FROM mailbox_mark WHERE id = 0), 0) AND {clause}) AND \
+                  UNION ALL SELECT seq FROM inbox WHERE seq > {MAILBOX_MARK} AND {clause}) AND \
                  ((kind = 'opaque' AND status != 'acknowledged') OR \
                   (kind = 'mls' AND NOT EXISTS (SELECT 1 FROM member_acks a WHERE a.message_id = inbox.message_id AND a.user_id = ?1))) \
                  ORDER BY seq LIMIT {limit}"

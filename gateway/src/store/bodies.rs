@@ -179,21 +179,21 @@ impl BodyLog {
         if inner.pending.is_empty() {
             return Ok(());
         }
-        let mut pending = std::mem::take(&mut inner.pending);
         let at = inner.len;
         // Advance first: after a failed write the bytes at `at` are unknown,
         // and later bodies must not be placed over them.
-        inner.len += pending.len() as u64;
+        let queued = inner.pending.len() as u64;
+        inner.len += queued;
         let written = inner
             .file
-            .write_all_at(&pending, at)
+            .write_all_at(&inner.pending, at)
             .and_then(|()| inner.file.sync_data());
         // The next group appends into the same room: growing a fresh buffer
         // group after group copied every body again and again. A burst's
         // larger room is given back.
-        pending.clear();
-        if pending.capacity() <= KEPT_BUFFER_BYTES {
-            inner.pending = pending;
+        inner.pending.clear();
+        if inner.pending.capacity() > KEPT_BUFFER_BYTES {
+            inner.pending = Vec::new();
         }
         written?;
         if inner.len >= SEGMENT_BYTES {
