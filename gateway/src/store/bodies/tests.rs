@@ -47,10 +47,10 @@ fn full_segments_are_closed_and_removed_when_unreferenced() {
     // Segment 1 is still referred to: nothing goes.
     assert_eq!(log.remove_below(1).unwrap(), 0);
     assert_eq!(log.read(refs[0]).unwrap().len(), big.len());
-    // Nothing refers to segment 1 any more: it becomes the spare.
+    // Nothing refers to segment 1 any more: it becomes a spare.
     assert_eq!(log.remove_below(2).unwrap(), 1);
     assert!(log.read(refs[0]).is_err());
-    assert!(dir.path().join(SPARE).exists());
+    assert!(spare_path(dir.path(), 1).exists());
     assert_eq!(log.read(last).unwrap().len(), big.len());
     assert!(!log.has_closed_segments());
     // The open segment is never removed.
@@ -92,60 +92,76 @@ fn only_the_last_unwritten_body_can_be_taken_back() {
     assert_eq!(log.read(c).unwrap(), b"next");
 }
 
-#[test]
-fn a_removed_segment_is_reused_as_the_next_and_reopening_begins_a_new_one() {
+/// The inode of segment `seg` in `dir`.
+fn inode(dir: &Path, seg: i64) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(segment_path(dir, seg)).unwrap().ino()
+}
+
+/// Appends full segments until `seg` is the open one.
+fn fill_until(log: &BodyLog, seg: i64, byte: u8) -> Vec<BodyRef> {
+    let half = vec![byte; (SEGMENT_BYTES / 2) as usize];
+    let mut refs = Vec::new();
+    while log.lock().seg < seg {
+        refs.push(log.append(&half));
+        log.sync().unwrap();
+    }
+    refs
+}
+
+#[test]
+fn removed_segments_are_reused_as_the_next_ones_and_reopening_begins_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
     let log = BodyLog::open(dir.path()).unwrap();
-    let big = vec![1u8; (SEGMENT_BYTES / 8) as usize];
-    for _ in 0..8 {
-        log.append(&big);
-        log.sync().unwrap();
+    let closed = SPARES as i64 + 2;
+    fill_until(&log, closed + 1, 1);
+    let old: Vec<u64> = (1..=closed).map(|n| inode(dir.path(), n)).collect();
+    // All are delivered: the first SPARES are kept, the rest unlinked.
+    assert_eq!(log.remove_below(closed + 1).unwrap(), closed as usize);
+    assert_eq!(spares(dir.path()).unwrap().len(), SPARES);
+    assert_eq!(log.lock().spares.len(), SPARES);
+    // The next SPARES segments are those files; bodies written over their
+    // old bytes read back as written.
+    let newest = closed + 1 + SPARES as i64;
+    let refs = fill_until(&log, newest, 2);
+    for n in closed + 2..=newest {
+        assert!(old[..SPARES].contains(&inode(dir.path(), n)), "segment {n}");
     }
-    let first = std::fs::metadata(segment_path(dir.path(), 1))
-        .unwrap()
-        .ino();
-    // Segment 1 is delivered: kept as the spare, not unlinked.
-    assert_eq!(log.remove_below(2).unwrap(), 1);
-    assert_eq!(
-        std::fs::metadata(dir.path().join(SPARE)).unwrap().ino(),
-        first
-    );
-    // Filling segment 2 rolls into the spare: segment 3 is that file, and
-    // bodies written over its old bytes read back as written.
-    let mut refs = Vec::new();
-    for i in 0..9u8 {
-        refs.push((log.append(&vec![i; big.len()]), i));
-        log.sync().unwrap();
+    assert!(spares(dir.path()).unwrap().is_empty());
+    for r in &refs {
+        assert_eq!(log.read(*r).unwrap(), vec![2u8; r.len as usize]);
     }
-    assert_eq!(refs[8].0.seg, 3);
-    assert!(!dir.path().join(SPARE).exists());
-    assert_eq!(
-        std::fs::metadata(segment_path(dir.path(), 3))
-            .unwrap()
-            .ino(),
-        first
-    );
-    for (r, i) in &refs {
-        assert_eq!(log.read(*r).unwrap(), vec![*i; big.len()]);
-    }
-    // Segment 2 goes too: it is the new spare, and with a spare kept the
-    // next removal unlinks.
-    assert_eq!(log.remove_below(3).unwrap(), 1);
-    assert!(dir.path().join(SPARE).exists());
+    // Two more go and are kept, one under the name older versions used.
+    let kept = [inode(dir.path(), closed + 1), inode(dir.path(), closed + 2)];
+    assert_eq!(log.remove_below(closed + 3).unwrap(), 2);
     drop(log);
-    // Reopened, the log does not append to segment 3 (full of old bytes
-    // past its newest body) but begins segment 4, and takes the spare up.
+    std::fs::rename(
+        spare_path(dir.path(), closed + 2),
+        dir.path().join("spare.seg-old"),
+    )
+    .unwrap();
+    // Reopened, the log does not append to the newest segment, a reused
+    // one whose length no longer shows where its bodies end, but begins the
+    // next one; and it finds both spares.
     let log = BodyLog::open(dir.path()).unwrap();
+    assert_eq!(log.lock().spares.len(), 2);
     let after = log.append(b"after reopening");
     log.sync().unwrap();
-    assert_eq!(after.seg, 4);
+    assert_eq!(after.seg, newest + 1);
     assert_eq!(
         (after.off, log.read(after).unwrap()),
         (0, b"after reopening".to_vec())
     );
-    assert_eq!(log.read(refs[8].0).unwrap(), vec![8u8; big.len()]);
-    assert!(log.lock().spare);
+    let last = refs.last().unwrap();
+    assert_eq!(log.read(*last).unwrap(), vec![2u8; last.len as usize]);
+    // The two spares come next; then, with none left, a new file (whose
+    // inode number may be a freed one's: its length tells).
+    fill_until(&log, newest + 4, 3);
+    for n in [newest + 2, newest + 3] {
+        assert!(kept.contains(&inode(dir.path(), n)), "segment {n}");
+    }
+    let fresh = segment_path(dir.path(), newest + 4);
+    assert_eq!(std::fs::metadata(fresh).unwrap().len(), 0);
 }
 
 #[test]
