@@ -135,9 +135,24 @@ impl<'de> Deserialize<'de> for Body {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ContentHash(pub [u8; 32]);
 
+/// The length of a content hash as text: `sha256:` and 64 hex digits.
+const HASH_TEXT_LEN: usize = 7 + 64;
+
+impl ContentHash {
+    /// Writes `sha256:<hex>` into `buf` and returns it as text. (Every
+    /// envelope is serialised at least twice on its way, and building the
+    /// hex through a `String` of chars showed in the relay's profile.)
+    fn write_text<'b>(&self, buf: &'b mut [u8; HASH_TEXT_LEN]) -> Result<&'b str, fmt::Error> {
+        let (prefix, digits) = buf.split_at_mut(7);
+        prefix.copy_from_slice(b"sha256:");
+        hex::encode_to_slice(self.0, digits).map_err(|_| fmt::Error)?;
+        std::str::from_utf8(buf).map_err(|_| fmt::Error)
+    }
+}
+
 impl fmt::Display for ContentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", hex::encode(self.0))
+        f.write_str(self.write_text(&mut [0; HASH_TEXT_LEN])?)
     }
 }
 
@@ -166,7 +181,11 @@ impl std::str::FromStr for ContentHash {
 
 impl Serialize for ContentHash {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let mut buf = [0; HASH_TEXT_LEN];
+        let text = self
+            .write_text(&mut buf)
+            .map_err(|_| serde::ser::Error::custom("content hash"))?;
+        s.serialize_str(text)
     }
 }
 
@@ -246,3 +265,6 @@ impl fmt::Display for Status {
         f.write_str(self.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests;
