@@ -76,7 +76,7 @@ struct Inner {
     pending: Vec<u8>,
     /// Smallest segment number that may still exist.
     oldest: i64,
-    /// Closed segments ready for reuse, at most [`SPARES`].
+    /// Closed segments ready for reuse (removals keep up to [`SPARES`]).
     spares: Vec<PathBuf>,
 }
 
@@ -291,7 +291,7 @@ impl BodyLog {
     /// keeping them as spares while fewer than [`SPARES`] are kept.
     ///
     /// The writer's lock is held only to read the open segment and the
-    /// spare, and to record what changed: unlinking a full segment and
+    /// spares, and to record what changed: unlinking a full segment and
     /// syncing the directory take tens of milliseconds under load, and the
     /// writer appends and syncs bodies meanwhile. Only segments below the
     /// open one are touched, so nothing the writer uses is removed; the
