@@ -88,36 +88,34 @@ fn spare_path(dir: &Path, seg: i64) -> PathBuf {
     dir.join(format!("{seg:010}{SPARE_SUFFIX}"))
 }
 
-/// The spare segments in `dir`.
-fn spares(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.ends_with(SPARE_SUFFIX))
-        {
-            out.push(entry.path());
-        }
-    }
-    out.sort_unstable();
-    Ok(out)
+/// What a body-log directory holds.
+struct Listing {
+    /// Segment numbers, ascending.
+    segments: Vec<i64>,
+    /// Spare segments, by name.
+    spares: Vec<PathBuf>,
 }
 
-/// Segment numbers present in `dir`, ascending.
-fn segments(dir: &Path) -> io::Result<Vec<i64>> {
-    let mut out = Vec::new();
+/// Lists the segments and spares in `dir`, in one pass over it.
+fn list(dir: &Path) -> io::Result<Listing> {
+    let mut out = Listing {
+        segments: Vec::new(),
+        spares: Vec::new(),
+    };
     for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".seg")) else {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
             continue;
         };
-        if let Ok(n) = stem.parse::<i64>() {
-            out.push(n);
+        if name.ends_with(SPARE_SUFFIX) {
+            out.spares.push(entry.path());
+        } else if let Some(Ok(n)) = name.strip_suffix(".seg").map(str::parse::<i64>) {
+            out.segments.push(n);
         }
     }
-    out.sort_unstable();
+    out.segments.sort_unstable();
+    out.spares.sort_unstable();
     Ok(out)
 }
 
@@ -140,7 +138,10 @@ impl BodyLog {
     /// after the end of the newest.
     pub(crate) fn open(dir: &Path) -> io::Result<BodyLog> {
         std::fs::create_dir_all(dir)?;
-        let existing = segments(dir)?;
+        let Listing {
+            segments: existing,
+            spares,
+        } = list(dir)?;
         let mut seg = existing.last().copied().unwrap_or(1);
         let mut file = open_segment(dir, seg)?;
         let mut len = file.metadata()?.len();
@@ -162,7 +163,7 @@ impl BodyLog {
                 len,
                 pending: Vec::new(),
                 oldest: existing.first().copied().unwrap_or(seg),
-                spares: spares(dir)?,
+                spares,
             }),
             reading: Mutex::new(None),
         })
@@ -302,7 +303,7 @@ impl BodyLog {
             (seg.min(inner.seg), inner.spares.len())
         };
         let mut removed = 0;
-        for n in segments(&self.dir)? {
+        for n in list(&self.dir)?.segments {
             if n >= limit {
                 break;
             }

@@ -118,7 +118,7 @@ fn removed_segments_are_reused_as_the_next_ones_and_reopening_begins_a_new_one()
     let old: Vec<u64> = (1..=closed).map(|n| inode(dir.path(), n)).collect();
     // All are delivered: the first SPARES are kept, the rest unlinked.
     assert_eq!(log.remove_below(closed + 1).unwrap(), closed as usize);
-    assert_eq!(spares(dir.path()).unwrap().len(), SPARES);
+    assert_eq!(list(dir.path()).unwrap().spares.len(), SPARES);
     assert_eq!(log.lock().spares.len(), SPARES);
     // The next SPARES segments are those files; bodies written over their
     // old bytes read back as written.
@@ -127,7 +127,7 @@ fn removed_segments_are_reused_as_the_next_ones_and_reopening_begins_a_new_one()
     for n in closed + 2..=newest {
         assert!(old[..SPARES].contains(&inode(dir.path(), n)), "segment {n}");
     }
-    assert!(spares(dir.path()).unwrap().is_empty());
+    assert!(list(dir.path()).unwrap().spares.is_empty());
     for r in &refs {
         assert_eq!(log.read(*r).unwrap(), vec![2u8; r.len as usize]);
     }
