@@ -103,6 +103,12 @@ struct Figures {
     cpu_us: f64,
 }
 
+/// Share of the machine's CPUs a measurement kept busy, in percent: its
+/// CPU time per message times its messages per second.
+fn busy(f: &Figures, cores: usize) -> f64 {
+    100.0 * f.cpu_us * f.per_sec / 1e6 / cores.max(1) as f64
+}
+
 /// CPU time this process has used so far (user + system), from /proc; zero
 /// where /proc is not available.
 fn cpu_time() -> Duration {
@@ -432,15 +438,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let (echo_port, echo) = start_echo(&fed).await?;
 
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!(
-        "relay A→B vs plain rustls+hyper mTLS echo; {} B bodies; {:.1} s per point; {} ms each way between A and B; {} batches in flight; {} cores",
-        args.body,
-        args.seconds,
-        args.link_delay_ms,
-        args.batches_in_flight,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        "relay A→B vs plain rustls+hyper mTLS echo; {} B bodies; {:.1} s per point; {} ms each way between A and B; {} batches in flight; {cores} cores",
+        args.body, args.seconds, args.link_delay_ms, args.batches_in_flight,
     );
     println!(
         "raw fdatasync loop: {:.0} syncs/s",
@@ -482,6 +485,20 @@ async fn main() -> anyhow::Result<()> {
             "{:>9} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>10.0} {:>8.2} {:>8.2} {:>7.0} | {:>7.1}%   (n echo {}, relay {})",
             c, e.per_sec, e.p50_ms, e.p99_ms, e.cpu_us, r.per_sec, r.p50_ms, r.p99_ms, r.cpu_us, 100.0 * r.per_sec / e.per_sec.max(1.0), e.n, r.n
         );
+        if r.cpu_us > 0.0 {
+            // What the relay would reach if its CPU per message stayed the
+            // same and nothing but the CPUs held it back: tells a relay
+            // waiting on the disk from one the CPUs limit.
+            let ceiling = cores as f64 * 1e6 / r.cpu_us;
+            println!(
+                "{:>9}   CPUs busy: echo {:.0} %, relay {:.0} %; relay at all CPUs busy: {:.0}/s ({:.1} % of the echo)",
+                "",
+                busy(&e, cores),
+                busy(&r, cores),
+                ceiling,
+                100.0 * ceiling / e.per_sec.max(1.0)
+            );
+        }
     }
     echo.abort();
     fed.stop(0).await;
