@@ -413,9 +413,19 @@ async fn ack(
 ) -> Result<Json<serde_json::Value>, Failure> {
     let (_, mb) = user_of(&shared, &peer)?;
     let id = message_id(&id)?;
+    let rosters = mb
+        .teams
+        .iter()
+        .map(|t| {
+            (
+                t.clone(),
+                shared.directory.members(&proto::Target::Team(t.clone())),
+            )
+        })
+        .collect();
     let status = shared
         .store
-        .ack(mb, id.clone(), now_ms())
+        .ack(mb, id.clone(), now_ms(), rosters)
         .await?
         .ok_or_else(|| Failure::not_found("no such message in your inbox"))?;
     // The sender's area: ask the store would cost a read; waking every peer is cheap.

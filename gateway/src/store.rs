@@ -128,6 +128,9 @@ pub enum Sent {
 /// A user and the KeyPackage claimed for them, if they had one.
 pub type Claimed = (UserId, Option<Vec<u8>>);
 
+/// The members of teams, from the directory, for `Store::ack`.
+pub type Rosters = Vec<(TeamId, Vec<UserId>)>;
+
 /// Whose inbox: a user and the teams they are in.
 #[derive(Debug, Clone)]
 pub struct Mailbox {
@@ -208,12 +211,16 @@ pub trait Store: Send + Sync + 'static {
         id: MessageId,
         now_ms: u64,
     ) -> impl Future<Output = Result<Option<(Envelope, Body)>, StoreError>> + Send;
-    /// Acknowledges a message of a mailbox and queues the news for its sender.
+    /// Acknowledges a message of a mailbox and queues the news for its
+    /// sender. `rosters` holds the members of the mailbox's teams (from the
+    /// directory): an MLS message to a team leaves the mailbox index once
+    /// each of them has acknowledged it.
     fn ack(
         &self,
         mb: Mailbox,
         id: MessageId,
         now_ms: u64,
+        rosters: Rosters,
     ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
     /// A sent message's status, for its sender only.
     fn status(
@@ -594,7 +601,7 @@ fn stored_body(
 }
 
 /// The schema version this gateway writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Columns of `sent` (schema 2 and 3), shared by the schema and the migration.
 const SENT_TABLE: &str = "(
@@ -631,16 +638,19 @@ const INBOX_TABLE: &str = "(
     body_len    INTEGER
 )";
 
-/// Fills the `{SENT}`, `{INBOX}` and `{MAILBOX}` table definitions into a
-/// script.
+/// Fills the `{SENT}`, `{INBOX}`, `{MAILBOX}` and `{MEMBER_ACKS}` table
+/// definitions and the `{UNLISTABLE}` condition into a script.
 fn with_tables(template: &str) -> String {
     template
         .replace("{SENT}", SENT_TABLE)
         .replace("{INBOX}", INBOX_TABLE)
         .replace("{MAILBOX}", MAILBOX_TABLES)
+        .replace("{MEMBER_ACKS}", MEMBER_ACKS_TABLE)
+        .replace("{UNLISTABLE}", UNLISTABLE)
 }
 
-/// The schema, version 3. A sent message's whole status history lives in its
+/// The schema, version 4 (4 is 3 with a `mailbox` index that holds only
+/// messages someone can still list). A sent message's whole status history lives in its
 /// `sent` row (one time column per status), so a status change rewrites one
 /// row; the outbox holds only a delivery's body and reads its envelope from
 /// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
@@ -654,13 +664,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS sent_idem ON sent (idem_key, sender_user);
 CREATE TABLE IF NOT EXISTS inbox {INBOX};
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_idem ON inbox (idem_key, sender_area, sender_user);
 {MAILBOX}
--- MLS messages to a team must reach every member: each member acknowledges
--- for themselves (the sender hears of the first).
-CREATE TABLE IF NOT EXISTS member_acks (
-    message_id TEXT NOT NULL,
-    user_id    TEXT NOT NULL,
-    PRIMARY KEY (message_id, user_id)
-);
+{MEMBER_ACKS}
 -- A delivery (is_deliver = 1) has its body in the outbox body log (schema 1
 -- rows: in `body`, with the envelope) and its envelope in `sent`; a status
 -- item has its JSON in `item`.
@@ -701,7 +705,39 @@ CREATE TABLE IF NOT EXISTS peer_sessions (
     last_batch INTEGER NOT NULL,
     UNIQUE (peer, session)
 );
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
+";
+
+/// Who has acknowledged an MLS message: each member of a team acknowledges
+/// for themselves (the sender hears of the first).
+const MEMBER_ACKS_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS member_acks (
+    message_id TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    PRIMARY KEY (message_id, user_id)
+);
+";
+
+/// Inbox rows that no one can list any more, so the `mailbox` index need
+/// not hold them: opaque messages once acknowledged, MLS messages to a user
+/// once that user has acknowledged them. (An MLS message to a team is
+/// listed to each member until they acknowledge it; see `prune_mailbox`.)
+/// Without this a mailbox's listing would step over its whole acknowledged
+/// history every time.
+const UNLISTABLE: &str = "((inbox.kind = 'opaque' AND inbox.status = 'acknowledged') OR \
+ (inbox.kind = 'mls' AND inbox.target_kind = 'user' AND EXISTS \
+ (SELECT 1 FROM member_acks a WHERE a.message_id = inbox.message_id AND a.user_id = inbox.target_id)))";
+
+/// Schema 3 to 4: the `mailbox` index drops the entries of messages no one
+/// can list any more (see `UNLISTABLE`); from schema 4 on they leave it when
+/// acknowledged. One transaction.
+const MIGRATE_3_TO_4_TEMPLATE: &str = "
+BEGIN IMMEDIATE;
+{MEMBER_ACKS}
+DELETE FROM mailbox WHERE (target_kind, target_id, seq) IN
+    (SELECT target_kind, target_id, seq FROM inbox WHERE {UNLISTABLE});
+PRAGMA user_version = 4;
+COMMIT;
 ";
 
 /// Which inbox rows each mailbox (a user or a team) holds: the `mailbox`
@@ -750,13 +786,14 @@ const MAILBOX_MARK: &str = "COALESCE((SELECT up_to FROM mailbox_mark WHERE id = 
 
 /// Adds the inbox rows after the mark to the `mailbox` index, in key order
 /// (one write per mailbox page, not one per message), and moves the mark.
+/// Rows no one can list any more (acknowledged already) are left out.
 fn index_mailboxes(c: &Connection) -> Result<usize, StoreError> {
     let n = exec(
         c,
         &format!(
             "INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq) \
          SELECT target_kind, target_id, seq FROM inbox \
-         WHERE seq > {MAILBOX_MARK} \
+         WHERE seq > {MAILBOX_MARK} AND NOT {UNLISTABLE} \
          ORDER BY target_kind, target_id, seq"
         ),
         [],
@@ -906,8 +943,12 @@ impl SqliteStore {
                     "database schema version {v} is newer than this gateway understands ({SCHEMA_VERSION})"
                 )))
             }
-            1 | 2 => {
-                let steps = [(1, MIGRATE_1_TO_2_TEMPLATE), (2, MIGRATE_2_TO_3_TEMPLATE)];
+            1..=3 => {
+                let steps = [
+                    (1, MIGRATE_1_TO_2_TEMPLATE),
+                    (2, MIGRATE_2_TO_3_TEMPLATE),
+                    (3, MIGRATE_3_TO_4_TEMPLATE),
+                ];
                 for (from, template) in steps.into_iter().filter(|(from, _)| *from >= version) {
                     let to = from + 1;
                     tracing::info!("migrating the database from schema {from} to {to}");
@@ -1518,6 +1559,7 @@ impl Store for SqliteStore {
         mb: Mailbox,
         id: MessageId,
         now_ms: u64,
+        rosters: Rosters,
     ) -> Result<Option<Status>, StoreError> {
         let own = self.own_area.clone();
         let tails = self.tails.clone();
@@ -1535,6 +1577,7 @@ impl Store for SqliteStore {
             if status != Status::Acknowledged {
                 set_inbox_status(c, &tails, &own, &env, Status::Acknowledged, now_ms)?;
             }
+            prune_mailbox(c, &env, &rosters)?;
             Ok(Some(Status::Acknowledged))
         })
         .await
@@ -1922,6 +1965,36 @@ fn find_in_mailbox(
         None => Vec::new(),
     };
     Ok(Some((from_json(&env)?, body, parse_status(&status)?)))
+}
+
+/// Removes an acknowledged message's entry from the `mailbox` index once no
+/// one can list it: see `UNLISTABLE`, and for an MLS message to a team, once
+/// every member in `rosters` has acknowledged it. (An entry not indexed yet
+/// is left out when it is: `index_mailboxes` skips the `UNLISTABLE`.)
+fn prune_mailbox(c: &Connection, env: &Envelope, rosters: &Rosters) -> Result<(), StoreError> {
+    let id = env.message_id.as_str();
+    let everyone_acked = match &env.recipient.target {
+        proto::Target::Team(team) if env.kind == proto::MessageKind::Mls => {
+            let Some((_, members)) = rosters.iter().find(|(t, _)| t == team) else {
+                return Ok(());
+            };
+            let mut acked = c.prepare_cached(
+                "SELECT 1 FROM member_acks WHERE message_id = ?1 AND user_id = ?2",
+            )?;
+            let mut all = !members.is_empty();
+            for m in members {
+                all = all && acked.exists(params![id, m.as_str()])?;
+            }
+            all
+        }
+        _ => false,
+    };
+    let sql = format!(
+        "DELETE FROM mailbox WHERE (target_kind, target_id, seq) IN \
+         (SELECT target_kind, target_id, seq FROM inbox WHERE message_id = ?1 AND (?2 OR {UNLISTABLE}))"
+    );
+    exec(c, &sql, params![id, everyone_acked])?;
+    Ok(())
 }
 
 /// Moves an inbox message forward and tells its sender: directly when the

@@ -264,7 +264,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 3);
+    assert_eq!(v, 4);
     // Schema 3: the migrated message is in the bulk-built mailbox index,
     // and the per-message index by recipient is gone.
     let indexed: i64 = c
@@ -284,7 +284,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
         )
         .unwrap();
     assert_eq!(old_index, 0);
-    c.execute_batch("PRAGMA user_version = 4").unwrap();
+    c.execute_batch("PRAGMA user_version = 5").unwrap();
     drop(c);
     let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
     assert!(e.to_string().contains("newer"), "{e}");
@@ -932,7 +932,7 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
     // Acknowledged messages leave the listing, indexed or not.
     for n in [3u8, 15] {
         let id = incoming(n, &format!("m-{n}")).message_id;
-        let acked = store.ack(alice.clone(), id, 5).await.unwrap();
+        let acked = store.ack(alice.clone(), id, 5, Vec::new()).await.unwrap();
         assert_eq!(acked, Some(Status::Acknowledged));
     }
     let expected = ids(&[0, 1, 4, 6, 7, 9, 10, 12, 13, 16]);
@@ -941,4 +941,170 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
     // still complete.
     c.execute("DELETE FROM mailbox_mark", []).unwrap();
     assert_eq!(listed(alice).await, expected);
+}
+
+/// How many `mailbox` index entries each of these messages has.
+fn indexed(c: &Connection, ids: &[&MessageId]) -> Vec<i64> {
+    ids.iter()
+        .map(|id| {
+            c.query_row(
+                "SELECT COUNT(*) FROM mailbox WHERE seq = (SELECT seq FROM inbox WHERE message_id = ?1)",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn acknowledged_messages_leave_the_mailbox_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let duty = TeamId::new("duty").unwrap();
+    let (alice, bob) = (UserId::new("alice").unwrap(), UserId::new("bob").unwrap());
+    let mb = |user: &UserId| Mailbox {
+        user: user.clone(),
+        teams: vec![duty.clone()],
+    };
+    let rosters = || vec![(duty.clone(), vec![alice.clone(), bob.clone()])];
+    // 0: opaque to alice, 1: opaque to the team, 2: MLS to alice, 3: MLS to
+    // the team, 4: opaque to alice, acknowledged before it is indexed.
+    let kinds = [
+        ("user:alice@northshire", MessageKind::Opaque),
+        ("team:duty@northshire", MessageKind::Opaque),
+        ("user:alice@northshire", MessageKind::Mls),
+        ("team:duty@northshire", MessageKind::Mls),
+        ("user:alice@northshire", MessageKind::Opaque),
+    ];
+    let envs: Vec<Envelope> = kinds
+        .iter()
+        .enumerate()
+        .map(|(n, (to, kind))| {
+            let n = u8::try_from(n).unwrap();
+            let mut env = incoming(n, &format!("p-{n}"));
+            env.recipient = to.parse().unwrap();
+            env.kind = *kind;
+            env
+        })
+        .collect();
+    let ids: Vec<&MessageId> = envs.iter().map(|e| &e.message_id).collect();
+    let deliver = |envs: &[Envelope]| -> Vec<Incoming> {
+        envs.iter()
+            .map(|e| Incoming::Deliver(Box::new(e.clone()), Body(vec![7; 8])))
+            .collect()
+    };
+    store
+        .accept_batch(peer.clone(), deliver(&envs[..4]))
+        .await
+        .unwrap();
+    assert_eq!(store.call(index_mailboxes).await.unwrap(), 4);
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    assert_eq!(indexed(&c, &ids[..4]), vec![1, 1, 1, 1]);
+    let listed = |user: &UserId| {
+        let (store, mb) = (store.clone(), mb(user));
+        async move {
+            let items = store.inbox(mb, 100).await.unwrap();
+            items
+                .into_iter()
+                .map(|i| i.envelope.message_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let ack = |user: &UserId, n: usize| {
+        let (store, mb, id) = (store.clone(), mb(user), envs[n].message_id.clone());
+        let rosters = rosters();
+        async move { store.ack(mb, id, 9, rosters).await.unwrap() }
+    };
+
+    // Opaque messages, to a user or a team, leave with their acknowledgement;
+    // so does an MLS message to a user.
+    for n in 0..3 {
+        assert_eq!(ack(&alice, n).await, Some(Status::Acknowledged));
+    }
+    assert_eq!(indexed(&c, &ids[..4]), vec![0, 0, 0, 1]);
+    // An MLS message to the team stays until every member has acknowledged it.
+    assert_eq!(listed(&alice).await, vec![envs[3].message_id.clone()]);
+    assert_eq!(ack(&alice, 3).await, Some(Status::Acknowledged));
+    assert_eq!(
+        indexed(&c, &ids[3..4]),
+        vec![1],
+        "bob has not acknowledged it"
+    );
+    assert_eq!(listed(&alice).await, Vec::<MessageId>::new());
+    assert_eq!(listed(&bob).await, vec![envs[3].message_id.clone()]);
+    // Acknowledging again changes nothing and is still an answer.
+    assert_eq!(ack(&alice, 3).await, Some(Status::Acknowledged));
+    assert_eq!(indexed(&c, &ids[3..4]), vec![1]);
+    assert_eq!(ack(&bob, 3).await, Some(Status::Acknowledged));
+    assert_eq!(indexed(&c, &ids[3..4]), vec![0]);
+    assert_eq!(listed(&bob).await, Vec::<MessageId>::new());
+
+    // Acknowledged before the index pass reaches it: never indexed.
+    store.accept_batch(peer, deliver(&envs[4..])).await.unwrap();
+    assert_eq!(listed(&alice).await, vec![envs[4].message_id.clone()]);
+    assert_eq!(ack(&alice, 4).await, Some(Status::Acknowledged));
+    assert_eq!(store.call(index_mailboxes).await.unwrap(), 0);
+    assert_eq!(indexed(&c, &ids[4..]), vec![0]);
+    assert_eq!(listed(&alice).await, Vec::<MessageId>::new());
+    // The index covers it all the same: the listing no longer scans for it.
+    let (mark, newest): (i64, i64) = c
+        .query_row(
+            "SELECT (SELECT up_to FROM mailbox_mark), (SELECT MAX(seq) FROM inbox)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(mark, newest);
+}
+
+#[tokio::test]
+async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let alice = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![],
+    };
+    let envs: Vec<Envelope> = (0..4u8).map(|n| incoming(n, &format!("s-{n}"))).collect();
+    let ids: Vec<&MessageId> = envs.iter().map(|e| &e.message_id).collect();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let batch = envs
+        .iter()
+        .map(|e| Incoming::Deliver(Box::new(e.clone()), Body(vec![1; 8])))
+        .collect();
+    store.accept_batch(peer, batch).await.unwrap();
+    store.call(index_mailboxes).await.unwrap();
+    for n in [0, 2] {
+        let id = envs[n].message_id.clone();
+        store.ack(alice.clone(), id, 9, Vec::new()).await.unwrap();
+    }
+    drop(store);
+    // As schema 3 left it: every message indexed, acknowledged or not.
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    c.execute_batch(
+        "INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq) \
+         SELECT target_kind, target_id, seq FROM inbox; PRAGMA user_version = 3;",
+    )
+    .unwrap();
+    assert_eq!(indexed(&c, &ids), vec![1, 1, 1, 1]);
+
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    assert_eq!(indexed(&c, &ids), vec![0, 1, 0, 1]);
+    let v: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 4);
+    let listed: Vec<MessageId> = store
+        .inbox(alice, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.envelope.message_id)
+        .collect();
+    assert_eq!(
+        listed,
+        vec![envs[1].message_id.clone(), envs[3].message_id.clone()]
+    );
 }
