@@ -63,6 +63,11 @@ struct Args {
     /// Seconds to spend on each measurement (after warm-up).
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
+    /// Acknowledged messages in an inbox's history for the listing figure
+    /// (0 skips it): a listing should cost the same however long the
+    /// history is.
+    #[arg(long, default_value_t = 20_000)]
+    inbox_history: usize,
     /// Rounds per concurrency, echo and relay alternating; the table shows
     /// the median of each column, so one noisy moment on a shared machine
     /// does not decide the figure.
@@ -509,6 +514,16 @@ async fn main() -> anyhow::Result<()> {
         "storage alone (two SqliteStores, no TLS or HTTP), {c} in flight: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, cpu {:.0} µs per message",
         s.per_sec, s.p50_ms, s.p99_ms, s.cpu_us
     );
+    if args.inbox_history > 0 {
+        let waiting = 20;
+        let with = store::listing(args.inbox_history, waiting).await?;
+        let without = store::listing(0, waiting).await?;
+        println!(
+            "inbox listing, {waiting} messages waiting: {with:.0} µs after {} acknowledged ones, {without:.0} µs with none before them ({:.2}×)",
+            args.inbox_history,
+            with / without.max(1.0)
+        );
+    }
     if args.mls {
         mls::run(args.mls_rounds, 5, 8192).await?;
     }

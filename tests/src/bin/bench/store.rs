@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use gateway::store::{Incoming, NewMessage, Route, Sent, SqliteStore, Store};
+use gateway::store::{Incoming, Mailbox, NewMessage, Route, Sent, SqliteStore, Store};
 use proto::{AreaId, Body, Envelope, FederationItem, MessageId, Sender, UserId};
 
 use crate::{cpu_time, figures, now_us, Figures};
@@ -105,4 +105,53 @@ pub(crate) async fn run(c: usize, body: usize, secs: f64) -> anyhow::Result<Figu
     let mut f = figures(lat, start.elapsed());
     f.cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / n.max(1) as f64;
     Ok(f)
+}
+
+/// Median time, in microseconds, to list an inbox that has `waiting`
+/// messages after `history` acknowledged ones (each listing asks for up to
+/// 100), in a receiving store of its own.
+pub(crate) async fn listing(history: usize, waiting: usize) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let b = SqliteStore::open(dir.path(), AreaId::new("southvale")?)?;
+    let from = AreaId::new("northshire")?;
+    let mb = Mailbox {
+        user: UserId::new("r0")?,
+        teams: Vec::new(),
+    };
+    let body = Body(vec![b'l'; 256]);
+    let mut ids = Vec::with_capacity(history + waiting);
+    let mut left = history + waiting;
+    while left > 0 {
+        let n = left.min(256);
+        left -= n;
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            let env = envelope(0, &body)?;
+            ids.push(env.message_id.clone());
+            items.push(Incoming::Deliver(Box::new(env), body.clone()));
+        }
+        b.accept_batch(from.clone(), items).await?;
+    }
+    let now = u64::try_from(now_us() / 1000)?;
+    for chunk in ids[..history].chunks(256) {
+        let acks = chunk
+            .iter()
+            .map(|id| b.ack(mb.clone(), id.clone(), now, Vec::new()));
+        futures::future::try_join_all(acks).await?;
+    }
+    // Let the writer's bulk pass index the newest rows, as it would have.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut times = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        let listed = b.inbox(mb.clone(), 100).await?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        anyhow::ensure!(
+            listed.len() == waiting.min(100),
+            "listed {} of {waiting} waiting messages",
+            listed.len()
+        );
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
