@@ -1969,8 +1969,9 @@ fn find_in_mailbox(
 
 /// Removes an acknowledged message's entry from the `mailbox` index once no
 /// one can list it: see `UNLISTABLE`, and for an MLS message to a team, once
-/// every member in `rosters` has acknowledged it. (An entry not indexed yet
-/// is left out when it is: `index_mailboxes` skips the `UNLISTABLE`.)
+/// every member in `rosters` has acknowledged it. (An `UNLISTABLE` entry not
+/// indexed yet is left out when it is; for the team's message, which the
+/// bulk pass cannot judge, the pass runs first.)
 fn prune_mailbox(c: &Connection, env: &Envelope, rosters: &Rosters) -> Result<(), StoreError> {
     let id = env.message_id.as_str();
     let everyone_acked = match &env.recipient.target {
@@ -1989,6 +1990,9 @@ fn prune_mailbox(c: &Connection, env: &Envelope, rosters: &Rosters) -> Result<()
         }
         _ => false,
     };
+    if everyone_acked {
+        index_mailboxes(c)?;
+    }
     let sql = format!(
         "DELETE FROM mailbox WHERE (target_kind, target_id, seq) IN \
          (SELECT target_kind, target_id, seq FROM inbox WHERE message_id = ?1 AND (?2 OR {UNLISTABLE}))"

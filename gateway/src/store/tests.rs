@@ -970,13 +970,15 @@ async fn acknowledged_messages_leave_the_mailbox_index() {
     };
     let rosters = || vec![(duty.clone(), vec![alice.clone(), bob.clone()])];
     // 0: opaque to alice, 1: opaque to the team, 2: MLS to alice, 3: MLS to
-    // the team, 4: opaque to alice, acknowledged before it is indexed.
+    // the team; acknowledged before they are indexed: 4: opaque to alice,
+    // 5: MLS to the team.
     let kinds = [
         ("user:alice@northshire", MessageKind::Opaque),
         ("team:duty@northshire", MessageKind::Opaque),
         ("user:alice@northshire", MessageKind::Mls),
         ("team:duty@northshire", MessageKind::Mls),
         ("user:alice@northshire", MessageKind::Opaque),
+        ("team:duty@northshire", MessageKind::Mls),
     ];
     let envs: Vec<Envelope> = kinds
         .iter()
@@ -1041,13 +1043,17 @@ async fn acknowledged_messages_leave_the_mailbox_index() {
     assert_eq!(indexed(&c, &ids[3..4]), vec![0]);
     assert_eq!(listed(&bob).await, Vec::<MessageId>::new());
 
-    // Acknowledged before the index pass reaches it: never indexed.
+    // Acknowledged before the index pass reaches them: never indexed.
     store.accept_batch(peer, deliver(&envs[4..])).await.unwrap();
-    assert_eq!(listed(&alice).await, vec![envs[4].message_id.clone()]);
-    assert_eq!(ack(&alice, 4).await, Some(Status::Acknowledged));
+    let waiting = vec![envs[4].message_id.clone(), envs[5].message_id.clone()];
+    assert_eq!(listed(&alice).await, waiting);
+    for (user, n) in [(&alice, 4), (&alice, 5), (&bob, 5)] {
+        assert_eq!(ack(user, n).await, Some(Status::Acknowledged));
+    }
     assert_eq!(store.call(index_mailboxes).await.unwrap(), 0);
-    assert_eq!(indexed(&c, &ids[4..]), vec![0]);
+    assert_eq!(indexed(&c, &ids[4..]), vec![0, 0]);
     assert_eq!(listed(&alice).await, Vec::<MessageId>::new());
+    assert_eq!(listed(&bob).await, Vec::<MessageId>::new());
     // The index covers it all the same: the listing no longer scans for it.
     let (mark, newest): (i64, i64) = c
         .query_row(
