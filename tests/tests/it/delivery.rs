@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use proto::{Status, Target};
-use tests::{message, reaches, Federation};
+use tests::{eventually, message, reaches, Federation};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
@@ -42,6 +42,10 @@ async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
         .await
     );
 
+    // The writer's bulk pass indexes it for the team before anyone
+    // acknowledges it.
+    let in_index = || async { fed.count(b, "SELECT COUNT(*) FROM mailbox").unwrap_or(0) == 1 };
+    assert!(eventually(Duration::from_secs(20), in_index).await);
     assert_eq!(
         dan.ack(&sent.message_id).await.unwrap(),
         Status::Acknowledged
@@ -76,6 +80,8 @@ async fn team_message_from_a_to_b_is_delivered_once_and_acknowledged() {
     // Acknowledged messages leave every team member's inbox; stored exactly once.
     assert!(dan.inbox(Duration::ZERO).await.unwrap().messages.is_empty());
     assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
+    // Nor is it in the index of what the team can list.
+    assert_eq!(fed.count(b, "SELECT COUNT(*) FROM mailbox").unwrap(), 0);
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 0);
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use client::cases::{CaseError, Caseworker, Event};
 use client::{ClientConfig, ClientError};
 use proto::{Category, ErrorCode, Recipient};
-use tests::Federation;
+use tests::{eventually, Federation};
 
 fn worker(fed: &Federation, area: usize, user: &str) -> Caseworker {
     let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
@@ -87,6 +87,14 @@ async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both
         .await
         .unwrap();
     assert!(missing.is_empty());
+    // The writer's bulk pass indexes the referral for the team before anyone
+    // reads it.
+    let team_indexed = || async {
+        fed.count(1, "SELECT COUNT(*) FROM mailbox WHERE target_kind = 'team'")
+            .unwrap_or(0)
+            >= 1
+    };
+    assert!(eventually(Duration::from_secs(20), team_indexed).await);
     for u in ["dan", "erin", "farah"] {
         let mut w = worker(&fed, 1, u);
         let events = read(&mut w).await;
@@ -102,6 +110,9 @@ async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both
             "{u}"
         );
     }
+    // Each of them has acknowledged all they read, the team's messages
+    // included: nothing is left in southvale's index of what can be listed.
+    assert_eq!(fed.count(1, "SELECT COUNT(*) FROM mailbox").unwrap(), 0);
     // Joining used a KeyPackage (5 -> 4, low): the client topped its stock up.
     let dan_stock = fed
         .api(1, "dan")
