@@ -650,9 +650,9 @@ fn with_tables(template: &str) -> String {
 }
 
 /// The schema, version 4 (4 is 3 with a `mailbox` index that holds only
-/// messages someone can still list). A sent message's whole status history lives in its
-/// `sent` row (one time column per status), so a status change rewrites one
-/// row; the outbox holds only a delivery's body and reads its envelope from
+/// messages someone can still list). A sent message's whole status history
+/// lives in its `sent` row (one time column per status), so a status change
+/// rewrites one row; the outbox holds only a delivery's body and reads its envelope from
 /// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
 /// keys that sort by time (as the client makes them) keep those indexes
 /// append-only instead of touching one page per sender in every commit. For
