@@ -451,9 +451,15 @@ async fn nothing_is_answered_or_read_before_its_commit_is_on_disk() {
         let store = store.clone();
         async move { store.submit(new(2)).await }
     });
-    // Wait until the second group's COMMIT has been issued (it is in the
-    // database file, not yet fsynced).
-    while store.durability.issued() == durable {
+    // Wait until the second group's COMMIT is done: numbered, and in the
+    // database file (as a connection of our own sees it), not yet fsynced.
+    // (The number comes just before the COMMIT, so it alone is not enough.)
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let committed = || -> i64 {
+        c.query_row("SELECT COUNT(*) FROM sent", [], |r| r.get(0))
+            .unwrap()
+    };
+    while store.durability.issued() == durable || committed() < 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let reading = tokio::spawn({
