@@ -306,7 +306,7 @@ async fn submit(
             shared.metrics.submitted.inc();
             tracing::info!(%message_id, recipient = %envelope.recipient, category = %envelope.category, "accepted");
             match route {
-                Route::Local => shared.inbox_changed(),
+                Route::Local => shared.inbox_changed([&envelope.recipient.target]),
                 Route::Peer(area) => shared.wake_peer(&area),
             }
             Ok((StatusCode::CREATED, Json(SubmitResponse { message_id, status, duplicate: false })))
@@ -370,17 +370,27 @@ async fn inbox(
     let wait = Duration::from_secs(q.wait).min(shared.config.limits.max_inbox_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let mut changed = shared.inbox_tx.subscribe();
+    let mut stop = shared.stop.subscribe();
     loop {
         changed.borrow_and_update();
+        // Read before listing: a message stored meanwhile moves it again.
+        let seen = shared.inbox_generation(&mb);
+        shared.metrics.inbox_listings.inc();
         let messages = shared.store.inbox(mb.clone(), 500).await?;
         if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(InboxResponse { messages }));
         }
-        let mut stop = shared.stop.subscribe();
-        tokio::select! {
-            r = changed.changed() => if r.is_err() { return Ok(Json(InboxResponse { messages })) },
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = crate::stopped(&mut stop) => return Ok(Json(InboxResponse { messages })),
+        // Wait for a message for this mailbox: others' wake it only to compare.
+        loop {
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return Ok(Json(InboxResponse { messages })) },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = crate::stopped(&mut stop) => return Ok(Json(InboxResponse { messages })),
+            }
+            changed.borrow_and_update();
+            if shared.inbox_generation(&mb) != seen {
+                break;
+            }
         }
     }
 }
@@ -432,7 +442,8 @@ async fn ack(
     for p in &shared.config.peers {
         shared.wake_peer(&p.area);
     }
-    shared.inbox_changed();
+    // No long-poll is woken: an acknowledgement only takes messages away,
+    // and a long-poll waits only while its mailbox lists nothing.
     tracing::info!(message_id = %id, "acknowledged");
     Ok(Json(
         serde_json::json!({ "message_id": id, "status": status }),
@@ -588,7 +599,15 @@ async fn accept_items(
             }
         }
     }
-    let mut stored_any = false;
+    // Whom each item is for, when it is a message (a status is for no inbox).
+    let targets: Vec<Option<proto::Target>> = valid
+        .iter()
+        .map(|item| match item {
+            Incoming::Deliver(envelope, _) => Some(envelope.recipient.target.clone()),
+            Incoming::Status(..) => None,
+        })
+        .collect();
+    let mut stored_for = Vec::new();
     // A pipelined batch waits until its session's earlier batches are in the
     // store's queue (checking above ran meanwhile), so it is queued, and
     // stored, in the peer's order; the store checks that order again in the
@@ -618,10 +637,10 @@ async fn accept_items(
     let outcomes = queued?.await.inspect_err(|e| {
         tracing::info!(peer = %area, error = %e, "federation batch not stored");
     })?;
-    for (i, outcome) in index.into_iter().zip(outcomes) {
+    for ((i, target), outcome) in index.into_iter().zip(targets).zip(outcomes) {
         results[i] = Some(match outcome {
             IncomingOutcome::Stored => {
-                stored_any = true;
+                stored_for.extend(target);
                 ItemResult::Stored
             }
             IncomingOutcome::Duplicate => ItemResult::Duplicate,
@@ -632,8 +651,8 @@ async fn accept_items(
         });
     }
     shared.metrics.federation_items_received.add(n as u64);
-    if stored_any {
-        shared.inbox_changed();
+    if !stored_for.is_empty() {
+        shared.inbox_changed(&stored_for);
     }
     let results = results
         .into_iter()

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// TLS handshakes that failed (bad, missing or untrusted certificates).
     pub tls_failures: Counter,
+    /// Inbox listings run: one per inbox request, and one more each time a
+    /// message arrives for a mailbox whose long-poll is waiting.
+    pub inbox_listings: Counter,
 }
 
 impl Metrics {
@@ -105,6 +108,11 @@ impl Metrics {
                 "gateway_tls_failures_total",
                 "Failed TLS handshakes.",
                 &self.tls_failures,
+            ),
+            (
+                "gateway_inbox_listings_total",
+                "Inbox listings run (a waiting long-poll lists again only when a message for it arrives).",
+                &self.inbox_listings,
             ),
         ];
         for (name, help, c) in counters {

@@ -168,3 +168,45 @@ async fn unknown_team_in_a_peer_area_comes_back_undeliverable_with_reason() {
     );
     assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_message_wakes_only_its_recipients_long_poll() {
+    let fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let alice = fed.api(a, "alice").unwrap();
+    let (dan, gita) = (fed.api(b, "dan").unwrap(), fed.api(b, "gita").unwrap());
+    let listings = || fed.gateway(b).unwrap().metrics().inbox_listings.get();
+    let before = listings();
+    let dan_waits = tokio::spawn(async move { dan.inbox(Duration::from_secs(30)).await });
+    let gita_waits = tokio::spawn(async move { gita.inbox(Duration::from_secs(30)).await });
+    // Both have listed their empty inboxes once and wait.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            listings() == before + 2
+        })
+        .await
+    );
+
+    alice
+        .submit(&message("user:dan@southvale", "wake-1", b"for dan".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let got = dan_waits.await.unwrap().unwrap();
+    assert_eq!(got.messages.len(), 1);
+    // Long enough for a woken long-poll to have listed again (it did, before
+    // wakes were per mailbox); not a performance bound.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!gita_waits.is_finished());
+
+    alice
+        .submit(&message("user:gita@southvale", "wake-2", b"for gita".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let got = gita_waits.await.unwrap().unwrap();
+    assert_eq!(got.messages.len(), 1);
+    assert_eq!(
+        listings(),
+        before + 4,
+        "each long-poll listed again once, for its own message only"
+    );
+}
