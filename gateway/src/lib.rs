@@ -120,8 +120,12 @@ impl Shared {
         {
             let mut generations = self.inbox_generations();
             for t in targets {
-                let g = generations.entry(t.clone()).or_insert(0);
-                *g = g.wrapping_add(1);
+                match generations.get_mut(t) {
+                    Some(g) => *g = g.wrapping_add(1),
+                    None => {
+                        generations.insert(t.clone(), 1);
+                    }
+                }
             }
         }
         self.inbox_tx.send_modify(|v| *v = v.wrapping_add(1));
@@ -139,6 +143,7 @@ impl Shared {
             })
     }
 
+    /// The generation counters, locked.
     fn inbox_generations(&self) -> std::sync::MutexGuard<'_, HashMap<proto::Target, u64>> {
         // Plain counters: a panic elsewhere cannot leave them torn.
         self.inbox_generations
