@@ -590,8 +590,13 @@ async fn accept_items(
                         }
                     }
                 }
+                // Whom it is for, when it is a message (a status is for no inbox).
+                let target = match &incoming {
+                    Incoming::Deliver(env, _) => Some(env.recipient.target.clone()),
+                    Incoming::Status(..) => None,
+                };
                 valid.push(incoming);
-                index.push(i);
+                index.push((i, target));
             }
             Err(rejected) => {
                 tracing::warn!(peer = %area, ?rejected, "refused federation item");
@@ -599,14 +604,6 @@ async fn accept_items(
             }
         }
     }
-    // Whom each item is for, when it is a message (a status is for no inbox).
-    let targets: Vec<Option<proto::Target>> = valid
-        .iter()
-        .map(|item| match item {
-            Incoming::Deliver(envelope, _) => Some(envelope.recipient.target.clone()),
-            Incoming::Status(..) => None,
-        })
-        .collect();
     let mut stored_for = Vec::new();
     // A pipelined batch waits until its session's earlier batches are in the
     // store's queue (checking above ran meanwhile), so it is queued, and
@@ -637,7 +634,7 @@ async fn accept_items(
     let outcomes = queued?.await.inspect_err(|e| {
         tracing::info!(peer = %area, error = %e, "federation batch not stored");
     })?;
-    for ((i, target), outcome) in index.into_iter().zip(targets).zip(outcomes) {
+    for ((i, target), outcome) in index.into_iter().zip(outcomes) {
         results[i] = Some(match outcome {
             IncomingOutcome::Stored => {
                 stored_for.extend(target);

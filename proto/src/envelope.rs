@@ -135,16 +135,19 @@ impl<'de> Deserialize<'de> for Body {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ContentHash(pub [u8; 32]);
 
-/// The length of a content hash as text: `sha256:` and 64 hex digits.
-const HASH_TEXT_LEN: usize = 7 + 64;
+/// What a content hash's text begins with.
+const HASH_PREFIX: &str = "sha256:";
+
+/// The length of a content hash as text: the prefix and 64 hex digits.
+const HASH_TEXT_LEN: usize = HASH_PREFIX.len() + 64;
 
 impl ContentHash {
     /// Writes `sha256:<hex>` into `buf` and returns it as text. (Every
     /// envelope is serialised at least twice on its way, and building the
     /// hex through a `String` of chars showed in the relay's profile.)
     fn write_text<'b>(&self, buf: &'b mut [u8; HASH_TEXT_LEN]) -> Result<&'b str, fmt::Error> {
-        let (prefix, digits) = buf.split_at_mut(7);
-        prefix.copy_from_slice(b"sha256:");
+        let (prefix, digits) = buf.split_at_mut(HASH_PREFIX.len());
+        prefix.copy_from_slice(HASH_PREFIX.as_bytes());
         hex::encode_to_slice(self.0, digits).map_err(|_| fmt::Error)?;
         std::str::from_utf8(buf).map_err(|_| fmt::Error)
     }
@@ -171,7 +174,7 @@ impl std::str::FromStr for ContentHash {
             why,
         };
         let hex_part = s
-            .strip_prefix("sha256:")
+            .strip_prefix(HASH_PREFIX)
             .ok_or(bad("must start with sha256:"))?;
         let mut out = [0u8; 32];
         hex::decode_to_slice(hex_part, &mut out).map_err(|_| bad("must be 64 hex digits"))?;

@@ -174,6 +174,13 @@ async fn a_new_message_wakes_only_its_recipients_long_poll() {
     let fed = Federation::standard().await.unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
     let alice = fed.api(a, "alice").unwrap();
+    let send_to = |to: &'static str, key: &'static str| {
+        let alice = &alice;
+        async move {
+            let m = message(to, key, key.as_bytes().to_vec()).unwrap();
+            alice.submit(&m).await.unwrap();
+        }
+    };
     let (dan, gita) = (fed.api(b, "dan").unwrap(), fed.api(b, "gita").unwrap());
     let listings = || fed.gateway(b).unwrap().metrics().inbox_listings.get();
     let before = listings();
@@ -187,10 +194,7 @@ async fn a_new_message_wakes_only_its_recipients_long_poll() {
         .await
     );
 
-    alice
-        .submit(&message("user:dan@southvale", "wake-1", b"for dan".to_vec()).unwrap())
-        .await
-        .unwrap();
+    send_to("user:dan@southvale", "wake-1").await;
     let got = dan_waits.await.unwrap().unwrap();
     assert_eq!(got.messages.len(), 1);
     // Long enough for a woken long-poll to have listed again (it did, before
@@ -198,10 +202,7 @@ async fn a_new_message_wakes_only_its_recipients_long_poll() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!gita_waits.is_finished());
 
-    alice
-        .submit(&message("user:gita@southvale", "wake-2", b"for gita".to_vec()).unwrap())
-        .await
-        .unwrap();
+    send_to("user:gita@southvale", "wake-2").await;
     let got = gita_waits.await.unwrap().unwrap();
     assert_eq!(got.messages.len(), 1);
     assert_eq!(
