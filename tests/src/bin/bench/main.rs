@@ -279,6 +279,7 @@ async fn run_relay(
     accept_only: bool,
 ) -> anyhow::Result<Figures> {
     let (a, b) = (0, 1);
+    let sent_before = federation_sent(fed, a);
     let cpu = cpu_time();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
@@ -312,6 +313,12 @@ async fn run_relay(
         f.cpu_us = cpu.as_secs_f64() * 1e6 / f.n.max(1) as f64;
         return Ok(f);
     }
+    let (items, batches) = federation_sent(fed, a);
+    let (items, batches) = (items - sent_before.0, batches - sent_before.1);
+    eprintln!(
+        "    A sent {items} items in {batches} federation batches ({:.1} per batch)",
+        items as f64 / batches.max(1) as f64
+    );
     let acc = figures(accept, Duration::from_secs(1));
     eprintln!(
         "    accept at A: p50 {:.2} ms p99 {:.2} ms",
@@ -354,6 +361,17 @@ async fn run_relay(
         (scan_a + scan_b).as_secs_f64() * 1e3
     );
     Ok(f)
+}
+
+/// Gateway `i`'s federation items and batches sent so far.
+fn federation_sent(fed: &Federation, i: usize) -> (u64, u64) {
+    fed.gateway(i).map_or((0, 0), |g| {
+        let m = g.metrics();
+        (
+            m.federation_items_sent.get(),
+            m.federation_batches_sent.get(),
+        )
+    })
 }
 
 /// Waits until `sql` (with `?1` = `since`, in µs) returns a time for every
