@@ -176,6 +176,7 @@ impl Api {
         let tls = certs::user_client_config(creds, area, cas)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
             .build()

@@ -228,6 +228,7 @@ impl Gateway {
             let tls = certs::gateway_client_config(&own, trust)?;
             let client = reqwest::Client::builder()
                 .use_preconfigured_tls(tls)
+                .redirect(reqwest::redirect::Policy::none())
                 .timeout(config.delivery.peer_timeout)
                 .connect_timeout(Duration::from_secs(10))
                 .pool_idle_timeout(Duration::from_secs(90))

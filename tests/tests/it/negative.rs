@@ -368,3 +368,91 @@ async fn bad_requests_get_typed_errors_and_store_nothing() {
     assert_eq!(e.code(), Some(ErrorCode::NotFound));
     assert_nothing_stored(&fed);
 }
+
+/// A server with gateway A's own certificate that answers every submission
+/// with `307` to another path, and counts the requests that reach that path.
+async fn redirecting_gateway(
+    fed: &Federation,
+    a: usize,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let config = fed.config(a).unwrap();
+    let own = certs::Credentials::load(&config.tls.cert, &config.tls.key).unwrap();
+    let trust = certs::ServerTrust {
+        own_area: config.area.clone(),
+        own_cas: certs::load_certs(&config.tls.ca).unwrap(),
+        peers: vec![],
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let elsewhere = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = elsewhere.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, count) = (acceptor.clone(), count.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let count = count.clone();
+                        async move {
+                            let mut resp =
+                                hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                            if req.uri().path() == "/v1/messages" {
+                                *resp.status_mut() = hyper::StatusCode::TEMPORARY_REDIRECT;
+                                resp.headers_mut().insert(
+                                    hyper::header::LOCATION,
+                                    hyper::header::HeaderValue::from_str(&format!(
+                                        "https://127.0.0.1:{port}/v1/elsewhere"
+                                    ))
+                                    .unwrap(),
+                                );
+                            } else {
+                                count.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    });
+    (port, elsewhere)
+}
+
+/// A client sends a message to its own gateway only: a `3xx` answer is an
+/// error, never a reason to send the message somewhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_never_follows_a_redirect() {
+    let fed = Federation::standard().await.unwrap();
+    let a = fed.index("northshire");
+    let (port, elsewhere) = redirecting_gateway(&fed, a).await;
+    let config = client::ClientConfig::load(&fed.client_config_path(a, "alice")).unwrap();
+    let creds = certs::Credentials::load(&config.cert, &config.key).unwrap();
+    let alice = client::Api::from_parts(
+        &format!("https://127.0.0.1:{port}"),
+        &creds,
+        &config.area,
+        &certs::load_certs(&config.ca).unwrap(),
+    )
+    .unwrap();
+    let m = message("user:bob@northshire", "redirected", b"x".to_vec()).unwrap();
+    match alice.submit_once(&m).await {
+        Err(ClientError::Decode(msg)) => assert!(msg.contains("307"), "{msg}"),
+        other => panic!("a redirect must be an error, got {other:?}"),
+    }
+    assert_eq!(
+        elsewhere.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the message was sent on to the redirect's target"
+    );
+    assert_nothing_stored(&fed);
+}

@@ -221,6 +221,7 @@ async fn run_echo(
     let tls = certs::user_client_config(&creds, &config.area, &certs::load_certs(&config.ca)?)?;
     let http = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let url = format!("https://127.0.0.1:{port}/echo");
     let payload = Bytes::from(vec![b'e'; body]);
