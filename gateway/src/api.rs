@@ -96,6 +96,17 @@ impl From<crate::store::StoreError> for Failure {
             crate::store::StoreError::OutOfOrder(m) => {
                 Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
             }
+            crate::store::StoreError::Erased(at_ms) => Failure::new(
+                StatusCode::GONE,
+                ErrorCode::Erased,
+                format!(
+                    "this message was acknowledged and its ciphertext erased on {} \
+                     (this gateway keeps acknowledged messages for retention.keep_acknowledged)",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(at_ms)
+                    )
+                ),
+            ),
             e => Failure::internal(e),
         }
     }

@@ -71,6 +71,9 @@ pub struct Config {
     /// Size and rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How long acknowledged messages' ciphertext is kept.
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// This area's signed sharing policy.
     #[serde(default)]
     pub policy: Option<PolicyConfig>,
@@ -138,6 +141,31 @@ impl Default for DeliveryConfig {
             batch_max_items: 256,
             batches_in_flight: 4,
             peer_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How long the ciphertext of acknowledged messages is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How long an inbox message's ciphertext is kept once everyone who had
+    /// to has acknowledged it (a message to a user: that user; an opaque
+    /// message to a team: one member; an MLS message to a team: every
+    /// member). Then it is erased; its envelope and status stay, and a
+    /// fetch answers `410 Gone`. A message not yet acknowledged is kept.
+    #[serde(deserialize_with = "duration")]
+    pub keep_acknowledged: Duration,
+    /// How often to look for ciphertext to erase.
+    #[serde(deserialize_with = "duration")]
+    pub erase_every: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_acknowledged: Duration::from_secs(30 * 86_400),
+            erase_every: Duration::from_secs(600),
         }
     }
 }
@@ -334,6 +362,9 @@ impl Config {
         }
         if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {
             return Err("delivery.retry_initial must be > 0 and <= delivery.retry_max".into());
+        }
+        if self.retention.erase_every.is_zero() {
+            return Err("retention.erase_every: must be > 0".into());
         }
         let l = &self.limits;
         if l.user_requests_per_second == 0 || l.peer_requests_per_second == 0 {

@@ -289,6 +289,7 @@ impl Gateway {
             }
             None => None,
         };
+        tasks.spawn(erase_loop(shared.clone()));
         tasks.spawn(accept_loop(
             shared.clone(),
             listener,
@@ -442,6 +443,65 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
             crate::stopped(&mut stop).await;
         })
         .await;
+}
+
+/// Erases, every `retention.erase_every`, the ciphertext of inbox messages
+/// acknowledged longer than `retention.keep_acknowledged` ago: inline
+/// bodies are zeroed in the database's pages, bodies in the body log are
+/// overwritten with zeros, body segments no message refers to any more are
+/// removed, and the WAL is truncated.
+async fn erase_loop(shared: Arc<Shared>) {
+    /// Messages erased per store call, so other writes interleave.
+    const BATCH: usize = 1000;
+    let retention = shared.config.retention.clone();
+    let mut stop = shared.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(retention.erase_every) => {}
+            _ = crate::stopped(&mut stop) => break,
+        }
+        let now = now_ms();
+        let keep = u64::try_from(retention.keep_acknowledged.as_millis()).unwrap_or(u64::MAX);
+        let by = now.saturating_sub(keep);
+        let mut erased = 0;
+        loop {
+            match shared.store.erase_settled(by, now, BATCH).await {
+                Ok(n) => {
+                    erased += n;
+                    if n < BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not erase acknowledged messages");
+                    break;
+                }
+            }
+        }
+        shared.metrics.messages_erased.add(erased as u64);
+        if erased > 0 {
+            tracing::info!(
+                messages = erased,
+                "erased the ciphertext of acknowledged messages"
+            );
+        }
+        // Also after a restart: bodies erased before it and not yet zeroed.
+        loop {
+            match shared.store.zero_erased(BATCH).await {
+                Ok(n) if n < BATCH => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not zero erased bodies");
+                    break;
+                }
+            }
+        }
+        match shared.store.remove_erased_bodies().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(segments = n, "removed erased body segments"),
+            Err(e) => tracing::warn!(error = %e, "could not remove erased body segments"),
+        }
+    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

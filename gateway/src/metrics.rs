@@ -51,6 +51,8 @@ pub struct Metrics {
     /// Inbox listings run: one per inbox request, and one more each time a
     /// message arrives for a mailbox whose long-poll is waiting.
     pub inbox_listings: Counter,
+    /// Inbox messages whose ciphertext was erased after retention.
+    pub messages_erased: Counter,
 }
 
 impl Metrics {
@@ -113,6 +115,11 @@ impl Metrics {
                 "gateway_inbox_listings_total",
                 "Inbox listings run (a waiting long-poll lists again only when a message for it arrives).",
                 &self.inbox_listings,
+            ),
+            (
+                "gateway_messages_erased_total",
+                "Acknowledged inbox messages whose ciphertext was erased after retention.keep_acknowledged.",
+                &self.messages_erased,
             ),
         ];
         for (name, help, c) in counters {

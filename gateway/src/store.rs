@@ -43,6 +43,11 @@ pub enum StoreError {
     /// stored batch; nothing of it was stored.
     #[error("{0}")]
     OutOfOrder(String),
+    /// The message was settled (acknowledged by everyone who had to) and
+    /// its ciphertext erased at this time (ms since the epoch); its
+    /// envelope and status are kept.
+    #[error("its ciphertext was erased at {0} ms after being acknowledged")]
+    Erased(u64),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -222,6 +227,22 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         rosters: Rosters,
     ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
+    /// Erases the ciphertext of up to `max` inbox messages settled (see
+    /// [`SETTLED_TABLE`]) at or before `settled_by_ms`: their rows lose
+    /// body and body reference, their envelope and status stay, and a
+    /// fetch then fails with [`StoreError::Erased`]. Returns how many.
+    fn erase_settled(
+        &self,
+        settled_by_ms: u64,
+        now_ms: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// Overwrites with zeros, durably, the body log bytes of up to `max`
+    /// erased messages, and forgets where they were; returns how many.
+    fn zero_erased(&self, max: usize) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// Removes the inbox body segments that no row refers to any more (all
+    /// their messages erased); returns how many.
+    fn remove_erased_bodies(&self) -> impl Future<Output = Result<usize, StoreError>> + Send;
     /// A sent message's status, for its sender only.
     fn status(
         &self,
@@ -341,6 +362,13 @@ pub struct SqliteStore {
     /// Peers' newest queued items, for the federation worker's reads.
     tails: std::sync::Arc<Tails>,
     durability: std::sync::Arc<Durability>,
+    /// Inbox rows below this `seq` refer to no body segment (bodies inline
+    /// or erased; a reference is only ever cleared), so the search for the
+    /// oldest segment still referred to starts here.
+    unreferenced_below: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Set when messages were erased: the checkpointer then truncates the
+    /// WAL, whose older frames may still hold their pages as they were.
+    truncate_wal: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Alive while any clone of the store is: the checkpointer stops with it.
     _alive: std::sync::Arc<()>,
 }
@@ -596,12 +624,16 @@ fn stored_body(
         (None, Some(seg), Some(off), Some(len)) => log
             .read(BodyRef { seg, off, len })
             .map_err(|e| corrupt(format!("body in segment {seg} at {off}: {e}"))),
-        _ => Err(corrupt("a row has neither a body nor a body reference")),
+        _ => stored_body_missing(),
     }
 }
 
+fn stored_body_missing() -> Result<Vec<u8>, StoreError> {
+    Err(corrupt("a row has neither a body nor a body reference"))
+}
+
 /// The schema version this gateway writes.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Columns of `sent` (schema 2 and 3), shared by the schema and the migration.
 const SENT_TABLE: &str = "(
@@ -638,19 +670,21 @@ const INBOX_TABLE: &str = "(
     body_len    INTEGER
 )";
 
-/// Fills the `{SENT}`, `{INBOX}`, `{MAILBOX}` and `{MEMBER_ACKS}` table
-/// definitions and the `{UNLISTABLE}` condition into a script.
+/// Fills the `{SENT}`, `{INBOX}`, `{MAILBOX}`, `{MEMBER_ACKS}` and
+/// `{SETTLED}` table definitions and the `{UNLISTABLE}` condition into a script.
 fn with_tables(template: &str) -> String {
     template
         .replace("{SENT}", SENT_TABLE)
         .replace("{INBOX}", INBOX_TABLE)
         .replace("{MAILBOX}", MAILBOX_TABLES)
         .replace("{MEMBER_ACKS}", MEMBER_ACKS_TABLE)
+        .replace("{SETTLED}", SETTLED_TABLE)
         .replace("{UNLISTABLE}", UNLISTABLE)
 }
 
-/// The schema, version 4 (4 is 3 with a `mailbox` index that holds only
-/// messages someone can still list). A sent message's whole status history
+/// The schema, version 5 (4 is 3 with a `mailbox` index that holds only
+/// messages someone can still list; 5 adds `settled`, for erasing the
+/// ciphertext of acknowledged messages). A sent message's whole status history
 /// lives in its `sent` row (one time column per status), so a status change
 /// rewrites one row; the outbox holds only a delivery's body and reads its envelope from
 /// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
@@ -665,6 +699,7 @@ CREATE TABLE IF NOT EXISTS inbox {INBOX};
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_idem ON inbox (idem_key, sender_area, sender_user);
 {MAILBOX}
 {MEMBER_ACKS}
+{SETTLED}
 -- A delivery (is_deliver = 1) has its body in the outbox body log (schema 1
 -- rows: in `body`, with the envelope) and its envelope in `sent`; a status
 -- item has its JSON in `item`.
@@ -705,7 +740,7 @@ CREATE TABLE IF NOT EXISTS peer_sessions (
     last_batch INTEGER NOT NULL,
     UNIQUE (peer, session)
 );
-PRAGMA user_version = 4;
+PRAGMA user_version = 5;
 ";
 
 /// Who has acknowledged an MLS message: each member of a team acknowledges
@@ -716,6 +751,37 @@ CREATE TABLE IF NOT EXISTS member_acks (
     user_id    TEXT NOT NULL,
     PRIMARY KEY (message_id, user_id)
 );
+";
+
+/// Inbox messages no one can list any more ("settled": acknowledged by
+/// everyone who had to), since when, and when their ciphertext was erased
+/// (see [`Store::erase_settled`]). An erased message keeps its row
+/// (envelope, status) but loses its body and body reference; a body that
+/// was in the body log keeps its place here until its bytes are zeroed.
+const SETTLED_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS settled (
+    message_id TEXT PRIMARY KEY,
+    settled_ms INTEGER NOT NULL,
+    erased_ms  INTEGER,
+    -- An erased body's place in the inbox body log, until it is zeroed.
+    body_seg   INTEGER,
+    body_off   INTEGER,
+    body_len   INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS settled_unerased ON settled (settled_ms) WHERE erased_ms IS NULL;
+CREATE INDEX IF NOT EXISTS settled_unzeroed ON settled (body_seg) WHERE body_seg IS NOT NULL;
+";
+
+/// Schema 4 to 5: the messages already settled are recorded as settled now,
+/// so their retention runs from the upgrade. (An MLS message to a team
+/// needs the directory to judge; see `prune_mailbox`.) One transaction.
+const MIGRATE_4_TO_5_TEMPLATE: &str = "
+BEGIN IMMEDIATE;
+{SETTLED}
+INSERT OR IGNORE INTO settled (message_id, settled_ms)
+    SELECT message_id, CAST(strftime('%s', 'now') AS INTEGER) * 1000 FROM inbox WHERE {UNLISTABLE};
+PRAGMA user_version = 5;
+COMMIT;
 ";
 
 /// Inbox rows that no one can list any more, so the `mailbox` index need
@@ -943,11 +1009,12 @@ impl SqliteStore {
                     "database schema version {v} is newer than this gateway understands ({SCHEMA_VERSION})"
                 )))
             }
-            1..=3 => {
+            1..=4 => {
                 let steps = [
                     (1, MIGRATE_1_TO_2_TEMPLATE),
                     (2, MIGRATE_2_TO_3_TEMPLATE),
                     (3, MIGRATE_3_TO_4_TEMPLATE),
+                    (4, MIGRATE_4_TO_5_TEMPLATE),
                 ];
                 for (from, template) in steps.into_iter().filter(|(from, _)| *from >= version) {
                     let to = from + 1;
@@ -1036,10 +1103,12 @@ impl SqliteStore {
         let weak = std::sync::Arc::downgrade(&alive);
         let checkpointer = Connection::open(data_dir.join("gateway.sqlite3"))?;
         checkpointer.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        let truncate_wal = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         std::thread::Builder::new()
             .name("store-checkpoint".into())
             .spawn({
                 let (bodies, durability) = (bodies.clone(), durability.clone());
+                let truncate_wal = truncate_wal.clone();
                 move || {
                     let mut last_gc = std::time::Instant::now();
                     while weak.upgrade().is_some() {
@@ -1049,7 +1118,10 @@ impl SqliteStore {
                             // nothing of it into the database.
                             return;
                         }
-                        if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+                        if truncate_wal.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                            truncate_wal_file(&checkpointer, &truncate_wal);
+                        } else if let Err(e) =
+                            checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
                         {
                             tracing::warn!(error = %e, "store: checkpoint failed");
                         }
@@ -1069,6 +1141,8 @@ impl SqliteStore {
             own_area,
             bodies,
             durability,
+            unreferenced_below: std::sync::Arc::default(),
+            truncate_wal,
             _alive: alive,
         })
     }
@@ -1241,6 +1315,22 @@ fn follow_session(c: &Connection, peer: &AreaId, o: BatchOrder) -> Result<(), St
         )?;
     }
     Ok(())
+}
+
+/// Copies the whole WAL into the database and truncates it, so that no old
+/// page images stay in it (after erasures); tries again at the next tick
+/// when readers or the writer keep it from completing.
+fn truncate_wal_file(conn: &Connection, again: &std::sync::atomic::AtomicBool) {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(0) => tracing::debug!("store: truncated the WAL after erasures"),
+        Ok(_) => again.store(true, std::sync::atomic::Ordering::Relaxed),
+        Err(e) => {
+            tracing::warn!(error = %e, "store: truncating the WAL failed");
+            again.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Removes the outbox body segments that no queued delivery refers to any
@@ -1577,10 +1667,135 @@ impl Store for SqliteStore {
             if status != Status::Acknowledged {
                 set_inbox_status(c, &tails, &own, &env, Status::Acknowledged, now_ms)?;
             }
-            prune_mailbox(c, &env, &rosters)?;
+            prune_mailbox(c, &env, &rosters, now_ms)?;
             Ok(Some(Status::Acknowledged))
         })
         .await
+    }
+
+    async fn erase_settled(
+        &self,
+        settled_by_ms: u64,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.call(move |c| {
+            let ids: Vec<String> = c
+                .prepare_cached(
+                    "SELECT message_id FROM settled WHERE erased_ms IS NULL AND settled_ms <= ?1 \
+                     ORDER BY settled_ms LIMIT ?2",
+                )?
+                .query_map(params![ms_i64(settled_by_ms), max], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            // Inline bodies' bytes are zeroed where they lay in the
+            // database's pages, not just unlinked from their rows.
+            let _secure = SecureDelete::on(c)?;
+            for id in &ids {
+                exec(
+                    c,
+                    "UPDATE settled SET erased_ms = ?2, \
+                     (body_seg, body_off, body_len) = \
+                     (SELECT body_seg, body_off, body_len FROM inbox WHERE message_id = ?1) \
+                     WHERE message_id = ?1",
+                    params![id, ms_i64(now_ms)],
+                )?;
+                exec(
+                    c,
+                    "UPDATE inbox SET body = NULL, body_seg = NULL, body_off = NULL, body_len = NULL \
+                     WHERE message_id = ?1",
+                    params![id],
+                )?;
+            }
+            Ok(ids.len())
+        })
+        .await
+        .inspect(|n| {
+            if *n > 0 {
+                self.truncate_wal
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    }
+
+    async fn zero_erased(&self, max: usize) -> Result<usize, StoreError> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let places: Vec<(String, BodyRef)> = self
+            .read(move |c| {
+                let rows = c
+                    .prepare_cached(
+                        "SELECT message_id, body_seg, body_off, body_len FROM settled \
+                         WHERE body_seg IS NOT NULL LIMIT ?1",
+                    )?
+                    .query_map(params![max], |r| {
+                        Ok((
+                            r.get(0)?,
+                            BodyRef {
+                                seg: r.get(1)?,
+                                off: r.get(2)?,
+                                len: r.get(3)?,
+                            },
+                        ))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        if places.is_empty() {
+            return Ok(0);
+        }
+        let refs: Vec<BodyRef> = places.iter().map(|(_, r)| *r).collect();
+        self.bodies
+            .inbox
+            .zero(&refs)
+            .map_err(|e| StoreError::Db(format!("zeroing erased bodies: {e}")))?;
+        let ids: Vec<String> = places.into_iter().map(|(id, _)| id).collect();
+        let n = ids.len();
+        self.call(move |c| {
+            for id in &ids {
+                exec(
+                    c,
+                    "UPDATE settled SET body_seg = NULL, body_off = NULL, body_len = NULL \
+                     WHERE message_id = ?1",
+                    params![id],
+                )?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(n)
+    }
+
+    async fn remove_erased_bodies(&self) -> Result<usize, StoreError> {
+        if !self.bodies.inbox.has_closed_segments() {
+            return Ok(0);
+        }
+        // Rows are numbered in the order their bodies were appended, so the
+        // first row (by `seq`) that still refers to a segment refers to the
+        // oldest one in use. Decided from durable rows: new rows refer only
+        // to the segment being appended to, which is never removed.
+        let from = self
+            .unreferenced_below
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let oldest: Option<(i64, i64)> = self
+            .read(move |c| {
+                Ok(c.prepare_cached(
+                    "SELECT seq, body_seg FROM inbox WHERE seq >= ?1 AND body_seg IS NOT NULL \
+                     ORDER BY seq LIMIT 1",
+                )?
+                .query_row(params![from], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?)
+            })
+            .await?;
+        if let Some((seq, _)) = oldest {
+            self.unreferenced_below
+                .fetch_max(seq, std::sync::atomic::Ordering::Relaxed);
+        }
+        let below = oldest.map_or(i64::MAX, |(_, seg)| seg);
+        self.bodies
+            .inbox
+            .erase_below(below)
+            .map_err(|e| StoreError::Db(format!("removing erased bodies: {e}")))
     }
 
     async fn status(
@@ -1961,6 +2176,18 @@ fn find_in_mailbox(
         return Ok(None);
     };
     let body = match log {
+        Some(_) if inline.is_none() && seg.is_none() => {
+            let erased: Option<i64> = c
+                .prepare_cached(
+                    "SELECT erased_ms FROM settled WHERE message_id = ?1 AND erased_ms IS NOT NULL",
+                )?
+                .query_row(params![id.as_str()], |r| r.get(0))
+                .optional()?;
+            match erased {
+                Some(at) => return Err(StoreError::Erased(u64::try_from(at).unwrap_or(0))),
+                None => stored_body_missing()?,
+            }
+        }
         Some(log) => stored_body(log, inline, seg, off, len)?,
         None => Vec::new(),
     };
@@ -1972,7 +2199,12 @@ fn find_in_mailbox(
 /// every member in `rosters` has acknowledged it. (An `UNLISTABLE` entry not
 /// indexed yet is left out when it is; for the team's message, which the
 /// bulk pass cannot judge, the pass runs first.)
-fn prune_mailbox(c: &Connection, env: &Envelope, rosters: &Rosters) -> Result<(), StoreError> {
+fn prune_mailbox(
+    c: &Connection,
+    env: &Envelope,
+    rosters: &Rosters,
+    now_ms: u64,
+) -> Result<(), StoreError> {
     let id = env.message_id.as_str();
     let everyone_acked = match &env.recipient.target {
         proto::Target::Team(team) if env.kind == proto::MessageKind::Mls => {
@@ -1998,7 +2230,43 @@ fn prune_mailbox(c: &Connection, env: &Envelope, rosters: &Rosters) -> Result<()
          (SELECT target_kind, target_id, seq FROM inbox WHERE message_id = ?1 AND (?2 OR {UNLISTABLE}))"
     );
     exec(c, &sql, params![id, everyone_acked])?;
+    let settled = everyone_acked
+        || c.prepare_cached(&format!(
+            "SELECT 1 FROM inbox WHERE message_id = ?1 AND {UNLISTABLE}"
+        ))?
+        .exists(params![id])?;
+    if settled {
+        exec(
+            c,
+            "INSERT OR IGNORE INTO settled (message_id, settled_ms) VALUES (?1, ?2)",
+            params![id, ms_i64(now_ms)],
+        )?;
+    }
     Ok(())
+}
+
+/// SQLite's `secure_delete` on a connection while this lives: what a
+/// statement deletes or shrinks is overwritten with zeros in its pages.
+struct SecureDelete<'c>(&'c Connection);
+
+impl<'c> SecureDelete<'c> {
+    fn on(c: &'c Connection) -> Result<SecureDelete<'c>, StoreError> {
+        c.execute_batch("PRAGMA secure_delete = ON")?;
+        Ok(SecureDelete(c))
+    }
+}
+
+impl Drop for SecureDelete<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.execute_batch("PRAGMA secure_delete = OFF") {
+            tracing::warn!(error = %e, "store: could not turn secure_delete off again");
+        }
+    }
+}
+
+/// A time in ms as SQLite stores it (saturating; no real time reaches it).
+fn ms_i64(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
 /// Moves an inbox message forward and tells its sender: directly when the

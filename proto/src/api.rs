@@ -121,6 +121,10 @@ pub enum ErrorCode {
     /// An MLS Commit for an epoch that already has a different Commit:
     /// process the pending Commits and retry.
     StaleEpoch,
+    /// The message was acknowledged by everyone who had to, and its
+    /// ciphertext was erased after the gateway's retention period; its
+    /// envelope and status are kept.
+    Erased,
 }
 
 /// The body of every error answer.

@@ -282,6 +282,40 @@ impl BodyLog {
         Ok(buf)
     }
 
+    /// Overwrites bodies with zeros and makes that durable. Only for bodies
+    /// no row refers to any more (erased), so no reader asks for them. A
+    /// body whose segment is gone already, or that lies beyond its
+    /// segment's end, is skipped.
+    pub(crate) fn zero(&self, refs: &[BodyRef]) -> io::Result<()> {
+        let mut refs = refs.to_vec();
+        refs.sort_by_key(|r| (r.seg, r.off));
+        let zeros = vec![0u8; 64 * 1024];
+        for seg in refs.chunk_by(|a, b| a.seg == b.seg) {
+            let path = segment_path(&self.dir, seg[0].seg);
+            let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let end = file.metadata()?.len();
+            for r in seg {
+                let (Ok(mut at), Ok(len)) = (u64::try_from(r.off), u64::try_from(r.len)) else {
+                    continue;
+                };
+                let Some(stop) = at.checked_add(len).filter(|s| *s <= end) else {
+                    continue;
+                };
+                while at < stop {
+                    let n = usize::try_from(stop - at).map_or(zeros.len(), |n| n.min(zeros.len()));
+                    file.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+            }
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
     /// Whether a closed segment exists that might be removable.
     pub(crate) fn has_closed_segments(&self) -> bool {
         let inner = self.lock();
@@ -298,6 +332,17 @@ impl BodyLog {
     /// open one are touched, so nothing the writer uses is removed; the
     /// writer takes a spare only once it is recorded, after its rename.
     pub(crate) fn remove_below(&self, seg: i64) -> io::Result<usize> {
+        self.remove_segments_below(seg, true)
+    }
+
+    /// Removes closed segments numbered below `seg` (no row refers to them)
+    /// and keeps none as a spare: their bytes are erased messages'
+    /// ciphertext, which a spare would keep until overwritten.
+    pub(crate) fn erase_below(&self, seg: i64) -> io::Result<usize> {
+        self.remove_segments_below(seg, false)
+    }
+
+    fn remove_segments_below(&self, seg: i64, keep_spares: bool) -> io::Result<usize> {
         let (limit, mut kept) = {
             let inner = self.lock();
             (seg.min(inner.seg), inner.spares.len())
@@ -308,7 +353,7 @@ impl BodyLog {
                 break;
             }
             let path = segment_path(&self.dir, n);
-            if kept >= SPARES {
+            if !keep_spares || kept >= SPARES {
                 std::fs::remove_file(path)?;
             } else {
                 let spare = spare_path(&self.dir, n);

@@ -264,7 +264,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 4);
+    assert_eq!(v, 5);
     // Schema 3: the migrated message is in the bulk-built mailbox index,
     // and the per-message index by recipient is gone.
     let indexed: i64 = c
@@ -284,7 +284,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
         )
         .unwrap();
     assert_eq!(old_index, 0);
-    c.execute_batch("PRAGMA user_version = 5").unwrap();
+    c.execute_batch("PRAGMA user_version = 6").unwrap();
     drop(c);
     let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
     assert!(e.to_string().contains("newer"), "{e}");
@@ -1093,11 +1093,13 @@ async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
         store.ack(alice.clone(), id, 9, Vec::new()).await.unwrap();
     }
     drop(store);
-    // As schema 3 left it: every message indexed, acknowledged or not.
+    // As schema 3 left it: every message indexed, acknowledged or not, and
+    // nothing settled.
     let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
     c.execute_batch(
         "INSERT OR IGNORE INTO mailbox (target_kind, target_id, seq) \
-         SELECT target_kind, target_id, seq FROM inbox; PRAGMA user_version = 3;",
+         SELECT target_kind, target_id, seq FROM inbox; DROP TABLE settled; \
+         PRAGMA user_version = 3;",
     )
     .unwrap();
     assert_eq!(indexed(&c, &ids), vec![1, 1, 1, 1]);
@@ -1107,7 +1109,27 @@ async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 4);
+    assert_eq!(v, 5);
+    // Schema 5: the messages acknowledged before it are settled from the
+    // upgrade on, and so erased once their retention has run from then.
+    let settled: Vec<(String, i64)> = c
+        .prepare("SELECT message_id, settled_ms FROM settled ORDER BY message_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let upgraded_ms = i64::try_from(crate::now_ms()).unwrap();
+    assert_eq!(
+        settled
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        vec![ids[0].as_str(), ids[2].as_str()]
+    );
+    assert!(settled
+        .iter()
+        .all(|(_, at)| (upgraded_ms - 60_000..=upgraded_ms).contains(at)));
     let listed: Vec<MessageId> = store
         .inbox(alice, 100)
         .await
@@ -1119,4 +1141,142 @@ async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
         listed,
         vec![envs[1].message_id.clone(), envs[3].message_id.clone()]
     );
+}
+
+/// The ids and body bytes found in the inbox body log's segment files.
+fn inbox_log(dir: &Path) -> (Vec<String>, Vec<u8>) {
+    let mut names = Vec::new();
+    let mut bytes = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir.join("bodies").join("inbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        names.push(p.file_name().unwrap().to_string_lossy().into_owned());
+        bytes.extend(std::fs::read(&p).unwrap());
+    }
+    (names, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_messages_lose_their_ciphertext_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let alice = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![],
+    };
+    // Five 6 MiB bodies, one batch each: in the body log, over two or more
+    // 16 MiB segments. Then one small one, inline in its row.
+    let bodies: Vec<Body> = (0..6u8)
+        .map(|n| {
+            let len = if n < 5 { 6 << 20 } else { 3000 };
+            Body((0..len).map(|i| (i % 251) as u8 ^ (n + 1)).collect())
+        })
+        .collect();
+    let envs: Vec<Envelope> = bodies
+        .iter()
+        .enumerate()
+        .map(|(n, b)| {
+            let mut env = incoming(u8::try_from(n).unwrap(), &format!("r-{n}"));
+            env.content_hash = b.hash();
+            env
+        })
+        .collect();
+    for (env, body) in envs.iter().zip(&bodies) {
+        let out = store
+            .accept_batch(
+                peer.clone(),
+                vec![Incoming::Deliver(Box::new(env.clone()), body.clone())],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, vec![IncomingOutcome::Stored]);
+    }
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let segs: Vec<Option<i64>> = c
+        .prepare("SELECT body_seg FROM inbox ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(segs[..5].iter().all(Option::is_some), "{segs:?}");
+    assert_eq!(segs[5], None, "the small body is inline");
+    assert!(segs[4] > segs[0], "{segs:?}");
+    let fetch = |n: usize, at: u64| {
+        let (store, mb, id) = (store.clone(), alice.clone(), envs[n].message_id.clone());
+        async move { store.fetch(mb, id, at).await }
+    };
+    let ack = |n: usize, at: u64| {
+        let (store, mb, id) = (store.clone(), alice.clone(), envs[n].message_id.clone());
+        async move { store.ack(mb, id, at, Vec::new()).await.unwrap() }
+    };
+
+    // Alice acknowledges all but the first at t = 1000; fetching does not
+    // settle a message.
+    fetch(0, 900).await.unwrap().unwrap();
+    for n in 1..6 {
+        assert_eq!(ack(n, 1000).await, Some(Status::Acknowledged));
+    }
+    assert_eq!(store.erase_settled(999, 2000, 100).await.unwrap(), 0);
+    assert_eq!(store.erase_settled(1000, 2000, 2).await.unwrap(), 2);
+    assert_eq!(store.erase_settled(1000, 2000, 100).await.unwrap(), 3);
+    assert_eq!(store.erase_settled(1000, 2000, 100).await.unwrap(), 0);
+
+    // An erased message says so; its row keeps envelope and status.
+    for n in 1..6 {
+        match fetch(n, 3000).await {
+            Err(StoreError::Erased(2000)) => {}
+            other => panic!("message {n}: {other:?}"),
+        }
+    }
+    let kept: (i64, i64, i64) = c
+        .query_row(
+            "SELECT COUNT(*), COUNT(body), COUNT(body_seg) FROM inbox WHERE status = 'acknowledged'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(kept, (5, 0, 0));
+    // The small body is gone from the database file too, not just unlinked.
+    let small = &bodies[5].0[..64];
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap();
+    let db = std::fs::read(dir.path().join("gateway.sqlite3")).unwrap();
+    assert!(
+        !db.windows(small.len()).any(|w| w == small),
+        "the inline body's bytes are still in the database file"
+    );
+
+    // The log's bytes of erased bodies are zeroed; the first, not
+    // acknowledged, is whole and still served.
+    assert_eq!(store.zero_erased(2).await.unwrap(), 2);
+    assert_eq!(store.zero_erased(100).await.unwrap(), 2);
+    assert_eq!(store.zero_erased(100).await.unwrap(), 0);
+    let (_, log) = inbox_log(dir.path());
+    for (n, b) in bodies.iter().enumerate().take(5) {
+        let probe = &b.0[1000..1064];
+        let found = log.windows(probe.len()).any(|w| w == probe);
+        assert_eq!(found, n == 0, "body {n} in the log");
+    }
+    assert_eq!(fetch(0, 3000).await.unwrap().unwrap().1, bodies[0]);
+    // Its segment is still in use, so no segment goes yet.
+    assert_eq!(store.remove_erased_bodies().await.unwrap(), 0);
+
+    // Once it is acknowledged and erased too, every closed segment goes,
+    // none kept as a spare; the open one stays.
+    assert_eq!(ack(0, 4000).await, Some(Status::Acknowledged));
+    assert_eq!(store.erase_settled(4000, 5000, 100).await.unwrap(), 1);
+    assert_eq!(store.zero_erased(100).await.unwrap(), 1);
+    let closed = usize::try_from(segs[4].unwrap() - segs[0].unwrap()).unwrap();
+    assert_eq!(store.remove_erased_bodies().await.unwrap(), closed);
+    let (names, log) = inbox_log(dir.path());
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(log.iter().all(|b| *b == 0), "only zeros are left");
+    assert_eq!(store.remove_erased_bodies().await.unwrap(), 0);
 }
