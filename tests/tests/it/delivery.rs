@@ -211,3 +211,84 @@ async fn a_new_message_wakes_only_its_recipients_long_poll() {
         "each long-poll listed again once, for its own message only"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_are_erased_after_retention() {
+    let settings = tests::Settings {
+        toml: format!(
+            "{}\n[retention]\nkeep_acknowledged = \"0s\"\nerase_every = \"100ms\"\n",
+            tests::Settings::default().toml
+        ),
+        ..tests::Settings::default()
+    };
+    let fed = Federation::standard_with(&settings).await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let alice = fed.api(a, "alice").unwrap();
+    let (dan, erin, gita) = (
+        fed.api(b, "dan").unwrap(),
+        fed.api(b, "erin").unwrap(),
+        fed.api(b, "gita").unwrap(),
+    );
+    let to_team = alice
+        .submit(&message("team:duty@southvale", "r-1", b"team ciphertext".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let to_gita = alice
+        .submit(&message("user:gita@southvale", "r-2", b"gita's ciphertext".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        dan.inbox(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        1
+    );
+    assert_eq!(
+        erin.fetch(&to_team.message_id).await.unwrap().body.0,
+        b"team ciphertext"
+    );
+    assert_eq!(
+        dan.ack(&to_team.message_id).await.unwrap(),
+        Status::Acknowledged
+    );
+
+    // Once acknowledged (and retention is zero here), its ciphertext goes;
+    // a fetch says why.
+    let erased = || async {
+        erin.fetch(&to_team.message_id)
+            .await
+            .is_err_and(|e| e.code() == Some(proto::ErrorCode::Erased))
+    };
+    assert!(eventually(Duration::from_secs(20), erased).await);
+    let gw = fed.gateway(b).unwrap();
+    assert_eq!(gw.metrics().messages_erased.get(), 1);
+    // Its envelope and status stay; the sender still sees its whole history.
+    assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 2);
+    assert!(
+        reaches(
+            &alice,
+            &to_team.message_id,
+            Status::Acknowledged,
+            Duration::from_secs(20)
+        )
+        .await
+    );
+    // A message not yet acknowledged is kept, however many passes run.
+    let passes = || async {
+        fed.count(
+            b,
+            "SELECT COUNT(*) FROM settled WHERE erased_ms IS NOT NULL",
+        )
+        .unwrap_or(0)
+            == 1
+    };
+    assert!(eventually(Duration::from_secs(5), passes).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gita.fetch(&to_gita.message_id).await.unwrap().body.0,
+        b"gita's ciphertext"
+    );
+    assert_eq!(gw.metrics().messages_erased.get(), 1);
+}
