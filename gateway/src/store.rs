@@ -227,8 +227,8 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         rosters: Rosters,
     ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
-    /// Erases the ciphertext of up to `max` inbox messages settled (see
-    /// [`SETTLED_TABLE`]) at or before `settled_by_ms`: their rows lose
+    /// Erases the ciphertext of up to `max` inbox messages settled (no
+    /// one can list them any more) at or before `settled_by_ms`: their rows lose
     /// body and body reference, their envelope and status stay, and a
     /// fetch then fails with [`StoreError::Erased`]. Returns how many.
     fn erase_settled(
