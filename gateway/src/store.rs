@@ -628,6 +628,17 @@ fn stored_body(
     }
 }
 
+/// When a message's ciphertext was erased, if it was.
+fn erased_at(c: &Connection, id: &MessageId) -> Result<Option<u64>, StoreError> {
+    let at: Option<i64> = c
+        .prepare_cached(
+            "SELECT erased_ms FROM settled WHERE message_id = ?1 AND erased_ms IS NOT NULL",
+        )?
+        .query_row(params![id.as_str()], |r| r.get(0))
+        .optional()?;
+    Ok(at.map(|at| u64::try_from(at).unwrap_or(0)))
+}
+
 fn stored_body_missing() -> Result<Vec<u8>, StoreError> {
     Err(corrupt("a row has neither a body nor a body reference"))
 }
@@ -1628,20 +1639,45 @@ impl Store for SqliteStore {
         id: MessageId,
         now_ms: u64,
     ) -> Result<Option<(Envelope, Body)>, StoreError> {
-        let own = self.own_area.clone();
-        let tails = self.tails.clone();
+        // The body is read and checked by the reader, off the writer: one
+        // that does not match its hash (damaged on disk, or zeroed by an
+        // erasure while it was read) is not handed out, and nothing changes.
         let bodies = self.bodies.clone();
-        self.call(move |c| {
-            let Some((env, body, status)) = find_in_mailbox(c, Some(&bodies.inbox), &mb, &id)?
-            else {
-                return Ok(None);
-            };
-            if status == Status::Delivered {
-                set_inbox_status(c, &tails, &own, &env, Status::Fetched, now_ms)?;
-            }
-            Ok(Some((env, Body(body))))
-        })
-        .await
+        let (m, i) = (mb.clone(), id.clone());
+        let found = self
+            .read(move |c| {
+                let Some((env, body, status)) = find_in_mailbox(c, Some(&bodies.inbox), &m, &i)?
+                else {
+                    return Ok(None);
+                };
+                let body = Body(body);
+                if body.hash() == env.content_hash {
+                    return Ok(Some((env, body, status)));
+                }
+                match erased_at(c, &i)? {
+                    Some(at) => Err(StoreError::Erased(at)),
+                    None => Err(corrupt(format!(
+                        "the stored body of {i} does not match its content hash"
+                    ))),
+                }
+            })
+            .await?;
+        let Some((env, body, status)) = found else {
+            return Ok(None);
+        };
+        if status == Status::Delivered {
+            let (own, tails) = (self.own_area.clone(), self.tails.clone());
+            self.call(move |c| {
+                // Moves forward only: another fetch or an acknowledgement
+                // may have come first.
+                if let Some((env, _, Status::Delivered)) = find_in_mailbox(c, None, &mb, &id)? {
+                    set_inbox_status(c, &tails, &own, &env, Status::Fetched, now_ms)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(Some((env, body)))
     }
 
     async fn ack(
@@ -2176,18 +2212,10 @@ fn find_in_mailbox(
         return Ok(None);
     };
     let body = match log {
-        Some(_) if inline.is_none() && seg.is_none() => {
-            let erased: Option<i64> = c
-                .prepare_cached(
-                    "SELECT erased_ms FROM settled WHERE message_id = ?1 AND erased_ms IS NOT NULL",
-                )?
-                .query_row(params![id.as_str()], |r| r.get(0))
-                .optional()?;
-            match erased {
-                Some(at) => return Err(StoreError::Erased(u64::try_from(at).unwrap_or(0))),
-                None => stored_body_missing()?,
-            }
-        }
+        Some(_) if inline.is_none() && seg.is_none() => match erased_at(c, id)? {
+            Some(at) => return Err(StoreError::Erased(at)),
+            None => stored_body_missing()?,
+        },
         Some(log) => stored_body(log, inline, seg, off, len)?,
         None => Vec::new(),
     };

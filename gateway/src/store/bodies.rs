@@ -80,7 +80,7 @@ struct Inner {
     spares: Vec<PathBuf>,
 }
 
-fn segment_path(dir: &Path, seg: i64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, seg: i64) -> PathBuf {
     dir.join(format!("{seg:010}.seg"))
 }
 

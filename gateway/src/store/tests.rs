@@ -1280,3 +1280,47 @@ async fn settled_messages_lose_their_ciphertext_after_retention() {
     assert!(log.iter().all(|b| *b == 0), "only zeros are left");
     assert_eq!(store.remove_erased_bodies().await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_damaged_on_disk_is_not_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    // Over the inline budget: in the body log.
+    let body = Body(vec![5u8; 40 * 1024]);
+    let mut env = incoming(1, "damaged");
+    env.content_hash = body.hash();
+    store
+        .accept_batch(
+            AreaId::new("southvale").unwrap(),
+            vec![Incoming::Deliver(Box::new(env.clone()), body)],
+        )
+        .await
+        .unwrap();
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let (seg, off): (i64, i64) = c
+        .query_row("SELECT body_seg, body_off FROM inbox", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let path = bodies::segment_path(&dir.path().join("bodies").join("inbox"), seg);
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"X", u64::try_from(off).unwrap() + 100)
+        .unwrap();
+    let alice = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![],
+    };
+    match store.fetch(alice, env.message_id.clone(), 5).await {
+        Err(StoreError::Corrupt(m)) => assert!(m.contains("content hash"), "{m}"),
+        other => panic!("a damaged body was handed out: {other:?}"),
+    }
+    // Nothing changed: the message is not `fetched`, no news is queued.
+    let (status, queued): (String, i64) = c
+        .query_row(
+            "SELECT (SELECT status FROM inbox), (SELECT COUNT(*) FROM outbox)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), queued), ("delivered", 0));
+}
