@@ -1348,6 +1348,11 @@ fn truncate_wal_file(conn: &Connection, again: &std::sync::atomic::AtomicBool) {
 /// more. Runs beside the writer: new deliveries only ever refer to the
 /// segment being appended to, which is never removed.
 fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durability) {
+    match log.drop_stale_spares(SPARE_MAX_AGE) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(spares = n, "store: unlinked unused spare segments"),
+        Err(e) => tracing::warn!(error = %e, "store: unlinking unused spare segments failed"),
+    }
     if !log.has_closed_segments() {
         return;
     }
@@ -1368,6 +1373,10 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
         Err(e) => tracing::warn!(error = %e, "store: finding delivered bodies failed"),
     }
 }
+
+/// How long a spare outbox segment (delivered bodies) may wait to be reused
+/// before it is unlinked.
+const SPARE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn store_thread(
     conn: Connection,

@@ -12,6 +12,8 @@
 //! Closed segments that no row refers to any more are removed by
 //! [`BodyLog::remove_below`], which keeps up to [`SPARES`] of them as
 //! spares: renamed, each becomes a next segment instead of a new file.
+//! A spare not reused within [`BodyLog::drop_stale_spares`]'s age goes too,
+//! so delivered bodies do not stay in it at low traffic.
 //! Unlinking a full segment frees its blocks (and, with the `discard`
 //! mount option, trims them) and creating one allocates them again: writes
 //! of file-system metadata that every other sync on the disk then waits
@@ -314,6 +316,41 @@ impl BodyLog {
             file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// Unlinks the spares last written more than `max_age` ago: under
+    /// steady traffic spares are reused within seconds, but at low traffic
+    /// one would otherwise keep delivered messages' ciphertext for as long
+    /// as no new segment is needed. Returns how many.
+    pub(crate) fn drop_stale_spares(&self, max_age: std::time::Duration) -> io::Result<usize> {
+        let candidates = self.lock().spares.clone();
+        let mut stale = Vec::new();
+        for p in candidates {
+            let written = std::fs::metadata(&p).and_then(|m| m.modified());
+            if written.is_ok_and(|t| t.elapsed().is_ok_and(|age| age > max_age)) {
+                stale.push(p);
+            }
+        }
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        // Only those still spares are taken (the writer may have just taken
+        // one as its next segment); once out of the list, it cannot.
+        let taken: Vec<PathBuf> = {
+            let mut inner = self.lock();
+            let (taken, kept) = std::mem::take(&mut inner.spares)
+                .into_iter()
+                .partition(|p| stale.contains(p));
+            inner.spares = kept;
+            taken
+        };
+        for p in &taken {
+            std::fs::remove_file(p)?;
+        }
+        if !taken.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(taken.len())
     }
 
     /// Whether a closed segment exists that might be removable.

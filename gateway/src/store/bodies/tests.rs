@@ -182,3 +182,33 @@ fn the_append_buffer_keeps_its_room_between_groups_but_not_after_a_burst() {
     assert_eq!(log.read(a).unwrap(), vec![3u8; 64 * 1024]);
     assert_eq!(log.read(b).unwrap().len(), KEPT_BUFFER_BYTES + 1);
 }
+
+#[test]
+fn spares_not_reused_for_a_while_are_unlinked() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let closed = SPARES as i64;
+    fill_until(&log, closed + 1, 1);
+    assert_eq!(log.remove_below(closed + 1).unwrap(), closed as usize);
+    let hour = std::time::Duration::from_secs(3600);
+    // Freshly written: kept for reuse.
+    assert_eq!(log.drop_stale_spares(hour).unwrap(), 0);
+    assert_eq!(list(dir.path()).unwrap().spares.len(), SPARES);
+    // Last written two hours ago, all but one: those go, from the list too.
+    let spares = list(dir.path()).unwrap().spares;
+    let old = std::time::SystemTime::now() - 2 * hour;
+    for p in &spares[1..] {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_modified(old).unwrap();
+    }
+    assert_eq!(log.drop_stale_spares(hour).unwrap(), SPARES - 1);
+    assert_eq!(list(dir.path()).unwrap().spares, spares[..1].to_vec());
+    assert_eq!(log.lock().spares, spares[..1].to_vec());
+    // The one left is still the next segment.
+    let before = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&spares[0]).unwrap().ino()
+    };
+    fill_until(&log, closed + 2, 2);
+    assert_eq!(inode(dir.path(), closed + 2), before);
+}
