@@ -321,3 +321,57 @@ where
 pub fn user(id: &str) -> UserId {
     UserId::new(id).unwrap_or_else(|e| panic!("bad test user id {id}: {e}"))
 }
+
+/// A stand-in for area `i`'s gateway: serves `handle` on `listener` over
+/// real mTLS, with that gateway's certificate and trust (its own users and
+/// its peers), so that clients and peers connect to it as to the gateway.
+/// For tests of what others do when a gateway misbehaves or is older, and
+/// for the bench's echo baseline.
+pub fn serve_as_gateway<F, Fut>(
+    fed: &Federation,
+    i: usize,
+    listener: tokio::net::TcpListener,
+    handle: F,
+) -> anyhow::Result<tokio::task::JoinHandle<()>>
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>>
+        + Send
+        + 'static,
+{
+    let config = fed.config(i)?;
+    let own = certs::Credentials::load(&config.tls.cert, &config.tls.key)?;
+    let mut peers = Vec::new();
+    for p in &config.peers {
+        peers.push(certs::PeerTrust {
+            area: p.area.clone(),
+            cas: certs::load_certs(&p.ca)?,
+        });
+    }
+    let trust = certs::ServerTrust {
+        own_area: config.area.clone(),
+        own_cas: certs::load_certs(&config.tls.ca)?,
+        peers,
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust)?);
+    Ok(tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, handle) = (acceptor.clone(), handle.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    }))
+}

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use proto::{FederationBatch, FederationBatchResponse, FederationItem, ItemResult, Status};
 use tests::{message, reaches, Federation};
 
@@ -17,20 +16,6 @@ async fn older_peer(
     b: usize,
 ) -> (Arc<Mutex<Vec<FederationItem>>>, tokio::task::JoinHandle<()>) {
     let config = fed.config(b).unwrap();
-    let own = certs::Credentials::load(&config.tls.cert, &config.tls.key).unwrap();
-    let trust = certs::ServerTrust {
-        own_area: config.area.clone(),
-        own_cas: certs::load_certs(&config.tls.ca).unwrap(),
-        peers: config
-            .peers
-            .iter()
-            .map(|p| certs::PeerTrust {
-                area: p.area.clone(),
-                cas: certs::load_certs(&p.ca).unwrap(),
-            })
-            .collect(),
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust).unwrap());
     let listener = {
         let mut tries = 0;
         loop {
@@ -47,56 +32,38 @@ async fn older_peer(
     };
     let got = Arc::new(Mutex::new(Vec::new()));
     let seen = got.clone();
-    let handle = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, seen) = (acceptor.clone(), seen.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            let path = req.uri().path().to_owned();
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let (status, answer) = if path == "/v1/federation/batch" {
-                                let batch: FederationBatch = serde_json::from_slice(&body).unwrap();
-                                let results =
-                                    batch.items.iter().map(|_| ItemResult::Stored).collect();
-                                seen.lock().unwrap().extend(batch.items);
-                                (
-                                    200,
-                                    serde_json::to_vec(&FederationBatchResponse { results })
-                                        .unwrap(),
-                                )
-                            } else {
-                                (
-                                    404,
-                                    br#"{"error":"not_found","message":"no such endpoint"}"#
-                                        .to_vec(),
-                                )
-                            };
-                            let resp = hyper::Response::builder()
-                                .status(status)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(answer)))
-                                .unwrap();
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
+    let handle = tests::serve_as_gateway(fed, b, listener, move |req| {
+        let seen = seen.clone();
+        async move {
+            let path = req.uri().path().to_owned();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let (status, answer) = if path == "/v1/federation/batch" {
+                let batch: FederationBatch = serde_json::from_slice(&body).unwrap();
+                let results = batch.items.iter().map(|_| ItemResult::Stored).collect();
+                seen.lock().unwrap().extend(batch.items);
+                (
+                    200,
+                    serde_json::to_vec(&FederationBatchResponse { results }).unwrap(),
+                )
+            } else {
+                (
+                    404,
+                    br#"{"error":"not_found","message":"no such endpoint"}"#.to_vec(),
+                )
+            };
+            hyper::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(answer)))
+                .unwrap()
         }
-    });
+    })
+    .unwrap();
     (got, handle)
 }
 

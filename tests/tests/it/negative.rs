@@ -369,62 +369,33 @@ async fn bad_requests_get_typed_errors_and_store_nothing() {
     assert_nothing_stored(&fed);
 }
 
-/// A server with gateway A's own certificate that answers every submission
-/// with `307` to another path, and counts the requests that reach that path.
+/// A stand-in for gateway `a` that answers every submission with `307` to
+/// another path, and counts the requests that reach that path.
 async fn redirecting_gateway(
     fed: &Federation,
     a: usize,
 ) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let config = fed.config(a).unwrap();
-    let own = certs::Credentials::load(&config.tls.cert, &config.tls.key).unwrap();
-    let trust = certs::ServerTrust {
-        own_area: config.area.clone(),
-        own_cas: certs::load_certs(&config.tls.ca).unwrap(),
-        peers: vec![],
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let elsewhere = std::sync::Arc::new(AtomicUsize::new(0));
     let count = elsewhere.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, count) = (acceptor.clone(), count.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let count = count.clone();
-                        async move {
-                            let mut resp =
-                                hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
-                            if req.uri().path() == "/v1/messages" {
-                                *resp.status_mut() = hyper::StatusCode::TEMPORARY_REDIRECT;
-                                resp.headers_mut().insert(
-                                    hyper::header::LOCATION,
-                                    hyper::header::HeaderValue::from_str(&format!(
-                                        "https://127.0.0.1:{port}/v1/elsewhere"
-                                    ))
-                                    .unwrap(),
-                                );
-                            } else {
-                                count.fetch_add(1, Ordering::SeqCst);
-                            }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .await;
-            });
+    tests::serve_as_gateway(fed, a, listener, move |req| {
+        let count = count.clone();
+        async move {
+            let mut resp = hyper::Response::new(http_body_util::Full::default());
+            if req.uri().path() == "/v1/messages" {
+                *resp.status_mut() = hyper::StatusCode::TEMPORARY_REDIRECT;
+                let to = format!("https://127.0.0.1:{port}/v1/elsewhere");
+                resp.headers_mut()
+                    .insert(hyper::header::LOCATION, to.parse().unwrap());
+            } else {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            resp
         }
-    });
+    })
+    .unwrap();
     (port, elsewhere)
 }
 

@@ -13,7 +13,6 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tests::{message, Federation, Settings};
 
 mod link;
@@ -168,44 +167,17 @@ fn figures(mut lat_us: Vec<i64>, elapsed: Duration) -> Figures {
 
 /// A plain hyper server over rustls with the same mTLS configuration the gateway uses.
 async fn start_echo(fed: &Federation) -> anyhow::Result<(u16, tokio::task::JoinHandle<()>)> {
-    let config = fed.config(0)?;
-    let own = certs::Credentials::load(&config.tls.cert, &config.tls.key)?;
-    let trust = certs::ServerTrust {
-        own_area: config.area.clone(),
-        own_cas: certs::load_certs(&config.tls.ca)?,
-        peers: vec![],
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    let handle = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+    let handle = tests::serve_as_gateway(fed, 0, listener, |req| async move {
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        hyper::Response::new(Full::new(body))
+    })?;
     Ok((port, handle))
 }
 
