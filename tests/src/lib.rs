@@ -375,3 +375,13 @@ where
         }
     }))
 }
+
+/// A request's whole body (empty if it could not be read).
+pub async fn body_bytes(req: hyper::Request<hyper::body::Incoming>) -> bytes::Bytes {
+    use http_body_util::BodyExt as _;
+    req.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use proto::{FederationBatch, FederationBatchResponse, FederationItem, ItemResult, Status};
 use tests::{message, reaches, Federation};
@@ -36,12 +36,7 @@ async fn older_peer(
         let seen = seen.clone();
         async move {
             let path = req.uri().path().to_owned();
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = tests::body_bytes(req).await;
             let (status, answer) = if path == "/v1/federation/batch" {
                 let batch: FederationBatch = serde_json::from_slice(&body).unwrap();
                 let results = batch.items.iter().map(|_| ItemResult::Stored).collect();

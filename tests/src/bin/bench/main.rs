@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use tests::{message, Federation, Settings};
 
 mod link;
@@ -170,13 +170,7 @@ async fn start_echo(fed: &Federation) -> anyhow::Result<(u16, tokio::task::JoinH
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let handle = tests::serve_as_gateway(fed, 0, listener, |req| async move {
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        hyper::Response::new(Full::new(body))
+        hyper::Response::new(Full::new(tests::body_bytes(req).await))
     })?;
     Ok((port, handle))
 }
