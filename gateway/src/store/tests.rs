@@ -1324,3 +1324,44 @@ async fn a_body_damaged_on_disk_is_not_handed_out() {
         .unwrap();
     assert_eq!((status.as_str(), queued), ("delivered", 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_body_not_yet_zeroed_is_zeroed_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = AreaId::new("northshire").unwrap();
+    let store = SqliteStore::open(dir.path(), own.clone()).unwrap();
+    // Over the inline budget: in the body log.
+    let body = Body((0..40 * 1024).map(|i| (i % 199) as u8 + 1).collect());
+    let mut env = incoming(1, "restart");
+    env.content_hash = body.hash();
+    store
+        .accept_batch(
+            AreaId::new("southvale").unwrap(),
+            vec![Incoming::Deliver(Box::new(env.clone()), body.clone())],
+        )
+        .await
+        .unwrap();
+    let alice = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![],
+    };
+    store
+        .ack(alice, env.message_id.clone(), 10, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(store.erase_settled(10, 20, 100).await.unwrap(), 1);
+    // Stopped before the bytes were zeroed: where they are is on disk.
+    drop(store);
+    let probe = &body.0[2000..2064];
+    assert!(inbox_log(dir.path())
+        .1
+        .windows(probe.len())
+        .any(|w| w == probe));
+    let store = SqliteStore::open(dir.path(), own).unwrap();
+    assert_eq!(store.zero_erased(100).await.unwrap(), 1);
+    assert!(!inbox_log(dir.path())
+        .1
+        .windows(probe.len())
+        .any(|w| w == probe));
+    assert_eq!(store.zero_erased(100).await.unwrap(), 0);
+}
