@@ -2235,7 +2235,8 @@ fn find_in_mailbox(
 /// one can list it: see `UNLISTABLE`, and for an MLS message to a team, once
 /// every member in `rosters` has acknowledged it. (An `UNLISTABLE` entry not
 /// indexed yet is left out when it is; for the team's message, which the
-/// bulk pass cannot judge, the pass runs first.)
+/// bulk pass cannot judge, the pass runs first.) A message no one can list
+/// any more is recorded as settled at `now_ms`, for retention.
 fn prune_mailbox(
     c: &Connection,
     env: &Envelope,
