@@ -88,9 +88,10 @@ fn main() -> ExitCode {
     match runtime.block_on(real_main(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             let config_error = e.chain().any(|c| {
                 c.downcast_ref::<gateway::ConfigError>().is_some()
+                    || c.downcast_ref::<certs::CertError>().is_some()
                     || matches!(
                         c.downcast_ref::<gateway::GatewayError>(),
                         Some(gateway::GatewayError::Config(_) | gateway::GatewayError::Certs(_))
@@ -204,4 +205,22 @@ fn print_next_steps(
         "Opaque messages and their status: `send`, `inbox`, `fetch`, `ack`, `status` (see --help)."
     );
     println!("\nPress Ctrl-C to stop the gateways.");
+}
+
+/// An error and its causes, each said once: most messages here already
+/// name their cause (`cannot read FILE: <the OS error>`), which the chain
+/// would repeat.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

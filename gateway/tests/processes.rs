@@ -539,3 +539,21 @@ async fn relocation_the_new_area_gets_the_referral_and_the_fled_area_never_learn
         "{err}"
     );
 }
+
+/// The example configuration parses (its `[retention]` included); a missing
+/// certificate file is a configuration error (exit 3) that names the file
+/// and the OS's reason once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_of_the_example_names_the_missing_certificate_once() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.example.toml");
+    let out = Command::new(GATEWAY)
+        .args(["check-config", "--config"])
+        .arg(&example)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("/etc/referral-gateway/gateway.crt"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
