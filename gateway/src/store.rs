@@ -1330,11 +1330,20 @@ fn follow_session(c: &Connection, peer: &AreaId, o: BatchOrder) -> Result<(), St
 
 /// Copies the whole WAL into the database and truncates it, so that no old
 /// page images stay in it (after erasures); tries again at the next tick
-/// when readers or the writer keep it from completing.
+/// when readers or the writer keep it from completing. New writes wait while
+/// it waits for readers, so it waits at most 200 ms (then retries), not the
+/// usual busy timeout.
 fn truncate_wal_file(conn: &Connection, again: &std::sync::atomic::AtomicBool) {
-    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        r.get::<_, i64>(0)
-    }) {
+    let short = conn.busy_timeout(std::time::Duration::from_millis(200));
+    let truncated = short.and_then(|()| {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+    });
+    if let Err(e) = conn.busy_timeout(std::time::Duration::from_secs(5)) {
+        tracing::warn!(error = %e, "store: could not restore the checkpointer's busy timeout");
+    }
+    match truncated {
         Ok(0) => tracing::debug!("store: truncated the WAL after erasures"),
         Ok(_) => again.store(true, std::sync::atomic::Ordering::Relaxed),
         Err(e) => {
