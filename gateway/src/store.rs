@@ -1383,8 +1383,9 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
     }
 }
 
-/// How long a spare outbox segment (delivered bodies) may wait to be reused
-/// before it is unlinked.
+/// How long after it was last written a spare outbox segment (delivered
+/// bodies) is unlinked rather than reused: under load segments fill, and
+/// spares are reused, within seconds.
 const SPARE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn store_thread(
