@@ -20,3 +20,19 @@ fn a_content_hash_is_written_and_read_as_sha256_and_lowercase_hex() {
         assert!(bad.parse::<ContentHash>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_message_id_is_32_lowercase_hex_digits_in_time_order() {
+    let id = MessageId::from_bytes([
+        0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32,
+        0x10,
+    ]);
+    assert_eq!(id.as_str(), "0123456789abcdeffedcba9876543210");
+    assert_eq!(id.as_str().parse::<MessageId>().unwrap(), id);
+    let (a, b) = (
+        MessageId::time_ordered(1_700_000_000_000, [0xff; 10]),
+        MessageId::time_ordered(1_700_000_000_001, [0; 10]),
+    );
+    assert_eq!(&a.as_str()[..12], "018bcfe56800");
+    assert!(a < b);
+}
