@@ -463,21 +463,8 @@ async fn erase_loop(shared: Arc<Shared>) {
         let now = now_ms();
         let keep = u64::try_from(retention.keep_acknowledged.as_millis()).unwrap_or(u64::MAX);
         let by = now.saturating_sub(keep);
-        let mut erased = 0;
-        loop {
-            match shared.store.erase_settled(by, now, BATCH).await {
-                Ok(n) => {
-                    erased += n;
-                    if n < BATCH {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not erase acknowledged messages");
-                    break;
-                }
-            }
-        }
+        let (erased, failed) =
+            in_batches(BATCH, || shared.store.erase_settled(by, now, BATCH)).await;
         shared.metrics.messages_erased.add(erased as u64);
         if erased > 0 {
             tracing::info!(
@@ -485,21 +472,35 @@ async fn erase_loop(shared: Arc<Shared>) {
                 "erased the ciphertext of acknowledged messages"
             );
         }
+        if let Err(e) = failed {
+            tracing::warn!(error = %e, "could not erase acknowledged messages");
+        }
         // Also after a restart: bodies erased before it and not yet zeroed.
-        loop {
-            match shared.store.zero_erased(BATCH).await {
-                Ok(n) if n < BATCH => break,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not zero erased bodies");
-                    break;
-                }
-            }
+        if let (_, Err(e)) = in_batches(BATCH, || shared.store.zero_erased(BATCH)).await {
+            tracing::warn!(error = %e, "could not zero erased bodies");
         }
         match shared.store.remove_erased_bodies().await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(segments = n, "removed erased body segments"),
             Err(e) => tracing::warn!(error = %e, "could not remove erased body segments"),
+        }
+    }
+}
+
+/// Runs `step` (which handles up to `batch` items and says how many) until
+/// a step handles fewer or fails; returns how many were handled, and the
+/// failure if one ended it.
+async fn in_batches<F, Fut>(batch: usize, mut step: F) -> (usize, Result<(), store::StoreError>)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, store::StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        match step().await {
+            Ok(n) if n < batch => return (total + n, Ok(())),
+            Ok(n) => total += n,
+            Err(e) => return (total, Err(e)),
         }
     }
 }

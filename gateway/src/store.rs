@@ -1734,14 +1734,14 @@ impl Store for SqliteStore {
         now_ms: u64,
         max: usize,
     ) -> Result<usize, StoreError> {
-        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let max = sql_int(max);
         self.call(move |c| {
             let ids: Vec<String> = c
                 .prepare_cached(
                     "SELECT message_id FROM settled WHERE erased_ms IS NULL AND settled_ms <= ?1 \
                      ORDER BY settled_ms LIMIT ?2",
                 )?
-                .query_map(params![ms_i64(settled_by_ms), max], |r| r.get(0))?
+                .query_map(params![sql_int(settled_by_ms), max], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             // Inline bodies' bytes are zeroed where they lay in the
             // database's pages, not just unlinked from their rows.
@@ -1753,7 +1753,7 @@ impl Store for SqliteStore {
                      (body_seg, body_off, body_len) = \
                      (SELECT body_seg, body_off, body_len FROM inbox WHERE message_id = ?1) \
                      WHERE message_id = ?1",
-                    params![id, ms_i64(now_ms)],
+                    params![id, sql_int(now_ms)],
                 )?;
                 exec(
                     c,
@@ -1774,7 +1774,7 @@ impl Store for SqliteStore {
     }
 
     async fn zero_erased(&self, max: usize) -> Result<usize, StoreError> {
-        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let max = sql_int(max);
         let places: Vec<(String, BodyRef)> = self
             .read(move |c| {
                 let rows = c
@@ -2273,11 +2273,8 @@ fn prune_mailbox(
     if everyone_acked {
         index_mailboxes(c)?;
     }
-    let sql = format!(
-        "DELETE FROM mailbox WHERE (target_kind, target_id, seq) IN \
-         (SELECT target_kind, target_id, seq FROM inbox WHERE message_id = ?1 AND (?2 OR {UNLISTABLE}))"
-    );
-    exec(c, &sql, params![id, everyone_acked])?;
+    // Settled: no one can list it any more. Decided once; its mailbox
+    // entries go and it is recorded, for retention.
     let settled = everyone_acked
         || c.prepare_cached(&format!(
             "SELECT 1 FROM inbox WHERE message_id = ?1 AND {UNLISTABLE}"
@@ -2286,8 +2283,14 @@ fn prune_mailbox(
     if settled {
         exec(
             c,
+            "DELETE FROM mailbox WHERE (target_kind, target_id, seq) IN \
+             (SELECT target_kind, target_id, seq FROM inbox WHERE message_id = ?1)",
+            params![id],
+        )?;
+        exec(
+            c,
             "INSERT OR IGNORE INTO settled (message_id, settled_ms) VALUES (?1, ?2)",
-            params![id, ms_i64(now_ms)],
+            params![id, sql_int(now_ms)],
         )?;
     }
     Ok(())
@@ -2312,9 +2315,10 @@ impl Drop for SecureDelete<'_> {
     }
 }
 
-/// A time in ms as SQLite stores it (saturating; no real time reaches it).
-fn ms_i64(ms: u64) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
+/// A count or a time in ms as SQLite stores it (saturating; no real value
+/// reaches the limit).
+fn sql_int(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
 }
 
 /// Moves an inbox message forward and tells its sender: directly when the
