@@ -344,13 +344,32 @@ impl BodyLog {
             inner.spares = kept;
             taken
         };
-        for p in &taken {
-            std::fs::remove_file(p)?;
+        // Every one is tried. One that cannot be unlinked goes back to the
+        // front of the list (reused last, tried again at the next pass), and
+        // the first error is returned once the others are gone.
+        let mut removed = 0;
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for p in taken {
+            match std::fs::remove_file(&p) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    first_error.get_or_insert_with(|| {
+                        io::Error::new(e.kind(), format!("unlinking {}: {e}", p.display()))
+                    });
+                    failed.push(p);
+                }
+            }
         }
-        if !taken.is_empty() {
+        if !failed.is_empty() {
+            let mut inner = self.lock();
+            failed.append(&mut inner.spares);
+            inner.spares = failed;
+        }
+        if removed > 0 {
             sync_dir(&self.dir)?;
         }
-        Ok(taken.len())
+        first_error.map_or(Ok(removed), Err)
     }
 
     /// Whether a closed segment exists that might be removable.

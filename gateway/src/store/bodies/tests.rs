@@ -212,3 +212,48 @@ fn spares_not_reused_for_a_while_are_unlinked() {
     fill_until(&log, closed + 2, 2);
     assert_eq!(inode(dir.path(), closed + 2), before);
 }
+
+#[test]
+fn a_spare_that_cannot_be_unlinked_stays_listed_and_the_others_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let closed = SPARES as i64;
+    fill_until(&log, closed + 1, 1);
+    assert_eq!(log.remove_below(closed + 1).unwrap(), closed as usize);
+    let spares = list(dir.path()).unwrap().spares;
+    assert!(spares.len() >= 2, "{spares:?}");
+    // The first spare is made something `unlink` refuses: a directory.
+    std::fs::remove_file(&spares[0]).unwrap();
+    std::fs::create_dir(&spares[0]).unwrap();
+    std::fs::write(spares[0].join("inside"), b"x").unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for p in &spares {
+        std::fs::File::open(p).unwrap().set_modified(old).unwrap();
+    }
+    let err = log
+        .drop_stale_spares(std::time::Duration::from_secs(3600))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&spares[0].display().to_string()),
+        "{err}"
+    );
+    // The others are gone; the one that failed is still listed, reused last.
+    for p in &spares[1..] {
+        assert!(!p.exists(), "{} is still on disk", p.display());
+    }
+    assert_eq!(log.lock().spares, spares[..1].to_vec());
+    // Once it can be unlinked, the next pass takes it.
+    std::fs::remove_dir_all(&spares[0]).unwrap();
+    std::fs::write(&spares[0], b"").unwrap();
+    std::fs::File::open(&spares[0])
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert_eq!(
+        log.drop_stale_spares(std::time::Duration::from_secs(3600))
+            .unwrap(),
+        1
+    );
+    assert!(log.lock().spares.is_empty());
+    assert!(list(dir.path()).unwrap().spares.is_empty());
+}
