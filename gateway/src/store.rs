@@ -560,6 +560,11 @@ struct Bodies {
     inline_left: std::sync::atomic::AtomicUsize,
 }
 
+/// Inbox rows (by `seq`) one read steps over while looking for the oldest
+/// row whose body is still in the log (two in unit tests, so that their
+/// few rows take several steps).
+const SCAN_ROWS_PER_READ: i64 = if cfg!(test) { 2 } else { 10_000 };
+
 /// Body bytes a group of one job may store inline in its rows: a lone
 /// message (or a small batch) then commits with one fsync instead of two.
 /// The bodies of larger groups (and larger bodies) go to the body log,
@@ -1829,19 +1834,41 @@ impl Store for SqliteStore {
         // first row (by `seq`) that still refers to a segment refers to the
         // oldest one in use. Decided from durable rows: new rows refer only
         // to the segment being appended to, which is never removed.
-        let from = self
+        // After a start (or a mass erasure) the rows before the first such
+        // row can be many: they are stepped over a range at a time, so no
+        // single read holds the reader thread (listings, fetches) for long.
+        let mut from = self
             .unreferenced_below
             .load(std::sync::atomic::Ordering::Relaxed);
-        let oldest: Option<(i64, i64)> = self
-            .read(move |c| {
-                Ok(c.prepare_cached(
-                    "SELECT seq, body_seg FROM inbox WHERE seq >= ?1 AND body_seg IS NOT NULL \
-                     ORDER BY seq LIMIT 1",
-                )?
-                .query_row(params![from], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?)
-            })
-            .await?;
+        let oldest: Option<(i64, i64)> = loop {
+            let (found, last) = self
+                .read(move |c| {
+                    let found = c
+                        .prepare_cached(
+                            "SELECT seq, body_seg FROM inbox WHERE seq >= ?1 AND seq < ?2 \
+                             AND body_seg IS NOT NULL ORDER BY seq LIMIT 1",
+                        )?
+                        .query_row(
+                            params![from, from.saturating_add(SCAN_ROWS_PER_READ)],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .optional()?;
+                    let last: Option<i64> =
+                        c.query_row("SELECT MAX(seq) FROM inbox", [], |r| r.get(0))?;
+                    Ok((found, last))
+                })
+                .await?;
+            let next = from.saturating_add(SCAN_ROWS_PER_READ);
+            match found {
+                Some(row) => break Some(row),
+                None if last.is_some_and(|last| last >= next) => {
+                    self.unreferenced_below
+                        .fetch_max(next, std::sync::atomic::Ordering::Relaxed);
+                    from = next;
+                }
+                None => break None,
+            }
+        };
         if let Some((seq, _)) = oldest {
             self.unreferenced_below
                 .fetch_max(seq, std::sync::atomic::Ordering::Relaxed);

@@ -1285,6 +1285,66 @@ async fn settled_messages_lose_their_ciphertext_after_retention() {
     assert_eq!(store.remove_erased_bodies().await.unwrap(), 0);
 }
 
+/// The oldest segment in use is found past many rows whose bodies are gone
+/// (the scan steps over them a range at a time: two rows in unit tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_in_use_after_many_erased_rows_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let alice = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![],
+    };
+    // Eight 6 MiB bodies, one batch each: three segments or more.
+    let mut envs = Vec::new();
+    let mut bodies = Vec::new();
+    for n in 0..8u8 {
+        let body = Body(vec![n + 1; 6 << 20]);
+        let mut env = incoming(n, &format!("k-{n}"));
+        env.content_hash = body.hash();
+        store
+            .accept_batch(
+                peer.clone(),
+                vec![Incoming::Deliver(Box::new(env.clone()), body.clone())],
+            )
+            .await
+            .unwrap();
+        envs.push(env);
+        bodies.push(body);
+    }
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let segs: Vec<i64> = c
+        .prepare("SELECT body_seg FROM inbox ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    // The kept message: the first one in a segment after the first.
+    let kept = segs.iter().position(|s| *s > segs[0]).unwrap();
+    assert!(kept >= 3, "{segs:?}");
+    for (n, env) in envs.iter().enumerate().filter(|(n, _)| *n != kept) {
+        let acked = store
+            .ack(alice.clone(), env.message_id.clone(), 1000, Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(acked, Some(Status::Acknowledged), "message {n}");
+    }
+    assert_eq!(store.erase_settled(1000, 2000, 100).await.unwrap(), 7);
+    assert_eq!(store.zero_erased(100).await.unwrap(), 7);
+    // Only the segments before the kept message's go.
+    let before = usize::try_from(segs[kept] - segs[0]).unwrap();
+    assert_eq!(store.remove_erased_bodies().await.unwrap(), before);
+    assert_eq!(store.remove_erased_bodies().await.unwrap(), 0);
+    let fetched = store
+        .fetch(alice, envs[kept].message_id.clone(), 3000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fetched.1, bodies[kept]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_damaged_on_disk_is_not_handed_out() {
     let dir = tempfile::tempdir().unwrap();
