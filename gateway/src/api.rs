@@ -380,28 +380,22 @@ async fn inbox(
     })?;
     let wait = Duration::from_secs(q.wait).min(shared.config.limits.max_inbox_wait);
     let deadline = tokio::time::Instant::now() + wait;
-    let mut changed = shared.inbox_tx.subscribe();
+    let mut waiter = shared.inbox_watch.waiter(&mb);
     let mut stop = shared.stop.subscribe();
     loop {
-        changed.borrow_and_update();
-        // Read before listing: a message stored meanwhile moves it again.
-        let seen = shared.inbox_generation(&mb);
+        // Marked before listing: a message stored meanwhile for this
+        // mailbox still wakes the wait below.
+        waiter.mark_seen();
         shared.metrics.inbox_listings.inc();
         let messages = shared.store.inbox(mb.clone(), 500).await?;
         if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(InboxResponse { messages }));
         }
-        // Wait for a message for this mailbox: others' wake it only to compare.
-        loop {
-            tokio::select! {
-                r = changed.changed() => if r.is_err() { return Ok(Json(InboxResponse { messages })) },
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = crate::stopped(&mut stop) => return Ok(Json(InboxResponse { messages })),
-            }
-            changed.borrow_and_update();
-            if shared.inbox_generation(&mb) != seen {
-                break;
-            }
+        // Only a message for this mailbox's user or teams wakes it.
+        tokio::select! {
+            () = waiter.wait() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = crate::stopped(&mut stop) => return Ok(Json(InboxResponse { messages })),
         }
     }
 }

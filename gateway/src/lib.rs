@@ -19,6 +19,7 @@ mod api;
 pub mod config;
 pub mod dev;
 mod federation;
+mod inbox_watch;
 pub mod metrics;
 mod sequencer;
 pub mod sharing;
@@ -94,12 +95,8 @@ pub(crate) struct Shared {
     store: SqliteStore,
     users_limiter: DefaultKeyedRateLimiter<String>,
     peers_limiter: DefaultKeyedRateLimiter<String>,
-    /// Ticks whenever a message for anyone here is stored, waking the
-    /// long-polls to compare their recipients' generations.
-    inbox_tx: watch::Sender<u64>,
-    /// How many times a message was stored for each recipient here (a user
-    /// or a team): a long-poll lists again only when its own have moved.
-    inbox_generations: std::sync::Mutex<HashMap<proto::Target, u64>>,
+    /// Wakes a long-poll when a message for its mailbox is stored.
+    inbox_watch: inbox_watch::InboxWatch,
     wakers: HashMap<AreaId, Arc<federation::PeerWake>>,
     /// HTTP client and base URL per peer, for synchronous federation calls.
     peer_clients: HashMap<AreaId, (reqwest::Client, String)>,
@@ -114,41 +111,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Records that messages for these recipients were stored, and wakes
-    /// the long-polls of those recipients' mailboxes to list again.
+    /// Records that messages for these recipients were stored, waking the
+    /// long-polls of their mailboxes (and no others) to list again.
     fn inbox_changed<'a>(&self, targets: impl IntoIterator<Item = &'a proto::Target>) {
-        {
-            let mut generations = self.inbox_generations();
-            for t in targets {
-                match generations.get_mut(t) {
-                    Some(g) => *g = g.wrapping_add(1),
-                    None => {
-                        generations.insert(t.clone(), 1);
-                    }
-                }
-            }
-        }
-        self.inbox_tx.send_modify(|v| *v = v.wrapping_add(1));
-    }
-
-    /// A mailbox's generation: the sum of its user's and teams' (each only
-    /// grows, so the sum moves whenever a message for it is stored).
-    fn inbox_generation(&self, mb: &store::Mailbox) -> u64 {
-        let generations = self.inbox_generations();
-        let of = |t: proto::Target| generations.get(&t).copied().unwrap_or(0);
-        mb.teams
-            .iter()
-            .fold(of(proto::Target::User(mb.user.clone())), |sum, t| {
-                sum.wrapping_add(of(proto::Target::Team(t.clone())))
-            })
-    }
-
-    /// The generation counters, locked.
-    fn inbox_generations(&self) -> std::sync::MutexGuard<'_, HashMap<proto::Target, u64>> {
-        // Plain counters: a panic elsewhere cannot leave them torn.
-        self.inbox_generations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inbox_watch.changed(targets);
     }
 
     /// Wakes a peer's worker to look at its queue.
@@ -257,8 +223,7 @@ impl Gateway {
                 limits.peer_burst,
             )),
             store,
-            inbox_tx: watch::channel(0).0,
-            inbox_generations: std::sync::Mutex::default(),
+            inbox_watch: inbox_watch::InboxWatch::default(),
             wakers,
             peer_clients,
             own_policy,
