@@ -1805,10 +1805,16 @@ impl Store for SqliteStore {
             return Ok(0);
         }
         let refs: Vec<BodyRef> = places.iter().map(|(_, r)| *r).collect();
-        self.bodies
+        let freed = self
+            .bodies
             .inbox
             .zero(&refs)
             .map_err(|e| StoreError::Db(format!("zeroing erased bodies: {e}")))?;
+        tracing::debug!(
+            bodies = refs.len(),
+            bytes_freed = freed,
+            "store: erased bodies zeroed"
+        );
         let ids: Vec<String> = places.into_iter().map(|(id, _)| id).collect();
         let n = ids.len();
         self.call(move |c| {

@@ -284,14 +284,19 @@ impl BodyLog {
         Ok(buf)
     }
 
-    /// Overwrites bodies with zeros and makes that durable. Only for bodies
-    /// no row refers to any more (erased), so no reader asks for them. A
-    /// body whose segment is gone already, or that lies beyond its
-    /// segment's end, is skipped.
-    pub(crate) fn zero(&self, refs: &[BodyRef]) -> io::Result<()> {
+    /// Overwrites bodies with zeros and makes that durable, then gives
+    /// their blocks back to the file system (a hole punched where they
+    /// lay), so a segment kept for a message not yet acknowledged takes
+    /// disk space only for the bodies still in it. Only for bodies no row
+    /// refers to any more (erased), so no reader asks for them. A body
+    /// whose segment is gone already, or that lies beyond its segment's
+    /// end, is skipped. Returns the bytes whose blocks were given back
+    /// (none on a file system that cannot punch holes: the zeros stay).
+    pub(crate) fn zero(&self, refs: &[BodyRef]) -> io::Result<u64> {
         let mut refs = refs.to_vec();
         refs.sort_by_key(|r| (r.seg, r.off));
         let zeros = vec![0u8; 64 * 1024];
+        let mut freed = 0;
         for seg in refs.chunk_by(|a, b| a.seg == b.seg) {
             let path = segment_path(&self.dir, seg[0].seg);
             let file = match std::fs::OpenOptions::new().write(true).open(&path) {
@@ -300,22 +305,44 @@ impl BodyLog {
                 Err(e) => return Err(e),
             };
             let end = file.metadata()?.len();
+            let mut zeroed = Vec::with_capacity(seg.len());
             for r in seg {
-                let (Ok(mut at), Ok(len)) = (u64::try_from(r.off), u64::try_from(r.len)) else {
+                let (Ok(start), Ok(len)) = (u64::try_from(r.off), u64::try_from(r.len)) else {
                     continue;
                 };
-                let Some(stop) = at.checked_add(len).filter(|s| *s <= end) else {
+                let Some(stop) = start.checked_add(len).filter(|s| *s <= end) else {
                     continue;
                 };
+                let mut at = start;
                 while at < stop {
                     let n = usize::try_from(stop - at).map_or(zeros.len(), |n| n.min(zeros.len()));
                     file.write_all_at(&zeros[..n], at)?;
                     at += n as u64;
                 }
+                zeroed.push((start, len));
             }
+            // The zeros reach the disk before the blocks are freed: freed
+            // first, the pages written would be dropped and the blocks keep
+            // the ciphertext until reused.
             file.sync_data()?;
+            let mut punched = 0;
+            for (start, len) in zeroed {
+                let mode =
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+                match rustix::fs::fallocate(&file, mode, start, len) {
+                    Ok(()) => punched += len,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "body log: cannot punch a hole; the zeros stay");
+                        break;
+                    }
+                }
+            }
+            if punched > 0 {
+                file.sync_data()?;
+                freed += punched;
+            }
         }
-        Ok(())
+        Ok(freed)
     }
 
     /// Unlinks the spares last written more than `max_age` ago: under

@@ -257,3 +257,39 @@ fn a_spare_that_cannot_be_unlinked_stays_listed_and_the_others_go() {
     assert!(log.lock().spares.is_empty());
     assert!(list(dir.path()).unwrap().spares.is_empty());
 }
+
+#[test]
+fn zeroed_bodies_give_their_blocks_back_and_the_rest_stay_readable() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let mib = 1 << 20;
+    let refs: Vec<BodyRef> = (1..=3u8).map(|n| log.append(&vec![n; mib])).collect();
+    log.sync().unwrap();
+    let path = segment_path(dir.path(), refs[0].seg);
+    let before = std::fs::metadata(&path).unwrap();
+    let freed = log.zero(&refs[1..2]).unwrap();
+    assert_eq!(freed, mib as u64);
+    let after = std::fs::metadata(&path).unwrap();
+    // Its place reads as zeros; the file keeps its length (appends go on
+    // where they were), and about a MiB of blocks is free again.
+    assert_eq!(log.read(refs[1]).unwrap(), vec![0u8; mib]);
+    assert_eq!(after.len(), before.len());
+    let freed_blocks = before.blocks().saturating_sub(after.blocks()) * 512;
+    assert!(
+        freed_blocks + 8192 >= mib as u64,
+        "only {freed_blocks} bytes of blocks were freed"
+    );
+    let raw = std::fs::read(&path).unwrap();
+    assert!(
+        !raw.windows(64).any(|w| w == [2u8; 64]),
+        "the body's bytes are still there"
+    );
+    // The others are whole, and the log goes on appending after them.
+    assert_eq!(log.read(refs[0]).unwrap(), vec![1u8; mib]);
+    assert_eq!(log.read(refs[2]).unwrap(), vec![3u8; mib]);
+    let next = log.append(b"after the hole");
+    log.sync().unwrap();
+    assert!(next.off >= refs[2].off + refs[2].len);
+    assert_eq!(log.read(next).unwrap(), b"after the hole");
+}
