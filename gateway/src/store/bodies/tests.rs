@@ -263,7 +263,8 @@ fn zeroed_bodies_give_their_blocks_back_and_the_rest_stay_readable() {
     use std::os::unix::fs::MetadataExt as _;
     let dir = tempfile::tempdir().unwrap();
     let log = BodyLog::open(dir.path()).unwrap();
-    let mib = 1 << 20;
+    // Not a whole number of blocks: the neighbours share the edge blocks.
+    let mib = (1 << 20) + 1000;
     let refs: Vec<BodyRef> = (1..=3u8).map(|n| log.append(&vec![n; mib])).collect();
     log.sync().unwrap();
     let path = segment_path(dir.path(), refs[0].seg);
@@ -277,7 +278,7 @@ fn zeroed_bodies_give_their_blocks_back_and_the_rest_stay_readable() {
     assert_eq!(after.len(), before.len());
     let freed_blocks = before.blocks().saturating_sub(after.blocks()) * 512;
     assert!(
-        freed_blocks + 8192 >= mib as u64,
+        freed_blocks + 2 * 4096 >= (1 << 20),
         "only {freed_blocks} bytes of blocks were freed"
     );
     let raw = std::fs::read(&path).unwrap();
