@@ -1159,15 +1159,47 @@ fn inbox_log(dir: &Path) -> (Vec<String>, Vec<u8>) {
     (names, bytes)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settled_messages_lose_their_ciphertext_after_retention() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
-    let peer = AreaId::new("southvale").unwrap();
+/// A receiving store (northshire) to which southvale delivered each body
+/// in a batch of its own, with alice's mailbox and the envelopes, in order.
+async fn delivered_one_by_one(
+    dir: &Path,
+    bodies: &[Body],
+) -> (SqliteStore, Mailbox, Vec<Envelope>) {
+    let store = SqliteStore::open(dir, AreaId::new("northshire").unwrap()).unwrap();
+    let mut envs = Vec::with_capacity(bodies.len());
+    for (n, body) in bodies.iter().enumerate() {
+        let mut env = incoming(u8::try_from(n).unwrap(), &format!("r-{n}"));
+        env.content_hash = body.hash();
+        let out = store
+            .accept_batch(
+                AreaId::new("southvale").unwrap(),
+                vec![Incoming::Deliver(Box::new(env.clone()), body.clone())],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, vec![IncomingOutcome::Stored]);
+        envs.push(env);
+    }
     let alice = Mailbox {
         user: UserId::new("alice").unwrap(),
         teams: vec![],
     };
+    (store, alice, envs)
+}
+
+/// The body log segment of each inbox row, in order (`None`: inline).
+fn inbox_segments(c: &Connection) -> Vec<Option<i64>> {
+    c.prepare("SELECT body_seg FROM inbox ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_messages_lose_their_ciphertext_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
     // Five 6 MiB bodies, one batch each: in the body log, over two or more
     // 16 MiB segments. Then one small one, inline in its row.
     let bodies: Vec<Body> = (0..6u8)
@@ -1176,33 +1208,9 @@ async fn settled_messages_lose_their_ciphertext_after_retention() {
             Body((0..len).map(|i| (i % 251) as u8 ^ (n + 1)).collect())
         })
         .collect();
-    let envs: Vec<Envelope> = bodies
-        .iter()
-        .enumerate()
-        .map(|(n, b)| {
-            let mut env = incoming(u8::try_from(n).unwrap(), &format!("r-{n}"));
-            env.content_hash = b.hash();
-            env
-        })
-        .collect();
-    for (env, body) in envs.iter().zip(&bodies) {
-        let out = store
-            .accept_batch(
-                peer.clone(),
-                vec![Incoming::Deliver(Box::new(env.clone()), body.clone())],
-            )
-            .await
-            .unwrap();
-        assert_eq!(out, vec![IncomingOutcome::Stored]);
-    }
+    let (store, alice, envs) = delivered_one_by_one(dir.path(), &bodies).await;
     let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
-    let segs: Vec<Option<i64>> = c
-        .prepare("SELECT body_seg FROM inbox ORDER BY seq")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let segs = inbox_segments(&c);
     assert!(segs[..5].iter().all(Option::is_some), "{segs:?}");
     assert_eq!(segs[5], None, "the small body is inline");
     assert!(segs[4] > segs[0], "{segs:?}");
@@ -1290,37 +1298,12 @@ async fn settled_messages_lose_their_ciphertext_after_retention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_in_use_after_many_erased_rows_is_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
-    let peer = AreaId::new("southvale").unwrap();
-    let alice = Mailbox {
-        user: UserId::new("alice").unwrap(),
-        teams: vec![],
-    };
     // Eight 6 MiB bodies, one batch each: three segments or more.
-    let mut envs = Vec::new();
-    let mut bodies = Vec::new();
-    for n in 0..8u8 {
-        let body = Body(vec![n + 1; 6 << 20]);
-        let mut env = incoming(n, &format!("k-{n}"));
-        env.content_hash = body.hash();
-        store
-            .accept_batch(
-                peer.clone(),
-                vec![Incoming::Deliver(Box::new(env.clone()), body.clone())],
-            )
-            .await
-            .unwrap();
-        envs.push(env);
-        bodies.push(body);
-    }
+    let bodies: Vec<Body> = (1..=8u8).map(|n| Body(vec![n; 6 << 20])).collect();
+    let (store, alice, envs) = delivered_one_by_one(dir.path(), &bodies).await;
     let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
-    let segs: Vec<i64> = c
-        .prepare("SELECT body_seg FROM inbox ORDER BY seq")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let segs: Vec<i64> = inbox_segments(&c).into_iter().flatten().collect();
+    assert_eq!(segs.len(), bodies.len(), "every body is in the log");
     // The kept message: the first one in a segment after the first.
     let kept = segs.iter().position(|s| *s > segs[0]).unwrap();
     assert!(kept >= 3, "{segs:?}");
