@@ -18,6 +18,7 @@ use tests::{message, Federation, Settings};
 mod link;
 mod mls;
 mod store;
+mod waiting;
 
 /// The allocator the `gateway` binary uses, so the gateways measured here
 /// allocate as deployed ones do.
@@ -67,6 +68,10 @@ struct Args {
     /// history is.
     #[arg(long, default_value_t = 20_000)]
     inbox_history: usize,
+    /// Other users' long-polls waiting at B for the wake-up figure (0
+    /// skips it): a relayed message should cost the same with them waiting.
+    #[arg(long, default_value_t = 1000)]
+    waiting_polls: usize,
     /// Rounds per concurrency, echo and relay alternating; the table shows
     /// the median of each column, so one noisy moment on a shared machine
     /// does not decide the figure.
@@ -400,7 +405,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
     let senders: Vec<String> = (0..max_c).map(|i| format!("s{i}")).collect();
-    let receivers: Vec<String> = (0..max_c).map(|i| format!("r{i}")).collect();
+    let receivers: Vec<String> = (0..max_c)
+        .map(|i| format!("r{i}"))
+        .chain((0..args.waiting_polls).map(|i| format!("w{i}")))
+        .collect();
     let areas: Vec<tests::AreaUsers<'_>> = vec![
         (
             "northshire",
@@ -509,6 +517,20 @@ async fn main() -> anyhow::Result<()> {
                 100.0 * ceiling / e.per_sec.max(1.0)
             );
         }
+    }
+    if args.waiting_polls > 0 && !args.accept_only {
+        let waiters = &receivers[max_c..];
+        let (alone, beside) =
+            waiting::run(&fed, waiters, args.body, args.seconds, args.rounds).await?;
+        println!(
+            "relay at 1 in flight with {} other long-polls waiting at B: {:.0}/s, cpu {:.0} µs per message; with none: {:.0}/s, cpu {:.0} µs ({:.2}× the CPU)",
+            waiters.len(),
+            beside.per_sec,
+            beside.cpu_us,
+            alone.per_sec,
+            alone.cpu_us,
+            beside.cpu_us / alone.cpu_us.max(1.0)
+        );
     }
     echo.abort();
     fed.stop(0).await;
