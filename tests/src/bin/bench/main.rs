@@ -543,8 +543,7 @@ async fn main() -> anyhow::Result<()> {
     );
     if args.inbox_history > 0 {
         let waiting = 20;
-        let with = store::listing(args.inbox_history, waiting).await?;
-        let without = store::listing(0, waiting).await?;
+        let (with, without) = store::listing(args.inbox_history, waiting).await?;
         println!(
             "inbox listing, {waiting} messages waiting: {with:.0} µs after {} acknowledged ones, {without:.0} µs with none before them ({:.2}×)",
             args.inbox_history,
