@@ -392,6 +392,7 @@ async fn inbox(
             return Ok(Json(InboxResponse { messages }));
         }
         // Only a message for this mailbox's user or teams wakes it.
+        let _waiting = shared.metrics.inbox_waiting.hold();
         tokio::select! {
             () = waiter.wait() => {}
             _ = tokio::time::sleep_until(deadline) => {}

@@ -24,7 +24,35 @@ impl Counter {
     }
 }
 
-/// The gateway's counters.
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Adds one, until the returned guard is dropped.
+    pub fn hold(&self) -> Held<'_> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Held(self)
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One unit of a [`Gauge`], given back when dropped (also when the future
+/// holding it is dropped, as when a client goes away).
+#[derive(Debug)]
+pub struct Held<'a>(&'a Gauge);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The gateway's counters and gauges.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Messages accepted from users.
@@ -53,6 +81,8 @@ pub struct Metrics {
     pub inbox_listings: Counter,
     /// Inbox messages whose ciphertext was erased after retention.
     pub messages_erased: Counter,
+    /// Inbox long-polls waiting for a message now.
+    pub inbox_waiting: Gauge,
 }
 
 impl Metrics {
@@ -129,6 +159,11 @@ impl Metrics {
                 c.get()
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP gateway_inbox_long_polls_waiting Inbox long-polls waiting for a message now (one whose client went away counts until its wait ends).\n# TYPE gateway_inbox_long_polls_waiting gauge\ngateway_inbox_long_polls_waiting {}",
+            self.inbox_waiting.get()
+        );
         let _ = writeln!(
             out,
             "# HELP gateway_store_ok 1 while the store takes work; 0 after a failed fsync of its log (restart the gateway once the disk is sound).\n# TYPE gateway_store_ok gauge\ngateway_store_ok {}",

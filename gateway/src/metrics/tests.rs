@@ -21,4 +21,16 @@ fn the_text_holds_counters_queue_depths_and_store_health() {
         "{text}"
     );
     assert!(m.render(&[], false).contains("\ngateway_store_ok 0\n"));
+    let waiting = |m: &Metrics| {
+        m.render(&[], true).contains(&format!(
+            "\ngateway_inbox_long_polls_waiting {}\n",
+            m.inbox_waiting.get()
+        ))
+    };
+    let (a, b) = (m.inbox_waiting.hold(), m.inbox_waiting.hold());
+    assert_eq!(m.inbox_waiting.get(), 2);
+    assert!(waiting(&m));
+    drop((a, b));
+    assert_eq!(m.inbox_waiting.get(), 0);
+    assert!(waiting(&m));
 }

@@ -186,10 +186,11 @@ async fn a_new_message_wakes_only_its_recipients_long_poll() {
     let before = listings();
     let dan_waits = tokio::spawn(async move { dan.inbox(Duration::from_secs(30)).await });
     let gita_waits = tokio::spawn(async move { gita.inbox(Duration::from_secs(30)).await });
+    let waiting = || fed.gateway(b).unwrap().metrics().inbox_waiting.get();
     // Both have listed their empty inboxes once and wait.
     assert!(
         eventually(Duration::from_secs(20), || async {
-            listings() == before + 2
+            listings() == before + 2 && waiting() == 2
         })
         .await
     );
@@ -201,6 +202,7 @@ async fn a_new_message_wakes_only_its_recipients_long_poll() {
     // wakes were per mailbox); not a performance bound.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!gita_waits.is_finished());
+    assert_eq!(waiting(), 1, "gita's long-poll still waits");
 
     send_to("user:gita@southvale", "wake-2").await;
     let got = gita_waits.await.unwrap().unwrap();
@@ -210,6 +212,7 @@ async fn a_new_message_wakes_only_its_recipients_long_poll() {
         before + 4,
         "each long-poll listed again once, for its own message only"
     );
+    assert_eq!(waiting(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
