@@ -1360,7 +1360,8 @@ fn truncate_wal_file(conn: &Connection, again: &std::sync::atomic::AtomicBool) {
 
 /// Removes the outbox body segments that no queued delivery refers to any
 /// more. Runs beside the writer: new deliveries only ever refer to the
-/// segment being appended to, which is never removed.
+/// segment being appended to when the rows were read, or to later ones, and
+/// none of those is removed (it may have closed since).
 fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durability) {
     match log.drop_stale_spares(SPARE_MAX_AGE) {
         Ok(0) => {}
@@ -1372,6 +1373,7 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
     }
     // Decide from durable rows only: a delivery a crash could bring back
     // must still find its body.
+    let open = log.open_segment();
     let oldest = read_on_disk(conn, durability, |c| {
         let oldest: Option<i64> = c.query_row(
             "SELECT MIN(body_seg) FROM outbox WHERE body_seg IS NOT NULL",
@@ -1380,7 +1382,7 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
         )?;
         Ok(oldest)
     });
-    match oldest.map(|o| log.remove_below(o.unwrap_or(i64::MAX))) {
+    match oldest.map(|o| log.remove_below(o.map_or(open, |o| o.min(open)))) {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => tracing::debug!(segments = n, "store: removed delivered bodies"),
         Ok(Err(e)) => tracing::warn!(error = %e, "store: removing delivered bodies failed"),
@@ -1838,11 +1840,13 @@ impl Store for SqliteStore {
         }
         // Rows are numbered in the order their bodies were appended, so the
         // first row (by `seq`) that still refers to a segment refers to the
-        // oldest one in use. Decided from durable rows: new rows refer only
-        // to the segment being appended to, which is never removed.
-        // After a start (or a mass erasure) the rows before the first such
+        // oldest one in use. Decided from durable rows: rows committed after
+        // a read refer only to the segment open before it (`open`) or to
+        // later ones, so nothing from `open` on is removed, even if it has
+        // closed since. After a start (or a mass erasure) the rows before the first such
         // row can be many: they are stepped over a range at a time, so no
         // single read holds the reader thread (listings, fetches) for long.
+        let open = self.bodies.inbox.open_segment();
         let mut from = self
             .unreferenced_below
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -1879,7 +1883,7 @@ impl Store for SqliteStore {
             self.unreferenced_below
                 .fetch_max(seq, std::sync::atomic::Ordering::Relaxed);
         }
-        let below = oldest.map_or(i64::MAX, |(_, seg)| seg);
+        let below = oldest.map_or(open, |(_, seg)| seg.min(open));
         self.bodies
             .inbox
             .erase_below(below)

@@ -405,6 +405,13 @@ impl BodyLog {
         inner.oldest < inner.seg
     }
 
+    /// The segment being appended to now. Taken before the rows that decide
+    /// a removal are read, it bounds what may go: rows committed after that
+    /// read refer to it or to later ones, even if it closes meanwhile.
+    pub(crate) fn open_segment(&self) -> i64 {
+        self.lock().seg
+    }
+
     /// Removes closed segments numbered below `seg` (no row refers to them),
     /// keeping them as spares while fewer than [`SPARES`] are kept.
     ///
