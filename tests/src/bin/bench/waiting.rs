@@ -24,6 +24,15 @@ pub(crate) async fn run(
         fed.gateway(b)
             .map_or(0, |g| g.metrics().inbox_listings.get())
     };
+    let waiting = || {
+        fed.gateway(b)
+            .map_or(0, |g| g.metrics().inbox_waiting.get())
+    };
+    // Long enough to outlast a measured round; short enough that, once the
+    // clients are gone, their requests end soon at B too (a long-poll
+    // whose client went away waits out its time), so that the next round
+    // without waiters really has none.
+    let wait = Duration::from_secs_f64(2.0 * secs + 5.0);
     let (mut alone, mut beside) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
         alone.push(run_relay(fed, 1, body, secs, false).await?);
@@ -33,7 +42,7 @@ pub(crate) async fn run(
             let api = fed.api(b, w)?;
             polls.push(tokio::spawn(async move {
                 loop {
-                    if api.inbox(Duration::from_secs(60)).await.is_err() {
+                    if api.inbox(wait).await.is_err() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
@@ -55,6 +64,15 @@ pub(crate) async fn run(
             p.abort();
         }
         beside.push(r?);
+        let give_up = Instant::now() + wait + Duration::from_secs(10);
+        while waiting() > 0 {
+            anyhow::ensure!(
+                Instant::now() < give_up,
+                "{} long-polls still wait at B",
+                waiting()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     Ok((median(&alone), median(&beside)))
 }
