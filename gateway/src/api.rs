@@ -55,6 +55,22 @@ impl Failure {
         Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
+    /// A new message refused while the disk is short of space (see
+    /// `disk`): the sender keeps it and retries.
+    fn disk_low(shared: &Shared) -> Failure {
+        shared.metrics.refused_disk_low.inc();
+        Failure {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: ErrorCode::InsufficientStorage,
+            message: format!(
+                "gateway {} is short of disk space and takes no new messages for now; \
+                 nothing was stored. Try again later; fetching and acknowledging go on",
+                shared.config.area
+            ),
+            retry_after: Some(DISK_LOW_RETRY_AFTER),
+        }
+    }
+
     fn internal(e: impl std::fmt::Display) -> Failure {
         tracing::error!(error = %e, "internal error");
         Failure::new(
@@ -89,6 +105,9 @@ impl IntoResponse for Failure {
     }
 }
 
+/// What a sender refused for want of disk space is told to wait.
+const DISK_LOW_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 impl From<crate::store::StoreError> for Failure {
     fn from(e: crate::store::StoreError) -> Failure {
         match e {
@@ -107,6 +126,18 @@ impl From<crate::store::StoreError> for Failure {
                     )
                 ),
             ),
+            // The disk filled faster than the reserve was checked, or a
+            // quota ran out: the transaction was rolled back.
+            crate::store::StoreError::DiskFull(m) => {
+                tracing::error!(error = %m, "disk full; the request was rolled back");
+                Failure {
+                    status: StatusCode::INSUFFICIENT_STORAGE,
+                    code: ErrorCode::InsufficientStorage,
+                    message: "this gateway's disk is full; nothing was changed. Try again later"
+                        .into(),
+                    retry_after: Some(DISK_LOW_RETRY_AFTER),
+                }
+            }
             e => Failure::internal(e),
         }
     }
@@ -288,6 +319,9 @@ async fn submit(
         MessageKind::Mls => check_mls(&req.body.0)?,
     };
     check_disclosure(&shared, &peer, &sender, &req, application)?;
+    if shared.disk.is_low() {
+        return Err(Failure::disk_low(&shared));
+    }
     let now = now_ms();
     let envelope = Envelope {
         message_id: MessageId::time_ordered(now, rand::random()),
@@ -476,6 +510,16 @@ async fn health(
     Extension(peer): Extension<VerifiedPeer>,
 ) -> Response {
     match shared.store.fault() {
+        // Serving, but taking no new messages: an operator must make room.
+        None if shared.disk.is_low() => Json(serde_json::json!({
+            "status": "degraded",
+            "reason": format!(
+                "disk space below limits.min_free_disk_mib ({} MiB): new messages are refused; fetching, acknowledging and status go on",
+                shared.config.limits.min_free_disk_mib
+            ),
+            "you": peer.to_string(),
+        }))
+        .into_response(),
         None => Json(serde_json::json!({ "status": "ok", "you": peer.to_string() })).into_response(),
         // An operator's probe sees what is wrong; nothing is being acknowledged.
         Some(reason) => (
@@ -632,6 +676,16 @@ async fn accept_items(
         }
         None => None,
     };
+    // Short of disk space, a batch with messages in it is refused whole
+    // (after its turn, so that its session breaks at once and the later
+    // batches are refused too): the peer keeps it queued and retries. A
+    // batch of status updates only is small, and is taken.
+    if shared.disk.is_low() && valid.iter().any(|i| matches!(i, Incoming::Deliver(..))) {
+        if let Some(turn) = turn {
+            turn.done(false);
+        }
+        return Err(Failure::disk_low(shared));
+    }
     let order = order.map(|(session, batch)| BatchOrder { session, batch });
     let queued = shared.store.queue_batch(area.clone(), valid, order).await;
     if let Some(turn) = turn {

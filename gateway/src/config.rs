@@ -187,6 +187,12 @@ pub struct LimitsConfig {
     /// Longest inbox long-poll a client may ask for.
     #[serde(deserialize_with = "duration")]
     pub max_inbox_wait: Duration,
+    /// Free space, in MiB, to keep on the data directory's file system.
+    /// Below it the gateway takes no new messages (users and peers are
+    /// answered 507 and retry later; peers keep them queued), while
+    /// fetching, acknowledging and status updates go on in the room left.
+    /// 0 turns the check off.
+    pub min_free_disk_mib: u64,
 }
 
 impl Default for LimitsConfig {
@@ -198,6 +204,7 @@ impl Default for LimitsConfig {
             peer_requests_per_second: 200,
             peer_burst: 400,
             max_inbox_wait: Duration::from_secs(60),
+            min_free_disk_mib: 512,
         }
     }
 }

@@ -18,6 +18,7 @@
 mod api;
 pub mod config;
 pub mod dev;
+mod disk;
 mod federation;
 mod inbox_watch;
 pub mod metrics;
@@ -108,9 +109,21 @@ pub(crate) struct Shared {
     metrics: Arc<metrics::Metrics>,
     /// Puts peers' pipelined batches in their order before storing them.
     sequencer: sequencer::Sequencer,
+    /// Free space on the data directory's disk: below the reserve, new
+    /// messages are refused.
+    disk: Arc<disk::DiskSpace>,
 }
 
 impl Shared {
+    /// The data directory's disk as last read.
+    fn disk_reading(&self) -> metrics::DiskReading {
+        metrics::DiskReading {
+            free_bytes: self.disk.free_bytes(),
+            reserve_bytes: self.disk.reserve_bytes(),
+            low: self.disk.is_low(),
+        }
+    }
+
     /// Records that messages for these recipients were stored, waking the
     /// long-polls of their mailboxes (and no others) to list again.
     fn inbox_changed<'a>(&self, targets: impl IntoIterator<Item = &'a proto::Target>) {
@@ -212,6 +225,13 @@ impl Gateway {
             clients.push((p.clone(), client, wake));
         }
         let limits = &config.limits;
+        let disk = Arc::new(disk::DiskSpace::new(
+            &config.data_dir,
+            limits.min_free_disk_mib,
+        ));
+        // Read before anyone is served, so a gateway started on a full disk
+        // refuses new messages from the first request.
+        disk::check_and_log(&disk, &mut false);
         let shared = Arc::new(Shared {
             directory: Directory::new(&config.users),
             users_limiter: RateLimiter::keyed(quota(
@@ -231,6 +251,7 @@ impl Gateway {
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
             sequencer,
+            disk,
             config,
         });
 
@@ -255,6 +276,7 @@ impl Gateway {
             None => None,
         };
         tasks.spawn(erase_loop(shared.clone()));
+        tasks.spawn(disk::watch(shared.disk.clone(), shared.stop.subscribe()));
         tasks.spawn(accept_loop(
             shared.clone(),
             listener,
@@ -395,9 +417,11 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                 let shared = shared.clone();
                 async move {
                     let depths = shared.store.queue_depths().await.unwrap_or_default();
-                    shared
-                        .metrics
-                        .render(&depths, shared.store.fault().is_none())
+                    shared.metrics.render(
+                        &depths,
+                        shared.store.fault().is_none(),
+                        shared.disk_reading(),
+                    )
                 }
             }
         }),

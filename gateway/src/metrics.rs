@@ -83,12 +83,31 @@ pub struct Metrics {
     pub messages_erased: Counter,
     /// Inbox long-polls waiting for a message now.
     pub inbox_waiting: Gauge,
+    /// New messages (users' submissions and peers' batches) refused while
+    /// the disk was short of space.
+    pub refused_disk_low: Counter,
+}
+
+/// The data directory's disk, as last read, for the metrics text.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskReading {
+    /// Free bytes an unprivileged writer may use (`None` before the first reading).
+    pub free_bytes: Option<u64>,
+    /// The reserve (`limits.min_free_disk_mib`), in bytes.
+    pub reserve_bytes: u64,
+    /// Whether new messages are refused now.
+    pub low: bool,
 }
 
 impl Metrics {
-    /// Renders the counters, plus the given queue depths and whether the
-    /// store takes work, in the Prometheus text format.
-    pub fn render(&self, queue_depths: &[(proto::AreaId, u64)], store_ok: bool) -> String {
+    /// Renders the counters, plus the given queue depths, whether the
+    /// store takes work and the disk reading, in the Prometheus text format.
+    pub fn render(
+        &self,
+        queue_depths: &[(proto::AreaId, u64)],
+        store_ok: bool,
+        disk: DiskReading,
+    ) -> String {
         let mut out = String::new();
         let counters = [
             (
@@ -151,6 +170,11 @@ impl Metrics {
                 "Acknowledged inbox messages whose ciphertext was erased after retention.keep_acknowledged.",
                 &self.messages_erased,
             ),
+            (
+                "gateway_refused_disk_low_total",
+                "New messages (submissions, peers' batches) refused while the disk was below limits.min_free_disk_mib.",
+                &self.refused_disk_low,
+            ),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(
@@ -168,6 +192,22 @@ impl Metrics {
             out,
             "# HELP gateway_store_ok 1 while the store takes work; 0 after a failed fsync of its log (restart the gateway once the disk is sound).\n# TYPE gateway_store_ok gauge\ngateway_store_ok {}",
             u8::from(store_ok)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_disk_low 1 while the data directory's disk is below limits.min_free_disk_mib and new messages are refused.\n# TYPE gateway_disk_low gauge\ngateway_disk_low {}",
+            u8::from(disk.low)
+        );
+        if let Some(free) = disk.free_bytes {
+            let _ = writeln!(
+                out,
+                "# HELP gateway_disk_free_bytes Free bytes on the data directory's disk, read once a second.\n# TYPE gateway_disk_free_bytes gauge\ngateway_disk_free_bytes {free}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gateway_disk_reserve_bytes limits.min_free_disk_mib, in bytes.\n# TYPE gateway_disk_reserve_bytes gauge\ngateway_disk_reserve_bytes {}",
+            disk.reserve_bytes
         );
         let _ = writeln!(out, "# HELP gateway_peer_queue_depth Items queued for each peer.\n# TYPE gateway_peer_queue_depth gauge");
         for (peer, n) in queue_depths {

@@ -48,11 +48,30 @@ pub enum StoreError {
     /// envelope and status are kept.
     #[error("its ciphertext was erased at {0} ms after being acknowledged")]
     Erased(u64),
+    /// The disk (or the gateway's quota on it) is full; the transaction
+    /// was rolled back.
+    #[error("disk full: {0}")]
+    DiskFull(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            return StoreError::DiskFull(e.to_string());
+        }
         StoreError::Db(e.to_string())
+    }
+}
+
+impl StoreError {
+    /// An I/O error while `doing` something: a full disk or quota is told
+    /// apart, so that callers are answered "retry later", not "internal".
+    fn io(doing: &str, e: &std::io::Error) -> StoreError {
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+        match e.kind() {
+            StorageFull | QuotaExceeded => StoreError::DiskFull(format!("{doing}: {e}")),
+            _ => StoreError::Db(format!("{doing}: {e}")),
+        }
     }
 }
 
@@ -1426,7 +1445,10 @@ fn store_thread(
             tracing::error!(error = %e, "store: cannot run a group again after a failed job");
             roll_back_group(&conn, bodies, tails);
             for job in jobs {
-                job.complete()(Err(StoreError::Db(format!("store: {e}"))));
+                job.complete()(Err(match &e {
+                    StoreError::DiskFull(_) => e.clone(),
+                    e => StoreError::Db(format!("store: {e}")),
+                }));
             }
             continue;
         }
@@ -1458,7 +1480,7 @@ fn store_thread(
         let n = durability.issue();
         let commit = match synced_bodies {
             Ok(()) => conn.execute_batch("COMMIT").map_err(StoreError::from),
-            Err(e) => Err(StoreError::Db(format!("writing bodies: {e}"))),
+            Err(e) => Err(StoreError::io("writing bodies", &e)),
         }
         .inspect_err(|e| {
             roll_back_group(&conn, bodies, tails);

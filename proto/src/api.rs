@@ -125,6 +125,10 @@ pub enum ErrorCode {
     /// ciphertext was erased after the gateway's retention period; its
     /// envelope and status are kept.
     Erased,
+    /// The gateway is short of disk space and takes no new messages for
+    /// now (HTTP 507); nothing was stored. Fetching, acknowledging and
+    /// status go on. Retry later.
+    InsufficientStorage,
 }
 
 /// The body of every error answer.

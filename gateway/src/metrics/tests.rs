@@ -7,7 +7,7 @@ fn the_text_holds_counters_queue_depths_and_store_health() {
     let m = Metrics::default();
     m.submitted.add(3);
     let depths = [(proto::AreaId::new("southvale").unwrap(), 7)];
-    let text = m.render(&depths, true);
+    let text = m.render(&depths, true, DiskReading::default());
     assert!(
         text.contains("\ngateway_messages_submitted_total 3\n"),
         "{text}"
@@ -20,12 +20,15 @@ fn the_text_holds_counters_queue_depths_and_store_health() {
         text.contains("# TYPE gateway_store_ok gauge\ngateway_store_ok 1\n"),
         "{text}"
     );
-    assert!(m.render(&[], false).contains("\ngateway_store_ok 0\n"));
+    assert!(m
+        .render(&[], false, DiskReading::default())
+        .contains("\ngateway_store_ok 0\n"));
     let waiting = |m: &Metrics| {
-        m.render(&[], true).contains(&format!(
-            "\ngateway_inbox_long_polls_waiting {}\n",
-            m.inbox_waiting.get()
-        ))
+        m.render(&[], true, DiskReading::default())
+            .contains(&format!(
+                "\ngateway_inbox_long_polls_waiting {}\n",
+                m.inbox_waiting.get()
+            ))
     };
     let (a, b) = (m.inbox_waiting.hold(), m.inbox_waiting.hold());
     assert_eq!(m.inbox_waiting.get(), 2);
@@ -33,4 +36,30 @@ fn the_text_holds_counters_queue_depths_and_store_health() {
     drop((a, b));
     assert_eq!(m.inbox_waiting.get(), 0);
     assert!(waiting(&m));
+}
+
+#[test]
+fn the_text_shows_the_disk_reading() {
+    let m = Metrics::default();
+    m.refused_disk_low.add(2);
+    let reading = DiskReading {
+        free_bytes: Some(1000),
+        reserve_bytes: 4096,
+        low: true,
+    };
+    let text = m.render(&[], true, reading);
+    for line in [
+        "\ngateway_disk_low 1\n",
+        "\ngateway_disk_free_bytes 1000\n",
+        "\ngateway_disk_reserve_bytes 4096\n",
+        "\ngateway_refused_disk_low_total 2\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
+    let unread = m.render(&[], true, DiskReading::default());
+    assert!(unread.contains("\ngateway_disk_low 0\n"), "{unread}");
+    assert!(
+        !unread.contains("gateway_disk_free_bytes"),
+        "no figure before the first reading: {unread}"
+    );
 }

@@ -1412,3 +1412,18 @@ async fn an_erased_body_not_yet_zeroed_is_zeroed_after_a_restart() {
         .any(|w| w == probe));
     assert_eq!(store.zero_erased(100).await.unwrap(), 0);
 }
+
+#[test]
+fn a_full_disk_is_told_apart_from_other_failures() {
+    use rusqlite::ffi;
+    let sqlite =
+        |code| StoreError::from(rusqlite::Error::SqliteFailure(ffi::Error::new(code), None));
+    assert!(matches!(sqlite(ffi::SQLITE_FULL), StoreError::DiskFull(_)));
+    assert!(matches!(sqlite(ffi::SQLITE_IOERR), StoreError::Db(_)));
+    assert!(matches!(sqlite(ffi::SQLITE_BUSY), StoreError::Db(_)));
+    // ENOSPC, EDQUOT and EIO as Linux numbers them.
+    let os = |errno| StoreError::io("writing bodies", &std::io::Error::from_raw_os_error(errno));
+    assert!(matches!(os(28), StoreError::DiskFull(m) if m.starts_with("writing bodies: ")));
+    assert!(matches!(os(122), StoreError::DiskFull(_)));
+    assert!(matches!(os(5), StoreError::Db(_)));
+}

@@ -5,6 +5,7 @@
 
 mod compat;
 mod delivery;
+mod disk;
 mod faults;
 mod idempotency;
 mod negative;
