@@ -319,9 +319,6 @@ async fn submit(
         MessageKind::Mls => check_mls(&req.body.0)?,
     };
     check_disclosure(&shared, &peer, &sender, &req, application)?;
-    if shared.disk.is_low() {
-        return Err(Failure::disk_low(&shared));
-    }
     let now = now_ms();
     let envelope = Envelope {
         message_id: MessageId::time_ordered(now, rand::random()),
@@ -344,6 +341,9 @@ async fn submit(
             body: req.body,
             route: route.clone(),
             commit,
+            // Short of disk space, only a repeat is answered (as one): a
+            // client retrying after a lost answer learns its message was stored.
+            accept_new: !shared.disk.is_low(),
         })
         .await?;
     match outcome {
@@ -366,6 +366,7 @@ async fn submit(
             ErrorCode::StaleEpoch,
             format!("another Commit was already accepted for this epoch (newest Commit epoch {newest}); process pending messages and retry"),
         )),
+        SubmitOutcome::NotStored => Err(Failure::disk_low(&shared)),
         SubmitOutcome::Conflict(message_id) => Err(Failure::new(
             StatusCode::CONFLICT,
             ErrorCode::IdempotencyConflict,

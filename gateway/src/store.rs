@@ -95,6 +95,10 @@ pub struct NewMessage {
     pub route: Route,
     /// For an MLS Commit: its group id (hex) and epoch, checked for order.
     pub commit: Option<(String, u64)>,
+    /// Whether it may be stored if it is new. False while the disk is
+    /// short of space: a repeat of an earlier submission is still answered
+    /// as one, and anything else is [`SubmitOutcome::NotStored`].
+    pub accept_new: bool,
 }
 
 /// What a submission did.
@@ -109,6 +113,8 @@ pub enum SubmitOutcome {
     /// An MLS Commit for an epoch that already has a different Commit; the
     /// group's newest epoch with a Commit is given.
     StaleEpoch(u64),
+    /// New, and [`NewMessage::accept_new`] was false: nothing was stored.
+    NotStored,
 }
 
 /// An incoming federation item that passed the server's checks.
@@ -1526,6 +1532,9 @@ impl Store for SqliteStore {
                 } else {
                     SubmitOutcome::Conflict(id)
                 });
+            }
+            if !m.accept_new {
+                return Ok(SubmitOutcome::NotStored);
             }
             if let Some((group, epoch)) = &m.commit {
                 let hash = env.content_hash.to_string();

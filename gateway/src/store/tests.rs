@@ -196,6 +196,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
         body: Body(vec![1; 8]),
         route: Route::Peer(AreaId::new("southvale").unwrap()),
         commit: None,
+        accept_new: true,
     };
     assert_eq!(
         store.submit(again).await.unwrap(),
@@ -321,6 +322,7 @@ async fn the_wal_restarts_under_sustained_writes() {
                         body,
                         route: Route::Peer(AreaId::new("southvale").unwrap()),
                         commit: None,
+                        accept_new: true,
                     })
                     .await
                     .unwrap();
@@ -402,6 +404,7 @@ async fn bodies_read_back_whether_inline_or_in_the_body_log() {
             body: big.clone(),
             route: Route::Peer(AreaId::new("southvale").unwrap()),
             commit: None,
+            accept_new: true,
         })
         .await
         .unwrap();
@@ -441,6 +444,7 @@ async fn nothing_is_answered_or_read_before_its_commit_is_on_disk() {
             envelope: env,
             route: Route::Peer(AreaId::new("southvale").unwrap()),
             commit: None,
+            accept_new: true,
         }
     };
     store.submit(new(1)).await.unwrap();
@@ -599,6 +603,7 @@ async fn after_a_failed_wal_fsync_nothing_more_is_answered_or_read() {
         envelope: envelope(n, &format!("fail-{n}")),
         route: Route::Peer(AreaId::new("southvale").unwrap()),
         commit: None,
+        accept_new: true,
     };
     let first = store.submit(new(1)).await.unwrap();
     assert!(matches!(first, SubmitOutcome::Stored(..)), "{first:?}");
@@ -777,6 +782,7 @@ async fn fresh_queue_items_are_served_from_memory_until_the_queue_changes_under_
         envelope: envelope(n, &format!("tail-{n}")),
         route: Route::Peer(peer.clone()),
         commit: None,
+        accept_new: true,
     };
     let side = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
     // Deleting a row behind the store's back shows which reads skip the
@@ -1426,4 +1432,35 @@ fn a_full_disk_is_told_apart_from_other_failures() {
     assert!(matches!(os(28), StoreError::DiskFull(m) if m.starts_with("writing bodies: ")));
     assert!(matches!(os(122), StoreError::DiskFull(_)));
     assert!(matches!(os(5), StoreError::Db(_)));
+}
+
+#[tokio::test]
+async fn a_submission_that_may_not_be_new_stores_nothing_but_a_repeat_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let new = |n: u8, accept_new: bool| NewMessage {
+        body: Body(vec![n; 8]),
+        envelope: envelope(n, &format!("short-{n}")),
+        route: Route::Peer(AreaId::new("southvale").unwrap()),
+        commit: None,
+        accept_new,
+    };
+    let first = store.submit(new(1, true)).await.unwrap();
+    let SubmitOutcome::Stored(id, _) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(
+        store.submit(new(1, false)).await.unwrap(),
+        SubmitOutcome::Duplicate(id, Status::Accepted),
+        "a retry after a lost answer learns its message was stored"
+    );
+    assert_eq!(
+        store.submit(new(2, false)).await.unwrap(),
+        SubmitOutcome::NotStored
+    );
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(count("SELECT COUNT(*) FROM sent"), 1);
+    assert_eq!(count("SELECT COUNT(*) FROM outbox"), 1);
+    assert_eq!(store.queue_depths().await.unwrap()[0].1, 1);
 }

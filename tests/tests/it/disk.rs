@@ -70,6 +70,8 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         .await
     );
     assert_eq!(health_status(&dan).await, "ok");
+    let note = || message("user:dan@southvale", "k-0", b"note".to_vec()).unwrap();
+    let earlier = gita.submit(&note()).await.unwrap();
 
     // The filler takes the free space below the reserve.
     let filler = data_b.join("filler");
@@ -115,7 +117,12 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         ),
         "{refused:?}"
     );
-    assert_eq!(inbox_rows(), 1);
+    assert_eq!(inbox_rows(), 2);
+    // A repeat of a stored submission (a retry after a lost answer) is
+    // still answered as one.
+    let repeat = gita.submit(&note()).await.unwrap();
+    assert!(repeat.duplicate);
+    assert_eq!(repeat.message_id, earlier.message_id);
 
     // The duty worker still reads and acknowledges what is there, and the
     // sender still hears of it.
@@ -148,7 +155,7 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         .await,
         "northshire keeps offering it and southvale keeps refusing it"
     );
-    assert_eq!(inbox_rows(), 1);
+    assert_eq!(inbox_rows(), 2);
     assert_eq!(
         alice.status(&second.message_id).await.unwrap().status,
         Status::Accepted
@@ -180,7 +187,11 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         .collect();
     assert_eq!(
         ids,
-        vec![second.message_id.clone(), again.message_id.clone()],
+        vec![
+            earlier.message_id.clone(),
+            second.message_id.clone(),
+            again.message_id.clone()
+        ],
         "each once"
     );
 }

@@ -57,6 +57,7 @@ pub(crate) async fn run(c: usize, body: usize, secs: f64) -> anyhow::Result<Figu
                     body,
                     route: Route::Peer(peer.clone()),
                     commit: None,
+                    accept_new: true,
                 })
                 .await?;
                 n += 1;
