@@ -20,13 +20,36 @@ use crate::{now_ms, Shared};
 /// Largest total body size packed into one federation batch.
 pub(crate) const BATCH_MAX_BYTES: usize = 4 * 1024 * 1024;
 
+/// The error code of a peer's error answer, if its first 4 KiB are one.
+async fn error_code(mut resp: reqwest::Response) -> Option<proto::ErrorCode> {
+    let mut buf = Vec::new();
+    while buf.len() < 4096 {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    serde_json::from_slice::<proto::ApiError>(&buf)
+        .ok()
+        .map(|e| e.error)
+}
+
+/// An error code as it is on the wire (`insufficient_storage`).
+fn code_name(c: proto::ErrorCode) -> String {
+    serde_json::to_string(&c)
+        .map(|s| s.trim_matches('"').to_owned())
+        .unwrap_or_else(|_| format!("{c:?}"))
+}
+
 /// Why a batch could not be handed over (the batch stays queued).
 #[derive(Debug, thiserror::Error)]
 enum SendError {
     #[error("{0}")]
     Http(String),
-    #[error("peer answered HTTP {0}")]
-    Status(u16),
+    /// With the error code of the peer's answer, when it gave one (only
+    /// the code: the answer's text is the peer's, and is not logged).
+    #[error("peer answered HTTP {0}{code}", code = .1.map(|c| format!(" ({})", code_name(c))).unwrap_or_default())]
+    Status(u16, Option<proto::ErrorCode>),
     #[error("peer asked us to slow down")]
     RateLimited(Option<Duration>),
     #[error("peer's answer does not match the batch: {0}")]
@@ -381,7 +404,7 @@ async fn send(
         return Err(SendError::RateLimited(after));
     }
     if !status.is_success() {
-        return Err(SendError::Status(status.as_u16()));
+        return Err(SendError::Status(status.as_u16(), error_code(resp).await));
     }
     let ordered = resp
         .headers()
@@ -402,3 +425,6 @@ async fn send(
         ordered,
     })
 }
+
+#[cfg(test)]
+mod tests;
