@@ -1037,13 +1037,23 @@ impl SqliteStore {
     pub fn open(data_dir: &Path, own_area: AreaId) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Db(format!("creating {}: {e}", data_dir.display())))?;
-        let conn = Connection::open(data_dir.join("gateway.sqlite3"))?;
+        let db = data_dir.join("gateway.sqlite3");
+        // An operator is told which file (a damaged one, say, reads "file
+        // is not a database").
+        let in_db = |e: rusqlite::Error| match StoreError::from(e) {
+            StoreError::Db(m) => StoreError::Db(format!("{}: {m}", db.display())),
+            other => other,
+        };
+        let conn = Connection::open(&db).map_err(in_db)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
              PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0; \
              PRAGMA journal_size_limit = 100663296;",
-        )?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        )
+        .map_err(in_db)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(in_db)?;
         match version {
             v if v > SCHEMA_VERSION => {
                 return Err(StoreError::Db(format!(
@@ -1070,7 +1080,8 @@ impl SqliteStore {
             }
             _ => {}
         }
-        conn.execute_batch(&with_tables(SCHEMA_TEMPLATE))?;
+        conn.execute_batch(&with_tables(SCHEMA_TEMPLATE))
+            .map_err(in_db)?;
         // From here on the sync thread fsyncs the WAL after each group's
         // COMMIT (see `Durability`); SQLite itself still syncs around
         // checkpoints and when the WAL restarts.

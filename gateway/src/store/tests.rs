@@ -1464,3 +1464,20 @@ async fn a_submission_that_may_not_be_new_stores_nothing_but_a_repeat_is_answere
     assert_eq!(count("SELECT COUNT(*) FROM outbox"), 1);
     assert_eq!(store.queue_depths().await.unwrap()[0].1, 1);
 }
+
+#[test]
+fn a_damaged_database_file_is_refused_naming_it_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.sqlite3");
+    let junk: Vec<u8> = (0..8192u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&db, &junk).unwrap();
+    let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains(&db.display().to_string()), "{text}");
+    assert!(text.contains("not a database"), "{text}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        junk,
+        "the file is left for the operator"
+    );
+}
