@@ -1037,6 +1037,8 @@ impl SqliteStore {
     pub fn open(data_dir: &Path, own_area: AreaId) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Db(format!("creating {}: {e}", data_dir.display())))?;
+        // Held by the threads that write here, so it is released once they end.
+        let lock = std::sync::Arc::new(lock_data_dir(data_dir)?);
         let db = data_dir.join("gateway.sqlite3");
         // An operator is told which file (a damaged one, say, reads "file
         // is not a database").
@@ -1131,8 +1133,11 @@ impl SqliteStore {
             .name("store".into())
             .spawn({
                 let (bodies, tails) = (bodies.clone(), tails.clone());
-                let durability = durability.clone();
-                move || store_thread(conn, rx, &bodies, &tails, &durability, &synced_tx)
+                let (durability, lock) = (durability.clone(), lock.clone());
+                move || {
+                    let _lock = lock;
+                    store_thread(conn, rx, &bodies, &tails, &durability, &synced_tx);
+                }
             })
             .map_err(|e| StoreError::Db(format!("starting store thread: {e}")))?;
         let (rtx, mut rrx) = mpsc::channel::<ReadJob>(8192);
@@ -1162,6 +1167,7 @@ impl SqliteStore {
                 let (bodies, durability) = (bodies.clone(), durability.clone());
                 let truncate_wal = truncate_wal.clone();
                 move || {
+                    let _lock = lock;
                     let mut last_gc = std::time::Instant::now();
                     while weak.upgrade().is_some() {
                         std::thread::sleep(CHECKPOINT_EVERY);
@@ -1430,6 +1436,58 @@ fn remove_delivered_bodies(conn: &Connection, log: &BodyLog, durability: &Durabi
 /// bodies) is unlinked rather than reused: under load segments fill, and
 /// spares are reused, within seconds.
 const SPARE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The lock file in a data directory: one gateway process at a time.
+const LOCK_FILE: &str = "gateway.lock";
+
+/// How long a store waits for another holder of its data directory (a
+/// previous instance in this process still finishing its last writes).
+const LOCK_PATIENCE: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_millis(300)
+} else {
+    std::time::Duration::from_secs(10)
+};
+
+/// Takes the data directory's lock (`flock`, released by the kernel when
+/// the holder exits, however it exits). Two gateways writing the same
+/// database and body logs would overwrite each other's bodies.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = data_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(&format!("opening {}", path.display()), &e))?;
+    let give_up = std::time::Instant::now() + LOCK_PATIENCE;
+    let mut waited = false;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < give_up => {
+                if !waited {
+                    waited = true;
+                    tracing::info!(path = %path.display(), patience_s = LOCK_PATIENCE.as_secs(), "the data directory is locked; waiting for its holder to finish");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(StoreError::Db(format!(
+                    "data directory {} is in use by another gateway (it holds {}): \
+                     stop that one first, or give each gateway its own data_dir",
+                    data_dir.display(),
+                    path.display()
+                )))
+            }
+            // A file system without locks: go on, as before there was one.
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot lock the data directory; make sure no other gateway uses it");
+                return Ok(file);
+            }
+        }
+    }
+}
 
 fn store_thread(
     conn: Connection,

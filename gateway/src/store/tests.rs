@@ -1481,3 +1481,38 @@ fn a_damaged_database_file_is_refused_naming_it_and_left_as_it_is() {
         "the file is left for the operator"
     );
 }
+
+#[tokio::test]
+async fn a_data_directory_is_used_by_one_store_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let area = AreaId::new("northshire").unwrap();
+    let first = SqliteStore::open(dir.path(), area.clone()).unwrap();
+    let e = SqliteStore::open(dir.path(), area.clone()).unwrap_err();
+    assert!(e.to_string().contains("in use by another gateway"), "{e}");
+    // Nothing of the first was disturbed.
+    let new = NewMessage {
+        body: Body(vec![1; 8]),
+        envelope: envelope(1, "lock-1"),
+        route: Route::Peer(AreaId::new("southvale").unwrap()),
+        commit: None,
+        accept_new: true,
+    };
+    assert!(matches!(
+        first.submit(new).await.unwrap(),
+        SubmitOutcome::Stored(..)
+    ));
+    // Once its threads have finished, the directory is free again.
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        match SqliteStore::open(dir.path(), area.clone()) {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let reopened = reopened.expect("the lock is released when the store ends");
+    assert_eq!(reopened.queue_depths().await.unwrap()[0].1, 1);
+}
