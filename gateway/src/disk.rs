@@ -115,7 +115,20 @@ pub(crate) async fn watch(disk: Arc<DiskSpace>, mut stop: tokio::sync::watch::Re
             _ = tokio::time::sleep(CHECK_EVERY) => {}
             _ = crate::stopped(&mut stop) => break,
         }
-        check_and_log(&disk, &mut failing);
+        // A statfs on a stalled file system must not hold up a runtime
+        // thread that serves requests.
+        let (d, mut f) = (disk.clone(), failing);
+        let reading = tokio::task::spawn_blocking(move || {
+            check_and_log(&d, &mut f);
+            f
+        });
+        tokio::select! {
+            r = reading => match r {
+                Ok(f) => failing = f,
+                Err(_) => break,
+            },
+            _ = crate::stopped(&mut stop) => break,
+        }
     }
 }
 
