@@ -39,6 +39,15 @@ pub enum CertError {
     /// A trust anchor could not be used.
     #[error("trust anchor: {0}")]
     Verifier(String),
+    /// A certificate this side must present is past its `notAfter`: every
+    /// peer would refuse it.
+    #[error("{what} expired at {at}: renew it")]
+    Expired {
+        /// Which certificate (its file).
+        what: String,
+        /// When, RFC 3339.
+        at: String,
+    },
     /// Minting a certificate failed.
     #[error("minting certificate: {0}")]
     Mint(#[from] rcgen::Error),

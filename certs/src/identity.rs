@@ -89,6 +89,14 @@ pub fn identity_of_cert(der: &[u8]) -> Result<Identity, CertError> {
     })
 }
 
+/// When a certificate stops being valid (its `notAfter`), in seconds since
+/// the Unix epoch.
+pub fn not_after(der: &[u8]) -> Result<i64, CertError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CertError::Malformed(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// A TLS peer whose certificate chain was verified against the CA pinned to
 /// the area it claims. Only this crate can make one (see [`crate::server_config`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

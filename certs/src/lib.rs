@@ -28,7 +28,7 @@ pub use config::{
     ServerTrust,
 };
 pub use error::CertError;
-pub use identity::{identity_of_cert, Identity, VerifiedPeer};
+pub use identity::{identity_of_cert, not_after, Identity, VerifiedPeer};
 pub use pem::{load_certs, load_key, parse_certs, parse_key, Credentials};
 pub use rustls;
 

@@ -19,6 +19,7 @@ mod api;
 pub mod config;
 pub mod dev;
 mod disk;
+mod expiry;
 mod federation;
 mod inbox_watch;
 pub mod metrics;
@@ -81,6 +82,18 @@ pub enum GatewayError {
     },
 }
 
+/// For `gateway check-config`: one line per certificate the gateway
+/// depends on (its own, its area's CA, each peer's CA) saying when it
+/// expires. Fails as [`Gateway::start`] would on an expired gateway
+/// certificate.
+pub fn certificate_report(config: &Config) -> Result<Vec<String>, GatewayError> {
+    let all = expiry::load(config)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Ok(expiry::report(&all, now))
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -112,6 +125,8 @@ pub(crate) struct Shared {
     /// Free space on the data directory's disk: below the reserve, new
     /// messages are refused.
     disk: Arc<disk::DiskSpace>,
+    /// When the certificates this gateway depends on expire.
+    certificates: Vec<metrics::CertificateReading>,
 }
 
 impl Shared {
@@ -165,6 +180,7 @@ impl Gateway {
     /// serving and forwarding.
     pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         let own = Credentials::load(&config.tls.cert, &config.tls.key)?;
+        let expiries = expiry::load(&config)?;
         let mut peers = Vec::new();
         for p in &config.peers {
             peers.push(PeerTrust {
@@ -252,6 +268,7 @@ impl Gateway {
             metrics: Arc::new(metrics::Metrics::default()),
             sequencer,
             disk,
+            certificates: expiries.iter().map(expiry::Expiry::reading).collect(),
             config,
         });
 
@@ -277,6 +294,7 @@ impl Gateway {
         };
         tasks.spawn(erase_loop(shared.clone()));
         tasks.spawn(disk::watch(shared.disk.clone(), shared.stop.subscribe()));
+        tasks.spawn(expiry::watch(expiries, shared.stop.subscribe()));
         tasks.spawn(accept_loop(
             shared.clone(),
             listener,
@@ -421,6 +439,7 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                         &depths,
                         shared.store.fault().is_none(),
                         shared.disk_reading(),
+                        &shared.certificates,
                     )
                 }
             }

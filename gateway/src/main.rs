@@ -133,6 +133,9 @@ async fn real_main(command: Command) -> anyhow::Result<()> {
             for p in &config.peers {
                 certs::load_certs(&p.ca).with_context(|| format!("peer {}", p.area))?;
             }
+            for line in gateway::certificate_report(&config)? {
+                println!("{line}");
+            }
             println!(
                 "{}: ok (area {}, {} peers, {} users)",
                 path.display(),

@@ -88,6 +88,17 @@ pub struct Metrics {
     pub refused_disk_low: Counter,
 }
 
+/// When one certificate the gateway depends on expires, for the metrics text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateReading {
+    /// `gateway` (its own), `area_ca` or `peer_ca`.
+    pub certificate: &'static str,
+    /// The peer, for a peer's CA.
+    pub peer: Option<proto::AreaId>,
+    /// Its `notAfter`, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
 /// The data directory's disk, as last read, for the metrics text.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiskReading {
@@ -101,12 +112,14 @@ pub struct DiskReading {
 
 impl Metrics {
     /// Renders the counters, plus the given queue depths, whether the
-    /// store takes work and the disk reading, in the Prometheus text format.
+    /// store takes work, the disk reading and the certificates' expiry, in
+    /// the Prometheus text format.
     pub fn render(
         &self,
         queue_depths: &[(proto::AreaId, u64)],
         store_ok: bool,
         disk: DiskReading,
+        certificates: &[CertificateReading],
     ) -> String {
         let mut out = String::new();
         let counters = [
@@ -209,6 +222,19 @@ impl Metrics {
             "# HELP gateway_disk_reserve_bytes limits.min_free_disk_mib, in bytes.\n# TYPE gateway_disk_reserve_bytes gauge\ngateway_disk_reserve_bytes {}",
             disk.reserve_bytes
         );
+        let _ = writeln!(out, "# HELP gateway_certificate_not_after_seconds When a certificate the gateway depends on expires (Unix time): its own, its area's CA, each peer's CA.\n# TYPE gateway_certificate_not_after_seconds gauge");
+        for c in certificates {
+            let peer = c
+                .peer
+                .as_ref()
+                .map(|p| format!(",peer=\"{p}\""))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "gateway_certificate_not_after_seconds{{certificate=\"{}\"{peer}}} {}",
+                c.certificate, c.not_after
+            );
+        }
         let _ = writeln!(out, "# HELP gateway_peer_queue_depth Items queued for each peer.\n# TYPE gateway_peer_queue_depth gauge");
         for (peer, n) in queue_depths {
             let _ = writeln!(out, "gateway_peer_queue_depth{{peer=\"{peer}\"}} {n}");

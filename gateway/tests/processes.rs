@@ -557,3 +557,57 @@ async fn check_config_of_the_example_names_the_missing_certificate_once() {
     assert!(err.contains("/etc/referral-gateway/gateway.crt"), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+/// `check-config` says when each certificate expires; with the gateway's
+/// own certificate expired, `check-config` and `run` stop with a
+/// certificate error (exit 3) naming the file, instead of a gateway that
+/// every user and peer would refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_gateway_certificate_is_refused_at_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(GATEWAY)
+        .args(["dev", "--init-only", "--base-port", "0", "--dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let area = dir.path().join("northshire");
+    let config = area.join("gateway.toml");
+    let gateway = |args: &'static [&'static str]| {
+        let config = config.clone();
+        async move {
+            Command::new(GATEWAY)
+                .args(args)
+                .arg(&config)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let ok = gateway(&["check-config", "--config"]).await;
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{text}");
+    assert!(text.contains("gateway certificate "), "{text}");
+    assert!(text.contains("peer southvale's CA "), "{text}");
+    assert!(text.contains("(in 36"), "a year ahead: {text}");
+
+    let ca = certs::mint::Ca::from_pem(certs::mint::PemPair {
+        cert: std::fs::read_to_string(area.join("ca").join("ca.crt")).unwrap(),
+        key: std::fs::read_to_string(area.join("ca").join("ca.key")).unwrap(),
+    })
+    .unwrap();
+    let expired = ca
+        .issue(
+            &certs::Identity::Gateway(proto::AreaId::new("northshire").unwrap()),
+            certs::mint::Validity::Expired,
+        )
+        .unwrap();
+    std::fs::write(area.join("gateway.crt"), expired.cert).unwrap();
+    for args in [&["check-config", "--config"][..], &["run", "--config"][..]] {
+        let out = gateway(args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert!(err.contains("gateway.crt expired at"), "{args:?}: {err}");
+    }
+}

@@ -7,7 +7,7 @@ fn the_text_holds_counters_queue_depths_and_store_health() {
     let m = Metrics::default();
     m.submitted.add(3);
     let depths = [(proto::AreaId::new("southvale").unwrap(), 7)];
-    let text = m.render(&depths, true, DiskReading::default());
+    let text = m.render(&depths, true, DiskReading::default(), &[]);
     assert!(
         text.contains("\ngateway_messages_submitted_total 3\n"),
         "{text}"
@@ -21,10 +21,10 @@ fn the_text_holds_counters_queue_depths_and_store_health() {
         "{text}"
     );
     assert!(m
-        .render(&[], false, DiskReading::default())
+        .render(&[], false, DiskReading::default(), &[])
         .contains("\ngateway_store_ok 0\n"));
     let waiting = |m: &Metrics| {
-        m.render(&[], true, DiskReading::default())
+        m.render(&[], true, DiskReading::default(), &[])
             .contains(&format!(
                 "\ngateway_inbox_long_polls_waiting {}\n",
                 m.inbox_waiting.get()
@@ -47,7 +47,7 @@ fn the_text_shows_the_disk_reading() {
         reserve_bytes: 4096,
         low: true,
     };
-    let text = m.render(&[], true, reading);
+    let text = m.render(&[], true, reading, &[]);
     for line in [
         "\ngateway_disk_low 1\n",
         "\ngateway_disk_free_bytes 1000\n",
@@ -56,10 +56,35 @@ fn the_text_shows_the_disk_reading() {
     ] {
         assert!(text.contains(line), "{line:?} in {text}");
     }
-    let unread = m.render(&[], true, DiskReading::default());
+    let unread = m.render(&[], true, DiskReading::default(), &[]);
     assert!(unread.contains("\ngateway_disk_low 0\n"), "{unread}");
     assert!(
         !unread.contains("gateway_disk_free_bytes"),
         "no figure before the first reading: {unread}"
     );
+}
+
+#[test]
+fn the_text_shows_when_each_certificate_expires() {
+    let m = Metrics::default();
+    let certs = [
+        CertificateReading {
+            certificate: "gateway",
+            peer: None,
+            not_after: 1_900_000_000,
+        },
+        CertificateReading {
+            certificate: "peer_ca",
+            peer: Some(proto::AreaId::new("southvale").unwrap()),
+            not_after: 2_000_000_000,
+        },
+    ];
+    let text = m.render(&[], true, DiskReading::default(), &certs);
+    for line in [
+        "# TYPE gateway_certificate_not_after_seconds gauge\n",
+        "\ngateway_certificate_not_after_seconds{certificate=\"gateway\"} 1900000000\n",
+        "\ngateway_certificate_not_after_seconds{certificate=\"peer_ca\",peer=\"southvale\"} 2000000000\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
 }

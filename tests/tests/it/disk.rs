@@ -90,7 +90,7 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         .gateway(b)
         .unwrap()
         .metrics()
-        .render(&[], true, Default::default());
+        .render(&[], true, Default::default(), &[]);
     assert!(
         metrics.contains("gateway_refused_disk_low_total 0"),
         "{metrics}"
