@@ -15,7 +15,7 @@ pub mod mls;
 pub mod referral;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use proto::{
     ApiError, AreaId, ErrorCode, FetchResponse, InboxResponse, MessageId, Status, StatusResponse,
@@ -27,7 +27,7 @@ use serde::Deserialize;
 /// gateways' idempotency indexes grow at one end
 /// ([`proto::IdempotencyKey::time_ordered`]).
 pub fn fresh_idempotency_key() -> proto::IdempotencyKey {
-    let ms = std::time::SystemTime::now()
+    let ms = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
@@ -158,10 +158,59 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+/// How long before the user's certificate expires the client warns.
+pub const CERT_WARN_BEFORE: Duration = Duration::from_secs(14 * 86_400);
+
+/// Refuses a user certificate past its `notAfter` at `now` (the gateway
+/// would refuse the handshake with a less helpful message), and warns when
+/// it expires within [`CERT_WARN_BEFORE`]. Returns the days left.
+pub fn check_expiry(
+    file: &std::path::Path,
+    creds: &certs::Credentials,
+    now: SystemTime,
+) -> Result<i64, ClientError> {
+    let Some(leaf) = creds.chain.first() else {
+        return Err(certs::CertError::NoCertificate {
+            what: file.display().to_string(),
+        }
+        .into());
+    };
+    let not_after = certs::not_after(leaf)?;
+    let now_s = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let at = || {
+        let t = u64::try_from(not_after).unwrap_or(0);
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t))
+            .to_string()
+    };
+    let days_left = (not_after - now_s).div_euclid(86_400);
+    if not_after <= now_s {
+        return Err(certs::CertError::Expired {
+            what: format!(
+                "your certificate {} (ask your area's gateway administrator for a new one)",
+                file.display()
+            ),
+            at: at(),
+        }
+        .into());
+    }
+    if not_after - now_s <= CERT_WARN_BEFORE.as_secs() as i64 {
+        tracing::warn!(
+            file = %file.display(),
+            expires = %at(),
+            days_left,
+            "your certificate expires soon: ask your area's gateway administrator for a new one"
+        );
+    }
+    Ok(days_left)
+}
+
 impl Api {
     /// Builds a client from a configuration.
     pub fn new(config: &ClientConfig) -> Result<Api, ClientError> {
         let creds = certs::Credentials::load(&config.cert, &config.key)?;
+        check_expiry(&config.cert, &creds, SystemTime::now())?;
         let cas = certs::load_certs(&config.ca)?;
         Api::from_parts(&config.gateway, &creds, &config.area, &cas)
     }
@@ -402,3 +451,6 @@ impl Api {
         self.get("/v1/health").await
     }
 }
+
+#[cfg(test)]
+mod tests;

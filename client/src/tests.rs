@@ -1,0 +1,42 @@
+use super::*;
+use certs::mint::{Ca, Validity};
+use certs::Identity;
+
+fn user_cert(validity: Validity) -> certs::Credentials {
+    let area = AreaId::new("northshire").unwrap();
+    let ca = Ca::new(&area).unwrap();
+    ca.issue(
+        &Identity::User(area, proto::UserId::new("alice").unwrap()),
+        validity,
+    )
+    .unwrap()
+    .credentials()
+    .unwrap()
+}
+
+#[test]
+fn an_expired_user_certificate_is_refused_before_connecting_naming_its_file() {
+    let file = std::path::Path::new("/home/alice/alice.crt");
+    let e = check_expiry(file, &user_cert(Validity::Expired), SystemTime::now()).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(e, ClientError::Certs(certs::CertError::Expired { .. })),
+        "{text}"
+    );
+    assert!(text.contains("/home/alice/alice.crt"), "{text}");
+    assert!(text.contains("administrator"), "{text}");
+}
+
+#[test]
+fn the_days_left_are_counted_and_pass_the_warning_time_without_refusal() {
+    let file = std::path::Path::new("alice.crt");
+    let now = SystemTime::now();
+    let year = user_cert(Validity::For(Duration::from_secs(365 * 86_400)));
+    assert!(check_expiry(file, &year, now).unwrap() >= 364);
+    let soon = user_cert(Validity::For(Duration::from_secs(10 * 86_400)));
+    let left = check_expiry(file, &soon, now).unwrap();
+    assert!((9..=10).contains(&left), "{left}");
+    // The same certificate eleven days on.
+    let later = now + Duration::from_secs(11 * 86_400);
+    assert!(check_expiry(file, &soon, later).is_err());
+}
