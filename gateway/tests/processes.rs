@@ -32,20 +32,27 @@ struct Demo {
 
 const AREAS: [&str; 3] = ["northshire", "southvale", "eastmoor"];
 
+/// The demo federation's files, written by `gateway dev --init-only`
+/// (nothing started).
+async fn dev_files() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(GATEWAY)
+        .args(["dev", "--init-only", "--base-port", "0", "--dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gateway dev failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 impl Demo {
     async fn new() -> Demo {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(GATEWAY)
-            .args(["dev", "--init-only", "--base-port", "0", "--dir"])
-            .arg(dir.path())
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "gateway dev failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = dev_files().await;
         // Quick retries make the restart tests fast.
         for area in AREAS {
             let p = dir.path().join(area).join("gateway.toml");
@@ -564,14 +571,7 @@ async fn check_config_of_the_example_names_the_missing_certificate_once() {
 /// every user and peer would refuse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_gateway_certificate_is_refused_at_start_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(GATEWAY)
-        .args(["dev", "--init-only", "--base-port", "0", "--dir"])
-        .arg(dir.path())
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
+    let dir = dev_files().await;
     let area = dir.path().join("northshire");
     let config = area.join("gateway.toml");
     let gateway = |args: &'static [&'static str]| {
