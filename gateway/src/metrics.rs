@@ -111,12 +111,12 @@ pub struct DiskReading {
 }
 
 impl Metrics {
-    /// Renders the counters, plus the given queue depths, whether the
+    /// Renders the counters, plus the given peer queues, whether the
     /// store takes work, the disk reading and the certificates' expiry, in
     /// the Prometheus text format.
     pub fn render(
         &self,
-        queue_depths: &[(proto::AreaId, u64)],
+        queues: &[crate::store::PeerQueue],
         store_ok: bool,
         disk: DiskReading,
         certificates: &[CertificateReading],
@@ -236,8 +236,24 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP gateway_peer_queue_depth Items queued for each peer.\n# TYPE gateway_peer_queue_depth gauge");
-        for (peer, n) in queue_depths {
-            let _ = writeln!(out, "gateway_peer_queue_depth{{peer=\"{peer}\"}} {n}");
+        for q in queues {
+            let _ = writeln!(
+                out,
+                "gateway_peer_queue_depth{{peer=\"{}\"}} {}",
+                q.peer, q.items
+            );
+        }
+        let _ = writeln!(out, "# HELP gateway_peer_oldest_queued_timestamp_seconds When the oldest item queued for each peer was queued (Unix time; a message: when it was accepted). Alert on time() minus it: messages waiting for an unreachable peer.\n# TYPE gateway_peer_oldest_queued_timestamp_seconds gauge");
+        for q in queues {
+            if let Some(ms) = q.oldest_queued_ms {
+                let _ = writeln!(
+                    out,
+                    "gateway_peer_oldest_queued_timestamp_seconds{{peer=\"{}\"}} {}.{:03}",
+                    q.peer,
+                    ms / 1000,
+                    ms % 1000
+                );
+            }
         }
         out
     }

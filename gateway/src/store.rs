@@ -101,6 +101,21 @@ pub struct NewMessage {
     pub accept_new: bool,
 }
 
+/// One peer's outbound queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerQueue {
+    /// The peer.
+    pub peer: AreaId,
+    /// Items queued for it.
+    pub items: u64,
+    /// When the oldest of them was queued (ms since the epoch): a message
+    /// when it was accepted, a status update when it happened.
+    pub oldest_queued_ms: Option<u64>,
+}
+
+/// How long a status update for a peer is kept queued.
+const STATUS_ITEM_VALIDITY_MS: u64 = 30 * 86_400_000;
+
 /// What a submission did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitOutcome {
@@ -316,7 +331,7 @@ pub trait Store: Send + Sync + 'static {
     /// log failed); the gateway then reports itself unhealthy.
     fn fault(&self) -> Option<String>;
     /// How many items are queued per peer.
-    fn queue_depths(&self) -> impl Future<Output = Result<Vec<(AreaId, u64)>, StoreError>> + Send;
+    fn queue_depths(&self) -> impl Future<Output = Result<Vec<PeerQueue>, StoreError>> + Send;
     /// The pipelined sessions remembered per peer, each with its last
     /// stored batch (see [`Store::queue_batch`]).
     fn peer_sessions(
@@ -2233,14 +2248,34 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn queue_depths(&self) -> Result<Vec<(AreaId, u64)>, StoreError> {
+    async fn queue_depths(&self) -> Result<Vec<PeerQueue>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT peer, COUNT(*) FROM outbox GROUP BY peer")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            // The queue is in order, so its head is its oldest item: a
+            // message's time is its acceptance, a status update's is its
+            // expiry less the time such updates are kept.
+            let mut stmt = c.prepare_cached(
+                "SELECT o.peer, COUNT(*), \
+                   (SELECT CASE WHEN h.is_deliver = 1 \
+                       THEN (SELECT accepted_ms FROM sent WHERE sent.message_id = h.message_id) \
+                       ELSE h.expires_ms - ?1 END \
+                    FROM outbox h WHERE h.peer = o.peer ORDER BY h.seq LIMIT 1) \
+                 FROM outbox o GROUP BY o.peer",
+            )?;
+            let rows = stmt.query_map([STATUS_ITEM_VALIDITY_MS as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            })?;
             let mut out = Vec::new();
             for row in rows {
-                let (peer, n) = row?;
-                out.push((AreaId::new(peer).map_err(corrupt)?, n.max(0) as u64));
+                let (peer, n, oldest) = row?;
+                out.push(PeerQueue {
+                    peer: AreaId::new(peer).map_err(corrupt)?,
+                    items: n.max(0) as u64,
+                    oldest_queued_ms: oldest.and_then(|t| u64::try_from(t).ok()),
+                });
             }
             Ok(out)
         })
@@ -2488,7 +2523,7 @@ fn set_inbox_status(
         };
         exec(c,
             "INSERT INTO outbox (peer, message_id, is_deliver, item, expires_ms) VALUES (?1, ?2, 0, ?3, ?4)",
-            params![env.sender.area.as_str(), id, to_json(&item)?, (now_ms + 30 * 86_400_000) as i64],
+            params![env.sender.area.as_str(), id, to_json(&item)?, (now_ms + STATUS_ITEM_VALIDITY_MS) as i64],
         )?;
         let seq = c.last_insert_rowid();
         tails.stage(Effect::Push(env.sender.area.clone(), Queued { seq, item }));

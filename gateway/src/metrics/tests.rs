@@ -6,7 +6,11 @@ use super::*;
 fn the_text_holds_counters_queue_depths_and_store_health() {
     let m = Metrics::default();
     m.submitted.add(3);
-    let depths = [(proto::AreaId::new("southvale").unwrap(), 7)];
+    let depths = [crate::store::PeerQueue {
+        peer: proto::AreaId::new("southvale").unwrap(),
+        items: 7,
+        oldest_queued_ms: Some(1_795_000_000_123),
+    }];
     let text = m.render(&depths, true, DiskReading::default(), &[]);
     assert!(
         text.contains("\ngateway_messages_submitted_total 3\n"),
@@ -14,6 +18,12 @@ fn the_text_holds_counters_queue_depths_and_store_health() {
     );
     assert!(
         text.contains("gateway_peer_queue_depth{peer=\"southvale\"} 7"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\ngateway_peer_oldest_queued_timestamp_seconds{peer=\"southvale\"} 1795000000.123\n"
+        ),
         "{text}"
     );
     assert!(

@@ -1462,7 +1462,7 @@ async fn a_submission_that_may_not_be_new_stores_nothing_but_a_repeat_is_answere
     let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
     assert_eq!(count("SELECT COUNT(*) FROM sent"), 1);
     assert_eq!(count("SELECT COUNT(*) FROM outbox"), 1);
-    assert_eq!(store.queue_depths().await.unwrap()[0].1, 1);
+    assert_eq!(store.queue_depths().await.unwrap()[0].items, 1);
 }
 
 #[test]
@@ -1514,5 +1514,76 @@ async fn a_data_directory_is_used_by_one_store_at_a_time() {
         }
     }
     let reopened = reopened.expect("the lock is released when the store ends");
-    assert_eq!(reopened.queue_depths().await.unwrap()[0].1, 1);
+    assert_eq!(reopened.queue_depths().await.unwrap()[0].items, 1);
+}
+
+#[tokio::test]
+async fn a_peer_queue_shows_when_its_oldest_item_was_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let (southvale, eastmoor) = (
+        AreaId::new("southvale").unwrap(),
+        AreaId::new("eastmoor").unwrap(),
+    );
+    assert!(store.queue_depths().await.unwrap().is_empty());
+    // Two messages for southvale, accepted at 5,000 and 7,000 ms.
+    for (n, at) in [(1u8, 5_000u64), (2, 7_000)] {
+        let mut env = envelope(n, &format!("q-{n}"));
+        env.accepted_at_ms = at;
+        let new = NewMessage {
+            body: Body(vec![n; 8]),
+            envelope: env,
+            route: Route::Peer(southvale.clone()),
+            commit: None,
+            accept_new: true,
+        };
+        store.submit(new).await.unwrap();
+    }
+    // A message from eastmoor, fetched here at 9,000 ms: its status update
+    // is queued for eastmoor then.
+    let mut env = incoming(3, "from-east");
+    env.sender.area = eastmoor.clone();
+    let body = Body(vec![3; 8]);
+    env.content_hash = body.hash();
+    store
+        .accept_batch(
+            eastmoor.clone(),
+            vec![Incoming::Deliver(Box::new(env.clone()), body)],
+        )
+        .await
+        .unwrap();
+    let mb = Mailbox {
+        user: UserId::new("alice").unwrap(),
+        teams: vec![],
+    };
+    store.fetch(mb, env.message_id, 9_000).await.unwrap();
+    let mut queues = store.queue_depths().await.unwrap();
+    queues.sort_by(|a, b| a.peer.as_str().cmp(b.peer.as_str()));
+    assert_eq!(
+        queues,
+        vec![
+            PeerQueue {
+                peer: eastmoor,
+                items: 1,
+                oldest_queued_ms: Some(9_000)
+            },
+            PeerQueue {
+                peer: southvale.clone(),
+                items: 2,
+                oldest_queued_ms: Some(5_000)
+            },
+        ]
+    );
+    // Once the head is delivered, the next one is the oldest.
+    let head = store.queued(southvale.clone(), 0, 1).await.unwrap();
+    store
+        .sent(southvale, vec![(head[0].seq, Sent::Accepted)], 10_000)
+        .await
+        .unwrap();
+    let queues = store.queue_depths().await.unwrap();
+    let south = queues
+        .iter()
+        .find(|q| q.peer.as_str() == "southvale")
+        .unwrap();
+    assert_eq!((south.items, south.oldest_queued_ms), (1, Some(7_000)));
 }
