@@ -758,6 +758,16 @@ mod erased {
                     out.push_str(&format!(" — {r}"));
                 }
             }
+            if let Some(w) = &self.waiting {
+                let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(w.since_ms);
+                out.push_str(&format!(
+                    "\n  waiting: {}'s gateway has not taken it since {} ({}); \
+                     it stays queued and is retried until it expires",
+                    self.recipient.area,
+                    humantime::format_rfc3339_seconds(since),
+                    w.last_error
+                ));
+            }
             out
         }
         fn json(&self) -> String {

@@ -498,12 +498,20 @@ async fn status(
 ) -> Result<Json<proto::StatusResponse>, Failure> {
     let (sender, _) = user_of(&shared, &peer)?;
     let id = message_id(&id)?;
-    shared
+    let mut st = shared
         .store
         .status(sender.user, id)
         .await?
-        .map(Json)
-        .ok_or_else(|| Failure::not_found("no such message sent by you"))
+        .ok_or_else(|| Failure::not_found("no such message sent by you"))?;
+    // Still queued for a peer that keeps failing: say so, so that the
+    // sender can act (phone the other area) instead of waiting blind.
+    if st.status == proto::Status::Accepted {
+        st.waiting = shared
+            .wakers
+            .get(&st.recipient.area)
+            .and_then(|w| w.failing());
+    }
+    Ok(Json(st))
 }
 
 async fn health(

@@ -79,6 +79,9 @@ pub(crate) struct PeerWake {
     notify: Notify,
     /// Items queued since start (approximately: each wake counts one).
     queued: AtomicU64,
+    /// Since when, and why, the peer has been failing; `None` while its
+    /// last answer was a success (or nothing was sent yet).
+    failing: std::sync::Mutex<Option<proto::Waiting>>,
 }
 
 impl PeerWake {
@@ -86,6 +89,26 @@ impl PeerWake {
     pub(crate) fn wake(&self) {
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.notify.notify_one();
+    }
+
+    /// Since when, and why, the peer has been failing, if it is.
+    pub(crate) fn failing(&self) -> Option<proto::Waiting> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records an answer: a failure keeps the time of the first one in a row.
+    fn record(&self, outcome: Result<(), &SendError>, now_ms: u64) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        *failing = match outcome {
+            Ok(()) => None,
+            Err(e) => Some(proto::Waiting {
+                since_ms: failing.as_ref().map_or(now_ms, |f| f.since_ms),
+                last_error: e.to_string(),
+            }),
+        };
     }
 }
 
@@ -224,6 +247,7 @@ pub(crate) async fn peer_worker(
                 if last_error.take().is_some() {
                     tracing::info!("peer reachable again");
                 }
+                wake.record(Ok(()), answered_at);
                 let mut verdicts = Vec::with_capacity(done.seqs.len());
                 for (seq, r) in done.seqs.iter().zip(answered.response.results) {
                     cursor = cursor.max(*seq);
@@ -275,6 +299,7 @@ pub(crate) async fn peer_worker(
                 };
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, queued = done.seqs.len(), "federation send failed");
                 last_error = Some(e.to_string());
+                wake.record(Err(&e), answered_at);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = crate::stopped(&mut stop) => break,

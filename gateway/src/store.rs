@@ -2039,6 +2039,7 @@ impl Store for SqliteStore {
                 recipient: env.recipient,
                 status: parse_status(&status)?,
                 history,
+                waiting: None,
             }))
         })
         .await

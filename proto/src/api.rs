@@ -88,6 +88,20 @@ pub struct StatusResponse {
     pub status: Status,
     /// Every status it has reached, oldest first.
     pub history: Vec<StatusEvent>,
+    /// While it is `accepted` for another area: that area's gateway has
+    /// been failing to take it (it stays queued and is retried until it
+    /// expires). Absent when nothing is known to be wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+}
+
+/// Why a message accepted here has not reached its recipient's gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    /// Since when that gateway has been failing (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// The last failure, e.g. `peer answered HTTP 507 (insufficient_storage)`.
+    pub last_error: String,
 }
 
 /// Machine-readable error codes. Scripts may rely on them.

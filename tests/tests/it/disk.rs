@@ -142,6 +142,13 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
     );
 
     // A message from another area is accepted there and waits in its queue.
+    let second_at = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
     let second = alice
         .submit(&message("user:dan@southvale", "k-3", b"second".to_vec()).unwrap())
         .await
@@ -156,10 +163,17 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         "northshire keeps offering it and southvale keeps refusing it"
     );
     assert_eq!(inbox_rows(), 2);
+    // alice is told why it waits.
+    let st = alice.status(&second.message_id).await.unwrap();
+    assert_eq!(st.status, Status::Accepted);
+    let waiting = st
+        .waiting
+        .expect("the sender sees that southvale is failing");
     assert_eq!(
-        alice.status(&second.message_id).await.unwrap().status,
-        Status::Accepted
+        waiting.last_error,
+        "peer answered HTTP 507 (insufficient_storage)"
     );
+    assert!(waiting.since_ms >= second_at - 1000, "{waiting:?}");
 
     // Room again: no restart, nothing to do but wait for the next reading.
     std::fs::remove_file(&filler).unwrap();
@@ -174,6 +188,11 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         "the queued message goes through once there is room"
     );
     assert_eq!(health_status(&dan).await, "ok");
+    assert_eq!(
+        alice.status(&second.message_id).await.unwrap().waiting,
+        None,
+        "nothing is said once it is delivered"
+    );
     let again = gita
         .submit(&message("user:dan@southvale", "k-2", b"local".to_vec()).unwrap())
         .await
