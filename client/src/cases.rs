@@ -362,7 +362,12 @@ impl Caseworker {
             disclosure,
             body: Body(body),
         };
-        Ok(self.api.submit(&req).await?.message_id)
+        let area = req.recipient.area.clone();
+        let r = self.api.submit(&req).await?;
+        if let Some(w) = &r.waiting {
+            tracing::warn!("{}", crate::waiting_note(&area, w));
+        }
+        Ok(r.message_id)
     }
 
     /// Claims KeyPackages for every member of `to`; at least one must exist.

@@ -158,6 +158,18 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+/// What to tell the sender when the recipient's gateway keeps failing: the
+/// message is queued and retried, and an urgent one may need a phone call.
+pub fn waiting_note(area: &AreaId, w: &proto::Waiting) -> String {
+    let since = std::time::UNIX_EPOCH + Duration::from_millis(w.since_ms);
+    format!(
+        "{area}'s gateway has not taken messages since {} ({}); this one is queued \
+         and will be retried until it expires: if it is urgent, phone them",
+        humantime::format_rfc3339_seconds(since),
+        w.last_error
+    )
+}
+
 /// How long before the user's certificate expires the client warns.
 pub const CERT_WARN_BEFORE: Duration = Duration::from_secs(14 * 86_400);
 

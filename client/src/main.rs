@@ -306,7 +306,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 disclosure: None,
                 body: Body(body),
             };
+            let area = req.recipient.area.clone();
             let r = api.submit(&req).await?;
+            if let Some(w) = &r.waiting {
+                eprintln!("warning: {}", client::waiting_note(&area, w));
+            }
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -759,13 +763,9 @@ mod erased {
                 }
             }
             if let Some(w) = &self.waiting {
-                let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(w.since_ms);
                 out.push_str(&format!(
-                    "\n  waiting: {}'s gateway has not taken it since {} ({}); \
-                     it stays queued and is retried until it expires",
-                    self.recipient.area,
-                    humantime::format_rfc3339_seconds(since),
-                    w.last_error
+                    "\n  waiting: {}",
+                    client::waiting_note(&self.recipient.area, w)
                 ));
             }
             out

@@ -40,3 +40,18 @@ fn the_days_left_are_counted_and_pass_the_warning_time_without_refusal() {
     let later = now + Duration::from_secs(11 * 86_400);
     assert!(check_expiry(file, &soon, later).is_err());
 }
+
+#[test]
+fn the_waiting_note_says_since_when_why_and_what_to_do() {
+    let w = proto::Waiting {
+        since_ms: 1_795_000_000_000,
+        last_error: "peer answered HTTP 507 (insufficient_storage)".into(),
+    };
+    let note = waiting_note(&AreaId::new("southvale").unwrap(), &w);
+    assert_eq!(
+        note,
+        "southvale's gateway has not taken messages since 2026-11-18T11:06:40Z \
+         (peer answered HTTP 507 (insufficient_storage)); this one is queued and will be \
+         retried until it expires: if it is urgent, phone them"
+    );
+}

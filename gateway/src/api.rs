@@ -350,16 +350,20 @@ async fn submit(
         SubmitOutcome::Stored(message_id, status) => {
             shared.metrics.submitted.inc();
             tracing::info!(%message_id, recipient = %envelope.recipient, category = %envelope.category, "accepted");
-            match route {
+            match &route {
                 Route::Local => shared.inbox_changed([&envelope.recipient.target]),
-                Route::Peer(area) => shared.wake_peer(&area),
+                Route::Peer(area) => shared.wake_peer(area),
             }
-            Ok((StatusCode::CREATED, Json(SubmitResponse { message_id, status, duplicate: false })))
+            let waiting = shared.waiting_for(&route);
+            Ok((StatusCode::CREATED, Json(SubmitResponse { message_id, status, duplicate: false, waiting })))
         }
         SubmitOutcome::Duplicate(message_id, status) => {
             shared.metrics.duplicates.inc();
             tracing::info!(%message_id, "duplicate submission; nothing new stored");
-            Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true })))
+            let waiting = (status == proto::Status::Accepted)
+                .then(|| shared.waiting_for(&route))
+                .flatten();
+            Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true, waiting })))
         }
         SubmitOutcome::StaleEpoch(newest) => Err(Failure::new(
             StatusCode::CONFLICT,
@@ -506,10 +510,7 @@ async fn status(
     // Still queued for a peer that keeps failing: say so, so that the
     // sender can act (phone the other area) instead of waiting blind.
     if st.status == proto::Status::Accepted {
-        st.waiting = shared
-            .wakers
-            .get(&st.recipient.area)
-            .and_then(|w| w.failing());
+        st.waiting = shared.waiting_for(&Route::Peer(st.recipient.area.clone()));
     }
     Ok(Json(st))
 }

@@ -130,6 +130,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Since when, and why, the peer a message goes to has been failing.
+    fn waiting_for(&self, route: &store::Route) -> Option<proto::Waiting> {
+        match route {
+            store::Route::Peer(area) => self.wakers.get(area).and_then(|w| w.failing()),
+            store::Route::Local => None,
+        }
+    }
+
     /// The data directory's disk as last read.
     fn disk_reading(&self) -> metrics::DiskReading {
         metrics::DiskReading {

@@ -37,6 +37,10 @@ pub struct SubmitResponse {
     pub status: Status,
     /// True when this key had been submitted before and nothing new was stored.
     pub duplicate: bool,
+    /// For another area whose gateway keeps failing: since when, and why.
+    /// The message is queued and retried; the sender may want to phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
 }
 
 /// One message waiting in an inbox.

@@ -174,6 +174,12 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         "peer answered HTTP 507 (insufficient_storage)"
     );
     assert!(waiting.since_ms >= second_at - 1000, "{waiting:?}");
+    // A message sent now is accepted with the same news.
+    let third = alice
+        .submit(&message("user:dan@southvale", "k-4", b"third".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(third.waiting, Some(waiting));
 
     // Room again: no restart, nothing to do but wait for the next reading.
     std::fs::remove_file(&filler).unwrap();
@@ -186,6 +192,15 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         )
         .await,
         "the queued message goes through once there is room"
+    );
+    assert!(
+        reaches(
+            &alice,
+            &third.message_id,
+            Status::Delivered,
+            Duration::from_secs(30)
+        )
+        .await
     );
     assert_eq!(health_status(&dan).await, "ok");
     assert_eq!(
@@ -209,6 +224,7 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         vec![
             earlier.message_id.clone(),
             second.message_id.clone(),
+            third.message_id.clone(),
             again.message_id.clone()
         ],
         "each once"
