@@ -97,9 +97,15 @@ async fn peer_outage_queues_in_order_and_survives_a_sender_restart() {
     fed.stop(b).await;
     let ids = send_sequence(fed.api(a, "alice").unwrap(), "alice", 150).await;
     let alice = fed.api(a, "alice").unwrap();
-    assert_eq!(
-        alice.status(&ids[0]).await.unwrap().status,
-        Status::Accepted
+    let st = alice.status(&ids[0]).await.unwrap();
+    assert_eq!(st.status, Status::Accepted);
+    // alice is told why (the worker has tried by now: 150 sends later).
+    let waiting = st
+        .waiting
+        .expect("the sender sees that southvale is unreachable");
+    assert!(
+        waiting.last_error.to_lowercase().contains("connect"),
+        "{waiting:?}"
     );
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 150);
 
