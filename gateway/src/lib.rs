@@ -94,6 +94,28 @@ pub fn certificate_report(config: &Config) -> Result<Vec<String>, GatewayError> 
     Ok(expiry::report(&all, now))
 }
 
+/// For `gateway check-config`: the data directory's free space against
+/// `limits.min_free_disk_mib`.
+pub fn data_dir_report(config: &Config) -> String {
+    let dir = config.data_dir.display();
+    let reserve = config.limits.min_free_disk_mib;
+    match disk::free_bytes(&config.data_dir) {
+        Ok(free) => {
+            let free_mib = free / (1024 * 1024);
+            let verdict = if free_mib < reserve {
+                ": below it, new messages would be refused; make room"
+            } else {
+                ""
+            };
+            format!("data directory {dir}: {free_mib} MiB free (limits.min_free_disk_mib = {reserve}){verdict}")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            format!("data directory {dir}: not there yet (made at the first start)")
+        }
+        Err(e) => format!("data directory {dir}: cannot read its free space: {e}"),
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()

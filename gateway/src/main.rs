@@ -45,6 +45,13 @@ enum Command {
         config: PathBuf,
     },
     /// Check a configuration and its certificate files without starting.
+    ///
+    /// Prints when each certificate the gateway depends on expires (its
+    /// own, its area's CA, each peer's CA) and the data directory's free
+    /// space against its reserve; exits 3 if the configuration
+    /// or a certificate is unusable, its own certificate expired included.
+    ///
+    /// Example: gateway check-config --config /etc/referral-gateway/gateway.toml
     CheckConfig {
         /// The configuration file.
         #[arg(long, short)]
@@ -136,6 +143,7 @@ async fn real_main(command: Command) -> anyhow::Result<()> {
             for line in gateway::certificate_report(&config)? {
                 println!("{line}");
             }
+            println!("{}", gateway::data_dir_report(&config));
             println!(
                 "{}: ok (area {}, {} peers, {} users)",
                 path.display(),

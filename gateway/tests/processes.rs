@@ -591,6 +591,10 @@ async fn an_expired_gateway_certificate_is_refused_at_start_naming_it() {
     assert!(text.contains("gateway certificate "), "{text}");
     assert!(text.contains("peer southvale's CA "), "{text}");
     assert!(text.contains("(in 36"), "a year ahead: {text}");
+    assert!(
+        text.contains("limits.min_free_disk_mib = 512") || text.contains("not there yet"),
+        "{text}"
+    );
 
     let ca = certs::mint::Ca::from_pem(certs::mint::PemPair {
         cert: std::fs::read_to_string(area.join("ca").join("ca.crt")).unwrap(),
