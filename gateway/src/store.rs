@@ -5,11 +5,11 @@
 //! see only what is on disk.
 //!
 //! The SQLite store runs one thread that owns the connection and commits the
-//! jobs waiting in its queue as one transaction (group commit), each job in
-//! its own savepoint so one failure does not undo the others. The commit is
-//! pipelined: a second thread fsyncs the WAL and only then answers the
-//! group's callers, while the writer already runs the next group (see
-//! [`Durability`]).
+//! jobs waiting in its queue as one transaction (group commit); if a job
+//! fails, the group runs again with a savepoint per job, so one failure
+//! does not undo the others. The commit is pipelined: a second thread
+//! fsyncs the WAL and only then answers the group's callers, while the
+//! writer already runs the next group (see `Durability`).
 
 use std::future::Future;
 use std::path::Path;
