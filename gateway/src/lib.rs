@@ -228,7 +228,13 @@ impl Gateway {
             Some(p) => Some(sharing::OwnPolicy::load(p, &config.area)?),
             None => None,
         };
-        let store = SqliteStore::open(&config.data_dir, config.area.clone())?;
+        // Opening may wait for the data directory's lock (a previous
+        // instance's threads finishing): off the runtime's threads, so the
+        // tasks that end that instance can run meanwhile.
+        let (dir, area) = (config.data_dir.clone(), config.area.clone());
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir, area))
+            .await
+            .map_err(|e| store::StoreError::Db(format!("opening the store: {e}")))??;
         // Peers' pipelined sessions go on where the store left them.
         let sequencer = sequencer::Sequencer::default();
         for (peer, at) in store.peer_sessions().await? {
