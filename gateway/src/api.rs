@@ -59,15 +59,22 @@ impl Failure {
     /// `disk`): the sender keeps it and retries.
     fn disk_low(shared: &Shared) -> Failure {
         shared.metrics.refused_disk_low.inc();
+        Failure::insufficient_storage(format!(
+            "gateway {} is short of disk space and takes no new messages for now; \
+             nothing was stored. Try again later; fetching and acknowledging go on",
+            shared.config.area
+        ))
+    }
+
+    /// `507`, told to retry in a minute.
+    fn insufficient_storage(message: impl Into<String>) -> Failure {
         Failure {
-            status: StatusCode::INSUFFICIENT_STORAGE,
-            code: ErrorCode::InsufficientStorage,
-            message: format!(
-                "gateway {} is short of disk space and takes no new messages for now; \
-                 nothing was stored. Try again later; fetching and acknowledging go on",
-                shared.config.area
-            ),
             retry_after: Some(DISK_LOW_RETRY_AFTER),
+            ..Failure::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::InsufficientStorage,
+                message,
+            )
         }
     }
 
@@ -130,13 +137,9 @@ impl From<crate::store::StoreError> for Failure {
             // quota ran out: the transaction was rolled back.
             crate::store::StoreError::DiskFull(m) => {
                 tracing::error!(error = %m, "disk full; the request was rolled back");
-                Failure {
-                    status: StatusCode::INSUFFICIENT_STORAGE,
-                    code: ErrorCode::InsufficientStorage,
-                    message: "this gateway's disk is full; nothing was changed. Try again later"
-                        .into(),
-                    retry_after: Some(DISK_LOW_RETRY_AFTER),
-                }
+                Failure::insufficient_storage(
+                    "this gateway's disk is full; nothing was changed. Try again later",
+                )
             }
             e => Failure::internal(e),
         }
@@ -354,14 +357,14 @@ async fn submit(
                 Route::Local => shared.inbox_changed([&envelope.recipient.target]),
                 Route::Peer(area) => shared.wake_peer(area),
             }
-            let waiting = shared.waiting_for(&route);
+            let waiting = shared.waiting_for(&envelope.recipient.area);
             Ok((StatusCode::CREATED, Json(SubmitResponse { message_id, status, duplicate: false, waiting })))
         }
         SubmitOutcome::Duplicate(message_id, status) => {
             shared.metrics.duplicates.inc();
             tracing::info!(%message_id, "duplicate submission; nothing new stored");
             let waiting = (status == proto::Status::Accepted)
-                .then(|| shared.waiting_for(&route))
+                .then(|| shared.waiting_for(&envelope.recipient.area))
                 .flatten();
             Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true, waiting })))
         }
@@ -510,7 +513,7 @@ async fn status(
     // Still queued for a peer that keeps failing: say so, so that the
     // sender can act (phone the other area) instead of waiting blind.
     if st.status == proto::Status::Accepted {
-        st.waiting = shared.waiting_for(&Route::Peer(st.recipient.area.clone()));
+        st.waiting = shared.waiting_for(&st.recipient.area);
     }
     Ok(Json(st))
 }

@@ -11,7 +11,7 @@
 //! `… - time() < 14 * 86400`).
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use proto::AreaId;
 
@@ -170,10 +170,9 @@ pub(crate) async fn watch(all: Vec<Expiry>, mut stop: tokio::sync::watch::Receiv
     }
 }
 
-fn now_s() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+/// Seconds since the Unix epoch, from the gateway's clock.
+pub(crate) fn now_s() -> i64 {
+    i64::try_from(crate::now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
 fn rfc3339(t: i64) -> String {

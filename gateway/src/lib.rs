@@ -88,10 +88,7 @@ pub enum GatewayError {
 /// certificate.
 pub fn certificate_report(config: &Config) -> Result<Vec<String>, GatewayError> {
     let all = expiry::load(config)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    Ok(expiry::report(&all, now))
+    Ok(expiry::report(&all, expiry::now_s()))
 }
 
 /// For `gateway check-config`: the data directory's free space against
@@ -152,12 +149,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Since when, and why, the peer a message goes to has been failing.
-    fn waiting_for(&self, route: &store::Route) -> Option<proto::Waiting> {
-        match route {
-            store::Route::Peer(area) => self.wakers.get(area).and_then(|w| w.failing()),
-            store::Route::Local => None,
-        }
+    /// Since when, and why, the gateway of `area` has been failing to take
+    /// what this one sends it (`None` for this area, or a peer that is fine).
+    fn waiting_for(&self, area: &AreaId) -> Option<proto::Waiting> {
+        self.wakers.get(area).and_then(|w| w.failing())
     }
 
     /// The data directory's disk as last read.
