@@ -15,7 +15,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 
-use crate::{identity_of_cert, CertError, Credentials, Identity};
+use crate::{identity_of_cert, CertError, Credentials, Identity, Revocations};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -40,6 +40,8 @@ pub struct ServerTrust {
     pub own_cas: Vec<CertificateDer<'static>>,
     /// Federation peers: each peer's CA(s), accepted only for `spiffe://<peer>/gateway`.
     pub peers: Vec<PeerTrust>,
+    /// Certificates revoked by these CAs: refused even though they chain.
+    pub revocations: Revocations,
 }
 
 /// One federation peer's trust anchor.
@@ -60,11 +62,25 @@ struct AreaPinnedClientVerifier {
     by_area: HashMap<AreaId, Arc<dyn ClientCertVerifier>>,
     hints: Vec<DistinguishedName>,
     any: Arc<dyn ClientCertVerifier>,
+    revocations: Revocations,
 }
 
 fn refuse(why: String) -> rustls::Error {
     tracing::warn!(reason = %why, "refused client certificate");
     rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+/// Refuses a chain that verified if its end entity is revoked, with the
+/// alert that tells the other side so (`certificate_revoked`).
+fn not_revoked(
+    revocations: &Revocations,
+    area: &AreaId,
+    end_entity: &CertificateDer<'_>,
+) -> Result<(), rustls::Error> {
+    revocations.check(area, end_entity.as_ref()).map_err(|e| {
+        tracing::warn!(reason = %e, "refused a revoked certificate");
+        rustls::Error::InvalidCertificate(CertificateError::Revoked)
+    })
 }
 
 impl ClientCertVerifier for AreaPinnedClientVerifier {
@@ -91,11 +107,13 @@ impl ClientCertVerifier for AreaPinnedClientVerifier {
                 )));
             }
         }
-        verifier
+        let verified = verifier
             .verify_client_cert(end_entity, intermediates, now)
             .inspect_err(|e| {
                 tracing::warn!(%identity, error = %e, "client certificate did not verify against its area's CA");
-            })
+            })?;
+        not_revoked(&self.revocations, area, end_entity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -153,6 +171,7 @@ pub fn server_config(
         by_area,
         hints,
         any,
+        revocations: trust.revocations.clone(),
     };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -168,6 +187,7 @@ pub fn server_config(
 struct PinnedGatewayVerifier {
     area: AreaId,
     inner: Arc<WebPkiServerVerifier>,
+    revocations: Option<Revocations>,
 }
 
 impl ServerCertVerifier for PinnedGatewayVerifier {
@@ -187,7 +207,12 @@ impl ServerCertVerifier for PinnedGatewayVerifier {
             now,
         )?;
         match identity_of_cert(end_entity) {
-            Ok(Identity::Gateway(area)) if area == self.area => Ok(verified),
+            Ok(Identity::Gateway(area)) if area == self.area => {
+                if let Some(r) = &self.revocations {
+                    not_revoked(r, &area, end_entity)?;
+                }
+                Ok(verified)
+            }
             Ok(other) => Err(refuse(format!(
                 "server is {other}, expected spiffe://{}/gateway",
                 self.area
@@ -223,6 +248,7 @@ fn client_config(
     own: &Credentials,
     server_area: &AreaId,
     server_cas: &[CertificateDer<'static>],
+    revocations: Option<Revocations>,
 ) -> Result<ClientConfig, CertError> {
     let provider = provider();
     let inner = WebPkiServerVerifier::builder_with_provider(roots(server_cas)?, provider.clone())
@@ -231,6 +257,7 @@ fn client_config(
     let verifier = PinnedGatewayVerifier {
         area: server_area.clone(),
         inner,
+        revocations,
     };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -248,17 +275,19 @@ pub fn user_client_config(
     home: &AreaId,
     home_cas: &[CertificateDer<'static>],
 ) -> Result<ClientConfig, CertError> {
-    client_config(own, home, home_cas)
+    client_config(own, home, home_cas, None)
 }
 
 /// A gateway's client configuration for one federation peer: presents the
 /// gateway's certificate and accepts only `spiffe://<peer>/gateway` under the
-/// peer's pinned CA.
+/// peer's pinned CA, and not if `revocations` (the gateway's, kept current)
+/// revoke the peer's certificate.
 pub fn gateway_client_config(
     own: &Credentials,
     peer: &PeerTrust,
+    revocations: &Revocations,
 ) -> Result<ClientConfig, CertError> {
-    client_config(own, &peer.area, &peer.cas)
+    client_config(own, &peer.area, &peer.cas, Some(revocations.clone()))
 }
 
 /// Verifies one's own certificate chain against one's area CA, as a server

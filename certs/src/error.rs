@@ -48,6 +48,22 @@ pub enum CertError {
         /// When, RFC 3339.
         at: String,
     },
+    /// A certificate is on its area's revocation list.
+    #[error("{who}: certificate {serial} has been revoked by its area's CA")]
+    Revoked {
+        /// The identity the certificate names.
+        who: String,
+        /// Its serial number, hex.
+        serial: String,
+    },
+    /// A certificate revocation list could not be used.
+    #[error("revocation list {path}: {reason}")]
+    Crl {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// Minting a certificate failed.
     #[error("minting certificate: {0}")]
     Mint(#[from] rcgen::Error),

@@ -12,6 +12,10 @@
 //!   area B's CA that claims area C is refused during the handshake;
 //! * peer gateways may connect as `spiffe://<peer>/gateway` only; users may
 //!   connect only to their own area's gateway;
+//! * a certificate on its area's revocation list ([`Revocations`], read from
+//!   the CA's CRLs and verified against it) is refused in the handshake, and
+//!   a connection opened before the list named it is refused at its next
+//!   request ([`ConnectionCertificate`]);
 //! * nothing here panics on a certificate, key or file from outside.
 //!
 //! [`mint`] creates CAs and certificates with rcgen for the development
@@ -22,6 +26,7 @@ mod error;
 mod identity;
 pub mod mint;
 mod pem;
+mod revocation;
 
 pub use config::{
     gateway_client_config, server_config, user_client_config, verify_own_certificate, PeerTrust,
@@ -30,6 +35,7 @@ pub use config::{
 pub use error::CertError;
 pub use identity::{identity_of_cert, not_after, Identity, VerifiedPeer};
 pub use pem::{load_certs, load_key, parse_certs, parse_key, Credentials};
+pub use revocation::{ConnectionCertificate, CrlInfo, RevocationList, Revocations};
 pub use rustls;
 
 /// Constructors that skip certificate verification, for tests only.

@@ -138,4 +138,47 @@ impl Ca {
             key: key.serialize_pem(),
         })
     }
+
+    /// A revocation list (PEM) signed by this CA, revoking the certificates
+    /// `revoked` (PEM, each issued by this CA). `number` is the list's CRL
+    /// number (higher is newer); `validity` says until when it is current
+    /// ([`Validity::Expired`]: a list whose next update is overdue).
+    pub fn revocation_list(
+        &self,
+        revoked: &[&str],
+        number: u64,
+        validity: Validity,
+    ) -> Result<String, CertError> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let now = SystemTime::now();
+        let (this_update, next_update) = match validity {
+            Validity::For(d) => (now - Duration::from_secs(3600), now + d),
+            Validity::Expired => (
+                now - Duration::from_secs(2 * 86_400),
+                now - Duration::from_secs(86_400),
+            ),
+        };
+        let mut revoked_certs = Vec::new();
+        for pem in revoked {
+            for der in crate::parse_certs(pem, "revoked certificate")? {
+                let (_, cert) = X509Certificate::from_der(der.as_ref())
+                    .map_err(|e| CertError::Malformed(e.to_string()))?;
+                revoked_certs.push(rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
+                    revocation_time: this_update.into(),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                });
+            }
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: this_update.into(),
+            next_update: next_update.into(),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
 }

@@ -155,6 +155,12 @@ fn describe(e: &reqwest::Error) -> String {
         msg.push_str(&s.to_string());
         src = s.source();
     }
+    if msg.contains("CertificateRevoked") {
+        msg.push_str(
+            ": the gateway refused your certificate because it has been revoked; \
+             ask your area's gateway administrator for a new one",
+        );
+    }
     msg
 }
 

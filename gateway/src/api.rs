@@ -95,10 +95,13 @@ impl IntoResponse for Failure {
             message: self.message,
         });
         let mut resp = (self.status, body).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE
+            || self.code == ErrorCode::CertificateRevoked
+        {
             // The rest of the request body is not read, so the connection
             // cannot carry another request: say so, or a client may reuse it
-            // and see its next request fail. (HTTP/2 drops this header.)
+            // and see its next request fail. A connection whose certificate
+            // was revoked carries nothing more. (HTTP/2 drops this header.)
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -110,6 +113,17 @@ impl IntoResponse for Failure {
         }
         resp
     }
+}
+
+/// The answer to a request on a connection whose certificate has been
+/// revoked since it was opened (the connection is then closed).
+pub(crate) fn revoked(e: &certs::CertError) -> Response {
+    Failure::new(
+        StatusCode::FORBIDDEN,
+        ErrorCode::CertificateRevoked,
+        format!("{e}: ask your area's gateway administrator for a new certificate"),
+    )
+    .into_response()
 }
 
 /// What a sender refused for want of disk space is told to wait.

@@ -106,6 +106,19 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA certificate(s) of this area: users' certificates chain to it.
     pub ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER) published by this area's
+    /// CA: a user certificate on one is refused, even on a connection
+    /// opened before. Re-read when a file changes.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// How often the CRL files (this area's and the peers') are looked at
+    /// for changes.
+    #[serde(default = "crl_check_every", deserialize_with = "duration")]
+    pub crl_check_every: Duration,
+}
+
+fn crl_check_every() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Delivery timing.
@@ -219,6 +232,10 @@ pub struct PeerConfig {
     pub url: String,
     /// PEM CA certificate(s) of the peer's area, pinned to that area.
     pub ca: PathBuf,
+    /// Revocation lists published by the peer's CA: a peer gateway
+    /// certificate on one is refused, whichever side connects.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
     /// The peer's policy verification key, `ed25519:<base64>`: when set,
     /// messages from the peer must cite its current signed policy.
     #[serde(default)]
@@ -328,8 +345,10 @@ impl Config {
         abs(&mut config.tls.cert);
         abs(&mut config.tls.key);
         abs(&mut config.tls.ca);
+        config.tls.crls.iter_mut().for_each(abs);
         for p in &mut config.peers {
             abs(&mut p.ca);
+            p.crls.iter_mut().for_each(abs);
         }
         if let Some(p) = &mut config.policy {
             abs(&mut p.file);
@@ -353,6 +372,9 @@ impl Config {
             if !p.url.starts_with("https://") {
                 return Err(format!("peers.{}.url: must start with https://", p.area));
             }
+        }
+        if self.tls.crl_check_every.is_zero() {
+            return Err("tls.crl_check_every: must be > 0".into());
         }
         let mut ids = BTreeSet::new();
         for u in &self.users {

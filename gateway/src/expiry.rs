@@ -175,7 +175,8 @@ pub(crate) fn now_s() -> i64 {
     i64::try_from(crate::now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
-fn rfc3339(t: i64) -> String {
+/// A Unix time as RFC 3339, to the second.
+pub(crate) fn rfc3339(t: i64) -> String {
     let at = u64::try_from(t).map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s));
     humantime::format_rfc3339_seconds(at).to_string()
 }

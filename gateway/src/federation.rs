@@ -136,12 +136,7 @@ struct Answered {
 /// order ([`crate::sequencer`]). Until the peer confirms it does that, one
 /// batch at a time. Answers are taken in order; the first failure drops the
 /// batches behind it, and a new session starts from the last answered item.
-pub(crate) async fn peer_worker(
-    shared: Arc<Shared>,
-    peer: PeerConfig,
-    client: reqwest::Client,
-    wake: Arc<PeerWake>,
-) {
+pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, wake: Arc<PeerWake>) {
     let delivery = shared.config.delivery.clone();
     let base: Arc<str> = peer.url.trim_end_matches('/').into();
     // Framed batches carry bodies raw; a peer that predates them answers 404
@@ -208,7 +203,11 @@ pub(crate) async fn peer_worker(
             }
             let order = (session, next_batch);
             next_batch += 1;
-            let (client, base) = (client.clone(), base.clone());
+            let Some((client, _)) = shared.peer_clients.get(&peer.area) else {
+                tracing::error!("no HTTP client for this peer");
+                break;
+            };
+            let base = base.clone();
             let request = tokio::spawn(async move {
                 let mut framed = framed;
                 let answer = send(&client, &base, &mut framed, order, &batch).await;

@@ -23,6 +23,8 @@ mod expiry;
 mod federation;
 mod inbox_watch;
 pub mod metrics;
+mod peer_clients;
+mod revocation;
 mod sequencer;
 pub mod sharing;
 pub mod store;
@@ -91,6 +93,15 @@ pub fn certificate_report(config: &Config) -> Result<Vec<String>, GatewayError> 
     Ok(expiry::report(&all, expiry::now_s()))
 }
 
+/// For `gateway check-config`: one line per revocation list (`tls.crls`,
+/// `peers[].crls`): how many certificates it revokes and when its CA
+/// promises the next. Fails as [`Gateway::start`] would on a list that
+/// cannot be read or is not signed by its area's CA.
+pub fn revocation_report(config: &Config) -> Result<Vec<String>, GatewayError> {
+    let list = revocation::Sources::of(config).load()?;
+    Ok(revocation::describe(&list, expiry::now_s()))
+}
+
 /// For `gateway check-config`: the data directory's free space against
 /// `limits.min_free_disk_mib`.
 pub fn data_dir_report(config: &Config) -> String {
@@ -131,8 +142,12 @@ pub(crate) struct Shared {
     /// Wakes a long-poll when a message for its mailbox is stored.
     inbox_watch: inbox_watch::InboxWatch,
     wakers: HashMap<AreaId, Arc<federation::PeerWake>>,
-    /// HTTP client and base URL per peer, for synchronous federation calls.
-    peer_clients: HashMap<AreaId, (reqwest::Client, String)>,
+    /// HTTP client and base URL per peer.
+    peer_clients: peer_clients::PeerClients,
+    /// The revocation lists in force (handshakes and requests).
+    revocations: certs::Revocations,
+    /// Whether the last re-read of changed revocation lists failed.
+    crl_reload: Arc<revocation::ReloadState>,
     /// This area's verified sharing policy, if configured.
     own_policy: Option<sharing::OwnPolicy>,
     /// Peers' current policy versions.
@@ -213,10 +228,15 @@ impl Gateway {
                 cas: certs::load_certs(&p.ca)?,
             });
         }
+        let crl_sources = revocation::Sources::of(&config);
+        let crls = crl_sources.load()?;
+        revocation::report(&crls, expiry::now_s());
+        let revocations = certs::Revocations::new(crls);
         let trust = ServerTrust {
             own_area: config.area.clone(),
             own_cas: certs::load_certs(&config.tls.ca)?,
             peers: peers.clone(),
+            revocations: revocations.clone(),
         };
         let server_config = certs::server_config(&own, &trust)?;
         let own_policy = match &config.policy {
@@ -247,30 +267,19 @@ impl Gateway {
             source,
         })?;
 
-        let mut clients = Vec::new();
         let mut wakers = HashMap::new();
-        let mut peer_clients = HashMap::new();
-        for (p, trust) in config.peers.iter().zip(&peers) {
-            let tls = certs::gateway_client_config(&own, trust)?;
-            let client = reqwest::Client::builder()
-                .use_preconfigured_tls(tls)
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(config.delivery.peer_timeout)
-                .connect_timeout(Duration::from_secs(10))
-                .pool_idle_timeout(Duration::from_secs(90))
-                .build()
-                .map_err(|e| GatewayError::PeerClient {
-                    peer: p.area.clone(),
-                    message: e.to_string(),
-                })?;
-            let wake = Arc::new(federation::PeerWake::default());
-            wakers.insert(p.area.clone(), wake.clone());
-            peer_clients.insert(
-                p.area.clone(),
-                (client.clone(), p.url.trim_end_matches('/').to_owned()),
-            );
-            clients.push((p.clone(), client, wake));
+        for p in &config.peers {
+            wakers.insert(p.area.clone(), Arc::new(federation::PeerWake::default()));
         }
+        let peer_clients = peer_clients::PeerClients::new(
+            own,
+            peers
+                .into_iter()
+                .zip(&config.peers)
+                .map(|(trust, p)| (trust, p.url.trim_end_matches('/').to_owned())),
+            revocations.clone(),
+            config.delivery.peer_timeout,
+        )?;
         let limits = &config.limits;
         let disk = Arc::new(disk::DiskSpace::new(
             &config.data_dir,
@@ -293,6 +302,8 @@ impl Gateway {
             inbox_watch: inbox_watch::InboxWatch::default(),
             wakers,
             peer_clients,
+            revocations,
+            crl_reload: Arc::default(),
             own_policy,
             peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
@@ -304,11 +315,12 @@ impl Gateway {
         });
 
         let mut tasks = JoinSet::new();
-        for (peer, client, wake) in clients {
+        for peer in shared.config.peers.clone() {
+            let Some(wake) = shared.wakers.get(&peer.area).cloned() else {
+                continue;
+            };
             let span = tracing::info_span!("peer", peer = %peer.area);
-            tasks.spawn(
-                federation::peer_worker(shared.clone(), peer, client, wake).instrument(span),
-            );
+            tasks.spawn(federation::peer_worker(shared.clone(), peer, wake).instrument(span));
         }
         let metrics_addr = match shared.config.metrics_listen {
             Some(a) => {
@@ -326,6 +338,13 @@ impl Gateway {
         tasks.spawn(erase_loop(shared.clone()));
         tasks.spawn(disk::watch(shared.disk.clone(), shared.stop.subscribe()));
         tasks.spawn(expiry::watch(expiries, shared.stop.subscribe()));
+        tasks.spawn(revocation::watch(
+            crl_sources,
+            shared.revocations.clone(),
+            shared.crl_reload.clone(),
+            shared.config.tls.crl_check_every,
+            shared.stop.subscribe(),
+        ));
         tasks.spawn(accept_loop(
             shared.clone(),
             listener,
@@ -413,6 +432,7 @@ async fn accept_loop(
         let shared = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let generation = certs::ConnectionCertificate::before_handshake(&shared.revocations);
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -427,7 +447,12 @@ async fn accept_loop(
                         return;
                     }
                 };
-            let peer = match VerifiedPeer::from_server_connection(tls.get_ref().1) {
+            let conn = tls.get_ref().1;
+            let identified = VerifiedPeer::from_server_connection(conn).and_then(|peer| {
+                let cert = certs::ConnectionCertificate::after_handshake(conn, generation)?;
+                Ok((peer, Arc::new(cert)))
+            });
+            let (peer, cert) = match identified {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "no usable identity after handshake");
@@ -435,11 +460,25 @@ async fn accept_loop(
                 }
             };
             tracing::debug!(%remote, %peer, "connection");
-            let svc =
-                tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            let svc = tower::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    // A connection outlives a revocation made while it is
+                    // open: each request checks the lists in force.
+                    let revoked = cert.check(&shared.revocations).err();
+                    if let Some(e) = &revoked {
+                        shared.metrics.refused_revoked.inc();
+                        tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since been revoked");
+                    }
                     req.extensions_mut().insert(peer.clone());
-                    router.clone().oneshot(req)
-                });
+                    let router = router.clone();
+                    async move {
+                        match revoked {
+                            Some(e) => Ok(api::revoked(&e)),
+                            None => router.oneshot(req).await,
+                        }
+                    }
+                },
+            );
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -466,12 +505,17 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                 let shared = shared.clone();
                 async move {
                     let depths = shared.store.queue_depths().await.unwrap_or_default();
-                    shared.metrics.render(
+                    let mut text = shared.metrics.render(
                         &depths,
                         shared.store.fault().is_none(),
                         shared.disk_reading(),
                         &shared.certificates,
-                    )
+                    );
+                    text.push_str(&metrics::revocation_text(
+                        shared.revocations.current().lists(),
+                        shared.crl_reload.failed(),
+                    ));
+                    text
                 }
             }
         }),

@@ -47,9 +47,11 @@ enum Command {
     /// Check a configuration and its certificate files without starting.
     ///
     /// Prints when each certificate the gateway depends on expires (its
-    /// own, its area's CA, each peer's CA) and the data directory's free
-    /// space against its reserve; exits 3 if the configuration
-    /// or a certificate is unusable, its own certificate expired included.
+    /// own, its area's CA, each peer's CA), each revocation list with how
+    /// many certificates it revokes and when the next is due, and the data
+    /// directory's free space against its reserve; exits 3 if the
+    /// configuration, a certificate or a revocation list is unusable, its
+    /// own certificate expired included.
     ///
     /// Example: gateway check-config --config /etc/referral-gateway/gateway.toml
     CheckConfig {
@@ -141,6 +143,9 @@ async fn real_main(command: Command) -> anyhow::Result<()> {
                 certs::load_certs(&p.ca).with_context(|| format!("peer {}", p.area))?;
             }
             for line in gateway::certificate_report(&config)? {
+                println!("{line}");
+            }
+            for line in gateway::revocation_report(&config)? {
                 println!("{line}");
             }
             println!("{}", gateway::data_dir_report(&config));

@@ -86,6 +86,10 @@ pub struct Metrics {
     /// New messages (users' submissions and peers' batches) refused while
     /// the disk was short of space.
     pub refused_disk_low: Counter,
+    /// Requests refused because the connection's certificate was revoked
+    /// after the connection was opened (handshakes refused for a revoked
+    /// certificate count as TLS failures).
+    pub refused_revoked: Counter,
 }
 
 /// When one certificate the gateway depends on expires, for the metrics text.
@@ -188,6 +192,11 @@ impl Metrics {
                 "New messages (submissions, peers' batches) refused while the disk was below limits.min_free_disk_mib.",
                 &self.refused_disk_low,
             ),
+            (
+                "gateway_refused_revoked_total",
+                "Requests refused on connections whose certificate was revoked after they were opened.",
+                &self.refused_revoked,
+            ),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(
@@ -257,6 +266,45 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The revocation lists in force, for the metrics text: when each expects
+/// a newer list from its CA (alert on `time() >` it: revocations made since
+/// may be missing), how many certificates it revokes, and whether the last
+/// re-read of changed files failed (the lists in force are then older than
+/// the files).
+pub fn revocation_text(lists: &[certs::CrlInfo], reload_failed: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP gateway_crl_next_update_seconds When each revocation list's CA promises a newer one (Unix time).\n# TYPE gateway_crl_next_update_seconds gauge");
+    for l in lists {
+        if let Some(next) = l.next_update {
+            let _ = writeln!(
+                out,
+                "gateway_crl_next_update_seconds{{area=\"{}\",file=\"{}\"}} {next}",
+                l.area,
+                label(&l.path.display().to_string())
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP gateway_crl_revoked_certificates Certificates each revocation list revokes.\n# TYPE gateway_crl_revoked_certificates gauge");
+    for l in lists {
+        let _ = writeln!(
+            out,
+            "gateway_crl_revoked_certificates{{area=\"{}\",file=\"{}\"}} {}",
+            l.area,
+            label(&l.path.display().to_string()),
+            l.revoked
+        );
+    }
+    let _ = writeln!(out, "# HELP gateway_crl_reload_failed 1 if revocation list files changed and could not be used: the previous lists stay in force.\n# TYPE gateway_crl_reload_failed gauge\ngateway_crl_reload_failed {}", u8::from(reload_failed));
+    out
+}
+
+/// A Prometheus label value: backslashes, quotes and line ends escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -147,6 +147,10 @@ pub enum ErrorCode {
     /// now (HTTP 507); nothing was stored. Fetching, acknowledging and
     /// status go on. Retry later.
     InsufficientStorage,
+    /// The caller's certificate has been revoked by its area's CA since the
+    /// connection was opened (HTTP 403): nothing was done. A person needs a
+    /// new certificate from their gateway's administrator.
+    CertificateRevoked,
 }
 
 /// The body of every error answer.

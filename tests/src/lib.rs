@@ -352,6 +352,7 @@ where
         own_area: config.area.clone(),
         own_cas: certs::load_certs(&config.tls.ca)?,
         peers,
+        revocations: certs::Revocations::default(),
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust)?);
     Ok(tokio::spawn(async move {

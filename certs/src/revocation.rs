@@ -1,0 +1,296 @@
+//! Certificate revocation: the CRLs an area's CA publishes, checked during
+//! every handshake and again on every request of a connection opened before
+//! the lists last changed.
+//!
+//! A certificate names a person or a gateway, not a key: a worker whose
+//! laptop is stolen gets a new certificate for the same identity, so the old
+//! one must stop working by itself, before it expires. Each CRL is verified
+//! when it is read: it must be signed by one of the CAs configured for its
+//! area, so a file that is not that CA's list is refused, naming it, rather
+//! than believed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use proto::AreaId;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::{identity_of_cert, CertError};
+
+/// One CRL file as read: where it came from and what it says of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlInfo {
+    /// The area whose CA signed it.
+    pub area: AreaId,
+    /// The file.
+    pub path: PathBuf,
+    /// When the CA issued it (Unix seconds).
+    pub this_update: i64,
+    /// When the CA promises a newer one (Unix seconds), if it says.
+    pub next_update: Option<i64>,
+    /// How many certificates it revokes.
+    pub revoked: usize,
+}
+
+impl CrlInfo {
+    /// Whether the CA has promised a newer list by `now_s` (Unix seconds): a
+    /// stale list still revokes what it names, but may miss newer revocations.
+    pub fn is_stale(&self, now_s: i64) -> bool {
+        self.next_update.is_some_and(|n| n <= now_s)
+    }
+}
+
+/// The certificates revoked by the CRLs of every configured area, each
+/// checked against the CA that signed it.
+#[derive(Debug, Default)]
+pub struct RevocationList {
+    /// Area → issuer name (DER) → serial numbers (leading zeros trimmed).
+    revoked: HashMap<AreaId, HashMap<Vec<u8>, HashSet<Vec<u8>>>>,
+    lists: Vec<CrlInfo>,
+}
+
+/// A serial number's significant bytes: DER writes a leading zero before a
+/// high bit, and issuers differ in whether they count it.
+fn significant(serial: &[u8]) -> &[u8] {
+    let zeros = serial.iter().take_while(|b| **b == 0).count();
+    &serial[zeros.min(serial.len().saturating_sub(1))..]
+}
+
+fn crl_error(path: &Path, reason: impl Into<String>) -> CertError {
+    CertError::Crl {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The CRLs in a file: PEM (`-----BEGIN X509 CRL-----`, one or more) or a
+/// single DER list.
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+    let bytes = std::fs::read(path).map_err(|source| CertError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if bytes.starts_with(b"-----BEGIN") {
+        let crls: Result<Vec<_>, _> =
+            CertificateRevocationListDer::pem_slice_iter(&bytes).collect();
+        match crls {
+            Ok(c) if !c.is_empty() => Ok(c),
+            Ok(_) => Err(crl_error(path, "no X509 CRL in this PEM file")),
+            Err(e) => Err(crl_error(path, format!("not valid PEM: {e}"))),
+        }
+    } else {
+        Ok(vec![CertificateRevocationListDer::from(bytes)])
+    }
+}
+
+impl RevocationList {
+    /// Reads every CRL file of every area, verifying each against the CAs of
+    /// its area. Any file that cannot be read, parsed or verified fails the
+    /// whole load, naming it: a list half read would let a revoked
+    /// certificate in.
+    pub fn load<'a>(
+        sources: impl IntoIterator<Item = (&'a AreaId, &'a [PathBuf], &'a [CertificateDer<'static>])>,
+    ) -> Result<RevocationList, CertError> {
+        let mut list = RevocationList::default();
+        for (area, paths, cas) in sources {
+            for path in paths {
+                for der in read_crls(path)? {
+                    list.add(area, path, &der, cas)?;
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    fn add(
+        &mut self,
+        area: &AreaId,
+        path: &Path,
+        der: &[u8],
+        cas: &[CertificateDer<'static>],
+    ) -> Result<(), CertError> {
+        let (_, crl) = CertificateRevocationList::from_der(der)
+            .map_err(|e| crl_error(path, format!("not a valid X.509 CRL: {e}")))?;
+        let issuer = crl.issuer().as_raw();
+        let mut signer = None;
+        for ca in cas {
+            let (_, cert) = X509Certificate::from_der(ca.as_ref())
+                .map_err(|e| CertError::Malformed(e.to_string()))?;
+            if cert.subject().as_raw() == issuer {
+                signer = Some(cert);
+                break;
+            }
+        }
+        let signer = signer.ok_or_else(|| {
+            crl_error(
+                path,
+                format!(
+                    "issued by \"{}\", which is not a CA configured for area {area}",
+                    crl.issuer()
+                ),
+            )
+        })?;
+        crl.verify_signature(signer.public_key()).map_err(|e| {
+            crl_error(
+                path,
+                format!("its signature does not verify against area {area}'s CA: {e}"),
+            )
+        })?;
+        let serials = self
+            .revoked
+            .entry(area.clone())
+            .or_default()
+            .entry(issuer.to_vec())
+            .or_default();
+        let mut count = 0;
+        for entry in crl.iter_revoked_certificates() {
+            serials.insert(significant(entry.raw_serial()).to_vec());
+            count += 1;
+        }
+        self.lists.push(CrlInfo {
+            area: area.clone(),
+            path: path.to_owned(),
+            this_update: crl.last_update().timestamp(),
+            next_update: crl.next_update().map(|t| t.timestamp()),
+            revoked: count,
+        });
+        Ok(())
+    }
+
+    /// The lists read, in order.
+    pub fn lists(&self) -> &[CrlInfo] {
+        &self.lists
+    }
+
+    /// Refuses `end_entity`, which claims `area`, if it is on one of that
+    /// area's lists (or cannot be parsed, which a verified chain rules out).
+    pub fn check(&self, area: &AreaId, end_entity: &[u8]) -> Result<(), CertError> {
+        let Some(by_issuer) = self.revoked.get(area) else {
+            return Ok(());
+        };
+        let (_, cert) = X509Certificate::from_der(end_entity)
+            .map_err(|e| CertError::Malformed(e.to_string()))?;
+        let revoked = by_issuer
+            .get(cert.issuer().as_raw())
+            .is_some_and(|s| s.contains(significant(cert.raw_serial())));
+        if revoked {
+            let who = identity_of_cert(end_entity)
+                .map(|i| i.to_string())
+                .unwrap_or_else(|_| format!("a certificate of area {area}"));
+            return Err(CertError::Revoked {
+                who,
+                serial: cert.raw_serial_as_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The revocation lists in force, shared by the TLS verifiers and the
+/// request path, and replaced whole when the files change.
+#[derive(Debug, Clone, Default)]
+pub struct Revocations {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    current: RwLock<Arc<RevocationList>>,
+    generation: AtomicU64,
+}
+
+impl Revocations {
+    /// Revocations starting from `list`.
+    pub fn new(list: RevocationList) -> Revocations {
+        let r = Revocations::default();
+        r.replace(list);
+        r
+    }
+
+    /// Puts `list` in force for every handshake and request from now on.
+    pub fn replace(&self, list: RevocationList) {
+        let list = Arc::new(list);
+        match self.inner.current.write() {
+            Ok(mut g) => *g = list,
+            Err(poisoned) => *poisoned.into_inner() = list,
+        }
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The lists in force.
+    pub fn current(&self) -> Arc<RevocationList> {
+        match self.inner.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A number that changes whenever the lists are replaced: a connection
+    /// checked at one generation need not be checked again until it changes.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// [`RevocationList::check`] against the lists in force.
+    pub fn check(&self, area: &AreaId, end_entity: &[u8]) -> Result<(), CertError> {
+        self.current().check(area, end_entity)
+    }
+}
+
+/// The certificate a server-side connection was opened with, kept so that
+/// each request can be refused once it is revoked: connections live for
+/// minutes (keep-alive, long-polls), a lost laptop's must not outlive the
+/// revocation.
+#[derive(Debug)]
+pub struct ConnectionCertificate {
+    area: AreaId,
+    leaf: CertificateDer<'static>,
+    checked: AtomicU64,
+}
+
+impl ConnectionCertificate {
+    /// The generation to pass to [`ConnectionCertificate::after_handshake`],
+    /// read before the handshake starts.
+    pub fn before_handshake(revocations: &Revocations) -> u64 {
+        revocations.generation()
+    }
+
+    /// The certificate of a connection whose handshake (under a
+    /// [`crate::server_config`] sharing `revocations`) began at generation
+    /// `generation`: the handshake checked it against those lists or newer.
+    pub fn after_handshake(
+        conn: &rustls::ServerConnection,
+        generation: u64,
+    ) -> Result<ConnectionCertificate, CertError> {
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or(CertError::NoPeerCertificate)?;
+        let identity = identity_of_cert(leaf)?;
+        Ok(ConnectionCertificate {
+            area: identity.area().clone(),
+            leaf: leaf.clone().into_owned(),
+            checked: AtomicU64::new(generation),
+        })
+    }
+
+    /// Refuses the certificate if the lists changed since it was last
+    /// checked and now revoke it. Cheap while they have not changed.
+    pub fn check(&self, revocations: &Revocations) -> Result<(), CertError> {
+        let now = revocations.generation();
+        if self.checked.load(Ordering::Acquire) == now {
+            return Ok(());
+        }
+        revocations.check(&self.area, self.leaf.as_ref())?;
+        self.checked.store(now, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,106 @@
+//! HTTP clients for the federation peers.
+//!
+//! Each peer's client verifies the peer's certificate against its pinned CA
+//! and the revocation lists in force (see [`crate::revocation`]). A pooled
+//! connection, though, was verified when it was opened: when the lists
+//! change, each peer's client is built afresh at its next use, so no
+//! connection opened before a revocation carries another request.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use certs::{Credentials, PeerTrust, Revocations};
+use proto::AreaId;
+
+use crate::GatewayError;
+
+/// One peer's client, as built at one generation of the revocation lists.
+struct PeerClient {
+    trust: PeerTrust,
+    url: String,
+    current: Mutex<(u64, reqwest::Client)>,
+}
+
+/// The clients of every configured peer.
+pub(crate) struct PeerClients {
+    own: Credentials,
+    revocations: Revocations,
+    timeout: Duration,
+    peers: HashMap<AreaId, PeerClient>,
+}
+
+fn build(
+    own: &Credentials,
+    trust: &PeerTrust,
+    revocations: &Revocations,
+    timeout: Duration,
+) -> Result<reqwest::Client, GatewayError> {
+    let tls = certs::gateway_client_config(own, trust, revocations)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+        .map_err(|e| GatewayError::PeerClient {
+            peer: trust.area.clone(),
+            message: e.to_string(),
+        })
+}
+
+impl PeerClients {
+    /// Builds a client for each peer (`url` without a trailing `/`).
+    pub(crate) fn new(
+        own: Credentials,
+        peers: impl IntoIterator<Item = (PeerTrust, String)>,
+        revocations: Revocations,
+        timeout: Duration,
+    ) -> Result<PeerClients, GatewayError> {
+        let mut map = HashMap::new();
+        for (trust, url) in peers {
+            let generation = revocations.generation();
+            let client = build(&own, &trust, &revocations, timeout)?;
+            map.insert(
+                trust.area.clone(),
+                PeerClient {
+                    trust,
+                    url,
+                    current: Mutex::new((generation, client)),
+                },
+            );
+        }
+        Ok(PeerClients {
+            own,
+            revocations,
+            timeout,
+            peers: map,
+        })
+    }
+
+    /// The client for `area` and its base URL, or `None` for an area that
+    /// is not a peer.
+    pub(crate) fn get(&self, area: &AreaId) -> Option<(reqwest::Client, &str)> {
+        let peer = self.peers.get(area)?;
+        let generation = self.revocations.generation();
+        let mut current = match peer.current.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.0 != generation {
+            // The lists changed: drop the pool (its connections were
+            // verified against the old lists).
+            match build(&self.own, &peer.trust, &self.revocations, self.timeout) {
+                Ok(client) => *current = (generation, client),
+                // Cannot happen with a configuration that built once; the
+                // old client's new connections still check the new lists.
+                Err(e) => {
+                    tracing::warn!(peer = %area, error = %e, "could not rebuild the peer's HTTP client");
+                    current.0 = generation;
+                }
+            }
+        }
+        Some((current.1.clone(), peer.url.as_str()))
+    }
+}

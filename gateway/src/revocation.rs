@@ -1,0 +1,183 @@
+//! The revocation lists a gateway enforces, and keeping them current.
+//!
+//! An area's CA publishes a CRL; the operator points `tls.crls` (this
+//! area's users) and `peers[].crls` (a peer's gateway) at the files their
+//! PKI keeps fresh. The gateway reads them at start (a list it cannot use
+//! stops it, naming the file), then looks at the files every
+//! `tls.crl_check_every` and, when one changed, reads them all again and
+//! puts the new lists in force for every handshake and every request after
+//! (see [`certs::Revocations`]). A changed file that cannot be used leaves
+//! the lists in force as they were: it is logged, and shown in the metrics
+//! (`gateway_crl_reload_failed`), until a good one replaces it. A list past
+//! its `nextUpdate` is still enforced (it revokes what it names) and is
+//! warned about: the CA has promised a newer one that has not arrived.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use certs::{RevocationList, Revocations};
+use proto::AreaId;
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+/// Every configured CRL file, with its area and that area's CA file.
+#[derive(Debug, Clone)]
+pub(crate) struct Sources {
+    areas: Vec<(AreaId, PathBuf, Vec<PathBuf>)>,
+}
+
+impl Sources {
+    /// The CRL files `config` names.
+    pub(crate) fn of(config: &Config) -> Sources {
+        let own = (
+            config.area.clone(),
+            config.tls.ca.clone(),
+            config.tls.crls.clone(),
+        );
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| (p.area.clone(), p.ca.clone(), p.crls.clone()));
+        Sources {
+            areas: std::iter::once(own)
+                .chain(peers)
+                .filter(|(_, _, crls)| !crls.is_empty())
+                .collect(),
+        }
+    }
+
+    /// Reads and verifies every list.
+    pub(crate) fn load(&self) -> Result<RevocationList, certs::CertError> {
+        let mut cas = Vec::new();
+        for (_, ca, _) in &self.areas {
+            cas.push(certs::load_certs(ca)?);
+        }
+        RevocationList::load(
+            self.areas
+                .iter()
+                .zip(&cas)
+                .map(|((area, _, crls), cas)| (area, crls.as_slice(), cas.as_slice())),
+        )
+    }
+
+    /// What the files look like now (size and modification time, or the
+    /// error reading them): when it changes, they are read again.
+    fn stamp(&self) -> Vec<Option<(u64, SystemTime)>> {
+        self.areas
+            .iter()
+            .flat_map(|(_, ca, crls)| std::iter::once(ca).chain(crls))
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.len(), m.modified().ok()?)))
+            })
+            .collect()
+    }
+}
+
+/// Logs each list read, warning about stale ones.
+pub(crate) fn report(list: &RevocationList, now_s: i64) {
+    for l in list.lists() {
+        if l.is_stale(now_s) {
+            tracing::warn!(
+                area = %l.area,
+                file = %l.path.display(),
+                next_update = l.next_update.unwrap_or_default(),
+                "revocation list is past its nextUpdate: it is still enforced, but newer revocations may be missing; fetch a fresh one from the CA"
+            );
+        } else {
+            tracing::info!(area = %l.area, file = %l.path.display(), revoked = l.revoked, "revocation list in force");
+        }
+    }
+}
+
+/// One line per list, for `gateway check-config`.
+pub(crate) fn describe(list: &RevocationList, now_s: i64) -> Vec<String> {
+    list.lists()
+        .iter()
+        .map(|l| {
+            let next = match l.next_update {
+                Some(n) if l.is_stale(now_s) => format!(
+                    "next update was due at {}: fetch a fresh list from the CA (this one is still enforced)",
+                    crate::expiry::rfc3339(n)
+                ),
+                Some(n) => format!("next update by {}", crate::expiry::rfc3339(n)),
+                None => "no next update given".to_owned(),
+            };
+            format!(
+                "revocation list {} (area {}): {} revoked; {next}",
+                l.path.display(),
+                l.area,
+                l.revoked
+            )
+        })
+        .collect()
+}
+
+/// Whether the last attempt to re-read changed lists failed (the lists in
+/// force are then older than the files).
+#[derive(Debug, Default)]
+pub(crate) struct ReloadState {
+    failed: AtomicBool,
+}
+
+impl ReloadState {
+    /// As the metrics show it.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Re-reads the lists whenever their files change, until `stop`.
+pub(crate) async fn watch(
+    sources: Sources,
+    revocations: Revocations,
+    state: Arc<ReloadState>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    if sources.areas.is_empty() {
+        return;
+    }
+    let mut seen = stamp_off_thread(&sources).await;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = crate::stopped(&mut stop) => return,
+        }
+        let now = stamp_off_thread(&sources).await;
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let s = sources.clone();
+        let loaded = tokio::task::spawn_blocking(move || s.load()).await;
+        match loaded {
+            Ok(Ok(list)) => {
+                report(&list, crate::expiry::now_s());
+                let revoked: usize = list.lists().iter().map(|l| l.revoked).sum();
+                revocations.replace(list);
+                state.failed.store(false, Ordering::Relaxed);
+                tracing::info!(revoked, "revocation lists changed: re-read and in force");
+            }
+            Ok(Err(e)) => {
+                state.failed.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, "revocation lists changed but cannot be used: the previous lists stay in force");
+            }
+            Err(e) => {
+                state.failed.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, "re-reading the revocation lists failed: the previous lists stay in force");
+            }
+        }
+    }
+}
+
+async fn stamp_off_thread(sources: &Sources) -> Vec<Option<(u64, SystemTime)>> {
+    let s = sources.clone();
+    tokio::task::spawn_blocking(move || s.stamp())
+        .await
+        .unwrap_or_default()
+}
