@@ -178,6 +178,12 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(own.chain.clone(), own.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No session resumption: a resumed session skips the client
+    // certificate's verification, so a certificate revoked or expired since
+    // it was first seen would get in. Every connection is a full handshake
+    // (clients keep their connections open, so that is rare).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

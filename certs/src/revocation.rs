@@ -242,6 +242,9 @@ impl Revocations {
     }
 }
 
+/// A generation no lists have: checked at the first request.
+const NEVER: u64 = u64::MAX;
+
 /// The certificate a server-side connection was opened with, kept so that
 /// each request can be refused once it is revoked: connections live for
 /// minutes (keep-alive, long-polls), a lost laptop's must not outlive the
@@ -254,18 +257,13 @@ pub struct ConnectionCertificate {
 }
 
 impl ConnectionCertificate {
-    /// The generation to pass to [`ConnectionCertificate::after_handshake`],
-    /// read before the handshake starts.
-    pub fn before_handshake(revocations: &Revocations) -> u64 {
-        revocations.generation()
-    }
-
-    /// The certificate of a connection whose handshake (under a
-    /// [`crate::server_config`] sharing `revocations`) began at generation
-    /// `generation`: the handshake checked it against those lists or newer.
+    /// The certificate of a connection that completed its handshake under a
+    /// [`crate::server_config`]. It is checked again at the connection's
+    /// first request, whatever the handshake did: that costs one parse per
+    /// connection, and holds even for a handshake that verified nothing
+    /// (a resumed session, which the server configuration does not offer).
     pub fn after_handshake(
         conn: &rustls::ServerConnection,
-        generation: u64,
     ) -> Result<ConnectionCertificate, CertError> {
         let leaf = conn
             .peer_certificates()
@@ -275,7 +273,7 @@ impl ConnectionCertificate {
         Ok(ConnectionCertificate {
             area: identity.area().clone(),
             leaf: leaf.clone().into_owned(),
-            checked: AtomicU64::new(generation),
+            checked: AtomicU64::new(NEVER),
         })
     }
 

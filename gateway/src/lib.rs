@@ -432,7 +432,6 @@ async fn accept_loop(
         let shared = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let generation = certs::ConnectionCertificate::before_handshake(&shared.revocations);
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -449,7 +448,7 @@ async fn accept_loop(
                 };
             let conn = tls.get_ref().1;
             let identified = VerifiedPeer::from_server_connection(conn).and_then(|peer| {
-                let cert = certs::ConnectionCertificate::after_handshake(conn, generation)?;
+                let cert = certs::ConnectionCertificate::after_handshake(conn)?;
                 Ok((peer, Arc::new(cert)))
             });
             let (peer, cert) = match identified {

@@ -615,3 +615,57 @@ async fn an_expired_gateway_certificate_is_refused_at_start_naming_it() {
         assert!(err.contains("gateway.crt expired at"), "{args:?}: {err}");
     }
 }
+
+#[tokio::test]
+async fn check_config_shows_each_revocation_list_and_refuses_one_its_ca_did_not_sign() {
+    let dir = dev_files().await;
+    let area = dir.path().join("northshire");
+    let config = area.join("gateway.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen(
+            "ca = \"ca/ca.crt\"\n",
+            "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let ca = certs::mint::Ca::from_pem(certs::mint::PemPair {
+        cert: std::fs::read_to_string(area.join("ca").join("ca.crt")).unwrap(),
+        key: std::fs::read_to_string(area.join("ca").join("ca.key")).unwrap(),
+    })
+    .unwrap();
+    let alice = certs::Identity::User(
+        proto::AreaId::new("northshire").unwrap(),
+        proto::UserId::new("alice").unwrap(),
+    );
+    let year = certs::mint::Validity::For(Duration::from_secs(365 * 86_400));
+    let lost = ca.issue(&alice, year).unwrap();
+    let crl = area.join("published.crl");
+    std::fs::write(&crl, ca.revocation_list(&[&lost.cert], 1, year).unwrap()).unwrap();
+    let check = || async {
+        Command::new(GATEWAY)
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .await
+            .unwrap()
+    };
+    let ok = check().await;
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}");
+    assert!(
+        out.contains("published.crl (area northshire): 1 revoked; next update by "),
+        "{out}"
+    );
+
+    // A list signed by some other CA (same name, other key) is refused.
+    let other = certs::mint::Ca::new(&proto::AreaId::new("northshire").unwrap()).unwrap();
+    std::fs::write(&crl, other.revocation_list(&[], 1, year).unwrap()).unwrap();
+    let bad = check().await;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(3), "{err}");
+    assert!(err.contains("published.crl"), "{err}");
+    assert!(err.contains("signature does not verify"), "{err}");
+}

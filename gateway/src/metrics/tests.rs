@@ -98,3 +98,24 @@ fn the_text_shows_when_each_certificate_expires() {
         assert!(text.contains(line), "{line:?} in {text}");
     }
 }
+
+#[test]
+fn the_text_shows_each_revocation_list_and_a_failed_reload() {
+    let lists = [certs::CrlInfo {
+        area: proto::AreaId::new("northshire").unwrap(),
+        path: "/etc/gw/north \"a\".crl".into(),
+        this_update: 1_800_000_000,
+        next_update: Some(1_800_604_800),
+        revoked: 2,
+    }];
+    let text = revocation_text(&lists, true);
+    for line in [
+        "# TYPE gateway_crl_next_update_seconds gauge\n",
+        "\ngateway_crl_next_update_seconds{area=\"northshire\",file=\"/etc/gw/north \\\"a\\\".crl\"} 1800604800\n",
+        "\ngateway_crl_revoked_certificates{area=\"northshire\",file=\"/etc/gw/north \\\"a\\\".crl\"} 2\n",
+        "\ngateway_crl_reload_failed 1\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
+    assert!(revocation_text(&[], false).contains("\ngateway_crl_reload_failed 0\n"));
+}

@@ -11,3 +11,4 @@ mod idempotency;
 mod negative;
 mod policy;
 mod referrals;
+mod revocation;

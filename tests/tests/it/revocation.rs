@@ -1,0 +1,276 @@
+//! Revoked certificates: a stolen laptop's certificate stops working as soon
+//! as its area's CA lists it, on connections already open too; a peer
+//! gateway's revoked certificate stops the federation with it until the peer
+//! presents a new one, and nothing is lost meanwhile.
+
+use std::path::Path;
+use std::time::Duration;
+
+use certs::mint::{Ca, PemPair, Validity};
+use certs::Identity;
+use client::ClientError;
+use proto::{AreaId, ErrorCode, Status};
+use tests::{eventually, message, reaches, user, Federation, Settings};
+
+const YEAR: Validity = Validity::For(Duration::from_secs(365 * 86_400));
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Writes `ca`'s revocation list number `n`, revoking `revoked`, to `path`
+/// the way a PKI publishes one: a new file renamed over the old.
+fn publish(path: &Path, ca: &Ca, revoked: &[&PemPair], n: u64) {
+    let pems: Vec<&str> = revoked.iter().map(|p| p.cert.as_str()).collect();
+    let text = ca.revocation_list(&pems, n, YEAR).unwrap();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Edits area `i`'s configuration: `replace` → `with`, once.
+fn edit_config(fed: &Federation, i: usize, replace: &str, with: &str) {
+    let path = &fed.areas[i].config_path;
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(
+        text.contains(replace),
+        "{replace:?} not in {}",
+        path.display()
+    );
+    std::fs::write(path, text.replacen(replace, with, 1)).unwrap();
+}
+
+fn is_tls_refusal<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
+    matches!(r, Err(ClientError::Transport(_)))
+}
+
+/// Area `i`'s `/metrics` text, over plain HTTP as Prometheus reads it.
+async fn metrics_text(fed: &Federation, i: usize) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = fed.gateway(i).unwrap().metrics_addr().unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let a = fed.index("northshire");
+    let ca = fed.ca(a).unwrap();
+    let alice = Identity::User(AreaId::new("northshire").unwrap(), user("alice"));
+    let stolen = ca.issue(&alice, YEAR).unwrap();
+    let renewed = ca.issue(&alice, YEAR).unwrap();
+    let crl = fed.areas[a].dir.join("published.crl");
+    publish(&crl, &ca, &[], 1);
+    edit_config(
+        &fed,
+        a,
+        "ca = \"ca/ca.crt\"\n",
+        "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\ncrl_check_every = \"100ms\"\n",
+    );
+    edit_config(
+        &fed,
+        a,
+        "data_dir = \"data\"\n",
+        "data_dir = \"data\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+    );
+    for i in 0..fed.areas.len() {
+        fed.start(i).await.unwrap();
+    }
+    let text = metrics_text(&fed, a).await;
+    assert!(text.contains("gateway_crl_revoked_certificates{area=\"northshire\""));
+    assert!(text.contains("gateway_crl_reload_failed 0"));
+
+    // The laptop works, and keeps its connection open.
+    let laptop = fed.api_with(a, &stolen).unwrap();
+    laptop
+        .submit(&message("user:dan@southvale", "before-theft", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let sent = || fed.count(a, "SELECT COUNT(*) FROM sent").unwrap();
+    assert_eq!(sent(), 1);
+
+    // The CA revokes it. Within the check interval its open connection is
+    // refused with a typed answer, and then any new handshake is refused.
+    publish(&crl, &ca, &[&stolen], 2);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let first_refusal = loop {
+        if let Err(e) = laptop.health().await {
+            break e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revoked certificate kept working"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    match first_refusal {
+        ClientError::Api { status, code, .. } => {
+            assert_eq!((status, code), (403, ErrorCode::CertificateRevoked));
+        }
+        other => panic!("the open connection should get a typed refusal, got {other:?}"),
+    }
+    let again = laptop.health().await;
+    assert!(is_tls_refusal(&again), "{again:?}");
+    let attempt = laptop
+        .submit_once(&message("user:dan@southvale", "after-theft", b"x".to_vec()).unwrap())
+        .await;
+    assert!(is_tls_refusal(&attempt), "{attempt:?}");
+    assert_eq!(sent(), 1, "nothing stored from the revoked certificate");
+    assert!(fed.gateway(a).unwrap().metrics().refused_revoked.get() >= 1);
+
+    // alice's new certificate, for the same identity, works.
+    let replacement = fed.api_with(a, &renewed).unwrap();
+    replacement
+        .submit(&message("user:dan@southvale", "after-theft", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(sent(), 2);
+
+    // A list that cannot be used leaves the one in force as it was, and
+    // says so in the metrics until a good one comes.
+    std::fs::write(
+        &crl,
+        "-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    let failed = eventually(LIMIT, || async {
+        metrics_text(&fed, a)
+            .await
+            .contains("gateway_crl_reload_failed 1")
+    })
+    .await;
+    assert!(failed, "a bad list was not reported");
+    assert!(is_tls_refusal(&laptop.health().await));
+    replacement.health().await.unwrap();
+    publish(&crl, &ca, &[&stolen], 3);
+    let recovered = eventually(LIMIT, || async {
+        metrics_text(&fed, a)
+            .await
+            .contains("gateway_crl_reload_failed 0")
+    })
+    .await;
+    assert!(recovered);
+    assert!(is_tls_refusal(&laptop.health().await));
+    for i in 0..fed.areas.len() {
+        fed.stop(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_gateway_is_refused_both_ways_until_it_has_a_new_certificate() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let south_ca = fed.ca(b).unwrap();
+    let south_cert = PemPair {
+        cert: std::fs::read_to_string(fed.areas[b].dir.join("gateway.crt")).unwrap(),
+        key: std::fs::read_to_string(fed.areas[b].dir.join("gateway.key")).unwrap(),
+    };
+    // northshire's copy of southvale's published list.
+    edit_config(
+        &fed,
+        a,
+        "data_dir = \"data\"\n",
+        "data_dir = \"data\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+    );
+    let crl = fed.areas[a].dir.join("southvale.crl");
+    publish(&crl, &south_ca, &[], 1);
+    edit_config(
+        &fed,
+        a,
+        "ca = \"../southvale/ca/ca.crt\"\n",
+        "ca = \"../southvale/ca/ca.crt\"\ncrls = [\"southvale.crl\"]\n",
+    );
+    edit_config(
+        &fed,
+        a,
+        "ca = \"ca/ca.crt\"\n",
+        "ca = \"ca/ca.crt\"\ncrl_check_every = \"100ms\"\n",
+    );
+    for i in 0..fed.areas.len() {
+        fed.start(i).await.unwrap();
+    }
+    let alice = fed.api(a, "alice").unwrap();
+    let first = alice
+        .submit(&message("user:dan@southvale", "first", b"1".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(reaches(&alice, &first.message_id, Status::Delivered, LIMIT).await);
+
+    // southvale's CA revokes its gateway's certificate (a leaked key).
+    publish(&crl, &south_ca, &[&south_cert], 2);
+    let in_force = eventually(LIMIT, || async {
+        metrics_text(&fed, a).await.contains(&format!(
+            "gateway_crl_revoked_certificates{{area=\"southvale\",file=\"{}\"}} 1",
+            crl.display()
+        ))
+    })
+    .await;
+    assert!(in_force, "northshire did not take up southvale's new list");
+
+    // A new message waits: northshire refuses southvale's certificate (its
+    // pooled connection was dropped with the old lists), and the sender is
+    // told why it waits.
+    let second = alice
+        .submit(&message("user:dan@southvale", "second", b"2".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let waiting = eventually(LIMIT, || async {
+        alice
+            .status(&second.message_id)
+            .await
+            .map(|s| s.status == Status::Accepted && s.waiting.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(waiting, "a message to a revoked peer did not wait");
+    assert_eq!(
+        fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(),
+        1,
+        "nothing reached the revoked peer"
+    );
+
+    // southvale cannot reach northshire either: dan's fetch makes a status
+    // update for northshire, and northshire refuses southvale's handshake.
+    let dan = fed.api(b, "dan").unwrap();
+    dan.fetch(&first.message_id).await.unwrap();
+    let failures = fed.gateway(a).unwrap().metrics().tls_failures.get();
+    let refused = eventually(LIMIT, || async {
+        fed.gateway(a).unwrap().metrics().tls_failures.get() > failures
+    })
+    .await;
+    assert!(
+        refused,
+        "northshire took a connection from the revoked gateway"
+    );
+    assert_eq!(
+        alice.status(&first.message_id).await.unwrap().status,
+        Status::Delivered
+    );
+
+    // southvale's operator installs a new certificate and restarts: what
+    // waited is delivered, once, in order.
+    fed.stop(b).await;
+    let fresh = south_ca
+        .issue(&Identity::Gateway(AreaId::new("southvale").unwrap()), YEAR)
+        .unwrap();
+    std::fs::write(fed.areas[b].dir.join("gateway.crt"), &fresh.cert).unwrap();
+    std::fs::write(fed.areas[b].dir.join("gateway.key"), &fresh.key).unwrap();
+    fed.start(b).await.unwrap();
+    assert!(reaches(&alice, &second.message_id, Status::Delivered, LIMIT).await);
+    assert!(reaches(&alice, &first.message_id, Status::Fetched, LIMIT).await);
+    let keys: Vec<String> = dan
+        .inbox(Duration::ZERO)
+        .await
+        .unwrap()
+        .messages
+        .iter()
+        .map(|m| m.envelope.idempotency_key.to_string())
+        .collect();
+    assert_eq!(keys, ["first", "second"], "each message once, in order");
+    for i in 0..fed.areas.len() {
+        fed.stop(i).await;
+    }
+}
