@@ -191,6 +191,11 @@ pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, wake: Arc
                 break;
             }
             seen = queued;
+            // Taken per batch: rebuilt when the revocation lists change.
+            let Some((client, _)) = shared.peer_clients.get(&peer.area) else {
+                tracing::error!("no HTTP client for this peer");
+                break;
+            };
             let Some((batch, more)) = next_items(&shared, &peer, sent_up_to).await else {
                 backlog = false;
                 break;
@@ -203,10 +208,6 @@ pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, wake: Arc
             }
             let order = (session, next_batch);
             next_batch += 1;
-            let Some((client, _)) = shared.peer_clients.get(&peer.area) else {
-                tracing::error!("no HTTP client for this peer");
-                break;
-            };
             let base = base.clone();
             let request = tokio::spawn(async move {
                 let mut framed = framed;
