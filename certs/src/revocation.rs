@@ -167,6 +167,11 @@ impl RevocationList {
         &self.lists
     }
 
+    /// How many certificates the lists revoke, in all.
+    pub fn revoked(&self) -> usize {
+        self.lists.iter().map(|l| l.revoked).sum()
+    }
+
     /// Refuses `end_entity`, which claims `area`, if it is on one of that
     /// area's lists (or cannot be parsed, which a verified chain rules out).
     pub fn check(&self, area: &AreaId, end_entity: &[u8]) -> Result<(), CertError> {

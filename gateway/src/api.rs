@@ -262,14 +262,14 @@ fn user_of(shared: &Shared, peer: &VerifiedPeer) -> Result<(Sender, Mailbox), Fa
     let sender = peer.as_sender().ok_or_else(|| {
         Failure::forbidden("this endpoint is for users; gateways use /v1/federation")
     })?;
-    if shared.directory.user(&sender.user).is_none() {
+    if shared.live().directory.user(&sender.user).is_none() {
         return Err(Failure::forbidden(format!(
             "{peer} is not in this area's directory"
         )));
     }
     let mb = Mailbox {
         user: sender.user.clone(),
-        teams: shared.directory.teams_of(&sender.user),
+        teams: shared.live().directory.teams_of(&sender.user),
     };
     shared.limit_user(&sender.user)?;
     Ok((sender, mb))
@@ -399,7 +399,7 @@ async fn submit(
 fn route_for(shared: &Shared, to: &Recipient) -> Result<Route, Failure> {
     let unknown = |m: String| Failure::new(StatusCode::NOT_FOUND, ErrorCode::UnknownRecipient, m);
     if to.area == shared.config.area {
-        if shared.directory.has_target(&to.target) {
+        if shared.live().directory.has_target(&to.target) {
             Ok(Route::Local)
         } else {
             Err(unknown(format!("{to} is not in this area's directory")))
@@ -491,7 +491,10 @@ async fn ack(
         .map(|t| {
             (
                 t.clone(),
-                shared.directory.members(&proto::Target::Team(t.clone())),
+                shared
+                    .live()
+                    .directory
+                    .members(&proto::Target::Team(t.clone())),
             )
         })
         .collect();
@@ -773,7 +776,11 @@ fn check_item(
                     ),
                 ));
             }
-            if !shared.directory.has_target(&envelope.recipient.target) {
+            if !shared
+                .live()
+                .directory
+                .has_target(&envelope.recipient.target)
+            {
                 return Err(reject(
                     ErrorCode::UnknownRecipient,
                     format!(
@@ -897,7 +904,7 @@ async fn claim_local(
     shared: &Shared,
     target: &proto::Target,
 ) -> Result<proto::ClaimResponse, Failure> {
-    let members = shared.directory.members(target);
+    let members = shared.live().directory.members(target);
     let claimed = shared.store.claim_key_packages(members).await?;
     let mut out = proto::ClaimResponse {
         key_packages: Vec::new(),
@@ -926,7 +933,7 @@ async fn claim_key_packages(
     let to = &req.recipient;
     let unknown = |m: String| Failure::new(StatusCode::NOT_FOUND, ErrorCode::UnknownRecipient, m);
     if to.area == shared.config.area {
-        if !shared.directory.has_target(&to.target) {
+        if !shared.live().directory.has_target(&to.target) {
             return Err(unknown(format!("{to} is not in this area's directory")));
         }
         return claim_local(&shared, &to.target).await.map(Json);
@@ -986,7 +993,7 @@ async fn federation_claim(
     shared.limit_peer(&area)?;
     let req: proto::ClaimRequest = parse_json(body)?;
     if req.recipient.area != shared.config.area
-        || !shared.directory.has_target(&req.recipient.target)
+        || !shared.live().directory.has_target(&req.recipient.target)
     {
         return Err(Failure::new(
             StatusCode::NOT_FOUND,
@@ -1014,7 +1021,8 @@ fn check_disclosure(
     application: bool,
 ) -> Result<(), Failure> {
     let denied = |m: String| Failure::new(StatusCode::FORBIDDEN, ErrorCode::PolicyDenied, m);
-    let Some(own) = &shared.own_policy else {
+    let live = shared.live();
+    let Some(own) = live.own_policy.as_deref() else {
         return match &req.disclosure {
             Some(_) => Err(denied(format!(
                 "{} has no sharing policy: nothing may be disclosed",
@@ -1032,7 +1040,8 @@ fn check_disclosure(
             Ok(())
         };
     };
-    let user = shared
+    let live = shared.live();
+    let user = live
         .directory
         .user(&sender.user)
         .ok_or_else(|| Failure::forbidden("not in the directory"))?;
@@ -1046,6 +1055,7 @@ fn check_disclosure(
 
 async fn own_policy_text(shared: &Shared) -> Result<String, Failure> {
     shared
+        .live()
         .own_policy
         .as_ref()
         .map(|p| p.signed_text.clone())
@@ -1116,7 +1126,8 @@ async fn me(
     Extension(peer): Extension<VerifiedPeer>,
 ) -> Result<Json<proto::Me>, Failure> {
     let (sender, mb) = user_of(&shared, &peer)?;
-    let user = shared
+    let live = shared.live();
+    let user = live
         .directory
         .user(&sender.user)
         .ok_or_else(|| Failure::forbidden("not in the directory"))?;

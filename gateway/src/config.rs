@@ -51,7 +51,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 }
 
 /// The whole configuration of one gateway.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This gateway's area.
@@ -87,7 +87,7 @@ pub struct Config {
 
 /// The area's sharing policy: a signed policy document and the key that must
 /// have signed it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// The signed policy document (`policy` crate text form).
@@ -97,7 +97,7 @@ pub struct PolicyConfig {
 }
 
 /// Certificate files.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM chain presented by this gateway (`spiffe://<area>/gateway`).
@@ -122,7 +122,7 @@ fn crl_check_every() -> Duration {
 }
 
 /// Delivery timing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     /// How long a message may wait for its recipient's gateway before it is
@@ -159,7 +159,7 @@ impl Default for DeliveryConfig {
 }
 
 /// How long the ciphertext of acknowledged messages is kept.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// How long an inbox message's ciphertext is kept once everyone who had
@@ -184,7 +184,7 @@ impl Default for RetentionConfig {
 }
 
 /// Size and rate limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest message body a user may submit, in bytes (before base64).
@@ -223,7 +223,7 @@ impl Default for LimitsConfig {
 }
 
 /// One federation peer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// The peer's area.
@@ -243,7 +243,7 @@ pub struct PeerConfig {
 }
 
 /// One person in the directory.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// User id, as in the certificate `spiffe://<area>/user/<id>`.

@@ -82,6 +82,67 @@ pub enum GatewayError {
         /// What failed.
         message: String,
     },
+    /// A reloaded configuration cannot be taken up; nothing was changed.
+    #[error("reload refused: {0}")]
+    Reload(String),
+}
+
+/// What [`Gateway::reload`] put in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reloaded {
+    /// Users in the directory now.
+    pub users: usize,
+    /// The sharing policy's version now, if the area has one.
+    pub policy_version: Option<u32>,
+    /// Certificates the revocation lists revoke now.
+    pub revoked: usize,
+    /// Settings that differ from those the gateway runs with and take
+    /// effect only when it is restarted.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// The settings of `new` that differ from `old` and that a running gateway
+/// does not take up (everything but the users, the sharing policy and the
+/// revocation lists).
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let without_crls = |c: &Config| {
+        let mut tls = c.tls.clone();
+        tls.crls.clear();
+        tls.crl_check_every = Duration::ZERO;
+        let peers: Vec<_> = c
+            .peers
+            .iter()
+            .map(|p| config::PeerConfig {
+                crls: Vec::new(),
+                ..p.clone()
+            })
+            .collect();
+        (tls, peers)
+    };
+    let (old_tls, old_peers) = without_crls(old);
+    let (new_tls, new_peers) = without_crls(new);
+    let mut differ = Vec::new();
+    for (name, same) in [
+        ("listen", old.listen == new.listen),
+        ("data_dir", old.data_dir == new.data_dir),
+        ("metrics_listen", old.metrics_listen == new.metrics_listen),
+        ("tls", old_tls == new_tls),
+        (
+            "tls.crl_check_every",
+            old.tls.crl_check_every == new.tls.crl_check_every,
+        ),
+        ("delivery", old.delivery == new.delivery),
+        ("limits", old.limits == new.limits),
+        ("retention", old.retention == new.retention),
+        ("peers", old_peers == new_peers),
+        ("policy", old.policy.is_some() == new.policy.is_some()),
+    ] {
+        if !same {
+            differ.push(name);
+        }
+    }
+    differ
 }
 
 /// For `gateway check-config`: one line per certificate the gateway
@@ -134,8 +195,11 @@ pub(crate) fn now_ms() -> u64 {
 
 /// State shared by the accept loop, the handlers and the peer workers.
 pub(crate) struct Shared {
+    /// The configuration the gateway started with (see [`Live`] for what a
+    /// reload changes).
     config: Config,
-    directory: Directory,
+    /// What a reload may replace while the gateway runs.
+    live: std::sync::RwLock<Arc<Live>>,
     store: SqliteStore,
     users_limiter: DefaultKeyedRateLimiter<String>,
     peers_limiter: DefaultKeyedRateLimiter<String>,
@@ -148,8 +212,8 @@ pub(crate) struct Shared {
     revocations: certs::Revocations,
     /// Whether the last re-read of changed revocation lists failed.
     crl_reload: Arc<revocation::ReloadState>,
-    /// This area's verified sharing policy, if configured.
-    own_policy: Option<sharing::OwnPolicy>,
+    /// The revocation list files, watched for changes.
+    crl_sources: Arc<std::sync::Mutex<revocation::Sources>>,
     /// Peers' current policy versions.
     peer_policies: sharing::PeerPolicies,
     stop: watch::Sender<bool>,
@@ -163,7 +227,25 @@ pub(crate) struct Shared {
     certificates: Vec<metrics::CertificateReading>,
 }
 
+/// The parts of the configuration a running gateway takes up again on a
+/// reload ([`Gateway::reload`]): who is in the area, and its sharing policy.
+/// A request works with one of these throughout.
+pub(crate) struct Live {
+    /// The area's directory of users.
+    directory: Directory,
+    /// This area's verified sharing policy, if configured.
+    own_policy: Option<Arc<sharing::OwnPolicy>>,
+}
+
 impl Shared {
+    /// The directory and policy in force.
+    fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// Since when, and why, the gateway of `area` has been failing to take
     /// what this one sends it (`None` for this area, or a peer that is fine).
     fn waiting_for(&self, area: &AreaId) -> Option<proto::Waiting> {
@@ -240,7 +322,7 @@ impl Gateway {
         };
         let server_config = certs::server_config(&own, &trust)?;
         let own_policy = match &config.policy {
-            Some(p) => Some(sharing::OwnPolicy::load(p, &config.area)?),
+            Some(p) => Some(Arc::new(sharing::OwnPolicy::load(p, &config.area)?)),
             None => None,
         };
         // Opening may wait for the data directory's lock (a previous
@@ -289,7 +371,10 @@ impl Gateway {
         // refuses new messages from the first request.
         disk::check_and_log(&disk, &mut false);
         let shared = Arc::new(Shared {
-            directory: Directory::new(&config.users),
+            live: std::sync::RwLock::new(Arc::new(Live {
+                directory: Directory::new(&config.users),
+                own_policy,
+            })),
             users_limiter: RateLimiter::keyed(quota(
                 limits.user_requests_per_second,
                 limits.user_burst,
@@ -304,7 +389,7 @@ impl Gateway {
             peer_clients,
             revocations,
             crl_reload: Arc::default(),
-            own_policy,
+            crl_sources: Arc::new(std::sync::Mutex::new(crl_sources)),
             peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
@@ -339,7 +424,7 @@ impl Gateway {
         tasks.spawn(disk::watch(shared.disk.clone(), shared.stop.subscribe()));
         tasks.spawn(expiry::watch(expiries, shared.stop.subscribe()));
         tasks.spawn(revocation::watch(
-            crl_sources,
+            shared.crl_sources.clone(),
             shared.revocations.clone(),
             shared.crl_reload.clone(),
             shared.config.tls.crl_check_every,
@@ -377,6 +462,77 @@ impl Gateway {
     /// This gateway's area.
     pub fn area(&self) -> &AreaId {
         &self.shared.config.area
+    }
+
+    /// Takes up what can change while the gateway runs from `new` (the
+    /// configuration file read again, e.g. on SIGHUP): the directory of
+    /// users, the sharing policy and the revocation lists (their files
+    /// too). Everything is read and checked first; if any of it cannot be
+    /// used, nothing changes and the error says why. Other settings that
+    /// differ are listed in [`Reloaded::needs_restart`] and left as they run.
+    pub async fn reload(&self, new: Config) -> Result<Reloaded, GatewayError> {
+        let shared = &self.shared;
+        if new.area != shared.config.area {
+            return Err(GatewayError::Reload(format!(
+                "the area changed from {} to {}: that is another gateway",
+                shared.config.area, new.area
+            )));
+        }
+        let new = Arc::new(new);
+        let read = new.clone();
+        let (policy, crls) = tokio::task::spawn_blocking(move || {
+            let policy = match &read.policy {
+                Some(p) => Some(Arc::new(sharing::OwnPolicy::load(p, &read.area)?)),
+                None => None,
+            };
+            let sources = revocation::Sources::of(&read);
+            let crls = sources.load()?;
+            Ok::<_, GatewayError>((policy, (sources, crls)))
+        })
+        .await
+        .map_err(|e| GatewayError::Reload(format!("reading the files: {e}")))??;
+        let old = shared.live();
+        if let (Some(was), Some(now)) = (&old.own_policy, &policy) {
+            let (was, now) = (&was.policy, &now.policy);
+            if was.id() == now.id() && now.version() < was.version() {
+                return Err(GatewayError::Reload(format!(
+                    "the sharing policy {} would go back from version {} to {}: peers and clients already hold the newer one",
+                    now.id(),
+                    was.version(),
+                    now.version()
+                )));
+            }
+        }
+        let (sources, crls) = crls;
+        let reloaded = Reloaded {
+            users: new.users.len(),
+            policy_version: policy.as_ref().map(|p| p.policy.version()),
+            revoked: crls.revoked(),
+            needs_restart: needs_restart(&shared.config, &new),
+        };
+        revocation::report(&crls, expiry::now_s());
+        let live = Arc::new(Live {
+            directory: Directory::new(&new.users),
+            own_policy: policy,
+        });
+        match shared.live.write() {
+            Ok(mut g) => *g = live,
+            Err(poisoned) => *poisoned.into_inner() = live,
+        }
+        match shared.crl_sources.lock() {
+            Ok(mut g) => *g = sources,
+            Err(poisoned) => *poisoned.into_inner() = sources,
+        }
+        shared.revocations.replace(crls);
+        shared.crl_reload.succeeded();
+        tracing::info!(
+            users = reloaded.users,
+            policy_version = reloaded.policy_version,
+            revoked = reloaded.revoked,
+            needs_restart = ?reloaded.needs_restart,
+            "configuration reloaded: directory, sharing policy and revocation lists in force"
+        );
+        Ok(reloaded)
     }
 
     /// Stops accepting, lets open requests finish (up to 10 s), stops the

@@ -38,7 +38,14 @@ enum LogFormat {
 enum Command {
     /// Run a gateway from its TOML configuration until Ctrl-C or SIGTERM.
     ///
+    /// On SIGHUP it reads the configuration file again and takes up, without
+    /// dropping a connection, the directory of users, the sharing policy
+    /// and the revocation lists; if any of them cannot be used nothing
+    /// changes, and the log says why. Other changed settings are logged as
+    /// needing a restart.
+    ///
     /// Example: gateway run --config /etc/referral-gateway/gateway.toml
+    ///          kill -HUP $(pidof gateway)   # after editing [[users]]
     Run {
         /// The configuration file (see deploy/gateway.example.toml).
         #[arg(long, short)]
@@ -128,11 +135,63 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Waits for Ctrl-C or SIGTERM; on each SIGHUP, reloads from `path`.
+async fn serve(gw: &Gateway, path: &std::path::Path) {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let mut hangups: Option<()> = None;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = hangup(&mut hangups) => reload(gw, path).await,
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn hangup(signals: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(s) = signals {
+        if s.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+#[cfg(not(unix))]
+async fn hangup(_: &mut Option<()>) {
+    std::future::pending().await
+}
+
+/// Reads the configuration file again and takes up what a running gateway can.
+async fn reload(gw: &Gateway, path: &std::path::Path) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: the configuration cannot be used; nothing changed");
+            return;
+        }
+    };
+    match gw.reload(config).await {
+        Ok(r) if r.needs_restart.is_empty() => {}
+        Ok(r) => tracing::warn!(
+            settings = ?r.needs_restart,
+            "reload: these settings changed and take effect only after a restart"
+        ),
+        Err(e) => tracing::error!(error = %e, "reload: nothing changed"),
+    }
+}
+
 async fn real_main(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
-            gateway::run(config, shutdown_signal()).await?;
+        Command::Run { config: path } => {
+            let config = Config::load(&path)?;
+            let gw = Gateway::start(config).await?;
+            serve(&gw, &path).await;
+            gw.shutdown().await;
         }
         Command::CheckConfig { config } => {
             let path = config;

@@ -14,7 +14,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use certs::{RevocationList, Revocations};
@@ -63,16 +63,17 @@ impl Sources {
         )
     }
 
-    /// What the files look like now (size and modification time, or the
-    /// error reading them): when it changes, they are read again.
-    fn stamp(&self) -> Vec<Option<(u64, SystemTime)>> {
+    /// Which files, and what they look like now (size and modification
+    /// time, or none if unreadable): when it changes, they are read again.
+    fn stamp(&self) -> Stamp {
         self.areas
             .iter()
             .flat_map(|(_, ca, crls)| std::iter::once(ca).chain(crls))
             .map(|p| {
-                std::fs::metadata(p)
+                let seen = std::fs::metadata(p)
                     .ok()
-                    .and_then(|m| Some((m.len(), m.modified().ok()?)))
+                    .and_then(|m| Some((m.len(), m.modified().ok()?)));
+                (p.clone(), seen)
             })
             .collect()
     }
@@ -129,36 +130,44 @@ impl ReloadState {
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
+
+    /// Records that lists were read and put in force.
+    pub(crate) fn succeeded(&self) {
+        self.failed.store(false, Ordering::Relaxed);
+    }
 }
 
-/// Re-reads the lists whenever their files change, until `stop`.
+/// Re-reads the lists whenever their files change (or a reload names other
+/// files: [`Gateway::reload`](crate::Gateway::reload) replaces `sources`),
+/// until `stop`.
 pub(crate) async fn watch(
-    sources: Sources,
+    sources: Arc<Mutex<Sources>>,
     revocations: Revocations,
     state: Arc<ReloadState>,
     every: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    if sources.areas.is_empty() {
-        return;
-    }
-    let mut seen = stamp_off_thread(&sources).await;
+    let current = || match sources.lock() {
+        Ok(g) => g.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let mut seen = stamp_off_thread(&current()).await;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = crate::stopped(&mut stop) => return,
         }
-        let now = stamp_off_thread(&sources).await;
+        let s = current();
+        let now = stamp_off_thread(&s).await;
         if now == seen {
             continue;
         }
         seen = now;
-        let s = sources.clone();
         let loaded = tokio::task::spawn_blocking(move || s.load()).await;
         match loaded {
             Ok(Ok(list)) => {
                 report(&list, crate::expiry::now_s());
-                let revoked: usize = list.lists().iter().map(|l| l.revoked).sum();
+                let revoked = list.revoked();
                 revocations.replace(list);
                 state.failed.store(false, Ordering::Relaxed);
                 tracing::info!(revoked, "revocation lists changed: re-read and in force");
@@ -175,7 +184,10 @@ pub(crate) async fn watch(
     }
 }
 
-async fn stamp_off_thread(sources: &Sources) -> Vec<Option<(u64, SystemTime)>> {
+/// Each file and its size and modification time.
+type Stamp = Vec<(PathBuf, Option<(u64, SystemTime)>)>;
+
+async fn stamp_off_thread(sources: &Sources) -> Stamp {
     let s = sources.clone();
     tokio::task::spawn_blocking(move || s.stamp())
         .await

@@ -669,3 +669,99 @@ async fn check_config_shows_each_revocation_list_and_refuses_one_its_ca_did_not_
     assert!(err.contains("published.crl"), "{err}");
     assert!(err.contains("signature does not verify"), "{err}");
 }
+
+/// `kill -HUP` makes the running binary read its configuration again: a
+/// user added to `[[users]]` gets in without a restart (the gateway's
+/// process and its other users' connections stay), and a broken file
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_up_a_new_user_without_a_restart_and_a_broken_file_changes_nothing() {
+    let mut demo = Demo::new().await;
+    let area = demo.area_dir(0);
+    let config = area.join("gateway.toml");
+    let ca = certs::mint::Ca::from_pem(certs::mint::PemPair {
+        cert: std::fs::read_to_string(area.join("ca").join("ca.crt")).unwrap(),
+        key: std::fs::read_to_string(area.join("ca").join("ca.key")).unwrap(),
+    })
+    .unwrap();
+    let ivy = ca
+        .issue(
+            &certs::Identity::User(
+                proto::AreaId::new("northshire").unwrap(),
+                proto::UserId::new("ivy").unwrap(),
+            ),
+            certs::mint::Validity::For(Duration::from_secs(86_400)),
+        )
+        .unwrap();
+    let users = area.join("users");
+    std::fs::write(users.join("ivy.crt"), &ivy.cert).unwrap();
+    std::fs::write(users.join("ivy.key"), &ivy.key).unwrap();
+    let alice_config = std::fs::read_to_string(demo.user_config(0, "alice")).unwrap();
+    std::fs::write(
+        demo.user_config(0, "ivy"),
+        alice_config
+            .replace("alice.crt", "ivy.crt")
+            .replace("alice.key", "ivy.key"),
+    )
+    .unwrap();
+    let ivy = demo.api(0, "ivy");
+    let alice = demo.api(0, "alice");
+    alice.me().await.unwrap();
+    assert!(ivy.me().await.is_err(), "ivy is not in the directory yet");
+    let pid = demo.procs[0].as_ref().unwrap().id().unwrap().to_string();
+    let hup = || async {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    };
+
+    // A broken file first: logged, nothing changes, the gateway goes on.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{good}\n[[users]]\nid = \"ivy\"\nrole =\n"),
+    )
+    .unwrap();
+    hup().await;
+    let log = area.join("gateway.log");
+    let logged = |what: &'static str| {
+        let log = log.clone();
+        move || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(what)
+        }
+    };
+    assert!(
+        eventually(
+            Duration::from_secs(20),
+            logged("reload: the configuration cannot be used")
+        )
+        .await
+    );
+    assert!(ivy.me().await.is_err());
+    alice.me().await.unwrap();
+
+    std::fs::write(
+        &config,
+        format!("{good}\n[[users]]\nid = \"ivy\"\norganisation = \"northshire-childrens-services\"\nrole = \"social-worker\"\nteams = [\"duty\"]\n"),
+    )
+    .unwrap();
+    hup().await;
+    assert!(eventually(Duration::from_secs(20), logged("configuration reloaded")).await);
+    let me = ivy.me().await.unwrap();
+    assert_eq!(me.role, "social-worker");
+    alice.me().await.unwrap();
+    assert!(
+        demo.procs[0]
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "the gateway kept running"
+    );
+}

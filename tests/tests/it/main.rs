@@ -11,4 +11,5 @@ mod idempotency;
 mod negative;
 mod policy;
 mod referrals;
+mod reload;
 mod revocation;

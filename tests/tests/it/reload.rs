@@ -1,0 +1,120 @@
+//! Reloading a running gateway's configuration: a leaver is out and a new
+//! duty worker is in at once, without a restart (open connections and
+//! long-polls stay); a reload that cannot be used changes nothing.
+
+use std::time::Duration;
+
+use certs::mint::Validity;
+use certs::Identity;
+use client::ClientError;
+use gateway::{Config, GatewayError};
+use proto::{AreaId, ErrorCode, Status};
+use tests::{message, reaches, user, Federation, Settings};
+
+const YEAR: Validity = Validity::For(Duration::from_secs(365 * 86_400));
+const LIMIT: Duration = Duration::from_secs(20);
+
+const BOB: &str = "\n[[users]]\nid = \"bob\"\norganisation = \"northshire-agency\"\nrole = \"police-officer\"\nteams = [\"exploitation-unit\"]\n";
+const IVY: &str = "\n[[users]]\nid = \"ivy\"\norganisation = \"northshire-agency\"\nrole = \"social-worker\"\nteams = [\"duty\"]\n";
+
+fn is_forbidden<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
+    matches!(
+        r,
+        Err(ClientError::Api {
+            status: 403,
+            code: ErrorCode::Forbidden,
+            ..
+        })
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    for i in 0..fed.areas.len() {
+        fed.start(i).await.unwrap();
+    }
+    let path = fed.areas[a].config_path.clone();
+    let original = std::fs::read_to_string(&path).unwrap();
+    assert!(original.contains(BOB), "{original}");
+    let bob = fed.api(a, "bob").unwrap();
+    bob.me().await.unwrap();
+    let ivy_pair = fed
+        .mint(
+            a,
+            &Identity::User(AreaId::new("northshire").unwrap(), user("ivy")),
+            YEAR,
+        )
+        .unwrap();
+    let ivy = fed.api_with(a, &ivy_pair).unwrap();
+    assert!(
+        is_forbidden(&ivy.me().await),
+        "ivy is not in the directory yet"
+    );
+
+    // bob leaves, ivy joins the duty team, and a limit changes too.
+    let edited =
+        original
+            .replacen(BOB, IVY, 1)
+            .replacen("user_burst = 100000", "user_burst = 99999", 1);
+    std::fs::write(&path, &edited).unwrap();
+    let gw = fed.gateway(a).unwrap();
+    let r = gw.reload(Config::load(&path).unwrap()).await.unwrap();
+    assert_eq!(r.needs_restart, ["limits"]);
+    assert_eq!(r.users, 2);
+
+    // At once, on bob's open connection too; nothing of his is stored.
+    let sent_before = fed.count(a, "SELECT COUNT(*) FROM sent").unwrap();
+    let attempt = bob
+        .submit_once(&message("user:dan@southvale", "bob-after", b"x".to_vec()).unwrap())
+        .await;
+    assert!(is_forbidden(&attempt), "{attempt:?}");
+    assert_eq!(
+        fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(),
+        sent_before
+    );
+    // ivy works, and team duty@northshire now reaches her.
+    assert_eq!(ivy.me().await.unwrap().teams.len(), 1);
+    let dan = fed.api(b, "dan").unwrap();
+    let to_duty = dan
+        .submit(&message("team:duty@northshire", "to-duty", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(reaches(&dan, &to_duty.message_id, Status::Delivered, LIMIT).await);
+    let inbox = ivy.inbox(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(inbox.messages.len(), 1);
+
+    // Reloads that cannot be used change nothing: another area's
+    // configuration, and one naming a revocation list that is not there
+    // (while it would also let bob back in).
+    let mut other = fed.config(b).unwrap();
+    other.users = Config::load(&path).unwrap().users;
+    assert!(matches!(
+        gw.reload(other).await,
+        Err(GatewayError::Reload(_))
+    ));
+    let broken = edited.replacen(IVY, &format!("{IVY}{BOB}"), 1).replacen(
+        "ca = \"ca/ca.crt\"\n",
+        "ca = \"ca/ca.crt\"\ncrls = [\"missing.crl\"]\n",
+        1,
+    );
+    std::fs::write(&path, &broken).unwrap();
+    let refused = gw.reload(Config::load(&path).unwrap()).await;
+    assert!(
+        matches!(&refused, Err(GatewayError::Certs(_))),
+        "{refused:?}"
+    );
+    assert!(refused.unwrap_err().to_string().contains("missing.crl"));
+    assert!(is_forbidden(&bob.me().await), "a failed reload let bob in");
+    ivy.me().await.unwrap();
+
+    // The same without the bad list: bob is back.
+    std::fs::write(&path, broken.replacen("crls = [\"missing.crl\"]\n", "", 1)).unwrap();
+    let r = gw.reload(Config::load(&path).unwrap()).await.unwrap();
+    assert_eq!(r.users, 3);
+    bob.me().await.unwrap();
+    for i in 0..fed.areas.len() {
+        fed.stop(i).await;
+    }
+}
