@@ -118,3 +118,58 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
         fed.stop(i).await;
     }
 }
+
+/// Signs area `i`'s development policy again as version `version`.
+fn resign(fed: &Federation, i: usize, version: u32) {
+    let dir = fed.areas[i].dir.join("policy");
+    let key = policy::PolicySigningKey::from_base64(
+        std::fs::read_to_string(dir.join("policy.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(dir.join("policy.toml"))
+        .unwrap()
+        .replacen("version = 1\n", &format!("version = {version}\n"), 1);
+    let signed = policy::SignedPolicy::sign(&text, &key).unwrap();
+    std::fs::write(dir.join("policy.signed"), signed.to_text()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_up_a_newer_sharing_policy_and_refuses_an_older_one() {
+    let settings = Settings {
+        policies: true,
+        ..Settings::default()
+    };
+    let mut fed = Federation::create(&tests::standard_areas(), &settings).unwrap();
+    let a = fed.index("northshire");
+    fed.start(a).await.unwrap();
+    let alice = fed.api(a, "alice").unwrap();
+    let served = || async { alice.policy_text().await.unwrap().unwrap() };
+    assert!(served().await.contains("version = 1\n"));
+    let gw = fed.gateway(a).unwrap();
+    let path = fed.areas[a].config_path.clone();
+
+    resign(&fed, a, 2);
+    let r = gw.reload(Config::load(&path).unwrap()).await.unwrap();
+    assert_eq!(r.policy_version, Some(2));
+    assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
+    assert!(served().await.contains("version = 2\n"));
+
+    // Going back would contradict what peers and clients hold already.
+    resign(&fed, a, 1);
+    let back = gw.reload(Config::load(&path).unwrap()).await;
+    assert!(
+        matches!(&back, Err(GatewayError::Reload(m)) if m.contains("go back from version 2 to 1")),
+        "{back:?}"
+    );
+    assert!(served().await.contains("version = 2\n"));
+
+    // A policy file that does not verify changes nothing either.
+    let signed = fed.areas[a].dir.join("policy").join("policy.signed");
+    let text = std::fs::read_to_string(&signed).unwrap();
+    std::fs::write(&signed, text.replacen("version = 1", "version = 9", 1)).unwrap();
+    assert!(gw.reload(Config::load(&path).unwrap()).await.is_err());
+    assert!(served().await.contains("version = 2\n"));
+    fed.stop(a).await;
+}
