@@ -97,6 +97,15 @@ pub fn not_after(der: &[u8]) -> Result<i64, CertError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// The end-entity certificate the client of a server-side connection presented.
+pub(crate) fn peer_leaf(
+    conn: &rustls::ServerConnection,
+) -> Result<&rustls::pki_types::CertificateDer<'static>, CertError> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(CertError::NoPeerCertificate)
+}
+
 /// A TLS peer whose certificate chain was verified against the CA pinned to
 /// the area it claims. Only this crate can make one (see [`crate::server_config`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -115,11 +124,7 @@ impl VerifiedPeer {
     pub fn from_server_connection(
         conn: &rustls::ServerConnection,
     ) -> Result<VerifiedPeer, CertError> {
-        let leaf = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .ok_or(CertError::NoPeerCertificate)?;
-        Ok(VerifiedPeer::new(identity_of_cert(leaf)?))
+        Ok(VerifiedPeer::new(identity_of_cert(peer_leaf(conn)?)?))
     }
 
     /// Who the peer is.

@@ -270,10 +270,7 @@ impl ConnectionCertificate {
     pub fn after_handshake(
         conn: &rustls::ServerConnection,
     ) -> Result<ConnectionCertificate, CertError> {
-        let leaf = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .ok_or(CertError::NoPeerCertificate)?;
+        let leaf = crate::identity::peer_leaf(conn)?;
         let identity = identity_of_cert(leaf)?;
         Ok(ConnectionCertificate {
             area: identity.area().clone(),

@@ -137,6 +137,15 @@ impl Demo {
     }
 }
 
+/// The CA `gateway dev` minted for the area in `area_dir`.
+fn area_ca(area_dir: &Path) -> certs::mint::Ca {
+    certs::mint::Ca::from_pem(certs::mint::PemPair {
+        cert: std::fs::read_to_string(area_dir.join("ca").join("ca.crt")).unwrap(),
+        key: std::fs::read_to_string(area_dir.join("ca").join("ca.key")).unwrap(),
+    })
+    .unwrap()
+}
+
 async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
@@ -596,11 +605,7 @@ async fn an_expired_gateway_certificate_is_refused_at_start_naming_it() {
         "{text}"
     );
 
-    let ca = certs::mint::Ca::from_pem(certs::mint::PemPair {
-        cert: std::fs::read_to_string(area.join("ca").join("ca.crt")).unwrap(),
-        key: std::fs::read_to_string(area.join("ca").join("ca.key")).unwrap(),
-    })
-    .unwrap();
+    let ca = area_ca(&area);
     let expired = ca
         .issue(
             &certs::Identity::Gateway(proto::AreaId::new("northshire").unwrap()),
@@ -631,11 +636,7 @@ async fn check_config_shows_each_revocation_list_and_refuses_one_its_ca_did_not_
         ),
     )
     .unwrap();
-    let ca = certs::mint::Ca::from_pem(certs::mint::PemPair {
-        cert: std::fs::read_to_string(area.join("ca").join("ca.crt")).unwrap(),
-        key: std::fs::read_to_string(area.join("ca").join("ca.key")).unwrap(),
-    })
-    .unwrap();
+    let ca = area_ca(&area);
     let alice = certs::Identity::User(
         proto::AreaId::new("northshire").unwrap(),
         proto::UserId::new("alice").unwrap(),
@@ -679,11 +680,7 @@ async fn sighup_takes_up_a_new_user_without_a_restart_and_a_broken_file_changes_
     let mut demo = Demo::new().await;
     let area = demo.area_dir(0);
     let config = area.join("gateway.toml");
-    let ca = certs::mint::Ca::from_pem(certs::mint::PemPair {
-        cert: std::fs::read_to_string(area.join("ca").join("ca.crt")).unwrap(),
-        key: std::fs::read_to_string(area.join("ca").join("ca.key")).unwrap(),
-    })
-    .unwrap();
+    let ca = area_ca(&area);
     let ivy = ca
         .issue(
             &certs::Identity::User(
