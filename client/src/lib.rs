@@ -67,6 +67,11 @@ pub enum ClientError {
     /// The gateway's answer could not be understood.
     #[error("unexpected answer from the gateway: {0}")]
     Decode(String),
+    /// The gateway refused this client's certificate because the area's CA
+    /// revoked it (in the handshake, or `certificate_revoked` on a
+    /// connection opened before): retrying will not help.
+    #[error("the gateway refused your certificate because it has been revoked; ask your area's gateway administrator for a new one ({0})")]
+    Revoked(String),
 }
 
 impl ClientError {
@@ -155,13 +160,18 @@ fn describe(e: &reqwest::Error) -> String {
         msg.push_str(&s.to_string());
         src = s.source();
     }
-    if msg.contains("CertificateRevoked") {
-        msg.push_str(
-            ": the gateway refused your certificate because it has been revoked; \
-             ask your area's gateway administrator for a new one",
-        );
-    }
     msg
+}
+
+/// A failed exchange with the gateway: a revoked certificate (the TLS alert
+/// says so) is told apart from a gateway that cannot be reached.
+fn transport(e: &reqwest::Error) -> ClientError {
+    let msg = describe(e);
+    if msg.contains("CertificateRevoked") {
+        ClientError::Revoked(msg)
+    } else {
+        ClientError::Transport(msg)
+    }
 }
 
 /// What to tell the sender when the recipient's gateway keeps failing: the
@@ -247,7 +257,7 @@ impl Api {
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
             .build()
-            .map_err(|e| ClientError::Transport(describe(&e)))?;
+            .map_err(|e| transport(&e))?;
         let base = gateway.trim_end_matches('/').to_owned();
         let messages = reqwest::Url::parse(&format!("{base}/v1/messages"))
             .map_err(|e| ClientError::Transport(format!("gateway URL {gateway:?}: {e}")))?;
@@ -273,10 +283,7 @@ impl Api {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| ClientError::Transport(describe(&e)))?;
+        let text = resp.text().await.map_err(|e| transport(&e))?;
         match serde_json::from_str::<ApiError>(&text) {
             Ok(e) => Err(ClientError::Api {
                 status: status.as_u16(),
@@ -297,7 +304,7 @@ impl Api {
             .get(format!("{}{path}", self.base))
             .send()
             .await
-            .map_err(|e| ClientError::Transport(describe(&e)))?;
+            .map_err(|e| transport(&e))?;
         Self::answer(resp).await
     }
 
@@ -333,7 +340,7 @@ impl Api {
             .body(body)
             .send()
             .await
-            .map_err(|e| ClientError::Transport(describe(&e)))?;
+            .map_err(|e| transport(&e))?;
         Self::answer(resp).await
     }
 
@@ -347,7 +354,7 @@ impl Api {
             .body(proto::frame::encode_submit(req))
             .send()
             .await
-            .map_err(|e| ClientError::Transport(describe(&e)))?;
+            .map_err(|e| transport(&e))?;
         Self::answer(resp).await
     }
 
@@ -446,17 +453,14 @@ impl Api {
             .get(format!("{}/v1/policy", self.base))
             .send()
             .await
-            .map_err(|e| ClientError::Transport(describe(&e)))?;
+            .map_err(|e| transport(&e))?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
         if !resp.status().is_success() {
             return Self::answer::<serde_json::Value>(resp).await.map(|_| None);
         }
-        resp.text()
-            .await
-            .map(Some)
-            .map_err(|e| ClientError::Transport(describe(&e)))
+        resp.text().await.map(Some).map_err(|e| transport(&e))
     }
 
     /// The caller's directory entry (organisation, role, teams).

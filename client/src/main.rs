@@ -199,25 +199,29 @@ enum Command {
     Cases,
 }
 
+/// The exit code for a client error (see the README's table).
+fn exit_code_of(c: &ClientError) -> u8 {
+    match c {
+        ClientError::Config { .. } | ClientError::Certs(_) | ClientError::Revoked(_) => 3,
+        ClientError::Api {
+            code: proto::ErrorCode::CertificateRevoked,
+            ..
+        } => 3,
+        ClientError::Api { .. } => 4,
+        ClientError::Transport(_) => 5,
+        _ => 1,
+    }
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(c) = cause.downcast_ref::<ClientError>() {
-            return match c {
-                ClientError::Config { .. } | ClientError::Certs(_) => 3,
-                ClientError::Api { .. } => 4,
-                ClientError::Transport(_) => 5,
-                _ => 1,
-            };
+            return exit_code_of(c);
         }
         if let Some(client::cases::CaseError::Client(c)) =
             cause.downcast_ref::<client::cases::CaseError>()
         {
-            return match c {
-                ClientError::Config { .. } | ClientError::Certs(_) => 3,
-                ClientError::Api { .. } => 4,
-                ClientError::Transport(_) => 5,
-                _ => 1,
-            };
+            return exit_code_of(c);
         }
     }
     1
@@ -773,5 +777,29 @@ mod erased {
         fn json(&self) -> String {
             serde_json::to_string(self).unwrap_or_default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: proto::ErrorCode) -> ClientError {
+        ClientError::Api {
+            status: 403,
+            code,
+            message: String::new(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn a_revoked_certificate_exits_as_a_certificate_problem() {
+        assert_eq!(exit_code_of(&ClientError::Revoked("alert".into())), 3);
+        assert_eq!(exit_code_of(&api(proto::ErrorCode::CertificateRevoked)), 3);
+        assert_eq!(exit_code_of(&api(proto::ErrorCode::Forbidden)), 4);
+        assert_eq!(exit_code_of(&ClientError::Transport("refused".into())), 5);
+        let wrapped = anyhow::Error::new(ClientError::Revoked("alert".into())).context("send");
+        assert_eq!(exit_code(&wrapped), 3);
     }
 }

@@ -37,8 +37,9 @@ fn edit_config(fed: &Federation, i: usize, replace: &str, with: &str) {
     std::fs::write(path, text.replacen(replace, with, 1)).unwrap();
 }
 
+/// Refused in the handshake for being revoked.
 fn is_tls_refusal<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
-    matches!(r, Err(ClientError::Transport(_)))
+    matches!(r, Err(ClientError::Revoked(_)))
 }
 
 /// Area `i`'s `/metrics` text, over plain HTTP as Prometheus reads it.
@@ -113,16 +114,23 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
         other => panic!("the open connection should get a typed refusal, got {other:?}"),
     }
     match laptop.health().await {
-        Err(ClientError::Transport(msg)) => assert!(
-            msg.contains("has been revoked; ask your area's gateway administrator"),
-            "{msg}"
+        Err(e @ ClientError::Revoked(_)) => assert!(
+            e.to_string()
+                .contains("has been revoked; ask your area's gateway administrator"),
+            "{e}"
         ),
         other => panic!("a new connection should be refused in the handshake, got {other:?}"),
     }
+    // The client does not retry a revoked certificate: one handshake.
+    let handshakes = fed.gateway(a).unwrap().metrics().tls_failures.get();
     let attempt = laptop
-        .submit_once(&message("user:dan@southvale", "after-theft", b"x".to_vec()).unwrap())
+        .submit(&message("user:dan@southvale", "after-theft", b"x".to_vec()).unwrap())
         .await;
     assert!(is_tls_refusal(&attempt), "{attempt:?}");
+    assert_eq!(
+        fed.gateway(a).unwrap().metrics().tls_failures.get(),
+        handshakes + 1
+    );
     assert_eq!(sent(), 1, "nothing stored from the revoked certificate");
     assert!(fed.gateway(a).unwrap().metrics().refused_revoked.get() >= 1);
 
