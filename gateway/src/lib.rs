@@ -208,12 +208,8 @@ pub(crate) struct Shared {
     wakers: HashMap<AreaId, Arc<federation::PeerWake>>,
     /// HTTP client and base URL per peer.
     peer_clients: peer_clients::PeerClients,
-    /// The revocation lists in force (handshakes and requests).
-    revocations: certs::Revocations,
-    /// Whether the last re-read of changed revocation lists failed.
-    crl_reload: Arc<revocation::ReloadState>,
-    /// The revocation list files, watched for changes.
-    crl_sources: Arc<std::sync::Mutex<revocation::Sources>>,
+    /// The revocation lists in force (handshakes and requests), and their files.
+    crls: Arc<revocation::InForce>,
     /// Peers' current policy versions.
     peer_policies: sharing::PeerPolicies,
     stop: watch::Sender<bool>,
@@ -311,9 +307,10 @@ impl Gateway {
             });
         }
         let crl_sources = revocation::Sources::of(&config);
-        let crls = crl_sources.load()?;
-        revocation::report(&crls, expiry::now_s());
-        let revocations = certs::Revocations::new(crls);
+        let crl_list = crl_sources.load()?;
+        revocation::report(&crl_list, expiry::now_s());
+        let crls = Arc::new(revocation::InForce::new(crl_sources, crl_list));
+        let revocations = crls.revocations().clone();
         let trust = ServerTrust {
             own_area: config.area.clone(),
             own_cas: certs::load_certs(&config.tls.ca)?,
@@ -387,9 +384,7 @@ impl Gateway {
             inbox_watch: inbox_watch::InboxWatch::default(),
             wakers,
             peer_clients,
-            revocations,
-            crl_reload: Arc::default(),
-            crl_sources: Arc::new(std::sync::Mutex::new(crl_sources)),
+            crls,
             peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
@@ -424,9 +419,7 @@ impl Gateway {
         tasks.spawn(disk::watch(shared.disk.clone(), shared.stop.subscribe()));
         tasks.spawn(expiry::watch(expiries, shared.stop.subscribe()));
         tasks.spawn(revocation::watch(
-            shared.crl_sources.clone(),
-            shared.revocations.clone(),
-            shared.crl_reload.clone(),
+            shared.crls.clone(),
             shared.config.tls.crl_check_every,
             shared.stop.subscribe(),
         ));
@@ -519,12 +512,7 @@ impl Gateway {
             Ok(mut g) => *g = live,
             Err(poisoned) => *poisoned.into_inner() = live,
         }
-        match shared.crl_sources.lock() {
-            Ok(mut g) => *g = sources,
-            Err(poisoned) => *poisoned.into_inner() = sources,
-        }
-        shared.revocations.replace(crls);
-        shared.crl_reload.succeeded();
+        shared.crls.put(sources, crls);
         tracing::info!(
             users = reloaded.users,
             policy_version = reloaded.policy_version,
@@ -619,7 +607,7 @@ async fn accept_loop(
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     // A connection outlives a revocation made while it is
                     // open: each request checks the lists in force.
-                    let revoked = cert.check(&shared.revocations).err();
+                    let revoked = cert.check(shared.crls.revocations()).err();
                     if let Some(e) = &revoked {
                         shared.metrics.refused_revoked.inc();
                         tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since been revoked");
@@ -667,8 +655,8 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                         &shared.certificates,
                     );
                     text.push_str(&metrics::revocation_text(
-                        shared.revocations.current().lists(),
-                        shared.crl_reload.failed(),
+                        shared.crls.revocations().current().lists(),
+                        shared.crls.failed(),
                     ));
                     text
                 }

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 
 /// Every configured CRL file, with its area and that area's CA file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Sources {
     areas: Vec<(AreaId, PathBuf, Vec<PathBuf>)>,
 }
@@ -118,39 +118,75 @@ pub(crate) fn describe(list: &RevocationList, now_s: i64) -> Vec<String> {
         .collect()
 }
 
-/// Whether the last attempt to re-read changed lists failed (the lists in
-/// force are then older than the files).
-#[derive(Debug, Default)]
-pub(crate) struct ReloadState {
+/// The revocation lists in force, the files they were read from, and
+/// whether the last attempt to re-read changed files failed (the lists in
+/// force are then older than the files). The file watcher and
+/// [`Gateway::reload`](crate::Gateway::reload) both put lists in force
+/// through it, one at a time.
+#[derive(Debug)]
+pub(crate) struct InForce {
+    sources: Mutex<Sources>,
+    revocations: Revocations,
     failed: AtomicBool,
 }
 
-impl ReloadState {
+impl InForce {
+    /// `list`, read from `sources`, in force.
+    pub(crate) fn new(sources: Sources, list: RevocationList) -> InForce {
+        InForce {
+            sources: Mutex::new(sources),
+            revocations: Revocations::new(list),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// What the TLS verifiers and the request path check.
+    pub(crate) fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
     /// As the metrics show it.
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Records that lists were read and put in force.
-    pub(crate) fn succeeded(&self) {
+    fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+        match self.sources.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Puts `list`, read from `sources` (which a reload may name anew), in force.
+    pub(crate) fn put(&self, sources: Sources, list: RevocationList) {
+        let mut current = self.sources();
+        *current = sources;
+        self.revocations.replace(list);
         self.failed.store(false, Ordering::Relaxed);
+    }
+
+    /// Puts `list` in force if it was read from the files in force now: a
+    /// reload that named other files meanwhile wins over the watcher's
+    /// older read.
+    fn put_if_current(&self, from: &Sources, list: RevocationList) -> bool {
+        let current = self.sources();
+        if *current != *from {
+            return false;
+        }
+        self.revocations.replace(list);
+        self.failed.store(false, Ordering::Relaxed);
+        true
     }
 }
 
 /// Re-reads the lists whenever their files change (or a reload names other
-/// files: [`Gateway::reload`](crate::Gateway::reload) replaces `sources`),
-/// until `stop`.
+/// files), until `stop`.
 pub(crate) async fn watch(
-    sources: Arc<Mutex<Sources>>,
-    revocations: Revocations,
-    state: Arc<ReloadState>,
+    lists: Arc<InForce>,
     every: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let current = || match sources.lock() {
-        Ok(g) => g.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    };
+    let current = || lists.sources().clone();
     let mut seen = stamp_off_thread(&current()).await;
     loop {
         tokio::select! {
@@ -163,21 +199,22 @@ pub(crate) async fn watch(
             continue;
         }
         seen = now;
-        let loaded = tokio::task::spawn_blocking(move || s.load()).await;
+        let read = s.clone();
+        let loaded = tokio::task::spawn_blocking(move || read.load()).await;
         match loaded {
             Ok(Ok(list)) => {
                 report(&list, crate::expiry::now_s());
                 let revoked = list.revoked();
-                revocations.replace(list);
-                state.failed.store(false, Ordering::Relaxed);
-                tracing::info!(revoked, "revocation lists changed: re-read and in force");
+                if lists.put_if_current(&s, list) {
+                    tracing::info!(revoked, "revocation lists changed: re-read and in force");
+                }
             }
             Ok(Err(e)) => {
-                state.failed.store(true, Ordering::Relaxed);
+                lists.failed.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "revocation lists changed but cannot be used: the previous lists stay in force");
             }
             Err(e) => {
-                state.failed.store(true, Ordering::Relaxed);
+                lists.failed.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "re-reading the revocation lists failed: the previous lists stay in force");
             }
         }
