@@ -271,6 +271,10 @@ fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(own.chain.clone(), own.key.clone_key())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Nor does a client resume: a resumed session would skip the server
+    // certificate's verification (and the revocation lists) too, with a
+    // server that still offers resumption.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
@@ -314,3 +318,6 @@ pub fn verify_own_certificate(
     }
     Ok(crate::VerifiedPeer::new(identity))
 }
+
+#[cfg(test)]
+mod tests;
