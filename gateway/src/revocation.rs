@@ -95,6 +95,25 @@ pub(crate) fn report(list: &RevocationList, now_s: i64) {
     }
 }
 
+/// The lists that are past their `nextUpdate` at `now_s` and were not in
+/// `stale` (which is brought up to date): each is warned about once when it
+/// goes stale, and again if it goes stale after a fresh one.
+fn newly_stale(
+    list: &RevocationList,
+    now_s: i64,
+    stale: &mut std::collections::HashSet<PathBuf>,
+) -> Vec<PathBuf> {
+    let now: std::collections::HashSet<PathBuf> = list
+        .lists()
+        .iter()
+        .filter(|l| l.is_stale(now_s))
+        .map(|l| l.path.clone())
+        .collect();
+    let new = now.difference(stale).cloned().collect();
+    *stale = now;
+    new
+}
+
 /// One line per list, for `gateway check-config`.
 pub(crate) fn describe(list: &RevocationList, now_s: i64) -> Vec<String> {
     list.lists()
@@ -188,10 +207,27 @@ pub(crate) async fn watch(
 ) {
     let current = || lists.sources().clone();
     let mut seen = stamp_off_thread(&current()).await;
+    // Stale at start was reported with the lists read.
+    let mut stale = Default::default();
+    newly_stale(
+        &lists.revocations.current(),
+        crate::expiry::now_s(),
+        &mut stale,
+    );
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = crate::stopped(&mut stop) => return,
+        }
+        for path in newly_stale(
+            &lists.revocations.current(),
+            crate::expiry::now_s(),
+            &mut stale,
+        ) {
+            tracing::warn!(
+                file = %path.display(),
+                "revocation list has gone past its nextUpdate: it is still enforced, but newer revocations may be missing; fetch a fresh one from the CA"
+            );
         }
         let s = current();
         let now = stamp_off_thread(&s).await;
@@ -230,3 +266,6 @@ async fn stamp_off_thread(sources: &Sources) -> Stamp {
         .await
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;
