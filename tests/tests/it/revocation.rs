@@ -37,6 +37,16 @@ fn edit_config(fed: &Federation, i: usize, replace: &str, with: &str) {
     std::fs::write(path, text.replacen(replace, with, 1)).unwrap();
 }
 
+/// Gives area `i`'s gateway a metrics listener on a free port.
+fn serve_metrics(fed: &Federation, i: usize) {
+    edit_config(
+        fed,
+        i,
+        "data_dir = \"data\"\n",
+        "data_dir = \"data\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+    );
+}
+
 /// Refused in the handshake for being revoked.
 fn is_tls_refusal<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
     matches!(r, Err(ClientError::Revoked(_)))
@@ -71,12 +81,7 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
         "ca = \"ca/ca.crt\"\n",
         "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\ncrl_check_every = \"100ms\"\n",
     );
-    edit_config(
-        &fed,
-        a,
-        "data_dir = \"data\"\n",
-        "data_dir = \"data\"\nmetrics_listen = \"127.0.0.1:0\"\n",
-    );
+    serve_metrics(&fed, a);
     for i in 0..fed.areas.len() {
         fed.start(i).await.unwrap();
     }
@@ -182,12 +187,7 @@ async fn a_revoked_peer_gateway_is_refused_both_ways_until_it_has_a_new_certific
         key: std::fs::read_to_string(fed.areas[b].dir.join("gateway.key")).unwrap(),
     };
     // northshire's copy of southvale's published list.
-    edit_config(
-        &fed,
-        a,
-        "data_dir = \"data\"\n",
-        "data_dir = \"data\"\nmetrics_listen = \"127.0.0.1:0\"\n",
-    );
+    serve_metrics(&fed, a);
     let crl = fed.areas[a].dir.join("southvale.crl");
     publish(&crl, &south_ca, &[], 1);
     edit_config(
