@@ -210,6 +210,8 @@ pub(crate) struct Shared {
     peer_clients: peer_clients::PeerClients,
     /// The revocation lists in force (handshakes and requests), and their files.
     crls: Arc<revocation::InForce>,
+    /// Whether the last reload of the configuration file failed.
+    reload_failed: std::sync::atomic::AtomicBool,
     /// Peers' current policy versions.
     peer_policies: sharing::PeerPolicies,
     stop: watch::Sender<bool>,
@@ -385,6 +387,7 @@ impl Gateway {
             wakers,
             peer_clients,
             crls,
+            reload_failed: Default::default(),
             peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
@@ -455,6 +458,21 @@ impl Gateway {
     /// This gateway's area.
     pub fn area(&self) -> &AreaId {
         &self.shared.config.area
+    }
+
+    /// [`Gateway::reload`] from the configuration file at `path`, read
+    /// again. Whether it failed (the file or what it names could not be
+    /// used) shows in the metric `gateway_config_reload_failed` until the
+    /// next reload.
+    pub async fn reload_file(&self, path: &std::path::Path) -> Result<Reloaded, GatewayError> {
+        let result = match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => Err(e.into()),
+        };
+        self.shared
+            .reload_failed
+            .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        result
     }
 
     /// Takes up what can change while the gateway runs from `new` (the
@@ -657,6 +675,11 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                     text.push_str(&metrics::revocation_text(
                         shared.crls.revocations().current().lists(),
                         shared.crls.failed(),
+                    ));
+                    text.push_str(&metrics::reload_text(
+                        shared
+                            .reload_failed
+                            .load(std::sync::atomic::Ordering::Relaxed),
                     ));
                     text
                 }

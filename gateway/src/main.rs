@@ -55,10 +55,12 @@ enum Command {
     ///
     /// Prints when each certificate the gateway depends on expires (its
     /// own, its area's CA, each peer's CA), each revocation list with how
-    /// many certificates it revokes and when the next is due, and the data
+    /// many certificates it revokes and when the next is due, the sharing
+    /// policy's version once its signature verifies, and the data
     /// directory's free space against its reserve; exits 3 if the
-    /// configuration, a certificate or a revocation list is unusable, its
-    /// own certificate expired included.
+    /// configuration, a certificate, a revocation list or the policy is
+    /// unusable, its own certificate expired included. Run it before a
+    /// reload (the systemd unit does).
     ///
     /// Example: gateway check-config --config /etc/referral-gateway/gateway.toml
     CheckConfig {
@@ -108,9 +110,14 @@ fn main() -> ExitCode {
             let config_error = e.chain().any(|c| {
                 c.downcast_ref::<gateway::ConfigError>().is_some()
                     || c.downcast_ref::<certs::CertError>().is_some()
+                    || c.downcast_ref::<gateway::sharing::SharingError>().is_some()
                     || matches!(
                         c.downcast_ref::<gateway::GatewayError>(),
-                        Some(gateway::GatewayError::Config(_) | gateway::GatewayError::Certs(_))
+                        Some(
+                            gateway::GatewayError::Config(_)
+                                | gateway::GatewayError::Certs(_)
+                                | gateway::GatewayError::Policy(_)
+                        )
                     )
             });
             ExitCode::from(if config_error { 3 } else { 1 })
@@ -168,20 +175,15 @@ async fn hangup(_: &mut Option<()>) {
 
 /// Reads the configuration file again and takes up what a running gateway can.
 async fn reload(gw: &Gateway, path: &std::path::Path) {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload: the configuration cannot be used; nothing changed");
-            return;
-        }
-    };
-    match gw.reload(config).await {
+    match gw.reload_file(path).await {
         Ok(r) if r.needs_restart.is_empty() => {}
         Ok(r) => tracing::warn!(
             settings = ?r.needs_restart,
             "reload: these settings changed and take effect only after a restart"
         ),
-        Err(e) => tracing::error!(error = %e, "reload: nothing changed"),
+        Err(e) => {
+            tracing::error!(error = %e, "reload: the configuration cannot be used; nothing changed")
+        }
     }
 }
 
@@ -206,6 +208,15 @@ async fn real_main(command: Command) -> anyhow::Result<()> {
             }
             for line in gateway::revocation_report(&config)? {
                 println!("{line}");
+            }
+            if let Some(p) = &config.policy {
+                let own = gateway::sharing::OwnPolicy::load(p, &config.area)?;
+                println!(
+                    "sharing policy {} (policy {} version {}): signature verified",
+                    p.file.display(),
+                    own.policy.id(),
+                    own.policy.version()
+                );
             }
             println!("{}", gateway::data_dir_report(&config));
             println!(

@@ -300,6 +300,12 @@ pub fn revocation_text(lists: &[certs::CrlInfo], reload_failed: bool) -> String 
     out
 }
 
+/// Whether the last reload of the configuration file (SIGHUP) failed, for
+/// the metrics text: the gateway then runs on the configuration it had.
+pub fn reload_text(failed: bool) -> String {
+    format!("# HELP gateway_config_reload_failed 1 if the last reload of the configuration file (SIGHUP) could not be used: the gateway runs on what it had; see the log.\n# TYPE gateway_config_reload_failed gauge\ngateway_config_reload_failed {}\n", u8::from(failed))
+}
+
 /// A Prometheus label value: backslashes, quotes and line ends escaped.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")

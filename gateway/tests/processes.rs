@@ -660,6 +660,10 @@ async fn check_config_shows_each_revocation_list_and_refuses_one_its_ca_did_not_
         out.contains("published.crl (area northshire): 1 revoked; next update by "),
         "{out}"
     );
+    assert!(
+        out.contains("(policy northshire-sharing version 1): signature verified"),
+        "{out}"
+    );
 
     // A list signed by some other CA (same name, other key) is refused.
     let other = certs::mint::Ca::new(&proto::AreaId::new("northshire").unwrap()).unwrap();
@@ -669,6 +673,15 @@ async fn check_config_shows_each_revocation_list_and_refuses_one_its_ca_did_not_
     assert_eq!(bad.status.code(), Some(3), "{err}");
     assert!(err.contains("published.crl"), "{err}");
     assert!(err.contains("signature does not verify"), "{err}");
+
+    // A sharing policy whose signature does not verify is refused too.
+    std::fs::write(&crl, ca.revocation_list(&[], 2, year).unwrap()).unwrap();
+    let signed = area.join("policy").join("policy.signed");
+    let text = std::fs::read_to_string(&signed).unwrap();
+    std::fs::write(&signed, text.replacen("version = 1", "version = 7", 1)).unwrap();
+    let bad = check().await;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(3), "{err}");
 }
 
 /// `kill -HUP` makes the running binary read its configuration again: a

@@ -255,6 +255,44 @@ impl Federation {
         self.areas[i].dir.join("data").join("gateway.sqlite3")
     }
 
+    /// Edits area `i`'s configuration file: `replace` becomes `with`, once.
+    pub fn edit_config(&self, i: usize, replace: &str, with: &str) -> anyhow::Result<()> {
+        let path = &self.areas[i].config_path;
+        let text = std::fs::read_to_string(path)?;
+        anyhow::ensure!(
+            text.contains(replace),
+            "{replace:?} is not in {}",
+            path.display()
+        );
+        std::fs::write(path, text.replacen(replace, with, 1))?;
+        Ok(())
+    }
+
+    /// Gives area `i`'s gateway a metrics listener on a free port (before
+    /// it starts).
+    pub fn serve_metrics(&self, i: usize) -> anyhow::Result<()> {
+        self.edit_config(
+            i,
+            "data_dir = \"data\"\n",
+            "data_dir = \"data\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+        )
+    }
+
+    /// Area `i`'s `/metrics` text, over plain HTTP as Prometheus reads it.
+    pub async fn metrics_text(&self, i: usize) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = self
+            .gateway(i)
+            .and_then(Gateway::metrics_addr)
+            .context("the gateway is not running with a metrics listener")?;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await?;
+        Ok(text)
+    }
+
     /// Runs a counting query against area `i`'s database (read-only).
     pub fn count(&self, i: usize, sql: &str) -> anyhow::Result<i64> {
         count_rows(&self.db_path(i), sql)

@@ -32,11 +32,18 @@ fn is_forbidden<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
 async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    fed.serve_metrics(a).unwrap();
     for i in 0..fed.areas.len() {
         fed.start(i).await.unwrap();
     }
     let path = fed.areas[a].config_path.clone();
     let original = std::fs::read_to_string(&path).unwrap();
+    let reload_failed = || async {
+        let text = fed.metrics_text(a).await.unwrap();
+        assert!(text.contains("\ngateway_config_reload_failed "), "{text}");
+        text.contains("\ngateway_config_reload_failed 1\n")
+    };
+    assert!(!reload_failed().await);
     assert!(original.contains(BOB), "{original}");
     let bob = fed.api(a, "bob").unwrap();
     bob.me().await.unwrap();
@@ -60,8 +67,9 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
             .replacen("user_burst = 100000", "user_burst = 99999", 1);
     std::fs::write(&path, &edited).unwrap();
     let gw = fed.gateway(a).unwrap();
-    let r = gw.reload(Config::load(&path).unwrap()).await.unwrap();
+    let r = gw.reload_file(&path).await.unwrap();
     assert_eq!(r.needs_restart, ["limits"]);
+    assert!(!reload_failed().await);
     assert_eq!(r.users, 2);
 
     // At once, on bob's open connection too; nothing of his is stored.
@@ -100,19 +108,28 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
         1,
     );
     std::fs::write(&path, &broken).unwrap();
-    let refused = gw.reload(Config::load(&path).unwrap()).await;
+    let refused = gw.reload_file(&path).await;
     assert!(
         matches!(&refused, Err(GatewayError::Certs(_))),
         "{refused:?}"
     );
     assert!(refused.unwrap_err().to_string().contains("missing.crl"));
+    assert!(reload_failed().await);
+    // A file that is not valid TOML: the same.
+    std::fs::write(&path, format!("{broken}\n[[users]]\nid =\n")).unwrap();
+    assert!(matches!(
+        gw.reload_file(&path).await,
+        Err(GatewayError::Config(_))
+    ));
+    assert!(reload_failed().await);
     assert!(is_forbidden(&bob.me().await), "a failed reload let bob in");
     ivy.me().await.unwrap();
 
     // The same without the bad list: bob is back.
     std::fs::write(&path, broken.replacen("crls = [\"missing.crl\"]\n", "", 1)).unwrap();
-    let r = gw.reload(Config::load(&path).unwrap()).await.unwrap();
+    let r = gw.reload_file(&path).await.unwrap();
     assert_eq!(r.users, 3);
+    assert!(!reload_failed().await);
     bob.me().await.unwrap();
     for i in 0..fed.areas.len() {
         fed.stop(i).await;

@@ -25,44 +25,9 @@ fn publish(path: &Path, ca: &Ca, revoked: &[&PemPair], n: u64) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Edits area `i`'s configuration: `replace` → `with`, once.
-fn edit_config(fed: &Federation, i: usize, replace: &str, with: &str) {
-    let path = &fed.areas[i].config_path;
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(
-        text.contains(replace),
-        "{replace:?} not in {}",
-        path.display()
-    );
-    std::fs::write(path, text.replacen(replace, with, 1)).unwrap();
-}
-
-/// Gives area `i`'s gateway a metrics listener on a free port.
-fn serve_metrics(fed: &Federation, i: usize) {
-    edit_config(
-        fed,
-        i,
-        "data_dir = \"data\"\n",
-        "data_dir = \"data\"\nmetrics_listen = \"127.0.0.1:0\"\n",
-    );
-}
-
 /// Refused in the handshake for being revoked.
 fn is_tls_refusal<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
     matches!(r, Err(ClientError::Revoked(_)))
-}
-
-/// Area `i`'s `/metrics` text, over plain HTTP as Prometheus reads it.
-async fn metrics_text(fed: &Federation, i: usize) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let addr = fed.gateway(i).unwrap().metrics_addr().unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.unwrap();
-    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,17 +40,17 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     let renewed = ca.issue(&alice, YEAR).unwrap();
     let crl = fed.areas[a].dir.join("published.crl");
     publish(&crl, &ca, &[], 1);
-    edit_config(
-        &fed,
+    fed.edit_config(
         a,
         "ca = \"ca/ca.crt\"\n",
         "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\ncrl_check_every = \"100ms\"\n",
-    );
-    serve_metrics(&fed, a);
+    )
+    .unwrap();
+    fed.serve_metrics(a).unwrap();
     for i in 0..fed.areas.len() {
         fed.start(i).await.unwrap();
     }
-    let text = metrics_text(&fed, a).await;
+    let text = fed.metrics_text(a).await.unwrap();
     assert!(text.contains("gateway_crl_revoked_certificates{area=\"northshire\""));
     assert!(text.contains("gateway_crl_reload_failed 0"));
 
@@ -155,8 +120,9 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     )
     .unwrap();
     let failed = eventually(LIMIT, || async {
-        metrics_text(&fed, a)
+        fed.metrics_text(a)
             .await
+            .unwrap()
             .contains("gateway_crl_reload_failed 1")
     })
     .await;
@@ -165,8 +131,9 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     replacement.health().await.unwrap();
     publish(&crl, &ca, &[&stolen], 3);
     let recovered = eventually(LIMIT, || async {
-        metrics_text(&fed, a)
+        fed.metrics_text(a)
             .await
+            .unwrap()
             .contains("gateway_crl_reload_failed 0")
     })
     .await;
@@ -187,21 +154,21 @@ async fn a_revoked_peer_gateway_is_refused_both_ways_until_it_has_a_new_certific
         key: std::fs::read_to_string(fed.areas[b].dir.join("gateway.key")).unwrap(),
     };
     // northshire's copy of southvale's published list.
-    serve_metrics(&fed, a);
+    fed.serve_metrics(a).unwrap();
     let crl = fed.areas[a].dir.join("southvale.crl");
     publish(&crl, &south_ca, &[], 1);
-    edit_config(
-        &fed,
+    fed.edit_config(
         a,
         "ca = \"../southvale/ca/ca.crt\"\n",
         "ca = \"../southvale/ca/ca.crt\"\ncrls = [\"southvale.crl\"]\n",
-    );
-    edit_config(
-        &fed,
+    )
+    .unwrap();
+    fed.edit_config(
         a,
         "ca = \"ca/ca.crt\"\n",
         "ca = \"ca/ca.crt\"\ncrl_check_every = \"100ms\"\n",
-    );
+    )
+    .unwrap();
     for i in 0..fed.areas.len() {
         fed.start(i).await.unwrap();
     }
@@ -215,7 +182,7 @@ async fn a_revoked_peer_gateway_is_refused_both_ways_until_it_has_a_new_certific
     // southvale's CA revokes its gateway's certificate (a leaked key).
     publish(&crl, &south_ca, &[&south_cert], 2);
     let in_force = eventually(LIMIT, || async {
-        metrics_text(&fed, a).await.contains(&format!(
+        fed.metrics_text(a).await.unwrap().contains(&format!(
             "gateway_crl_revoked_certificates{{area=\"southvale\",file=\"{}\"}} 1",
             crl.display()
         ))
