@@ -159,10 +159,18 @@ pub(crate) fn warn_soon(all: &[Expiry], now: i64) -> usize {
     n
 }
 
-/// Warns at once and then once a day until `stop`.
-pub(crate) async fn watch(all: Vec<Expiry>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Warns at once and then once a day until `stop`, about the certificates
+/// in `all` at that moment (a reload replaces them).
+pub(crate) async fn watch(
+    all: std::sync::Arc<std::sync::RwLock<Vec<Expiry>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
-        warn_soon(&all, now_s());
+        let now: Vec<Expiry> = match all.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        warn_soon(&now, now_s());
         tokio::select! {
             _ = tokio::time::sleep(WARN_EVERY) => {}
             _ = crate::stopped(&mut stop) => break,

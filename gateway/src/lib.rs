@@ -106,28 +106,19 @@ pub struct Reloaded {
 /// does not take up (everything but the users, the sharing policy and the
 /// revocation lists).
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let without_crls = |c: &Config| {
-        let mut tls = c.tls.clone();
-        tls.crls.clear();
-        tls.crl_check_every = Duration::ZERO;
-        let peers: Vec<_> = c
-            .peers
+    // A peer's CA and revocation lists are taken up; who the peers are,
+    // where they are and their policy keys are not.
+    let peers = |c: &Config| {
+        c.peers
             .iter()
-            .map(|p| config::PeerConfig {
-                crls: Vec::new(),
-                ..p.clone()
-            })
-            .collect();
-        (tls, peers)
+            .map(|p| (p.area.clone(), p.url.clone(), p.policy_key.clone()))
+            .collect::<Vec<_>>()
     };
-    let (old_tls, old_peers) = without_crls(old);
-    let (new_tls, new_peers) = without_crls(new);
     let mut differ = Vec::new();
     for (name, same) in [
         ("listen", old.listen == new.listen),
         ("data_dir", old.data_dir == new.data_dir),
         ("metrics_listen", old.metrics_listen == new.metrics_listen),
-        ("tls", old_tls == new_tls),
         (
             "tls.crl_check_every",
             old.tls.crl_check_every == new.tls.crl_check_every,
@@ -135,7 +126,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("delivery", old.delivery == new.delivery),
         ("limits", old.limits == new.limits),
         ("retention", old.retention == new.retention),
-        ("peers", old_peers == new_peers),
+        ("peers", peers(old) == peers(new)),
         ("policy", old.policy.is_some() == new.policy.is_some()),
     ] {
         if !same {
@@ -222,7 +213,9 @@ pub(crate) struct Shared {
     /// messages are refused.
     disk: Arc<disk::DiskSpace>,
     /// When the certificates this gateway depends on expire.
-    certificates: Vec<metrics::CertificateReading>,
+    expiries: Arc<std::sync::RwLock<Vec<expiry::Expiry>>>,
+    /// The TLS configuration new connections are accepted with.
+    acceptor: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
 }
 
 /// The parts of the configuration a running gateway takes up again on a
@@ -236,6 +229,23 @@ pub(crate) struct Live {
 }
 
 impl Shared {
+    /// The TLS configuration to accept a new connection with.
+    fn tls_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        match self.acceptor.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// When each certificate the gateway depends on expires, for the metrics.
+    fn certificate_readings(&self) -> Vec<metrics::CertificateReading> {
+        let all = match self.expiries.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        all.iter().map(expiry::Expiry::reading).collect()
+    }
+
     /// The directory and policy in force.
     fn live(&self) -> Arc<Live> {
         match self.live.read() {
@@ -295,12 +305,25 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-impl Gateway {
-    /// Loads certificates, opens the store, binds the listener and starts
-    /// serving and forwarding.
-    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+/// The TLS material a gateway runs with, read from its files: built at
+/// start, and again whole on a reload (a renewed certificate, a peer's CA
+/// bundle with its next CA).
+struct TlsMaterial {
+    acceptor: tokio_rustls::TlsAcceptor,
+    own: Credentials,
+    peers: Vec<(PeerTrust, String)>,
+    expiries: Vec<expiry::Expiry>,
+}
+
+impl TlsMaterial {
+    /// Reads the certificate files `config` names; refuses an expired
+    /// gateway certificate.
+    fn read(
+        config: &Config,
+        revocations: &certs::Revocations,
+    ) -> Result<TlsMaterial, GatewayError> {
         let own = Credentials::load(&config.tls.cert, &config.tls.key)?;
-        let expiries = expiry::load(&config)?;
+        let expiries = expiry::load(config)?;
         let mut peers = Vec::new();
         for p in &config.peers {
             peers.push(PeerTrust {
@@ -308,18 +331,37 @@ impl Gateway {
                 cas: certs::load_certs(&p.ca)?,
             });
         }
-        let crl_sources = revocation::Sources::of(&config);
-        let crl_list = crl_sources.load()?;
-        revocation::report(&crl_list, expiry::now_s());
-        let crls = Arc::new(revocation::InForce::new(crl_sources, crl_list));
-        let revocations = crls.revocations().clone();
         let trust = ServerTrust {
             own_area: config.area.clone(),
             own_cas: certs::load_certs(&config.tls.ca)?,
             peers: peers.clone(),
             revocations: revocations.clone(),
         };
-        let server_config = certs::server_config(&own, &trust)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs::server_config(&own, &trust)?);
+        let peers = peers
+            .into_iter()
+            .zip(&config.peers)
+            .map(|(trust, p)| (trust, p.url.trim_end_matches('/').to_owned()))
+            .collect();
+        Ok(TlsMaterial {
+            acceptor,
+            own,
+            peers,
+            expiries,
+        })
+    }
+}
+
+impl Gateway {
+    /// Loads certificates, opens the store, binds the listener and starts
+    /// serving and forwarding.
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        let crl_sources = revocation::Sources::of(&config);
+        let crl_list = crl_sources.load()?;
+        revocation::report(&crl_list, expiry::now_s());
+        let crls = Arc::new(revocation::InForce::new(crl_sources, crl_list));
+        let revocations = crls.revocations().clone();
+        let tls = TlsMaterial::read(&config, &revocations)?;
         let own_policy = match &config.policy {
             Some(p) => Some(Arc::new(sharing::OwnPolicy::load(p, &config.area)?)),
             None => None,
@@ -353,11 +395,8 @@ impl Gateway {
             wakers.insert(p.area.clone(), Arc::new(federation::PeerWake::default()));
         }
         let peer_clients = peer_clients::PeerClients::new(
-            own,
-            peers
-                .into_iter()
-                .zip(&config.peers)
-                .map(|(trust, p)| (trust, p.url.trim_end_matches('/').to_owned())),
+            tls.own,
+            tls.peers,
             revocations.clone(),
             config.delivery.peer_timeout,
         )?;
@@ -393,7 +432,8 @@ impl Gateway {
             metrics: Arc::new(metrics::Metrics::default()),
             sequencer,
             disk,
-            certificates: expiries.iter().map(expiry::Expiry::reading).collect(),
+            expiries: Arc::new(std::sync::RwLock::new(tls.expiries)),
+            acceptor: std::sync::RwLock::new(tls.acceptor),
             config,
         });
 
@@ -420,17 +460,16 @@ impl Gateway {
         };
         tasks.spawn(erase_loop(shared.clone()));
         tasks.spawn(disk::watch(shared.disk.clone(), shared.stop.subscribe()));
-        tasks.spawn(expiry::watch(expiries, shared.stop.subscribe()));
+        tasks.spawn(expiry::watch(
+            shared.expiries.clone(),
+            shared.stop.subscribe(),
+        ));
         tasks.spawn(revocation::watch(
             shared.crls.clone(),
             shared.config.tls.crl_check_every,
             shared.stop.subscribe(),
         ));
-        tasks.spawn(accept_loop(
-            shared.clone(),
-            listener,
-            tokio_rustls::TlsAcceptor::from(server_config),
-        ));
+        tasks.spawn(accept_loop(shared.clone(), listener));
         tracing::info!(area = %shared.config.area, %addr, peers = shared.config.peers.len(), users = shared.config.users.len(), "gateway started");
         Ok(Gateway {
             addr,
@@ -477,10 +516,13 @@ impl Gateway {
 
     /// Takes up what can change while the gateway runs from `new` (the
     /// configuration file read again, e.g. on SIGHUP): the directory of
-    /// users, the sharing policy and the revocation lists (their files
-    /// too). Everything is read and checked first; if any of it cannot be
-    /// used, nothing changes and the error says why. Other settings that
-    /// differ are listed in [`Reloaded::needs_restart`] and left as they run.
+    /// users, the sharing policy, the revocation lists (their files too),
+    /// and the certificates: the gateway's own (renewed, or its key
+    /// rotated), its area's CA and peers' CAs, for new connections (open
+    /// ones go on). Everything is read and checked first; if any of it
+    /// cannot be used (an expired certificate included), nothing changes
+    /// and the error says why. Other settings that differ are listed in
+    /// [`Reloaded::needs_restart`] and left as they run.
     pub async fn reload(&self, new: Config) -> Result<Reloaded, GatewayError> {
         let shared = &self.shared;
         if new.area != shared.config.area {
@@ -490,15 +532,20 @@ impl Gateway {
             )));
         }
         let new = Arc::new(new);
-        let read = new.clone();
-        let (policy, crls) = tokio::task::spawn_blocking(move || {
+        let (read, with) = (new.clone(), shared.clone());
+        let (policy, crls, tls, clients) = tokio::task::spawn_blocking(move || {
             let policy = match &read.policy {
                 Some(p) => Some(Arc::new(sharing::OwnPolicy::load(p, &read.area)?)),
                 None => None,
             };
             let sources = revocation::Sources::of(&read);
             let crls = sources.load()?;
-            Ok::<_, GatewayError>((policy, (sources, crls)))
+            // Certificates as they are in the files now (renewed ones
+            // included), checked by building what uses them.
+            let tls = TlsMaterial::read(&read, with.crls.revocations())?;
+            let trusts: Vec<PeerTrust> = tls.peers.iter().map(|(t, _)| t.clone()).collect();
+            let clients = with.peer_clients.prepare(tls.own.clone(), &trusts)?;
+            Ok::<_, GatewayError>((policy, (sources, crls), tls, clients))
         })
         .await
         .map_err(|e| GatewayError::Reload(format!("reading the files: {e}")))??;
@@ -531,6 +578,15 @@ impl Gateway {
             Err(poisoned) => *poisoned.into_inner() = live,
         }
         shared.crls.put(sources, crls);
+        match shared.acceptor.write() {
+            Ok(mut g) => *g = tls.acceptor,
+            Err(poisoned) => *poisoned.into_inner() = tls.acceptor,
+        }
+        match shared.expiries.write() {
+            Ok(mut g) => *g = tls.expiries,
+            Err(poisoned) => *poisoned.into_inner() = tls.expiries,
+        }
+        shared.peer_clients.put(clients);
         tracing::info!(
             users = reloaded.users,
             policy_version = reloaded.policy_version,
@@ -568,11 +624,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let router = api::router(shared.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shared.stop.subscribe();
@@ -589,7 +641,8 @@ async fn accept_loop(
             _ = crate::stopped(&mut stop) => break,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        // The configuration in force now (a reload may have renewed it).
+        let acceptor = shared.tls_acceptor();
         let router = router.clone();
         let shared = shared.clone();
         let watcher = graceful.watcher();
@@ -670,7 +723,7 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                         &depths,
                         shared.store.fault().is_none(),
                         shared.disk_reading(),
-                        &shared.certificates,
+                        &shared.certificate_readings(),
                     );
                     text.push_str(&metrics::revocation_text(
                         shared.crls.revocations().current().lists(),

@@ -39,8 +39,9 @@ enum Command {
     /// Run a gateway from its TOML configuration until Ctrl-C or SIGTERM.
     ///
     /// On SIGHUP it reads the configuration file again and takes up, without
-    /// dropping a connection, the directory of users, the sharing policy
-    /// and the revocation lists; if any of them cannot be used nothing
+    /// dropping a connection, the directory of users, the sharing policy,
+    /// the revocation lists and the certificates (a renewed gateway
+    /// certificate, new CA files); if any of them cannot be used nothing
     /// changes, and the log says why. Other changed settings are logged as
     /// needing a restart.
     ///

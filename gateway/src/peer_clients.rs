@@ -7,7 +7,7 @@
 //! connection opened before a revocation carries another request.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use certs::{Credentials, PeerTrust, Revocations};
@@ -24,9 +24,16 @@ struct PeerClient {
 
 /// The clients of every configured peer.
 pub(crate) struct PeerClients {
-    own: Credentials,
     revocations: Revocations,
     timeout: Duration,
+    /// The gateway's certificate and each peer's client, replaced whole
+    /// when a reload brings new certificates.
+    current: RwLock<Arc<Clients>>,
+}
+
+/// The gateway's own certificate and a client per peer built with it.
+struct Clients {
+    own: Credentials,
     peers: HashMap<AreaId, PeerClient>,
 }
 
@@ -50,18 +57,17 @@ fn build(
         })
 }
 
-impl PeerClients {
-    /// Builds a client for each peer (`url` without a trailing `/`).
-    pub(crate) fn new(
+impl Clients {
+    fn build(
         own: Credentials,
         peers: impl IntoIterator<Item = (PeerTrust, String)>,
-        revocations: Revocations,
+        revocations: &Revocations,
         timeout: Duration,
-    ) -> Result<PeerClients, GatewayError> {
+    ) -> Result<Clients, GatewayError> {
         let mut map = HashMap::new();
         for (trust, url) in peers {
             let generation = revocations.generation();
-            let client = build(&own, &trust, &revocations, timeout)?;
+            let client = build(&own, &trust, revocations, timeout)?;
             map.insert(
                 trust.area.clone(),
                 PeerClient {
@@ -71,18 +77,69 @@ impl PeerClients {
                 },
             );
         }
+        Ok(Clients { own, peers: map })
+    }
+}
+
+impl PeerClients {
+    /// Builds a client for each peer (`url` without a trailing `/`).
+    pub(crate) fn new(
+        own: Credentials,
+        peers: impl IntoIterator<Item = (PeerTrust, String)>,
+        revocations: Revocations,
+        timeout: Duration,
+    ) -> Result<PeerClients, GatewayError> {
+        let clients = Clients::build(own, peers, &revocations, timeout)?;
         Ok(PeerClients {
-            own,
             revocations,
             timeout,
-            peers: map,
+            current: RwLock::new(Arc::new(clients)),
         })
+    }
+
+    /// New clients for the same peers at the same addresses, with a
+    /// renewed certificate and the CAs in `trusts` (a peer not in it keeps
+    /// the CA it had), checked by building them; put in force with
+    /// [`PeerClients::put`]. Peers come and go only with a restart: their
+    /// federation workers are started with the gateway.
+    pub(crate) fn prepare(
+        &self,
+        own: Credentials,
+        trusts: &[PeerTrust],
+    ) -> Result<PreparedClients, GatewayError> {
+        let current = self.clients();
+        let peers = current.peers.values().map(|p| {
+            let trust = trusts
+                .iter()
+                .find(|t| t.area == p.trust.area)
+                .unwrap_or(&p.trust);
+            (trust.clone(), p.url.clone())
+        });
+        Clients::build(own, peers, &self.revocations, self.timeout).map(PreparedClients)
+    }
+
+    fn clients(&self) -> Arc<Clients> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts prepared clients in force: the next request to each peer uses
+    /// them (requests on the wire finish on the old ones).
+    pub(crate) fn put(&self, prepared: PreparedClients) {
+        let new = Arc::new(prepared.0);
+        match self.current.write() {
+            Ok(mut g) => *g = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
     }
 
     /// The client for `area` and its base URL, or `None` for an area that
     /// is not a peer.
-    pub(crate) fn get(&self, area: &AreaId) -> Option<(reqwest::Client, &str)> {
-        let peer = self.peers.get(area)?;
+    pub(crate) fn get(&self, area: &AreaId) -> Option<(reqwest::Client, String)> {
+        let clients = self.clients();
+        let peer = clients.peers.get(area)?;
         let generation = self.revocations.generation();
         let mut current = match peer.current.lock() {
             Ok(g) => g,
@@ -91,7 +148,7 @@ impl PeerClients {
         if current.0 != generation {
             // The lists changed: drop the pool (its connections were
             // verified against the old lists).
-            match build(&self.own, &peer.trust, &self.revocations, self.timeout) {
+            match build(&clients.own, &peer.trust, &self.revocations, self.timeout) {
                 Ok(client) => *current = (generation, client),
                 // Cannot happen with a configuration that built once; the
                 // old client's new connections still check the new lists.
@@ -101,6 +158,9 @@ impl PeerClients {
                 }
             }
         }
-        Some((current.1.clone(), peer.url.as_str()))
+        Some((current.1.clone(), peer.url.clone()))
     }
 }
+
+/// Clients built by [`PeerClients::prepare`], not yet in force.
+pub(crate) struct PreparedClients(Clients);

@@ -190,3 +190,106 @@ async fn a_reload_takes_up_a_newer_sharing_policy_and_refuses_an_older_one() {
     assert!(served().await.contains("version = 2\n"));
     fed.stop(a).await;
 }
+
+/// The certificate area `i`'s gateway presents to a new connection now.
+async fn served_certificate(fed: &Federation, i: usize, user: &str) -> Vec<u8> {
+    let config = client::ClientConfig::load(&fed.client_config_path(i, user)).unwrap();
+    let creds = certs::Credentials::load(&config.cert, &config.key).unwrap();
+    let tls = certs::user_client_config(&creds, &config.area, &fed.ca_certs(i).unwrap()).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", fed.port(i).unwrap()))
+        .await
+        .unwrap();
+    let name =
+        certs::rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let stream = connector.connect(name, tcp).await.unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    certs::parse_certs(pem, "certificate").unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_up_a_renewed_gateway_certificate_and_refuses_an_expired_one() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    fed.serve_metrics(a).unwrap();
+    for i in 0..fed.areas.len() {
+        fed.start(i).await.unwrap();
+    }
+    let dir = fed.areas[a].dir.clone();
+    let before = std::fs::read_to_string(dir.join("gateway.crt")).unwrap();
+    assert_eq!(served_certificate(&fed, a, "alice").await, der(&before));
+    let alice = fed.api(a, "alice").unwrap();
+    alice.me().await.unwrap();
+
+    // The operator renews the certificate (a new key too) and reloads.
+    let northshire = Identity::Gateway(AreaId::new("northshire").unwrap());
+    let renewed = fed.mint(a, &northshire, YEAR).unwrap();
+    std::fs::write(dir.join("gateway.crt"), &renewed.cert).unwrap();
+    std::fs::write(dir.join("gateway.key"), &renewed.key).unwrap();
+    let gw = fed.gateway(a).unwrap();
+    let path = fed.areas[a].config_path.clone();
+    let r = gw.reload_file(&path).await.unwrap();
+    assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
+    assert_eq!(
+        served_certificate(&fed, a, "alice").await,
+        der(&renewed.cert)
+    );
+    // The open connection goes on; a new one is made with the new certificate.
+    alice.me().await.unwrap();
+    fed.api(a, "bob").unwrap().me().await.unwrap();
+    let not_after = certs::not_after(&der(&renewed.cert)).unwrap();
+    let text = fed.metrics_text(a).await.unwrap();
+    assert!(
+        text.contains(&format!(
+            "gateway_certificate_not_after_seconds{{certificate=\"gateway\"}} {not_after}\n"
+        )),
+        "{text}"
+    );
+    // The federation works both ways with it: southvale's gateway sees the
+    // renewed certificate as a client (northshire's peer client was rebuilt)
+    // and as a server.
+    let sent = alice
+        .submit(&message("user:dan@southvale", "after-renewal", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(reaches(&alice, &sent.message_id, Status::Delivered, LIMIT).await);
+    let dan = fed.api(b, "dan").unwrap();
+    dan.fetch(&sent.message_id).await.unwrap();
+    assert!(reaches(&alice, &sent.message_id, Status::Fetched, LIMIT).await);
+
+    // An expired certificate in the files: the reload is refused, naming
+    // it, and the renewed one stays in use.
+    let expired = fed.mint(a, &northshire, Validity::Expired).unwrap();
+    std::fs::write(dir.join("gateway.crt"), &expired.cert).unwrap();
+    std::fs::write(dir.join("gateway.key"), &expired.key).unwrap();
+    let refused = gw.reload_file(&path).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(GatewayError::Certs(certs::CertError::Expired { .. }))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        served_certificate(&fed, a, "alice").await,
+        der(&renewed.cert)
+    );
+    // A key that does not match the certificate is refused too.
+    std::fs::write(dir.join("gateway.crt"), &renewed.cert).unwrap();
+    let refused = gw.reload_file(&path).await;
+    assert!(refused.is_err(), "a mismatched key was taken: {refused:?}");
+    assert_eq!(
+        served_certificate(&fed, a, "alice").await,
+        der(&renewed.cert)
+    );
+    for i in 0..fed.areas.len() {
+        fed.stop(i).await;
+    }
+}
