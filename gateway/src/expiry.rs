@@ -151,9 +151,9 @@ pub(crate) fn warn_soon(all: &[Expiry], now: i64) -> usize {
         };
         let days_left = (e.not_after - now).div_euclid(86_400);
         if e.not_after <= now {
-            tracing::error!(certificate = e.role.label(), peer, file = %e.file, expired = %rfc3339(e.not_after), "a certificate has expired: renew it");
+            tracing::error!(certificate = e.role.label(), peer, file = %e.file, expired = %rfc3339(e.not_after), "a certificate has expired: renew it, then reload the gateway (SIGHUP)");
         } else {
-            tracing::warn!(certificate = e.role.label(), peer, file = %e.file, expires = %rfc3339(e.not_after), days_left, "a certificate expires soon: renew it");
+            tracing::warn!(certificate = e.role.label(), peer, file = %e.file, expires = %rfc3339(e.not_after), days_left, "a certificate expires soon: renew it, then reload the gateway (SIGHUP)");
         }
     }
     n
