@@ -293,3 +293,63 @@ async fn a_reload_takes_up_a_renewed_gateway_certificate_and_refuses_an_expired_
         fed.stop(i).await;
     }
 }
+
+/// southvale moves to a new CA without a restart anywhere: each side takes
+/// up a bundle of both CAs, then southvale's gateway a certificate from the
+/// new one; the federation carries messages both ways throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_area_moves_to_a_new_ca_by_reloads_alone() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    for i in 0..fed.areas.len() {
+        fed.start(i).await.unwrap();
+    }
+    let alice = fed.api(a, "alice").unwrap();
+    let dan = fed.api(b, "dan").unwrap();
+    let round_trip = |key: &'static str| {
+        let (alice, dan) = (&alice, &dan);
+        async move {
+            let sent = alice
+                .submit(&message("user:dan@southvale", key, b"x".to_vec()).unwrap())
+                .await
+                .unwrap();
+            assert!(reaches(alice, &sent.message_id, Status::Delivered, LIMIT).await);
+            dan.fetch(&sent.message_id).await.unwrap();
+            assert!(reaches(alice, &sent.message_id, Status::Fetched, LIMIT).await);
+        }
+    };
+    round_trip("before").await;
+
+    let south = fed.areas[b].dir.clone();
+    let old_ca = std::fs::read_to_string(south.join("ca").join("ca.crt")).unwrap();
+    let new_ca = certs::mint::Ca::new(&AreaId::new("southvale").unwrap()).unwrap();
+    let bundle = format!("{old_ca}{}", new_ca.pem().cert);
+    // 1. Both sides trust both CAs (northshire pins the bundle to southvale).
+    std::fs::write(south.join("ca").join("ca.crt"), &bundle).unwrap();
+    for i in [a, b] {
+        let path = fed.areas[i].config_path.clone();
+        let r = fed.gateway(i).unwrap().reload_file(&path).await.unwrap();
+        assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
+    }
+    round_trip("bundle").await;
+    // 2. southvale's gateway takes a certificate from the new CA.
+    let renewed = new_ca
+        .issue(&Identity::Gateway(AreaId::new("southvale").unwrap()), YEAR)
+        .unwrap();
+    std::fs::write(south.join("gateway.crt"), &renewed.cert).unwrap();
+    std::fs::write(south.join("gateway.key"), &renewed.key).unwrap();
+    let path = fed.areas[b].config_path.clone();
+    fed.gateway(b).unwrap().reload_file(&path).await.unwrap();
+    // dan's certificate is still from the old CA, in the bundle: he gets in.
+    dan.me().await.unwrap();
+    // southvale's peer clients were rebuilt, so its status updates come on
+    // a new connection with the new certificate. northshire's open
+    // connection to southvale goes on as it is; a reload there rebuilds
+    // its peer clients too, so its next batch verifies the new one.
+    let path = fed.areas[a].config_path.clone();
+    fed.gateway(a).unwrap().reload_file(&path).await.unwrap();
+    round_trip("new-ca").await;
+    for i in 0..fed.areas.len() {
+        fed.stop(i).await;
+    }
+}
