@@ -220,19 +220,21 @@ impl Revocations {
     /// Puts `list` in force for every handshake and request from now on.
     pub fn replace(&self, list: RevocationList) {
         let list = Arc::new(list);
-        match self.inner.current.write() {
-            Ok(mut g) => *g = list,
-            Err(poisoned) => *poisoned.into_inner() = list,
-        }
+        *self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = list;
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The lists in force.
     pub fn current(&self) -> Arc<RevocationList> {
-        match self.inner.current.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.inner
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// A number that changes whenever the lists are replaced: a connection

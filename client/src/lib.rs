@@ -163,14 +163,38 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+/// Whether the TLS layer, somewhere in `e`'s causes, received the alert
+/// `certificate_revoked`. The TLS error sits inside an `io::Error`, whose
+/// `source` skips it, so that is looked into too.
+fn revoked_alert(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if matches!(
+            c.downcast_ref::<certs::rustls::Error>(),
+            Some(certs::rustls::Error::AlertReceived(
+                certs::rustls::AlertDescription::CertificateRevoked
+            ))
+        ) {
+            return true;
+        }
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if inner.is_some_and(|i| revoked_alert(i)) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// A failed exchange with the gateway: a revoked certificate (the TLS alert
 /// says so) is told apart from a gateway that cannot be reached.
 fn transport(e: &reqwest::Error) -> ClientError {
-    let msg = describe(e);
-    if msg.contains("CertificateRevoked") {
-        ClientError::Revoked(msg)
+    if revoked_alert(e) {
+        ClientError::Revoked(describe(e))
     } else {
-        ClientError::Transport(msg)
+        ClientError::Transport(describe(e))
     }
 }
 

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::store::{
     BatchOrder, Incoming, IncomingOutcome, Mailbox, NewMessage, Route, Store, SubmitOutcome,
 };
-use crate::{now_ms, Shared};
+use crate::{now_ms, Directory, Shared};
 use proto::mls::{ContentType, MlsMessageInfo};
 use proto::MessageKind;
 
@@ -262,14 +262,15 @@ fn user_of(shared: &Shared, peer: &VerifiedPeer) -> Result<(Sender, Mailbox), Fa
     let sender = peer.as_sender().ok_or_else(|| {
         Failure::forbidden("this endpoint is for users; gateways use /v1/federation")
     })?;
-    if shared.live().directory.user(&sender.user).is_none() {
+    let live = shared.live();
+    let Some(entry) = live.directory.user(&sender.user) else {
         return Err(Failure::forbidden(format!(
             "{peer} is not in this area's directory"
         )));
-    }
+    };
     let mb = Mailbox {
         user: sender.user.clone(),
-        teams: shared.live().directory.teams_of(&sender.user),
+        teams: entry.teams.clone(),
     };
     shared.limit_user(&sender.user)?;
     Ok((sender, mb))
@@ -485,16 +486,14 @@ async fn ack(
 ) -> Result<Json<serde_json::Value>, Failure> {
     let (_, mb) = user_of(&shared, &peer)?;
     let id = message_id(&id)?;
+    let live = shared.live();
     let rosters = mb
         .teams
         .iter()
         .map(|t| {
             (
                 t.clone(),
-                shared
-                    .live()
-                    .directory
-                    .members(&proto::Target::Team(t.clone())),
+                live.directory.members(&proto::Target::Team(t.clone())),
             )
         })
         .collect();
@@ -655,8 +654,10 @@ async fn accept_items(
     let mut results: Vec<Option<ItemResult>> = vec![None; n];
     let mut valid = Vec::with_capacity(n);
     let mut index = Vec::with_capacity(n);
+    // One directory for the whole batch.
+    let live = shared.live();
     for (i, item) in items.into_iter().enumerate() {
-        match check_item(shared, &area, item) {
+        match check_item(shared, &live.directory, &area, item) {
             Ok(incoming) => {
                 if let Incoming::Deliver(env, _) = &incoming {
                     if let Some(d) = &env.disclosure {
@@ -755,6 +756,7 @@ async fn accept_items(
 
 fn check_item(
     shared: &Shared,
+    directory: &Directory,
     peer: &proto::AreaId,
     item: FederationItem,
 ) -> Result<Incoming, ItemResult> {
@@ -776,11 +778,7 @@ fn check_item(
                     ),
                 ));
             }
-            if !shared
-                .live()
-                .directory
-                .has_target(&envelope.recipient.target)
-            {
+            if !directory.has_target(&envelope.recipient.target) {
                 return Err(reject(
                     ErrorCode::UnknownRecipient,
                     format!(

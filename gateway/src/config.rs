@@ -287,14 +287,6 @@ impl Directory {
         self.teams.contains_key(id)
     }
 
-    /// The teams a user belongs to.
-    pub fn teams_of(&self, id: &UserId) -> Vec<TeamId> {
-        self.users
-            .get(id)
-            .map(|u| u.teams.clone())
-            .unwrap_or_default()
-    }
-
     /// The members of a recipient target here: the user, or the team's members.
     pub fn members(&self, target: &proto::Target) -> Vec<UserId> {
         match target {

@@ -71,10 +71,13 @@ impl Expiry {
     }
 }
 
-/// The earliest `notAfter` of the certificates in `file`; for the
-/// gateway's own chain, its leaf's.
-fn read(role: Role, file: &Path) -> Result<Expiry, certs::CertError> {
-    let chain = certs::load_certs(file)?;
+/// The earliest `notAfter` of the certificates of `file`, already read as
+/// `chain`; for the gateway's own chain, its leaf's.
+pub(crate) fn of(
+    role: Role,
+    file: &Path,
+    chain: &[certs::rustls::pki_types::CertificateDer<'_>],
+) -> Result<Expiry, certs::CertError> {
     let leaf_only = matches!(role, Role::Gateway);
     let mut earliest: Option<i64> = None;
     for der in chain.iter().take(if leaf_only { 1 } else { chain.len() }) {
@@ -88,6 +91,10 @@ fn read(role: Role, file: &Path) -> Result<Expiry, certs::CertError> {
     })
 }
 
+fn read(role: Role, file: &Path) -> Result<Expiry, certs::CertError> {
+    of(role, file, &certs::load_certs(file)?)
+}
+
 /// Reads the expiry of the gateway's certificate, its area's CA and each
 /// peer's CA, and refuses an expired gateway certificate.
 pub(crate) fn load(config: &Config) -> Result<Vec<Expiry>, certs::CertError> {
@@ -98,6 +105,12 @@ pub(crate) fn load(config: &Config) -> Result<Vec<Expiry>, certs::CertError> {
     for p in &config.peers {
         all.push(read(Role::PeerCa(p.area.clone()), &p.ca)?);
     }
+    refuse_expired_own(all)
+}
+
+/// `all`, unless the gateway's own certificate among them has expired:
+/// every user and peer would refuse it.
+pub(crate) fn refuse_expired_own(all: Vec<Expiry>) -> Result<Vec<Expiry>, certs::CertError> {
     let now = now_s();
     if let Some(own) = all
         .iter()
@@ -166,10 +179,10 @@ pub(crate) async fn watch(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let now: Vec<Expiry> = match all.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let now: Vec<Expiry> = all
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         warn_soon(&now, now_s());
         tokio::select! {
             _ = tokio::time::sleep(WARN_EVERY) => {}

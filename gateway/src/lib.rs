@@ -231,27 +231,27 @@ pub(crate) struct Live {
 impl Shared {
     /// The TLS configuration to accept a new connection with.
     fn tls_acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        match self.acceptor.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.acceptor
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// When each certificate the gateway depends on expires, for the metrics.
     fn certificate_readings(&self) -> Vec<metrics::CertificateReading> {
-        let all = match self.expiries.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let all = self
+            .expiries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         all.iter().map(expiry::Expiry::reading).collect()
     }
 
     /// The directory and policy in force.
     fn live(&self) -> Arc<Live> {
-        match self.live.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Since when, and why, the gateway of `area` has been failing to take
@@ -322,18 +322,30 @@ impl TlsMaterial {
         config: &Config,
         revocations: &certs::Revocations,
     ) -> Result<TlsMaterial, GatewayError> {
+        // Each file is read once; the expiries come from what was read.
         let own = Credentials::load(&config.tls.cert, &config.tls.key)?;
-        let expiries = expiry::load(config)?;
+        let own_cas = certs::load_certs(&config.tls.ca)?;
+        let mut expiries = vec![
+            expiry::of(expiry::Role::Gateway, &config.tls.cert, &own.chain)?,
+            expiry::of(expiry::Role::AreaCa, &config.tls.ca, &own_cas)?,
+        ];
         let mut peers = Vec::new();
         for p in &config.peers {
+            let cas = certs::load_certs(&p.ca)?;
+            expiries.push(expiry::of(
+                expiry::Role::PeerCa(p.area.clone()),
+                &p.ca,
+                &cas,
+            )?);
             peers.push(PeerTrust {
                 area: p.area.clone(),
-                cas: certs::load_certs(&p.ca)?,
+                cas,
             });
         }
+        let expiries = expiry::refuse_expired_own(expiries)?;
         let trust = ServerTrust {
             own_area: config.area.clone(),
-            own_cas: certs::load_certs(&config.tls.ca)?,
+            own_cas,
             peers: peers.clone(),
             revocations: revocations.clone(),
         };
@@ -573,19 +585,19 @@ impl Gateway {
             directory: Directory::new(&new.users),
             own_policy: policy,
         });
-        match shared.live.write() {
-            Ok(mut g) => *g = live,
-            Err(poisoned) => *poisoned.into_inner() = live,
-        }
+        *shared
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = live;
         shared.crls.put(sources, crls);
-        match shared.acceptor.write() {
-            Ok(mut g) => *g = tls.acceptor,
-            Err(poisoned) => *poisoned.into_inner() = tls.acceptor,
-        }
-        match shared.expiries.write() {
-            Ok(mut g) => *g = tls.expiries,
-            Err(poisoned) => *poisoned.into_inner() = tls.expiries,
-        }
+        *shared
+            .acceptor
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tls.acceptor;
+        *shared
+            .expiries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tls.expiries;
         shared.peer_clients.put(clients);
         tracing::info!(
             users = reloaded.users,

@@ -119,20 +119,20 @@ impl PeerClients {
     }
 
     fn clients(&self) -> Arc<Clients> {
-        match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Puts prepared clients in force: the next request to each peer uses
     /// them (requests on the wire finish on the old ones).
     pub(crate) fn put(&self, prepared: PreparedClients) {
         let new = Arc::new(prepared.0);
-        match self.current.write() {
-            Ok(mut g) => *g = new,
-            Err(poisoned) => *poisoned.into_inner() = new,
-        }
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
     }
 
     /// The client for `area` and its base URL, or `None` for an area that
@@ -141,10 +141,10 @@ impl PeerClients {
         let clients = self.clients();
         let peer = clients.peers.get(area)?;
         let generation = self.revocations.generation();
-        let mut current = match peer.current.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut current = peer
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if current.0 != generation {
             // The lists changed: drop the pool (its connections were
             // verified against the old lists).

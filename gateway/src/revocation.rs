@@ -170,10 +170,9 @@ impl InForce {
     }
 
     fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
-        match self.sources.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Puts `list`, read from `sources` (which a reload may name anew), in force.
