@@ -15,6 +15,7 @@ pub mod mls;
 pub mod referral;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use proto::{
@@ -150,6 +151,9 @@ pub struct Api {
     base: String,
     /// `{base}/v1/messages`, parsed once: submitting is the hot path.
     messages: reqwest::Url,
+    /// The TLS configuration, for hearing why a handshake was refused
+    /// ([`Api::refusal`]).
+    tls: Arc<certs::rustls::ClientConfig>,
 }
 
 fn describe(e: &reqwest::Error) -> String {
@@ -274,9 +278,9 @@ impl Api {
         area: &AreaId,
         cas: &[certs::rustls::pki_types::CertificateDer<'static>],
     ) -> Result<Api, ClientError> {
-        let tls = certs::user_client_config(creds, area, cas)?;
+        let tls = Arc::new(certs::user_client_config(creds, area, cas)?);
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls((*tls).clone())
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
@@ -289,7 +293,82 @@ impl Api {
             http,
             base,
             messages,
+            tls,
         })
+    }
+
+    /// Sends a request. A failure that may have hidden the gateway's reason
+    /// (see [`Api::refusal`]) is looked into before it is reported.
+    async fn sent(
+        &self,
+        request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let e = match request.await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        if revoked_alert(&e) || e.is_timeout() || !(e.is_connect() || e.is_request()) {
+            return Err(transport(&e));
+        }
+        match self.refusal().await {
+            Some(certs::rustls::Error::AlertReceived(
+                certs::rustls::AlertDescription::CertificateRevoked,
+            )) => Err(ClientError::Revoked(format!(
+                "{}; the gateway's TLS alert: certificate_revoked",
+                describe(&e)
+            ))),
+            Some(alert) => Err(ClientError::Transport(format!(
+                "{}; the gateway refused this certificate in the TLS handshake: {alert}",
+                describe(&e)
+            ))),
+            None => Err(transport(&e)),
+        }
+    }
+
+    /// Why the gateway refuses this client's handshake, if it does.
+    ///
+    /// In TLS 1.3 the client's side of the handshake ends before the gateway
+    /// has judged the client's certificate; the gateway's verdict, when it is
+    /// a refusal, is an alert that follows. The HTTP client may find the
+    /// connection closed before it reads that alert, and then reports only
+    /// "connection closed". So one connection of our own is opened, with a
+    /// request written after the handshake, and read until the gateway
+    /// answers: an alert is the reason; an HTTP answer means the handshake
+    /// was accepted, and the failure was something else.
+    async fn refusal(&self) -> Option<certs::rustls::Error> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let host = self
+            .messages
+            .host_str()?
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = self.messages.port_or_known_default()?;
+        let name = certs::rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
+        let tls_error =
+            |e: &std::io::Error| e.get_ref()?.downcast_ref::<certs::rustls::Error>().cloned();
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .ok()?;
+            let mut tls = match connector.connect(name, tcp).await {
+                Ok(tls) => tls,
+                Err(e) => return tls_error(&e),
+            };
+            let request = b"GET /v1/health HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n";
+            if let Err(e) = tls.write_all(request).await {
+                return tls_error(&e);
+            }
+            let mut first = [0u8; 1];
+            match tls.read(&mut first).await {
+                Ok(_) => None,
+                Err(e) => tls_error(&e),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn answer<T: serde::de::DeserializeOwned>(
@@ -323,12 +402,8 @@ impl Api {
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| transport(&e))?;
+        let request = self.http.get(format!("{}{path}", self.base)).send();
+        let resp = self.sent(request).await?;
         Self::answer(resp).await
     }
 
@@ -357,28 +432,26 @@ impl Api {
         content_type: &str,
         body: Vec<u8>,
     ) -> Result<serde_json::Value, ClientError> {
-        let resp = self
+        let request = self
             .http
             .post(format!("{}{path}", self.base))
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
-            .send()
-            .await
-            .map_err(|e| transport(&e))?;
+            .send();
+        let resp = self.sent(request).await?;
         Self::answer(resp).await
     }
 
     /// Submits a message once, without retrying. The request is framed
     /// ([`proto::frame`]): the body travels raw, not in base64.
     pub async fn submit_once(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
-        let resp = self
+        let request = self
             .http
             .post(self.messages.clone())
             .header(reqwest::header::CONTENT_TYPE, proto::frame::FRAMED)
             .body(proto::frame::encode_submit(req))
-            .send()
-            .await
-            .map_err(|e| transport(&e))?;
+            .send();
+        let resp = self.sent(request).await?;
         Self::answer(resp).await
     }
 
@@ -472,12 +545,8 @@ impl Api {
 
     /// The home area's signed sharing policy document, if it publishes one.
     pub async fn policy_text(&self) -> Result<Option<String>, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/policy", self.base))
-            .send()
-            .await
-            .map_err(|e| transport(&e))?;
+        let request = self.http.get(format!("{}/v1/policy", self.base)).send();
+        let resp = self.sent(request).await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }

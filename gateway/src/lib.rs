@@ -636,6 +636,40 @@ pub async fn run(
     Ok(())
 }
 
+/// How long a refused handshake's connection is drained before it is
+/// dropped, and how much of what the client sent is read meanwhile.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Closes a connection whose handshake was refused so that the client reads
+/// the alert saying why (`certificate_revoked`, `bad_certificate`, ...).
+///
+/// In TLS 1.3 a client sends its first request right after its own
+/// `Finished`, before the server has judged its certificate. Dropping the
+/// socket with that request unread makes the kernel answer with a reset,
+/// and a client whose request is written after the reset arrives gets
+/// "connection reset" instead of the alert: a revoked laptop would be told
+/// its network failed. So the write side is shut (the alert is already
+/// flushed) and what the client sends is read and discarded until it closes,
+/// for at most [`LINGER`] and [`LINGER_BYTES`].
+async fn linger(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let router = api::router(shared.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -659,20 +693,21 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let shared = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        shared.metrics.tls_failures.inc();
-                        tracing::info!(%remote, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        shared.metrics.tls_failures.inc();
-                        tracing::info!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let handshake = acceptor.accept(tcp).into_fallible();
+            let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err((e, tcp))) => {
+                    shared.metrics.tls_failures.inc();
+                    tracing::info!(%remote, error = %e, "TLS handshake failed");
+                    linger(tcp).await;
+                    return;
+                }
+                Err(_) => {
+                    shared.metrics.tls_failures.inc();
+                    tracing::info!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
             let conn = tls.get_ref().1;
             let identified = VerifiedPeer::from_server_connection(conn).and_then(|peer| {
                 let cert = certs::ConnectionCertificate::after_handshake(conn)?;
