@@ -486,20 +486,9 @@ async fn ack(
 ) -> Result<Json<serde_json::Value>, Failure> {
     let (_, mb) = user_of(&shared, &peer)?;
     let id = message_id(&id)?;
-    let live = shared.live();
-    let rosters = mb
-        .teams
-        .iter()
-        .map(|t| {
-            (
-                t.clone(),
-                live.directory.members(&proto::Target::Team(t.clone())),
-            )
-        })
-        .collect();
     let status = shared
         .store
-        .ack(mb, id.clone(), now_ms(), rosters)
+        .ack(mb, id.clone(), now_ms())
         .await?
         .ok_or_else(|| Failure::not_found("no such message in your inbox"))?;
     // The sender's area: ask the store would cost a read; waking every peer is cheap.

@@ -300,6 +300,14 @@ impl Directory {
         }
     }
 
+    /// Every member of every team, as (team, user).
+    pub fn memberships(&self) -> Vec<(TeamId, UserId)> {
+        self.teams
+            .iter()
+            .flat_map(|(t, members)| members.iter().map(move |u| (t.clone(), u.clone())))
+            .collect()
+    }
+
     /// Whether a recipient target exists here.
     pub fn has_target(&self, target: &proto::Target) -> bool {
         match target {

@@ -97,6 +97,8 @@ pub struct Reloaded {
     pub policy_version: Option<u32>,
     /// Certificates the revocation lists revoke now.
     pub revoked: usize,
+    /// Who joined and left teams (see [`store::Store::sync_teams`]).
+    pub teams: store::TeamChanges,
     /// Settings that differ from those the gateway runs with and take
     /// effect only when it is restarted.
     pub needs_restart: Vec<&'static str>,
@@ -385,6 +387,19 @@ impl Gateway {
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir, area))
             .await
             .map_err(|e| store::StoreError::Db(format!("opening the store: {e}")))??;
+        // Who is in which team: whom the teams' MLS messages are for.
+        let directory = Directory::new(&config.users);
+        let teams = store
+            .sync_teams(directory.memberships(), store::now_us())
+            .await?;
+        if teams.joined + teams.left > 0 {
+            tracing::info!(
+                joined = teams.joined,
+                left = teams.left,
+                settled = teams.settled,
+                "team members changed since the gateway last ran"
+            );
+        }
         // Peers' pipelined sessions go on where the store left them.
         let sequencer = sequencer::Sequencer::default();
         for (peer, at) in store.peer_sessions().await? {
@@ -422,7 +437,7 @@ impl Gateway {
         disk::check_and_log(&disk, &mut false);
         let shared = Arc::new(Shared {
             live: std::sync::RwLock::new(Arc::new(Live {
-                directory: Directory::new(&config.users),
+                directory,
                 own_policy,
             })),
             users_limiter: RateLimiter::keyed(quota(
@@ -574,15 +589,25 @@ impl Gateway {
             }
         }
         let (sources, crls) = crls;
+        // Everything is checked: the store learns of the new members before
+        // the directory lets them in (a message stored in between is theirs
+        // too), and of those who left before they are let out.
+        let directory = Directory::new(&new.users);
+        let teams = shared
+            .store
+            .sync_teams(directory.memberships(), store::now_us())
+            .await
+            .map_err(|e| GatewayError::Reload(format!("recording the teams' members: {e}")))?;
         let reloaded = Reloaded {
             users: new.users.len(),
             policy_version: policy.as_ref().map(|p| p.policy.version()),
             revoked: crls.revoked(),
+            teams,
             needs_restart: needs_restart(&shared.config, &new),
         };
         revocation::report(&crls, expiry::now_s());
         let live = Arc::new(Live {
-            directory: Directory::new(&new.users),
+            directory,
             own_policy: policy,
         });
         *shared
@@ -603,6 +628,8 @@ impl Gateway {
             users = reloaded.users,
             policy_version = reloaded.policy_version,
             revoked = reloaded.revoked,
+            joined_teams = teams.joined,
+            left_teams = teams.left,
             needs_restart = ?reloaded.needs_restart,
             "configuration reloaded: directory, sharing policy and revocation lists in force"
         );

@@ -173,8 +173,17 @@ pub enum Sent {
 /// A user and the KeyPackage claimed for them, if they had one.
 pub type Claimed = (UserId, Option<Vec<u8>>);
 
-/// The members of teams, from the directory, for `Store::ack`.
-pub type Rosters = Vec<(TeamId, Vec<UserId>)>;
+/// What [`Store::sync_teams`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TeamChanges {
+    /// Members added to a team.
+    pub joined: usize,
+    /// Members gone from a team.
+    pub left: usize,
+    /// MLS messages to a team settled because only members who left had
+    /// not acknowledged them.
+    pub settled: usize,
+}
 
 /// Whose inbox: a user and the teams they are in.
 #[derive(Debug, Clone)]
@@ -257,16 +266,26 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
     ) -> impl Future<Output = Result<Option<(Envelope, Body)>, StoreError>> + Send;
     /// Acknowledges a message of a mailbox and queues the news for its
-    /// sender. `rosters` holds the members of the mailbox's teams (from the
-    /// directory): an MLS message to a team leaves the mailbox index once
-    /// each of them has acknowledged it.
+    /// sender. An MLS message to a team leaves the mailbox index once each
+    /// member it is for (see [`Store::sync_teams`]) has acknowledged it.
     fn ack(
         &self,
         mb: Mailbox,
         id: MessageId,
         now_ms: u64,
-        rosters: Rosters,
     ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
+    /// Records who is in which team now (`members`: every team's members,
+    /// from the directory), as of `now_us`. A member new since the last call
+    /// is shown the team's MLS messages stored from then on, not those from
+    /// before (encrypted for the group as it was, they could not decrypt
+    /// them); a member gone is no longer waited for, and MLS messages that
+    /// were waiting only for them are settled. Call it when the gateway
+    /// starts, and before a new directory is put in force.
+    fn sync_teams(
+        &self,
+        members: Vec<(TeamId, UserId)>,
+        now_us: i64,
+    ) -> impl Future<Output = Result<TeamChanges, StoreError>> + Send;
     /// Erases the ciphertext of up to `max` inbox messages settled (no
     /// one can list them any more) at or before `settled_by_ms`: their rows lose
     /// body and body reference, their envelope and status stay, and a
@@ -689,7 +708,7 @@ fn stored_body_missing() -> Result<Vec<u8>, StoreError> {
 }
 
 /// The schema version this gateway writes.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Columns of `sent` (schema 2 and 3), shared by the schema and the migration.
 const SENT_TABLE: &str = "(
@@ -726,8 +745,8 @@ const INBOX_TABLE: &str = "(
     body_len    INTEGER
 )";
 
-/// Fills the `{SENT}`, `{INBOX}`, `{MAILBOX}`, `{MEMBER_ACKS}` and
-/// `{SETTLED}` table definitions and the `{UNLISTABLE}` condition into a script.
+/// Fills the `{SENT}`, `{INBOX}`, `{MAILBOX}`, `{MEMBER_ACKS}`, `{SETTLED}`
+/// and `{TEAM_MEMBERS}` table definitions and the `{UNLISTABLE}` condition into a script.
 fn with_tables(template: &str) -> String {
     template
         .replace("{SENT}", SENT_TABLE)
@@ -735,12 +754,14 @@ fn with_tables(template: &str) -> String {
         .replace("{MAILBOX}", MAILBOX_TABLES)
         .replace("{MEMBER_ACKS}", MEMBER_ACKS_TABLE)
         .replace("{SETTLED}", SETTLED_TABLE)
+        .replace("{TEAM_MEMBERS}", TEAM_MEMBERS_TABLE)
         .replace("{UNLISTABLE}", UNLISTABLE)
 }
 
-/// The schema, version 5 (4 is 3 with a `mailbox` index that holds only
+/// The schema, version 6 (4 is 3 with a `mailbox` index that holds only
 /// messages someone can still list; 5 adds `settled`, for erasing the
-/// ciphertext of acknowledged messages). A sent message's whole status history
+/// ciphertext of acknowledged messages; 6 adds `team_members`, whom an MLS
+/// message to a team is for). A sent message's whole status history
 /// lives in its `sent` row (one time column per status), so a status change
 /// rewrites one row; the outbox holds only a delivery's body and reads its envelope from
 /// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
@@ -756,6 +777,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS inbox_idem ON inbox (idem_key, sender_area, se
 {MAILBOX}
 {MEMBER_ACKS}
 {SETTLED}
+{TEAM_MEMBERS}
 -- A delivery (is_deliver = 1) has its body in the outbox body log (schema 1
 -- rows: in `body`, with the envelope) and its envelope in `sent`; a status
 -- item has its JSON in `item`.
@@ -796,7 +818,7 @@ CREATE TABLE IF NOT EXISTS peer_sessions (
     last_batch INTEGER NOT NULL,
     UNIQUE (peer, session)
 );
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;
 ";
 
 /// Who has acknowledged an MLS message: each member of a team acknowledges
@@ -808,6 +830,42 @@ CREATE TABLE IF NOT EXISTS member_acks (
     PRIMARY KEY (message_id, user_id)
 );
 ";
+
+/// Who is in which team, as the directory said when the gateway last read
+/// it (see [`Store::sync_teams`]), and since when (µs). An MLS message to a
+/// team is for the members it had when it was stored (`since_us <=
+/// stored_at_us`): theirs were the KeyPackages its sender could claim. One
+/// who joins later cannot decrypt it, so it is not listed to them and does
+/// not wait for their acknowledgement; one who leaves is no longer waited
+/// for. `team_sync` has its row once the directory has been read once: the
+/// members read then (an upgraded gateway's, or a new one's) count as
+/// members since ever.
+const TEAM_MEMBERS_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS team_members (
+    team     TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    since_us INTEGER NOT NULL,
+    PRIMARY KEY (team, user_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS team_sync (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    at_us INTEGER NOT NULL
+);
+";
+
+/// Schema 5 to 6: `team_members`, filled from the directory when the
+/// gateway starts. One transaction.
+const MIGRATE_5_TO_6_TEMPLATE: &str = "
+BEGIN IMMEDIATE;
+{TEAM_MEMBERS}
+PRAGMA user_version = 6;
+COMMIT;
+";
+
+/// Whether the user `?1` may see an inbox row of their mailboxes: any,
+/// except an MLS message to a team stored before they joined it (see
+/// `TEAM_MEMBERS_TABLE`).
+const ELIGIBLE: &str = "(inbox.kind != 'mls' OR inbox.target_kind != 'team' OR EXISTS  (SELECT 1 FROM team_members m WHERE m.team = inbox.target_id AND m.user_id = ?1  AND m.since_us <= inbox.stored_at_us))";
 
 /// Inbox messages no one can list any more ("settled": acknowledged by
 /// everyone who had to), since when, and when their ciphertext was erased
@@ -1077,12 +1135,13 @@ impl SqliteStore {
                     "database schema version {v} is newer than this gateway understands ({SCHEMA_VERSION})"
                 )))
             }
-            1..=4 => {
+            1..=5 => {
                 let steps = [
                     (1, MIGRATE_1_TO_2_TEMPLATE),
                     (2, MIGRATE_2_TO_3_TEMPLATE),
                     (3, MIGRATE_3_TO_4_TEMPLATE),
                     (4, MIGRATE_4_TO_5_TEMPLATE),
+                    (5, MIGRATE_5_TO_6_TEMPLATE),
                 ];
                 for (from, template) in steps.into_iter().filter(|(from, _)| *from >= version) {
                     let to = from + 1;
@@ -1758,7 +1817,7 @@ impl Store for SqliteStore {
                   UNION ALL SELECT seq FROM inbox WHERE seq > {MAILBOX_MARK} AND {clause}) AND \
                  ((kind = 'opaque' AND status != 'acknowledged') OR \
                   (kind = 'mls' AND NOT EXISTS (SELECT 1 FROM member_acks a WHERE a.message_id = inbox.message_id AND a.user_id = ?1))) \
-                 ORDER BY seq LIMIT {limit}"
+                 AND {ELIGIBLE} ORDER BY seq LIMIT {limit}"
             );
             let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
@@ -1826,7 +1885,6 @@ impl Store for SqliteStore {
         mb: Mailbox,
         id: MessageId,
         now_ms: u64,
-        rosters: Rosters,
     ) -> Result<Option<Status>, StoreError> {
         let own = self.own_area.clone();
         let tails = self.tails.clone();
@@ -1844,8 +1902,77 @@ impl Store for SqliteStore {
             if status != Status::Acknowledged {
                 set_inbox_status(c, &tails, &own, &env, Status::Acknowledged, now_ms)?;
             }
-            prune_mailbox(c, &env, &rosters, now_ms)?;
+            prune_mailbox(c, &env, now_ms)?;
             Ok(Some(Status::Acknowledged))
+        })
+        .await
+    }
+
+    async fn sync_teams(
+        &self,
+        members: Vec<(TeamId, UserId)>,
+        now_us: i64,
+    ) -> Result<TeamChanges, StoreError> {
+        self.call(move |c| {
+            let first = !c
+                .prepare_cached("SELECT 1 FROM team_sync WHERE id = 0")?
+                .exists([])?;
+            let had: std::collections::BTreeSet<(String, String)> = c
+                .prepare_cached("SELECT team, user_id FROM team_members")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let now: std::collections::BTreeSet<(String, String)> = members
+                .iter()
+                .map(|(t, u)| (t.to_string(), u.to_string()))
+                .collect();
+            let since = if first { 0 } else { now_us };
+            let mut changes = TeamChanges::default();
+            for (team, user) in now.difference(&had) {
+                exec(
+                    c,
+                    "INSERT INTO team_members (team, user_id, since_us) VALUES (?1, ?2, ?3)",
+                    params![team, user, since],
+                )?;
+                changes.joined += 1;
+            }
+            let mut lost: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+            for (team, user) in had.difference(&now) {
+                exec(
+                    c,
+                    "DELETE FROM team_members WHERE team = ?1 AND user_id = ?2",
+                    params![team, user],
+                )?;
+                changes.left += 1;
+                lost.insert(team);
+            }
+            exec(
+                c,
+                "INSERT INTO team_sync (id, at_us) VALUES (0, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET at_us = excluded.at_us",
+                params![now_us],
+            )?;
+            // The MLS messages a leaver's team still lists may have been
+            // waiting for them alone.
+            if !lost.is_empty() {
+                index_mailboxes(c)?;
+                let now_ms = u64::try_from(now_us / 1000).unwrap_or(0);
+                let mut listed = c.prepare_cached(
+                    "SELECT i.message_id FROM mailbox b JOIN inbox i ON i.seq = b.seq \
+                     WHERE b.target_kind = 'team' AND b.target_id = ?1 AND i.kind = 'mls'",
+                )?;
+                for team in lost {
+                    let ids: Vec<String> = listed
+                        .query_map([team], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?;
+                    for id in ids {
+                        if everyone_acked(c, &id, team)? {
+                            settle(c, &id, now_ms)?;
+                            changes.settled += 1;
+                        }
+                    }
+                }
+            }
+            Ok(changes)
         })
         .await
     }
@@ -2316,7 +2443,8 @@ impl Store for SqliteStore {
     }
 }
 
-fn now_us() -> i64 {
+/// Now, in µs since the epoch (0 if the clock is before it).
+pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -2377,7 +2505,7 @@ fn find_in_mailbox(
     let n = args.len() + 1;
     args.push(id.to_string());
     let sql = format!(
-        "SELECT envelope, status, body, body_seg, body_off, body_len FROM inbox WHERE message_id = ?{n} AND {clause}"
+        "SELECT envelope, status, body, body_seg, body_off, body_len FROM inbox WHERE message_id = ?{n} AND {clause} AND {ELIGIBLE}"
     );
     type Row = (
         String,
@@ -2416,56 +2544,61 @@ fn find_in_mailbox(
 
 /// Removes an acknowledged message's entry from the `mailbox` index once no
 /// one can list it: see `UNLISTABLE`, and for an MLS message to a team, once
-/// every member in `rosters` has acknowledged it. (An `UNLISTABLE` entry not
-/// indexed yet is left out when it is; for the team's message, which the
-/// bulk pass cannot judge, the pass runs first.) A message no one can list
-/// any more is recorded as settled at `now_ms`, for retention.
-fn prune_mailbox(
-    c: &Connection,
-    env: &Envelope,
-    rosters: &Rosters,
-    now_ms: u64,
-) -> Result<(), StoreError> {
+/// every member it is for has acknowledged it (see `everyone_acked`). (An
+/// `UNLISTABLE` entry not indexed yet is left out when it is; for the
+/// team's message, which the bulk pass cannot judge, the pass runs first.)
+/// A message no one can list any more is recorded as settled at `now_ms`,
+/// for retention.
+fn prune_mailbox(c: &Connection, env: &Envelope, now_ms: u64) -> Result<(), StoreError> {
     let id = env.message_id.as_str();
-    let everyone_acked = match &env.recipient.target {
+    match &env.recipient.target {
         proto::Target::Team(team) if env.kind == proto::MessageKind::Mls => {
-            let Some((_, members)) = rosters.iter().find(|(t, _)| t == team) else {
-                return Ok(());
-            };
-            let mut acked = c.prepare_cached(
-                "SELECT 1 FROM member_acks WHERE message_id = ?1 AND user_id = ?2",
-            )?;
-            let mut all = !members.is_empty();
-            for m in members {
-                all = all && acked.exists(params![id, m.as_str()])?;
+            if everyone_acked(c, id, team.as_str())? {
+                index_mailboxes(c)?;
+                settle(c, id, now_ms)?;
             }
-            all
         }
-        _ => false,
-    };
-    if everyone_acked {
-        index_mailboxes(c)?;
+        _ => {
+            let unlistable = c
+                .prepare_cached(&format!(
+                    "SELECT 1 FROM inbox WHERE message_id = ?1 AND {UNLISTABLE}"
+                ))?
+                .exists(params![id])?;
+            if unlistable {
+                settle(c, id, now_ms)?;
+            }
+        }
     }
-    // Settled: no one can list it any more. Decided once; its mailbox
-    // entries go and it is recorded, for retention.
-    let settled = everyone_acked
-        || c.prepare_cached(&format!(
-            "SELECT 1 FROM inbox WHERE message_id = ?1 AND {UNLISTABLE}"
-        ))?
-        .exists(params![id])?;
-    if settled {
-        exec(
-            c,
-            "DELETE FROM mailbox WHERE (target_kind, target_id, seq) IN \
-             (SELECT target_kind, target_id, seq FROM inbox WHERE message_id = ?1)",
-            params![id],
-        )?;
-        exec(
-            c,
-            "INSERT OR IGNORE INTO settled (message_id, settled_ms) VALUES (?1, ?2)",
-            params![id, sql_int(now_ms)],
-        )?;
-    }
+    Ok(())
+}
+
+/// Whether every member an MLS message to `team` is for has acknowledged
+/// it: those in the team now who were in it when it was stored (see
+/// `TEAM_MEMBERS_TABLE`). True too when no such member is left: no one can
+/// list it any more.
+fn everyone_acked(c: &Connection, id: &str, team: &str) -> Result<bool, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT NOT EXISTS (SELECT 1 FROM team_members m, inbox i \
+         WHERE i.message_id = ?1 AND m.team = ?2 AND m.since_us <= i.stored_at_us \
+         AND NOT EXISTS (SELECT 1 FROM member_acks a WHERE a.message_id = ?1 AND a.user_id = m.user_id))",
+    )?
+    .query_row(params![id, team], |r| r.get(0))?)
+}
+
+/// Settles a message no one can list any more: its mailbox entries go and
+/// it is recorded as settled at `now_ms`, for retention. Decided once.
+fn settle(c: &Connection, id: &str, now_ms: u64) -> Result<(), StoreError> {
+    exec(
+        c,
+        "DELETE FROM mailbox WHERE (target_kind, target_id, seq) IN \
+         (SELECT target_kind, target_id, seq FROM inbox WHERE message_id = ?1)",
+        params![id],
+    )?;
+    exec(
+        c,
+        "INSERT OR IGNORE INTO settled (message_id, settled_ms) VALUES (?1, ?2)",
+        params![id, sql_int(now_ms)],
+    )?;
     Ok(())
 }
 

@@ -265,7 +265,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 5);
+    assert_eq!(v, 6);
     // Schema 3: the migrated message is in the bulk-built mailbox index,
     // and the per-message index by recipient is gone.
     let indexed: i64 = c
@@ -285,7 +285,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
         )
         .unwrap();
     assert_eq!(old_index, 0);
-    c.execute_batch("PRAGMA user_version = 6").unwrap();
+    c.execute_batch("PRAGMA user_version = 7").unwrap();
     drop(c);
     let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
     assert!(e.to_string().contains("newer"), "{e}");
@@ -944,7 +944,7 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
     // Acknowledged messages leave the listing, indexed or not.
     for n in [3u8, 15] {
         let id = incoming(n, &format!("m-{n}")).message_id;
-        let acked = store.ack(alice.clone(), id, 5, Vec::new()).await.unwrap();
+        let acked = store.ack(alice.clone(), id, 5).await.unwrap();
         assert_eq!(acked, Some(Status::Acknowledged));
     }
     let expected = ids(&[0, 1, 4, 6, 7, 9, 10, 12, 13, 16]);
@@ -969,6 +969,149 @@ fn indexed(c: &Connection, ids: &[&MessageId]) -> Vec<i64> {
         .collect()
 }
 
+/// An MLS message to a team is for the members the team had when it was
+/// stored: one who joins later is not shown it (they could not decrypt it)
+/// and is not waited for, and one who leaves is no longer waited for.
+#[tokio::test]
+async fn an_mls_team_message_is_for_the_members_the_team_had_when_it_was_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let duty = TeamId::new("duty").unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|u| UserId::new(u).unwrap());
+    let member = |u: &UserId| (duty.clone(), u.clone());
+    let mb = |u: &UserId| Mailbox {
+        user: u.clone(),
+        teams: vec![duty.clone()],
+    };
+    let to_duty = |n: u8, kind: MessageKind| {
+        let mut env = incoming(n, &format!("t-{n}"));
+        env.recipient = "team:duty@northshire".parse().unwrap();
+        env.kind = kind;
+        env
+    };
+    let deliver = |envs: Vec<&Envelope>| {
+        let (store, peer) = (store.clone(), peer.clone());
+        let items = envs
+            .into_iter()
+            .map(|e| Incoming::Deliver(Box::new(e.clone()), Body(vec![1; 8])))
+            .collect();
+        async move { store.accept_batch(peer, items).await.unwrap() }
+    };
+    let listed = |u: &UserId| {
+        let (store, mb) = (store.clone(), mb(u));
+        async move {
+            let items = store.inbox(mb, 100).await.unwrap();
+            items
+                .into_iter()
+                .map(|i| i.envelope.message_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let ack = |u: &UserId, env: &Envelope| {
+        let (store, mb, id) = (store.clone(), mb(u), env.message_id.clone());
+        async move { store.ack(mb, id, 9).await.unwrap() }
+    };
+    let settled = || {
+        let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+        let mut stmt = c
+            .prepare("SELECT message_id FROM settled ORDER BY message_id")
+            .unwrap();
+        let ids: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        ids
+    };
+    let pause = || tokio::time::sleep(Duration::from_millis(2));
+
+    // alice and bob were in the team before the store knew of teams (as
+    // after an upgrade): members since ever.
+    let first = store
+        .sync_teams(vec![member(&alice), member(&bob)], now_us())
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        TeamChanges {
+            joined: 2,
+            left: 0,
+            settled: 0
+        }
+    );
+    let (early, shared) = (
+        to_duty(1, MessageKind::Mls),
+        to_duty(2, MessageKind::Opaque),
+    );
+    deliver(vec![&early, &shared]).await;
+    pause().await;
+
+    // carol joins; the same directory again changes nothing.
+    let three = vec![member(&alice), member(&bob), member(&carol)];
+    let joined = store.sync_teams(three.clone(), now_us()).await.unwrap();
+    assert_eq!(
+        joined,
+        TeamChanges {
+            joined: 1,
+            left: 0,
+            settled: 0
+        }
+    );
+    pause().await;
+    assert_eq!(
+        store.sync_teams(three, now_us()).await.unwrap(),
+        TeamChanges::default()
+    );
+    let late = to_duty(3, MessageKind::Mls);
+    deliver(vec![&late]).await;
+    let ids = |envs: &[&Envelope]| -> Vec<MessageId> {
+        envs.iter().map(|e| e.message_id.clone()).collect()
+    };
+    assert_eq!(listed(&alice).await, ids(&[&early, &shared, &late]));
+    assert_eq!(listed(&bob).await, ids(&[&early, &shared, &late]));
+    // carol sees the team's shared (opaque) messages and the MLS one sent
+    // since she joined, not the earlier one, which she cannot fetch or
+    // acknowledge either.
+    assert_eq!(listed(&carol).await, ids(&[&shared, &late]));
+    assert!(store
+        .fetch(mb(&carol), early.message_id.clone(), 9)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(ack(&carol, &early).await, None);
+
+    // alice acknowledges the early one; bob leaves without doing so: it
+    // waited only for him, so it is settled. The late one now waits for
+    // alice and carol.
+    assert_eq!(ack(&alice, &early).await, Some(Status::Acknowledged));
+    assert!(settled().is_empty());
+    let left = store
+        .sync_teams(vec![member(&alice), member(&carol)], now_us())
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        TeamChanges {
+            joined: 0,
+            left: 1,
+            settled: 1
+        }
+    );
+    assert_eq!(settled(), vec![early.message_id.to_string()]);
+    assert_eq!(ack(&alice, &late).await, Some(Status::Acknowledged));
+    assert_eq!(
+        settled().len(),
+        1,
+        "carol has not acknowledged the late one"
+    );
+    assert_eq!(ack(&carol, &late).await, Some(Status::Acknowledged));
+    let mut both = vec![early.message_id.to_string(), late.message_id.to_string()];
+    both.sort();
+    assert_eq!(settled(), both);
+    assert_eq!(listed(&alice).await, ids(&[&shared]));
+}
+
 #[tokio::test]
 async fn acknowledged_messages_leave_the_mailbox_index() {
     let dir = tempfile::tempdir().unwrap();
@@ -980,7 +1123,8 @@ async fn acknowledged_messages_leave_the_mailbox_index() {
         user: user.clone(),
         teams: vec![duty.clone()],
     };
-    let rosters = || vec![(duty.clone(), vec![alice.clone(), bob.clone()])];
+    let members = vec![(duty.clone(), alice.clone()), (duty.clone(), bob.clone())];
+    store.sync_teams(members, 1).await.unwrap();
     // 0: opaque to alice, 1: opaque to the team, 2: MLS to alice, 3: MLS to
     // the team; acknowledged before they are indexed: 4: opaque to alice,
     // 5: MLS to the team.
@@ -1028,8 +1172,7 @@ async fn acknowledged_messages_leave_the_mailbox_index() {
     };
     let ack = |user: &UserId, n: usize| {
         let (store, mb, id) = (store.clone(), mb(user), envs[n].message_id.clone());
-        let rosters = rosters();
-        async move { store.ack(mb, id, 9, rosters).await.unwrap() }
+        async move { store.ack(mb, id, 9).await.unwrap() }
     };
 
     // Opaque messages, to a user or a team, leave with their acknowledgement;
@@ -1096,7 +1239,7 @@ async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
     store.call(index_mailboxes).await.unwrap();
     for n in [0, 2] {
         let id = envs[n].message_id.clone();
-        store.ack(alice.clone(), id, 9, Vec::new()).await.unwrap();
+        store.ack(alice.clone(), id, 9).await.unwrap();
     }
     drop(store);
     // As schema 3 left it: every message indexed, acknowledged or not, and
@@ -1115,7 +1258,7 @@ async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 5);
+    assert_eq!(v, 6);
     // Schema 5: the messages acknowledged before it are settled from the
     // upgrade on, and so erased once their retention has run from then.
     let settled: Vec<(String, i64)> = c
@@ -1226,7 +1369,7 @@ async fn settled_messages_lose_their_ciphertext_after_retention() {
     };
     let ack = |n: usize, at: u64| {
         let (store, mb, id) = (store.clone(), alice.clone(), envs[n].message_id.clone());
-        async move { store.ack(mb, id, at, Vec::new()).await.unwrap() }
+        async move { store.ack(mb, id, at).await.unwrap() }
     };
 
     // Alice acknowledges all but the first at t = 1000; fetching does not
@@ -1315,7 +1458,7 @@ async fn a_segment_in_use_after_many_erased_rows_is_kept() {
     assert!(kept >= 3, "{segs:?}");
     for (n, env) in envs.iter().enumerate().filter(|(n, _)| *n != kept) {
         let acked = store
-            .ack(alice.clone(), env.message_id.clone(), 1000, Vec::new())
+            .ack(alice.clone(), env.message_id.clone(), 1000)
             .await
             .unwrap();
         assert_eq!(acked, Some(Status::Acknowledged), "message {n}");
@@ -1398,10 +1541,7 @@ async fn an_erased_body_not_yet_zeroed_is_zeroed_after_a_restart() {
         user: UserId::new("alice").unwrap(),
         teams: vec![],
     };
-    store
-        .ack(alice, env.message_id.clone(), 10, Vec::new())
-        .await
-        .unwrap();
+    store.ack(alice, env.message_id.clone(), 10).await.unwrap();
     assert_eq!(store.erase_settled(10, 20, 100).await.unwrap(), 1);
     // Stopped before the bytes were zeroed: where they are is on disk.
     drop(store);

@@ -613,3 +613,97 @@ async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
         other => panic!("expected stale_epoch, got {other:?}"),
     }
 }
+
+/// A member who joins a team after a referral reached it is not shown it
+/// (it was encrypted for the team as it was: she would only be told it
+/// cannot be read), and a member who leaves before reading it is no longer
+/// waited for: once the others have read it, it is settled, so its
+/// ciphertext can be erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leaver_is_not_waited_for(
+) {
+    let fed = federation_with_keys().await;
+    let b = fed.index("southvale");
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, missing) = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            b"Referral: family moved to southvale",
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(missing.is_empty());
+    let mut dan = worker(&fed, b, "dan");
+    assert_eq!(
+        texts(&read(&mut dan).await),
+        ["Referral: family moved to southvale"]
+    );
+
+    // Before erin and farah have read it, farah moves to another team and
+    // gita joins the duty team.
+    let farah_in_duty = "id = \"farah\"\norganisation = \"southvale-agency\"\nrole = \"social-worker\"\nteams = [\"duty\"]";
+    let gita_alone =
+        "id = \"gita\"\norganisation = \"southvale-agency\"\nrole = \"social-worker\"\nteams = []";
+    fed.edit_config(
+        b,
+        farah_in_duty,
+        &farah_in_duty.replace("\"duty\"", "\"fostering\""),
+    )
+    .unwrap();
+    fed.edit_config(b, gita_alone, &gita_alone.replace("[]", "[\"duty\"]"))
+        .unwrap();
+    let reloaded = fed
+        .gateway(b)
+        .unwrap()
+        .reload_file(&fed.areas[b].config_path)
+        .await
+        .unwrap();
+    // gita in duty and farah in fostering; farah out of duty. erin has
+    // still to read the referral, so nothing is settled yet.
+    assert_eq!(
+        reloaded.teams,
+        gateway::store::TeamChanges {
+            joined: 2,
+            left: 1,
+            settled: 0
+        }
+    );
+    let settled = || fed.count(b, "SELECT COUNT(*) FROM settled").unwrap();
+    assert_eq!(settled(), 0);
+
+    // gita sees nothing of the case from before she joined: not a message
+    // she is told she cannot read.
+    let mut gita = worker(&fed, b, "gita");
+    let events = gita.read(Duration::from_secs(1)).await.unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    let listed = fed
+        .api(b, "gita")
+        .unwrap()
+        .inbox(Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(listed.messages.is_empty(), "{:?}", listed.messages);
+
+    // erin reads it: no one else is waited for (not farah, who left, nor
+    // gita), so the team's index holds nothing and the referral is settled.
+    assert_eq!(
+        texts(&read(&mut worker(&fed, b, "erin")).await),
+        ["Referral: family moved to southvale"]
+    );
+    assert!(settled() >= 1);
+    assert_eq!(
+        fed.count(b, "SELECT COUNT(*) FROM mailbox WHERE target_kind = 'team'")
+            .unwrap(),
+        0
+    );
+    // The case goes on for those in it.
+    dan.send(&case, &category("update"), b"Visit booked", None, None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut alice).await), ["Visit booked"]);
+}

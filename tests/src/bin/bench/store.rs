@@ -134,9 +134,7 @@ async fn inbox_with_history(
     }
     let now = u64::try_from(now_us() / 1000)?;
     for chunk in ids[..history].chunks(256) {
-        let acks = chunk
-            .iter()
-            .map(|id| b.ack(mb.clone(), id.clone(), now, Vec::new()));
+        let acks = chunk.iter().map(|id| b.ack(mb.clone(), id.clone(), now));
         futures::future::try_join_all(acks).await?;
     }
     Ok(b)
