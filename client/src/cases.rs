@@ -95,6 +95,17 @@ pub enum Event {
         /// How many entries were new.
         entries: usize,
     },
+    /// A message to our team in a case we are not part of (it began before
+    /// we joined the team, or we were not added): it is encrypted for the
+    /// case's members only. Acknowledged; the case's lead can add us.
+    NotInCase {
+        /// The message.
+        message_id: MessageId,
+        /// Its sender per the envelope.
+        from: String,
+        /// The team it was addressed to.
+        to: String,
+    },
     /// A message was refused (tampered, replayed, not decryptable); it stays
     /// in the inbox, unacknowledged.
     Refused {
@@ -727,6 +738,21 @@ impl Caseworker {
                 Ok(mut evs) => {
                     events.append(&mut evs);
                     self.api.ack(&env.message_id).await?;
+                }
+                // To our team, in a case whose group we are not in (we
+                // joined the team after the case began, or were not added):
+                // encrypted for its members only, so nothing here is ours to
+                // read. Acknowledged, so the team's inbox does not wait for
+                // us; the members of the case have it.
+                Err(CaseError::Mls(MlsError::UnknownGroup(_)))
+                    if matches!(env.recipient.target, proto::Target::Team(_)) =>
+                {
+                    self.api.ack(&env.message_id).await?;
+                    events.push(Event::NotInCase {
+                        message_id: env.message_id.clone(),
+                        from,
+                        to: env.recipient.to_string(),
+                    });
                 }
                 Err(e) => {
                     self.meta.refused.insert(env.message_id.to_string());

@@ -628,6 +628,15 @@ async fn cases_command(
                             "case {case_id}: received {entries} chronology entries from {from}"
                         )
                     }
+                    Event::NotInCase {
+                        message_id,
+                        from,
+                        to,
+                    } => println!(
+                        "message {message_id} from {from} to {to} is in a case you are not part of \
+                         (it began before you joined the team, or you were not added); \
+                         if you need it, ask the case's lead to add you"
+                    ),
                     Event::Refused {
                         message_id,
                         from,

@@ -701,9 +701,31 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
             .unwrap(),
         0
     );
-    // The case goes on for those in it.
+    // The case goes on for those in it. gita, in the team but not in the
+    // case, is told so (not that a message was refused), and her client
+    // acknowledges it, so the team's inbox does not wait for her.
     dan.send(&case, &category("update"), b"Visit booked", None, None)
         .await
         .unwrap();
     assert_eq!(texts(&read(&mut alice).await), ["Visit booked"]);
+    let events = read(&mut gita).await;
+    assert!(
+        matches!(&events[..], [Event::NotInCase { to, .. }] if to == "team:duty@southvale"),
+        "{events:?}"
+    );
+    assert_eq!(
+        texts(&read(&mut worker(&fed, b, "erin")).await),
+        ["Visit booked"]
+    );
+    // dan's client acknowledges its own message's echo when it reads next.
+    assert!(dan.read(Duration::ZERO).await.unwrap().is_empty());
+    // Everyone it is for has acknowledged it: it is settled.
+    let unsettled = fed
+        .count(
+            b,
+            "SELECT COUNT(*) FROM inbox WHERE target_kind = 'team' AND message_id NOT IN \
+             (SELECT message_id FROM settled)",
+        )
+        .unwrap();
+    assert_eq!(unsettled, 0);
 }
