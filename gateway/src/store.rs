@@ -865,7 +865,9 @@ COMMIT;
 /// Whether the user `?1` may see an inbox row of their mailboxes: any,
 /// except an MLS message to a team stored before they joined it (see
 /// `TEAM_MEMBERS_TABLE`).
-const ELIGIBLE: &str = "(inbox.kind != 'mls' OR inbox.target_kind != 'team' OR EXISTS  (SELECT 1 FROM team_members m WHERE m.team = inbox.target_id AND m.user_id = ?1  AND m.since_us <= inbox.stored_at_us))";
+const ELIGIBLE: &str = "(inbox.kind != 'mls' OR inbox.target_kind != 'team' OR EXISTS \
+ (SELECT 1 FROM team_members m WHERE m.team = inbox.target_id AND m.user_id = ?1 \
+ AND m.since_us <= inbox.stored_at_us))";
 
 /// Inbox messages no one can list any more ("settled": acknowledged by
 /// everyone who had to), since when, and when their ciphertext was erased
