@@ -192,6 +192,20 @@ fn revoked_alert(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether an I/O error of `kind` is somewhere in `e`'s causes.
+fn io_kind_in(e: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == kind)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// A failed exchange with the gateway: a revoked certificate (the TLS alert
 /// says so) is told apart from a gateway that cannot be reached.
 fn transport(e: &reqwest::Error) -> ClientError {
@@ -307,7 +321,11 @@ impl Api {
             Ok(resp) => return Ok(resp),
             Err(e) => e,
         };
-        if revoked_alert(&e) || e.is_timeout() || !(e.is_connect() || e.is_request()) {
+        if revoked_alert(&e)
+            || e.is_timeout()
+            || !(e.is_connect() || e.is_request())
+            || io_kind_in(&e, std::io::ErrorKind::ConnectionRefused)
+        {
             return Err(transport(&e));
         }
         match self.refusal().await {
@@ -344,8 +362,12 @@ impl Api {
             .to_owned();
         let port = self.messages.port_or_known_default()?;
         let name = certs::rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
-        let tls_error =
-            |e: &std::io::Error| e.get_ref()?.downcast_ref::<certs::rustls::Error>().cloned();
+        // The gateway's alert only: an error of our own (its certificate
+        // refused by us) is not the gateway's reason.
+        let tls_error = |e: &std::io::Error| match e.get_ref()?.downcast_ref() {
+            Some(alert @ certs::rustls::Error::AlertReceived(_)) => Some(alert.clone()),
+            _ => None,
+        };
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let attempt = async {
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
@@ -365,7 +387,7 @@ impl Api {
                 Err(e) => tls_error(&e),
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), attempt)
+        tokio::time::timeout(Duration::from_secs(5), attempt)
             .await
             .ok()
             .flatten()

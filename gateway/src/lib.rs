@@ -296,6 +296,9 @@ pub struct Gateway {
     metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     tasks: JoinSet<()>,
+    /// One reload at a time: the teams recorded in the store and the
+    /// directory in force change together.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -389,17 +392,7 @@ impl Gateway {
             .map_err(|e| store::StoreError::Db(format!("opening the store: {e}")))??;
         // Who is in which team: whom the teams' MLS messages are for.
         let directory = Directory::new(&config.users);
-        let teams = store
-            .sync_teams(directory.memberships(), store::now_us())
-            .await?;
-        if teams.joined + teams.left > 0 {
-            tracing::info!(
-                joined = teams.joined,
-                left = teams.left,
-                settled = teams.settled,
-                "team members changed since the gateway last ran"
-            );
-        }
+        record_teams(&store, &directory).await;
         // Peers' pipelined sessions go on where the store left them.
         let sequencer = sequencer::Sequencer::default();
         for (peer, at) in store.peer_sessions().await? {
@@ -503,6 +496,7 @@ impl Gateway {
             metrics_addr,
             shared,
             tasks,
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -551,6 +545,7 @@ impl Gateway {
     /// and the error says why. Other settings that differ are listed in
     /// [`Reloaded::needs_restart`] and left as they run.
     pub async fn reload(&self, new: Config) -> Result<Reloaded, GatewayError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let shared = &self.shared;
         if new.area != shared.config.area {
             return Err(GatewayError::Reload(format!(
@@ -589,15 +584,13 @@ impl Gateway {
             }
         }
         let (sources, crls) = crls;
-        // Everything is checked: the store learns of the new members before
-        // the directory lets them in (a message stored in between is theirs
-        // too), and of those who left before they are let out.
+        // Everything is checked: the store records the teams' members, then
+        // the directory is put in force. A newcomer is shown the team's MLS
+        // messages stored from here on; one stored before the new directory
+        // is in force was not encrypted for her (its sender's claim saw the
+        // old directory), and her client acknowledges it as not hers.
         let directory = Directory::new(&new.users);
-        let teams = shared
-            .store
-            .sync_teams(directory.memberships(), store::now_us())
-            .await
-            .map_err(|e| GatewayError::Reload(format!("recording the teams' members: {e}")))?;
+        let teams = record_teams(&shared.store, &directory).await;
         let reloaded = Reloaded {
             users: new.users.len(),
             policy_version: policy.as_ref().map(|p| p.policy.version()),
@@ -629,6 +622,7 @@ impl Gateway {
             policy_version = reloaded.policy_version,
             revoked = reloaded.revoked,
             joined_teams = teams.joined,
+            returned_to_teams = teams.returned,
             left_teams = teams.left,
             needs_restart = ?reloaded.needs_restart,
             "configuration reloaded: directory, sharing policy and revocation lists in force"
@@ -676,9 +670,11 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// socket with that request unread makes the kernel answer with a reset,
 /// and a client whose request is written after the reset arrives gets
 /// "connection reset" instead of the alert: a revoked laptop would be told
-/// its network failed. So the write side is shut (the alert is already
-/// flushed) and what the client sends is read and discarded until it closes,
-/// for at most [`LINGER`] and [`LINGER_BYTES`].
+/// its network failed. So the write side is shut and what the client sends
+/// is read and discarded until it closes,
+/// for at most [`LINGER`] and [`LINGER_BYTES`]. (The TLS layer has made
+/// its last attempt to write the alert; a client that never reads it
+/// loses nothing by this.)
 async fn linger(mut tcp: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     if tcp.shutdown().await.is_err() {
@@ -826,6 +822,33 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
 /// bodies are zeroed in the database's pages, bodies in the body log are
 /// overwritten with zeros, body segments no message refers to any more are
 /// removed, and the WAL is truncated.
+/// Records the directory's teams in the store (see
+/// [`store::Store::sync_teams`]) and says what changed. A failure (a full
+/// disk, say) is logged and changes nothing else: a directory put in force
+/// without it errs on the safe side (a newcomer is shown none of the team's
+/// MLS messages, and a leaver is still waited for) until the next reload or
+/// start records it.
+async fn record_teams(store: &SqliteStore, directory: &Directory) -> store::TeamChanges {
+    match store.sync_teams(directory.memberships(), now_ms()).await {
+        Ok(teams) => {
+            if teams != store::TeamChanges::default() {
+                tracing::info!(
+                    joined = teams.joined,
+                    returned = teams.returned,
+                    left = teams.left,
+                    settled = teams.settled,
+                    "team members recorded"
+                );
+            }
+            teams
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record the teams' members; newcomers see none of their teams' encrypted messages until this succeeds");
+            store::TeamChanges::default()
+        }
+    }
+}
+
 async fn erase_loop(shared: Arc<Shared>) {
     /// Messages erased per store call, so other writes interleave.
     const BATCH: usize = 1000;
@@ -837,6 +860,14 @@ async fn erase_loop(shared: Arc<Shared>) {
             _ = crate::stopped(&mut stop) => break,
         }
         let now = now_ms();
+        match shared.store.settle_after_leavers(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                messages = n,
+                "settled team messages that waited only for members who left"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not settle messages waiting for leavers"),
+        }
         let keep = u64::try_from(retention.keep_acknowledged.as_millis()).unwrap_or(u64::MAX);
         let by = now.saturating_sub(keep);
         let (erased, failed) =

@@ -176,14 +176,26 @@ pub type Claimed = (UserId, Option<Vec<u8>>);
 /// What [`Store::sync_teams`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TeamChanges {
-    /// Members added to a team.
+    /// Members new to a team.
     pub joined: usize,
+    /// Members back in a team they had left (within [`WAIT_FOR_LEAVERS`]):
+    /// they see again what they had not acknowledged.
+    pub returned: usize,
     /// Members gone from a team.
     pub left: usize,
-    /// MLS messages to a team settled because only members who left had
-    /// not acknowledged them.
+    /// MLS messages to a team settled because they waited for no one any
+    /// more (only at the first call, for messages an earlier gateway left
+    /// waiting for members no longer in the directory).
     pub settled: usize,
 }
+
+/// How long a member who left a team is still waited for: her
+/// acknowledgement of the team's MLS messages stored while she was in it
+/// holds their settlement back (see [`Store::settle_after_leavers`]), and if
+/// she comes back meanwhile she sees them again. A member removed by
+/// mistake and put back loses nothing; after this, a leaver no longer
+/// holds anything back, and one who comes back counts from her return.
+pub const WAIT_FOR_LEAVERS: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 /// Whose inbox: a user and the teams they are in.
 #[derive(Debug, Clone)]
@@ -275,17 +287,24 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
     ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
     /// Records who is in which team now (`members`: every team's members,
-    /// from the directory), as of `now_us`. A member new since the last call
-    /// is shown the team's MLS messages stored from then on, not those from
-    /// before (encrypted for the group as it was, they could not decrypt
-    /// them); a member gone is no longer waited for, and MLS messages that
-    /// were waiting only for them are settled. Call it when the gateway
+    /// from the directory), at `now_ms`. A member new since the last call is
+    /// shown the team's MLS messages stored from now on, not those from
+    /// before (encrypted for the group as it was, she could not decrypt
+    /// them); a member gone is waited for during [`WAIT_FOR_LEAVERS`] only.
+    /// Writes nothing when nothing changed. Call it when the gateway
     /// starts, and before a new directory is put in force.
     fn sync_teams(
         &self,
         members: Vec<(TeamId, UserId)>,
-        now_us: i64,
+        now_ms: u64,
     ) -> impl Future<Output = Result<TeamChanges, StoreError>> + Send;
+    /// Settles the MLS messages to a team that were waiting only for members
+    /// who left it more than [`WAIT_FOR_LEAVERS`] before `now_ms`, and
+    /// forgets those members. Returns how many messages were settled.
+    fn settle_after_leavers(
+        &self,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
     /// Erases the ciphertext of up to `max` inbox messages settled (no
     /// one can list them any more) at or before `settled_by_ms`: their rows lose
     /// body and body reference, their envelope and status stay, and a
@@ -832,24 +851,29 @@ CREATE TABLE IF NOT EXISTS member_acks (
 ";
 
 /// Who is in which team, as the directory said when the gateway last read
-/// it (see [`Store::sync_teams`]), and since when (µs). An MLS message to a
-/// team is for the members it had when it was stored (`since_us <=
-/// stored_at_us`): theirs were the KeyPackages its sender could claim. One
-/// who joins later cannot decrypt it, so it is not listed to them and does
-/// not wait for their acknowledgement; one who leaves is no longer waited
-/// for. `team_sync` has its row once the directory has been read once: the
-/// members read then (an upgraded gateway's, or a new one's) count as
-/// members since ever.
+/// it (see [`Store::sync_teams`]). An MLS message to a team is for the
+/// members it had when it was stored, whose KeyPackages its sender could
+/// claim: the inbox rows after `since_seq` (the writer is serial, so the
+/// order is exact). One who joins later cannot decrypt the earlier ones, so
+/// they are not listed to her and do not wait for her acknowledgement. One
+/// who leaves keeps her row for [`WAIT_FOR_LEAVERS`] after `left_ms`, still
+/// waited for by the rows up to `until_seq` (those stored while she was
+/// in the team); back within it, she sees again what she had not
+/// acknowledged. `team_sync` has its row once the directory has been read
+/// once: the members read then (an upgraded gateway's, or a new one's)
+/// count as members since ever.
 const TEAM_MEMBERS_TABLE: &str = "
 CREATE TABLE IF NOT EXISTS team_members (
-    team     TEXT NOT NULL,
-    user_id  TEXT NOT NULL,
-    since_us INTEGER NOT NULL,
+    team      TEXT NOT NULL,
+    user_id   TEXT NOT NULL,
+    since_seq INTEGER NOT NULL,
+    until_seq INTEGER,
+    left_ms   INTEGER,
     PRIMARY KEY (team, user_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS team_sync (
     id    INTEGER PRIMARY KEY CHECK (id = 0),
-    at_us INTEGER NOT NULL
+    at_ms INTEGER NOT NULL
 );
 ";
 
@@ -862,12 +886,12 @@ PRAGMA user_version = 6;
 COMMIT;
 ";
 
-/// Whether the user `?1` may see an inbox row of their mailboxes: any,
-/// except an MLS message to a team stored before they joined it (see
+/// Whether the user `?1` may see an inbox row of her mailboxes: any,
+/// except an MLS message to a team stored before she joined it (see
 /// `TEAM_MEMBERS_TABLE`).
 const ELIGIBLE: &str = "(inbox.kind != 'mls' OR inbox.target_kind != 'team' OR EXISTS \
  (SELECT 1 FROM team_members m WHERE m.team = inbox.target_id AND m.user_id = ?1 \
- AND m.since_us <= inbox.stored_at_us))";
+ AND m.until_seq IS NULL AND inbox.seq > m.since_seq))";
 
 /// Inbox messages no one can list any more ("settled": acknowledged by
 /// everyone who had to), since when, and when their ciphertext was erased
@@ -1913,68 +1937,104 @@ impl Store for SqliteStore {
     async fn sync_teams(
         &self,
         members: Vec<(TeamId, UserId)>,
-        now_us: i64,
+        now_ms: u64,
     ) -> Result<TeamChanges, StoreError> {
         self.call(move |c| {
             let first = !c
                 .prepare_cached("SELECT 1 FROM team_sync WHERE id = 0")?
                 .exists([])?;
-            let had: std::collections::BTreeSet<(String, String)> = c
-                .prepare_cached("SELECT team, user_id FROM team_members")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            let had: std::collections::BTreeMap<(String, String), Option<i64>> = c
+                .prepare_cached("SELECT team, user_id, left_ms FROM team_members")?
+                .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
             let now: std::collections::BTreeSet<(String, String)> = members
                 .iter()
                 .map(|(t, u)| (t.to_string(), u.to_string()))
                 .collect();
-            let since = if first { 0 } else { now_us };
+            // The last inbox row so far: a newcomer's rows come after it
+            // (the first time, every row is theirs), a leaver's end with it.
+            let last: i64 = c
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM inbox")?
+                .query_row([], |r| r.get(0))?;
+            let since = if first { 0 } else { last };
             let mut changes = TeamChanges::default();
-            for (team, user) in now.difference(&had) {
-                exec(
-                    c,
-                    "INSERT INTO team_members (team, user_id, since_us) VALUES (?1, ?2, ?3)",
-                    params![team, user, since],
-                )?;
-                changes.joined += 1;
-            }
-            let mut lost: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-            for (team, user) in had.difference(&now) {
-                exec(
-                    c,
-                    "DELETE FROM team_members WHERE team = ?1 AND user_id = ?2",
-                    params![team, user],
-                )?;
-                changes.left += 1;
-                lost.insert(team);
-            }
-            exec(
-                c,
-                "INSERT INTO team_sync (id, at_us) VALUES (0, ?1) \
-                 ON CONFLICT (id) DO UPDATE SET at_us = excluded.at_us",
-                params![now_us],
-            )?;
-            // The MLS messages a leaver's team still lists may have been
-            // waiting for them alone.
-            if !lost.is_empty() {
-                index_mailboxes(c)?;
-                let now_ms = u64::try_from(now_us / 1000).unwrap_or(0);
-                let mut listed = c.prepare_cached(
-                    "SELECT i.message_id FROM mailbox b JOIN inbox i ON i.seq = b.seq \
-                     WHERE b.target_kind = 'team' AND b.target_id = ?1 AND i.kind = 'mls'",
-                )?;
-                for team in lost {
-                    let ids: Vec<String> = listed
-                        .query_map([team], |r| r.get(0))?
-                        .collect::<Result<_, _>>()?;
-                    for id in ids {
-                        if everyone_acked(c, &id, team)? {
-                            settle(c, &id, now_ms)?;
-                            changes.settled += 1;
-                        }
+            for (team, user) in &now {
+                match had.get(&(team.clone(), user.clone())) {
+                    None => {
+                        exec(
+                            c,
+                            "INSERT INTO team_members (team, user_id, since_seq) VALUES (?1, ?2, ?3)",
+                            params![team, user, since],
+                        )?;
+                        changes.joined += 1;
                     }
+                    Some(Some(_)) => {
+                        exec(
+                            c,
+                            "UPDATE team_members SET until_seq = NULL, left_ms = NULL \
+                             WHERE team = ?1 AND user_id = ?2",
+                            params![team, user],
+                        )?;
+                        changes.returned += 1;
+                    }
+                    Some(None) => {}
                 }
             }
+            for ((team, user), left) in &had {
+                if left.is_none() && !now.contains(&(team.clone(), user.clone())) {
+                    exec(
+                        c,
+                        "UPDATE team_members SET until_seq = ?3, left_ms = ?4 \
+                         WHERE team = ?1 AND user_id = ?2",
+                        params![team, user, last, sql_int(now_ms)],
+                    )?;
+                    changes.left += 1;
+                }
+            }
+            if first {
+                exec(
+                    c,
+                    "INSERT INTO team_sync (id, at_ms) VALUES (0, ?1)",
+                    params![sql_int(now_ms)],
+                )?;
+                // An earlier gateway waited for the members in the
+                // directory when each acknowledgement came: a message whose
+                // last one came while someone since gone had not
+                // acknowledged it is waiting for no one now.
+                let teams: Vec<String> = c
+                    .prepare_cached("SELECT DISTINCT team FROM team_members")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                changes.settled = settle_waiting_for_no_one(c, &teams, now_ms)?;
+            }
             Ok(changes)
+        })
+        .await
+    }
+
+    async fn settle_after_leavers(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let before =
+            now_ms.saturating_sub(u64::try_from(WAIT_FOR_LEAVERS.as_millis()).unwrap_or(u64::MAX));
+        let gone =
+            "SELECT DISTINCT team FROM team_members WHERE left_ms IS NOT NULL AND left_ms <= ?1";
+        // Read first: most passes find no one, and write nothing.
+        let teams: Vec<String> = self
+            .read(move |c| {
+                Ok(c.prepare_cached(gone)?
+                    .query_map(params![sql_int(before)], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?)
+            })
+            .await?;
+        if teams.is_empty() {
+            return Ok(0);
+        }
+        self.call(move |c| {
+            exec(
+                c,
+                "DELETE FROM team_members WHERE left_ms IS NOT NULL AND left_ms <= ?1",
+                params![sql_int(before)],
+            )?;
+            settle_waiting_for_no_one(c, &teams, now_ms)
         })
         .await
     }
@@ -2445,8 +2505,7 @@ impl Store for SqliteStore {
     }
 }
 
-/// Now, in µs since the epoch (0 if the clock is before it).
-pub fn now_us() -> i64 {
+fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -2575,16 +2634,45 @@ fn prune_mailbox(c: &Connection, env: &Envelope, now_ms: u64) -> Result<(), Stor
 }
 
 /// Whether every member an MLS message to `team` is for has acknowledged
-/// it: those in the team now who were in it when it was stored (see
-/// `TEAM_MEMBERS_TABLE`). True too when no such member is left: no one can
-/// list it any more.
+/// it: those who were in the team when it was stored and are in it now, or
+/// left it less than [`WAIT_FOR_LEAVERS`] ago (their rows are forgotten
+/// after that; see `TEAM_MEMBERS_TABLE`). True too when no such member is
+/// left.
 fn everyone_acked(c: &Connection, id: &str, team: &str) -> Result<bool, StoreError> {
     Ok(c.prepare_cached(
         "SELECT NOT EXISTS (SELECT 1 FROM team_members m, inbox i \
-         WHERE i.message_id = ?1 AND m.team = ?2 AND m.since_us <= i.stored_at_us \
+         WHERE i.message_id = ?1 AND m.team = ?2 AND i.seq > m.since_seq \
+         AND (m.until_seq IS NULL OR i.seq <= m.until_seq) \
          AND NOT EXISTS (SELECT 1 FROM member_acks a WHERE a.message_id = ?1 AND a.user_id = m.user_id))",
     )?
     .query_row(params![id, team], |r| r.get(0))?)
+}
+
+/// Settles the MLS messages to `teams` still listed that every member they
+/// are for has acknowledged (see `everyone_acked`); returns how many.
+fn settle_waiting_for_no_one(
+    c: &Connection,
+    teams: &[String],
+    now_ms: u64,
+) -> Result<usize, StoreError> {
+    index_mailboxes(c)?;
+    let mut listed = c.prepare_cached(
+        "SELECT i.message_id FROM mailbox b JOIN inbox i ON i.seq = b.seq \
+         WHERE b.target_kind = 'team' AND b.target_id = ?1 AND i.kind = 'mls'",
+    )?;
+    let mut settled = 0;
+    for team in teams {
+        let ids: Vec<String> = listed
+            .query_map([team], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in ids {
+            if everyone_acked(c, &id, team)? {
+                settle(c, &id, now_ms)?;
+                settled += 1;
+            }
+        }
+    }
+    Ok(settled)
 }
 
 /// Settles a message no one can list any more: its mailbox entries go and

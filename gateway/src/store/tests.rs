@@ -970,8 +970,9 @@ fn indexed(c: &Connection, ids: &[&MessageId]) -> Vec<i64> {
 }
 
 /// An MLS message to a team is for the members the team had when it was
-/// stored: one who joins later is not shown it (they could not decrypt it)
-/// and is not waited for, and one who leaves is no longer waited for.
+/// stored: one who joins later is not shown it (she could not decrypt it)
+/// and is not waited for; one who leaves is waited for during
+/// `WAIT_FOR_LEAVERS` (back within it, she sees it again), then no longer.
 #[tokio::test]
 async fn an_mls_team_message_is_for_the_members_the_team_had_when_it_was_stored() {
     let dir = tempfile::tempdir().unwrap();
@@ -1024,50 +1025,40 @@ async fn an_mls_team_message_is_for_the_members_the_team_had_when_it_was_stored(
             .collect();
         ids
     };
-    let pause = || tokio::time::sleep(Duration::from_millis(2));
+    let ids = |envs: &[&Envelope]| -> Vec<MessageId> {
+        envs.iter().map(|e| e.message_id.clone()).collect()
+    };
+    let sync = |members: Vec<(TeamId, UserId)>, at: u64| {
+        let store = store.clone();
+        async move { store.sync_teams(members, at).await.unwrap() }
+    };
+    let change = |joined, returned, left| TeamChanges {
+        joined,
+        returned,
+        left,
+        settled: 0,
+    };
+    let wait_ms = u64::try_from(WAIT_FOR_LEAVERS.as_millis()).unwrap();
 
     // alice and bob were in the team before the store knew of teams (as
     // after an upgrade): members since ever.
-    let first = store
-        .sync_teams(vec![member(&alice), member(&bob)], now_us())
-        .await
-        .unwrap();
-    assert_eq!(
-        first,
-        TeamChanges {
-            joined: 2,
-            left: 0,
-            settled: 0
-        }
-    );
     let (early, shared) = (
         to_duty(1, MessageKind::Mls),
         to_duty(2, MessageKind::Opaque),
     );
-    deliver(vec![&early, &shared]).await;
-    pause().await;
+    deliver(vec![&early]).await;
+    assert_eq!(
+        sync(vec![member(&alice), member(&bob)], 1_000).await,
+        change(2, 0, 0)
+    );
+    deliver(vec![&shared]).await;
 
     // carol joins; the same directory again changes nothing.
     let three = vec![member(&alice), member(&bob), member(&carol)];
-    let joined = store.sync_teams(three.clone(), now_us()).await.unwrap();
-    assert_eq!(
-        joined,
-        TeamChanges {
-            joined: 1,
-            left: 0,
-            settled: 0
-        }
-    );
-    pause().await;
-    assert_eq!(
-        store.sync_teams(three, now_us()).await.unwrap(),
-        TeamChanges::default()
-    );
+    assert_eq!(sync(three.clone(), 2_000).await, change(1, 0, 0));
+    assert_eq!(sync(three, 2_500).await, TeamChanges::default());
     let late = to_duty(3, MessageKind::Mls);
     deliver(vec![&late]).await;
-    let ids = |envs: &[&Envelope]| -> Vec<MessageId> {
-        envs.iter().map(|e| e.message_id.clone()).collect()
-    };
     assert_eq!(listed(&alice).await, ids(&[&early, &shared, &late]));
     assert_eq!(listed(&bob).await, ids(&[&early, &shared, &late]));
     // carol sees the team's shared (opaque) messages and the MLS one sent
@@ -1081,34 +1072,57 @@ async fn an_mls_team_message_is_for_the_members_the_team_had_when_it_was_stored(
         .is_none());
     assert_eq!(ack(&carol, &early).await, None);
 
-    // alice acknowledges the early one; bob leaves without doing so: it
-    // waited only for him, so it is settled. The late one now waits for
-    // alice and carol.
+    // bob is taken out of the team (by mistake) and put back: he sees again
+    // what he had not acknowledged.
+    assert_eq!(
+        sync(vec![member(&alice), member(&carol)], 3_000).await,
+        change(0, 0, 1)
+    );
+    // (The directory no longer gives him the team's mailbox at all; even
+    // with it, the MLS messages are not his while he is out.)
+    assert_eq!(listed(&bob).await, ids(&[&shared]));
+    let three = vec![member(&alice), member(&bob), member(&carol)];
+    assert_eq!(sync(three, 3_500).await, change(0, 1, 0));
+    assert_eq!(listed(&bob).await, ids(&[&early, &shared, &late]));
+
+    // alice acknowledges the early one; bob leaves without doing so. He is
+    // still waited for, and so is nothing stored after he left.
     assert_eq!(ack(&alice, &early).await, Some(Status::Acknowledged));
-    assert!(settled().is_empty());
-    let left = store
-        .sync_teams(vec![member(&alice), member(&carol)], now_us())
-        .await
-        .unwrap();
     assert_eq!(
-        left,
-        TeamChanges {
-            joined: 0,
-            left: 1,
-            settled: 1
-        }
+        sync(vec![member(&alice), member(&carol)], 4_000).await,
+        change(0, 0, 1)
     );
-    assert_eq!(settled(), vec![early.message_id.to_string()]);
-    assert_eq!(ack(&alice, &late).await, Some(Status::Acknowledged));
+    let after = to_duty(4, MessageKind::Mls);
+    deliver(vec![&after]).await;
+    for m in [&late, &after] {
+        assert_eq!(ack(&alice, m).await, Some(Status::Acknowledged));
+        assert_eq!(ack(&carol, m).await, Some(Status::Acknowledged));
+    }
+    assert_eq!(settled(), vec![after.message_id.to_string()]);
     assert_eq!(
-        settled().len(),
-        1,
-        "carol has not acknowledged the late one"
+        store
+            .settle_after_leavers(4_000 + wait_ms - 1)
+            .await
+            .unwrap(),
+        0
     );
-    assert_eq!(ack(&carol, &late).await, Some(Status::Acknowledged));
-    let mut both = vec![early.message_id.to_string(), late.message_id.to_string()];
-    both.sort();
-    assert_eq!(settled(), both);
+    assert_eq!(settled().len(), 1, "bob is still waited for");
+    // Once he has been gone long enough, he is not: both are settled, and
+    // he is forgotten (back now, he would count from his return).
+    assert_eq!(
+        store.settle_after_leavers(4_000 + wait_ms).await.unwrap(),
+        2
+    );
+    let mut all = ids(&[&early, &late, &after])
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
+    all.sort();
+    assert_eq!(settled(), all);
+    assert_eq!(
+        store.settle_after_leavers(4_000 + wait_ms).await.unwrap(),
+        0
+    );
     assert_eq!(listed(&alice).await, ids(&[&shared]));
 }
 
@@ -1124,7 +1138,7 @@ async fn acknowledged_messages_leave_the_mailbox_index() {
         teams: vec![duty.clone()],
     };
     let members = vec![(duty.clone(), alice.clone()), (duty.clone(), bob.clone())];
-    store.sync_teams(members, 1).await.unwrap();
+    store.sync_teams(members, 1_000).await.unwrap();
     // 0: opaque to alice, 1: opaque to the team, 2: MLS to alice, 3: MLS to
     // the team; acknowledged before they are indexed: 4: opaque to alice,
     // 5: MLS to the team.

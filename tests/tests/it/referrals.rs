@@ -614,15 +614,30 @@ async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
     }
 }
 
+/// Team messages at area `i` settled (no one can list them any more).
+fn settled(fed: &Federation, i: usize) -> i64 {
+    fed.count(i, "SELECT COUNT(*) FROM settled").unwrap()
+}
+
+/// Team messages at area `i` not settled yet.
+fn unsettled(fed: &Federation, i: usize) -> i64 {
+    fed.count(
+        i,
+        "SELECT COUNT(*) FROM inbox WHERE target_kind = 'team' AND message_id NOT IN \
+         (SELECT message_id FROM settled)",
+    )
+    .unwrap()
+}
+
 /// A member who joins a team after a referral reached it is not shown it
 /// (it was encrypted for the team as it was: she would only be told it
-/// cannot be read), and a member who leaves before reading it is no longer
-/// waited for: once the others have read it, it is settled, so its
-/// ciphertext can be erased.
+/// cannot be read), and a member who leaves before reading it is waited for
+/// only a while (she may have been taken out by mistake): then the
+/// referral is settled, so its ciphertext can be erased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leaver_is_not_waited_for(
 ) {
-    let fed = federation_with_keys().await;
+    let mut fed = federation_with_keys().await;
     let b = fed.index("southvale");
     let mut alice = worker(&fed, 0, "alice");
     let (case, missing) = alice
@@ -663,18 +678,17 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
         .reload_file(&fed.areas[b].config_path)
         .await
         .unwrap();
-    // gita in duty and farah in fostering; farah out of duty. erin has
-    // still to read the referral, so nothing is settled yet.
+    // gita in duty and farah in fostering; farah out of duty.
     assert_eq!(
         reloaded.teams,
         gateway::store::TeamChanges {
             joined: 2,
+            returned: 0,
             left: 1,
             settled: 0
         }
     );
-    let settled = || fed.count(b, "SELECT COUNT(*) FROM settled").unwrap();
-    assert_eq!(settled(), 0);
+    assert_eq!(settled(&fed, b), 0);
 
     // gita sees nothing of the case from before she joined: not a message
     // she is told she cannot read.
@@ -689,18 +703,12 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
         .unwrap();
     assert!(listed.messages.is_empty(), "{:?}", listed.messages);
 
-    // erin reads it: no one else is waited for (not farah, who left, nor
-    // gita), so the team's index holds nothing and the referral is settled.
+    // erin reads it. It still waits for farah, who left only just now.
     assert_eq!(
         texts(&read(&mut worker(&fed, b, "erin")).await),
         ["Referral: family moved to southvale"]
     );
-    assert!(settled() >= 1);
-    assert_eq!(
-        fed.count(b, "SELECT COUNT(*) FROM mailbox WHERE target_kind = 'team'")
-            .unwrap(),
-        0
-    );
+    assert_eq!(settled(&fed, b), 0);
     // The case goes on for those in it. gita, in the team but not in the
     // case, is told so (not that a message was refused), and her client
     // acknowledges it, so the team's inbox does not wait for her.
@@ -719,13 +727,24 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
     );
     // dan's client acknowledges its own message's echo when it reads next.
     assert!(dan.read(Duration::ZERO).await.unwrap().is_empty());
-    // Everyone it is for has acknowledged it: it is settled.
-    let unsettled = fed
-        .count(
-            b,
-            "SELECT COUNT(*) FROM inbox WHERE target_kind = 'team' AND message_id NOT IN \
-             (SELECT message_id FROM settled)",
-        )
+    // Stored after farah left, dan's message waited for dan, erin and gita
+    // alone: it is settled. The two before it still wait for farah.
+    assert_eq!((settled(&fed, b), unsettled(&fed, b)), (1, 2));
+    // After `WAIT_FOR_LEAVERS` the gateway's retention pass settles them
+    // too (run here on the stopped gateway's store, a week on).
+    let data_dir = fed.config(b).unwrap().data_dir;
+    let area = fed.areas[b].area.clone();
+    fed.stop(b).await;
+    let store = gateway::store::SqliteStore::open(&data_dir, area).unwrap();
+    let week_on = std::time::SystemTime::now() + gateway::store::WAIT_FOR_LEAVERS;
+    let week_on = week_on
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let n = gateway::store::Store::settle_after_leavers(&store, u64::try_from(week_on).unwrap())
+        .await
         .unwrap();
-    assert_eq!(unsettled, 0);
+    assert_eq!(n, 2);
+    drop(store);
+    assert_eq!((settled(&fed, b), unsettled(&fed, b)), (3, 0));
 }
