@@ -1126,6 +1126,70 @@ async fn an_mls_team_message_is_for_the_members_the_team_had_when_it_was_stored(
     assert_eq!(listed(&alice).await, ids(&[&shared]));
 }
 
+/// Upgraded from schema 5: an MLS message to a team whose last
+/// acknowledgement came while someone since gone from the directory had
+/// not acknowledged it waited for no one; the first mirror settles it.
+#[tokio::test]
+async fn the_first_mirror_of_the_teams_settles_what_an_earlier_gateway_left_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let duty = TeamId::new("duty").unwrap();
+    let alice = UserId::new("alice").unwrap();
+    let mut envs = Vec::new();
+    for n in 0..2u8 {
+        let mut env = incoming(n, &format!("u-{n}"));
+        env.recipient = "team:duty@northshire".parse().unwrap();
+        env.kind = MessageKind::Mls;
+        envs.push(env);
+    }
+    let items = envs
+        .iter()
+        .map(|e| Incoming::Deliver(Box::new(e.clone()), Body(vec![1; 8])))
+        .collect();
+    store
+        .accept_batch(AreaId::new("southvale").unwrap(), items)
+        .await
+        .unwrap();
+    store.call(index_mailboxes).await.unwrap();
+    // As an earlier gateway left them: alice acknowledged the first (bob,
+    // who has left since, never did); no one acknowledged the second.
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    c.execute(
+        "INSERT INTO member_acks (message_id, user_id) VALUES (?1, 'alice')",
+        [envs[0].message_id.as_str()],
+    )
+    .unwrap();
+    let first = store
+        .sync_teams(vec![(duty.clone(), alice.clone())], 1_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        TeamChanges {
+            joined: 1,
+            returned: 0,
+            left: 0,
+            settled: 1
+        }
+    );
+    assert_eq!(
+        indexed(&c, &[&envs[0].message_id, &envs[1].message_id]),
+        vec![0, 1]
+    );
+    let listed = store
+        .inbox(
+            Mailbox {
+                user: alice,
+                teams: vec![duty],
+            },
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].envelope.message_id, envs[1].message_id);
+}
+
 #[tokio::test]
 async fn acknowledged_messages_leave_the_mailbox_index() {
     let dir = tempfile::tempdir().unwrap();
