@@ -130,6 +130,10 @@ struct Meta {
     /// Messages refused once (reported once; they stay unacknowledged).
     #[serde(default)]
     refused: std::collections::BTreeSet<String>,
+    /// Refused messages to a team looked at once more: a client before
+    /// [`Event::NotInCase`] refused those of cases it is not in.
+    #[serde(default)]
+    rechecked: std::collections::BTreeSet<String>,
 }
 
 /// A hand-over sent to the new lead in the transfer group.
@@ -719,35 +723,50 @@ impl Caseworker {
             .filter(|m| m.envelope.kind == MessageKind::Mls)
         {
             let env = &item.envelope;
-            if self.meta.refused.contains(env.message_id.as_str()) {
-                continue;
+            let id = env.message_id.as_str();
+            let to_team = matches!(env.recipient.target, proto::Target::Team(_));
+            // Refused before: reported then, and not looked at again, but
+            // for a message to the team once (see `Meta::rechecked`).
+            let again = self.meta.refused.contains(id);
+            if again {
+                if !to_team || self.meta.rechecked.contains(id) {
+                    continue;
+                }
+                self.meta.rechecked.insert(id.to_owned());
+                self.save()?;
             }
             let fetched = self.api.fetch(&env.message_id).await?;
             let from = env.sender.to_string();
             if fetched.body.hash() != fetched.envelope.content_hash {
                 self.meta.refused.insert(env.message_id.to_string());
                 self.save()?;
-                events.push(Event::Refused {
-                    message_id: env.message_id.clone(),
-                    from,
-                    error: "the body does not match the envelope's content hash".into(),
-                });
+                if !again {
+                    events.push(Event::Refused {
+                        message_id: env.message_id.clone(),
+                        from,
+                        error: "the body does not match the envelope's content hash".into(),
+                    });
+                }
                 continue;
             }
             match self.handle(env, &fetched.body.0).await {
                 Ok(mut evs) => {
                     events.append(&mut evs);
                     self.api.ack(&env.message_id).await?;
+                    if self.meta.refused.remove(id) {
+                        self.save()?;
+                    }
                 }
                 // To our team, in a case whose group we are not in (we
                 // joined the team after the case began, or were not added):
                 // encrypted for its members only, so nothing here is ours to
                 // read. Acknowledged, so the team's inbox does not wait for
                 // us; the members of the case have it.
-                Err(CaseError::Mls(MlsError::UnknownGroup(_)))
-                    if matches!(env.recipient.target, proto::Target::Team(_)) =>
-                {
+                Err(CaseError::Mls(MlsError::UnknownGroup(_))) if to_team => {
                     self.api.ack(&env.message_id).await?;
+                    if self.meta.refused.remove(id) {
+                        self.save()?;
+                    }
                     events.push(Event::NotInCase {
                         message_id: env.message_id.clone(),
                         from,
@@ -757,11 +776,13 @@ impl Caseworker {
                 Err(e) => {
                     self.meta.refused.insert(env.message_id.to_string());
                     self.save()?;
-                    events.push(Event::Refused {
-                        message_id: env.message_id.clone(),
-                        from,
-                        error: e.to_string(),
-                    })
+                    if !again {
+                        events.push(Event::Refused {
+                            message_id: env.message_id.clone(),
+                            from,
+                            error: e.to_string(),
+                        })
+                    }
                 }
             }
         }

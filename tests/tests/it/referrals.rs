@@ -716,6 +716,25 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
         .await
         .unwrap();
     assert_eq!(texts(&read(&mut alice).await), ["Visit booked"]);
+    // As a client from before `NotInCase` left it: refused (reported) and
+    // not acknowledged. The client looks at it once more.
+    let waiting = fed
+        .api(b, "gita")
+        .unwrap()
+        .inbox(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(waiting.messages.len(), 1);
+    let config = ClientConfig::load(&fed.client_config_path(b, "gita")).unwrap();
+    let meta_path = config.data_dir.unwrap().join("cases.json");
+    let mut meta: serde_json::Value = match std::fs::read(&meta_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap(),
+        Err(_) => serde_json::json!({"cases": {}, "pending_history": []}),
+    };
+    meta["refused"] = serde_json::json!([waiting.messages[0].envelope.message_id.to_string()]);
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    drop(gita);
+    let mut gita = worker(&fed, b, "gita");
     let events = read(&mut gita).await;
     assert!(
         matches!(&events[..], [Event::NotInCase { to, .. }] if to == "team:duty@southvale"),
