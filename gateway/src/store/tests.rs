@@ -956,6 +956,12 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
 }
 
 /// How many `mailbox` index entries each of these messages has.
+/// The ids of what a mailbox lists.
+async fn listed_ids(store: &SqliteStore, mb: Mailbox) -> Vec<MessageId> {
+    let items = store.inbox(mb, 100).await.unwrap();
+    items.into_iter().map(|i| i.envelope.message_id).collect()
+}
+
 fn indexed(c: &Connection, ids: &[&MessageId]) -> Vec<i64> {
     ids.iter()
         .map(|id| {
@@ -999,16 +1005,7 @@ async fn an_mls_team_message_is_for_the_members_the_team_had_when_it_was_stored(
             .collect();
         async move { store.accept_batch(peer, items).await.unwrap() }
     };
-    let listed = |u: &UserId| {
-        let (store, mb) = (store.clone(), mb(u));
-        async move {
-            let items = store.inbox(mb, 100).await.unwrap();
-            items
-                .into_iter()
-                .map(|i| i.envelope.message_id)
-                .collect::<Vec<_>>()
-        }
-    };
+    let listed = |u: &UserId| listed_ids(&store, mb(u));
     let ack = |u: &UserId, env: &Envelope| {
         let (store, mb, id) = (store.clone(), mb(u), env.message_id.clone());
         async move { store.ack(mb, id, 9).await.unwrap() }
@@ -1238,16 +1235,7 @@ async fn acknowledged_messages_leave_the_mailbox_index() {
     assert_eq!(store.call(index_mailboxes).await.unwrap(), 4);
     let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
     assert_eq!(indexed(&c, &ids[..4]), vec![1, 1, 1, 1]);
-    let listed = |user: &UserId| {
-        let (store, mb) = (store.clone(), mb(user));
-        async move {
-            let items = store.inbox(mb, 100).await.unwrap();
-            items
-                .into_iter()
-                .map(|i| i.envelope.message_id)
-                .collect::<Vec<_>>()
-        }
-    };
+    let listed = |user: &UserId| listed_ids(&store, mb(user));
     let ack = |user: &UserId, n: usize| {
         let (store, mb, id) = (store.clone(), mb(user), envs[n].message_id.clone());
         async move { store.ack(mb, id, 9).await.unwrap() }

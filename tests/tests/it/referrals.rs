@@ -53,6 +53,24 @@ fn texts(events: &[Event]) -> Vec<String> {
         .collect()
 }
 
+/// alice's referral to southvale's duty team, every member reached: its case.
+async fn refer_to_duty(alice: &mut Caseworker) -> String {
+    let (case, missing) = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            b"Referral: family moved to southvale",
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(missing.is_empty(), "{missing:?}");
+    case
+}
+
 /// A standard federation where everyone has published KeyPackages.
 async fn federation_with_keys() -> Federation {
     let fed = Federation::standard().await.unwrap();
@@ -74,19 +92,7 @@ async fn federation_with_keys() -> Federation {
 async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both_ways() {
     let fed = federation_with_keys().await;
     let mut alice = worker(&fed, 0, "alice");
-    let (case, missing) = alice
-        .refer(
-            &to("team:duty@southvale"),
-            &category("relocation"),
-            false,
-            b"Referral: family moved to southvale",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-    assert!(missing.is_empty());
+    let case = refer_to_duty(&mut alice).await;
     // The writer's bulk pass indexes the referral for the team before anyone
     // reads it.
     let team_indexed = || async {
@@ -640,19 +646,7 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
     let mut fed = federation_with_keys().await;
     let b = fed.index("southvale");
     let mut alice = worker(&fed, 0, "alice");
-    let (case, missing) = alice
-        .refer(
-            &to("team:duty@southvale"),
-            &category("relocation"),
-            false,
-            b"Referral: family moved to southvale",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-    assert!(missing.is_empty());
+    let case = refer_to_duty(&mut alice).await;
     let mut dan = worker(&fed, b, "dan");
     assert_eq!(
         texts(&read(&mut dan).await),
