@@ -205,6 +205,9 @@ pub(crate) struct Shared {
     crls: Arc<revocation::InForce>,
     /// Whether the last reload of the configuration file failed.
     reload_failed: std::sync::atomic::AtomicBool,
+    /// Whether the directory's teams could not be recorded in the store at
+    /// the last start or reload (see `record_teams`).
+    teams_unrecorded: std::sync::atomic::AtomicBool,
     /// Peers' current policy versions.
     peer_policies: sharing::PeerPolicies,
     stop: watch::Sender<bool>,
@@ -392,7 +395,7 @@ impl Gateway {
             .map_err(|e| store::StoreError::Db(format!("opening the store: {e}")))??;
         // Who is in which team: whom the teams' MLS messages are for.
         let directory = Directory::new(&config.users);
-        record_teams(&store, &directory).await;
+        let (_, teams_unrecorded) = record_teams(&store, &directory).await;
         // Peers' pipelined sessions go on where the store left them.
         let sequencer = sequencer::Sequencer::default();
         for (peer, at) in store.peer_sessions().await? {
@@ -447,6 +450,7 @@ impl Gateway {
             peer_clients,
             crls,
             reload_failed: Default::default(),
+            teams_unrecorded: std::sync::atomic::AtomicBool::new(teams_unrecorded),
             peer_policies: sharing::PeerPolicies::default(),
             stop: watch::channel(false).0,
             metrics: Arc::new(metrics::Metrics::default()),
@@ -590,7 +594,10 @@ impl Gateway {
         // is in force was not encrypted for her (its sender's claim saw the
         // old directory), and her client acknowledges it as not hers.
         let directory = Directory::new(&new.users);
-        let teams = record_teams(&shared.store, &directory).await;
+        let (teams, unrecorded) = record_teams(&shared.store, &directory).await;
+        shared
+            .teams_unrecorded
+            .store(unrecorded, std::sync::atomic::Ordering::Relaxed);
         let reloaded = Reloaded {
             users: new.users.len(),
             policy_version: policy.as_ref().map(|p| p.policy.version()),
@@ -803,6 +810,9 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                         shared
                             .reload_failed
                             .load(std::sync::atomic::Ordering::Relaxed),
+                        shared
+                            .teams_unrecorded
+                            .load(std::sync::atomic::Ordering::Relaxed),
                     ));
                     text
                 }
@@ -823,12 +833,13 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
 /// overwritten with zeros, body segments no message refers to any more are
 /// removed, and the WAL is truncated.
 /// Records the directory's teams in the store (see
-/// [`store::Store::sync_teams`]) and says what changed. A failure (a full
-/// disk, say) is logged and changes nothing else: a directory put in force
-/// without it errs on the safe side (a newcomer is shown none of the team's
-/// MLS messages, and a leaver is still waited for) until the next reload or
-/// start records it.
-async fn record_teams(store: &SqliteStore, directory: &Directory) -> store::TeamChanges {
+/// [`store::Store::sync_teams`]) and says what changed, and whether it
+/// failed. A failure (a full disk, say) is logged, shown by the metric
+/// `gateway_teams_unrecorded`, and changes nothing else: a directory put in
+/// force without it errs on the safe side (a newcomer is shown none of the
+/// team's MLS messages, and a leaver is still waited for) until the next
+/// reload or start records it.
+async fn record_teams(store: &SqliteStore, directory: &Directory) -> (store::TeamChanges, bool) {
     match store.sync_teams(directory.memberships(), now_ms()).await {
         Ok(teams) => {
             if teams != store::TeamChanges::default() {
@@ -840,11 +851,11 @@ async fn record_teams(store: &SqliteStore, directory: &Directory) -> store::Team
                     "team members recorded"
                 );
             }
-            teams
+            (teams, false)
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not record the teams' members; newcomers see none of their teams' encrypted messages until this succeeds");
-            store::TeamChanges::default()
+            tracing::warn!(error = %e, "could not record the teams' members; newcomers see none of their teams' encrypted messages until a reload or restart records them");
+            (store::TeamChanges::default(), true)
         }
     }
 }

@@ -301,9 +301,11 @@ pub fn revocation_text(lists: &[certs::CrlInfo], reload_failed: bool) -> String 
 }
 
 /// Whether the last reload of the configuration file (SIGHUP) failed, for
-/// the metrics text: the gateway then runs on the configuration it had.
-pub fn reload_text(failed: bool) -> String {
-    format!("# HELP gateway_config_reload_failed 1 if the last reload of the configuration file (SIGHUP) could not be used: the gateway runs on what it had; see the log.\n# TYPE gateway_config_reload_failed gauge\ngateway_config_reload_failed {}\n", u8::from(failed))
+/// the metrics text: the gateway then runs on the configuration it had; and
+/// whether the directory's teams could not be recorded in the store at the
+/// last start or reload.
+pub fn reload_text(failed: bool, teams_unrecorded: bool) -> String {
+    format!("# HELP gateway_config_reload_failed 1 if the last reload of the configuration file (SIGHUP) could not be used: the gateway runs on what it had; see the log.\n# TYPE gateway_config_reload_failed gauge\ngateway_config_reload_failed {}\n# HELP gateway_teams_unrecorded 1 if the directory's teams could not be recorded in the store at the last start or reload: members new since then see none of their teams' encrypted messages; see the log, make room, reload.\n# TYPE gateway_teams_unrecorded gauge\ngateway_teams_unrecorded {}\n", u8::from(failed), u8::from(teams_unrecorded))
 }
 
 /// A Prometheus label value: backslashes, quotes and line ends escaped.

@@ -41,6 +41,7 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
     let reload_failed = || async {
         let text = fed.metrics_text(a).await.unwrap();
         assert!(text.contains("\ngateway_config_reload_failed "), "{text}");
+        assert!(text.contains("\ngateway_teams_unrecorded 0\n"), "{text}");
         text.contains("\ngateway_config_reload_failed 1\n")
     };
     assert!(!reload_failed().await);
