@@ -628,15 +628,8 @@ async fn cases_command(
                             "case {case_id}: received {entries} chronology entries from {from}"
                         )
                     }
-                    Event::NotInCase {
-                        message_id,
-                        from,
-                        to,
-                    } => println!(
-                        "message {message_id} from {from} to {to} is in a case you are not part of \
-                         (it began before you joined the team, or you were not added); \
-                         if you need it, ask the case's lead to add you"
-                    ),
+                    // Summed up below: a newcomer to a team may have many.
+                    Event::NotInCase { .. } => {}
                     Event::Refused {
                         message_id,
                         from,
@@ -647,6 +640,9 @@ async fn cases_command(
                     }
                     _ => {}
                 }
+            }
+            for line in not_in_case_lines(&events) {
+                println!("{line}");
             }
             if refused {
                 anyhow::bail!("some messages were refused (see above); they stay in the inbox");
@@ -789,9 +785,75 @@ mod erased {
     }
 }
 
+/// One line per team for the messages to it in cases the reader is not
+/// part of ([`Event::NotInCase`]), with who sent them: a newcomer to a
+/// team may get many at once.
+fn not_in_case_lines(events: &[client::cases::Event]) -> Vec<String> {
+    let mut by_team: std::collections::BTreeMap<&str, (usize, std::collections::BTreeSet<&str>)> =
+        Default::default();
+    for e in events {
+        if let client::cases::Event::NotInCase { from, to, .. } = e {
+            let (n, senders) = by_team.entry(to.as_str()).or_default();
+            *n += 1;
+            senders.insert(from.as_str());
+        }
+    }
+    by_team
+        .into_iter()
+        .map(|(to, (n, senders))| {
+            let senders: Vec<&str> = senders.into_iter().collect();
+            let senders = senders.join(", ");
+            if n == 1 {
+                format!(
+                    "1 message to {to} (from {senders}) is in a case you are not part of: it \
+                     began before you joined the team, or you were not added; if you need it, \
+                     ask the case's lead to add you"
+                )
+            } else {
+                format!(
+                    "{n} messages to {to} (from {senders}) are in cases you are not part of: \
+                     they began before you joined the team, or you were not added; if you need \
+                     one, ask its case's lead to add you"
+                )
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_in_cases_one_is_not_part_of_are_summed_up_per_team() {
+        use client::cases::Event;
+        let not_in_case = |n: u8, from: &str, to: &str| Event::NotInCase {
+            message_id: proto::MessageId::from_bytes([n; 16]),
+            from: from.into(),
+            to: to.into(),
+        };
+        let events = vec![
+            not_in_case(1, "user:alice@northshire", "team:duty@southvale"),
+            Event::Removed {
+                case_id: "case-1".into(),
+            },
+            not_in_case(2, "user:dan@southvale", "team:duty@southvale"),
+            not_in_case(3, "user:alice@northshire", "team:duty@southvale"),
+            not_in_case(4, "user:hana@eastmoor", "team:fostering@southvale"),
+        ];
+        assert_eq!(
+            not_in_case_lines(&events),
+            [
+                "3 messages to team:duty@southvale (from user:alice@northshire, user:dan@southvale) \
+                 are in cases you are not part of: they began before you joined the team, or you \
+                 were not added; if you need one, ask its case's lead to add you",
+                "1 message to team:fostering@southvale (from user:hana@eastmoor) is in a case you \
+                 are not part of: it began before you joined the team, or you were not added; if \
+                 you need it, ask the case's lead to add you",
+            ]
+        );
+        assert!(not_in_case_lines(&events[1..2]).is_empty());
+    }
 
     fn api(code: proto::ErrorCode) -> ClientError {
         ClientError::Api {
