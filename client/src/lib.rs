@@ -167,43 +167,47 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+/// `e` and its causes, those inside an `io::Error` included (its `source`
+/// skips the error it wraps, where the TLS layer's error sits).
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Vec<&'a (dyn std::error::Error + 'static)> {
+    let mut all = Vec::new();
+    let mut next = vec![e];
+    while let Some(c) = next.pop() {
+        all.push(c);
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            next.push(inner);
+        }
+        if let Some(s) = c.source() {
+            next.push(s);
+        }
+    }
+    all
+}
+
 /// Whether the TLS layer, somewhere in `e`'s causes, received the alert
-/// `certificate_revoked`. The TLS error sits inside an `io::Error`, whose
-/// `source` skips it, so that is looked into too.
+/// `certificate_revoked`.
 fn revoked_alert(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if matches!(
+    causes(e).into_iter().any(|c| {
+        matches!(
             c.downcast_ref::<certs::rustls::Error>(),
             Some(certs::rustls::Error::AlertReceived(
                 certs::rustls::AlertDescription::CertificateRevoked
             ))
-        ) {
-            return true;
-        }
-        let inner = c
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref());
-        if inner.is_some_and(|i| revoked_alert(i)) {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+        )
+    })
 }
 
 /// Whether an I/O error of `kind` is somewhere in `e`'s causes.
 fn io_kind_in(e: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if c.downcast_ref::<std::io::Error>()
+    causes(e).into_iter().any(|c| {
+        c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == kind)
-        {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    })
 }
 
 /// A failed exchange with the gateway: a revoked certificate (the TLS alert

@@ -827,11 +827,6 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
         .await;
 }
 
-/// Erases, every `retention.erase_every`, the ciphertext of inbox messages
-/// acknowledged longer than `retention.keep_acknowledged` ago: inline
-/// bodies are zeroed in the database's pages, bodies in the body log are
-/// overwritten with zeros, body segments no message refers to any more are
-/// removed, and the WAL is truncated.
 /// Records the directory's teams in the store (see
 /// [`store::Store::sync_teams`]) and says what changed, and whether it
 /// failed. A failure (a full disk, say) is logged, shown by the metric
@@ -860,6 +855,12 @@ async fn record_teams(store: &SqliteStore, directory: &Directory) -> (store::Tea
     }
 }
 
+/// Erases, every `retention.erase_every`, the ciphertext of inbox messages
+/// acknowledged longer than `retention.keep_acknowledged` ago: inline
+/// bodies are zeroed in the database's pages, bodies in the body log are
+/// overwritten with zeros, body segments no message refers to any more are
+/// removed, and the WAL is truncated. First, team messages that waited only
+/// for members gone longer than `store::WAIT_FOR_LEAVERS` are settled.
 async fn erase_loop(shared: Arc<Shared>) {
     /// Messages erased per store call, so other writes interleave.
     const BATCH: usize = 1000;

@@ -143,9 +143,7 @@ impl Federation {
     /// Writes and starts the standard federation with other settings.
     pub async fn standard_with(settings: &Settings) -> anyhow::Result<Federation> {
         let mut fed = Federation::create(&standard_areas(), settings)?;
-        for i in 0..fed.areas.len() {
-            fed.start(i).await?;
-        }
+        fed.start_all().await?;
         Ok(fed)
     }
 
@@ -184,6 +182,21 @@ impl Federation {
         };
         self.areas[i].gateway = Some(gw);
         Ok(())
+    }
+
+    /// Starts every area's gateway.
+    pub async fn start_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.areas.len() {
+            self.start(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops every area's gateway gracefully.
+    pub async fn stop_all(&mut self) {
+        for i in 0..self.areas.len() {
+            self.stop(i).await;
+        }
     }
 
     /// Stops area `i`'s gateway gracefully.

@@ -48,9 +48,7 @@ async fn a_gateway_short_of_disk_refuses_new_messages_serves_the_rest_and_recove
         1,
     );
     std::fs::write(path, config).unwrap();
-    for i in 0..fed.areas.len() {
-        fed.start(i).await.unwrap();
-    }
+    fed.start_all().await.unwrap();
     let alice = fed.api(a, "alice").unwrap();
     let dan = fed.api(b, "dan").unwrap();
     let gita = fed.api(b, "gita").unwrap();

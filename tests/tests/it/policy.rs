@@ -13,9 +13,7 @@ async fn with_policies() -> Federation {
         ..Settings::default()
     };
     let mut fed = Federation::create(&tests::standard_areas(), &settings).unwrap();
-    for i in 0..fed.areas.len() {
-        fed.start(i).await.unwrap();
-    }
+    fed.start_all().await.unwrap();
     fed
 }
 

@@ -33,9 +33,7 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
     fed.serve_metrics(a).unwrap();
-    for i in 0..fed.areas.len() {
-        fed.start(i).await.unwrap();
-    }
+    fed.start_all().await.unwrap();
     let path = fed.areas[a].config_path.clone();
     let original = std::fs::read_to_string(&path).unwrap();
     let reload_failed = || async {
@@ -132,9 +130,7 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
     assert_eq!(r.users, 3);
     assert!(!reload_failed().await);
     bob.me().await.unwrap();
-    for i in 0..fed.areas.len() {
-        fed.stop(i).await;
-    }
+    fed.stop_all().await;
 }
 
 /// Signs area `i`'s development policy again as version `version`.
@@ -220,9 +216,7 @@ async fn a_reload_takes_up_a_renewed_gateway_certificate_and_refuses_an_expired_
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
     fed.serve_metrics(a).unwrap();
-    for i in 0..fed.areas.len() {
-        fed.start(i).await.unwrap();
-    }
+    fed.start_all().await.unwrap();
     let dir = fed.areas[a].dir.clone();
     let before = std::fs::read_to_string(dir.join("gateway.crt")).unwrap();
     assert_eq!(served_certificate(&fed, a, "alice").await, der(&before));
@@ -290,9 +284,7 @@ async fn a_reload_takes_up_a_renewed_gateway_certificate_and_refuses_an_expired_
         served_certificate(&fed, a, "alice").await,
         der(&renewed.cert)
     );
-    for i in 0..fed.areas.len() {
-        fed.stop(i).await;
-    }
+    fed.stop_all().await;
 }
 
 /// southvale moves to a new CA without a restart anywhere: each side takes
@@ -302,9 +294,7 @@ async fn a_reload_takes_up_a_renewed_gateway_certificate_and_refuses_an_expired_
 async fn an_area_moves_to_a_new_ca_by_reloads_alone() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
-    for i in 0..fed.areas.len() {
-        fed.start(i).await.unwrap();
-    }
+    fed.start_all().await.unwrap();
     let alice = fed.api(a, "alice").unwrap();
     let dan = fed.api(b, "dan").unwrap();
     let round_trip = |key: &'static str| {
@@ -350,7 +340,5 @@ async fn an_area_moves_to_a_new_ca_by_reloads_alone() {
     let path = fed.areas[a].config_path.clone();
     fed.gateway(a).unwrap().reload_file(&path).await.unwrap();
     round_trip("new-ca").await;
-    for i in 0..fed.areas.len() {
-        fed.stop(i).await;
-    }
+    fed.stop_all().await;
 }

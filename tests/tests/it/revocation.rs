@@ -62,9 +62,7 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     )
     .unwrap();
     fed.serve_metrics(a).unwrap();
-    for i in 0..fed.areas.len() {
-        fed.start(i).await.unwrap();
-    }
+    fed.start_all().await.unwrap();
     let text = fed.metrics_text(a).await.unwrap();
     assert!(text.contains("gateway_crl_revoked_certificates{area=\"northshire\""));
     assert!(text.contains("gateway_crl_reload_failed 0"));
@@ -162,9 +160,7 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     assert!(recovered);
     let refused = fed.api_with(a, &stolen).unwrap().health().await;
     assert!(is_tls_refusal(&refused), "{refused:?}");
-    for i in 0..fed.areas.len() {
-        fed.stop(i).await;
-    }
+    fed.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,9 +188,7 @@ async fn a_revoked_peer_gateway_is_refused_both_ways_until_it_has_a_new_certific
         "ca = \"ca/ca.crt\"\ncrl_check_every = \"100ms\"\n",
     )
     .unwrap();
-    for i in 0..fed.areas.len() {
-        fed.start(i).await.unwrap();
-    }
+    fed.start_all().await.unwrap();
     let alice = fed.api(a, "alice").unwrap();
     let first = alice
         .submit(&message("user:dan@southvale", "first", b"1".to_vec()).unwrap())
@@ -273,9 +267,7 @@ async fn a_revoked_peer_gateway_is_refused_both_ways_until_it_has_a_new_certific
         .map(|m| m.envelope.idempotency_key.to_string())
         .collect();
     assert_eq!(keys, ["first", "second"], "each message once, in order");
-    for i in 0..fed.areas.len() {
-        fed.stop(i).await;
-    }
+    fed.stop_all().await;
 }
 
 /// What a client sees when it goes on writing after its handshake: TLS 1.3
