@@ -876,7 +876,7 @@ async fn erase_loop(shared: Arc<Shared>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 messages = n,
-                "settled team messages that waited only for members who left"
+                "settled team messages that waited only for members who left; those no one acknowledged went back to their senders as undeliverable"
             ),
             Err(e) => tracing::warn!(error = %e, "could not settle messages waiting for leavers"),
         }

@@ -116,6 +116,13 @@ pub struct PeerQueue {
 /// How long a status update for a peer is kept queued.
 const STATUS_ITEM_VALIDITY_MS: u64 = 30 * 86_400_000;
 
+/// Why a delivered message became undeliverable: the receiving gateway gave
+/// up an MLS message to a team that no one acknowledged, because everyone
+/// it was for left the team (past [`WAIT_FOR_LEAVERS`]). It is the only
+/// reason a receiving gateway gives a message up, so a sender's gateway
+/// told `undeliverable` by a peer records this.
+pub const GIVEN_UP_UNREAD: &str = "no one read it: everyone in the team it was for left the team without acknowledging it. Add the team's current members to the case and send it again";
+
 /// What a submission did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitOutcome {
@@ -1817,7 +1824,9 @@ impl Store for SqliteStore {
                             .optional()?;
                         match area {
                             Some(a) if a == peer.as_str() => {
-                                if advance_sent(c, id.as_str(), *status, *at, None)? {
+                                let reason =
+                                    (*status == Status::Undeliverable).then_some(GIVEN_UP_UNREAD);
+                                if advance_sent(c, id.as_str(), *status, *at, reason)? {
                                     IncomingOutcome::Stored
                                 } else {
                                     IncomingOutcome::Duplicate
@@ -1939,6 +1948,7 @@ impl Store for SqliteStore {
         members: Vec<(TeamId, UserId)>,
         now_ms: u64,
     ) -> Result<TeamChanges, StoreError> {
+        let (tails, own) = (self.tails.clone(), self.own_area.clone());
         self.call(move |c| {
             let first = !c
                 .prepare_cached("SELECT 1 FROM team_sync WHERE id = 0")?
@@ -2005,7 +2015,7 @@ impl Store for SqliteStore {
                     .prepare_cached("SELECT DISTINCT team FROM team_members")?
                     .query_map([], |r| r.get(0))?
                     .collect::<Result<_, _>>()?;
-                changes.settled = settle_waiting_for_no_one(c, &teams, now_ms)?;
+                changes.settled = settle_waiting_for_no_one(c, &tails, &own, &teams, now_ms)?;
             }
             Ok(changes)
         })
@@ -2028,13 +2038,14 @@ impl Store for SqliteStore {
         if teams.is_empty() {
             return Ok(0);
         }
+        let (tails, own) = (self.tails.clone(), self.own_area.clone());
         self.call(move |c| {
             exec(
                 c,
                 "DELETE FROM team_members WHERE left_ms IS NOT NULL AND left_ms <= ?1",
                 params![sql_int(before)],
             )?;
-            settle_waiting_for_no_one(c, &teams, now_ms)
+            settle_waiting_for_no_one(c, &tails, &own, &teams, now_ms)
         })
         .await
     }
@@ -2649,9 +2660,13 @@ fn everyone_acked(c: &Connection, id: &str, team: &str) -> Result<bool, StoreErr
 }
 
 /// Settles the MLS messages to `teams` still listed that every member they
-/// are for has acknowledged (see `everyone_acked`); returns how many.
+/// are for has acknowledged (see `everyone_acked`); returns how many. One
+/// that no one acknowledged (everyone it was for has left the team) is
+/// given up: its sender is told it is undeliverable, and why.
 fn settle_waiting_for_no_one(
     c: &Connection,
+    tails: &Tails,
+    own: &AreaId,
     teams: &[String],
     now_ms: u64,
 ) -> Result<usize, StoreError> {
@@ -2667,12 +2682,36 @@ fn settle_waiting_for_no_one(
             .collect::<Result<_, _>>()?;
         for id in ids {
             if everyone_acked(c, &id, team)? {
+                give_up_if_unread(c, tails, own, &id, now_ms)?;
                 settle(c, &id, now_ms)?;
                 settled += 1;
             }
         }
     }
     Ok(settled)
+}
+
+/// Tells the sender of an inbox message that no one acknowledged that it is
+/// undeliverable (see [`GIVEN_UP_UNREAD`]); an acknowledged one was read.
+fn give_up_if_unread(
+    c: &Connection,
+    tails: &Tails,
+    own: &AreaId,
+    id: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let row: Option<(String, String)> = c
+        .prepare_cached("SELECT envelope, status FROM inbox WHERE message_id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((env, status)) = row else {
+        return Ok(());
+    };
+    if parse_status(&status)?.can_become(Status::Undeliverable) {
+        let env: Envelope = from_json(&env)?;
+        set_inbox_status(c, tails, own, &env, Status::Undeliverable, now_ms)?;
+    }
+    Ok(())
 }
 
 /// Settles a message no one can list any more: its mailbox entries go and
@@ -2727,6 +2766,7 @@ fn set_inbox_status(
     to: Status,
     now_ms: u64,
 ) -> Result<(), StoreError> {
+    let reason = (to == Status::Undeliverable).then_some(GIVEN_UP_UNREAD);
     let id = env.message_id.as_str();
     exec(
         c,
@@ -2738,7 +2778,7 @@ fn set_inbox_status(
         if to == Status::Acknowledged {
             advance_sent(c, id, Status::Fetched, now_ms, None)?;
         }
-        advance_sent(c, id, to, now_ms, None)?;
+        advance_sent(c, id, to, now_ms, reason)?;
     } else {
         let item = FederationItem::Status {
             message_id: env.message_id.clone(),

@@ -200,7 +200,10 @@ impl<'de> Deserialize<'de> for ContentHash {
 }
 
 /// Where a message is in its life. Statuses only move forward, in this order;
-/// `Undeliverable` is final and replaces `Accepted`.
+/// `Undeliverable` is final. It replaces `Accepted` when a message cannot be
+/// delivered within its validity, and follows `Delivered` or `Fetched` when
+/// the receiving gateway gives up an MLS message to a team that everyone it
+/// was for left without acknowledging (see [`Status::can_become`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -212,7 +215,8 @@ pub enum Status {
     Fetched,
     /// A person has acknowledged it.
     Acknowledged,
-    /// It could not be delivered within its validity; the reason says why.
+    /// It could not be delivered within its validity, or no one it was for
+    /// will read it; the reason says why.
     Undeliverable,
 }
 
@@ -255,9 +259,12 @@ impl Status {
     pub fn can_become(self, next: Status) -> bool {
         match (self, next) {
             (Status::Undeliverable, _) => false,
-            // Only a message still waiting at the sender's gateway can bounce.
-            (Status::Accepted, Status::Undeliverable) => true,
-            (_, Status::Undeliverable) => false,
+            // A message still waiting at the sender's gateway can bounce;
+            // one delivered can be given up by the receiving gateway while
+            // no one has acknowledged it (everyone in the team it was for
+            // left it unread). An acknowledged message was read: final.
+            (Status::Accepted | Status::Delivered | Status::Fetched, Status::Undeliverable) => true,
+            (Status::Acknowledged, Status::Undeliverable) => false,
             (a, b) => b.rank() > a.rank(),
         }
     }

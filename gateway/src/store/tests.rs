@@ -1123,6 +1123,161 @@ async fn an_mls_team_message_is_for_the_members_the_team_had_when_it_was_stored(
     assert_eq!(listed(&alice).await, ids(&[&shared]));
 }
 
+/// An MLS message to a team that everyone it was for left without
+/// acknowledging is given up once they have been gone `WAIT_FOR_LEAVERS`:
+/// its sender is told it is undeliverable and why, whether in this area or
+/// in another (through the peer queue, to that area's store). One that a
+/// member acknowledged was read, and is not.
+#[tokio::test]
+async fn a_team_message_everyone_left_unread_goes_back_to_its_sender_as_undeliverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = AreaId::new("northshire").unwrap();
+    let there = AreaId::new("southvale").unwrap();
+    let b = SqliteStore::open(&dir.path().join("b"), here.clone()).unwrap();
+    let a = SqliteStore::open(&dir.path().join("a"), there.clone()).unwrap();
+    let duty = TeamId::new("duty").unwrap();
+    let [alice, carol] = ["alice", "carol"].map(|u| UserId::new(u).unwrap());
+    let mb = |u: &UserId| Mailbox {
+        user: u.clone(),
+        teams: vec![duty.clone()],
+    };
+    let to_duty = |n: u8, from: &AreaId, user: &str| {
+        let mut env = envelope(n, &format!("d-{n}"));
+        env.sender = Sender {
+            area: from.clone(),
+            user: UserId::new(user).unwrap(),
+        };
+        env.recipient = "team:duty@northshire".parse().unwrap();
+        env.kind = MessageKind::Mls;
+        env
+    };
+    // (`envelope(n, ..)`'s body is `n` eight times.)
+    let submit = |store: &SqliteStore, n: u8, env: &Envelope, route: Route| {
+        let store = store.clone();
+        let m = NewMessage {
+            envelope: env.clone(),
+            body: Body(vec![n; 8]),
+            route,
+            commit: None,
+            accept_new: true,
+        };
+        async move { store.submit(m).await.unwrap() }
+    };
+    // Relays what `from` has queued for `to`'s area, as the federation does.
+    let relay = |from: &SqliteStore, from_area: &AreaId, to: &SqliteStore, to_area: &AreaId| {
+        let (from, to) = (from.clone(), to.clone());
+        let (from_area, to_area) = (from_area.clone(), to_area.clone());
+        async move {
+            let queued = from.queued(to_area.clone(), 0, 100).await.unwrap();
+            let items = queued
+                .iter()
+                .map(|q| match &q.item {
+                    FederationItem::Deliver { envelope, body } => {
+                        Incoming::Deliver(envelope.clone(), body.clone())
+                    }
+                    FederationItem::Status {
+                        message_id,
+                        status,
+                        at_ms,
+                    } => Incoming::Status(message_id.clone(), *status, *at_ms),
+                })
+                .collect();
+            to.accept_batch(from_area, items).await.unwrap();
+            let verdicts = queued.iter().map(|q| (q.seq, Sent::Accepted)).collect();
+            from.sent(to_area, verdicts, 5).await.unwrap();
+            queued.into_iter().map(|q| q.item).collect::<Vec<_>>()
+        }
+    };
+    let status = |store: &SqliteStore, env: &Envelope| {
+        let (store, env) = (store.clone(), env.clone());
+        async move {
+            store
+                .status(env.sender.user.clone(), env.message_id.clone())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let dave = UserId::new("dave").unwrap();
+    b.sync_teams(
+        vec![(duty.clone(), alice.clone()), (duty.clone(), dave.clone())],
+        1_000,
+    )
+    .await
+    .unwrap();
+
+    // From bob in the other area: fetched by alice, never acknowledged.
+    let fetched = to_duty(1, &there, "bob");
+    submit(&a, 1, &fetched, Route::Peer(here.clone())).await;
+    // From carol here: not even fetched.
+    let unread = to_duty(2, &here, "carol");
+    submit(&b, 2, &unread, Route::Local).await;
+    // From bob: acknowledged by alice (not dave) while she was in the team.
+    let read = to_duty(3, &there, "bob");
+    submit(&a, 3, &read, Route::Peer(here.clone())).await;
+    relay(&a, &there, &b, &here).await;
+    assert_eq!(status(&a, &fetched).await.status, Status::Delivered);
+    b.fetch(mb(&alice), fetched.message_id.clone(), 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        b.ack(mb(&alice), read.message_id.clone(), 11)
+            .await
+            .unwrap(),
+        Some(Status::Acknowledged)
+    );
+    relay(&b, &here, &a, &there).await;
+    assert_eq!(status(&a, &fetched).await.status, Status::Fetched);
+
+    // alice and dave leave the team; carol, who joins, was never in the case.
+    b.sync_teams(vec![(duty.clone(), carol.clone())], 2_000)
+        .await
+        .unwrap();
+    let wait_ms = u64::try_from(WAIT_FOR_LEAVERS.as_millis()).unwrap();
+    assert_eq!(
+        b.settle_after_leavers(2_000 + wait_ms - 1).await.unwrap(),
+        0
+    );
+    assert_eq!(status(&b, &unread).await.status, Status::Delivered);
+    assert_eq!(b.settle_after_leavers(2_000 + wait_ms).await.unwrap(), 3);
+
+    // carol, here, is told at once; bob once the news has crossed.
+    let given_up = |s: StatusResponse| {
+        assert_eq!(s.status, Status::Undeliverable, "{s:?}");
+        let last = s.history.last().unwrap();
+        assert_eq!(last.status, Status::Undeliverable);
+        assert_eq!(last.reason.as_deref(), Some(GIVEN_UP_UNREAD));
+    };
+    given_up(status(&b, &unread).await);
+    let news = relay(&b, &here, &a, &there).await;
+    assert!(
+        matches!(&news[..], [FederationItem::Status { message_id, status: Status::Undeliverable, .. }] if *message_id == fetched.message_id),
+        "{news:?}"
+    );
+    given_up(status(&a, &fetched).await);
+    // Its history keeps the steps it did reach.
+    let steps: Vec<Status> = status(&a, &fetched)
+        .await
+        .history
+        .iter()
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            Status::Accepted,
+            Status::Delivered,
+            Status::Fetched,
+            Status::Undeliverable
+        ]
+    );
+    assert_eq!(status(&a, &read).await.status, Status::Acknowledged);
+    // Decided once: another pass changes nothing and queues nothing.
+    assert_eq!(b.settle_after_leavers(3_000 + wait_ms).await.unwrap(), 0);
+    assert!(b.queued(there, 0, 100).await.unwrap().is_empty());
+}
+
 /// Upgraded from schema 5: an MLS message to a team whose last
 /// acknowledgement came while someone since gone from the directory had
 /// not acknowledged it waited for no one; the first mirror settles it.

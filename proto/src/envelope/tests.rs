@@ -36,3 +36,28 @@ fn a_message_id_is_32_lowercase_hex_digits_in_time_order() {
     assert_eq!(&a.as_str()[..12], "018bcfe56800");
     assert!(a < b);
 }
+
+#[test]
+fn statuses_move_forward_and_only_an_unacknowledged_message_can_become_undeliverable() {
+    use Status::*;
+    let all = [Accepted, Delivered, Fetched, Acknowledged, Undeliverable];
+    let allowed: Vec<(Status, Status)> = all
+        .iter()
+        .flat_map(|a| all.iter().map(move |b| (*a, *b)))
+        .filter(|(a, b)| a.can_become(*b))
+        .collect();
+    assert_eq!(
+        allowed,
+        [
+            (Accepted, Delivered),
+            (Accepted, Fetched),
+            (Accepted, Acknowledged),
+            (Accepted, Undeliverable),
+            (Delivered, Fetched),
+            (Delivered, Acknowledged),
+            (Delivered, Undeliverable),
+            (Fetched, Acknowledged),
+            (Fetched, Undeliverable),
+        ]
+    );
+}

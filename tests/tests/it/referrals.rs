@@ -761,3 +761,90 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
     drop(store);
     assert_eq!((settled(&fed, b), unsettled(&fed, b)), (3, 0));
 }
+
+/// A referral that everyone in the team it went to left without reading
+/// (and stayed away `WAIT_FOR_LEAVERS`) goes back to its sender as
+/// undeliverable, saying why: it is not settled and erased in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referral_everyone_in_the_team_left_unread_comes_back_to_its_sender_as_undeliverable() {
+    let mut fed = federation_with_keys().await;
+    let b = fed.index("southvale");
+    let mut alice = worker(&fed, 0, "alice");
+    refer_to_duty(&mut alice).await;
+    // The case's Welcome and the referral, both to the team.
+    let ids: Vec<proto::MessageId> = rusqlite::Connection::open(fed.db_path(0))
+        .unwrap()
+        .prepare("SELECT message_id FROM sent WHERE envelope LIKE '%team:duty@southvale%'")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|id| id.unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let api = fed.api(0, "alice").unwrap();
+    let reached = |want: proto::Status| {
+        let (api, ids) = (api.clone(), ids.clone());
+        async move {
+            eventually(Duration::from_secs(30), || async {
+                for id in &ids {
+                    if api.status(id).await.map(|s| s.status).ok() != Some(want) {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await
+        }
+    };
+    assert!(reached(proto::Status::Delivered).await);
+
+    // No one has read it when the whole duty team moves to fostering.
+    for _ in 0..3 {
+        fed.edit_config(b, "teams = [\"duty\"]", "teams = [\"fostering\"]")
+            .unwrap();
+    }
+    let reloaded = fed
+        .gateway(b)
+        .unwrap()
+        .reload_file(&fed.areas[b].config_path)
+        .await
+        .unwrap();
+    assert_eq!(reloaded.teams.left, 3);
+    assert_eq!(unsettled(&fed, b), 2);
+
+    // A week on, the retention pass gives it up (run here on the stopped
+    // gateway's store), and the news crosses once the gateway is back.
+    let data_dir = fed.config(b).unwrap().data_dir;
+    let area = fed.areas[b].area.clone();
+    fed.stop(b).await;
+    let store = gateway::store::SqliteStore::open(&data_dir, area).unwrap();
+    let week_on = std::time::SystemTime::now() + gateway::store::WAIT_FOR_LEAVERS;
+    let week_on = week_on
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let n = gateway::store::Store::settle_after_leavers(&store, u64::try_from(week_on).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    drop(store);
+    assert_eq!(unsettled(&fed, b), 0);
+    fed.start(b).await.unwrap();
+    assert!(reached(proto::Status::Undeliverable).await);
+    for id in &ids {
+        let st = api.status(id).await.unwrap();
+        let steps: Vec<_> = st.history.iter().map(|e| e.status).collect();
+        assert_eq!(
+            steps,
+            [
+                proto::Status::Accepted,
+                proto::Status::Delivered,
+                proto::Status::Undeliverable
+            ]
+        );
+        assert_eq!(
+            st.history[2].reason.as_deref(),
+            Some(gateway::store::GIVEN_UP_UNREAD)
+        );
+    }
+}
