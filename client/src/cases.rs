@@ -144,6 +144,14 @@ struct Transfer {
     history: Vec<u8>,
 }
 
+/// What a message sent is, and its case, for the record of sent messages
+/// (`None`: MLS housekeeping, such as commits, is not recorded).
+type Recording<'a> = Option<(&'a str, &'a str)>;
+
+/// How the record names a Welcome: the invitation that lets its members
+/// read the case.
+const INVITATION: &str = "case invitation";
+
 /// Marks a handover request inside a case's application messages.
 const HANDOVER_MARK: &[u8] = b"\0handover-request\0";
 
@@ -163,6 +171,7 @@ pub struct Caseworker {
     me: Recipient,
     meta_path: PathBuf,
     meta: Meta,
+    sent: crate::sent::SentLog,
 }
 
 impl std::fmt::Debug for Caseworker {
@@ -228,6 +237,7 @@ impl Caseworker {
             .unwrap_or_else(|| PathBuf::from("client.data"));
         let mls = MlsClient::open(&dir, &identity.uri())?;
         let meta_path = dir.join("cases.json");
+        let sent = crate::sent::SentLog::in_dir(&dir);
         let meta = match std::fs::read(&meta_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CaseError::Metadata {
                 path: meta_path.clone(),
@@ -249,6 +259,7 @@ impl Caseworker {
             me,
             meta_path,
             meta,
+            sent,
         })
     }
 
@@ -319,6 +330,11 @@ impl Caseworker {
         &self.mls
     }
 
+    /// The connection to the home gateway.
+    pub fn api(&self) -> &Api {
+        &self.api
+    }
+
     /// Publishes `n` single-use KeyPackages and a last-resort one.
     pub async fn publish_keys(&mut self, n: usize) -> Result<proto::KeyPackageStock, CaseError> {
         let mut kps = self.mls.key_packages(n)?;
@@ -351,11 +367,13 @@ impl Caseworker {
         urgent: bool,
         key: String,
         body: Vec<u8>,
+        what: Recording<'_>,
     ) -> Result<MessageId, CaseError> {
-        self.submit_declared(to, category, urgent, key, body, None)
+        self.submit_declared(to, category, urgent, key, body, None, what)
             .await
     }
 
+    #[allow(clippy::too_many_arguments)] // the message's parts, and its record
     async fn submit_declared(
         &self,
         to: &str,
@@ -364,6 +382,7 @@ impl Caseworker {
         key: String,
         body: Vec<u8>,
         disclosure: Option<proto::Disclosure>,
+        what: Recording<'_>,
     ) -> Result<MessageId, CaseError> {
         let req = SubmitRequest {
             idempotency_key: IdempotencyKey::new(key)
@@ -381,6 +400,21 @@ impl Caseworker {
         let r = self.api.submit(&req).await?;
         if let Some(w) = &r.waiting {
             tracing::warn!("{}", crate::waiting_note(&area, w));
+        }
+        if let Some((what, case)) = what {
+            let entry = crate::sent::SentEntry {
+                message_id: r.message_id.clone(),
+                to: to.to_owned(),
+                what: what.to_owned(),
+                case: Some(case.to_owned()),
+                category: category.to_string(),
+                at_ms: crate::now_ms(),
+            };
+            // Sent is sent: a record that cannot be written is reported,
+            // not turned into a failure the worker would retry.
+            if let Err(e) = self.sent.record(entry) {
+                tracing::warn!(error = %e, "could not record a sent message");
+            }
         }
         Ok(r.message_id)
     }
@@ -431,6 +465,7 @@ impl Caseworker {
             urgent,
             format!("{key}:welcome"),
             welcome,
+            Some((INVITATION, &case_id)),
         )
         .await?;
         let msg = self.mls.encrypt(&group, body)?;
@@ -441,6 +476,7 @@ impl Caseworker {
             format!("{key}:message"),
             msg,
             disclosure,
+            Some(("referral", &case_id)),
         )
         .await?;
         Ok((case_id, missing))
@@ -458,7 +494,7 @@ impl Caseworker {
         let group = self.group_of(case_id)?;
         let key = key.unwrap_or_else(fresh_key);
         let msg = self.mls.encrypt(&group, body)?;
-        self.fan_out_declared(case_id, category, &key, msg, disclosure)
+        self.fan_out_declared(case_id, category, &key, msg, disclosure, Some("reply"))
             .await
     }
 
@@ -469,10 +505,12 @@ impl Caseworker {
         key: &str,
         bytes: Vec<u8>,
     ) -> Result<Vec<MessageId>, CaseError> {
-        self.fan_out_declared(case_id, category, key, bytes, None)
+        self.fan_out_declared(case_id, category, key, bytes, None, None)
             .await
     }
 
+    /// Sends `bytes` to each of the case's addresses but ours; `what` names
+    /// them in the record of sent messages (none for MLS housekeeping).
     async fn fan_out_declared(
         &self,
         case_id: &str,
@@ -480,6 +518,7 @@ impl Caseworker {
         key: &str,
         bytes: Vec<u8>,
         disclosure: Option<proto::Disclosure>,
+        what: Option<&str>,
     ) -> Result<Vec<MessageId>, CaseError> {
         let me = self.me.to_string();
         let mut ids = Vec::new();
@@ -501,6 +540,7 @@ impl Caseworker {
                         format!("{key}:{i}"),
                         bytes.clone(),
                         disclosure.clone(),
+                        what.map(|w| (w, case_id)),
                     )
                     .await?,
                 );
@@ -530,6 +570,7 @@ impl Caseworker {
             false,
             format!("{key}:welcome"),
             welcome,
+            Some((INVITATION, case_id)),
         )
         .await?;
         let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();
@@ -587,6 +628,7 @@ impl Caseworker {
             false,
             format!("{key}:transfer-welcome"),
             welcome_t,
+            None,
         )
         .await?;
         self.submit(
@@ -595,6 +637,7 @@ impl Caseworker {
             false,
             format!("{key}:transfer"),
             transfer_msg,
+            Some(("handover", case_id)),
         )
         .await?;
         let request = serde_json::to_vec(&HandoverRequest {
@@ -644,6 +687,7 @@ impl Caseworker {
             false,
             format!("{key}:welcome"),
             welcome,
+            Some((INVITATION, case_id)),
         )
         .await?;
         let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();

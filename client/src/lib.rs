@@ -13,6 +13,7 @@ pub mod cases;
 pub mod lint;
 pub mod mls;
 pub mod referral;
+pub mod sent;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,11 +29,15 @@ use serde::Deserialize;
 /// gateways' idempotency indexes grow at one end
 /// ([`proto::IdempotencyKey::time_ordered`]).
 pub fn fresh_idempotency_key() -> proto::IdempotencyKey {
-    let ms = SystemTime::now()
+    proto::IdempotencyKey::time_ordered(now_ms(), rand::random())
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    proto::IdempotencyKey::time_ordered(ms, rand::random())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Why a client operation failed.

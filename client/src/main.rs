@@ -80,6 +80,21 @@ enum Command {
         /// The message id.
         id: MessageId,
     },
+    /// List what you sent from this client (referrals, case invitations,
+    /// replies, messages) with where each is now, newest last: delivered to
+    /// the area's gateway, fetched, acknowledged by a person, or
+    /// undeliverable and why. `read` also tells you when one comes back
+    /// undeliverable.
+    ///
+    /// Example: client sent --open
+    Sent {
+        /// Only what was sent in the last this many days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// Only what is not yet acknowledged or undeliverable.
+        #[arg(long)]
+        open: bool,
+    },
     /// Publish your MLS KeyPackages so others can add you to referrals.
     ///
     /// Run once after setup, and again when `read` says your stock is low.
@@ -315,6 +330,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(w) = &r.waiting {
                 eprintln!("warning: {}", client::waiting_note(&area, w));
             }
+            if !r.duplicate {
+                let entry = client::sent::SentEntry {
+                    message_id: r.message_id.clone(),
+                    to: req.recipient.to_string(),
+                    what: "message".into(),
+                    case: None,
+                    category: req.category.to_string(),
+                    at_ms: now_ms(),
+                };
+                if let Err(e) = sent_log(&config).record(entry) {
+                    eprintln!("warning: sent, but not recorded for `client sent`: {e}");
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -367,6 +395,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { id } => {
             let r = api.status(&id).await?;
             print(&r);
+        }
+        Command::Sent { days, open } => {
+            let since = now_ms().saturating_sub(days.saturating_mul(86_400_000));
+            let rows = client::sent::check(&sent_log(&config), &api, since, open).await?;
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else if rows.is_empty() {
+                println!("nothing sent from this client in the last {days} days");
+            } else {
+                for line in sent_lines(&rows) {
+                    println!("{line}");
+                }
+            }
         }
         other => cases_command(&config, api, other, json).await?,
     }
@@ -644,10 +685,26 @@ async fn cases_command(
             for line in not_in_case_lines(&events) {
                 println!("{line}");
             }
+            // What this worker sent that came back since the last look.
+            let since = now_ms().saturating_sub(SENT_NEWS_DAYS * 86_400_000);
+            let mut came_back = 0;
+            match client::sent::check(&sent_log(config), cw.api(), since, true).await {
+                Ok(rows) => {
+                    for line in came_back_lines(&rows) {
+                        came_back += 1;
+                        if json {
+                            println!("{}", serde_json::json!({ "came_back": line }));
+                        } else {
+                            println!("{line}");
+                        }
+                    }
+                }
+                Err(e) => eprintln!("warning: could not check what you sent: {e}"),
+            }
             if refused {
                 anyhow::bail!("some messages were refused (see above); they stay in the inbox");
             }
-            if events.is_empty() && wait > 0 {
+            if events.is_empty() && came_back == 0 && wait > 0 {
                 return Err(Empty.into());
             }
         }
@@ -820,6 +877,80 @@ fn not_in_case_lines(events: &[client::cases::Event]) -> Vec<String> {
         .collect()
 }
 
+/// How far back `read` looks for sent messages that came back.
+const SENT_NEWS_DAYS: u64 = 30;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The record of what this client sent, in its data directory.
+fn sent_log(config: &ClientConfig) -> client::sent::SentLog {
+    client::sent::SentLog::in_dir(&config.data_dir.clone().unwrap_or_default())
+}
+
+fn when(at_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at_ms))
+        .to_string()
+}
+
+/// `client sent`: one line per message, and the reason under one that is
+/// undeliverable or waiting.
+fn sent_lines(rows: &[client::sent::Checked]) -> Vec<String> {
+    let mut out = vec![format!(
+        "{:<20}  {:<15}  {:<28}  {:<22}  STATUS",
+        "SENT", "WHAT", "TO", "CASE"
+    )];
+    for r in rows {
+        let e = &r.entry;
+        let status = match (&r.status, &r.error) {
+            (Some(s), _) => s.as_str().to_owned(),
+            (None, Some(err)) => format!("unknown ({err})"),
+            (None, None) => "unknown".to_owned(),
+        };
+        out.push(format!(
+            "{:<20}  {:<15}  {:<28}  {:<22}  {status}",
+            when(e.at_ms),
+            e.what,
+            e.to,
+            e.case.as_deref().unwrap_or("-")
+        ));
+        if let Some(reason) = &r.reason {
+            out.push(format!("    why: {reason}"));
+        }
+        if let (Some(w), Ok(to)) = (&r.waiting, e.to.parse::<Recipient>()) {
+            out.push(format!("    {}", client::waiting_note(&to.area, w)));
+        }
+    }
+    out
+}
+
+/// `client read`: what this worker sent that has come back undeliverable
+/// since they last looked, each once.
+fn came_back_lines(rows: &[client::sent::Checked]) -> Vec<String> {
+    rows.iter()
+        .filter(|r| r.newly_final && r.status == Some(proto::Status::Undeliverable))
+        .map(|r| {
+            let e = &r.entry;
+            let case = e
+                .case
+                .as_deref()
+                .map(|c| format!(" in case {c}"))
+                .unwrap_or_default();
+            format!(
+                "UNDELIVERABLE: your {}{case} to {} (sent {}) came back: {}",
+                e.what,
+                e.to,
+                when(e.at_ms),
+                r.reason.as_deref().unwrap_or("no reason given")
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -853,6 +984,81 @@ mod tests {
             ]
         );
         assert!(not_in_case_lines(&events[1..2]).is_empty());
+    }
+
+    fn checked(n: u8, status: Option<proto::Status>, newly_final: bool) -> client::sent::Checked {
+        client::sent::Checked {
+            entry: client::sent::SentEntry {
+                message_id: proto::MessageId::from_bytes([n; 16]),
+                to: "team:duty@southvale".into(),
+                what: "referral".into(),
+                case: Some("case-7".into()),
+                category: "relocation".into(),
+                at_ms: 1_795_000_000_000,
+            },
+            status,
+            reason: (status == Some(proto::Status::Undeliverable)).then(|| "no one read it".into()),
+            waiting: None,
+            newly_final,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn sent_messages_are_listed_with_their_status_and_why_one_came_back() {
+        let mut waiting = checked(3, Some(proto::Status::Accepted), false);
+        waiting.waiting = Some(proto::Waiting {
+            since_ms: 1_795_000_000_000,
+            last_error: "connection refused".into(),
+        });
+        let mut unknown = checked(4, None, false);
+        unknown.error = Some("gateway refused (404, NotFound): no such message".into());
+        let lines = sent_lines(&[
+            checked(1, Some(proto::Status::Acknowledged), false),
+            checked(2, Some(proto::Status::Undeliverable), true),
+            waiting,
+            unknown,
+        ]);
+        let expected_row = |status: &str| {
+            format!(
+                "{:<20}  {:<15}  {:<28}  {:<22}  {status}",
+                "2026-11-18T11:06:40Z", "referral", "team:duty@southvale", "case-7"
+            )
+        };
+        assert_eq!(lines.len(), 7, "{lines:#?}");
+        assert!(lines[0].starts_with("SENT"), "{}", lines[0]);
+        assert_eq!(lines[1], expected_row("acknowledged"));
+        assert_eq!(lines[2], expected_row("undeliverable"));
+        assert_eq!(lines[3], "    why: no one read it");
+        assert_eq!(lines[4], expected_row("accepted"));
+        assert!(
+            lines[5].contains("southvale's gateway has not taken messages since")
+                && lines[5].contains("connection refused"),
+            "{}",
+            lines[5]
+        );
+        assert_eq!(
+            lines[6],
+            expected_row("unknown (gateway refused (404, NotFound): no such message)")
+        );
+    }
+
+    #[test]
+    fn read_tells_of_what_came_back_undeliverable_once() {
+        let rows = [
+            checked(1, Some(proto::Status::Acknowledged), true),
+            checked(2, Some(proto::Status::Undeliverable), true),
+            // Told at an earlier read.
+            checked(3, Some(proto::Status::Undeliverable), false),
+            checked(4, Some(proto::Status::Delivered), false),
+        ];
+        assert_eq!(
+            came_back_lines(&rows),
+            [
+                "UNDELIVERABLE: your referral in case case-7 to team:duty@southvale \
+              (sent 2026-11-18T11:06:40Z) came back: no one read it"
+            ]
+        );
     }
 
     fn api(code: proto::ErrorCode) -> ClientError {

@@ -411,6 +411,41 @@ async fn cli_encrypted_referral_reaches_the_whole_team_and_the_gateways_hold_cip
         let log = std::fs::read(demo.area_dir(i).join("gateway.log")).unwrap();
         assert!(!log.windows(secret.len()).any(|w| w == secret.as_bytes()));
     }
+    // alice sees where what she sent is: read by the team (each member's
+    // client acknowledged it as it read).
+    let mut listed = String::new();
+    for _ in 0..100 {
+        let (code, out, err) = cli(&alice, &["sent"], None).await;
+        assert_eq!(code, 0, "{err}");
+        listed = out;
+        if listed
+            .lines()
+            .filter(|l| l.ends_with("acknowledged"))
+            .count()
+            == 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    for (row, what) in rows.iter().zip(["case invitation", "referral"]) {
+        assert!(
+            row.contains(what)
+                && row.contains("team:duty@southvale")
+                && row.contains(&case)
+                && row.ends_with("acknowledged"),
+            "{listed}"
+        );
+    }
+    // Nothing is open any more; JSON for scripts.
+    let (code, out, err) = cli(&alice, &["--json", "sent", "--open"], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "[]");
+    // Nothing came back: `read` has nothing to say.
+    let (code, out, err) = cli(&alice, &["read", "--wait", "1"], None).await;
+    assert_eq!(code, 6, "{out}{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

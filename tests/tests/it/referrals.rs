@@ -847,4 +847,32 @@ async fn a_referral_everyone_in_the_team_left_unread_comes_back_to_its_sender_as
             Some(gateway::store::GIVEN_UP_UNREAD)
         );
     }
+    // alice's client recorded both: the next check tells her once (what
+    // `client read` prints), and `client sent` keeps showing why.
+    let config = ClientConfig::load(&fed.client_config_path(0, "alice")).unwrap();
+    let log = client::sent::SentLog::in_dir(&config.data_dir.unwrap());
+    let check = |open_only: bool| client::sent::check(&log, &api, 0, open_only);
+    let news = check(true).await.unwrap();
+    let told: Vec<(&str, &str, bool)> = news
+        .iter()
+        .map(|c| (c.entry.what.as_str(), c.entry.to.as_str(), c.newly_final))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("case invitation", "team:duty@southvale", true),
+            ("referral", "team:duty@southvale", true)
+        ]
+    );
+    for c in &news {
+        assert_eq!(c.status, Some(proto::Status::Undeliverable));
+        assert_eq!(c.reason.as_deref(), Some(gateway::store::GIVEN_UP_UNREAD));
+        assert!(ids.contains(&c.entry.message_id));
+    }
+    assert!(check(true).await.unwrap().is_empty(), "told once");
+    let all = check(false).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|c| !c.newly_final
+        && c.status == Some(proto::Status::Undeliverable)
+        && c.reason.as_deref() == Some(gateway::store::GIVEN_UP_UNREAD)));
 }

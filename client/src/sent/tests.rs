@@ -1,0 +1,101 @@
+//! The record of sent messages on a real file.
+
+use super::*;
+
+fn entry(n: u8, to: &str) -> SentEntry {
+    SentEntry {
+        message_id: MessageId::time_ordered(1_000 + u64::from(n), [n; 10]),
+        to: to.into(),
+        what: "referral".into(),
+        case: Some(format!("case-{n}")),
+        category: "relocation".into(),
+        at_ms: 1_000 + u64::from(n),
+    }
+}
+
+#[test]
+fn sent_messages_are_read_back_in_order_with_the_final_statuses_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SentLog::in_dir(&dir.path().join("data"));
+    assert!(log.read().unwrap().is_empty(), "no file yet: nothing sent");
+    let (a, b) = (
+        entry(1, "team:duty@southvale"),
+        entry(2, "user:dan@southvale"),
+    );
+    log.record(a.clone()).unwrap();
+    log.record(b.clone()).unwrap();
+    let gone = FinalStatus {
+        status: Status::Undeliverable,
+        reason: Some("no one read it".into()),
+    };
+    log.record_final(&a.message_id, gone.clone()).unwrap();
+    // A final status for a message not recorded here changes nothing.
+    log.record_final(
+        &entry(3, "x").message_id,
+        FinalStatus {
+            status: Status::Acknowledged,
+            reason: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        log.read().unwrap(),
+        [
+            Recorded {
+                entry: a,
+                last: Some(gone)
+            },
+            Recorded {
+                entry: b,
+                last: None
+            }
+        ]
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("data/sent.jsonl"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[test]
+fn a_torn_or_foreign_line_is_skipped_and_the_rest_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SentLog::in_dir(dir.path());
+    let (a, b) = (
+        entry(1, "team:duty@southvale"),
+        entry(2, "user:dan@southvale"),
+    );
+    log.record(a.clone()).unwrap();
+    // A write cut short, then a line that is not ours.
+    let path = dir.path().join("sent.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"{\"sent\":{\"message_id\":\"00\n[1,2]\n\xff\xfe\n")
+        .unwrap();
+    drop(f);
+    log.record(b.clone()).unwrap();
+    let read: Vec<SentEntry> = log.read().unwrap().into_iter().map(|r| r.entry).collect();
+    assert_eq!(read, [a, b]);
+}
+
+#[test]
+fn only_acknowledged_and_undeliverable_are_final() {
+    let finals: Vec<Status> = [
+        Status::Accepted,
+        Status::Delivered,
+        Status::Fetched,
+        Status::Acknowledged,
+        Status::Undeliverable,
+    ]
+    .into_iter()
+    .filter(|s| is_final(*s))
+    .collect();
+    assert_eq!(finals, [Status::Acknowledged, Status::Undeliverable]);
+}
