@@ -97,7 +97,8 @@ pub enum Event {
     },
     /// A message to our team in a case we are not part of (it began before
     /// we joined the team, or we were not added): it is encrypted for the
-    /// case's members only. Acknowledged; the case's lead can add us.
+    /// case's members only. Set aside (the team's inbox stops waiting for
+    /// us; its sender is not told it was read); the case's lead can add us.
     NotInCase {
         /// The message.
         message_id: MessageId,
@@ -804,10 +805,11 @@ impl Caseworker {
                 // To our team, in a case whose group we are not in (we
                 // joined the team after the case began, or were not added):
                 // encrypted for its members only, so nothing here is ours to
-                // read. Acknowledged, so the team's inbox does not wait for
-                // us; the members of the case have it.
+                // read. Set aside, so the team's inbox does not wait for us;
+                // the members of the case have it. Not acknowledged: its
+                // sender must not be told a person has read it.
                 Err(CaseError::Mls(MlsError::UnknownGroup(_))) if to_team => {
-                    self.api.ack(&env.message_id).await?;
+                    self.api.not_in_case(&env.message_id).await?;
                     if self.meta.refused.remove(id) {
                         self.save()?;
                     }

@@ -538,6 +538,20 @@ impl Api {
             .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// Says that a message to one's team is in a case one is not part of
+    /// (it cannot be decrypted here): the team's inbox stops waiting for
+    /// us, and its sender is not told it was acknowledged. Returns its
+    /// status, unchanged by this.
+    pub async fn not_in_case(&self, id: &MessageId) -> Result<Status, ClientError> {
+        let body = serde_json::to_vec(&proto::AckRequest { not_in_case: true })
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let v: serde_json::Value = self
+            .post_raw(&format!("/v1/messages/{id}/ack"), body)
+            .await?;
+        serde_json::from_value(v.get("status").cloned().unwrap_or_default())
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// A sent message's status and history.
     pub async fn status(&self, id: &MessageId) -> Result<StatusResponse, ClientError> {
         self.get(&format!("/v1/messages/{id}/status")).await

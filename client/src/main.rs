@@ -330,18 +330,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(w) = &r.waiting {
                 eprintln!("warning: {}", client::waiting_note(&area, w));
             }
-            if !r.duplicate {
-                let entry = client::sent::SentEntry {
-                    message_id: r.message_id.clone(),
-                    to: req.recipient.to_string(),
-                    what: "message".into(),
-                    case: None,
-                    category: req.category.to_string(),
-                    at_ms: now_ms(),
-                };
-                if let Err(e) = sent_log(&config).record(entry) {
-                    eprintln!("warning: sent, but not recorded for `client sent`: {e}");
-                }
+            // Also a repeat: the first try may have reached the gateway
+            // unrecorded (the record keeps a message once).
+            let entry = client::sent::SentEntry {
+                message_id: r.message_id.clone(),
+                to: req.recipient.to_string(),
+                what: "message".into(),
+                case: None,
+                category: req.category.to_string(),
+                at_ms: now_ms(),
+            };
+            if let Err(e) = sent_log(&config).record(entry) {
+                eprintln!("warning: sent, but not recorded for `client sent`: {e}");
             }
             if json {
                 println!("{}", serde_json::to_string(&r)?);

@@ -483,9 +483,34 @@ async fn ack(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
     Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, Failure> {
     let (_, mb) = user_of(&shared, &peer)?;
     let id = message_id(&id)?;
+    let body = read_body(body)?;
+    let req: proto::AckRequest = if body.is_empty() {
+        proto::AckRequest::default()
+    } else {
+        parse_json(Ok(body))?
+    };
+    if req.not_in_case {
+        let status = shared
+            .store
+            .not_in_case(mb, id.clone(), now_ms())
+            .await?
+            .ok_or_else(|| {
+                Failure::not_found("no such encrypted message to your team in your inbox")
+            })?;
+        // It may have been given up (no one it was for read it): the
+        // sender's area then has news.
+        for p in &shared.config.peers {
+            shared.wake_peer(&p.area);
+        }
+        tracing::info!(message_id = %id, "set aside: not in its case");
+        return Ok(Json(
+            serde_json::json!({ "message_id": id, "status": status }),
+        ));
+    }
     let status = shared
         .store
         .ack(mb, id.clone(), now_ms())

@@ -287,7 +287,21 @@ pub trait Store: Send + Sync + 'static {
     /// Acknowledges a message of a mailbox and queues the news for its
     /// sender. An MLS message to a team leaves the mailbox index once each
     /// member it is for (see [`Store::sync_teams`]) has acknowledged it.
+    /// Its sender's own acknowledgement (of the echo of an MLS message to a
+    /// team they are in) counts for that, not as the message read: the
+    /// status stays as it is, and is returned.
     fn ack(
+        &self,
+        mb: Mailbox,
+        id: MessageId,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
+    /// A team member's word that an MLS message to her team is in a case
+    /// she is not part of, so she cannot read it: it no longer waits for
+    /// her (or lists to her), and its sender is told nothing (no one has
+    /// read it). Returns its status, unchanged; `None` if it is not an MLS
+    /// message to one of her teams that she can list.
+    fn not_in_case(
         &self,
         mb: Mailbox,
         id: MessageId,
@@ -1933,12 +1947,50 @@ impl Store for SqliteStore {
                     "INSERT OR IGNORE INTO member_acks (message_id, user_id) VALUES (?1, ?2)",
                     params![id.as_str(), mb.user.as_str()],
                 )?;
+                // Its sender, in the team it went to, acknowledging the
+                // echo of their own message: it stops waiting for them,
+                // but no one else has read it yet.
+                if env.sender.area == own && env.sender.user == mb.user {
+                    prune_mailbox(c, &tails, &own, &env, now_ms)?;
+                    return Ok(Some(status));
+                }
             }
             if status != Status::Acknowledged {
                 set_inbox_status(c, &tails, &own, &env, Status::Acknowledged, now_ms)?;
             }
-            prune_mailbox(c, &env, now_ms)?;
+            prune_mailbox(c, &tails, &own, &env, now_ms)?;
             Ok(Some(Status::Acknowledged))
+        })
+        .await
+    }
+
+    async fn not_in_case(
+        &self,
+        mb: Mailbox,
+        id: MessageId,
+        now_ms: u64,
+    ) -> Result<Option<Status>, StoreError> {
+        let own = self.own_area.clone();
+        let tails = self.tails.clone();
+        self.call(move |c| {
+            let Some((env, _, _)) = find_in_mailbox(c, None, &mb, &id)? else {
+                return Ok(None);
+            };
+            let to_team = matches!(env.recipient.target, proto::Target::Team(_));
+            if env.kind != proto::MessageKind::Mls || !to_team {
+                return Ok(None);
+            }
+            exec(
+                c,
+                "INSERT OR IGNORE INTO member_acks (message_id, user_id) VALUES (?1, ?2)",
+                params![id.as_str(), mb.user.as_str()],
+            )?;
+            prune_mailbox(c, &tails, &own, &env, now_ms)?;
+            // As it is now: `prune_mailbox` may have given it up.
+            let now: String = c
+                .prepare_cached("SELECT status FROM inbox WHERE message_id = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))?;
+            Ok(Some(parse_status(&now)?))
         })
         .await
     }
@@ -2620,13 +2672,23 @@ fn find_in_mailbox(
 /// `UNLISTABLE` entry not indexed yet is left out when it is; for the
 /// team's message, which the bulk pass cannot judge, the pass runs first.)
 /// A message no one can list any more is recorded as settled at `now_ms`,
-/// for retention.
-fn prune_mailbox(c: &Connection, env: &Envelope, now_ms: u64) -> Result<(), StoreError> {
+/// for retention; a team's MLS message that no one read is given up (see
+/// `give_up_if_unread`).
+fn prune_mailbox(
+    c: &Connection,
+    tails: &Tails,
+    own: &AreaId,
+    env: &Envelope,
+    now_ms: u64,
+) -> Result<(), StoreError> {
     let id = env.message_id.as_str();
     match &env.recipient.target {
         proto::Target::Team(team) if env.kind == proto::MessageKind::Mls => {
             if everyone_acked(c, id, team.as_str())? {
                 index_mailboxes(c)?;
+                // Waiting for no one, and perhaps read by no one: those
+                // it was for left, and the rest were not in its case.
+                give_up_if_unread(c, tails, own, id, now_ms)?;
                 settle(c, id, now_ms)?;
             }
         }

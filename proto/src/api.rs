@@ -238,6 +238,21 @@ pub struct KeyPackageStock {
     pub low: bool,
 }
 
+/// `POST /v1/messages/{id}/ack`'s optional body. Without one (or with
+/// `not_in_case` false) a person acknowledges the message, and its sender
+/// is told. With `not_in_case`, a team member says that the team's MLS
+/// message is in a case she is not part of (she cannot decrypt it): it
+/// stops waiting for her and its sender is told nothing, since no one has
+/// read it. (A gateway from before this ignores the body: an
+/// acknowledgement.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckRequest {
+    /// The message is in a case the caller is not part of.
+    #[serde(default)]
+    pub not_in_case: bool,
+}
+
 /// `POST /v1/keypackages/claim`: take one KeyPackage for each member of a recipient.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -24,6 +24,12 @@ fn sent_messages_are_read_back_in_order_with_the_final_statuses_seen() {
     );
     log.record(a.clone()).unwrap();
     log.record(b.clone()).unwrap();
+    // Sent again with the same key (the same message): kept once, as first sent.
+    log.record(SentEntry {
+        at_ms: 9_999,
+        ..a.clone()
+    })
+    .unwrap();
     let gone = FinalStatus {
         status: Status::Undeliverable,
         reason: Some("no one read it".into()),

@@ -1278,6 +1278,152 @@ async fn a_team_message_everyone_left_unread_goes_back_to_its_sender_as_undelive
     assert!(b.queued(there, 0, 100).await.unwrap().is_empty());
 }
 
+/// Only a person who can read an MLS message to a team acknowledges it for
+/// its sender: a member not in its case sets it aside, and its sender (in
+/// the team) acknowledging the echo of their own message only stops it
+/// waiting for them. Both count for settling it; one settled so, read by
+/// no one, goes back to its sender as undeliverable.
+#[tokio::test]
+async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = AreaId::new("northshire").unwrap();
+    let store = SqliteStore::open(dir.path(), here.clone()).unwrap();
+    let duty = TeamId::new("duty").unwrap();
+    let [alice, carol, dave] = ["alice", "carol", "dave"].map(|u| UserId::new(u).unwrap());
+    let mb = |u: &UserId| Mailbox {
+        user: u.clone(),
+        teams: vec![duty.clone()],
+    };
+    store
+        .sync_teams(
+            [&alice, &carol, &dave]
+                .iter()
+                .map(|u| (duty.clone(), (*u).clone()))
+                .collect(),
+            1_000,
+        )
+        .await
+        .unwrap();
+    // From alice (in the team) to the team.
+    let to_duty = |n: u8| {
+        let mut env = envelope(n, &format!("e-{n}"));
+        env.recipient = "team:duty@northshire".parse().unwrap();
+        env.kind = MessageKind::Mls;
+        env
+    };
+    let submit = |n: u8| {
+        let (store, env) = (store.clone(), to_duty(n));
+        async move {
+            store
+                .submit(NewMessage {
+                    envelope: env.clone(),
+                    body: Body(vec![n; 8]),
+                    route: Route::Local,
+                    commit: None,
+                    accept_new: true,
+                })
+                .await
+                .unwrap();
+            env
+        }
+    };
+    let status = |env: &Envelope| {
+        let (store, env) = (store.clone(), env.clone());
+        async move {
+            store
+                .status(env.sender.user.clone(), env.message_id.clone())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let settled = || {
+        let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+        c.query_row("SELECT COUNT(*) FROM settled", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+
+    let read = submit(1).await;
+    let id = || read.message_id.clone();
+    // alice's own echo, and carol, not in the case: nothing read yet.
+    assert_eq!(
+        store.ack(mb(&alice), id(), 10).await.unwrap(),
+        Some(Status::Delivered)
+    );
+    assert_eq!(
+        store.not_in_case(mb(&carol), id(), 11).await.unwrap(),
+        Some(Status::Delivered)
+    );
+    assert_eq!(status(&read).await.status, Status::Delivered);
+    assert_eq!(settled(), 0, "dave is still to read it");
+    // Set aside, it is no longer listed to carol (nor to alice); dave has it.
+    assert!(listed_ids(&store, mb(&carol)).await.is_empty());
+    assert!(listed_ids(&store, mb(&alice)).await.is_empty());
+    assert_eq!(listed_ids(&store, mb(&dave)).await, [id()]);
+    assert_eq!(
+        store.ack(mb(&dave), id(), 12).await.unwrap(),
+        Some(Status::Acknowledged)
+    );
+    assert_eq!(status(&read).await.status, Status::Acknowledged);
+    assert_eq!(settled(), 1);
+
+    // dave leaves before reading the next; once he is long gone, carol's
+    // word settles it, read by no one: alice is told.
+    let unread = submit(2).await;
+    store
+        .sync_teams(
+            vec![(duty.clone(), alice.clone()), (duty.clone(), carol.clone())],
+            2_000,
+        )
+        .await
+        .unwrap();
+    store
+        .ack(mb(&alice), unread.message_id.clone(), 13)
+        .await
+        .unwrap();
+    let wait_ms = u64::try_from(WAIT_FOR_LEAVERS.as_millis()).unwrap();
+    assert_eq!(
+        store.settle_after_leavers(2_000 + wait_ms).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .not_in_case(mb(&carol), unread.message_id.clone(), 14)
+            .await
+            .unwrap(),
+        Some(Status::Undeliverable)
+    );
+    let s = status(&unread).await;
+    assert_eq!(s.status, Status::Undeliverable);
+    assert_eq!(
+        s.history.last().unwrap().reason.as_deref(),
+        Some(GIVEN_UP_UNREAD)
+    );
+    assert_eq!(settled(), 2);
+
+    // Only an MLS message to a team can be set aside.
+    let mut opaque = to_duty(3);
+    opaque.kind = MessageKind::Opaque;
+    store
+        .submit(NewMessage {
+            envelope: opaque.clone(),
+            body: Body(vec![3; 8]),
+            route: Route::Local,
+            commit: None,
+            accept_new: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .not_in_case(mb(&carol), opaque.message_id.clone(), 15)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(status(&opaque).await.status, Status::Delivered);
+}
+
 /// Upgraded from schema 5: an MLS message to a team whose last
 /// acknowledgement came while someone since gone from the directory had
 /// not acknowledged it waited for no one; the first mirror settles it.

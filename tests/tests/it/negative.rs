@@ -367,6 +367,25 @@ async fn bad_requests_get_typed_errors_and_store_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound));
+    // An acknowledgement's body, when there is one, is checked first.
+    let some_id = proto::MessageId::from_bytes([2; 16]);
+    for (what, body) in [
+        ("malformed JSON", b"{not json".to_vec()),
+        ("unknown field", br#"{"read":true}"#.to_vec()),
+        ("wrong type", br#"{"not_in_case":"yes"}"#.to_vec()),
+    ] {
+        let e = alice
+            .post_raw(&format!("/v1/messages/{some_id}/ack"), body)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(ErrorCode::MalformedRequest),
+            "ack, {what}: {e}"
+        );
+    }
+    let e = alice.not_in_case(&some_id).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
     assert_nothing_stored(&fed);
 }
 

@@ -734,12 +734,20 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
         matches!(&events[..], [Event::NotInCase { to, .. }] if to == "team:duty@southvale"),
         "{events:?}"
     );
+    // Neither gita, who could not read it, nor dan, acknowledging its echo
+    // when he reads next, tells dan it was read: erin does.
+    let visit = waiting.messages[0].envelope.message_id.clone();
+    let dan_api = fed.api(b, "dan").unwrap();
+    let visit_status = || async { dan_api.status(&visit).await.unwrap().status };
+    // (Fetched: gita's client took it.)
+    assert_eq!(visit_status().await, proto::Status::Fetched);
+    assert!(dan.read(Duration::ZERO).await.unwrap().is_empty());
+    assert_eq!(visit_status().await, proto::Status::Fetched);
     assert_eq!(
         texts(&read(&mut worker(&fed, b, "erin")).await),
         ["Visit booked"]
     );
-    // dan's client acknowledges its own message's echo when it reads next.
-    assert!(dan.read(Duration::ZERO).await.unwrap().is_empty());
+    assert_eq!(visit_status().await, proto::Status::Acknowledged);
     // Stored after farah left, dan's message waited for dan, erin and gita
     // alone: it is settled. The two before it still wait for farah.
     assert_eq!((settled(&fed, b), unsettled(&fed, b)), (1, 2));
