@@ -808,7 +808,9 @@ impl Caseworker {
                 // read. Set aside, so the team's inbox does not wait for us;
                 // the members of the case have it. Not acknowledged: its
                 // sender must not be told a person has read it.
-                Err(CaseError::Mls(MlsError::UnknownGroup(_))) if to_team => {
+                Err(CaseError::Mls(MlsError::UnknownGroup(_) | MlsError::WelcomeNotForUs))
+                    if to_team =>
+                {
                     self.api.not_in_case(&env.message_id).await?;
                     if self.meta.refused.remove(id) {
                         self.save()?;
@@ -845,6 +847,7 @@ impl Caseworker {
             Ok(proto::mls::MlsMessageInfo::Welcome(_))
         );
         if is_welcome {
+            let to_team = matches!(env.recipient.target, Target::Team(_));
             return match self.mls.join(bytes) {
                 Ok((_, case_id)) if case_id.starts_with(TRANSFER) => Ok(Vec::new()),
                 Ok((_, case_id)) => {
@@ -873,6 +876,8 @@ impl Caseworker {
                     self.save()?;
                     Ok(events)
                 }
+                // For others of the team, not us (we were not added).
+                Err(MlsError::WelcomeNotForUs) if to_team => Err(MlsError::WelcomeNotForUs.into()),
                 Err(MlsError::WelcomeNotForUs) => Ok(Vec::new()),
                 Err(e) => Err(e.into()),
             };

@@ -225,14 +225,31 @@ fn transport(e: &reqwest::Error) -> ClientError {
     }
 }
 
+/// A time (milliseconds since the Unix epoch) as RFC 3339 UTC, to the
+/// second or, with `millis`, the millisecond. Times come from gateways and
+/// other workers' messages: one past the year 9999, which RFC 3339 cannot
+/// write, is shown as its number instead of failing.
+pub fn time_text(at_ms: u64, millis: bool) -> String {
+    /// 10000-01-01T00:00:00Z.
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+    if at_ms >= YEAR_10000_MS {
+        return format!("{at_ms} ms after 1970");
+    }
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(at_ms);
+    if millis {
+        humantime::format_rfc3339_millis(at).to_string()
+    } else {
+        humantime::format_rfc3339_seconds(at).to_string()
+    }
+}
+
 /// What to tell the sender when the recipient's gateway keeps failing: the
 /// message is queued and retried, and an urgent one may need a phone call.
 pub fn waiting_note(area: &AreaId, w: &proto::Waiting) -> String {
-    let since = std::time::UNIX_EPOCH + Duration::from_millis(w.since_ms);
     format!(
         "{area}'s gateway has not taken messages since {} ({}); this one is queued \
          and will be retried until it expires: if it is urgent, phone them",
-        humantime::format_rfc3339_seconds(since),
+        time_text(w.since_ms, false),
         w.last_error
     )
 }
@@ -259,9 +276,10 @@ pub fn check_expiry(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let at = || {
-        let t = u64::try_from(not_after).unwrap_or(0);
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t))
-            .to_string()
+        time_text(
+            u64::try_from(not_after).unwrap_or(0).saturating_mul(1000),
+            false,
+        )
     };
     let days_left = (not_after - now_s).div_euclid(86_400);
     if not_after <= now_s {
@@ -540,8 +558,9 @@ impl Api {
 
     /// Says that a message to one's team is in a case one is not part of
     /// (it cannot be decrypted here): the team's inbox stops waiting for
-    /// us, and its sender is not told it was acknowledged. Returns its
-    /// status, unchanged by this.
+    /// us, and its sender is not told it was acknowledged (only that it is
+    /// undeliverable, if no one else is left to read it). Returns its
+    /// status.
     pub async fn not_in_case(&self, id: &MessageId) -> Result<Status, ClientError> {
         let body = serde_json::to_vec(&proto::AckRequest { not_in_case: true })
             .map_err(|e| ClientError::Decode(e.to_string()))?;

@@ -398,7 +398,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sent { days, open } => {
             let since = now_ms().saturating_sub(days.saturating_mul(86_400_000));
-            let rows = client::sent::check(&sent_log(&config), &api, since, open).await?;
+            let rows = client::sent::check(&sent_log(&config), &api, since, open, SENT_ASK_AT_MOST)
+                .await?;
             if json {
                 println!("{}", serde_json::to_string(&rows)?);
             } else if rows.is_empty() {
@@ -688,7 +689,9 @@ async fn cases_command(
             // What this worker sent that came back since the last look.
             let since = now_ms().saturating_sub(SENT_NEWS_DAYS * 86_400_000);
             let mut came_back = 0;
-            match client::sent::check(&sent_log(config), cw.api(), since, true).await {
+            match client::sent::check(&sent_log(config), cw.api(), since, true, READ_ASKS_AT_MOST)
+                .await
+            {
                 Ok(rows) => {
                     for line in came_back_lines(&rows) {
                         came_back += 1;
@@ -757,10 +760,9 @@ async fn cases_command(
         }
         Command::History { case } => {
             for e in cw.history(&case)? {
-                let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
                 println!(
                     "--- {} {}{}\n{}",
-                    humantime::format_rfc3339_millis(at),
+                    client::time_text(e.at_ms, true),
                     e.sender,
                     e.imported_from
                         .map(|f| format!(" (handed over by {f})"))
@@ -818,11 +820,10 @@ mod erased {
         fn text(&self) -> String {
             let mut out = format!("{} to {}: {}", self.message_id, self.recipient, self.status);
             for ev in &self.history {
-                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ev.at_ms);
                 out.push_str(&format!(
                     "\n  {:<13} {}",
                     ev.status.as_str(),
-                    humantime::format_rfc3339_millis(at)
+                    client::time_text(ev.at_ms, true)
                 ));
                 if let Some(r) = &ev.reason {
                     out.push_str(&format!(" — {r}"));
@@ -880,6 +881,13 @@ fn not_in_case_lines(events: &[client::cases::Event]) -> Vec<String> {
 /// How far back `read` looks for sent messages that came back.
 const SENT_NEWS_DAYS: u64 = 30;
 
+/// How many open sent messages `read` asks the gateway about (the newest),
+/// well within a user's request burst: `read --wait` may run in a loop.
+const READ_ASKS_AT_MOST: usize = 20;
+
+/// How many open sent messages `sent` asks the gateway about (the newest).
+const SENT_ASK_AT_MOST: usize = 150;
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -890,11 +898,6 @@ fn now_ms() -> u64 {
 /// The record of what this client sent, in its data directory.
 fn sent_log(config: &ClientConfig) -> client::sent::SentLog {
     client::sent::SentLog::in_dir(&config.data_dir.clone().unwrap_or_default())
-}
-
-fn when(at_ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at_ms))
-        .to_string()
 }
 
 /// `client sent`: one line per message, and the reason under one that is
@@ -913,7 +916,7 @@ fn sent_lines(rows: &[client::sent::Checked]) -> Vec<String> {
         };
         out.push(format!(
             "{:<20}  {:<15}  {:<28}  {:<22}  {status}",
-            when(e.at_ms),
+            client::time_text(e.at_ms, false),
             e.what,
             e.to,
             e.case.as_deref().unwrap_or("-")
@@ -944,7 +947,7 @@ fn came_back_lines(rows: &[client::sent::Checked]) -> Vec<String> {
                 "UNDELIVERABLE: your {}{case} to {} (sent {}) came back: {}",
                 e.what,
                 e.to,
-                when(e.at_ms),
+                client::time_text(e.at_ms, false),
                 r.reason.as_deref().unwrap_or("no reason given")
             )
         })

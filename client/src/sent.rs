@@ -10,7 +10,7 @@
 //! is skipped. It names recipients and cases, never content.
 
 use std::collections::HashMap;
-use std::io::Write as _;
+use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 
 use proto::{MessageId, Status};
@@ -101,12 +101,24 @@ impl SentLog {
             std::fs::create_dir_all(dir).map_err(|e| self.error(e))?;
         }
         let mut options = std::fs::OpenOptions::new();
-        options.create(true).append(true);
+        options.create(true).append(true).read(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut f = options.open(&self.path).map_err(|e| self.error(e))?;
-        // One write of the whole line: appends from two clients at once do
-        // not interleave.
+        // After a write cut short (a crash, a full disk) the file ends
+        // mid-line: end that line first, so this one is whole.
+        let len = f.metadata().map_err(|e| self.error(e))?.len();
+        if len > 0 {
+            let mut last = [0u8; 1];
+            f.seek(std::io::SeekFrom::Start(len - 1))
+                .and_then(|_| f.read_exact(&mut last))
+                .map_err(|e| self.error(e))?;
+            if last[0] != b'\n' {
+                text.insert(0, '\n');
+            }
+        }
+        // One write of the whole line (appended, wherever the cursor is):
+        // appends from two clients at once do not interleave.
         f.write_all(text.as_bytes()).map_err(|e| self.error(e))?;
         f.sync_data().map_err(|e| self.error(e))
     }
@@ -182,27 +194,34 @@ pub struct Checked {
     pub error: Option<String>,
 }
 
-/// At most this many messages are asked about in one check, the newest.
-pub const CHECK_AT_MOST: usize = 200;
-
 /// The messages recorded as sent at or after `since_ms`, oldest first, with
 /// their status: a final one from the record, the others from the gateway
-/// (a status newly final is recorded, so it is not asked for again). With
-/// `open_only`, messages already recorded as final are left out. A
-/// gateway that cannot be reached fails the whole check.
+/// (a status newly final is recorded, so it is not asked for again), the
+/// gateway asked about at most `ask_at_most` of them, the newest (the rest
+/// are left out). With `open_only`, messages already recorded as final are
+/// left out. A gateway that cannot be reached fails the whole check.
 pub async fn check(
     log: &SentLog,
     api: &Api,
     since_ms: u64,
     open_only: bool,
+    ask_at_most: usize,
 ) -> Result<Vec<Checked>, ClientError> {
     let mut recorded: Vec<Recorded> = log
         .read()?
         .into_iter()
         .filter(|r| r.entry.at_ms >= since_ms && !(open_only && r.last.is_some()))
         .collect();
-    let skip = recorded.len().saturating_sub(CHECK_AT_MOST);
-    recorded.drain(..skip);
+    // Keep every final one and the newest open ones.
+    let open = recorded.iter().filter(|r| r.last.is_none()).count();
+    let mut drop = open.saturating_sub(ask_at_most);
+    recorded.retain(|r| {
+        let gone = r.last.is_none() && drop > 0;
+        if gone {
+            drop -= 1;
+        }
+        !gone
+    });
     let mut out = Vec::with_capacity(recorded.len());
     for Recorded { entry, last } in recorded {
         if let Some(last) = last {

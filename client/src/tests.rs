@@ -55,3 +55,24 @@ fn the_waiting_note_says_since_when_why_and_what_to_do() {
          retried until it expires: if it is urgent, phone them"
     );
 }
+
+#[test]
+fn a_time_past_what_rfc_3339_can_write_is_shown_as_a_number_not_a_panic() {
+    assert_eq!(time_text(0, false), "1970-01-01T00:00:00Z");
+    assert_eq!(
+        time_text(1_795_000_000_123, true),
+        "2026-11-18T11:06:40.123Z"
+    );
+    assert_eq!(
+        time_text(253_402_300_799_000, false),
+        "9999-12-31T23:59:59Z"
+    );
+    assert_eq!(
+        time_text(253_402_300_800_000, false),
+        "253402300800000 ms after 1970"
+    );
+    assert_eq!(
+        time_text(u64::MAX, true),
+        format!("{} ms after 1970", u64::MAX)
+    );
+}

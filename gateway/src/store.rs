@@ -117,11 +117,12 @@ pub struct PeerQueue {
 const STATUS_ITEM_VALIDITY_MS: u64 = 30 * 86_400_000;
 
 /// Why a delivered message became undeliverable: the receiving gateway gave
-/// up an MLS message to a team that no one acknowledged, because everyone
-/// it was for left the team (past [`WAIT_FOR_LEAVERS`]). It is the only
-/// reason a receiving gateway gives a message up, so a sender's gateway
-/// told `undeliverable` by a peer records this.
-pub const GIVEN_UP_UNREAD: &str = "no one read it: everyone in the team it was for left the team without acknowledging it. Add the team's current members to the case and send it again";
+/// up an MLS message to a team that no one acknowledged and no one is left
+/// to: those it was for left the team (past [`WAIT_FOR_LEAVERS`]) or were
+/// not in its case. It is the only reason a receiving gateway gives a
+/// message up, so a sender's gateway told `undeliverable` by a peer records
+/// this.
+pub const GIVEN_UP_UNREAD: &str = "no one read it: those in the team it was sent to left the team, or were not in its case, without reading it. Add the team's current members to the case and send it again";
 
 /// What a submission did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,9 +299,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
     /// A team member's word that an MLS message to her team is in a case
     /// she is not part of, so she cannot read it: it no longer waits for
-    /// her (or lists to her), and its sender is told nothing (no one has
-    /// read it). Returns its status, unchanged; `None` if it is not an MLS
-    /// message to one of her teams that she can list.
+    /// her (or lists to her), and its sender is not told it was
+    /// acknowledged. If that leaves it waiting for no one and no one read
+    /// it, it is given up (the sender is told it is undeliverable; see
+    /// [`GIVEN_UP_UNREAD`]). Returns its status then; `None` if it is not
+    /// an MLS message to one of her teams that she can list.
     fn not_in_case(
         &self,
         mb: Mailbox,
@@ -1115,12 +1118,37 @@ fn advance_sent(
     at_ms: u64,
     reason: Option<&str>,
 ) -> Result<bool, StoreError> {
+    move_sent(c, id, to, at_ms, reason, Status::can_become)
+}
+
+/// Records that the receiving gateway gave a sent message up, read by no
+/// one (see [`GIVEN_UP_UNREAD`]); false if it was acknowledged (or is
+/// unknown, or final) already.
+fn give_up_sent(c: &Connection, id: &str, at_ms: u64) -> Result<bool, StoreError> {
+    move_sent(
+        c,
+        id,
+        Status::Undeliverable,
+        at_ms,
+        Some(GIVEN_UP_UNREAD),
+        |cur, _| cur.can_be_given_up(),
+    )
+}
+
+fn move_sent(
+    c: &Connection,
+    id: &str,
+    to: Status,
+    at_ms: u64,
+    reason: Option<&str>,
+    allowed: fn(Status, Status) -> bool,
+) -> Result<bool, StoreError> {
     let cur: Option<String> = c
         .prepare_cached("SELECT status FROM sent WHERE message_id = ?1")?
         .query_row([id], |r| r.get(0))
         .optional()?;
     let Some(cur) = cur else { return Ok(false) };
-    if !parse_status(&cur)?.can_become(to) {
+    if !allowed(parse_status(&cur)?, to) {
         return Ok(false);
     }
     let column = time_column(to);
@@ -1838,9 +1866,14 @@ impl Store for SqliteStore {
                             .optional()?;
                         match area {
                             Some(a) if a == peer.as_str() => {
-                                let reason =
-                                    (*status == Status::Undeliverable).then_some(GIVEN_UP_UNREAD);
-                                if advance_sent(c, id.as_str(), *status, *at, reason)? {
+                                // `undeliverable` after delivery: the peer
+                                // gave it up, read by no one.
+                                let moved = if *status == Status::Undeliverable {
+                                    give_up_sent(c, id.as_str(), *at)?
+                                } else {
+                                    advance_sent(c, id.as_str(), *status, *at, None)?
+                                };
+                                if moved {
                                     IncomingOutcome::Stored
                                 } else {
                                     IncomingOutcome::Duplicate
@@ -1941,6 +1974,10 @@ impl Store for SqliteStore {
             let Some((env, _, status)) = find_in_mailbox(c, None, &mb, &id)? else {
                 return Ok(None);
             };
+            if status == Status::Undeliverable {
+                // Given up already: no one it was for was left to read it.
+                return Ok(Some(status));
+            }
             if env.kind == proto::MessageKind::Mls {
                 exec(
                     c,
@@ -2755,6 +2792,9 @@ fn settle_waiting_for_no_one(
 
 /// Tells the sender of an inbox message that no one acknowledged that it is
 /// undeliverable (see [`GIVEN_UP_UNREAD`]); an acknowledged one was read.
+/// Not a message to a team its sender is in: that copy is the sender's
+/// colleagues' (a reply goes to the case's team address too), and the
+/// sender is still there to act.
 fn give_up_if_unread(
     c: &Connection,
     tails: &Tails,
@@ -2762,18 +2802,32 @@ fn give_up_if_unread(
     id: &str,
     now_ms: u64,
 ) -> Result<(), StoreError> {
-    let row: Option<(String, String)> = c
-        .prepare_cached("SELECT envelope, status FROM inbox WHERE message_id = ?1")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+    let row: Option<(String, String, String)> = c
+        .prepare_cached("SELECT envelope, status, target_id FROM inbox WHERE message_id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((env, status)) = row else {
+    let Some((env, status, team)) = row else {
         return Ok(());
     };
-    if parse_status(&status)?.can_become(Status::Undeliverable) {
-        let env: Envelope = from_json(&env)?;
-        set_inbox_status(c, tails, own, &env, Status::Undeliverable, now_ms)?;
+    if !parse_status(&status)?.can_be_given_up() {
+        return Ok(());
     }
-    Ok(())
+    let env: Envelope = from_json(&env)?;
+    if &env.sender.area == own {
+        // One of those it was for (in the team when it was stored), or
+        // one who acknowledged its echo.
+        let in_team: bool = c
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM team_members m, inbox i WHERE i.message_id = ?3 \
+                 AND m.team = ?1 AND m.user_id = ?2 AND i.seq > m.since_seq) \
+                 OR EXISTS (SELECT 1 FROM member_acks WHERE message_id = ?3 AND user_id = ?2)",
+            )?
+            .query_row(params![team, env.sender.user.as_str(), id], |r| r.get(0))?;
+        if in_team {
+            return Ok(());
+        }
+    }
+    set_inbox_status(c, tails, own, &env, Status::Undeliverable, now_ms)
 }
 
 /// Settles a message no one can list any more: its mailbox entries go and
@@ -2828,8 +2882,16 @@ fn set_inbox_status(
     to: Status,
     now_ms: u64,
 ) -> Result<(), StoreError> {
-    let reason = (to == Status::Undeliverable).then_some(GIVEN_UP_UNREAD);
     let id = env.message_id.as_str();
+    let cur: String = c
+        .prepare_cached("SELECT status FROM inbox WHERE message_id = ?1")?
+        .query_row([id], |r| r.get(0))?;
+    let cur = parse_status(&cur)?;
+    let give_up = to == Status::Undeliverable;
+    // Only forward: a late acknowledgement does not undo a give-up.
+    if !(cur.can_become(to) || give_up && cur.can_be_given_up()) {
+        return Ok(());
+    }
     exec(
         c,
         "UPDATE inbox SET status = ?2 WHERE message_id = ?1",
@@ -2840,7 +2902,11 @@ fn set_inbox_status(
         if to == Status::Acknowledged {
             advance_sent(c, id, Status::Fetched, now_ms, None)?;
         }
-        advance_sent(c, id, to, now_ms, reason)?;
+        if give_up {
+            give_up_sent(c, id, now_ms)?;
+        } else {
+            advance_sent(c, id, to, now_ms, None)?;
+        }
     } else {
         let item = FederationItem::Status {
             message_id: env.message_id.clone(),

@@ -242,9 +242,9 @@ pub struct KeyPackageStock {
 /// `not_in_case` false) a person acknowledges the message, and its sender
 /// is told. With `not_in_case`, a team member says that the team's MLS
 /// message is in a case she is not part of (she cannot decrypt it): it
-/// stops waiting for her and its sender is told nothing, since no one has
-/// read it. (A gateway from before this ignores the body: an
-/// acknowledgement.)
+/// stops waiting for her, and its sender is not told it was acknowledged
+/// (only that it is undeliverable, if that leaves no one to read it). (A
+/// gateway from before this ignores the body: an acknowledgement.)
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AckRequest {

@@ -202,8 +202,8 @@ impl<'de> Deserialize<'de> for ContentHash {
 /// Where a message is in its life. Statuses only move forward, in this order;
 /// `Undeliverable` is final. It replaces `Accepted` when a message cannot be
 /// delivered within its validity, and follows `Delivered` or `Fetched` when
-/// the receiving gateway gives up an MLS message to a team that everyone it
-/// was for left without acknowledging (see [`Status::can_become`]).
+/// the receiving gateway gives up an MLS message to a team that no one it
+/// was for read (see [`Status::can_be_given_up`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -259,14 +259,22 @@ impl Status {
     pub fn can_become(self, next: Status) -> bool {
         match (self, next) {
             (Status::Undeliverable, _) => false,
-            // A message still waiting at the sender's gateway can bounce;
-            // one delivered can be given up by the receiving gateway while
-            // no one has acknowledged it (everyone in the team it was for
-            // left it unread). An acknowledged message was read: final.
-            (Status::Accepted | Status::Delivered | Status::Fetched, Status::Undeliverable) => true,
-            (Status::Acknowledged, Status::Undeliverable) => false,
+            // Only a message still waiting at the sender's gateway can
+            // bounce (expiry, a peer's refusal); see `can_be_given_up`.
+            (Status::Accepted, Status::Undeliverable) => true,
+            (_, Status::Undeliverable) => false,
             (a, b) => b.rank() > a.rank(),
         }
+    }
+}
+
+impl Status {
+    /// Whether the receiving gateway may still give the message up
+    /// (`undeliverable` after delivery): no one has acknowledged it. Only
+    /// that give-up moves `delivered` or `fetched` to `undeliverable`;
+    /// [`Status::can_become`] covers every other change.
+    pub fn can_be_given_up(self) -> bool {
+        matches!(self, Status::Accepted | Status::Delivered | Status::Fetched)
     }
 }
 

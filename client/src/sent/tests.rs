@@ -77,15 +77,16 @@ fn a_torn_or_foreign_line_is_skipped_and_the_rest_still_read() {
         entry(2, "user:dan@southvale"),
     );
     log.record(a.clone()).unwrap();
-    // A write cut short, then a line that is not ours.
+    // Lines that are not ours, then a write cut short mid-line.
     let path = dir.path().join("sent.jsonl");
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&path)
         .unwrap();
-    f.write_all(b"{\"sent\":{\"message_id\":\"00\n[1,2]\n\xff\xfe\n")
+    f.write_all(b"[1,2]\n\xff\xfe\n{\"sent\":{\"message_id\":\"00")
         .unwrap();
     drop(f);
+    // The next record starts on a line of its own, and is read.
     log.record(b.clone()).unwrap();
     let read: Vec<SentEntry> = log.read().unwrap().into_iter().map(|r| r.entry).collect();
     assert_eq!(read, [a, b]);

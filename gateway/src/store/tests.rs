@@ -1367,9 +1367,26 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
     assert_eq!(status(&read).await.status, Status::Acknowledged);
     assert_eq!(settled(), 1);
 
-    // dave leaves before reading the next; once he is long gone, carol's
-    // word settles it, read by no one: alice is told.
-    let unread = submit(2).await;
+    // dave leaves before reading the next two; once he is long gone,
+    // carol's word settles them, read by no one. bob, in another area, is
+    // told his was given up; alice's to her own team is her colleagues'
+    // copy, and she is still there: settled without news.
+    let mut from_bob = to_duty(2);
+    from_bob.sender = Sender {
+        area: AreaId::new("southvale").unwrap(),
+        user: UserId::new("bob").unwrap(),
+    };
+    store
+        .accept_batch(
+            AreaId::new("southvale").unwrap(),
+            vec![Incoming::Deliver(
+                Box::new(from_bob.clone()),
+                Body(vec![2; 8]),
+            )],
+        )
+        .await
+        .unwrap();
+    let own = submit(4).await;
     store
         .sync_teams(
             vec![(duty.clone(), alice.clone()), (duty.clone(), carol.clone())],
@@ -1377,29 +1394,54 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
         )
         .await
         .unwrap();
+    // Neither is alice's to read: bob's is in a case she is not part of,
+    // her own is her echo.
     store
-        .ack(mb(&alice), unread.message_id.clone(), 13)
+        .not_in_case(mb(&alice), from_bob.message_id.clone(), 13)
         .await
         .unwrap();
+    store
+        .ack(mb(&alice), own.message_id.clone(), 13)
+        .await
+        .unwrap();
+    assert_eq!(status(&own).await.status, Status::Delivered);
     let wait_ms = u64::try_from(WAIT_FOR_LEAVERS.as_millis()).unwrap();
     assert_eq!(
         store.settle_after_leavers(2_000 + wait_ms).await.unwrap(),
         0
     );
+    let set_aside = |env: &Envelope| {
+        let (store, mb, id) = (store.clone(), mb(&carol), env.message_id.clone());
+        async move { store.not_in_case(mb, id, 14).await.unwrap() }
+    };
+    assert_eq!(set_aside(&from_bob).await, Some(Status::Undeliverable));
+    let news = store
+        .queued(AreaId::new("southvale").unwrap(), 0, 10)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&news[..], [q] if matches!(&q.item, FederationItem::Status { message_id, status: Status::Undeliverable, .. } if *message_id == from_bob.message_id)),
+        "{news:?}"
+    );
+    assert_eq!(set_aside(&own).await, Some(Status::Delivered));
+    assert_eq!(status(&own).await.status, Status::Delivered);
+    assert_eq!(settled(), 3);
+    // A late acknowledgement does not undo the give-up, nor send news.
     assert_eq!(
         store
-            .not_in_case(mb(&carol), unread.message_id.clone(), 14)
+            .ack(mb(&alice), from_bob.message_id.clone(), 15)
             .await
             .unwrap(),
         Some(Status::Undeliverable)
     );
-    let s = status(&unread).await;
-    assert_eq!(s.status, Status::Undeliverable);
     assert_eq!(
-        s.history.last().unwrap().reason.as_deref(),
-        Some(GIVEN_UP_UNREAD)
+        store
+            .queued(AreaId::new("southvale").unwrap(), 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
     );
-    assert_eq!(settled(), 2);
 
     // Only an MLS message to a team can be set aside.
     let mut opaque = to_duty(3);

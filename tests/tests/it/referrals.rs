@@ -859,7 +859,7 @@ async fn a_referral_everyone_in_the_team_left_unread_comes_back_to_its_sender_as
     // `client read` prints), and `client sent` keeps showing why.
     let config = ClientConfig::load(&fed.client_config_path(0, "alice")).unwrap();
     let log = client::sent::SentLog::in_dir(&config.data_dir.unwrap());
-    let check = |open_only: bool| client::sent::check(&log, &api, 0, open_only);
+    let check = |open_only: bool| client::sent::check(&log, &api, 0, open_only, 20);
     let news = check(true).await.unwrap();
     let told: Vec<(&str, &str, bool)> = news
         .iter()
@@ -883,4 +883,77 @@ async fn a_referral_everyone_in_the_team_left_unread_comes_back_to_its_sender_as
     assert!(all.iter().all(|c| !c.newly_final
         && c.status == Some(proto::Status::Undeliverable)
         && c.reason.as_deref() == Some(gateway::store::GIVEN_UP_UNREAD)));
+}
+
+/// A member of the team who was left out of a case (she had published no
+/// keys) is told it is in a case she is not part of, and her client does
+/// not acknowledge its invitation or its referral for the sender: only
+/// someone who read them does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_member_left_out_of_a_case_acknowledges_neither_its_invitation_nor_its_referral() {
+    let fed = Federation::standard().await.unwrap();
+    let b = fed.index("southvale");
+    for u in ["dan", "erin"] {
+        worker(&fed, b, u).publish_keys(3).await.unwrap();
+    }
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, missing) = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            b"Referral: family moved to southvale",
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing.len(), 1, "farah has no keys: {missing:?}");
+
+    let mut farah = worker(&fed, b, "farah");
+    let events = read(&mut farah).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, Event::NotInCase { to, .. } if to == "team:duty@southvale")),
+        "{events:?}"
+    );
+    // Nothing waits for her now, and alice has not been told anyone read it.
+    assert!(farah.read(Duration::ZERO).await.unwrap().is_empty());
+    let config = ClientConfig::load(&fed.client_config_path(0, "alice")).unwrap();
+    let log = client::sent::SentLog::in_dir(&config.data_dir.unwrap());
+    let api = fed.api(0, "alice").unwrap();
+    let statuses = || async {
+        client::sent::check(&log, &api, 0, false, 20)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.entry.what, c.entry.case, c.status))
+            .collect::<Vec<_>>()
+    };
+    let before = statuses().await;
+    let whats: Vec<&str> = before.iter().map(|(w, _, _)| w.as_str()).collect();
+    assert_eq!(whats, ["case invitation", "referral"]);
+    for (what, in_case, status) in before {
+        assert_eq!(in_case.as_deref(), Some(case.as_str()));
+        assert_ne!(status, Some(proto::Status::Acknowledged), "{what}");
+    }
+    // dan reads them: acknowledged.
+    assert_eq!(
+        texts(&read(&mut worker(&fed, b, "dan")).await),
+        ["Referral: family moved to southvale"]
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            statuses()
+                .await
+                .iter()
+                .all(|(_, _, s)| *s == Some(proto::Status::Acknowledged))
+        })
+        .await,
+        "{:?}",
+        statuses().await
+    );
 }
