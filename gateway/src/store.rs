@@ -1979,11 +1979,7 @@ impl Store for SqliteStore {
                 return Ok(Some(status));
             }
             if env.kind == proto::MessageKind::Mls {
-                exec(
-                    c,
-                    "INSERT OR IGNORE INTO member_acks (message_id, user_id) VALUES (?1, ?2)",
-                    params![id.as_str(), mb.user.as_str()],
-                )?;
+                member_done(c, &id, &mb.user)?;
                 // Its sender, in the team it went to, acknowledging the
                 // echo of their own message: it stops waiting for them,
                 // but no one else has read it yet.
@@ -2017,11 +2013,7 @@ impl Store for SqliteStore {
             if env.kind != proto::MessageKind::Mls || !to_team {
                 return Ok(None);
             }
-            exec(
-                c,
-                "INSERT OR IGNORE INTO member_acks (message_id, user_id) VALUES (?1, ?2)",
-                params![id.as_str(), mb.user.as_str()],
-            )?;
+            member_done(c, &id, &mb.user)?;
             prune_mailbox(c, &tails, &own, &env, now_ms)?;
             // As it is now: `prune_mailbox` may have given it up.
             let now: String = c
@@ -2788,6 +2780,17 @@ fn settle_waiting_for_no_one(
         }
     }
     Ok(settled)
+}
+
+/// Records that a member is done with an MLS message to her team (read
+/// it, or cannot): it no longer lists to her or waits for her.
+fn member_done(c: &Connection, id: &MessageId, user: &UserId) -> Result<(), StoreError> {
+    exec(
+        c,
+        "INSERT OR IGNORE INTO member_acks (message_id, user_id) VALUES (?1, ?2)",
+        params![id.as_str(), user.as_str()],
+    )?;
+    Ok(())
 }
 
 /// Tells the sender of an inbox message that no one acknowledged that it is

@@ -957,6 +957,15 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
 
 /// How many `mailbox` index entries each of these messages has.
 /// The ids of what a mailbox lists.
+/// A sent message's status, as its sender asks for it.
+async fn sent_status(store: &SqliteStore, env: &Envelope) -> StatusResponse {
+    store
+        .status(env.sender.user.clone(), env.message_id.clone())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn listed_ids(store: &SqliteStore, mb: Mailbox) -> Vec<MessageId> {
     let items = store.inbox(mb, 100).await.unwrap();
     items.into_iter().map(|i| i.envelope.message_id).collect()
@@ -1188,16 +1197,7 @@ async fn a_team_message_everyone_left_unread_goes_back_to_its_sender_as_undelive
             queued.into_iter().map(|q| q.item).collect::<Vec<_>>()
         }
     };
-    let status = |store: &SqliteStore, env: &Envelope| {
-        let (store, env) = (store.clone(), env.clone());
-        async move {
-            store
-                .status(env.sender.user.clone(), env.message_id.clone())
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
+    let status = sent_status;
     let dave = UserId::new("dave").unwrap();
     b.sync_teams(
         vec![(duty.clone(), alice.clone()), (duty.clone(), dave.clone())],
@@ -1327,16 +1327,6 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
             env
         }
     };
-    let status = |env: &Envelope| {
-        let (store, env) = (store.clone(), env.clone());
-        async move {
-            store
-                .status(env.sender.user.clone(), env.message_id.clone())
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
     let settled = || {
         let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
         c.query_row("SELECT COUNT(*) FROM settled", [], |r| r.get::<_, i64>(0))
@@ -1354,7 +1344,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
         store.not_in_case(mb(&carol), id(), 11).await.unwrap(),
         Some(Status::Delivered)
     );
-    assert_eq!(status(&read).await.status, Status::Delivered);
+    assert_eq!(sent_status(&store, &read).await.status, Status::Delivered);
     assert_eq!(settled(), 0, "dave is still to read it");
     // Set aside, it is no longer listed to carol (nor to alice); dave has it.
     assert!(listed_ids(&store, mb(&carol)).await.is_empty());
@@ -1364,7 +1354,10 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
         store.ack(mb(&dave), id(), 12).await.unwrap(),
         Some(Status::Acknowledged)
     );
-    assert_eq!(status(&read).await.status, Status::Acknowledged);
+    assert_eq!(
+        sent_status(&store, &read).await.status,
+        Status::Acknowledged
+    );
     assert_eq!(settled(), 1);
 
     // dave leaves before reading the next two; once he is long gone,
@@ -1404,7 +1397,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
         .ack(mb(&alice), own.message_id.clone(), 13)
         .await
         .unwrap();
-    assert_eq!(status(&own).await.status, Status::Delivered);
+    assert_eq!(sent_status(&store, &own).await.status, Status::Delivered);
     let wait_ms = u64::try_from(WAIT_FOR_LEAVERS.as_millis()).unwrap();
     assert_eq!(
         store.settle_after_leavers(2_000 + wait_ms).await.unwrap(),
@@ -1424,7 +1417,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
         "{news:?}"
     );
     assert_eq!(set_aside(&own).await, Some(Status::Delivered));
-    assert_eq!(status(&own).await.status, Status::Delivered);
+    assert_eq!(sent_status(&store, &own).await.status, Status::Delivered);
     assert_eq!(settled(), 3);
     // A late acknowledgement does not undo the give-up, nor send news.
     assert_eq!(
@@ -1463,7 +1456,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
             .unwrap(),
         None
     );
-    assert_eq!(status(&opaque).await.status, Status::Delivered);
+    assert_eq!(sent_status(&store, &opaque).await.status, Status::Delivered);
 }
 
 /// Upgraded from schema 5: an MLS message to a team whose last

@@ -55,7 +55,15 @@ fn texts(events: &[Event]) -> Vec<String> {
 
 /// alice's referral to southvale's duty team, every member reached: its case.
 async fn refer_to_duty(alice: &mut Caseworker) -> String {
-    let (case, missing) = alice
+    let (case, missing) = refer_to_duty_missing(alice).await;
+    assert!(missing.is_empty(), "{missing:?}");
+    case
+}
+
+/// alice's referral to southvale's duty team: its case, and the members
+/// not reached (no keys).
+async fn refer_to_duty_missing(alice: &mut Caseworker) -> (String, Vec<String>) {
+    alice
         .refer(
             &to("team:duty@southvale"),
             &category("relocation"),
@@ -66,9 +74,7 @@ async fn refer_to_duty(alice: &mut Caseworker) -> String {
             None,
         )
         .await
-        .unwrap();
-    assert!(missing.is_empty(), "{missing:?}");
-    case
+        .unwrap()
 }
 
 /// A standard federation where everyone has published KeyPackages.
@@ -625,6 +631,24 @@ fn settled(fed: &Federation, i: usize) -> i64 {
     fed.count(i, "SELECT COUNT(*) FROM settled").unwrap()
 }
 
+/// Stops area `i`'s gateway and runs its store's retention pass for
+/// leavers (`Store::settle_after_leavers`) as it would a week on, when
+/// `WAIT_FOR_LEAVERS` has passed; returns how many it settled.
+async fn settle_after_leavers_a_week_on(fed: &mut Federation, i: usize) -> usize {
+    let data_dir = fed.config(i).unwrap().data_dir;
+    let area = fed.areas[i].area.clone();
+    fed.stop(i).await;
+    let store = gateway::store::SqliteStore::open(&data_dir, area).unwrap();
+    let week_on = std::time::SystemTime::now() + gateway::store::WAIT_FOR_LEAVERS;
+    let week_on = week_on
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    gateway::store::Store::settle_after_leavers(&store, u64::try_from(week_on).unwrap())
+        .await
+        .unwrap()
+}
+
 /// Team messages at area `i` not settled yet.
 fn unsettled(fed: &Federation, i: usize) -> i64 {
     fed.count(
@@ -753,20 +777,7 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
     assert_eq!((settled(&fed, b), unsettled(&fed, b)), (1, 2));
     // After `WAIT_FOR_LEAVERS` the gateway's retention pass settles them
     // too (run here on the stopped gateway's store, a week on).
-    let data_dir = fed.config(b).unwrap().data_dir;
-    let area = fed.areas[b].area.clone();
-    fed.stop(b).await;
-    let store = gateway::store::SqliteStore::open(&data_dir, area).unwrap();
-    let week_on = std::time::SystemTime::now() + gateway::store::WAIT_FOR_LEAVERS;
-    let week_on = week_on
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let n = gateway::store::Store::settle_after_leavers(&store, u64::try_from(week_on).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(n, 2);
-    drop(store);
+    assert_eq!(settle_after_leavers_a_week_on(&mut fed, b).await, 2);
     assert_eq!((settled(&fed, b), unsettled(&fed, b)), (3, 0));
 }
 
@@ -822,20 +833,7 @@ async fn a_referral_everyone_in_the_team_left_unread_comes_back_to_its_sender_as
 
     // A week on, the retention pass gives it up (run here on the stopped
     // gateway's store), and the news crosses once the gateway is back.
-    let data_dir = fed.config(b).unwrap().data_dir;
-    let area = fed.areas[b].area.clone();
-    fed.stop(b).await;
-    let store = gateway::store::SqliteStore::open(&data_dir, area).unwrap();
-    let week_on = std::time::SystemTime::now() + gateway::store::WAIT_FOR_LEAVERS;
-    let week_on = week_on
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let n = gateway::store::Store::settle_after_leavers(&store, u64::try_from(week_on).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(n, 2);
-    drop(store);
+    assert_eq!(settle_after_leavers_a_week_on(&mut fed, b).await, 2);
     assert_eq!(unsettled(&fed, b), 0);
     fed.start(b).await.unwrap();
     assert!(reached(proto::Status::Undeliverable).await);
@@ -897,18 +895,7 @@ async fn a_team_member_left_out_of_a_case_acknowledges_neither_its_invitation_no
         worker(&fed, b, u).publish_keys(3).await.unwrap();
     }
     let mut alice = worker(&fed, 0, "alice");
-    let (case, missing) = alice
-        .refer(
-            &to("team:duty@southvale"),
-            &category("relocation"),
-            false,
-            b"Referral: family moved to southvale",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let (case, missing) = refer_to_duty_missing(&mut alice).await;
     assert_eq!(missing.len(), 1, "farah has no keys: {missing:?}");
 
     let mut farah = worker(&fed, b, "farah");
