@@ -288,6 +288,19 @@ pub fn user_client_config(
     client_config(own, home, home_cas, None)
 }
 
+/// [`user_client_config`] that also refuses the gateway's certificate if
+/// `revocations` (the home area's CA's lists, as the client has them)
+/// revoke it: a gateway whose key was stolen is not trusted once its
+/// certificate is revoked.
+pub fn user_client_config_checking(
+    own: &Credentials,
+    home: &AreaId,
+    home_cas: &[CertificateDer<'static>],
+    revocations: &Revocations,
+) -> Result<ClientConfig, CertError> {
+    client_config(own, home, home_cas, Some(revocations.clone()))
+}
+
 /// A gateway's client configuration for one federation peer: presents the
 /// gateway's certificate and accepts only `spiffe://<peer>/gateway` under the
 /// peer's pinned CA, and not if `revocations` (the gateway's, kept current)

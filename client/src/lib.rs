@@ -78,6 +78,11 @@ pub enum ClientError {
     /// connection opened before): retrying will not help.
     #[error("the gateway refused your certificate because it has been revoked; ask your area's gateway administrator for a new one ({0})")]
     Revoked(String),
+    /// The gateway's own certificate is revoked by the home area's CA (per
+    /// the configured `crls`): it may not be the area's gateway at all.
+    /// Nothing was sent.
+    #[error("refused to talk to the gateway: your area's CA has revoked its certificate, so it may not be your area's gateway; nothing was sent. Tell your area's gateway administrator ({0})")]
+    GatewayRevoked(String),
 }
 
 impl ClientError {
@@ -112,6 +117,12 @@ pub struct ClientConfig {
     /// Default: `<config file stem>.data` beside the configuration file.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// The home area's CA's certificate revocation lists (PEM or DER), as
+    /// its administrator publishes them: a gateway certificate they revoke
+    /// (its key stolen, say) is refused. Each must be signed by the CA in
+    /// `ca`. Default: none.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
 }
 
 impl ClientConfig {
@@ -124,7 +135,10 @@ impl ClientConfig {
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let mut c: ClientConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.cert, &mut c.key, &mut c.ca] {
+        for p in [&mut c.cert, &mut c.key, &mut c.ca]
+            .into_iter()
+            .chain(c.crls.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -220,9 +234,24 @@ fn io_kind_in(e: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -
 fn transport(e: &reqwest::Error) -> ClientError {
     if revoked_alert(e) {
         ClientError::Revoked(describe(e))
+    } else if gateway_revoked(e) {
+        ClientError::GatewayRevoked(describe(e))
     } else {
         ClientError::Transport(describe(e))
     }
+}
+
+/// Whether this client refused the gateway's certificate as revoked (by
+/// the lists in its configuration).
+fn gateway_revoked(e: &(dyn std::error::Error + 'static)) -> bool {
+    causes(e).into_iter().any(|c| {
+        matches!(
+            c.downcast_ref::<certs::rustls::Error>(),
+            Some(certs::rustls::Error::InvalidCertificate(
+                certs::rustls::CertificateError::Revoked
+            ))
+        )
+    })
 }
 
 /// A time (milliseconds since the Unix epoch) as RFC 3339 UTC, to the
@@ -309,7 +338,17 @@ impl Api {
         let creds = certs::Credentials::load(&config.cert, &config.key)?;
         check_expiry(&config.cert, &creds, SystemTime::now())?;
         let cas = certs::load_certs(&config.ca)?;
-        Api::from_parts(&config.gateway, &creds, &config.area, &cas)
+        let revocations = if config.crls.is_empty() {
+            None
+        } else {
+            let list = certs::RevocationList::load([(
+                &config.area,
+                config.crls.as_slice(),
+                cas.as_slice(),
+            )])?;
+            Some(certs::Revocations::new(list))
+        };
+        Api::build(&config.gateway, &creds, &config.area, &cas, revocations)
     }
 
     /// Builds a client from credentials in memory.
@@ -319,7 +358,20 @@ impl Api {
         area: &AreaId,
         cas: &[certs::rustls::pki_types::CertificateDer<'static>],
     ) -> Result<Api, ClientError> {
-        let tls = Arc::new(certs::user_client_config(creds, area, cas)?);
+        Api::build(gateway, creds, area, cas, None)
+    }
+
+    fn build(
+        gateway: &str,
+        creds: &certs::Credentials,
+        area: &AreaId,
+        cas: &[certs::rustls::pki_types::CertificateDer<'static>],
+        revocations: Option<certs::Revocations>,
+    ) -> Result<Api, ClientError> {
+        let tls = Arc::new(match &revocations {
+            Some(r) => certs::user_client_config_checking(creds, area, cas, r)?,
+            None => certs::user_client_config(creds, area, cas)?,
+        });
         let http = reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())
             .redirect(reqwest::redirect::Policy::none())
@@ -349,6 +401,7 @@ impl Api {
             Err(e) => e,
         };
         if revoked_alert(&e)
+            || gateway_revoked(&e)
             || e.is_timeout()
             || !(e.is_connect() || e.is_request())
             || io_kind_in(&e, std::io::ErrorKind::ConnectionRefused)

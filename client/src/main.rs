@@ -223,7 +223,7 @@ fn exit_code_of(c: &ClientError) -> u8 {
             ..
         } => 3,
         ClientError::Api { .. } => 4,
-        ClientError::Transport(_) => 5,
+        ClientError::Transport(_) | ClientError::GatewayRevoked(_) => 5,
         _ => 1,
     }
 }
@@ -1079,6 +1079,7 @@ mod tests {
         assert_eq!(exit_code_of(&api(proto::ErrorCode::CertificateRevoked)), 3);
         assert_eq!(exit_code_of(&api(proto::ErrorCode::Forbidden)), 4);
         assert_eq!(exit_code_of(&ClientError::Transport("refused".into())), 5);
+        assert_eq!(exit_code_of(&ClientError::GatewayRevoked("crl".into())), 5);
         let wrapped = anyhow::Error::new(ClientError::Revoked("alert".into())).context("send");
         assert_eq!(exit_code(&wrapped), 3);
     }

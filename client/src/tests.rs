@@ -76,3 +76,30 @@ fn a_time_past_what_rfc_3339_can_write_is_shown_as_a_number_not_a_panic() {
         format!("{} ms after 1970", u64::MAX)
     );
 }
+
+#[test]
+fn revocation_lists_in_the_configuration_are_found_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alice.toml");
+    std::fs::write(
+        &path,
+        "gateway = \"https://127.0.0.1:7441\"\narea = \"northshire\"\ncert = \"alice.crt\"\n\
+         key = \"alice.key\"\nca = \"ca.crt\"\ncrls = [\"northshire.crl\", \"/etc/pki/extra.crl\"]\n",
+    )
+    .unwrap();
+    let c = ClientConfig::load(&path).unwrap();
+    assert_eq!(
+        c.crls,
+        [
+            dir.path().join("northshire.crl"),
+            std::path::PathBuf::from("/etc/pki/extra.crl")
+        ]
+    );
+    // None configured: none checked (as before).
+    std::fs::write(
+        &path,
+        "gateway = \"https://127.0.0.1:7441\"\narea = \"northshire\"\ncert = \"a\"\nkey = \"k\"\nca = \"c\"\n",
+    )
+    .unwrap();
+    assert!(ClientConfig::load(&path).unwrap().crls.is_empty());
+}

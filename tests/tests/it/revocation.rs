@@ -344,3 +344,86 @@ async fn a_revoked_client_that_writes_before_hearing_the_refusal_still_hears_why
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(), 0);
     fed.stop(a).await;
 }
+
+/// A user's client with its area CA's revocation lists refuses a gateway
+/// whose certificate they revoke (its key may be in other hands), with a
+/// clear, typed error and nothing sent; without the lists, or once the
+/// gateway has a new certificate, it talks to it as before. A list its CA
+/// did not sign is refused when the client starts, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_its_areas_revocation_lists_refuses_a_revoked_gateway() {
+    let fed = Federation::standard().await.unwrap();
+    let a = fed.index("northshire");
+    let dir = fed.areas[a].dir.clone();
+    let gateway = PemPair {
+        cert: std::fs::read_to_string(dir.join("gateway.crt")).unwrap(),
+        key: std::fs::read_to_string(dir.join("gateway.key")).unwrap(),
+    };
+    let ca = fed.ca(a).unwrap();
+    let crl = dir.join("client-view.crl");
+    publish(&crl, &ca, &[&gateway], 1);
+    let plain = fed.client_config_path(a, "alice");
+    // Beside alice's own, so its relative paths still resolve.
+    let checking = plain.with_file_name("alice-checking.toml");
+    let text = std::fs::read_to_string(&plain).unwrap();
+    std::fs::write(
+        &checking,
+        format!("{text}\ncrls = [\"{}\"]\n", crl.display()),
+    )
+    .unwrap();
+    let config = client::ClientConfig::load(&checking).unwrap();
+    assert_eq!(config.crls, std::slice::from_ref(&crl));
+    let to_bob = || {
+        message(
+            "user:bob@northshire",
+            &client::fresh_idempotency_key().to_string(),
+            b"x".to_vec(),
+        )
+        .unwrap()
+    };
+
+    let e = client::Api::new(&config)
+        .unwrap()
+        .submit(&to_bob())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::GatewayRevoked(_)), "{e}");
+    assert!(e.to_string().contains("revoked its certificate"), "{e}");
+    assert_eq!(
+        fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(),
+        0,
+        "nothing sent"
+    );
+    // Without the lists the same gateway is trusted (as before).
+    let plain_config = client::ClientConfig::load(&plain).unwrap();
+    client::Api::new(&plain_config)
+        .unwrap()
+        .submit(&to_bob())
+        .await
+        .unwrap();
+
+    // The gateway gets a new certificate (taken up by a reload): trusted
+    // again with the same lists.
+    let fresh = ca
+        .issue(&Identity::Gateway(AreaId::new("northshire").unwrap()), YEAR)
+        .unwrap();
+    std::fs::write(dir.join("gateway.crt"), &fresh.cert).unwrap();
+    std::fs::write(dir.join("gateway.key"), &fresh.key).unwrap();
+    fed.gateway(a)
+        .unwrap()
+        .reload_file(&fed.areas[a].config_path)
+        .await
+        .unwrap();
+    client::Api::new(&config)
+        .unwrap()
+        .submit(&to_bob())
+        .await
+        .unwrap();
+
+    // A list another CA signed is refused before connecting, naming it.
+    let other = Ca::new(&AreaId::new("northshire").unwrap()).unwrap();
+    publish(&crl, &other, &[], 2);
+    let e = client::Api::new(&config).unwrap_err();
+    assert!(matches!(e, ClientError::Certs(_)), "{e}");
+    assert!(e.to_string().contains("client-view.crl"), "{e}");
+}
