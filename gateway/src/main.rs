@@ -286,8 +286,9 @@ fn print_next_steps(
     println!("dan reads it (joins the case, decrypts, acknowledges) and replies:");
     println!("  {client} --config {dan} read --wait 30");
     println!("  echo 'Received; visit booked' | {client} --config {dan} reply --case <case-id>");
-    println!("alice reads the reply:");
+    println!("alice reads the reply, and sees where everything she sent is:");
     println!("  {client} --config {alice} read --wait 30");
+    println!("  {client} --config {alice} sent");
     println!(
         "Opaque messages and their status: `send`, `inbox`, `fetch`, `ack`, `status` (see --help)."
     );
