@@ -808,18 +808,23 @@ impl Caseworker {
                 // read. Set aside, so the team's inbox does not wait for us;
                 // the members of the case have it. Not acknowledged: its
                 // sender must not be told a person has read it.
-                Err(CaseError::Mls(MlsError::UnknownGroup(_) | MlsError::WelcomeNotForUs))
-                    if to_team =>
-                {
+                Err(CaseError::Mls(
+                    e @ (MlsError::UnknownGroup(_) | MlsError::WelcomeNotForUs),
+                )) if to_team => {
                     self.api.not_in_case(&env.message_id).await?;
                     if self.meta.refused.remove(id) {
                         self.save()?;
                     }
-                    events.push(Event::NotInCase {
-                        message_id: env.message_id.clone(),
-                        from,
-                        to: env.recipient.to_string(),
-                    });
+                    // A Welcome not for us says nothing to tell: we may be
+                    // in its case already. The case's messages say it if
+                    // we are not.
+                    if !matches!(e, MlsError::WelcomeNotForUs) {
+                        events.push(Event::NotInCase {
+                            message_id: env.message_id.clone(),
+                            from,
+                            to: env.recipient.to_string(),
+                        });
+                    }
                 }
                 Err(e) => {
                     self.meta.refused.insert(env.message_id.to_string());
@@ -876,7 +881,8 @@ impl Caseworker {
                     self.save()?;
                     Ok(events)
                 }
-                // For others of the team, not us (we were not added).
+                // For others of the team, not us: we were not added, or are
+                // in the case already (a newcomer's Welcome), or sent it.
                 Err(MlsError::WelcomeNotForUs) if to_team => Err(MlsError::WelcomeNotForUs.into()),
                 Err(MlsError::WelcomeNotForUs) => Ok(Vec::new()),
                 Err(e) => Err(e.into()),

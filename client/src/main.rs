@@ -398,8 +398,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sent { days, open } => {
             let since = now_ms().saturating_sub(days.saturating_mul(86_400_000));
-            let rows = client::sent::check(&sent_log(&config), &api, since, open, SENT_ASK_AT_MOST)
-                .await?;
+            let rows = client::sent::check(
+                &sent_log(&config),
+                &api,
+                since,
+                open,
+                client::sent::Ask::Newest(SENT_ASK_AT_MOST),
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string(&rows)?);
             } else if rows.is_empty() {
@@ -689,8 +695,14 @@ async fn cases_command(
             // What this worker sent that came back since the last look.
             let since = now_ms().saturating_sub(SENT_NEWS_DAYS * 86_400_000);
             let mut came_back = 0;
-            match client::sent::check(&sent_log(config), cw.api(), since, true, READ_ASKS_AT_MOST)
-                .await
+            match client::sent::check(
+                &sent_log(config),
+                cw.api(),
+                since,
+                true,
+                client::sent::Ask::Sample(READ_ASKS_AT_MOST),
+            )
+            .await
             {
                 Ok(rows) => {
                     for line in came_back_lines(&rows) {
@@ -881,8 +893,9 @@ fn not_in_case_lines(events: &[client::cases::Event]) -> Vec<String> {
 /// How far back `read` looks for sent messages that came back.
 const SENT_NEWS_DAYS: u64 = 30;
 
-/// How many open sent messages `read` asks the gateway about (the newest),
-/// well within a user's request burst: `read --wait` may run in a loop.
+/// How many open sent messages `read` asks the gateway about (picked at
+/// random, so successive reads reach them all), well within a user's
+/// request burst: `read --wait` may run in a loop.
 const READ_ASKS_AT_MOST: usize = 20;
 
 /// How many open sent messages `sent` asks the gateway about (the newest).

@@ -194,34 +194,60 @@ pub struct Checked {
     pub error: Option<String>,
 }
 
+/// Which open messages (no final status recorded) a check asks the gateway
+/// about; the others are left out of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// The newest this many (a listing).
+    Newest(usize),
+    /// This many picked at random: repeated checks (each `read`) reach
+    /// every open message in turn, whatever the number of those that never
+    /// become final, at a bounded cost each.
+    Sample(usize),
+}
+
+/// `recorded` without the open messages `ask` leaves out, in order.
+fn pick(mut recorded: Vec<Recorded>, ask: Ask) -> Vec<Recorded> {
+    let open: Vec<usize> = (0..recorded.len())
+        .filter(|i| recorded[*i].last.is_none())
+        .collect();
+    let keep: std::collections::HashSet<usize> = match ask {
+        Ask::Newest(n) => open.iter().rev().take(n).copied().collect(),
+        Ask::Sample(n) if n < open.len() => {
+            rand::seq::index::sample(&mut rand::thread_rng(), open.len(), n)
+                .into_iter()
+                .map(|k| open[k])
+                .collect()
+        }
+        Ask::Sample(_) => open.iter().copied().collect(),
+    };
+    let mut i = 0;
+    recorded.retain(|r| {
+        let kept = r.last.is_some() || keep.contains(&i);
+        i += 1;
+        kept
+    });
+    recorded
+}
+
 /// The messages recorded as sent at or after `since_ms`, oldest first, with
-/// their status: a final one from the record, the others from the gateway
-/// (a status newly final is recorded, so it is not asked for again), the
-/// gateway asked about at most `ask_at_most` of them, the newest (the rest
-/// are left out). With `open_only`, messages already recorded as final are
-/// left out. A gateway that cannot be reached fails the whole check.
+/// their status: a final one from the record, the open ones the gateway is
+/// asked about (see [`Ask`]; a status newly final is recorded, so it is not
+/// asked for again). With `open_only`, messages already recorded as final
+/// are left out. A gateway that cannot be reached fails the whole check.
 pub async fn check(
     log: &SentLog,
     api: &Api,
     since_ms: u64,
     open_only: bool,
-    ask_at_most: usize,
+    ask: Ask,
 ) -> Result<Vec<Checked>, ClientError> {
-    let mut recorded: Vec<Recorded> = log
+    let recorded: Vec<Recorded> = log
         .read()?
         .into_iter()
         .filter(|r| r.entry.at_ms >= since_ms && !(open_only && r.last.is_some()))
         .collect();
-    // Keep every final one and the newest open ones.
-    let open = recorded.iter().filter(|r| r.last.is_none()).count();
-    let mut drop = open.saturating_sub(ask_at_most);
-    recorded.retain(|r| {
-        let gone = r.last.is_none() && drop > 0;
-        if gone {
-            drop -= 1;
-        }
-        !gone
-    });
+    let recorded = pick(recorded, ask);
     let mut out = Vec::with_capacity(recorded.len());
     for Recorded { entry, last } in recorded {
         if let Some(last) = last {

@@ -2822,7 +2822,8 @@ fn give_up_if_unread(
         let in_team: bool = c
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM team_members m, inbox i WHERE i.message_id = ?3 \
-                 AND m.team = ?1 AND m.user_id = ?2 AND i.seq > m.since_seq) \
+                 AND m.team = ?1 AND m.user_id = ?2 AND i.seq > m.since_seq \
+                 AND (m.until_seq IS NULL OR i.seq <= m.until_seq)) \
                  OR EXISTS (SELECT 1 FROM member_acks WHERE message_id = ?3 AND user_id = ?2)",
             )?
             .query_row(params![team, env.sender.user.as_str(), id], |r| r.get(0))?;

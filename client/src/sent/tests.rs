@@ -106,3 +106,43 @@ fn only_acknowledged_and_undeliverable_are_final() {
     .collect();
     assert_eq!(finals, [Status::Acknowledged, Status::Undeliverable]);
 }
+
+#[test]
+fn a_check_asks_about_the_newest_or_a_sample_of_the_open_ones_and_keeps_the_final_ones() {
+    let recorded: Vec<Recorded> = (0..10u8)
+        .map(|n| Recorded {
+            entry: entry(n, "team:duty@southvale"),
+            last: (n % 3 == 0).then_some(FinalStatus {
+                status: Status::Acknowledged,
+                reason: None,
+            }),
+        })
+        .collect();
+    let ns = |rs: &[Recorded]| -> Vec<u64> { rs.iter().map(|r| r.entry.at_ms - 1_000).collect() };
+    // Final: 0, 3, 6, 9. Open: 1, 2, 4, 5, 7, 8.
+    assert_eq!(
+        ns(&pick(recorded.clone(), Ask::Newest(2))),
+        [0, 3, 6, 7, 8, 9]
+    );
+    assert_eq!(
+        ns(&pick(recorded.clone(), Ask::Newest(100))),
+        (0..10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ns(&pick(recorded.clone(), Ask::Sample(100))),
+        (0..10).collect::<Vec<_>>()
+    );
+    // A sample: 3 of the open ones, in order, with every final one; over
+    // many checks, every open one is asked about.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let got = ns(&pick(recorded.clone(), Ask::Sample(3)));
+        assert_eq!(got.len(), 7, "{got:?}");
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        for f in [0, 3, 6, 9] {
+            assert!(got.contains(&f), "{got:?}");
+        }
+        seen.extend(got);
+    }
+    assert_eq!(seen.len(), 10, "{seen:?}");
+}

@@ -955,8 +955,6 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
     assert_eq!(listed(alice).await, expected);
 }
 
-/// How many `mailbox` index entries each of these messages has.
-/// The ids of what a mailbox lists.
 /// A sent message's status, as its sender asks for it.
 async fn sent_status(store: &SqliteStore, env: &Envelope) -> StatusResponse {
     store
@@ -966,11 +964,13 @@ async fn sent_status(store: &SqliteStore, env: &Envelope) -> StatusResponse {
         .unwrap()
 }
 
+/// The ids of what a mailbox lists.
 async fn listed_ids(store: &SqliteStore, mb: Mailbox) -> Vec<MessageId> {
     let items = store.inbox(mb, 100).await.unwrap();
     items.into_iter().map(|i| i.envelope.message_id).collect()
 }
 
+/// How many `mailbox` index entries each of these messages has.
 fn indexed(c: &Connection, ids: &[&MessageId]) -> Vec<i64> {
     ids.iter()
         .map(|id| {
