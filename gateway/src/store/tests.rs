@@ -1398,6 +1398,29 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
         .await
         .unwrap();
     assert_eq!(sent_status(&store, &own).await.status, Status::Delivered);
+    // dave, gone from the team (still within his grace), writes to it: not
+    // his own team's copy any more. Those left set it aside, no one read
+    // it, and he is told.
+    let mut from_dave = to_duty(5);
+    from_dave.sender.user = dave.clone();
+    store
+        .submit(NewMessage {
+            envelope: from_dave.clone(),
+            body: Body(vec![5; 8]),
+            route: Route::Local,
+            commit: None,
+            accept_new: true,
+        })
+        .await
+        .unwrap();
+    for u in [&alice, &carol] {
+        store
+            .not_in_case(mb(u), from_dave.message_id.clone(), 13)
+            .await
+            .unwrap();
+    }
+    let s = sent_status(&store, &from_dave).await;
+    assert_eq!(s.status, Status::Undeliverable, "{s:?}");
     let wait_ms = u64::try_from(WAIT_FOR_LEAVERS.as_millis()).unwrap();
     assert_eq!(
         store.settle_after_leavers(2_000 + wait_ms).await.unwrap(),
@@ -1418,7 +1441,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
     );
     assert_eq!(set_aside(&own).await, Some(Status::Delivered));
     assert_eq!(sent_status(&store, &own).await.status, Status::Delivered);
-    assert_eq!(settled(), 3);
+    assert_eq!(settled(), 4);
     // A late acknowledgement does not undo the give-up, nor send news.
     assert_eq!(
         store
