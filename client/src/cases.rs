@@ -232,10 +232,7 @@ impl Caseworker {
             area: area.clone(),
             target: Target::User(user.clone()),
         };
-        let dir = config
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("client.data"));
+        let dir = config.data_directory();
         let mls = MlsClient::open(&dir, &identity.uri())?;
         let meta_path = dir.join("cases.json");
         let sent = crate::sent::SentLog::in_dir(&dir);
@@ -403,14 +400,8 @@ impl Caseworker {
             tracing::warn!("{}", crate::waiting_note(&area, w));
         }
         if let Some((what, case)) = what {
-            let entry = crate::sent::SentEntry {
-                message_id: r.message_id.clone(),
-                to: to.to_owned(),
-                what: what.to_owned(),
-                case: Some(case.to_owned()),
-                category: category.to_string(),
-                at_ms: crate::now_ms(),
-            };
+            let entry =
+                crate::sent::SentEntry::now(r.message_id.clone(), to, what, Some(case), category);
             // Sent is sent: a record that cannot be written is reported,
             // not turned into a failure the worker would retry.
             if let Err(e) = self.sent.record(entry) {

@@ -33,7 +33,7 @@ pub fn fresh_idempotency_key() -> proto::IdempotencyKey {
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -126,6 +126,14 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// Where the client keeps its state: `data_dir`, which
+    /// [`ClientConfig::load`] always sets (`client.data` otherwise).
+    pub fn data_directory(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("client.data"))
+    }
+
     /// Reads a configuration file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<ClientConfig, ClientError> {
         let err = |message: String| ClientError::Config {
@@ -208,15 +216,25 @@ fn causes<'a>(
     all
 }
 
+/// Whether a TLS error that `is` somewhere in `e`'s causes.
+fn tls_error_in(
+    e: &(dyn std::error::Error + 'static),
+    is: fn(&certs::rustls::Error) -> bool,
+) -> bool {
+    causes(e)
+        .into_iter()
+        .any(|c| c.downcast_ref::<certs::rustls::Error>().is_some_and(is))
+}
+
 /// Whether the TLS layer, somewhere in `e`'s causes, received the alert
 /// `certificate_revoked`.
 fn revoked_alert(e: &(dyn std::error::Error + 'static)) -> bool {
-    causes(e).into_iter().any(|c| {
+    tls_error_in(e, |t| {
         matches!(
-            c.downcast_ref::<certs::rustls::Error>(),
-            Some(certs::rustls::Error::AlertReceived(
+            t,
+            certs::rustls::Error::AlertReceived(
                 certs::rustls::AlertDescription::CertificateRevoked
-            ))
+            )
         )
     })
 }
@@ -244,12 +262,10 @@ fn transport(e: &reqwest::Error) -> ClientError {
 /// Whether this client refused the gateway's certificate as revoked (by
 /// the lists in its configuration).
 fn gateway_revoked(e: &(dyn std::error::Error + 'static)) -> bool {
-    causes(e).into_iter().any(|c| {
+    tls_error_in(e, |t| {
         matches!(
-            c.downcast_ref::<certs::rustls::Error>(),
-            Some(certs::rustls::Error::InvalidCertificate(
-                certs::rustls::CertificateError::Revoked
-            ))
+            t,
+            certs::rustls::Error::InvalidCertificate(certs::rustls::CertificateError::Revoked)
         )
     })
 }

@@ -332,14 +332,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // Also a repeat: the first try may have reached the gateway
             // unrecorded (the record keeps a message once).
-            let entry = client::sent::SentEntry {
-                message_id: r.message_id.clone(),
-                to: req.recipient.to_string(),
-                what: "message".into(),
-                case: None,
-                category: req.category.to_string(),
-                at_ms: now_ms(),
-            };
+            let entry = client::sent::SentEntry::now(
+                r.message_id.clone(),
+                &req.recipient.to_string(),
+                "message",
+                None,
+                &req.category,
+            );
             if let Err(e) = sent_log(&config).record(entry) {
                 eprintln!("warning: sent, but not recorded for `client sent`: {e}");
             }
@@ -397,7 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(&r);
         }
         Command::Sent { days, open } => {
-            let since = now_ms().saturating_sub(days.saturating_mul(86_400_000));
+            let since = client::now_ms().saturating_sub(days.saturating_mul(86_400_000));
             let rows = client::sent::check(
                 &sent_log(&config),
                 &api,
@@ -528,7 +527,7 @@ async fn prepare_case_file(
         }
     }
     if !recorded.is_empty() {
-        let dir = config.data_dir.clone().unwrap_or_default();
+        let dir = config.data_directory();
         let line = serde_json::to_string(
             &serde_json::json!({ "case_file": path.display().to_string(), "confirmed": recorded }),
         )?;
@@ -693,7 +692,7 @@ async fn cases_command(
                 println!("{line}");
             }
             // What this worker sent that came back since the last look.
-            let since = now_ms().saturating_sub(SENT_NEWS_DAYS * 86_400_000);
+            let since = client::now_ms().saturating_sub(SENT_NEWS_DAYS * 86_400_000);
             let mut came_back = 0;
             match client::sent::check(
                 &sent_log(config),
@@ -901,16 +900,9 @@ const READ_ASKS_AT_MOST: usize = 20;
 /// How many open sent messages `sent` asks the gateway about (the newest).
 const SENT_ASK_AT_MOST: usize = 150;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// The record of what this client sent, in its data directory.
 fn sent_log(config: &ClientConfig) -> client::sent::SentLog {
-    client::sent::SentLog::in_dir(&config.data_dir.clone().unwrap_or_default())
+    client::sent::SentLog::in_dir(&config.data_directory())
 }
 
 /// `client sent`: one line per message, and the reason under one that is

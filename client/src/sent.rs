@@ -37,6 +37,26 @@ pub struct SentEntry {
     pub at_ms: u64,
 }
 
+impl SentEntry {
+    /// A message sent just now.
+    pub fn now(
+        message_id: MessageId,
+        to: &str,
+        what: &str,
+        case: Option<&str>,
+        category: &proto::Category,
+    ) -> SentEntry {
+        SentEntry {
+            message_id,
+            to: to.to_owned(),
+            what: what.to_owned(),
+            case: case.map(str::to_owned),
+            category: category.to_string(),
+            at_ms: crate::now_ms(),
+        }
+    }
+}
+
 /// A status seen to be final: it will not change again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalStatus {

@@ -1979,14 +1979,13 @@ impl Store for SqliteStore {
                 return Ok(Some(status));
             }
             if env.kind == proto::MessageKind::Mls {
-                member_done(c, &id, &mb.user)?;
                 // Its sender, in the team it went to, acknowledging the
                 // echo of their own message: it stops waiting for them,
                 // but no one else has read it yet.
                 if env.sender.area == own && env.sender.user == mb.user {
-                    prune_mailbox(c, &tails, &own, &env, now_ms)?;
-                    return Ok(Some(status));
+                    return set_aside(c, &tails, &own, &env, &mb.user, now_ms).map(Some);
                 }
+                member_done(c, &id, &mb.user)?;
             }
             if status != Status::Acknowledged {
                 set_inbox_status(c, &tails, &own, &env, Status::Acknowledged, now_ms)?;
@@ -2013,13 +2012,7 @@ impl Store for SqliteStore {
             if env.kind != proto::MessageKind::Mls || !to_team {
                 return Ok(None);
             }
-            member_done(c, &id, &mb.user)?;
-            prune_mailbox(c, &tails, &own, &env, now_ms)?;
-            // As it is now: `prune_mailbox` may have given it up.
-            let now: String = c
-                .prepare_cached("SELECT status FROM inbox WHERE message_id = ?1")?
-                .query_row([id.as_str()], |r| r.get(0))?;
-            Ok(Some(parse_status(&now)?))
+            set_aside(c, &tails, &own, &env, &mb.user, now_ms).map(Some)
         })
         .await
     }
@@ -2791,6 +2784,26 @@ fn member_done(c: &Connection, id: &MessageId, user: &UserId) -> Result<(), Stor
         params![id.as_str(), user.as_str()],
     )?;
     Ok(())
+}
+
+/// A member done with an MLS message to her team without reading it (not
+/// in its case, or its sender's echo): it stops waiting for her, and its
+/// sender is not told it was read. Returns its status then, which is
+/// `undeliverable` if that left no one to read it (see `prune_mailbox`).
+fn set_aside(
+    c: &Connection,
+    tails: &Tails,
+    own: &AreaId,
+    env: &Envelope,
+    user: &UserId,
+    now_ms: u64,
+) -> Result<Status, StoreError> {
+    member_done(c, &env.message_id, user)?;
+    prune_mailbox(c, tails, own, env, now_ms)?;
+    let now: String = c
+        .prepare_cached("SELECT status FROM inbox WHERE message_id = ?1")?
+        .query_row([env.message_id.as_str()], |r| r.get(0))?;
+    parse_status(&now)
 }
 
 /// Tells the sender of an inbox message that no one acknowledged that it is

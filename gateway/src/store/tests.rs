@@ -955,6 +955,21 @@ async fn mailboxes_list_indexed_and_newest_messages_alike() {
     assert_eq!(listed(alice).await, expected);
 }
 
+/// Submits `env` (made by `envelope(n, ..)`, whose body is `n` eight
+/// times) for a recipient in the store's own area.
+async fn submit_local(store: &SqliteStore, env: &Envelope, n: u8) {
+    store
+        .submit(NewMessage {
+            envelope: env.clone(),
+            body: Body(vec![n; 8]),
+            route: Route::Local,
+            commit: None,
+            accept_new: true,
+        })
+        .await
+        .unwrap();
+}
+
 /// A sent message's status, as its sender asks for it.
 async fn sent_status(store: &SqliteStore, env: &Envelope) -> StatusResponse {
     store
@@ -1314,16 +1329,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
     let submit = |n: u8| {
         let (store, env) = (store.clone(), to_duty(n));
         async move {
-            store
-                .submit(NewMessage {
-                    envelope: env.clone(),
-                    body: Body(vec![n; 8]),
-                    route: Route::Local,
-                    commit: None,
-                    accept_new: true,
-                })
-                .await
-                .unwrap();
+            submit_local(&store, &env, n).await;
             env
         }
     };
@@ -1403,16 +1409,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
     // it, and he is told.
     let mut from_dave = to_duty(5);
     from_dave.sender.user = dave.clone();
-    store
-        .submit(NewMessage {
-            envelope: from_dave.clone(),
-            body: Body(vec![5; 8]),
-            route: Route::Local,
-            commit: None,
-            accept_new: true,
-        })
-        .await
-        .unwrap();
+    submit_local(&store, &from_dave, 5).await;
     for u in [&alice, &carol] {
         store
             .not_in_case(mb(u), from_dave.message_id.clone(), 13)
@@ -1462,16 +1459,7 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
     // Only an MLS message to a team can be set aside.
     let mut opaque = to_duty(3);
     opaque.kind = MessageKind::Opaque;
-    store
-        .submit(NewMessage {
-            envelope: opaque.clone(),
-            body: Body(vec![3; 8]),
-            route: Route::Local,
-            commit: None,
-            accept_new: true,
-        })
-        .await
-        .unwrap();
+    submit_local(&store, &opaque, 3).await;
     assert_eq!(
         store
             .not_in_case(mb(&carol), opaque.message_id.clone(), 15)

@@ -631,6 +631,15 @@ fn settled(fed: &Federation, i: usize) -> i64 {
     fed.count(i, "SELECT COUNT(*) FROM settled").unwrap()
 }
 
+/// Area `i`'s gateway reads its configuration file again (as on SIGHUP).
+async fn reload(fed: &Federation, i: usize) -> gateway::Reloaded {
+    fed.gateway(i)
+        .unwrap()
+        .reload_file(&fed.areas[i].config_path)
+        .await
+        .unwrap()
+}
+
 /// Stops area `i`'s gateway and runs its store's retention pass for
 /// leavers (`Store::settle_after_leavers`) as it would a week on, when
 /// `WAIT_FOR_LEAVERS` has passed; returns how many it settled.
@@ -690,12 +699,7 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
     .unwrap();
     fed.edit_config(b, gita_alone, &gita_alone.replace("[]", "[\"duty\"]"))
         .unwrap();
-    let reloaded = fed
-        .gateway(b)
-        .unwrap()
-        .reload_file(&fed.areas[b].config_path)
-        .await
-        .unwrap();
+    let reloaded = reload(&fed, b).await;
     // gita in duty and farah in fostering; farah out of duty.
     assert_eq!(
         reloaded.teams,
@@ -822,12 +826,7 @@ async fn a_referral_everyone_in_the_team_left_unread_comes_back_to_its_sender_as
         fed.edit_config(b, "teams = [\"duty\"]", "teams = [\"fostering\"]")
             .unwrap();
     }
-    let reloaded = fed
-        .gateway(b)
-        .unwrap()
-        .reload_file(&fed.areas[b].config_path)
-        .await
-        .unwrap();
+    let reloaded = reload(&fed, b).await;
     assert_eq!(reloaded.teams.left, 3);
     assert_eq!(unsettled(&fed, b), 2);
 
