@@ -461,6 +461,7 @@ impl Gateway {
             config,
         });
 
+        give_back_to_former_peers(&shared).await?;
         let mut tasks = JoinSet::new();
         for peer in shared.config.peers.clone() {
             let Some(wake) = shared.wakers.get(&peer.area).cloned() else {
@@ -651,6 +652,35 @@ impl Gateway {
         }
         tracing::info!(area = %self.shared.config.area, "gateway stopped");
     }
+}
+
+/// Returns to their senders, as undeliverable, the messages queued for
+/// areas that are no longer peers (taken out of the configuration since
+/// they were queued): no worker would ever send them, and their senders
+/// would otherwise see them waiting for good. Status updates queued for
+/// such an area are dropped.
+async fn give_back_to_former_peers(shared: &Shared) -> Result<(), GatewayError> {
+    for queue in shared.store.queue_depths().await? {
+        let area = queue.peer;
+        if shared.config.peer(&area).is_some() {
+            continue;
+        }
+        let reason = format!(
+            "{area} is no longer a federation peer of this gateway (it was taken out of the gateway's configuration), so the message was never sent there; ask your gateway's operator, or share it with {area} another way"
+        );
+        let (messages, updates) = shared
+            .store
+            .give_back_queue(area.clone(), now_ms(), reason)
+            .await?;
+        shared.metrics.undeliverable.add(messages as u64);
+        tracing::warn!(
+            former_peer = %area,
+            messages,
+            status_updates = updates,
+            "queued for an area that is no longer a peer: messages returned to their senders as undeliverable, status updates dropped"
+        );
+    }
+    Ok(())
 }
 
 /// Runs a gateway until `shutdown` resolves, then stops it gracefully.

@@ -375,6 +375,16 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         reason: String,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// Returns every message queued for `peer` to its sender as
+    /// undeliverable, giving `reason`, and drops the status updates queued
+    /// for it: the gateway no longer federates with that area. Returns how
+    /// many messages and how many status updates.
+    fn give_back_queue(
+        &self,
+        peer: AreaId,
+        now_ms: u64,
+        reason: String,
+    ) -> impl Future<Output = Result<(usize, usize), StoreError>> + Send;
     /// Stores a user's KeyPackages `(reference, bytes, last resort)`; a new
     /// last-resort package replaces the old one. Returns the user's stock.
     fn put_key_packages(
@@ -1124,6 +1134,45 @@ fn advance_sent(
 /// Records that the receiving gateway gave a sent message up, read by no
 /// one (see [`GIVEN_UP_UNREAD`]); false if it was acknowledged (or is
 /// unknown, or final) already.
+/// Takes the items queued for `peer` after queue position `after` that
+/// expire by `until_ms` out of its queue: each message goes back to its
+/// sender as undeliverable at `at_ms`, giving `reason`; status updates are
+/// dropped. Returns how many messages and how many status updates.
+fn give_back(
+    c: &Connection,
+    tails: &Tails,
+    peer: &AreaId,
+    after: i64,
+    until_ms: i64,
+    at_ms: u64,
+    reason: &str,
+) -> Result<(usize, usize), StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND seq > ?3 AND expires_ms <= ?2 ORDER BY seq",
+    )?;
+    let rows: Vec<(i64, Option<String>, bool)> = stmt
+        .query_map(params![peer.as_str(), until_ms, after], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    if !rows.is_empty() {
+        // The tail holds no gaps: it is rebuilt from the database.
+        tails.stage(Effect::Forget(peer.clone()));
+    }
+    let (mut messages, mut updates) = (0, 0);
+    for (seq, id, is_deliver) in &rows {
+        exec(c, "DELETE FROM outbox WHERE seq = ?1", [*seq])?;
+        match id {
+            Some(id) if *is_deliver => {
+                advance_sent(c, id, Status::Undeliverable, at_ms, Some(reason))?;
+                messages += 1;
+            }
+            _ => updates += 1,
+        }
+    }
+    Ok((messages, updates))
+}
+
 fn give_up_sent(c: &Connection, id: &str, at_ms: u64) -> Result<bool, StoreError> {
     move_sent(
         c,
@@ -2439,31 +2488,25 @@ impl Store for SqliteStore {
     ) -> Result<usize, StoreError> {
         let tails = self.tails.clone();
         self.call(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND seq > ?3 AND expires_ms <= ?2 ORDER BY seq",
-            )?;
-            let rows: Vec<(i64, Option<String>, bool)> = stmt
-                .query_map(params![peer.as_str(), now_ms as i64, after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
-            let mut n = 0;
-            if !rows.is_empty() {
-                // The tail holds no gaps: it is rebuilt from the database.
-                tails.stage(Effect::Forget(peer.clone()));
+            let (messages, updates) =
+                give_back(c, &tails, &peer, after, now_ms as i64, now_ms, &reason)?;
+            if updates > 0 {
+                tracing::warn!(%peer, count = updates, "status updates for the peer expired before they could be sent");
             }
-            for (seq, id, is_deliver) in &rows {
-                let (seq, is_deliver) = (*seq, *is_deliver);
-                exec(c, "DELETE FROM outbox WHERE seq = ?1", [seq])?;
-                match id {
-                    Some(id) if is_deliver => {
-                        advance_sent(c, id, Status::Undeliverable, now_ms, Some(&reason))?;
-                        n += 1;
-                    }
-                    _ => tracing::warn!(%peer, "a status update for the peer expired before it could be sent"),
-                }
-            }
-            Ok(n)
+            Ok(messages)
         })
         .await
+    }
+
+    async fn give_back_queue(
+        &self,
+        peer: AreaId,
+        now_ms: u64,
+        reason: String,
+    ) -> Result<(usize, usize), StoreError> {
+        let tails = self.tails.clone();
+        self.call(move |c| give_back(c, &tails, &peer, 0, i64::MAX, now_ms, &reason))
+            .await
     }
 
     async fn put_key_packages(

@@ -301,3 +301,109 @@ async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
         .await
         .unwrap();
 }
+
+/// Area `i`'s configuration without its `[[peers]]` entry for `peer`.
+fn take_out_peer(fed: &Federation, i: usize, peer: usize, area: &str) {
+    let port = fed.port(peer).unwrap();
+    fed.edit_config(
+        i,
+        &format!("\n[[peers]]\narea = \"{area}\"\nurl = \"https://127.0.0.1:{port}\"\nca = \"../{area}/ca/ca.crt\"\n"),
+        "\n",
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_for_an_area_taken_out_of_the_peers_go_back_to_their_senders() {
+    let mut fed = Federation::standard().await.unwrap();
+    let (a, b, e) = (
+        fed.index("northshire"),
+        fed.index("southvale"),
+        fed.index("eastmoor"),
+    );
+    // dan's message reaches alice; her acknowledgement's news for southvale
+    // is still queued when southvale goes away.
+    let dan = fed.api(b, "dan").unwrap();
+    let from_dan = dan
+        .submit(&message("user:alice@northshire", "from-dan", b"d".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        reaches(
+            &dan,
+            &from_dan.message_id,
+            Status::Delivered,
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    fed.stop(b).await;
+    fed.stop(e).await;
+    let alice = fed.api(a, "alice").unwrap();
+    alice.ack(&from_dan.message_id).await.unwrap();
+    let mut to_southvale = Vec::new();
+    for key in ["to-south-1", "to-south-2"] {
+        let m = message("team:duty@southvale", key, b"s".to_vec()).unwrap();
+        to_southvale.push(alice.submit(&m).await.unwrap().message_id);
+    }
+    let to_eastmoor = alice
+        .submit(&message("team:duty@eastmoor", "to-east", b"e".to_vec()).unwrap())
+        .await
+        .unwrap()
+        .message_id;
+    assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 4);
+
+    // northshire stops federating with southvale.
+    fed.stop(a).await;
+    take_out_peer(&fed, a, b, "southvale");
+    fed.start(a).await.unwrap();
+
+    for id in &to_southvale {
+        let st = alice.status(id).await.unwrap();
+        assert_eq!(st.status, Status::Undeliverable, "{id}");
+        let reason = st
+            .history
+            .last()
+            .and_then(|h| h.reason.clone())
+            .unwrap_or_default();
+        assert!(
+            reason.contains("southvale is no longer a federation peer of this gateway"),
+            "{reason}"
+        );
+    }
+    // The other peer's queue is untouched, and nothing for southvale is left.
+    assert_eq!(
+        alice.status(&to_eastmoor).await.unwrap().status,
+        Status::Accepted
+    );
+    assert_eq!(
+        fed.count(a, "SELECT COUNT(*) FROM outbox WHERE peer = 'southvale'")
+            .unwrap(),
+        0
+    );
+    assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 1);
+    // A new message for southvale is refused, nothing stored.
+    let refused = alice
+        .submit(&message("team:duty@southvale", "to-south-3", b"s".to_vec()).unwrap())
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    // A second start finds nothing more to give back.
+    let before = st_len(&alice, &to_southvale[0]).await;
+    fed.stop(a).await;
+    fed.start(a).await.unwrap();
+    assert_eq!(st_len(&alice, &to_southvale[0]).await, before);
+    fed.start(e).await.unwrap();
+    assert!(
+        reaches(
+            &alice,
+            &to_eastmoor,
+            Status::Delivered,
+            Duration::from_secs(30)
+        )
+        .await
+    );
+}
+
+async fn st_len(api: &client::Api, id: &proto::MessageId) -> usize {
+    api.status(id).await.unwrap().history.len()
+}
