@@ -405,7 +405,7 @@ fn route_for(shared: &Shared, to: &Recipient) -> Result<Route, Failure> {
         } else {
             Err(unknown(format!("{to} is not in this area's directory")))
         }
-    } else if shared.config.peer(&to.area).is_some() {
+    } else if shared.live().peer(&to.area).is_some() {
         Ok(Route::Peer(to.area.clone()))
     } else {
         Err(unknown(format!(
@@ -503,9 +503,7 @@ async fn ack(
             })?;
         // It may have been given up (no one it was for read it): the
         // sender's area then has news.
-        for p in &shared.config.peers {
-            shared.wake_peer(&p.area);
-        }
+        shared.wake_all_peers();
         tracing::info!(message_id = %id, "set aside: not in its case");
         return Ok(Json(
             serde_json::json!({ "message_id": id, "status": status }),
@@ -517,9 +515,7 @@ async fn ack(
         .await?
         .ok_or_else(|| Failure::not_found("no such message in your inbox"))?;
     // The sender's area: ask the store would cost a read; waking every peer is cheap.
-    for p in &shared.config.peers {
-        shared.wake_peer(&p.area);
-    }
+    shared.wake_all_peers();
     // No long-poll is woken: an acknowledgement only takes messages away,
     // and a long-poll waits only while its mailbox lists nothing.
     tracing::info!(message_id = %id, "acknowledged");
@@ -579,7 +575,7 @@ async fn health(
 /// counterpart of [`user_of`]).
 fn peer_of(shared: &Shared, peer: &VerifiedPeer) -> Result<proto::AreaId, Failure> {
     match peer.identity() {
-        Identity::Gateway(a) if shared.config.peer(a).is_some() => Ok(a.clone()),
+        Identity::Gateway(a) if shared.live().peer(a).is_some() => Ok(a.clone()),
         _ => Err(Failure::forbidden(format!(
             "{peer} is not a federation peer of {}",
             shared.config.area
@@ -1103,7 +1099,7 @@ async fn check_incoming_policy(
     peer: &proto::AreaId,
     d: &proto::Disclosure,
 ) -> Result<(), String> {
-    let Some(key) = shared.config.peer(peer).and_then(|p| p.policy_key.clone()) else {
+    let Some(key) = shared.live().peer(peer).and_then(|p| p.policy_key.clone()) else {
         return Ok(());
     };
     let cited = (d.policy_id.clone(), d.policy_version);

@@ -136,7 +136,15 @@ struct Answered {
 /// order ([`crate::sequencer`]). Until the peer confirms it does that, one
 /// batch at a time. Answers are taken in order; the first failure drops the
 /// batches behind it, and a new session starts from the last answered item.
-pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, wake: Arc<PeerWake>) {
+///
+/// `stop` turns true when the gateway shuts down or a reload takes the peer
+/// out (or moves it to another address).
+pub(crate) async fn peer_worker(
+    shared: Arc<Shared>,
+    peer: PeerConfig,
+    wake: Arc<PeerWake>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let delivery = shared.config.delivery.clone();
     let base: Arc<str> = peer.url.trim_end_matches('/').into();
     // Framed batches carry bodies raw; a peer that predates them answers 404
@@ -144,7 +152,6 @@ pub(crate) async fn peer_worker(shared: Arc<Shared>, peer: PeerConfig, wake: Arc
     let mut framed = true;
     // Whether the peer confirmed it stores pipelined batches in order.
     let mut ordered = false;
-    let mut stop = shared.stop.subscribe();
     let mut backoff = delivery.retry_initial;
     let mut last_error: Option<String> = None;
     // Highest queue position the peer has answered for. Items up to it are

@@ -47,7 +47,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 use tracing::Instrument as _;
 
-pub use config::{Config, ConfigError, Directory};
+pub use config::{Config, ConfigError, Directory, PeerConfig};
 use store::{SqliteStore, Store};
 
 /// Why the gateway could not start or stopped with an error.
@@ -99,23 +99,55 @@ pub struct Reloaded {
     pub revoked: usize,
     /// Who joined and left teams (see [`store::Store::sync_teams`]).
     pub teams: store::TeamChanges,
+    /// Peers taken in, taken out and moved to another address.
+    pub peers: PeerChanges,
+    /// Messages queued for the peers taken out, returned to their senders
+    /// as undeliverable.
+    pub given_back: usize,
     /// Settings that differ from those the gateway runs with and take
     /// effect only when it is restarted.
     pub needs_restart: Vec<&'static str>,
 }
 
+/// How a reload changed the federation peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerChanges {
+    /// Areas that became peers: their workers started.
+    pub added: Vec<AreaId>,
+    /// Areas that are peers no longer: their workers stopped, messages
+    /// queued for them went back to their senders.
+    pub removed: Vec<AreaId>,
+    /// Peers at a new address: their workers started again there.
+    pub moved: Vec<AreaId>,
+}
+
+impl PeerChanges {
+    /// From the peers in force to those of a new configuration.
+    fn between(old: &[PeerConfig], new: &[PeerConfig]) -> PeerChanges {
+        let find =
+            |list: &[PeerConfig], area: &AreaId| list.iter().find(|p| &p.area == area).cloned();
+        let mut changes = PeerChanges::default();
+        for p in new {
+            match find(old, &p.area) {
+                None => changes.added.push(p.area.clone()),
+                Some(was) if was.url != p.url => changes.moved.push(p.area.clone()),
+                Some(_) => {}
+            }
+        }
+        for p in old {
+            if find(new, &p.area).is_none() {
+                changes.removed.push(p.area.clone());
+            }
+        }
+        changes
+    }
+}
+
 /// The settings of `new` that differ from `old` and that a running gateway
-/// does not take up (everything but the users, the sharing policy and the
-/// revocation lists).
+/// does not take up (everything but the users, the sharing policy, the
+/// peers, the certificates and the revocation lists).
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    // A peer's CA and revocation lists are taken up; who the peers are,
-    // where they are and their policy keys are not.
-    let peers = |c: &Config| {
-        c.peers
-            .iter()
-            .map(|p| (p.area.clone(), p.url.clone(), p.policy_key.clone()))
-            .collect::<Vec<_>>()
-    };
     let mut differ = Vec::new();
     for (name, same) in [
         ("listen", old.listen == new.listen),
@@ -128,8 +160,6 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("delivery", old.delivery == new.delivery),
         ("limits", old.limits == new.limits),
         ("retention", old.retention == new.retention),
-        ("peers", peers(old) == peers(new)),
-        ("policy", old.policy.is_some() == new.policy.is_some()),
     ] {
         if !same {
             differ.push(name);
@@ -198,7 +228,8 @@ pub(crate) struct Shared {
     peers_limiter: DefaultKeyedRateLimiter<String>,
     /// Wakes a long-poll when a message for its mailbox is stored.
     inbox_watch: inbox_watch::InboxWatch,
-    wakers: HashMap<AreaId, Arc<federation::PeerWake>>,
+    /// Each running peer worker's wake-up (peers come and go on reloads).
+    wakers: std::sync::RwLock<HashMap<AreaId, Arc<federation::PeerWake>>>,
     /// HTTP client and base URL per peer.
     peer_clients: peer_clients::PeerClients,
     /// The revocation lists in force (handshakes and requests), and their files.
@@ -231,6 +262,15 @@ pub(crate) struct Live {
     directory: Directory,
     /// This area's verified sharing policy, if configured.
     own_policy: Option<Arc<sharing::OwnPolicy>>,
+    /// The federation peers.
+    peers: Vec<PeerConfig>,
+}
+
+impl Live {
+    /// The peer `area`, if it is one.
+    fn peer(&self, area: &AreaId) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| &p.area == area)
+    }
 }
 
 impl Shared {
@@ -262,7 +302,11 @@ impl Shared {
     /// Since when, and why, the gateway of `area` has been failing to take
     /// what this one sends it (`None` for this area, or a peer that is fine).
     fn waiting_for(&self, area: &AreaId) -> Option<proto::Waiting> {
-        self.wakers.get(area).and_then(|w| w.failing())
+        self.wakers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(area)
+            .and_then(|w| w.failing())
     }
 
     /// The data directory's disk as last read.
@@ -282,7 +326,22 @@ impl Shared {
 
     /// Wakes a peer's worker to look at its queue.
     fn wake_peer(&self, area: &AreaId) {
-        if let Some(n) = self.wakers.get(area) {
+        let wakers = self
+            .wakers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = wakers.get(area) {
+            n.wake();
+        }
+    }
+
+    /// Wakes every peer's worker (news for an area not looked up).
+    fn wake_all_peers(&self) {
+        let wakers = self
+            .wakers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for n in wakers.values() {
             n.wake();
         }
     }
@@ -298,7 +357,9 @@ pub struct Gateway {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    tasks: JoinSet<()>,
+    tasks: std::sync::Mutex<JoinSet<()>>,
+    /// The running peer workers (a reload starts and stops them).
+    workers: tokio::sync::Mutex<HashMap<AreaId, Worker>>,
     /// One reload at a time: the teams recorded in the store and the
     /// directory in force change together.
     reloading: tokio::sync::Mutex<()>,
@@ -413,10 +474,6 @@ impl Gateway {
             source,
         })?;
 
-        let mut wakers = HashMap::new();
-        for p in &config.peers {
-            wakers.insert(p.area.clone(), Arc::new(federation::PeerWake::default()));
-        }
         let peer_clients = peer_clients::PeerClients::new(
             tls.own,
             tls.peers,
@@ -435,6 +492,7 @@ impl Gateway {
             live: std::sync::RwLock::new(Arc::new(Live {
                 directory,
                 own_policy,
+                peers: config.peers.clone(),
             })),
             users_limiter: RateLimiter::keyed(quota(
                 limits.user_requests_per_second,
@@ -446,7 +504,7 @@ impl Gateway {
             )),
             store,
             inbox_watch: inbox_watch::InboxWatch::default(),
-            wakers,
+            wakers: Default::default(),
             peer_clients,
             crls,
             reload_failed: Default::default(),
@@ -461,14 +519,12 @@ impl Gateway {
             config,
         });
 
-        give_back_to_former_peers(&shared).await?;
+        give_back_to_former_peers(&shared).await;
         let mut tasks = JoinSet::new();
+        let mut workers = HashMap::new();
         for peer in shared.config.peers.clone() {
-            let Some(wake) = shared.wakers.get(&peer.area).cloned() else {
-                continue;
-            };
-            let span = tracing::info_span!("peer", peer = %peer.area);
-            tasks.spawn(federation::peer_worker(shared.clone(), peer, wake).instrument(span));
+            let area = peer.area.clone();
+            workers.insert(area, start_worker(&shared, &mut tasks, peer));
         }
         let metrics_addr = match shared.config.metrics_listen {
             Some(a) => {
@@ -500,7 +556,8 @@ impl Gateway {
             addr,
             metrics_addr,
             shared,
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
+            workers: tokio::sync::Mutex::new(workers),
             reloading: tokio::sync::Mutex::new(()),
         })
     }
@@ -570,8 +627,9 @@ impl Gateway {
             // Certificates as they are in the files now (renewed ones
             // included), checked by building what uses them.
             let tls = TlsMaterial::read(&read, with.crls.revocations())?;
-            let trusts: Vec<PeerTrust> = tls.peers.iter().map(|(t, _)| t.clone()).collect();
-            let clients = with.peer_clients.prepare(tls.own.clone(), &trusts)?;
+            let clients = with
+                .peer_clients
+                .prepare(tls.own.clone(), tls.peers.clone())?;
             Ok::<_, GatewayError>((policy, (sources, crls), tls, clients))
         })
         .await
@@ -599,17 +657,27 @@ impl Gateway {
         shared
             .teams_unrecorded
             .store(unrecorded, std::sync::atomic::Ordering::Relaxed);
-        let reloaded = Reloaded {
+        let peers = PeerChanges::between(&old.peers, &new.peers);
+        let mut reloaded = Reloaded {
             users: new.users.len(),
             policy_version: policy.as_ref().map(|p| p.policy.version()),
             revoked: crls.revoked(),
             teams,
+            peers,
+            given_back: 0,
             needs_restart: needs_restart(&shared.config, &new),
         };
         revocation::report(&crls, expiry::now_s());
+        for p in &new.peers {
+            let was = old.peer(&p.area).and_then(|o| o.policy_key.as_ref());
+            if was != p.policy_key.as_ref() {
+                shared.peer_policies.forget(&p.area);
+            }
+        }
         let live = Arc::new(Live {
             directory,
             own_policy: policy,
+            peers: new.peers.clone(),
         });
         *shared
             .live
@@ -625,6 +693,7 @@ impl Gateway {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = tls.expiries;
         shared.peer_clients.put(clients);
+        reloaded.given_back = self.change_workers(&new.peers, &reloaded.peers).await;
         tracing::info!(
             users = reloaded.users,
             policy_version = reloaded.policy_version,
@@ -632,26 +701,120 @@ impl Gateway {
             joined_teams = teams.joined,
             returned_to_teams = teams.returned,
             left_teams = teams.left,
+            peers_added = ?reloaded.peers.added,
+            peers_removed = ?reloaded.peers.removed,
+            peers_moved = ?reloaded.peers.moved,
+            given_back = reloaded.given_back,
             needs_restart = ?reloaded.needs_restart,
-            "configuration reloaded: directory, sharing policy and revocation lists in force"
+            "configuration reloaded: directory, sharing policy, peers, certificates and revocation lists in force"
         );
         Ok(reloaded)
+    }
+
+    /// Stops the workers of peers taken out or moved, returns what was
+    /// queued for those taken out to its senders (how many messages), and
+    /// starts workers for peers taken in or moved.
+    async fn change_workers(&self, peers: &[PeerConfig], changes: &PeerChanges) -> usize {
+        let shared = &self.shared;
+        let mut workers = self.workers.lock().await;
+        for area in changes.removed.iter().chain(&changes.moved) {
+            if let Some(w) = workers.remove(area) {
+                stop_worker(shared, w).await;
+            }
+        }
+        let mut given_back = 0;
+        if !changes.removed.is_empty() {
+            given_back = give_back_to_former_peers(shared).await;
+            // A request that found the peer in force just before the
+            // reload may queue for it just after: look again shortly.
+            let later = shared.clone();
+            self.tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .spawn(async move {
+                    let mut stop = later.stop.subscribe();
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                            give_back_to_former_peers(&later).await;
+                        }
+                        _ = stopped(&mut stop) => {}
+                    }
+                });
+        }
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for p in peers {
+            if changes.added.contains(&p.area) || changes.moved.contains(&p.area) {
+                workers.insert(p.area.clone(), start_worker(shared, &mut tasks, p.clone()));
+            }
+        }
+        given_back
     }
 
     /// Stops accepting, lets open requests finish (up to 10 s), stops the
     /// peer workers and waits for them.
     pub async fn shutdown(mut self) {
         let _ = self.shared.stop.send(true);
-        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        for w in self.workers.get_mut().values() {
+            let _ = w.leave.send(true);
+        }
+        let tasks = self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(Duration::from_secs(15), drain)
             .await
             .is_err()
         {
             tracing::warn!("shutdown: tasks did not finish in time; aborting them");
-            self.tasks.abort_all();
+            tasks.abort_all();
         }
         tracing::info!(area = %self.shared.config.area, "gateway stopped");
     }
+}
+
+/// A running peer worker.
+struct Worker {
+    /// The peer as the worker was started with.
+    peer: PeerConfig,
+    /// Tells the worker to stop.
+    leave: watch::Sender<bool>,
+    /// Ends when the worker has stopped.
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Starts the federation worker of `peer`.
+fn start_worker(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: PeerConfig) -> Worker {
+    let wake = Arc::new(federation::PeerWake::default());
+    shared
+        .wakers
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(peer.area.clone(), wake.clone());
+    let (leave, stop) = watch::channel(false);
+    let (finished, done) = tokio::sync::oneshot::channel();
+    let span = tracing::info_span!("peer", peer = %peer.area);
+    let work = federation::peer_worker(shared.clone(), peer.clone(), wake, stop).instrument(span);
+    tasks.spawn(async move {
+        work.await;
+        drop(finished);
+    });
+    Worker { peer, leave, done }
+}
+
+/// Stops a peer's worker and waits until it has (its batches on the wire
+/// are dropped; the peer deduplicates them if they come again).
+async fn stop_worker(shared: &Shared, worker: Worker) {
+    let _ = worker.leave.send(true);
+    let _ = worker.done.await;
+    shared
+        .wakers
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&worker.peer.area);
 }
 
 /// Returns to their senders, as undeliverable, the messages queued for
@@ -659,19 +822,35 @@ impl Gateway {
 /// they were queued): no worker would ever send them, and their senders
 /// would otherwise see them waiting for good. Status updates queued for
 /// such an area are dropped.
-async fn give_back_to_former_peers(shared: &Shared) -> Result<(), GatewayError> {
-    for queue in shared.store.queue_depths().await? {
+async fn give_back_to_former_peers(shared: &Shared) -> usize {
+    let queues = match shared.store.queue_depths().await {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!(error = %e, "could not look for messages queued for former peers; the next start or reload looks again");
+            return 0;
+        }
+    };
+    let mut given_back = 0;
+    for queue in queues {
         let area = queue.peer;
-        if shared.config.peer(&area).is_some() {
+        if shared.live().peer(&area).is_some() {
             continue;
         }
         let reason = format!(
-            "{area} is no longer a federation peer of this gateway (it was taken out of the gateway's configuration), so the message was never sent there; ask your gateway's operator, or share it with {area} another way"
+            "{area} is no longer a federation peer of this gateway (it was taken out of the gateway's configuration) and had not confirmed having the message; ask your gateway's operator, or share it with {area} another way"
         );
-        let (messages, updates) = shared
+        let (messages, updates) = match shared
             .store
             .give_back_queue(area.clone(), now_ms(), reason)
-            .await?;
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(former_peer = %area, error = %e, "could not return the messages queued for a former peer; the next start or reload tries again");
+                continue;
+            }
+        };
+        given_back += messages;
         shared.metrics.undeliverable.add(messages as u64);
         tracing::warn!(
             former_peer = %area,
@@ -680,7 +859,7 @@ async fn give_back_to_former_peers(shared: &Shared) -> Result<(), GatewayError> 
             "queued for an area that is no longer a peer: messages returned to their senders as undeliverable, status updates dropped"
         );
     }
-    Ok(())
+    given_back
 }
 
 /// Runs a gateway until `shutdown` resolves, then stops it gracefully.

@@ -97,24 +97,14 @@ impl PeerClients {
         })
     }
 
-    /// New clients for the same peers at the same addresses, with a
-    /// renewed certificate and the CAs in `trusts` (a peer not in it keeps
-    /// the CA it had), checked by building them; put in force with
-    /// [`PeerClients::put`]. Peers come and go only with a restart: their
-    /// federation workers are started with the gateway.
+    /// New clients for `peers` (each with its CA and base URL) and the
+    /// gateway's certificate `own`, checked by building them; put in force
+    /// with [`PeerClients::put`].
     pub(crate) fn prepare(
         &self,
         own: Credentials,
-        trusts: &[PeerTrust],
+        peers: Vec<(PeerTrust, String)>,
     ) -> Result<PreparedClients, GatewayError> {
-        let current = self.clients();
-        let peers = current.peers.values().map(|p| {
-            let trust = trusts
-                .iter()
-                .find(|t| t.area == p.trust.area)
-                .unwrap_or(&p.trust);
-            (trust.clone(), p.url.clone())
-        });
         Clients::build(own, peers, &self.revocations, self.timeout).map(PreparedClients)
     }
 

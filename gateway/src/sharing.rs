@@ -118,6 +118,14 @@ impl PeerPolicies {
         self.cache.lock().ok()?.get(area).cloned()
     }
 
+    /// Forgets a peer's cached policy (its verification key changed): the
+    /// next disclosure from it fetches and verifies its policy again.
+    pub(crate) fn forget(&self, area: &AreaId) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(area);
+        }
+    }
+
     /// Verifies a peer's signed policy document and caches its id and version.
     pub(crate) fn update(
         &self,

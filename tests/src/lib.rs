@@ -281,6 +281,16 @@ impl Federation {
         Ok(())
     }
 
+    /// Area `peer`'s `[[peers]]` entry in the other areas' configurations
+    /// (as written without sharing policies).
+    pub fn peer_entry(&self, peer: usize) -> anyhow::Result<String> {
+        let area = &self.areas[peer].area;
+        let port = self.port(peer)?;
+        Ok(format!(
+            "\n[[peers]]\narea = \"{area}\"\nurl = \"https://127.0.0.1:{port}\"\nca = \"../{area}/ca/ca.crt\"\n"
+        ))
+    }
+
     /// Gives area `i`'s gateway a metrics listener on a free port (before
     /// it starts).
     pub fn serve_metrics(&self, i: usize) -> anyhow::Result<()> {

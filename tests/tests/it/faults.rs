@@ -302,17 +302,6 @@ async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
         .unwrap();
 }
 
-/// Area `i`'s configuration without its `[[peers]]` entry for `peer`.
-fn take_out_peer(fed: &Federation, i: usize, peer: usize, area: &str) {
-    let port = fed.port(peer).unwrap();
-    fed.edit_config(
-        i,
-        &format!("\n[[peers]]\narea = \"{area}\"\nurl = \"https://127.0.0.1:{port}\"\nca = \"../{area}/ca/ca.crt\"\n"),
-        "\n",
-    )
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_queued_for_an_area_taken_out_of_the_peers_go_back_to_their_senders() {
     let mut fed = Federation::standard().await.unwrap();
@@ -355,7 +344,8 @@ async fn messages_queued_for_an_area_taken_out_of_the_peers_go_back_to_their_sen
 
     // northshire stops federating with southvale.
     fed.stop(a).await;
-    take_out_peer(&fed, a, b, "southvale");
+    fed.edit_config(a, &fed.peer_entry(b).unwrap(), "\n")
+        .unwrap();
     fed.start(a).await.unwrap();
 
     for id in &to_southvale {

@@ -342,3 +342,90 @@ async fn an_area_moves_to_a_new_ca_by_reloads_alone() {
     round_trip("new-ca").await;
     fed.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_peers_in_and_out_and_follows_a_peer_to_its_new_address() {
+    let mut fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let path = fed.areas[a].config_path.clone();
+    let entry = fed.peer_entry(b).unwrap();
+    let alice = fed.api(a, "alice").unwrap();
+    let dan = fed.api(b, "dan").unwrap();
+    let send = |api: &client::Api, to: &str, key: &str| {
+        let m = message(to, key, b"x".to_vec()).unwrap();
+        let api = api.clone();
+        async move { api.submit(&m).await }
+    };
+
+    // southvale is away; a message for it waits in northshire's queue.
+    fed.stop(b).await;
+    let waiting = send(&alice, "team:duty@southvale", "waiting")
+        .await
+        .unwrap();
+
+    // northshire takes southvale out of its peers.
+    fed.edit_config(a, &entry, "\n").unwrap();
+    let gw = fed.gateway(a).unwrap();
+    let r = gw.reload_file(&path).await.unwrap();
+    assert_eq!(r.peers.removed, [AreaId::new("southvale").unwrap()]);
+    assert!(r.peers.added.is_empty() && r.peers.moved.is_empty());
+    assert_eq!(r.given_back, 1);
+    assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
+    let st = alice.status(&waiting.message_id).await.unwrap();
+    assert_eq!(st.status, Status::Undeliverable);
+    let reason = st
+        .history
+        .last()
+        .and_then(|h| h.reason.clone())
+        .unwrap_or_default();
+    assert!(reason.contains("no longer a federation peer"), "{reason}");
+    assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 0);
+    // Nothing new is taken for it, and southvale's gateway is refused.
+    let refused = send(&alice, "team:duty@southvale", "refused").await;
+    assert!(
+        matches!(
+            &refused,
+            Err(ClientError::Api {
+                status: 404,
+                code: ErrorCode::UnknownRecipient,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    fed.start(b).await.unwrap();
+    let from_dan = send(&dan, "user:alice@northshire", "from-dan")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        dan.status(&from_dan.message_id).await.unwrap().status,
+        Status::Accepted
+    );
+    assert_eq!(fed.count(a, "SELECT COUNT(*) FROM inbox").unwrap(), 0);
+
+    // Taken in again: both ways work at once, and dan's message arrives.
+    std::fs::write(&path, std::fs::read_to_string(&path).unwrap() + &entry).unwrap();
+    let gw = fed.gateway(a).unwrap();
+    let r = gw.reload_file(&path).await.unwrap();
+    assert_eq!(r.peers.added, [AreaId::new("southvale").unwrap()]);
+    assert_eq!(r.given_back, 0);
+    let again = send(&alice, "team:duty@southvale", "again").await.unwrap();
+    assert!(reaches(&alice, &again.message_id, Status::Delivered, LIMIT).await);
+    assert!(reaches(&dan, &from_dan.message_id, Status::Delivered, LIMIT).await);
+
+    // southvale at another address (the same gateway, spelt otherwise).
+    let port = fed.port(b).unwrap();
+    fed.edit_config(
+        a,
+        &format!("url = \"https://127.0.0.1:{port}\""),
+        &format!("url = \"https://127.0.0.1:{port}/\""),
+    )
+    .unwrap();
+    let r = gw.reload_file(&path).await.unwrap();
+    assert_eq!(r.peers.moved, [AreaId::new("southvale").unwrap()]);
+    assert!(r.peers.added.is_empty() && r.peers.removed.is_empty());
+    let moved = send(&alice, "team:duty@southvale", "moved").await.unwrap();
+    assert!(reaches(&alice, &moved.message_id, Status::Delivered, LIMIT).await);
+    fed.stop_all().await;
+}
