@@ -666,18 +666,41 @@ async fn accept_items(
     let mut index = Vec::with_capacity(n);
     // One directory for the whole batch.
     let live = shared.live();
+    // Messages refused by the checks below, by position: a repeat of one
+    // stored before (its answer lost) is a duplicate, not a refusal, even
+    // if the directory, the policy or the clock has moved on since.
+    let mut refused = Vec::new();
+    let mut policy_fetched = false;
     for (i, item) in items.into_iter().enumerate() {
+        let id = match &item {
+            FederationItem::Deliver { envelope, .. } => Some(envelope.message_id.clone()),
+            FederationItem::Status { .. } => None,
+        };
         match check_item(shared, &live.directory, &area, item) {
             Ok(incoming) => {
                 if let Incoming::Deliver(env, _) = &incoming {
                     if let Some(d) = &env.disclosure {
-                        if let Err(reason) = check_incoming_policy(shared, &area, d).await {
-                            tracing::warn!(peer = %area, %reason, "refused federation item");
-                            results[i] = Some(ItemResult::Rejected {
-                                code: ErrorCode::PolicyDenied,
-                                reason,
-                            });
-                            continue;
+                        match check_incoming_policy(shared, &area, d, &mut policy_fetched).await {
+                            Ok(()) => {}
+                            Err(PolicyCheck::Refused(reason)) => {
+                                tracing::warn!(peer = %area, "refused federation item: it does not cite the peer's current sharing policy");
+                                results[i] = Some(ItemResult::Rejected {
+                                    code: ErrorCode::PolicyDenied,
+                                    reason,
+                                });
+                                refused.extend(id.map(|id| (i, id)));
+                                continue;
+                            }
+                            // Not the item's fault: the peer sends the
+                            // batch again later.
+                            Err(PolicyCheck::Unavailable(reason)) => {
+                                tracing::warn!(peer = %area, %reason, "federation batch refused for now: the peer's sharing policy could not be fetched");
+                                return Err(Failure::new(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    ErrorCode::Unavailable,
+                                    reason,
+                                ));
+                            }
                         }
                     }
                 }
@@ -690,8 +713,20 @@ async fn accept_items(
                 index.push((i, target));
             }
             Err(rejected) => {
-                tracing::warn!(peer = %area, ?rejected, "refused federation item");
+                if let ItemResult::Rejected { code, .. } = &rejected {
+                    tracing::warn!(peer = %area, ?code, "refused federation item");
+                }
                 results[i] = Some(rejected);
+                refused.extend(id.map(|id| (i, id)));
+            }
+        }
+    }
+    if !refused.is_empty() {
+        let ids = refused.iter().map(|(_, id)| id.clone()).collect();
+        let known = shared.store.delivered_already(area.clone(), ids).await?;
+        for (i, id) in &refused {
+            if known.contains(id) {
+                results[*i] = Some(ItemResult::Duplicate);
             }
         }
     }
@@ -764,6 +799,10 @@ async fn accept_items(
     Ok(Json(FederationBatchResponse { results }))
 }
 
+/// How far apart two gateways' clocks may be when one judges whether a
+/// message from the other expired on its way.
+const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
+
 fn check_item(
     shared: &Shared,
     directory: &Directory,
@@ -803,6 +842,18 @@ fn check_item(
                     format!(
                         "body is larger than {} bytes",
                         shared.config.limits.max_body_bytes
+                    ),
+                ));
+            }
+            // A message whose validity ran out on its way is refused (its
+            // sender's gateway returns it to its sender), allowing for
+            // clocks a few minutes apart.
+            if envelope.expires_at_ms.saturating_add(CLOCK_SKEW_MS) < now_ms() {
+                return Err(reject(
+                    ErrorCode::Rejected,
+                    format!(
+                        "its validity ran out before it reached {}",
+                        shared.config.area
                     ),
                 ));
             }
@@ -1091,41 +1142,74 @@ async fn federation_policy(
     own_policy_text(&shared).await
 }
 
+/// Why an incoming disclosure was not taken.
+enum PolicyCheck {
+    /// It does not cite the peer's current policy: the item is refused.
+    Refused(String),
+    /// The peer's policy could not be fetched: the batch is refused for
+    /// now, and sent again.
+    Unavailable(String),
+}
+
+/// The largest policy document taken from a peer.
+const MAX_POLICY_BYTES: usize = 1 << 20;
+
 /// Checks that an incoming disclosure cites the sending area's current
 /// signed policy (when a policy key is configured for that peer); fetches
-/// the peer's policy when it cites a version we have not seen.
+/// the peer's policy when it cites a version we have not seen (at most
+/// once per batch: `fetched` says whether this batch did).
 async fn check_incoming_policy(
     shared: &Shared,
     peer: &proto::AreaId,
     d: &proto::Disclosure,
-) -> Result<(), String> {
+    fetched: &mut bool,
+) -> Result<(), PolicyCheck> {
     let Some(key) = shared.live().peer(peer).and_then(|p| p.policy_key.clone()) else {
         return Ok(());
     };
     let cited = (d.policy_id.clone(), d.policy_version);
-    let current = match shared.peer_policies.cached(peer) {
+    let cached = shared.peer_policies.cached(peer);
+    let current = match cached {
         Some(c) if c.0 == cited.0 && c.1 >= cited.1 => c,
+        Some(c) if *fetched => c,
         _ => {
-            let (client, url) = shared.peer_clients.get(peer).ok_or("no client for peer")?;
-            let text = client
-                .get(format!("{url}/v1/federation/policy"))
-                .send()
-                .await
-                .map_err(|e| format!("cannot fetch {peer}'s policy: {e}"))?
-                .text()
-                .await
-                .map_err(|e| format!("cannot fetch {peer}'s policy: {e}"))?;
-            shared.peer_policies.update(peer, &key, &text)?
+            *fetched = true;
+            let text = fetch_policy(shared, peer).await.map_err(|e| {
+                PolicyCheck::Unavailable(format!("cannot fetch {peer}'s sharing policy: {e}"))
+            })?;
+            shared
+                .peer_policies
+                .update(peer, &key, &text)
+                .map_err(PolicyCheck::Refused)?
         }
     };
     if current == cited {
         Ok(())
     } else {
-        Err(format!(
+        Err(PolicyCheck::Refused(format!(
             "cites policy {} v{}, but {peer}'s current policy is {} v{}",
             cited.0, cited.1, current.0, current.1
-        ))
+        )))
     }
+}
+
+/// A peer's signed policy document, as it serves it (at most
+/// [`MAX_POLICY_BYTES`]).
+async fn fetch_policy(shared: &Shared, peer: &proto::AreaId) -> Result<String, String> {
+    let (client, url) = shared
+        .peer_clients
+        .get(peer)
+        .ok_or("no client for the peer")?;
+    let resp = client
+        .get(format!("{url}/v1/federation/policy"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("it answered HTTP {}", resp.status().as_u16()));
+    }
+    let text = crate::federation::read_bounded(resp, MAX_POLICY_BYTES).await?;
+    String::from_utf8(text).map_err(|_| "its answer is not UTF-8".to_owned())
 }
 
 /// The caller's directory entry: organisation, role and teams.

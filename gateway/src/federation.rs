@@ -44,8 +44,12 @@ fn code_name(c: proto::ErrorCode) -> String {
 /// Why a batch could not be handed over (the batch stays queued).
 #[derive(Debug, thiserror::Error)]
 enum SendError {
+    /// The request may have reached the peer (its answer did not come).
     #[error("{0}")]
     Http(String),
+    /// No connection could be made: nothing reached the peer.
+    #[error("{0}")]
+    Unreached(String),
     /// With the error code of the peer's answer, when it gave one (only
     /// the code: the answer's text is the peer's, and is not logged).
     #[error("peer answered HTTP {0}{code}", code = .1.map(|c| format!(" ({})", code_name(c))).unwrap_or_default())]
@@ -54,6 +58,14 @@ enum SendError {
     RateLimited(Option<Duration>),
     #[error("peer's answer does not match the batch: {0}")]
     BadAnswer(String),
+}
+
+impl SendError {
+    /// Whether the batch may have reached the peer, and been stored, though
+    /// no answer says so.
+    fn may_have_arrived(&self) -> bool {
+        matches!(self, SendError::Http(_) | SendError::BadAnswer(_))
+    }
 }
 
 fn describe(e: &reqwest::Error) -> String {
@@ -170,19 +182,46 @@ pub(crate) async fn peer_worker(
     let record_failed = Arc::new(AtomicBool::new(false));
     let mut recording: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_expiry = tokio::time::Instant::now() - Duration::from_secs(60);
+    // Items up to this queue position may have reached the peer without
+    // its answer reaching this worker (a request cut off, a recording that
+    // failed, or a batch sent before a restart): the peer may have stored
+    // them, so their validity running out does not return them to their
+    // senders while the peer may yet answer (a repeat is answered as a
+    // duplicate, an expired new one refused), only a day later.
+    let mut uncertain_up_to = shared
+        .store
+        .queue_end(peer.area.clone())
+        .await
+        .unwrap_or(i64::MAX);
     loop {
         if *stop.borrow() {
             break;
         }
         if record_failed.swap(false, Ordering::SeqCst) {
             abandon(&mut in_flight);
+            uncertain_up_to = uncertain_up_to.max(sent_up_to);
             cursor = 0;
             sent_up_to = 0;
             (session, next_batch) = (rand::random(), 1);
+            // The store could not record what the peer took: wait before
+            // sending it all again.
+            let wait = jitter(backoff);
+            backoff = (backoff * 2).min(delivery.retry_max);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = crate::stopped(&mut stop) => break,
+            }
         }
         if last_expiry.elapsed() >= Duration::from_secs(1) {
             last_expiry = tokio::time::Instant::now();
-            expire(&shared, &peer, sent_up_to, last_error.as_deref()).await;
+            expire(
+                &shared,
+                &peer,
+                sent_up_to,
+                uncertain_up_to,
+                last_error.as_deref(),
+            )
+            .await;
         }
         // Fill the window.
         let window = if ordered {
@@ -291,19 +330,22 @@ pub(crate) async fn peer_worker(
             Err(e) => {
                 // The batches behind this one may or may not reach the peer;
                 // start again from the last answer (the peer deduplicates).
+                let cut_off = !in_flight.is_empty();
                 abandon(&mut in_flight);
+                if cut_off || e.may_have_arrived() {
+                    uncertain_up_to = uncertain_up_to.max(sent_up_to);
+                }
                 sent_up_to = cursor;
                 (session, next_batch) = (rand::random(), 1);
                 ordered = false;
                 shared.metrics.federation_failures.inc();
-                let wait = match &e {
-                    SendError::RateLimited(Some(after)) => *after,
-                    _ => {
-                        let w = jitter(backoff);
-                        backoff = (backoff * 2).min(delivery.retry_max);
-                        w
-                    }
-                };
+                let mut wait = jitter(backoff);
+                backoff = (backoff * 2).min(delivery.retry_max);
+                // A peer asking to slow down is waited for as long as it
+                // asks, within the retry bounds (so that expiry still runs).
+                if let SendError::RateLimited(Some(after)) = &e {
+                    wait = (*after).clamp(delivery.retry_initial, delivery.retry_max);
+                }
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, queued = done.seqs.len(), "federation send failed");
                 last_error = Some(e.to_string());
                 wake.record(Err(&e), answered_at);
@@ -328,30 +370,60 @@ fn abandon(in_flight: &mut std::collections::VecDeque<InFlight>) {
     }
 }
 
-/// Returns to their senders the items past `after` whose validity ran out.
-async fn expire(shared: &Shared, peer: &PeerConfig, after: i64, last_error: Option<&str>) {
-    let reason = format!(
-        "not delivered to {} within its validity of {}{}",
-        peer.area,
-        humantime::format_duration(shared.config.delivery.message_validity),
-        last_error
-            .map(|e| format!(" (last error: {e})"))
-            .unwrap_or_default()
-    );
-    match shared
-        .store
-        .expire(peer.area.clone(), after, now_ms(), reason)
-        .await
-    {
-        Ok(0) => {}
-        Ok(n) => {
-            shared.metrics.undeliverable.add(n as u64);
-            tracing::warn!(
-                count = n,
-                "messages expired undelivered; their senders are told"
-            );
+/// How long after its validity an item that may have reached the peer
+/// unanswered is returned to its sender, if the peer does not answer.
+const UNCERTAIN_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Returns to their senders the items past `after` whose validity ran out;
+/// those up to `uncertain_up_to` (they may have reached the peer) only
+/// [`UNCERTAIN_GRACE`] later.
+async fn expire(
+    shared: &Shared,
+    peer: &PeerConfig,
+    after: i64,
+    uncertain_up_to: i64,
+    last_error: Option<&str>,
+) {
+    let validity = humantime::format_duration(shared.config.delivery.message_validity);
+    let last_error = last_error
+        .map(|e| format!(" (last error: {e})"))
+        .unwrap_or_default();
+    let now = now_ms();
+    let grace = UNCERTAIN_GRACE.as_millis() as u64;
+    let passes = [
+        (
+            (after.max(uncertain_up_to), i64::MAX),
+            now,
+            format!("not delivered to {} within its validity of {validity}{last_error}", peer.area),
+        ),
+        (
+            (after, uncertain_up_to),
+            now.saturating_sub(grace),
+            format!(
+                "not confirmed by {} within its validity of {validity} and a day more; it was sent, so {} may have it{last_error}",
+                peer.area, peer.area
+            ),
+        ),
+    ];
+    for (seqs, expired_by, reason) in passes {
+        if seqs.0 >= seqs.1 {
+            continue;
         }
-        Err(e) => tracing::error!(error = %e, "expiring messages failed"),
+        match shared
+            .store
+            .expire(peer.area.clone(), seqs, expired_by, now, reason)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                shared.metrics.undeliverable.add(n as u64);
+                tracing::warn!(
+                    count = n,
+                    "messages expired undelivered; their senders are told"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "expiring messages failed"),
+        }
     }
 }
 
@@ -417,7 +489,15 @@ async fn send(
         let req = req
             .header(proto::frame::SESSION_HEADER, session)
             .header(proto::frame::BATCH_HEADER, number);
-        async move { req.send().await.map_err(|e| SendError::Http(describe(&e))) }
+        async move {
+            req.send().await.map_err(|e| {
+                if e.is_connect() {
+                    SendError::Unreached(describe(&e))
+                } else {
+                    SendError::Http(describe(&e))
+                }
+            })
+        }
     };
     let mut resp = post(*framed).await?;
     if *framed && resp.status() == reqwest::StatusCode::NOT_FOUND {
@@ -442,10 +522,13 @@ async fn send(
         .headers()
         .get(proto::frame::ORDERED_HEADER)
         .is_some_and(|v| v.as_bytes() == b"1");
-    let answer: FederationBatchResponse = resp
-        .json()
+    // The answer's size is bounded: a result's reason is short.
+    let budget = 64 * 1024 + n.saturating_mul(4096);
+    let text = read_bounded(resp, budget)
         .await
-        .map_err(|e| SendError::BadAnswer(describe(&e)))?;
+        .map_err(SendError::BadAnswer)?;
+    let answer: FederationBatchResponse =
+        serde_json::from_slice(&text).map_err(|e| SendError::BadAnswer(e.to_string()))?;
     if answer.results.len() != n {
         return Err(SendError::BadAnswer(format!(
             "{} results for {n} items",
@@ -456,6 +539,22 @@ async fn send(
         response: answer,
         ordered,
     })
+}
+
+/// An answer's body, refused once it grows past `max` bytes (a peer's
+/// answer is read no further than that).
+pub(crate) async fn read_bounded(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the answer is larger than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

@@ -365,16 +365,20 @@ pub trait Store: Send + Sync + 'static {
         results: Vec<(i64, Sent)>,
         now_ms: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Returns queued messages for `peer` after queue position `after` that
-    /// expired by `now_ms` to their senders as undeliverable, giving `reason`;
-    /// returns how many.
+    /// Returns the messages queued for `peer` at queue positions after
+    /// `seqs.0` up to `seqs.1` whose validity ran out by `expired_by_ms` to
+    /// their senders as undeliverable at `now_ms`, giving `reason`; returns
+    /// how many.
     fn expire(
         &self,
         peer: AreaId,
-        after: i64,
+        seqs: (i64, i64),
+        expired_by_ms: u64,
         now_ms: u64,
         reason: String,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// The last queue position taken by an item for `peer` (0 if none).
+    fn queue_end(&self, peer: AreaId) -> impl Future<Output = Result<i64, StoreError>> + Send;
     /// Returns every message queued for `peer` to its sender as
     /// undeliverable, giving `reason`, and drops the status updates queued
     /// for it: the gateway no longer federates with that area. Returns how
@@ -385,6 +389,14 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         reason: String,
     ) -> impl Future<Output = Result<(usize, usize), StoreError>> + Send;
+    /// Which of the messages `ids` the gateway of `sender_area` delivered
+    /// here already (a repeat is answered as a duplicate, whatever has
+    /// changed since it was stored).
+    fn delivered_already(
+        &self,
+        sender_area: AreaId,
+        ids: Vec<MessageId>,
+    ) -> impl Future<Output = Result<Vec<MessageId>, StoreError>> + Send;
     /// Stores a user's KeyPackages `(reference, bytes, last resort)`; a new
     /// last-resort package replaces the old one. Returns the user's stock.
     fn put_key_packages(
@@ -1134,24 +1146,25 @@ fn advance_sent(
 /// Records that the receiving gateway gave a sent message up, read by no
 /// one (see [`GIVEN_UP_UNREAD`]); false if it was acknowledged (or is
 /// unknown, or final) already.
-/// Takes the items queued for `peer` after queue position `after` that
-/// expire by `until_ms` out of its queue: each message goes back to its
-/// sender as undeliverable at `at_ms`, giving `reason`; status updates are
-/// dropped. Returns how many messages and how many status updates.
+/// Takes the items queued for `peer` at queue positions after `seqs.0` up
+/// to `seqs.1` that expire by `until_ms` out of its queue: each message
+/// goes back to its sender as undeliverable at `at_ms`, giving `reason`;
+/// status updates are dropped. Returns how many messages and how many
+/// status updates.
 fn give_back(
     c: &Connection,
     tails: &Tails,
     peer: &AreaId,
-    after: i64,
+    seqs: (i64, i64),
     until_ms: i64,
     at_ms: u64,
     reason: &str,
 ) -> Result<(usize, usize), StoreError> {
     let mut stmt = c.prepare_cached(
-        "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND seq > ?3 AND expires_ms <= ?2 ORDER BY seq",
+        "SELECT seq, message_id, is_deliver FROM outbox WHERE peer = ?1 AND seq > ?3 AND seq <= ?4 AND expires_ms <= ?2 ORDER BY seq",
     )?;
     let rows: Vec<(i64, Option<String>, bool)> = stmt
-        .query_map(params![peer.as_str(), until_ms, after], |r| {
+        .query_map(params![peer.as_str(), until_ms, seqs.0, seqs.1], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?
         .collect::<Result<_, _>>()?;
@@ -2482,14 +2495,22 @@ impl Store for SqliteStore {
     async fn expire(
         &self,
         peer: AreaId,
-        after: i64,
+        seqs: (i64, i64),
+        expired_by_ms: u64,
         now_ms: u64,
         reason: String,
     ) -> Result<usize, StoreError> {
         let tails = self.tails.clone();
         self.call(move |c| {
-            let (messages, updates) =
-                give_back(c, &tails, &peer, after, now_ms as i64, now_ms, &reason)?;
+            let (messages, updates) = give_back(
+                c,
+                &tails,
+                &peer,
+                seqs,
+                sql_int(expired_by_ms),
+                now_ms,
+                &reason,
+            )?;
             if updates > 0 {
                 tracing::warn!(%peer, count = updates, "status updates for the peer expired before they could be sent");
             }
@@ -2505,8 +2526,37 @@ impl Store for SqliteStore {
         reason: String,
     ) -> Result<(usize, usize), StoreError> {
         let tails = self.tails.clone();
-        self.call(move |c| give_back(c, &tails, &peer, 0, i64::MAX, now_ms, &reason))
+        self.call(move |c| give_back(c, &tails, &peer, (0, i64::MAX), i64::MAX, now_ms, &reason))
             .await
+    }
+
+    async fn queue_end(&self, peer: AreaId) -> Result<i64, StoreError> {
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE peer = ?1")?
+                    .query_row([peer.as_str()], |r| r.get(0))?,
+            )
+        })
+        .await
+    }
+
+    async fn delivered_already(
+        &self,
+        sender_area: AreaId,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT 1 FROM inbox WHERE message_id = ?1 AND sender_area = ?2")?;
+            let mut found = Vec::new();
+            for id in ids {
+                if stmt.exists(params![id.as_str(), sender_area.as_str()])? {
+                    found.push(id);
+                }
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn put_key_packages(

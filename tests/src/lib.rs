@@ -281,6 +281,24 @@ impl Federation {
         Ok(())
     }
 
+    /// A listener on area `i`'s gateway address (stopped first), for a
+    /// stand-in ([`serve_as_gateway`]); retried while the port is in
+    /// TIME_WAIT.
+    pub async fn listen_as(&self, i: usize) -> anyhow::Result<tokio::net::TcpListener> {
+        let addr = self.config(i)?.listen;
+        let mut tries = 0;
+        loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => return Ok(l),
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => anyhow::bail!("binding {addr}: {e}"),
+            }
+        }
+    }
+
     /// Area `peer`'s `[[peers]]` entry in the other areas' configurations
     /// (as written without sharing policies).
     pub fn peer_entry(&self, peer: usize) -> anyhow::Result<String> {

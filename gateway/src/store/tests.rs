@@ -841,7 +841,13 @@ async fn fresh_queue_items_are_served_from_memory_until_the_queue_changes_under_
     store.submit(stale).await.unwrap();
     assert_eq!(
         store
-            .expire(peer.clone(), last, 3_000, "expired".into())
+            .expire(
+                peer.clone(),
+                (last, i64::MAX),
+                3_000,
+                3_000,
+                "expired".into()
+            )
             .await
             .unwrap(),
         1

@@ -15,21 +15,7 @@ async fn older_peer(
     fed: &Federation,
     b: usize,
 ) -> (Arc<Mutex<Vec<FederationItem>>>, tokio::task::JoinHandle<()>) {
-    let config = fed.config(b).unwrap();
-    let listener = {
-        let mut tries = 0;
-        loop {
-            match tokio::net::TcpListener::bind(config.listen).await {
-                Ok(l) => break l,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("binding {}: {e}", config.listen),
-            }
-        }
-    };
+    let listener = fed.listen_as(b).await.unwrap();
     let got = Arc::new(Mutex::new(Vec::new()));
     let seen = got.clone();
     let handle = tests::serve_as_gateway(fed, b, listener, move |req| {

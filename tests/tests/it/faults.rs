@@ -397,3 +397,64 @@ async fn messages_queued_for_an_area_taken_out_of_the_peers_go_back_to_their_sen
 async fn st_len(api: &client::Api, id: &proto::MessageId) -> usize {
     api.status(id).await.unwrap().history.len()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_may_have_reached_the_peer_unanswered_is_not_given_up_when_it_expires() {
+    let settings = Settings {
+        toml: "[delivery]\nmessage_validity = \"2s\"\npeer_timeout = \"1s\"\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n".into(),
+        policies: false,
+    };
+    let mut fed = Federation::standard_with(&settings).await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    fed.stop(b).await;
+    // southvale's stand-in takes every batch and never answers in time: for
+    // all northshire knows, southvale may have stored them.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = seen.clone();
+    let listener = fed.listen_as(b).await.unwrap();
+    let silent = tests::serve_as_gateway(&fed, b, listener, move |req| {
+        let counted = counted.clone();
+        async move {
+            let _ = tests::body_bytes(req).await;
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            hyper::Response::builder()
+                .status(503)
+                .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+                .unwrap()
+        }
+    })
+    .unwrap();
+    let alice = fed.api(a, "alice").unwrap();
+    let sent = alice
+        .submit(&message("team:duty@southvale", "unanswered", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            seen.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+        .await
+    );
+    // Its validity runs out while southvale may have it: it waits.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        alice.status(&sent.message_id).await.unwrap().status,
+        Status::Accepted
+    );
+
+    // The real southvale has not stored it; it takes it, late by less than
+    // the clocks' allowance, and northshire hears so.
+    silent.abort();
+    fed.start(b).await.unwrap();
+    assert!(
+        reaches(
+            &alice,
+            &sent.message_id,
+            Status::Delivered,
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
+}

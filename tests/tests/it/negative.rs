@@ -447,3 +447,51 @@ async fn a_client_never_follows_a_redirect() {
     );
     assert_nothing_stored(&fed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_repeat_of_a_stored_message_is_a_duplicate_and_an_expired_new_one_is_refused() {
+    let fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let pair = fed
+        .mint(
+            b,
+            &Identity::Gateway(AreaId::new("southvale").unwrap()),
+            YEAR,
+        )
+        .unwrap();
+    let southvale_gw = fed.api_with(a, &pair).unwrap();
+    // A message whose validity ran out on its way is refused; a repeat of
+    // one stored before is a duplicate, even if it would not be taken now.
+    let item = |id: u8, expires_at_ms: u64| {
+        let mut batch: serde_json::Value =
+            serde_json::from_slice(&batch_from("southvale", "northshire")).unwrap();
+        batch["items"][0]["envelope"]["recipient"] = "user:alice@northshire".into();
+        batch["items"][0]["envelope"]["message_id"] =
+            proto::MessageId::from_bytes([id; 16]).to_string().into();
+        batch["items"][0]["envelope"]["expires_at_ms"] = expires_at_ms.into();
+        serde_json::to_vec(&batch).unwrap()
+    };
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", item(9, 1))
+        .await
+        .unwrap();
+    assert_eq!(answer["results"][0]["result"], "rejected", "{answer}");
+    assert!(
+        answer["results"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("validity ran out before it reached northshire"),
+        "{answer}"
+    );
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", item(8, u64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(answer["results"][0]["result"], "stored", "{answer}");
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", item(8, 1))
+        .await
+        .unwrap();
+    assert_eq!(answer["results"][0]["result"], "duplicate", "{answer}");
+    assert_eq!(fed.count(a, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
+}
