@@ -734,6 +734,16 @@ impl Bodies {
         self.inbox.sync()
     }
 
+    /// Opens the next segment of each log that is full: only after the
+    /// group that filled it committed (see [`BodyLog::roll_if_full`]).
+    fn roll(&self) {
+        for log in [&self.outbox, &self.inbox] {
+            if let Err(e) = log.roll_if_full() {
+                tracing::warn!(error = %e, "store: opening the next body segment failed; the full one stays open");
+            }
+        }
+    }
+
     fn discard(&self) {
         self.outbox.discard();
         self.inbox.discard();
@@ -1772,6 +1782,7 @@ fn store_thread(
             roll_back_group(&conn, bodies, tails);
             tracing::error!(error = %e, "store: commit failed; the group was rolled back");
         });
+        bodies.roll();
         let group = Committed {
             n,
             commit,

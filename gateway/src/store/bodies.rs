@@ -229,17 +229,30 @@ impl BodyLog {
         if inner.pending.capacity() > KEPT_BUFFER_BYTES {
             inner.pending = Vec::new();
         }
-        written?;
-        if inner.len >= SEGMENT_BYTES {
-            let next = inner.seg + 1;
-            if let Some(spare) = inner.spares.pop() {
-                std::fs::rename(spare, segment_path(&self.dir, next))?;
-            }
-            inner.file = open_segment(&self.dir, next)?;
-            sync_dir(&self.dir)?;
-            inner.seg = next;
-            inner.len = 0;
+        written
+    }
+
+    /// Closes a full segment and opens the next. Called only once the rows
+    /// of the group whose bodies filled it are committed: a removal decided
+    /// from rows read after it sees the new open segment then sees those
+    /// rows too (see [`BodyLog::open_segment`]). A failure leaves the full
+    /// segment open; the next call tries again.
+    pub(crate) fn roll_if_full(&self) -> io::Result<()> {
+        let mut inner = self.lock();
+        if inner.len < SEGMENT_BYTES {
+            return Ok(());
         }
+        let next = inner.seg + 1;
+        if let Some(spare) = inner.spares.pop() {
+            if let Err(e) = std::fs::rename(&spare, segment_path(&self.dir, next)) {
+                inner.spares.push(spare);
+                return Err(e);
+            }
+        }
+        inner.file = open_segment(&self.dir, next)?;
+        sync_dir(&self.dir)?;
+        inner.seg = next;
+        inner.len = 0;
         Ok(())
     }
 
