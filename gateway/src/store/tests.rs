@@ -2146,26 +2146,3 @@ async fn a_peer_queue_shows_when_its_oldest_item_was_queued() {
         .unwrap();
     assert_eq!((south.items, south.oldest_queued_ms), (1, Some(7_000)));
 }
-
-#[test]
-fn a_full_body_segment_stays_open_until_its_group_has_committed() {
-    // A removal decides from rows read after it took the open segment: if
-    // the segment a group's bodies filled closed before the group's rows
-    // committed, those rows could be missed and their segment removed.
-    let dir = tempfile::tempdir().unwrap();
-    let log = BodyLog::open(dir.path()).unwrap();
-    let first = log.open_segment();
-    let body = vec![7u8; 1 << 20];
-    for _ in 0..17 {
-        log.append(&body);
-    }
-    log.sync().unwrap();
-    assert_eq!(log.open_segment(), first, "full, but its rows are not committed yet");
-    assert!(!log.has_closed_segments());
-    log.roll_if_full().unwrap();
-    assert_eq!(log.open_segment(), first + 1);
-    assert!(log.has_closed_segments());
-    // Nothing more to roll until the new one fills.
-    log.roll_if_full().unwrap();
-    assert_eq!(log.open_segment(), first + 1);
-}

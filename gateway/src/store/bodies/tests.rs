@@ -8,14 +8,14 @@ fn bodies_round_trip_across_syncs_and_reopening() {
     let log = BodyLog::open(dir.path()).unwrap();
     let a = log.append(b"first body");
     let b = log.append(&[7u8; 5000]);
-    log.sync().unwrap();
+    commit(&log);
     assert_eq!(log.read(a).unwrap(), b"first body");
     assert_eq!(log.read(b).unwrap(), vec![7u8; 5000]);
     // A group that did not commit leaves unreferenced bytes behind.
     let lost = log.append(b"rolled back");
     log.discard();
     let c = log.append(b"after the rollback");
-    log.sync().unwrap();
+    commit(&log);
     assert!(c.off > lost.off);
     assert_eq!(log.read(c).unwrap(), b"after the rollback");
     drop(log);
@@ -25,7 +25,7 @@ fn bodies_round_trip_across_syncs_and_reopening() {
         .unwrap();
     let log = BodyLog::open(dir.path()).unwrap();
     let d = log.append(b"after the crash");
-    log.sync().unwrap();
+    commit(&log);
     assert_eq!(log.read(a).unwrap(), b"first body");
     assert_eq!(log.read(d).unwrap(), b"after the crash");
     assert!(d.off >= c.off + c.len + 4);
@@ -39,7 +39,7 @@ fn full_segments_are_closed_and_removed_when_unreferenced() {
     let mut refs = Vec::new();
     for _ in 0..9 {
         refs.push(log.append(&big));
-        log.sync().unwrap();
+        commit(&log);
     }
     assert!(log.has_closed_segments());
     let last = *refs.last().unwrap();
@@ -63,7 +63,7 @@ fn a_bad_reference_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let log = BodyLog::open(dir.path()).unwrap();
     let r = log.append(b"x");
-    log.sync().unwrap();
+    commit(&log);
     for bad in [
         BodyRef { off: -1, ..r },
         BodyRef { len: -1, ..r },
@@ -86,7 +86,7 @@ fn only_the_last_unwritten_body_can_be_taken_back() {
     assert!(!log.unappend(b), "already taken back");
     let c = log.append(b"next");
     assert_eq!(c.off, b.off, "its space is used again");
-    log.sync().unwrap();
+    commit(&log);
     assert!(!log.unappend(c), "already written");
     assert_eq!(log.read(a).unwrap(), b"kept");
     assert_eq!(log.read(c).unwrap(), b"next");
@@ -104,7 +104,7 @@ fn fill_until(log: &BodyLog, seg: i64, byte: u8) -> Vec<BodyRef> {
     let mut refs = Vec::new();
     while log.lock().seg < seg {
         refs.push(log.append(&half));
-        log.sync().unwrap();
+        commit(&log);
     }
     refs
 }
@@ -146,7 +146,7 @@ fn removed_segments_are_reused_as_the_next_ones_and_reopening_begins_a_new_one()
     let log = BodyLog::open(dir.path()).unwrap();
     assert_eq!(log.lock().spares.len(), 2);
     let after = log.append(b"after reopening");
-    log.sync().unwrap();
+    commit(&log);
     assert_eq!(after.seg, newest + 1);
     assert_eq!(
         (after.off, log.read(after).unwrap()),
@@ -169,11 +169,11 @@ fn the_append_buffer_keeps_its_room_between_groups_but_not_after_a_burst() {
     let dir = tempfile::tempdir().unwrap();
     let log = BodyLog::open(dir.path()).unwrap();
     let a = log.append(&[3u8; 64 * 1024]);
-    log.sync().unwrap();
+    commit(&log);
     assert!(log.lock().pending.capacity() >= 64 * 1024, "room kept");
     assert!(log.lock().pending.is_empty());
     let b = log.append(&vec![4u8; KEPT_BUFFER_BYTES + 1]);
-    log.sync().unwrap();
+    commit(&log);
     assert_eq!(
         log.lock().pending.capacity(),
         0,
@@ -266,7 +266,7 @@ fn zeroed_bodies_give_their_blocks_back_and_the_rest_stay_readable() {
     // Not a whole number of blocks: the neighbours share the edge blocks.
     let mib = (1 << 20) + 1000;
     let refs: Vec<BodyRef> = (1..=3u8).map(|n| log.append(&vec![n; mib])).collect();
-    log.sync().unwrap();
+    commit(&log);
     let path = segment_path(dir.path(), refs[0].seg);
     let before = std::fs::metadata(&path).unwrap();
     let freed = log.zero(&refs[1..2]).unwrap();
@@ -290,7 +290,37 @@ fn zeroed_bodies_give_their_blocks_back_and_the_rest_stay_readable() {
     assert_eq!(log.read(refs[0]).unwrap(), vec![1u8; mib]);
     assert_eq!(log.read(refs[2]).unwrap(), vec![3u8; mib]);
     let next = log.append(b"after the hole");
-    log.sync().unwrap();
+    commit(&log);
     assert!(next.off >= refs[2].off + refs[2].len);
     assert_eq!(log.read(next).unwrap(), b"after the hole");
+}
+
+/// Syncs the queued bodies and, as the writer does once their group has
+/// committed, closes a full segment.
+fn commit(log: &BodyLog) {
+    log.sync().unwrap();
+    log.roll_if_full().unwrap();
+}
+
+#[test]
+fn a_full_body_segment_stays_open_until_its_group_has_committed() {
+    // A removal decides from rows read after it took the open segment: if
+    // the segment a group's bodies filled closed before the group's rows
+    // committed, those rows could be missed and their segment removed.
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let first = log.open_segment();
+    let body = vec![7u8; 1 << 20];
+    for _ in 0..17 {
+        log.append(&body);
+    }
+    log.sync().unwrap();
+    assert_eq!(log.open_segment(), first, "full, but its rows are not committed yet");
+    assert!(!log.has_closed_segments());
+    log.roll_if_full().unwrap();
+    assert_eq!(log.open_segment(), first + 1);
+    assert!(log.has_closed_segments());
+    // Nothing more to roll until the new one fills.
+    log.roll_if_full().unwrap();
+    assert_eq!(log.open_segment(), first + 1);
 }
