@@ -104,7 +104,7 @@ fn fill_until(log: &BodyLog, seg: i64, byte: u8) -> Vec<BodyRef> {
     let mut refs = Vec::new();
     while log.lock().seg < seg {
         refs.push(log.append(&half));
-        commit(&log);
+        commit(log);
     }
     refs
 }
