@@ -117,30 +117,45 @@ impl RevocationList {
         let (_, crl) = CertificateRevocationList::from_der(der)
             .map_err(|e| crl_error(path, format!("not a valid X.509 CRL: {e}")))?;
         let issuer = crl.issuer().as_raw();
-        let mut signer = None;
+        // While an area moves to a new CA, its bundle holds the old and the
+        // new one, often under the same name: the list is the area's if any
+        // CA of that name signed it.
+        let mut named = 0;
+        let mut failure = None;
+        let mut verified = false;
         for ca in cas {
             let (_, cert) = X509Certificate::from_der(ca.as_ref())
                 .map_err(|e| CertError::Malformed(e.to_string()))?;
-            if cert.subject().as_raw() == issuer {
-                signer = Some(cert);
-                break;
+            if cert.subject().as_raw() != issuer {
+                continue;
+            }
+            named += 1;
+            match crl.verify_signature(cert.public_key()) {
+                Ok(()) => {
+                    verified = true;
+                    break;
+                }
+                Err(e) => failure = Some(e),
             }
         }
-        let signer = signer.ok_or_else(|| {
-            crl_error(
+        if named == 0 {
+            return Err(crl_error(
                 path,
                 format!(
                     "issued by \"{}\", which is not a CA configured for area {area}",
                     crl.issuer()
                 ),
-            )
-        })?;
-        crl.verify_signature(signer.public_key()).map_err(|e| {
-            crl_error(
+            ));
+        }
+        if !verified {
+            return Err(crl_error(
                 path,
-                format!("its signature does not verify against area {area}'s CA: {e}"),
-            )
-        })?;
+                format!(
+                    "its signature does not verify against area {area}'s CA{}",
+                    failure.map(|e| format!(": {e}")).unwrap_or_default()
+                ),
+            ));
+        }
         let serials = self
             .revoked
             .entry(area.clone())

@@ -438,8 +438,8 @@ impl Gateway {
     /// serving and forwarding.
     pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         let crl_sources = revocation::Sources::of(&config);
-        let crl_list = crl_sources.load()?;
-        revocation::report(&crl_list, expiry::now_s());
+        let crl_list = crl_sources.read()?;
+        revocation::report(crl_list.list(), expiry::now_s());
         let crls = Arc::new(revocation::InForce::new(crl_sources, crl_list));
         let revocations = crls.revocations().clone();
         let tls = TlsMaterial::read(&config, &revocations)?;
@@ -623,7 +623,7 @@ impl Gateway {
                 None => None,
             };
             let sources = revocation::Sources::of(&read);
-            let crls = sources.load()?;
+            let crls = sources.read()?;
             // Certificates as they are in the files now (renewed ones
             // included), checked by building what uses them.
             let tls = TlsMaterial::read(&read, with.crls.revocations())?;
@@ -661,13 +661,13 @@ impl Gateway {
         let mut reloaded = Reloaded {
             users: new.users.len(),
             policy_version: policy.as_ref().map(|p| p.policy.version()),
-            revoked: crls.revoked(),
+            revoked: crls.list().revoked(),
             teams,
             peers,
             given_back: 0,
             needs_restart: needs_restart(&shared.config, &new),
         };
-        revocation::report(&crls, expiry::now_s());
+        revocation::report(crls.list(), expiry::now_s());
         for p in &new.peers {
             let was = old.peer(&p.area).and_then(|o| o.policy_key.as_ref());
             if was != p.policy_key.as_ref() {

@@ -143,14 +143,25 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// SIGHUP, taken over from its default (ending the process): installed
+/// before the gateway starts, so that a reload asked for while it starts
+/// (systemd's `ExecReload`) does not end it, and is made once it runs.
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+fn hangups() -> Hangups {
+    #[cfg(unix)]
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    None
+}
+
 /// Waits for Ctrl-C or SIGTERM; on each SIGHUP, reloads from `path`.
-async fn serve(gw: &Gateway, path: &std::path::Path) {
+async fn serve(gw: &Gateway, path: &std::path::Path, mut hangups: Hangups) {
     let stop = shutdown_signal();
     tokio::pin!(stop);
-    #[cfg(unix)]
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    #[cfg(not(unix))]
-    let mut hangups: Option<()> = None;
     loop {
         tokio::select! {
             _ = &mut stop => return,
@@ -191,9 +202,10 @@ async fn reload(gw: &Gateway, path: &std::path::Path) {
 async fn real_main(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config: path } => {
+            let hangups = hangups();
             let config = Config::load(&path)?;
             let gw = Gateway::start(config).await?;
-            serve(&gw, &path).await;
+            serve(&gw, &path, hangups).await;
             gw.shutdown().await;
         }
         Command::CheckConfig { config } => {

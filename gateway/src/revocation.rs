@@ -63,6 +63,16 @@ impl Sources {
         )
     }
 
+    /// What the files look like, then the lists read from them: a change
+    /// made while they are read shows as a stamp older than the files.
+    pub(crate) fn read(&self) -> Result<Read, certs::CertError> {
+        let stamp = self.stamp();
+        Ok(Read {
+            stamp,
+            list: self.load()?,
+        })
+    }
+
     /// Which files, and what they look like now (size and modification
     /// time, or none if unreadable): when it changes, they are read again.
     fn stamp(&self) -> Stamp {
@@ -76,6 +86,19 @@ impl Sources {
                 (p.clone(), seen)
             })
             .collect()
+    }
+}
+
+/// Lists read, with what their files looked like before they were read.
+pub(crate) struct Read {
+    stamp: Stamp,
+    list: RevocationList,
+}
+
+impl Read {
+    /// The lists read.
+    pub(crate) fn list(&self) -> &RevocationList {
+        &self.list
     }
 }
 
@@ -144,17 +167,20 @@ pub(crate) fn describe(list: &RevocationList, now_s: i64) -> Vec<String> {
 /// through it, one at a time.
 #[derive(Debug)]
 pub(crate) struct InForce {
-    sources: Mutex<Sources>,
+    /// The files, and what they looked like before the lists in force were
+    /// read from them: the watcher reads them again when they look
+    /// otherwise, whoever put the lists in force.
+    sources: Mutex<(Sources, Stamp)>,
     revocations: Revocations,
     failed: AtomicBool,
 }
 
 impl InForce {
-    /// `list`, read from `sources`, in force.
-    pub(crate) fn new(sources: Sources, list: RevocationList) -> InForce {
+    /// `read`, from `sources`, in force.
+    pub(crate) fn new(sources: Sources, read: Read) -> InForce {
         InForce {
-            sources: Mutex::new(sources),
-            revocations: Revocations::new(list),
+            sources: Mutex::new((sources, read.stamp)),
+            revocations: Revocations::new(read.list),
             failed: AtomicBool::new(false),
         }
     }
@@ -169,29 +195,32 @@ impl InForce {
         self.failed.load(Ordering::Relaxed)
     }
 
-    fn sources(&self) -> std::sync::MutexGuard<'_, Sources> {
+    fn sources(&self) -> std::sync::MutexGuard<'_, (Sources, Stamp)> {
         self.sources
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Puts `list`, read from `sources` (which a reload may name anew), in force.
-    pub(crate) fn put(&self, sources: Sources, list: RevocationList) {
+    /// Puts `read`, from `sources` (which a reload may name anew), in force.
+    pub(crate) fn put(&self, sources: Sources, read: Read) {
         let mut current = self.sources();
-        *current = sources;
-        self.revocations.replace(list);
+        *current = (sources, read.stamp);
+        self.revocations.replace(read.list);
         self.failed.store(false, Ordering::Relaxed);
     }
 
-    /// Puts `list` in force if it was read from the files in force now: a
+    /// Puts `read` in force if it was read from the files in force now: a
     /// reload that named other files meanwhile wins over the watcher's
-    /// older read.
-    fn put_if_current(&self, from: &Sources, list: RevocationList) -> bool {
-        let current = self.sources();
-        if *current != *from {
+    /// read. (A read older than one put in force meanwhile is put too; its
+    /// stamp then differs from the files, and the next look reads them
+    /// again.)
+    fn put_if_current(&self, from: &Sources, read: Read) -> bool {
+        let mut current = self.sources();
+        if current.0 != *from {
             return false;
         }
-        self.revocations.replace(list);
+        current.1 = read.stamp;
+        self.revocations.replace(read.list);
         self.failed.store(false, Ordering::Relaxed);
         true
     }
@@ -205,7 +234,9 @@ pub(crate) async fn watch(
     mut stop: watch::Receiver<bool>,
 ) {
     let current = || lists.sources().clone();
-    let mut seen = stamp_off_thread(&current()).await;
+    // The files as they looked when they last could not be used: not read
+    // again until they change.
+    let mut unusable: Option<Stamp> = None;
     // Stale at start was reported with the lists read.
     let mut stale = Default::default();
     newly_stale(
@@ -228,27 +259,29 @@ pub(crate) async fn watch(
                 "revocation list has gone past its nextUpdate: it is still enforced, but newer revocations may be missing; fetch a fresh one from the CA"
             );
         }
-        let s = current();
+        let (s, in_force) = current();
         let now = stamp_off_thread(&s).await;
-        if now == seen {
+        if now == in_force || unusable.as_ref() == Some(&now) {
             continue;
         }
-        seen = now;
         let read = s.clone();
-        let loaded = tokio::task::spawn_blocking(move || read.load()).await;
+        let loaded = tokio::task::spawn_blocking(move || read.read()).await;
         match loaded {
-            Ok(Ok(list)) => {
-                report(&list, crate::expiry::now_s());
-                let revoked = list.revoked();
-                if lists.put_if_current(&s, list) {
+            Ok(Ok(read)) => {
+                unusable = None;
+                report(&read.list, crate::expiry::now_s());
+                let revoked = read.list.revoked();
+                if lists.put_if_current(&s, read) {
                     tracing::info!(revoked, "revocation lists changed: re-read and in force");
                 }
             }
             Ok(Err(e)) => {
+                unusable = Some(now);
                 lists.failed.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "revocation lists changed but cannot be used: the previous lists stay in force");
             }
             Err(e) => {
+                unusable = Some(now);
                 lists.failed.store(true, Ordering::Relaxed);
                 tracing::error!(error = %e, "re-reading the revocation lists failed: the previous lists stay in force");
             }
@@ -257,7 +290,7 @@ pub(crate) async fn watch(
 }
 
 /// Each file and its size and modification time.
-type Stamp = Vec<(PathBuf, Option<(u64, SystemTime)>)>;
+pub(crate) type Stamp = Vec<(PathBuf, Option<(u64, SystemTime)>)>;
 
 async fn stamp_off_thread(sources: &Sources) -> Stamp {
     let s = sources.clone();

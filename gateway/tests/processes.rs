@@ -810,3 +810,40 @@ async fn sighup_takes_up_a_new_user_without_a_restart_and_a_broken_file_changes_
         "the gateway kept running"
     );
 }
+
+/// A reload asked for while the gateway starts (here: while it waits for
+/// its data directory, held by another instance) does not end the process
+/// the way SIGHUP's default would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_the_gateway_starts_does_not_end_it() {
+    let demo = Demo::new().await;
+    let area = demo.area_dir(0);
+    let log = area.join("second.log");
+    let mut second = Command::new(GATEWAY)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(area.join("gateway.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let waiting = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("the data directory is locked")
+    };
+    assert!(eventually(Duration::from_secs(20), waiting).await);
+    let pid = second.id().unwrap().to_string();
+    let status = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let status = second.wait().await.unwrap();
+    // It ends as it would have without the signal: the directory is taken.
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("is in use by another gateway"), "{text}");
+}

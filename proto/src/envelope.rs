@@ -270,11 +270,13 @@ impl Status {
 
 impl Status {
     /// Whether the receiving gateway may still give the message up
-    /// (`undeliverable` after delivery): no one has acknowledged it. Only
-    /// that give-up moves `delivered` or `fetched` to `undeliverable`;
-    /// [`Status::can_become`] covers every other change.
+    /// (`undeliverable` after delivery): it was delivered and no one has
+    /// acknowledged it. Only that give-up moves `delivered` or `fetched` to
+    /// `undeliverable`; [`Status::can_become`] covers every other change.
+    /// A message still `accepted` at its sender's gateway is not the
+    /// receiver's to give up: it has not confirmed having it.
     pub fn can_be_given_up(self) -> bool {
-        matches!(self, Status::Accepted | Status::Delivered | Status::Fetched)
+        matches!(self, Status::Delivered | Status::Fetched)
     }
 }
 

@@ -175,3 +175,42 @@ fn serials_compare_without_leading_zeros() {
     assert_eq!(significant(&[]), &[] as &[u8]);
     assert_eq!(significant(&[5, 0]), &[5, 0]);
 }
+
+#[test]
+fn while_an_area_moves_to_a_new_ca_of_the_same_name_either_cas_list_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let north = area("northshire");
+    let old = Ca::new(&north).unwrap();
+    let new = Ca::new(&north).unwrap();
+    let bundle: Vec<_> = [&old, &new]
+        .iter()
+        .flat_map(|ca| crate::parse_certs(&ca.pem().cert, "ca").unwrap())
+        .collect();
+    let laptop = new.issue(&user("northshire", "laptop"), YEAR).unwrap();
+    let from_new = file(
+        &dir,
+        "new.crl",
+        new.revocation_list(&[&laptop.cert], 1, YEAR)
+            .unwrap()
+            .as_bytes(),
+    );
+    let from_old = file(
+        &dir,
+        "old.crl",
+        old.revocation_list(&[], 1, YEAR).unwrap().as_bytes(),
+    );
+    let paths = [from_old, from_new];
+    let list = RevocationList::load([(&north, &paths[..], bundle.as_slice())]).unwrap();
+    assert_eq!(list.revoked(), 1);
+    // A third CA of that name, in neither bundle, is still refused.
+    let impostor = Ca::new(&north).unwrap();
+    let forged = file(
+        &dir,
+        "forged.crl",
+        impostor.revocation_list(&[], 1, YEAR).unwrap().as_bytes(),
+    );
+    match RevocationList::load([(&north, std::slice::from_ref(&forged), bundle.as_slice())]) {
+        Err(CertError::Crl { reason, .. }) => assert!(reason.contains("signature"), "{reason}"),
+        other => panic!("expected a Crl error, got {other:?}"),
+    }
+}

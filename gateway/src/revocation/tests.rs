@@ -42,3 +42,58 @@ fn a_list_is_warned_about_once_when_it_goes_stale() {
     assert!(newly_stale(&fresh, now, &mut stale).is_empty());
     assert_eq!(newly_stale(&list, now, &mut stale), [overdue]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_changed_while_an_older_read_was_put_in_force_are_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let area = AreaId::new("northshire").unwrap();
+    let ca = Ca::new(&area).unwrap();
+    let ca_path = dir.path().join("ca.crt");
+    std::fs::write(&ca_path, &ca.pem().cert).unwrap();
+    let crl = list_file(
+        dir.path(),
+        &ca,
+        "area.crl",
+        Validity::For(Duration::from_secs(86_400)),
+    );
+    let sources = Sources {
+        areas: vec![(area.clone(), ca_path, vec![crl.clone()])],
+    };
+    // A reload's read, made before the CA's new list arrives.
+    let older = sources.read().unwrap();
+    let lists = Arc::new(InForce::new(sources.clone(), sources.read().unwrap()));
+    let revoked = || lists.revocations().current().revoked();
+    let stolen = ca
+        .issue(
+            &certs::Identity::User(area.clone(), proto::UserId::new("laptop").unwrap()),
+            Validity::For(Duration::from_secs(86_400)),
+        )
+        .unwrap();
+    let list = ca
+        .revocation_list(
+            &[&stolen.cert],
+            2,
+            Validity::For(Duration::from_secs(86_400)),
+        )
+        .unwrap();
+    std::fs::write(&crl, list).unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let watcher = tokio::spawn(watch(lists.clone(), Duration::from_millis(20), stopped));
+    let eventually_revoked = || async {
+        for _ in 0..500 {
+            if revoked() == 1 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    assert!(eventually_revoked().await, "the watcher reads the new list");
+    // The reload that read before the change puts its lists in force last.
+    lists.put(sources.clone(), older);
+    assert_eq!(revoked(), 0);
+    // The files are newer than what is in force: read again.
+    assert!(eventually_revoked().await, "the revocation is not lost");
+    let _ = stop.send(true);
+    watcher.await.unwrap();
+}

@@ -2146,3 +2146,36 @@ async fn a_peer_queue_shows_when_its_oldest_item_was_queued() {
         .unwrap();
     assert_eq!((south.items, south.oldest_queued_ms), (1, Some(7_000)));
 }
+
+/// A peer cannot give up a message it has not confirmed having: the
+/// sender's gateway still has it `accepted`, waiting to be sent.
+#[tokio::test]
+async fn a_peer_cannot_give_up_a_message_it_never_confirmed_having() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let southvale = AreaId::new("southvale").unwrap();
+    let env = envelope(1, "waiting");
+    store
+        .submit(NewMessage {
+            envelope: env.clone(),
+            body: Body(vec![1; 8]),
+            route: Route::Peer(southvale.clone()),
+            commit: None,
+            accept_new: true,
+        })
+        .await
+        .unwrap();
+    let out = store
+        .accept_batch(
+            southvale,
+            vec![Incoming::Status(
+                env.message_id.clone(),
+                Status::Undeliverable,
+                2_000,
+            )],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out[..], [IncomingOutcome::Duplicate]), "{out:?}");
+    assert_eq!(sent_status(&store, &env).await.status, Status::Accepted);
+}

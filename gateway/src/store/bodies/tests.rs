@@ -315,7 +315,11 @@ fn a_full_body_segment_stays_open_until_its_group_has_committed() {
         log.append(&body);
     }
     log.sync().unwrap();
-    assert_eq!(log.open_segment(), first, "full, but its rows are not committed yet");
+    assert_eq!(
+        log.open_segment(),
+        first,
+        "full, but its rows are not committed yet"
+    );
     assert!(!log.has_closed_segments());
     log.roll_if_full().unwrap();
     assert_eq!(log.open_segment(), first + 1);
