@@ -583,8 +583,8 @@ fn peer_of(shared: &Shared, peer: &VerifiedPeer) -> Result<proto::AreaId, Failur
     }
 }
 
-/// Most items in one framed federation request.
-const MAX_FRAMED_ITEMS: usize = 4096;
+/// Most items in one federation request.
+const MAX_FRAMED_ITEMS: usize = crate::config::MAX_BATCH_ITEMS;
 
 /// `POST /v1/federation/frames` (framed, bodies raw) and
 /// `POST /v1/federation/batch` (JSON, bodies in base64): a peer's batch. The
@@ -603,6 +603,13 @@ async fn federation_batch(
     } else {
         parse_json::<FederationBatch>(body)?.items
     };
+    if items.len() > MAX_FRAMED_ITEMS {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedRequest,
+            format!("a batch holds at most {MAX_FRAMED_ITEMS} items"),
+        ));
+    }
     let answer = accept_items(&shared, area, items, order).await?;
     let mut resp = answer.into_response();
     if order.is_some() {

@@ -222,6 +222,10 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The most items a gateway takes in one federation batch (and so the most
+/// `delivery.batch_max_items` may be).
+pub const MAX_BATCH_ITEMS: usize = 4096;
+
 /// One federation peer.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -383,8 +387,21 @@ impl Config {
             }
         }
         let d = &self.delivery;
-        if d.batch_max_items == 0 {
-            return Err("delivery.batch_max_items: must be at least 1".into());
+        // A peer takes at most this many items in one batch.
+        if !(1..=MAX_BATCH_ITEMS).contains(&d.batch_max_items) {
+            return Err(format!(
+                "delivery.batch_max_items: must be from 1 to {MAX_BATCH_ITEMS}"
+            ));
+        }
+        let day = Duration::from_secs(86_400);
+        if d.message_validity < Duration::from_secs(1) || d.message_validity > 365 * day {
+            return Err("delivery.message_validity: must be from 1s to 365 days".into());
+        }
+        if d.peer_timeout < Duration::from_secs(1) || d.peer_timeout > Duration::from_secs(3600) {
+            return Err("delivery.peer_timeout: must be from 1s to 1h".into());
+        }
+        if d.retry_max > day {
+            return Err("delivery.retry_max: must be at most 1 day".into());
         }
         if !(1..=64).contains(&d.batches_in_flight) {
             return Err("delivery.batches_in_flight: must be from 1 to 64".into());
@@ -402,6 +419,9 @@ impl Config {
         if l.max_body_bytes == 0 {
             return Err("limits.max_body_bytes: must be at least 1".into());
         }
+        if l.max_inbox_wait > Duration::from_secs(3600) {
+            return Err("limits.max_inbox_wait: must be at most 1h".into());
+        }
         Ok(())
     }
 
@@ -410,3 +430,6 @@ impl Config {
         self.peers.iter().find(|p| &p.area == area)
     }
 }
+
+#[cfg(test)]
+mod tests;
