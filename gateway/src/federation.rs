@@ -188,6 +188,10 @@ pub(crate) async fn peer_worker(
     // them, so their validity running out does not return them to their
     // senders while the peer may yet answer (a repeat is answered as a
     // duplicate, an expired new one refused), only a day later.
+    // After a batch the peer found too large, its items go one at a time
+    // (up to this queue position), so that only one too large for the peer
+    // is refused.
+    let mut one_by_one_until: i64 = 0;
     let mut uncertain_up_to = shared
         .store
         .queue_end(peer.area.clone())
@@ -242,7 +246,12 @@ pub(crate) async fn peer_worker(
                 tracing::error!("no HTTP client for this peer");
                 break;
             };
-            let Some((batch, more)) = next_items(&shared, &peer, sent_up_to).await else {
+            let one_by_one = sent_up_to < one_by_one_until;
+            if one_by_one && !in_flight.is_empty() {
+                break;
+            }
+            let Some((batch, more)) = next_items(&shared, &peer, sent_up_to, one_by_one).await
+            else {
                 backlog = false;
                 break;
             };
@@ -331,6 +340,9 @@ pub(crate) async fn peer_worker(
                 // The batches behind this one may or may not reach the peer;
                 // start again from the last answer (the peer deduplicates).
                 let cut_off = !in_flight.is_empty();
+                if matches!(e, SendError::Status(413, _)) {
+                    one_by_one_until = done.seqs.last().copied().unwrap_or(0);
+                }
                 abandon(&mut in_flight);
                 if cut_off || e.may_have_arrived() {
                     uncertain_up_to = uncertain_up_to.max(sent_up_to);
@@ -434,8 +446,13 @@ async fn next_items(
     shared: &Shared,
     peer: &PeerConfig,
     after: i64,
+    one_by_one: bool,
 ) -> Option<(Vec<crate::store::Queued>, bool)> {
-    let max = shared.config.delivery.batch_max_items;
+    let max = if one_by_one {
+        1
+    } else {
+        shared.config.delivery.batch_max_items
+    };
     let mut batch = match shared.store.queued(peer.area.clone(), after, max).await {
         Ok(b) => b,
         Err(e) => {
@@ -514,6 +531,19 @@ async fn send(
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_secs);
         return Err(SendError::RateLimited(after));
+    }
+    // A lone item larger than the peer takes in a request: refused (its
+    // sender is told), not retried for ever with the queue behind it.
+    if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE && n == 1 {
+        return Ok(Answered {
+            response: FederationBatchResponse {
+                results: vec![ItemResult::Rejected {
+                    code: proto::ErrorCode::PayloadTooLarge,
+                    reason: "it is larger than the receiving gateway takes".into(),
+                }],
+            },
+            ordered: false,
+        });
     }
     if !status.is_success() {
         return Err(SendError::Status(status.as_u16(), error_code(resp).await));

@@ -458,3 +458,50 @@ async fn a_message_that_may_have_reached_the_peer_unanswered_is_not_given_up_whe
     );
     assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_peer_takes_is_refused_and_the_queue_behind_it_goes_on() {
+    let fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let mut fed = fed;
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    // northshire takes larger messages than southvale's requests hold.
+    fed.edit_config(
+        a,
+        "[limits]\n",
+        "[limits]\nmax_body_bytes = 33554432\n",
+    )
+    .unwrap();
+    fed.start_all().await.unwrap();
+    fed.stop(b).await;
+    let alice = fed.api(a, "alice").unwrap();
+    let large = alice
+        .submit(&message("user:dan@southvale", "large", vec![b'l'; 20 << 20]).unwrap())
+        .await
+        .unwrap();
+    let small = alice
+        .submit(&message("user:dan@southvale", "small", b"s".to_vec()).unwrap())
+        .await
+        .unwrap();
+    fed.start(b).await.unwrap();
+    assert!(
+        reaches(
+            &alice,
+            &small.message_id,
+            Status::Delivered,
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    let st = alice.status(&large.message_id).await.unwrap();
+    assert_eq!(st.status, Status::Undeliverable);
+    let reason = st
+        .history
+        .last()
+        .and_then(|h| h.reason.clone())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("larger than the receiving gateway takes"),
+        "{reason}"
+    );
+    assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
+}
