@@ -50,6 +50,11 @@ pub enum CaseError {
     /// An argument is not usable.
     #[error("{0}")]
     Invalid(String),
+    /// Another client kept the data directory for too long.
+    #[error(
+        "another client is still using {0} (a `read --wait` loop?); try again when it has finished"
+    )]
+    Busy(PathBuf),
 }
 
 /// What reading the inbox brought.
@@ -173,6 +178,9 @@ pub struct Caseworker {
     meta_path: PathBuf,
     meta: Meta,
     sent: crate::sent::SentLog,
+    /// Held while this client works on its data directory: two clients at
+    /// once would each write back state the other moved on.
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Caseworker {
@@ -180,6 +188,41 @@ impl std::fmt::Debug for Caseworker {
         f.debug_struct("Caseworker")
             .field("me", &self.me.to_string())
             .finish()
+    }
+}
+
+/// How long a client waits for another one using its data directory.
+const LOCK_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Takes the data directory for this client alone, waiting (up to
+/// `patience`) while another client has it.
+fn lock_data_dir(dir: &std::path::Path, patience: Duration) -> Result<std::fs::File, CaseError> {
+    let storage = |e: std::io::Error| CaseError::Metadata {
+        path: dir.join("client.lock"),
+        message: e.to_string(),
+    };
+    crate::private_dir(dir).map_err(storage)?;
+    let file = crate::private_file()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("client.lock"))
+        .map_err(storage)?;
+    let give_up = std::time::Instant::now() + patience;
+    let mut told = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                if !told {
+                    told = true;
+                    tracing::warn!(dir = %dir.display(), "another client is using this data directory; waiting for it to finish");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(CaseError::Busy(dir.to_owned())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(storage(e)),
+        }
     }
 }
 
@@ -233,6 +276,7 @@ impl Caseworker {
             target: Target::User(user.clone()),
         };
         let dir = config.data_directory();
+        let lock = lock_data_dir(&dir, LOCK_PATIENCE)?;
         let mls = MlsClient::open(&dir, &identity.uri())?;
         let meta_path = dir.join("cases.json");
         let sent = crate::sent::SentLog::in_dir(&dir);
@@ -258,6 +302,7 @@ impl Caseworker {
             meta_path,
             meta,
             sent,
+            _lock: lock,
         })
     }
 
@@ -272,7 +317,12 @@ impl Caseworker {
             message: e.to_string(),
         })?;
         let tmp = self.meta_path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        let mut f = crate::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(err)?;
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &self.meta_path).map_err(err)
@@ -723,6 +773,8 @@ impl Caseworker {
     /// [`FIRST_MESSAGE_GRACE`] more (within `wait`) for it: the worker sees
     /// the referral with the join, not on the next read.
     pub async fn read(&mut self, wait: Duration) -> Result<Vec<Event>, CaseError> {
+        // A day is longer than any gateway holds a request open.
+        let wait = wait.min(Duration::from_secs(86_400));
         let deadline = tokio::time::Instant::now() + wait;
         let mut events = self.read_batch(wait).await?;
         let grace_end = tokio::time::Instant::now() + FIRST_MESSAGE_GRACE;
@@ -1024,3 +1076,6 @@ pub fn check_declared(plaintext: &[u8], declared: &[String]) -> Result<(), CaseE
         )),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -32,6 +32,47 @@ pub fn fresh_idempotency_key() -> proto::IdempotencyKey {
     proto::IdempotencyKey::time_ordered(now_ms(), rand::random())
 }
 
+/// Creates `dir` (and its parents) if needed, owner-only (mode 0700 on
+/// Unix): the client's data directory holds MLS private keys and decrypted
+/// case history. An existing directory is left as it is; the files in it
+/// are made owner-only ([`private_file`], [`make_private`]).
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Makes `path`, if it exists, readable and writable by its owner only
+/// (files written by an earlier version were not).
+pub fn make_private(path: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        match std::fs::metadata(path) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Options that create a file only its owner may read or write (mode 0600
+/// on Unix).
+pub fn private_file() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -589,7 +630,7 @@ impl Api {
                     code: ErrorCode::RateLimited,
                     retry_after,
                     ..
-                } => Duration::from_secs(retry_after.unwrap_or(1)),
+                } => Duration::from_secs(retry_after.unwrap_or(1).min(3600)),
                 ClientError::Api {
                     code: ErrorCode::Unavailable | ErrorCode::Internal,
                     ..
@@ -597,7 +638,10 @@ impl Api {
                 | ClientError::Transport(_) => delay,
                 _ => return Err(err),
             };
-            if tokio::time::Instant::now() + wait > deadline {
+            if tokio::time::Instant::now()
+                .checked_add(wait)
+                .is_none_or(|t| t > deadline)
+            {
                 return Err(err);
             }
             tokio::time::sleep(wait).await;

@@ -531,7 +531,8 @@ async fn prepare_case_file(
         let line = serde_json::to_string(
             &serde_json::json!({ "case_file": path.display().to_string(), "confirmed": recorded }),
         )?;
-        let mut f = std::fs::OpenOptions::new()
+        client::private_dir(&dir)?;
+        let mut f = client::private_file()
             .create(true)
             .append(true)
             .open(dir.join("language-confirmations.jsonl"))?;

@@ -118,12 +118,10 @@ impl SentLog {
         let mut text = serde_json::to_string(line).map_err(|e| self.error(e))?;
         text.push('\n');
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.error(e))?;
+            crate::private_dir(dir).map_err(|e| self.error(e))?;
         }
-        let mut options = std::fs::OpenOptions::new();
+        let mut options = crate::private_file();
         options.create(true).append(true).read(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut f = options.open(&self.path).map_err(|e| self.error(e))?;
         // After a write cut short (a crash, a full disk) the file ends
         // mid-line: end that line first, so this one is whole.

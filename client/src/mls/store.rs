@@ -85,9 +85,30 @@ fn to_u64(v: i64) -> u64 {
 impl Store {
     /// Opens (creating if needed) `<data_dir>/mls.sqlite3`.
     pub(super) fn open(data_dir: &Path) -> Result<Store, MlsError> {
-        std::fs::create_dir_all(data_dir)
+        crate::private_dir(data_dir)
             .map_err(|e| MlsError::Storage(format!("{}: {e}", data_dir.display())))?;
-        let conn = Connection::open(data_dir.join("mls.sqlite3")).map_err(db)?;
+        // Created owner-only before SQLite opens it: its WAL and shared
+        // memory files take the database file's mode.
+        let path = data_dir.join("mls.sqlite3");
+        crate::private_file()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| MlsError::Storage(format!("{}: {e}", path.display())))?;
+        for file in [
+            "mls.sqlite3",
+            "mls.sqlite3-wal",
+            "mls.sqlite3-shm",
+            "cases.json",
+            "language-confirmations.jsonl",
+            "sent.jsonl",
+        ] {
+            let file = data_dir.join(file);
+            crate::make_private(&file)
+                .map_err(|e| MlsError::Storage(format!("{}: {e}", file.display())))?;
+        }
+        let conn = Connection::open(&path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;
         conn.pragma_update(None, "synchronous", "FULL")

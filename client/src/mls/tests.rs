@@ -557,3 +557,34 @@ fn rough_costs() {
          encrypt 8 KiB {enc:?}; decrypt 8 KiB {dec:?}; follow-up enc+dec {follow:?}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn the_keys_and_history_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let client = MlsClient::open(&dir, &uri("northshire", "alice")).unwrap();
+    drop(client);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("mls.sqlite3")), 0o600);
+    // One written by an earlier version, readable by anyone, is made
+    // owner-only when the client opens it again.
+    let old = dir.join("cases.json");
+    std::fs::write(&old, "{}").unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        dir.join("mls.sqlite3"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let client = MlsClient::open(&dir, &uri("northshire", "alice")).unwrap();
+    for f in ["mls.sqlite3", "mls.sqlite3-wal", "cases.json"] {
+        let p = dir.join(f);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{f}");
+        }
+    }
+    drop(client);
+}

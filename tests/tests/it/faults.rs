@@ -465,12 +465,8 @@ async fn a_message_larger_than_the_peer_takes_is_refused_and_the_queue_behind_it
     let mut fed = fed;
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
     // northshire takes larger messages than southvale's requests hold.
-    fed.edit_config(
-        a,
-        "[limits]\n",
-        "[limits]\nmax_body_bytes = 33554432\n",
-    )
-    .unwrap();
+    fed.edit_config(a, "[limits]\n", "[limits]\nmax_body_bytes = 33554432\n")
+        .unwrap();
     fed.start_all().await.unwrap();
     fed.stop(b).await;
     let alice = fed.api(a, "alice").unwrap();

@@ -151,6 +151,8 @@ async fn referral_to_a_team_of_three_decrypts_on_all_three_and_replies_flow_both
     assert_eq!(texts(&read(&mut alice).await), ["Received; visit booked"]);
     let mut erin = worker(&fed, 1, "erin");
     assert_eq!(texts(&read(&mut erin).await), ["Received; visit booked"]);
+    // Their clients stop (one client at a time holds a data directory).
+    drop((dan, erin));
     // alice sends an update; all three read it.
     alice
         .send(
@@ -445,6 +447,8 @@ async fn client_restart_mid_conversation_loses_nothing() {
         .send(&case, &category("update"), b"three", None, None)
         .await
         .unwrap();
+    // Restarted (one client at a time holds a data directory).
+    drop(dan);
     let mut dan = worker(&fed, 1, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["three"]);
     let history: Vec<Vec<u8>> = dan
