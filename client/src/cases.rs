@@ -50,6 +50,15 @@ pub enum CaseError {
     /// An argument is not usable.
     #[error("{0}")]
     Invalid(String),
+    /// `read` stopped part way: `events` were read (and acknowledged)
+    /// before `error`; the messages after it stay in the inbox.
+    #[error("{error} (after reading {} message(s); run read again for the rest)", events.len())]
+    Interrupted {
+        /// What was read before the error.
+        events: Vec<Event>,
+        /// What stopped the read.
+        error: Box<CaseError>,
+    },
     /// Another client kept the data directory for too long.
     #[error(
         "another client is still using {0} (a `read --wait` loop?); try again when it has finished"
@@ -140,6 +149,13 @@ struct Meta {
     /// [`Event::NotInCase`] refused those of cases it is not in.
     #[serde(default)]
     rechecked: std::collections::BTreeSet<String>,
+    /// Messages being processed: recorded before, removed once
+    /// acknowledged. One of these found already processed was processed
+    /// here, its acknowledgement cut short (a crash, a lost connection),
+    /// and is acknowledged now; another message with the same bytes is a
+    /// replay, and refused.
+    #[serde(default)]
+    processing: std::collections::BTreeSet<String>,
 }
 
 /// A hand-over sent to the new lead in the transfer group.
@@ -776,7 +792,20 @@ impl Caseworker {
         // A day is longer than any gateway holds a request open.
         let wait = wait.min(Duration::from_secs(86_400));
         let deadline = tokio::time::Instant::now() + wait;
-        let mut events = self.read_batch(wait).await?;
+        let mut events = Vec::new();
+        let interrupted = |events: Vec<Event>, error: CaseError| {
+            if events.is_empty() {
+                error
+            } else {
+                CaseError::Interrupted {
+                    events,
+                    error: Box::new(error),
+                }
+            }
+        };
+        if let Err(e) = self.read_batch(wait, &mut events).await {
+            return Err(interrupted(events, e));
+        }
         let grace_end = tokio::time::Instant::now() + FIRST_MESSAGE_GRACE;
         while awaiting_first_content(&events) {
             let left = deadline
@@ -785,26 +814,37 @@ impl Caseworker {
             if left.is_zero() {
                 break;
             }
-            let more = self.read_batch(left).await?;
-            if more.is_empty() {
+            let before = events.len();
+            if let Err(e) = self.read_batch(left, &mut events).await {
+                return Err(interrupted(events, e));
+            }
+            if events.len() == before {
                 break;
             }
-            events.extend(more);
         }
-        // Joining used up a KeyPackage: top up when the gateway says the stock is low.
+        // Joining used up a KeyPackage: top up when the gateway says the
+        // stock is low. What was read is read: a failure here is only told.
         if events.iter().any(|e| matches!(e, Event::Joined { .. })) {
-            let stock = self.api.key_package_stock().await?;
-            if stock.low {
-                self.publish_keys(KEY_STOCK).await?;
+            let topped_up = async {
+                if self.api.key_package_stock().await?.low {
+                    self.publish_keys(KEY_STOCK).await?;
+                }
+                Ok::<_, CaseError>(())
+            };
+            if let Err(e) = topped_up.await {
+                tracing::warn!(error = %e, "could not top up this client's published keys; `client keys` does it");
             }
         }
         Ok(events)
     }
 
     /// One pass over the inbox: waits up to `wait` for the first message.
-    async fn read_batch(&mut self, wait: Duration) -> Result<Vec<Event>, CaseError> {
+    async fn read_batch(
+        &mut self,
+        wait: Duration,
+        events: &mut Vec<Event>,
+    ) -> Result<(), CaseError> {
         let inbox = self.api.inbox(wait).await?;
-        let mut events = Vec::new();
         for item in inbox
             .messages
             .iter()
@@ -837,13 +877,25 @@ impl Caseworker {
                 }
                 continue;
             }
+            let resumed = !self.meta.processing.insert(id.to_owned());
+            if !resumed {
+                self.save()?;
+            }
             match self.handle(env, &fetched.body.0).await {
                 Ok(mut evs) => {
                     events.append(&mut evs);
                     self.api.ack(&env.message_id).await?;
-                    if self.meta.refused.remove(id) {
-                        self.save()?;
-                    }
+                    self.meta.refused.remove(id);
+                    self.meta.processing.remove(id);
+                    self.save()?;
+                }
+                // Processed here before, its acknowledgement cut short:
+                // shown then, acknowledged now.
+                Err(CaseError::Mls(MlsError::Replay | MlsError::AlreadyInGroup(_))) if resumed => {
+                    self.api.ack(&env.message_id).await?;
+                    self.meta.refused.remove(id);
+                    self.meta.processing.remove(id);
+                    self.save()?;
                 }
                 // To our team, in a case whose group we are not in (we
                 // joined the team after the case began, or were not added):
@@ -855,9 +907,9 @@ impl Caseworker {
                     e @ (MlsError::UnknownGroup(_) | MlsError::WelcomeNotForUs),
                 )) if to_team => {
                     self.api.not_in_case(&env.message_id).await?;
-                    if self.meta.refused.remove(id) {
-                        self.save()?;
-                    }
+                    self.meta.refused.remove(id);
+                    self.meta.processing.remove(id);
+                    self.save()?;
                     // A Welcome not for us says nothing to tell: we may be
                     // in its case already. The case's messages say it if
                     // we are not.
@@ -871,6 +923,7 @@ impl Caseworker {
                 }
                 Err(e) => {
                     self.meta.refused.insert(env.message_id.to_string());
+                    self.meta.processing.remove(id);
                     self.save()?;
                     if !again {
                         events.push(Event::Refused {
@@ -882,7 +935,7 @@ impl Caseworker {
                 }
             }
         }
-        Ok(events)
+        Ok(())
     }
 
     async fn handle(

@@ -635,7 +635,14 @@ async fn cases_command(
             }
         }
         Command::Read { wait } => {
-            let events = cw.read(Duration::from_secs(wait)).await?;
+            // What was read before a failure is shown before the failure.
+            let (events, stopped) = match cw.read(Duration::from_secs(wait)).await {
+                Ok(events) => (events, None),
+                Err(client::cases::CaseError::Interrupted { events, error }) => {
+                    (events, Some(*error))
+                }
+                Err(e) => return Err(e.into()),
+            };
             let mut refused = false;
             for e in &events {
                 match e {
@@ -691,6 +698,12 @@ async fn cases_command(
             }
             for line in not_in_case_lines(&events) {
                 println!("{line}");
+            }
+            if let Some(e) = stopped {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "read stopped after {} event(s); run it again for the rest",
+                    events.len()
+                )));
             }
             // What this worker sent that came back since the last look.
             let since = client::now_ms().saturating_sub(SENT_NEWS_DAYS * 86_400_000);

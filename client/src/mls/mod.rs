@@ -110,6 +110,9 @@ pub enum MlsError {
     /// used and deleted).
     #[error("message already processed (replay)")]
     Replay,
+    /// A Welcome to a group we are in already.
+    #[error("already in group {0}")]
+    AlreadyInGroup(GroupId),
     /// The message failed authentication: altered in transit or forged.
     #[error("message failed authentication (tampered or forged): {0}")]
     Tampered(String),
@@ -832,7 +835,7 @@ impl MlsClient {
             let case_id = case_id_of(&mls_group)?;
             let id = GroupId(mls_group.group_id().to_vec());
             if c.groups.contains_key(&id) {
-                return Err(MlsError::Refused(format!("already in group {id}")));
+                return Err(MlsError::AlreadyInGroup(id));
             }
             c.groups.insert(
                 id.clone(),

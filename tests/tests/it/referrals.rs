@@ -962,3 +962,61 @@ async fn a_team_member_left_out_of_a_case_acknowledges_neither_its_invitation_no
         statuses().await
     );
 }
+
+/// dan's client processed a message, then stopped before acknowledging it
+/// (a crash, a lost connection). The next read finds it processed: it was
+/// shown then, so it is acknowledged now, not refused as a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_processed_before_a_crash_cut_its_acknowledgement_short_is_acknowledged_now() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("user:dan@southvale"),
+            &category("relocation"),
+            false,
+            b"genuine",
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut dan = worker(&fed, 1, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["genuine"]);
+    drop(dan);
+    alice
+        .send(&case, &category("update"), b"second", None, None)
+        .await
+        .unwrap();
+    let dan_api = fed.api(1, "dan").unwrap();
+    let inbox = dan_api.inbox(Duration::from_secs(10)).await.unwrap();
+    let id = inbox.messages[0].envelope.message_id.clone();
+    let bytes = dan_api.fetch(&id).await.unwrap().body.0;
+
+    // dan's client as the crash left it: the message processed (in its
+    // MLS state and history) and marked as being processed, not acknowledged.
+    let config = ClientConfig::load(&fed.client_config_path(1, "dan")).unwrap();
+    let dir = config.data_directory();
+    {
+        let mut mls = client::mls::MlsClient::open(&dir, "spiffe://southvale/user/dan").unwrap();
+        mls.process(&bytes).unwrap();
+    }
+    let meta_path = dir.join("cases.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["processing"] = serde_json::json!([id.to_string()]);
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+
+    let mut dan = worker(&fed, 1, "dan");
+    let events = dan.read(Duration::ZERO).await.unwrap();
+    assert!(events.is_empty(), "shown before the crash: {events:?}");
+    assert!(dan_api
+        .inbox(Duration::ZERO)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+    let history = dan.history(&case).unwrap();
+    assert_eq!(history.len(), 2, "once in the history");
+}
