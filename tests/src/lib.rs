@@ -361,6 +361,15 @@ pub fn message(to: &str, key: &str, body: Vec<u8>) -> anyhow::Result<SubmitReque
     })
 }
 
+/// Why message `id` came back to its sender, if it is `undeliverable`.
+pub async fn undeliverable_reason(api: &Api, id: &proto::MessageId) -> Option<String> {
+    let st = api.status(id).await.ok()?;
+    if st.status != proto::Status::Undeliverable {
+        return None;
+    }
+    st.history.last().and_then(|h| h.reason.clone())
+}
+
 /// Whether the sender sees message `id` reach `status` within `limit`.
 pub async fn reaches(
     api: &Api,

@@ -349,12 +349,8 @@ async fn messages_queued_for_an_area_taken_out_of_the_peers_go_back_to_their_sen
     fed.start(a).await.unwrap();
 
     for id in &to_southvale {
-        let st = alice.status(id).await.unwrap();
-        assert_eq!(st.status, Status::Undeliverable, "{id}");
-        let reason = st
-            .history
-            .last()
-            .and_then(|h| h.reason.clone())
+        let reason = tests::undeliverable_reason(&alice, id)
+            .await
             .unwrap_or_default();
         assert!(
             reason.contains("southvale is no longer a federation peer of this gateway"),
@@ -488,12 +484,8 @@ async fn a_message_larger_than_the_peer_takes_is_refused_and_the_queue_behind_it
         )
         .await
     );
-    let st = alice.status(&large.message_id).await.unwrap();
-    assert_eq!(st.status, Status::Undeliverable);
-    let reason = st
-        .history
-        .last()
-        .and_then(|h| h.reason.clone())
+    let reason = tests::undeliverable_reason(&alice, &large.message_id)
+        .await
         .unwrap_or_default();
     assert!(
         reason.contains("larger than the receiving gateway takes"),

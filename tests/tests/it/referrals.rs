@@ -463,10 +463,9 @@ async fn client_restart_mid_conversation_loses_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
-    let fed = federation_with_keys().await;
-    let mut alice = worker(&fed, 0, "alice");
+/// alice refers a case to dan ("genuine"), and dan reads it.
+async fn genuine_referral_read_by_dan(fed: &Federation) -> (Caseworker, String, Caseworker) {
+    let mut alice = worker(fed, 0, "alice");
     let (case, _) = alice
         .refer(
             &to("user:dan@southvale"),
@@ -479,8 +478,15 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
         )
         .await
         .unwrap();
-    let mut dan = worker(&fed, 1, "dan");
+    let mut dan = worker(fed, 1, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["genuine"]);
+    (alice, case, dan)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
+    let fed = federation_with_keys().await;
+    let (mut alice, case, mut dan) = genuine_referral_read_by_dan(&fed).await;
 
     // Capture a real ciphertext by reading the gateway's copy after sending.
     alice
@@ -969,21 +975,7 @@ async fn a_team_member_left_out_of_a_case_acknowledges_neither_its_invitation_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_processed_before_a_crash_cut_its_acknowledgement_short_is_acknowledged_now() {
     let fed = federation_with_keys().await;
-    let mut alice = worker(&fed, 0, "alice");
-    let (case, _) = alice
-        .refer(
-            &to("user:dan@southvale"),
-            &category("relocation"),
-            false,
-            b"genuine",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-    let mut dan = worker(&fed, 1, "dan");
-    assert_eq!(texts(&read(&mut dan).await), ["genuine"]);
+    let (mut alice, case, dan) = genuine_referral_read_by_dan(&fed).await;
     drop(dan);
     alice
         .send(&case, &category("update"), b"second", None, None)

@@ -371,12 +371,8 @@ async fn a_reload_takes_peers_in_and_out_and_follows_a_peer_to_its_new_address()
     assert!(r.peers.added.is_empty() && r.peers.moved.is_empty());
     assert_eq!(r.given_back, 1);
     assert!(r.needs_restart.is_empty(), "{:?}", r.needs_restart);
-    let st = alice.status(&waiting.message_id).await.unwrap();
-    assert_eq!(st.status, Status::Undeliverable);
-    let reason = st
-        .history
-        .last()
-        .and_then(|h| h.reason.clone())
+    let reason = tests::undeliverable_reason(&alice, &waiting.message_id)
+        .await
         .unwrap_or_default();
     assert!(reason.contains("no longer a federation peer"), "{reason}");
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM outbox").unwrap(), 0);
