@@ -311,7 +311,10 @@ pub(crate) async fn peer_worker(
                         match r {
                             ItemResult::Stored | ItemResult::Duplicate => Sent::Accepted,
                             ItemResult::Rejected { code, reason } => {
-                                tracing::warn!(?code, %reason, "peer refused an item");
+                                // The reason is the peer's text (it may
+                                // name people): its sender reads it, the
+                                // log gets the code.
+                                tracing::warn!(?code, "peer refused an item");
                                 shared.metrics.undeliverable.inc();
                                 Sent::Refused(reason)
                             }

@@ -40,10 +40,17 @@ pub(crate) enum OrderError {
     /// The batch number was already used in this session.
     #[error("batch {0} of this session was already handled; start a new session")]
     Repeated(u64),
+    /// The batch number is further ahead than any sender pipelines.
+    #[error("batch {0} of this session is too far ahead; start a new session")]
+    TooFarAhead(u64),
     /// The earlier batch did not arrive in time.
     #[error("batch {0} of this session did not arrive in time; start a new session")]
     TimedOut(u64),
 }
+
+/// How far ahead of the next expected batch a batch may come: more than
+/// any `delivery.batches_in_flight` (at most 64).
+const MAX_AHEAD: u64 = 64;
 
 #[derive(Debug)]
 struct Session {
@@ -118,6 +125,10 @@ impl Sequencer {
             Err(OrderError::Broken)
         } else if batch < s.next {
             Err(OrderError::Repeated(batch))
+        } else if batch - s.next >= MAX_AHEAD {
+            // It would wait, holding its items, for batches that no
+            // sender has on the wire at once.
+            Err(OrderError::TooFarAhead(batch))
         } else {
             Ok(batch == s.next)
         }

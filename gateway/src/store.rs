@@ -1227,7 +1227,7 @@ fn move_sent(
     exec(
         c,
         &format!("UPDATE sent SET status = ?2, {column} = ?3, reason = COALESCE(?4, reason) WHERE message_id = ?1"),
-        params![id, to.as_str(), at_ms as i64, reason],
+        params![id, to.as_str(), sql_int(at_ms), reason],
     )?;
     Ok(true)
 }

@@ -103,3 +103,19 @@ async fn a_resumed_session_goes_on_from_its_last_stored_batch() {
         OrderError::TimedOut(1)
     );
 }
+
+#[tokio::test]
+async fn a_batch_further_ahead_than_any_sender_pipelines_is_refused_at_once() {
+    let seq = Sequencer::default();
+    let b = area("b");
+    assert_eq!(
+        seq.turn(&b, 3, 1 + MAX_AHEAD, LONG).await.unwrap_err(),
+        OrderError::TooFarAhead(1 + MAX_AHEAD)
+    );
+    assert_eq!(
+        seq.turn(&b, 4, u64::MAX, LONG).await.unwrap_err(),
+        OrderError::TooFarAhead(u64::MAX)
+    );
+    // Within reach, a batch waits for its turn as before.
+    seq.turn(&b, 5, 1, LONG).await.unwrap().done(true);
+}
