@@ -784,6 +784,10 @@ async fn accept_items(
                 ItemResult::Stored
             }
             IncomingOutcome::Duplicate => ItemResult::Duplicate,
+            IncomingOutcome::Conflict => ItemResult::Rejected {
+                code: ErrorCode::IdempotencyConflict,
+                reason: "another message was delivered here under its id or its sender's idempotency key".into(),
+            },
             IncomingOutcome::UnknownMessage => ItemResult::Rejected {
                 code: ErrorCode::NotFound,
                 reason: "no such message was sent to your area".into(),

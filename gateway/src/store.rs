@@ -156,6 +156,9 @@ pub enum IncomingOutcome {
     Stored,
     /// Stored before: nothing changed.
     Duplicate,
+    /// Another message was stored before under the same id, or the same
+    /// sender's idempotency key: nothing changed.
+    Conflict,
     /// No such message was sent from here to that peer.
     UnknownMessage,
 }
@@ -1926,8 +1929,10 @@ impl Store for SqliteStore {
                     Incoming::Deliver(env, body) => {
                         if insert_inbox(c, &bodies, env, env_json, body, inline)? {
                             IncomingOutcome::Stored
-                        } else {
+                        } else if stored_as(c, env, env_json)? {
                             IncomingOutcome::Duplicate
+                        } else {
+                            IncomingOutcome::Conflict
                         }
                     }
                     Incoming::Status(id, status, at) => {
@@ -2742,6 +2747,31 @@ fn insert_inbox(
         }
     }
     Ok(n == 1)
+}
+
+/// Whether the inbox holds this very message (a repeat of it), not another
+/// one under its id or its sender's idempotency key.
+fn stored_as(c: &Connection, env: &Envelope, env_json: &str) -> Result<bool, StoreError> {
+    let stored: Option<String> = c
+        .prepare_cached(
+            "SELECT envelope FROM inbox WHERE message_id = ?1 AND sender_area = ?2 AND sender_user = ?3 AND idem_key = ?4",
+        )?
+        .query_row(
+            params![
+                env.message_id.as_str(),
+                env.sender.area.as_str(),
+                env.sender.user.as_str(),
+                env.idempotency_key.as_str()
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match stored {
+        Some(text) if text == env_json => true,
+        // Stored by an earlier version, perhaps spelt otherwise.
+        Some(text) => from_json::<Envelope>(&text)?.content_hash == env.content_hash,
+        None => false,
+    })
 }
 
 /// A mailbox's message: its envelope, status and (when `with_body`) body.

@@ -493,5 +493,16 @@ async fn a_peers_repeat_of_a_stored_message_is_a_duplicate_and_an_expired_new_on
         .await
         .unwrap();
     assert_eq!(answer["results"][0]["result"], "duplicate", "{answer}");
+    // Another message under the same id is not taken for a repeat.
+    let mut other: serde_json::Value = serde_json::from_slice(&item(8, u64::MAX)).unwrap();
+    other["items"][0]["envelope"]["idempotency_key"] = "another".into();
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", serde_json::to_vec(&other).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["results"][0]["code"], "idempotency_conflict",
+        "{answer}"
+    );
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
 }
