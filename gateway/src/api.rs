@@ -786,7 +786,7 @@ async fn accept_items(
             IncomingOutcome::Duplicate => ItemResult::Duplicate,
             IncomingOutcome::Conflict => ItemResult::Rejected {
                 code: ErrorCode::IdempotencyConflict,
-                reason: "another message was delivered here under its id or its sender's idempotency key".into(),
+                reason: "another message was delivered here under its id".into(),
             },
             IncomingOutcome::UnknownMessage => ItemResult::Rejected {
                 code: ErrorCode::NotFound,

@@ -156,8 +156,8 @@ pub enum IncomingOutcome {
     Stored,
     /// Stored before: nothing changed.
     Duplicate,
-    /// Another message was stored before under the same id, or the same
-    /// sender's idempotency key: nothing changed.
+    /// Another message (another sender's, or under another idempotency
+    /// key) was stored before under the same id: nothing changed.
     Conflict,
     /// No such message was sent from here to that peer.
     UnknownMessage,
@@ -1929,7 +1929,7 @@ impl Store for SqliteStore {
                     Incoming::Deliver(env, body) => {
                         if insert_inbox(c, &bodies, env, env_json, body, inline)? {
                             IncomingOutcome::Stored
-                        } else if stored_as(c, env, env_json)? {
+                        } else if stored_as(c, env)? {
                             IncomingOutcome::Duplicate
                         } else {
                             IncomingOutcome::Conflict
@@ -2749,29 +2749,19 @@ fn insert_inbox(
     Ok(n == 1)
 }
 
-/// Whether the inbox holds this very message (a repeat of it), not another
-/// one under its id or its sender's idempotency key.
-fn stored_as(c: &Connection, env: &Envelope, env_json: &str) -> Result<bool, StoreError> {
-    let stored: Option<String> = c
+/// Whether the inbox holds this message already: one from the same sender
+/// under the same idempotency key (a repeat, whatever id it came with), not
+/// another message that took its id.
+fn stored_as(c: &Connection, env: &Envelope) -> Result<bool, StoreError> {
+    Ok(c
         .prepare_cached(
-            "SELECT envelope FROM inbox WHERE message_id = ?1 AND sender_area = ?2 AND sender_user = ?3 AND idem_key = ?4",
+            "SELECT 1 FROM inbox WHERE idem_key = ?1 AND sender_area = ?2 AND sender_user = ?3",
         )?
-        .query_row(
-            params![
-                env.message_id.as_str(),
-                env.sender.area.as_str(),
-                env.sender.user.as_str(),
-                env.idempotency_key.as_str()
-            ],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(match stored {
-        Some(text) if text == env_json => true,
-        // Stored by an earlier version, perhaps spelt otherwise.
-        Some(text) => from_json::<Envelope>(&text)?.content_hash == env.content_hash,
-        None => false,
-    })
+        .exists(params![
+            env.idempotency_key.as_str(),
+            env.sender.area.as_str(),
+            env.sender.user.as_str()
+        ])?)
 }
 
 /// A mailbox's message: its envelope, status and (when `with_body`) body.
