@@ -311,6 +311,24 @@ fn gateway_revoked(e: &(dyn std::error::Error + 'static)) -> bool {
     })
 }
 
+/// Another worker's text made safe for a terminal: invalid UTF-8 becomes
+/// U+FFFD, and control characters other than newline and tab are shown as
+/// escapes (`\u{1b}`), so that a message cannot move the cursor, rewrite
+/// lines already printed (a forged `REFUSED` or `joined` line) or send the
+/// terminal commands.
+pub fn for_terminal(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A time (milliseconds since the Unix epoch) as RFC 3339 UTC, to the
 /// second or, with `millis`, the millisecond. Times come from gateways and
 /// other workers' messages: one past the year 9999, which RFC 3339 cannot

@@ -662,7 +662,7 @@ async fn cases_command(
                         } else {
                             println!(
                                 "--- case {case_id}, from {from}\n{}",
-                                String::from_utf8_lossy(plaintext)
+                                client::for_terminal(plaintext)
                             );
                         }
                     }
@@ -792,7 +792,7 @@ async fn cases_command(
                     e.imported_from
                         .map(|f| format!(" (handed over by {f})"))
                         .unwrap_or_default(),
-                    String::from_utf8_lossy(&e.plaintext)
+                    client::for_terminal(&e.plaintext)
                 );
             }
         }
@@ -851,7 +851,8 @@ mod erased {
                     client::time_text(ev.at_ms, true)
                 ));
                 if let Some(r) = &ev.reason {
-                    out.push_str(&format!(" — {r}"));
+                    // A peer gateway's words: shown, never obeyed.
+                    out.push_str(&format!(" — {}", client::for_terminal(r.as_bytes())));
                 }
             }
             if let Some(w) = &self.waiting {
@@ -941,7 +942,10 @@ fn sent_lines(rows: &[client::sent::Checked]) -> Vec<String> {
             e.case.as_deref().unwrap_or("-")
         ));
         if let Some(reason) = &r.reason {
-            out.push(format!("    why: {reason}"));
+            out.push(format!(
+                "    why: {}",
+                client::for_terminal(reason.as_bytes())
+            ));
         }
         if let (Some(w), Ok(to)) = (&r.waiting, e.to.parse::<Recipient>()) {
             out.push(format!("    {}", client::waiting_note(&to.area, w)));
@@ -967,7 +971,7 @@ fn came_back_lines(rows: &[client::sent::Checked]) -> Vec<String> {
                 e.what,
                 e.to,
                 client::time_text(e.at_ms, false),
-                r.reason.as_deref().unwrap_or("no reason given")
+                client::for_terminal(r.reason.as_deref().unwrap_or("no reason given").as_bytes())
             )
         })
         .collect()

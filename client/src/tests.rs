@@ -103,3 +103,22 @@ fn revocation_lists_in_the_configuration_are_found_beside_it() {
     .unwrap();
     assert!(ClientConfig::load(&path).unwrap().crls.is_empty());
 }
+
+#[test]
+fn another_workers_text_cannot_command_the_terminal() {
+    assert_eq!(
+        for_terminal(b"line one\n\tindented"),
+        "line one\n\tindented"
+    );
+    // Clear the line, move up, forge a line; a bell; a carriage return.
+    assert_eq!(
+        for_terminal(b"ok\x1b[2K\x1b[1AREFUSED\x07\r"),
+        "ok\\u{1b}[2K\\u{1b}[1AREFUSED\\u{7}\\u{d}"
+    );
+    // An OSC sequence ended by the C1 string terminator, and bad UTF-8.
+    assert_eq!(
+        for_terminal("a\u{9d}b\u{9c}".as_bytes()),
+        "a\\u{9d}b\\u{9c}"
+    );
+    assert_eq!(for_terminal(b"\xff"), "\u{fffd}");
+}

@@ -2753,15 +2753,14 @@ fn insert_inbox(
 /// under the same idempotency key (a repeat, whatever id it came with), not
 /// another message that took its id.
 fn stored_as(c: &Connection, env: &Envelope) -> Result<bool, StoreError> {
-    Ok(c
-        .prepare_cached(
-            "SELECT 1 FROM inbox WHERE idem_key = ?1 AND sender_area = ?2 AND sender_user = ?3",
-        )?
-        .exists(params![
-            env.idempotency_key.as_str(),
-            env.sender.area.as_str(),
-            env.sender.user.as_str()
-        ])?)
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM inbox WHERE idem_key = ?1 AND sender_area = ?2 AND sender_user = ?3",
+    )?
+    .exists(params![
+        env.idempotency_key.as_str(),
+        env.sender.area.as_str(),
+        env.sender.user.as_str()
+    ])?)
 }
 
 /// A mailbox's message: its envelope, status and (when `with_body`) body.
