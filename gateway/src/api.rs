@@ -435,7 +435,17 @@ async fn inbox(
             e.body_text(),
         )
     })?;
-    let wait = Duration::from_secs(q.wait).min(shared.config.limits.max_inbox_wait);
+    let mut wait = Duration::from_secs(q.wait).min(shared.config.limits.max_inbox_wait);
+    // Past a few waiting at once for one user, a listing is answered at once.
+    let _slot = if wait.is_zero() {
+        None
+    } else {
+        let slot = shared.polls.take(&mb.user);
+        if slot.is_none() {
+            wait = Duration::ZERO;
+        }
+        slot
+    };
     let deadline = tokio::time::Instant::now() + wait;
     let mut waiter = shared.inbox_watch.waiter(&mb);
     let mut stop = shared.stop.subscribe();

@@ -95,3 +95,49 @@ impl Waiter {
 
 #[cfg(test)]
 mod tests;
+
+/// How many long-polls one user may have waiting at once: a client waits
+/// with one; a few allow for terminals and scripts. Past that a listing is
+/// answered at once, so one user cannot hold an unbounded number of waiting
+/// requests (each woken, and listing again, by every message for her).
+pub(crate) const POLLS_PER_USER: usize = 8;
+
+/// The long-polls waiting per user.
+#[derive(Debug, Default)]
+pub(crate) struct PollSlots(std::sync::Arc<std::sync::Mutex<HashMap<proto::UserId, usize>>>);
+
+impl PollSlots {
+    /// A slot for one more waiting long-poll of `user`, if she has fewer
+    /// than [`POLLS_PER_USER`]; held until dropped.
+    pub(crate) fn take(&self, user: &proto::UserId) -> Option<PollSlot> {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(user.clone()).or_default();
+        if *n >= POLLS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(PollSlot {
+            slots: self.0.clone(),
+            user: user.clone(),
+        })
+    }
+}
+
+/// One waiting long-poll's slot (see [`PollSlots::take`]).
+#[derive(Debug)]
+pub(crate) struct PollSlot {
+    slots: std::sync::Arc<std::sync::Mutex<HashMap<proto::UserId, usize>>>,
+    user: proto::UserId,
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        let mut map = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}

@@ -228,6 +228,8 @@ pub(crate) struct Shared {
     peers_limiter: DefaultKeyedRateLimiter<String>,
     /// Wakes a long-poll when a message for its mailbox is stored.
     inbox_watch: inbox_watch::InboxWatch,
+    /// The long-polls waiting per user (a few at most).
+    polls: inbox_watch::PollSlots,
     /// Each running peer worker's wake-up (peers come and go on reloads).
     wakers: std::sync::RwLock<HashMap<AreaId, Arc<federation::PeerWake>>>,
     /// HTTP client and base URL per peer.
@@ -504,6 +506,7 @@ impl Gateway {
             )),
             store,
             inbox_watch: inbox_watch::InboxWatch::default(),
+            polls: Default::default(),
             wakers: Default::default(),
             peer_clients,
             crls,

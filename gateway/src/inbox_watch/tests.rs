@@ -77,3 +77,19 @@ async fn a_message_stored_between_listing_and_waiting_is_not_missed() {
         .await
         .unwrap();
 }
+
+#[test]
+fn one_user_has_a_few_long_polls_waiting_at_most() {
+    let slots = PollSlots::default();
+    let dan = UserId::new("dan").unwrap();
+    let held: Vec<PollSlot> = (0..POLLS_PER_USER)
+        .map(|_| slots.take(&dan).unwrap())
+        .collect();
+    assert!(slots.take(&dan).is_none(), "one too many");
+    // Another user is not held back by dan's.
+    let erin = slots.take(&UserId::new("erin").unwrap());
+    assert!(erin.is_some());
+    // A finished long-poll gives its slot back.
+    drop(held);
+    assert!(slots.take(&dan).is_some());
+}
