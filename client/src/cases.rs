@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::{
-    Body, Category, IdempotencyKey, MessageId, MessageKind, Recipient, SubmitRequest, Target,
+    AreaId, Body, Category, IdempotencyKey, MessageId, MessageKind, Recipient, SubmitRequest,
+    Target,
 };
 use serde::{Deserialize, Serialize};
 
@@ -156,6 +157,12 @@ struct Meta {
     /// replay, and refused.
     #[serde(default)]
     processing: std::collections::BTreeSet<String>,
+    /// case id → the areas the family fled, as declared by any message
+    /// of the case sent or read here: every later disclosure in the case
+    /// declares them too, so the gateways keep the family's whereabouts
+    /// from those areas though the worker did not name them again.
+    #[serde(default)]
+    fled_from: BTreeMap<String, std::collections::BTreeSet<AreaId>>,
 }
 
 /// A hand-over sent to the new lead in the transfer group.
@@ -526,6 +533,9 @@ impl Caseworker {
             Some((INVITATION, &case_id)),
         )
         .await?;
+        if let Some(d) = &disclosure {
+            self.remember_fled_from(&case_id, &d.fled_from)?;
+        }
         let msg = self.mls.encrypt(&group, body)?;
         self.submit_declared(
             &to.to_string(),
@@ -551,9 +561,60 @@ impl Caseworker {
     ) -> Result<Vec<MessageId>, CaseError> {
         let group = self.group_of(case_id)?;
         let key = key.unwrap_or_else(fresh_key);
+        // Every area the family fled, as recorded for the case, is declared.
+        let disclosure = disclosure.map(|mut d| {
+            for area in self.fled_from(case_id) {
+                if !d.fled_from.contains(&area) {
+                    d.fled_from.push(area);
+                }
+            }
+            d
+        });
+        if let Some(d) = &disclosure {
+            self.remember_fled_from(case_id, &d.fled_from)?;
+        }
         let msg = self.mls.encrypt(&group, body)?;
         self.fan_out_declared(case_id, category, &key, msg, disclosure, Some("reply"))
             .await
+    }
+
+    /// The areas the family of case `case_id` fled, as declared by the
+    /// messages of the case sent or read here.
+    pub fn fled_from(&self, case_id: &str) -> Vec<AreaId> {
+        self.meta
+            .fled_from
+            .get(case_id)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Where the messages of case `case_id` go from here (its addresses
+    /// but ours).
+    pub fn addresses(&self, case_id: &str) -> Vec<Recipient> {
+        let me = self.me.to_string();
+        self.meta
+            .cases
+            .get(case_id)
+            .map(|list| {
+                list.iter()
+                    .filter(|a| **a != me)
+                    .filter_map(|a| a.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn remember_fled_from(&mut self, case_id: &str, areas: &[AreaId]) -> Result<(), CaseError> {
+        if areas.is_empty() {
+            return Ok(());
+        }
+        let known = self.meta.fled_from.entry(case_id.to_owned()).or_default();
+        let before = known.len();
+        known.extend(areas.iter().cloned());
+        if known.len() != before {
+            self.save()?;
+        }
+        Ok(())
     }
 
     async fn fan_out(
@@ -1003,6 +1064,7 @@ impl Caseworker {
                 // The third policy check: only what the envelope declared.
                 if let Some(d) = &env.disclosure {
                     check_declared(&plaintext, &d.fields)?;
+                    self.remember_fled_from(&case_id, &d.fled_from)?;
                 }
                 Ok(vec![Event::Message {
                     case_id,

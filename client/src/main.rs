@@ -153,6 +153,11 @@ enum Command {
         wait: u64,
     },
     /// Send a reply or update in a case (body from --file or standard input).
+    ///
+    /// Everyone in the case reads it: a case file is prepared for --to and
+    /// sent only if every other address in the case may see all of it.
+    /// Areas the family fled, named with --fled-from or recorded for the
+    /// case by earlier messages, are kept from learning where they are.
     Reply {
         /// The case id.
         #[arg(long)]
@@ -163,7 +168,8 @@ enum Command {
         /// Why it is shared (as the sharing policy names purposes).
         #[arg(long, default_value = "safeguarding")]
         purpose: String,
-        /// An area the family fled: nothing that locates them goes there (repeatable).
+        /// An area the family fled: nothing that locates them goes there
+        /// (repeatable; those recorded for the case are added).
         #[arg(long = "fled-from")]
         fled_from: Vec<proto::AreaId>,
         /// Read the body from this file instead of standard input.
@@ -427,13 +433,18 @@ async fn prepare_case_file(
     config: &ClientConfig,
     cw: &mut client::cases::Caseworker,
     path: &std::path::Path,
-    to: &Recipient,
+    readers: &[Recipient],
     category: &Category,
     purpose: &str,
     fled_from: &[proto::AreaId],
     yes: bool,
     confirm: &[String],
 ) -> anyhow::Result<(Vec<u8>, proto::Disclosure)> {
+    // The first is the one named (`--to`); every member of a case reads
+    // what is sent in it, so the others must be allowed the same.
+    let Some((to, others)) = readers.split_first() else {
+        anyhow::bail!("no one to send to");
+    };
     use client::lint::{ConfirmTarget, Confirmation, Lint};
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
@@ -471,11 +482,12 @@ async fn prepare_case_file(
         policy::Organisation::new(me.organisation.as_str())?,
         policy::Role::new(me.role.as_str())?,
     )?;
-    let recipient = policy::RecipientContext {
-        recipient: to.clone(),
+    let context = |r: &Recipient| policy::RecipientContext {
+        recipient: r.clone(),
         organisation: None,
         role: None,
     };
+    let recipient = context(to);
     let facts = policy::Facts {
         category: category.clone(),
         purpose: policy::Purpose::new(purpose)?,
@@ -518,8 +530,28 @@ async fn prepare_case_file(
             prepared.decision.reason
         );
     }
+    let body = client::referral::disclosed_bytes(&prepared.content);
+    for other in others {
+        // Each field sent must be one `other` may see, as it is sent.
+        let theirs = policy.prepare(&sender, &context(other), &facts, &fields, today);
+        let within = prepared
+            .content
+            .iter()
+            .all(|(path, value)| theirs.content.get(path) == Some(value));
+        if !theirs.decision.is_allowed() || !within {
+            anyhow::bail!(
+                "{other} is in this case too and reads every message sent in it, but the sharing policy lets it see less than {to}{}: prepare the case file with --to {other} (the most restricted reader), or share this outside the case",
+                if theirs.decision.is_allowed() {
+                    String::new()
+                } else {
+                    format!(" ({})", theirs.decision.reason)
+                }
+            );
+        }
+    }
     if !yes {
-        eprint!("Send exactly this to {to}? [y/N] ");
+        let list: Vec<String> = readers.iter().map(ToString::to_string).collect();
+        eprint!("Send exactly this to {}? [y/N] ", list.join(", "));
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
@@ -538,7 +570,6 @@ async fn prepare_case_file(
             .open(dir.join("language-confirmations.jsonl"))?;
         writeln!(f, "{line}")?;
     }
-    let body = client::referral::disclosed_bytes(&prepared.content);
     let disclosure = proto::Disclosure {
         policy_id: policy.id().to_string(),
         policy_version: policy.version(),
@@ -612,7 +643,15 @@ async fn cases_command(
             let (body, disclosure) = match case_file {
                 Some(path) => {
                     let (body, d) = prepare_case_file(
-                        config, &mut cw, &path, &to, &category, &purpose, &fled_from, yes, &confirm,
+                        config,
+                        &mut cw,
+                        &path,
+                        std::slice::from_ref(&to),
+                        &category,
+                        &purpose,
+                        &fled_from,
+                        yes,
+                        &confirm,
                     )
                     .await?;
                     (body, Some(d))
@@ -747,6 +786,15 @@ async fn cases_command(
             yes,
             confirm,
         } => {
+            // The areas the family fled, as recorded for the case, are kept
+            // from learning where they are now, named again or not.
+            let mut fled_from = fled_from;
+            for area in cw.fled_from(&case) {
+                if !fled_from.contains(&area) {
+                    eprintln!("note: the family fled {area} (recorded for case {case}): nothing it may not see is sent to it");
+                    fled_from.push(area);
+                }
+            }
             let (body, disclosure) = match case_file {
                 Some(path) => {
                     let to = to.ok_or_else(|| {
@@ -754,8 +802,12 @@ async fn cases_command(
                             "--case-file needs --to: who the disclosure is prepared for"
                         )
                     })?;
+                    // Everyone in the case reads the reply, not only `to`.
+                    let mut readers = vec![to.clone()];
+                    readers.extend(cw.addresses(&case).into_iter().filter(|r| *r != to));
                     let (body, d) = prepare_case_file(
-                        config, &mut cw, &path, &to, &category, &purpose, &fled_from, yes, &confirm,
+                        config, &mut cw, &path, &readers, &category, &purpose, &fled_from, yes,
+                        &confirm,
                     )
                     .await?;
                     (body, Some(d))

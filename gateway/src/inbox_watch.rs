@@ -110,7 +110,10 @@ impl PollSlots {
     /// A slot for one more waiting long-poll of `user`, if she has fewer
     /// than [`POLLS_PER_USER`]; held until dropped.
     pub(crate) fn take(&self, user: &proto::UserId) -> Option<PollSlot> {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = map.entry(user.clone()).or_default();
         if *n >= POLLS_PER_USER {
             return None;
@@ -132,7 +135,10 @@ pub(crate) struct PollSlot {
 
 impl Drop for PollSlot {
     fn drop(&mut self) {
-        let mut map = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = map.get_mut(&self.user) {
             *n = n.saturating_sub(1);
             if *n == 0 {

@@ -539,6 +539,44 @@ async fn relocation_the_new_area_gets_the_referral_and_the_fled_area_never_learn
         );
     }
 
+    // B prepares an update for its own team, without naming the fled area:
+    // alice is in the case too and would read it, so the client refuses,
+    // and nothing reaches A.
+    let (code, _, err) = cli(
+        &dan,
+        &[
+            "reply",
+            "--case",
+            &case,
+            "--case-file",
+            case_arg,
+            "--to",
+            "team:duty@southvale",
+            "--category",
+            "update",
+            "--yes",
+        ],
+        None,
+    )
+    .await;
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("the family fled northshire (recorded for case")
+            && err.contains("user:alice@northshire is in this case too"),
+        "{err}"
+    );
+    let (code, out, _) = cli(&alice, &["--json", "read"], None).await;
+    assert!(
+        code == 0 || code == 6,
+        "nothing new for A to read: {code} {out}"
+    );
+    for value in locating {
+        assert!(
+            !out.contains(value),
+            "{value} reached the area the family fled: {out}"
+        );
+    }
+
     // Declaring a locating field towards the fled area is refused by B's gateway itself.
     let api = Api::new(&ClientConfig::load(&dan).unwrap()).unwrap();
     let e = api
