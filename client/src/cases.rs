@@ -270,7 +270,8 @@ fn awaiting_first_content(events: &[Event]) -> bool {
     })
 }
 
-fn address_of(identity: &str) -> Option<String> {
+/// A person's address (`user:<id>@<area>`) from their identity URI.
+pub fn address_of(identity: &str) -> Option<String> {
     match certs::Identity::parse_uri(identity) {
         Ok(certs::Identity::User(area, user)) => Some(format!("user:{user}@{area}")),
         _ => None,
@@ -560,6 +561,11 @@ impl Caseworker {
         disclosure: Option<proto::Disclosure>,
     ) -> Result<Vec<MessageId>, CaseError> {
         let group = self.group_of(case_id)?;
+        if self.addresses(case_id).is_empty() {
+            return Err(CaseError::Invalid(format!(
+                "this client has no address to send case {case_id}'s messages to (its record in cases.json is missing); nothing was sent"
+            )));
+        }
         let key = key.unwrap_or_else(fresh_key);
         // Every area the family fled, as recorded for the case, is declared.
         let disclosure = disclosure.map(|mut d| {
@@ -964,8 +970,12 @@ impl Caseworker {
                 // read. Set aside, so the team's inbox does not wait for us;
                 // the members of the case have it. Not acknowledged: its
                 // sender must not be told a person has read it.
+                // A Welcome to the team for a case we are in already (the
+                // team was added again for a newcomer) is set aside the same.
                 Err(CaseError::Mls(
-                    e @ (MlsError::UnknownGroup(_) | MlsError::WelcomeNotForUs),
+                    e @ (MlsError::UnknownGroup(_)
+                    | MlsError::WelcomeNotForUs
+                    | MlsError::AlreadyInGroup(_)),
                 )) if to_team => {
                     self.api.not_in_case(&env.message_id).await?;
                     self.meta.refused.remove(id);
@@ -974,7 +984,7 @@ impl Caseworker {
                     // A Welcome not for us says nothing to tell: we may be
                     // in its case already. The case's messages say it if
                     // we are not.
-                    if !matches!(e, MlsError::WelcomeNotForUs) {
+                    if !matches!(e, MlsError::WelcomeNotForUs | MlsError::AlreadyInGroup(_)) {
                         events.push(Event::NotInCase {
                             message_id: env.message_id.clone(),
                             from,

@@ -16,10 +16,12 @@ use proto::{Body, Category, IdempotencyKey, MessageId, Recipient, SubmitRequest}
 /// gateway, your certificate and key, and your area's CA. `gateway dev`
 /// writes one per demo user.
 ///
-/// Exit codes: 0 success; 1 other failure; 2 bad command line; 3 bad
-/// configuration or certificates; 4 the gateway refused the request (for
-/// example unknown recipient, not found); 5 the gateway could not be reached
-/// or trusted; 6 `inbox --wait` ended with an empty inbox.
+/// Exit codes: 0 success; 1 other failure (`read`: a message was refused,
+/// or the read stopped part way after printing what it read); 2 bad
+/// command line; 3 bad configuration or certificates (expired or revoked
+/// included); 4 the gateway refused the request (for example unknown
+/// recipient, policy, not found); 5 the gateway could not be reached or
+/// trusted; 6 `inbox --wait` or `read --wait` ended with nothing new.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -670,7 +672,8 @@ async fn cases_command(
                 .await?;
             println!("{case_id}");
             for m in missing {
-                eprintln!("warning: {m} has published no keys and was not added; add them later with `client add --case {case_id}`");
+                let to = client::cases::address_of(&m).unwrap_or_else(|| m.clone());
+                eprintln!("warning: {to} has published no keys and was not added; once they have run `client keys`, add them with `client add --case {case_id} --to {to}`");
             }
         }
         Command::Read { wait } => {
