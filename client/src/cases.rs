@@ -258,6 +258,10 @@ const TRANSFER: &str = "transfer:";
 /// case's first message when it has not arrived with the Welcome.
 pub const FIRST_MESSAGE_GRACE: Duration = Duration::from_secs(3);
 
+/// How often `read --wait` looks again while only messages it dealt with
+/// before are in the inbox.
+const LOOK_AGAIN: Duration = Duration::from_secs(5);
+
 /// Whether some case in `events` was joined and nothing of it (a message or
 /// a handed-over chronology) followed.
 fn awaiting_first_content(events: &[Event]) -> bool {
@@ -870,8 +874,21 @@ impl Caseworker {
                 }
             }
         };
-        if let Err(e) = self.read_batch(wait, &mut events).await {
-            return Err(interrupted(events, e));
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let listed = match self.read_batch(left, &mut events).await {
+                Ok(n) => n,
+                Err(e) => return Err(interrupted(events, e)),
+            };
+            // Only messages dealt with before wait (refused, or not for
+            // this client to read): the gateway answers at once while
+            // anything is listed, so look again every few seconds until
+            // the wait ends, rather than return at once, or at once again.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !events.is_empty() || listed == 0 || left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left.min(LOOK_AGAIN)).await;
         }
         let grace_end = tokio::time::Instant::now() + FIRST_MESSAGE_GRACE;
         while awaiting_first_content(&events) {
@@ -905,13 +922,15 @@ impl Caseworker {
         Ok(events)
     }
 
-    /// One pass over the inbox: waits up to `wait` for the first message.
+    /// One pass over the inbox: waits up to `wait` for the first message;
+    /// returns how many messages the inbox listed.
     async fn read_batch(
         &mut self,
         wait: Duration,
         events: &mut Vec<Event>,
-    ) -> Result<(), CaseError> {
+    ) -> Result<usize, CaseError> {
         let inbox = self.api.inbox(wait).await?;
+        let listed = inbox.messages.len();
         for item in inbox
             .messages
             .iter()
@@ -1006,7 +1025,7 @@ impl Caseworker {
                 }
             }
         }
-        Ok(())
+        Ok(listed)
     }
 
     async fn handle(

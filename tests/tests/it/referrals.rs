@@ -545,6 +545,17 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
         2
     );
     assert!(dan.read(Duration::ZERO).await.unwrap().is_empty());
+    // A reader waiting with them in the inbox waits: it looks again every
+    // few seconds, not in a tight loop of listings (the gateway answers at
+    // once while anything is listed).
+    let listings = || fed.gateway(1).unwrap().metrics().inbox_listings.get();
+    let before = listings();
+    let started = std::time::Instant::now();
+    assert!(dan.read(Duration::from_secs(6)).await.unwrap().is_empty());
+    // (A lower bound: the wait is kept, however slow the machine.)
+    assert!(started.elapsed() >= Duration::from_secs(5), "it did not wait");
+    let looked = listings() - before;
+    assert!((2..=3).contains(&looked), "{looked} listings in 6 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
