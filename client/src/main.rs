@@ -687,6 +687,16 @@ async fn cases_command(
             };
             let mut refused = false;
             for e in &events {
+                if matches!(e, Event::Refused { .. }) {
+                    refused = true;
+                }
+                if json {
+                    // One JSON object per line, whatever happened.
+                    if let Some(v) = event_json(e) {
+                        println!("{v}");
+                    }
+                    continue;
+                }
                 match e {
                     Event::Joined { case_id, from } => {
                         println!("joined case {case_id} (added by {from})")
@@ -696,17 +706,10 @@ async fn cases_command(
                         from,
                         plaintext,
                     } => {
-                        if json {
-                            println!(
-                                "{}",
-                                serde_json::json!({"case": case_id, "from": from, "text": String::from_utf8_lossy(plaintext)})
-                            );
-                        } else {
-                            println!(
-                                "--- case {case_id}, from {from}\n{}",
-                                client::for_terminal(plaintext)
-                            );
-                        }
+                        println!(
+                            "--- case {case_id}, from {from}\n{}",
+                            client::for_terminal(plaintext)
+                        );
                     }
                     Event::Membership {
                         case_id,
@@ -732,14 +735,23 @@ async fn cases_command(
                         from,
                         error,
                     } => {
-                        refused = true;
-                        eprintln!("REFUSED message {message_id} from {from}: {error}");
+                        eprintln!(
+                            "REFUSED message {message_id} from {from}: {}",
+                            client::for_terminal(error.as_bytes())
+                        );
                     }
                     _ => {}
                 }
             }
             for line in not_in_case_lines(&events) {
-                println!("{line}");
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "event": "not_in_case", "text": line })
+                    );
+                } else {
+                    println!("{line}");
+                }
             }
             if let Some(e) = stopped {
                 return Err(anyhow::Error::new(e).context(format!(
@@ -763,7 +775,10 @@ async fn cases_command(
                     for line in came_back_lines(&rows) {
                         came_back += 1;
                         if json {
-                            println!("{}", serde_json::json!({ "came_back": line }));
+                            println!(
+                                "{}",
+                                serde_json::json!({ "event": "came_back", "came_back": line })
+                            );
                         } else {
                             println!("{line}");
                         }
@@ -924,6 +939,50 @@ mod erased {
     }
 }
 
+/// An event of `read` as one JSON object (`event` names its kind); `None`
+/// for one summed up elsewhere (`not_in_case`).
+fn event_json(e: &client::cases::Event) -> Option<serde_json::Value> {
+    use client::cases::Event;
+    use serde_json::json;
+    Some(match e {
+        Event::Joined { case_id, from } => {
+            json!({ "event": "joined", "case": case_id, "from": from })
+        }
+        Event::Message {
+            case_id,
+            from,
+            plaintext,
+        } => json!({
+            "event": "message",
+            "case": case_id,
+            "from": from,
+            "text": String::from_utf8_lossy(plaintext),
+        }),
+        Event::Membership {
+            case_id,
+            added,
+            removed,
+        } => json!({ "event": "membership", "case": case_id, "added": added, "removed": removed }),
+        Event::Removed { case_id } => json!({ "event": "removed", "case": case_id }),
+        Event::History {
+            case_id,
+            from,
+            entries,
+        } => json!({ "event": "history", "case": case_id, "from": from, "entries": entries }),
+        Event::Refused {
+            message_id,
+            from,
+            error,
+        } => json!({
+            "event": "refused",
+            "message_id": message_id.to_string(),
+            "from": from,
+            "error": error,
+        }),
+        _ => return None,
+    })
+}
+
 /// One line per team for the messages to it in cases the reader is not
 /// part of ([`Event::NotInCase`]), with who sent them: a newcomer to a
 /// team may get many at once.
@@ -1035,6 +1094,60 @@ fn came_back_lines(rows: &[client::sent::Checked]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_event_of_read_is_one_json_object_naming_its_kind() {
+        use client::cases::Event;
+        let events = [
+            Event::Joined {
+                case_id: "c".into(),
+                from: "alice".into(),
+            },
+            Event::Message {
+                case_id: "c".into(),
+                from: "alice".into(),
+                plaintext: b"hello\x1b[2K".to_vec(),
+            },
+            Event::Membership {
+                case_id: "c".into(),
+                added: vec!["erin".into()],
+                removed: vec![],
+            },
+            Event::Removed {
+                case_id: "c".into(),
+            },
+            Event::History {
+                case_id: "c".into(),
+                from: "bob".into(),
+                entries: 3,
+            },
+            Event::Refused {
+                message_id: proto::MessageId::from_bytes([1; 16]),
+                from: "mallory".into(),
+                error: "tampered".into(),
+            },
+        ];
+        let kinds: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let line = event_json(e).unwrap().to_string();
+                assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line}");
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                v["event"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "joined",
+                "message",
+                "membership",
+                "removed",
+                "history",
+                "refused"
+            ]
+        );
+    }
 
     #[test]
     fn messages_in_cases_one_is_not_part_of_are_summed_up_per_team() {

@@ -553,7 +553,10 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
     let started = std::time::Instant::now();
     assert!(dan.read(Duration::from_secs(6)).await.unwrap().is_empty());
     // (A lower bound: the wait is kept, however slow the machine.)
-    assert!(started.elapsed() >= Duration::from_secs(5), "it did not wait");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "it did not wait"
+    );
     let looked = listings() - before;
     assert!((2..=3).contains(&looked), "{looked} listings in 6 s");
 }
