@@ -171,6 +171,10 @@ struct Transfer {
     case_id: String,
     addresses: Vec<String>,
     history: Vec<u8>,
+    /// The areas the family fled, as recorded for the case (absent from a
+    /// client before this was handed over).
+    #[serde(default)]
+    fled_from: Vec<AreaId>,
 }
 
 /// What a message sent is, and its case, for the record of sent messages
@@ -743,6 +747,7 @@ impl Caseworker {
             case_id: case_id.to_owned(),
             addresses: self.meta.cases.get(case_id).cloned().unwrap_or_default(),
             history: self.mls.export_history(&group)?,
+            fled_from: self.fled_from(case_id),
         };
         let transfer =
             serde_json::to_vec(&transfer).map_err(|e| CaseError::Invalid(e.to_string()))?;
@@ -1161,6 +1166,8 @@ impl Caseworker {
             .filter(|a| Some(a) != old.as_ref())
             .collect();
         self.meta.pending_addresses.insert(t.case_id.clone(), addrs);
+        // The new lead keeps the family's whereabouts from where they fled.
+        self.remember_fled_from(&t.case_id, &t.fled_from)?;
         self.meta
             .pending_history
             .push((t.case_id.clone(), from.to_owned(), t.history));

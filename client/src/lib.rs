@@ -317,10 +317,21 @@ fn gateway_revoked(e: &(dyn std::error::Error + 'static)) -> bool {
 /// lines already printed (a forged `REFUSED` or `joined` line) or send the
 /// terminal commands.
 pub fn for_terminal(bytes: &[u8]) -> String {
+    escaped(bytes, true)
+}
+
+/// A gateway's or peer's short text (a refusal reason) made safe for one
+/// line of a terminal: as [`for_terminal`], newlines and tabs escaped too,
+/// so it cannot start a line that looks like the client's own.
+pub fn one_line(text: &str) -> String {
+    escaped(text.as_bytes(), false)
+}
+
+fn escaped(bytes: &[u8], keep_lines: bool) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
+        if c.is_control() && !(keep_lines && (c == '\n' || c == '\t')) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);

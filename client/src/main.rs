@@ -16,8 +16,8 @@ use proto::{Body, Category, IdempotencyKey, MessageId, Recipient, SubmitRequest}
 /// gateway, your certificate and key, and your area's CA. `gateway dev`
 /// writes one per demo user.
 ///
-/// Exit codes: 0 success; 1 other failure (`read`: a message was refused,
-/// or the read stopped part way after printing what it read); 2 bad
+/// Exit codes: 0 success; 1 other failure (`read`: a message was refused;
+/// a read stopped part way prints what it read, then exits as its cause); 2 bad
 /// command line; 3 bad configuration or certificates (expired or revoked
 /// included); 4 the gateway refused the request (for example unknown
 /// recipient, policy, not found); 5 the gateway could not be reached or
@@ -737,7 +737,7 @@ async fn cases_command(
                     } => {
                         eprintln!(
                             "REFUSED message {message_id} from {from}: {}",
-                            client::for_terminal(error.as_bytes())
+                            client::one_line(error)
                         );
                     }
                     _ => {}
@@ -922,7 +922,7 @@ mod erased {
                 ));
                 if let Some(r) = &ev.reason {
                     // A peer gateway's words: shown, never obeyed.
-                    out.push_str(&format!(" — {}", client::for_terminal(r.as_bytes())));
+                    out.push_str(&format!(" — {}", client::one_line(r)));
                 }
             }
             if let Some(w) = &self.waiting {
@@ -1056,10 +1056,7 @@ fn sent_lines(rows: &[client::sent::Checked]) -> Vec<String> {
             e.case.as_deref().unwrap_or("-")
         ));
         if let Some(reason) = &r.reason {
-            out.push(format!(
-                "    why: {}",
-                client::for_terminal(reason.as_bytes())
-            ));
+            out.push(format!("    why: {}", client::one_line(reason)));
         }
         if let (Some(w), Ok(to)) = (&r.waiting, e.to.parse::<Recipient>()) {
             out.push(format!("    {}", client::waiting_note(&to.area, w)));
@@ -1085,7 +1082,7 @@ fn came_back_lines(rows: &[client::sent::Checked]) -> Vec<String> {
                 e.what,
                 e.to,
                 client::time_text(e.at_ms, false),
-                client::for_terminal(r.reason.as_deref().unwrap_or("no reason given").as_bytes())
+                client::one_line(r.reason.as_deref().unwrap_or("no reason given"))
             )
         })
         .collect()

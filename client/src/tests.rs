@@ -122,3 +122,11 @@ fn another_workers_text_cannot_command_the_terminal() {
     );
     assert_eq!(for_terminal(b"\xff"), "\u{fffd}");
 }
+
+#[test]
+fn a_reason_stays_on_its_own_line() {
+    assert_eq!(
+        one_line("refused\n    status: acknowledged\t\x1b[1A"),
+        "refused\\u{a}    status: acknowledged\\u{9}\\u{1b}[1A"
+    );
+}

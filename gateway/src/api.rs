@@ -687,7 +687,7 @@ async fn accept_items(
     // stored before (its answer lost) is a duplicate, not a refusal, even
     // if the directory, the policy or the clock has moved on since.
     let mut refused = Vec::new();
-    let mut policy_fetched = false;
+    let mut policy: PolicyMemo = None;
     for (i, item) in items.into_iter().enumerate() {
         let id = match &item {
             FederationItem::Deliver { envelope, .. } => Some(envelope.message_id.clone()),
@@ -697,7 +697,7 @@ async fn accept_items(
             Ok(incoming) => {
                 if let Incoming::Deliver(env, _) = &incoming {
                     if let Some(d) = &env.disclosure {
-                        match check_incoming_policy(shared, &area, d, &mut policy_fetched).await {
+                        match check_incoming_policy(shared, &area, d, &mut policy).await {
                             Ok(()) => {}
                             Err(PolicyCheck::Refused(reason)) => {
                                 tracing::warn!(peer = %area, "refused federation item: it does not cite the peer's current sharing policy");
@@ -1164,44 +1164,50 @@ async fn federation_policy(
 }
 
 /// Why an incoming disclosure was not taken.
+#[derive(Debug, Clone)]
 enum PolicyCheck {
-    /// It does not cite the peer's current policy: the item is refused.
+    /// It does not cite the peer's current policy (or the peer serves none
+    /// that verifies): the item is refused.
     Refused(String),
-    /// The peer's policy could not be fetched: the batch is refused for
-    /// now, and sent again.
+    /// The peer's policy could not be fetched (its gateway unreachable or
+    /// failing): the batch is refused for now, and sent again.
     Unavailable(String),
 }
+
+/// What one batch learnt of the peer's policy: fetched at most once, its
+/// outcome (a failure included) kept for the batch's other items.
+type PolicyMemo = Option<Result<(String, u32), PolicyCheck>>;
 
 /// The largest policy document taken from a peer.
 const MAX_POLICY_BYTES: usize = 1 << 20;
 
 /// Checks that an incoming disclosure cites the sending area's current
 /// signed policy (when a policy key is configured for that peer); fetches
-/// the peer's policy when it cites a version we have not seen (at most
-/// once per batch: `fetched` says whether this batch did).
+/// the peer's policy when it cites a version not seen with that key (at
+/// most once per batch: `memo`).
 async fn check_incoming_policy(
     shared: &Shared,
     peer: &proto::AreaId,
     d: &proto::Disclosure,
-    fetched: &mut bool,
+    memo: &mut PolicyMemo,
 ) -> Result<(), PolicyCheck> {
     let Some(key) = shared.live().peer(peer).and_then(|p| p.policy_key.clone()) else {
         return Ok(());
     };
     let cited = (d.policy_id.clone(), d.policy_version);
-    let cached = shared.peer_policies.cached(peer);
-    let current = match cached {
-        Some(c) if c.0 == cited.0 && c.1 >= cited.1 => c,
-        Some(c) if *fetched => c,
+    let current = match (shared.peer_policies.cached(peer, &key), &*memo) {
+        (Some(c), _) if c.0 == cited.0 && c.1 >= cited.1 => c,
+        (_, Some(known)) => known.clone()?,
         _ => {
-            *fetched = true;
-            let text = fetch_policy(shared, peer).await.map_err(|e| {
-                PolicyCheck::Unavailable(format!("cannot fetch {peer}'s sharing policy: {e}"))
-            })?;
-            shared
-                .peer_policies
-                .update(peer, &key, &text)
-                .map_err(PolicyCheck::Refused)?
+            let fetched = match fetch_policy(shared, peer).await {
+                Ok(text) => shared
+                    .peer_policies
+                    .update(peer, &key, &text)
+                    .map_err(|e| PolicyCheck::Refused(format!("{peer}'s sharing policy: {e}"))),
+                Err(e) => Err(e),
+            };
+            *memo = Some(fetched.clone());
+            fetched?
         }
     };
     if current == cited {
@@ -1215,22 +1221,35 @@ async fn check_incoming_policy(
 }
 
 /// A peer's signed policy document, as it serves it (at most
-/// [`MAX_POLICY_BYTES`]).
-async fn fetch_policy(shared: &Shared, peer: &proto::AreaId) -> Result<String, String> {
+/// [`MAX_POLICY_BYTES`]). Unreachable or failing (5xx) is for now; an
+/// answer that it has none (4xx), or one too large, is the peer's word.
+async fn fetch_policy(shared: &Shared, peer: &proto::AreaId) -> Result<String, PolicyCheck> {
+    let unavailable =
+        |e: String| PolicyCheck::Unavailable(format!("cannot fetch {peer}'s sharing policy: {e}"));
     let (client, url) = shared
         .peer_clients
         .get(peer)
-        .ok_or("no client for the peer")?;
+        .ok_or_else(|| unavailable("no client for the peer".into()))?;
     let resp = client
         .get(format!("{url}/v1/federation/policy"))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("it answered HTTP {}", resp.status().as_u16()));
+        .map_err(|e| unavailable(e.to_string()))?;
+    let status = resp.status();
+    if status.is_server_error() {
+        return Err(unavailable(format!("it answered HTTP {}", status.as_u16())));
     }
-    let text = crate::federation::read_bounded(resp, MAX_POLICY_BYTES).await?;
-    String::from_utf8(text).map_err(|_| "its answer is not UTF-8".to_owned())
+    if !status.is_success() {
+        return Err(PolicyCheck::Refused(format!(
+            "{peer} serves no sharing policy (HTTP {})",
+            status.as_u16()
+        )));
+    }
+    let text = crate::federation::read_bounded(resp, MAX_POLICY_BYTES)
+        .await
+        .map_err(|e| PolicyCheck::Refused(format!("{peer}'s sharing policy: {e}")))?;
+    String::from_utf8(text)
+        .map_err(|_| PolicyCheck::Refused(format!("{peer}'s sharing policy is not UTF-8")))
 }
 
 /// The caller's directory entry: organisation, role and teams.

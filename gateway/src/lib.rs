@@ -671,12 +671,6 @@ impl Gateway {
             needs_restart: needs_restart(&shared.config, &new),
         };
         revocation::report(crls.list(), expiry::now_s());
-        for p in &new.peers {
-            let was = old.peer(&p.area).and_then(|o| o.policy_key.as_ref());
-            if was != p.policy_key.as_ref() {
-                shared.peer_policies.forget(&p.area);
-            }
-        }
         let live = Arc::new(Live {
             directory,
             own_policy: policy,
@@ -840,7 +834,7 @@ async fn give_back_to_former_peers(shared: &Shared) -> usize {
             continue;
         }
         let reason = format!(
-            "{area} is no longer a federation peer of this gateway (it was taken out of the gateway's configuration) and had not confirmed having the message; ask your gateway's operator, or share it with {area} another way"
+            "{area} is no longer a federation peer of this gateway (it was taken out of the gateway's configuration) and had not confirmed having the message (if it was on its way then, {area} may have it); ask your gateway's operator, or share it with {area} another way"
         );
         let (messages, updates) = match shared
             .store
@@ -1083,6 +1077,10 @@ async fn erase_loop(shared: Arc<Shared>) {
             _ = tokio::time::sleep(retention.erase_every) => {}
             _ = crate::stopped(&mut stop) => break,
         }
+        // Status updates for a former peer queued since it was taken out
+        // (its messages read here), and a message a request queued for it
+        // just after: no worker sends them.
+        give_back_to_former_peers(&shared).await;
         let now = now_ms();
         match shared.store.settle_after_leavers(now).await {
             Ok(0) => {}

@@ -109,21 +109,20 @@ fn facts(category: &Category, d: &Disclosure) -> Result<Facts, String> {
 /// Peers' current policies, fetched over the federation and verified.
 #[derive(Debug, Default)]
 pub(crate) struct PeerPolicies {
-    cache: Mutex<HashMap<AreaId, (String, u32)>>,
+    cache: Mutex<HashMap<AreaId, Verified>>,
 }
 
-impl PeerPolicies {
-    /// The cached (id, version) of a peer's policy, if any.
-    pub(crate) fn cached(&self, area: &AreaId) -> Option<(String, u32)> {
-        self.cache.lock().ok()?.get(area).cloned()
-    }
+/// A peer's policy as verified: with the key it was checked with, and its
+/// id and version.
+type Verified = (String, (String, u32));
 
-    /// Forgets a peer's cached policy (its verification key changed): the
-    /// next disclosure from it fetches and verifies its policy again.
-    pub(crate) fn forget(&self, area: &AreaId) {
-        if let Ok(mut c) = self.cache.lock() {
-            c.remove(area);
-        }
+impl PeerPolicies {
+    /// The cached (id, version) of a peer's policy, if any was verified
+    /// with `key` (a policy verified with a key since replaced is not).
+    pub(crate) fn cached(&self, area: &AreaId, key: &str) -> Option<(String, u32)> {
+        let cache = self.cache.lock().ok()?;
+        let (with, current) = cache.get(area)?;
+        (with == key).then(|| current.clone())
     }
 
     /// Verifies a peer's signed policy document and caches its id and version.
@@ -133,6 +132,7 @@ impl PeerPolicies {
         key: &str,
         text: &str,
     ) -> Result<(String, u32), String> {
+        let key_text = key;
         let key: PolicyVerifyingKey = key
             .parse()
             .map_err(|e: policy::PolicyError| e.to_string())?;
@@ -140,7 +140,7 @@ impl PeerPolicies {
         let policy = signed.verify(area, &key).map_err(|e| e.to_string())?;
         let current = (policy.id().to_string(), policy.version());
         if let Ok(mut c) = self.cache.lock() {
-            c.insert(area.clone(), current.clone());
+            c.insert(area.clone(), (key_text.to_owned(), current.clone()));
         }
         Ok(current)
     }

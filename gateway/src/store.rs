@@ -1156,9 +1156,6 @@ fn advance_sent(
     move_sent(c, id, to, at_ms, reason, Status::can_become)
 }
 
-/// Records that the receiving gateway gave a sent message up, read by no
-/// one (see [`GIVEN_UP_UNREAD`]); false if it was acknowledged (or is
-/// unknown, or final) already.
 /// Takes the items queued for `peer` at queue positions after `seqs.0` up
 /// to `seqs.1` that expire by `until_ms` out of its queue: each message
 /// goes back to its sender as undeliverable at `at_ms`, giving `reason`;
@@ -1199,6 +1196,9 @@ fn give_back(
     Ok((messages, updates))
 }
 
+/// Records that the receiving gateway gave a sent message up, read by no
+/// one (see [`GIVEN_UP_UNREAD`]); false if it was acknowledged (or is
+/// unknown, or final) already.
 fn give_up_sent(c: &Connection, id: &str, at_ms: u64) -> Result<bool, StoreError> {
     move_sent(
         c,

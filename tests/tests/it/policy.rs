@@ -230,3 +230,83 @@ async fn encrypted_content_must_declare_its_disclosure_and_match_it() {
         "{refused:?}"
     );
 }
+
+/// The receiving gateway fetches the sender's policy when a message cites
+/// a version it has not verified: a sender that answers it publishes none
+/// has its message refused (for good: that is its word), while one it
+/// cannot reach has the batch refused for now, and sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_serves_no_policy_has_its_message_refused_and_one_unreachable_is_sent_again() {
+    let mut fed = with_policies().await;
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let alice = fed.api(a, "alice").unwrap();
+    fed.stop(b).await;
+    let allowed = || {
+        Some(disclosure(
+            1,
+            "safeguarding",
+            &["child.name", "family", "facts"],
+            &[],
+        ))
+    };
+    let sent = alice
+        .submit(&request("relocation", allowed(), "no-policy"))
+        .await
+        .unwrap();
+    // northshire stops publishing its policy; southvale starts afresh
+    // (nothing cached) and asks for it.
+    let path = fed.areas[a].config_path.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let start = text.find("[policy]").unwrap();
+    let end = start + text[start..].find("\n\n").unwrap();
+    std::fs::write(&path, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    fed.gateway(a).unwrap().reload_file(&path).await.unwrap();
+    fed.start(b).await.unwrap();
+    let reason = tests::eventually(Duration::from_secs(30), || async {
+        tests::undeliverable_reason(&alice, &sent.message_id)
+            .await
+            .is_some()
+    })
+    .await;
+    assert!(reason);
+    let reason = tests::undeliverable_reason(&alice, &sent.message_id)
+        .await
+        .unwrap_or_default();
+    assert!(
+        reason.contains("northshire serves no sharing policy (HTTP 404)"),
+        "{reason}"
+    );
+    assert_eq!(fed.count(b, "SELECT COUNT(*) FROM inbox").unwrap(), 0);
+
+    // northshire publishes it again, but southvale has its address wrong:
+    // the policy cannot be fetched, so the batch waits and is sent again.
+    std::fs::write(&path, &text).unwrap();
+    fed.gateway(a).unwrap().reload_file(&path).await.unwrap();
+    let port = fed.port(a).unwrap();
+    let right = format!("url = \"https://127.0.0.1:{port}\"");
+    let dead = format!("url = \"https://127.0.0.1:{}\"", tests::free_port());
+    fed.edit_config(b, &right, &dead).unwrap();
+    let b_path = fed.areas[b].config_path.clone();
+    fed.gateway(b).unwrap().reload_file(&b_path).await.unwrap();
+    let later = alice
+        .submit(&request("relocation", allowed(), "unreachable"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        alice.status(&later.message_id).await.unwrap().status,
+        proto::Status::Accepted,
+        "waiting, not refused"
+    );
+    fed.edit_config(b, &dead, &right).unwrap();
+    fed.gateway(b).unwrap().reload_file(&b_path).await.unwrap();
+    assert!(
+        tests::reaches(
+            &alice,
+            &later.message_id,
+            proto::Status::Delivered,
+            Duration::from_secs(30)
+        )
+        .await
+    );
+}

@@ -338,6 +338,18 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
         )
         .await
         .unwrap();
+    // alice's client has recorded that the family fled eastmoor (here,
+    // with no sharing policy, there are no disclosures to carry it).
+    drop(alice);
+    let meta_path = ClientConfig::load(&fed.client_config_path(0, "alice"))
+        .unwrap()
+        .data_directory()
+        .join("cases.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["fled_from"] = serde_json::json!({ case.clone(): ["eastmoor"] });
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let mut alice = worker(&fed, 0, "alice");
     let mut dan = worker(&fed, 1, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["first referral"]);
     dan.send(&case, &category("update"), b"dan's note", None, None)
@@ -385,6 +397,8 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
             && history.contains(&"dan's note".to_owned()),
         "{history:?}"
     );
+    // The new lead keeps the family's whereabouts from where they fled.
+    assert_eq!(bob.fled_from(&case), ["eastmoor".parse().unwrap()]);
 
     // The rest of the team sees the membership change; alice learns she is out.
     let mut erin = worker(&fed, 1, "erin");

@@ -393,10 +393,20 @@ async fn a_reload_takes_peers_in_and_out_and_follows_a_peer_to_its_new_address()
     let from_dan = send(&dan, "user:alice@northshire", "from-dan")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        dan.status(&from_dan.message_id).await.unwrap().status,
-        Status::Accepted
+    // dan is told northshire's gateway refuses his area's (at the
+    // handshake: it no longer trusts southvale's CA).
+    let refused_by_northshire = tests::eventually(LIMIT, || async {
+        let st = dan.status(&from_dan.message_id).await.unwrap();
+        st.status == Status::Accepted
+            && st
+                .waiting
+                .is_some_and(|w| w.last_error.contains("AccessDenied"))
+    })
+    .await;
+    assert!(
+        refused_by_northshire,
+        "{:?}",
+        dan.status(&from_dan.message_id).await
     );
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM inbox").unwrap(), 0);
 
