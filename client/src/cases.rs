@@ -756,6 +756,16 @@ impl Caseworker {
             .create_group(&format!("{TRANSFER}{case_id}:{}", fresh_key()))?;
         let (_c, welcome_t) = self.mls.add_members(&tgroup, &[kp_transfer])?;
         let transfer_msg = self.mls.encrypt(&tgroup, &transfer)?;
+        // Both are application messages: where the area has a sharing
+        // policy, they declare what they disclose like any other (the
+        // chronology; the request, an action in the case: who leads it).
+        let fled = self.fled_from(case_id);
+        let transfer_disclosure = self
+            .declare("safeguarding", vec!["chronology".into()], fled.clone())
+            .await?;
+        let request_disclosure = self
+            .declare("safeguarding", vec!["actions".into()], fled)
+            .await?;
         self.submit(
             &to.to_string(),
             &category,
@@ -765,12 +775,13 @@ impl Caseworker {
             None,
         )
         .await?;
-        self.submit(
+        self.submit_declared(
             &to.to_string(),
             &category,
             false,
             format!("{key}:transfer"),
             transfer_msg,
+            transfer_disclosure,
             Some(("handover", case_id)),
         )
         .await?;
@@ -782,8 +793,15 @@ impl Caseworker {
         let mut body = HANDOVER_MARK.to_vec();
         body.extend_from_slice(&request);
         let msg = self.mls.encrypt(&group, &body)?;
-        self.fan_out(case_id, &category, &format!("{key}:request"), msg)
-            .await?;
+        self.fan_out_declared(
+            case_id,
+            &category,
+            &format!("{key}:request"),
+            msg,
+            request_disclosure,
+            None,
+        )
+        .await?;
         Ok(())
     }
 

@@ -310,3 +310,86 @@ async fn a_peer_that_serves_no_policy_has_its_message_refused_and_one_unreachabl
         .await
     );
 }
+
+/// A handover is referral content too: where the area has a sharing
+/// policy, its chronology transfer and its request declare what they
+/// disclose, and the case reaches the new lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
+    let fed = with_policies().await;
+    let open = |area: usize, user: &str| {
+        let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
+        Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
+    };
+    let mut dan = open(1, "dan");
+    dan.publish_keys(3).await.unwrap();
+    let mut bob = open(0, "bob");
+    bob.publish_keys(3).await.unwrap();
+    let mut alice = open(0, "alice");
+    let d = alice
+        .declare("safeguarding", vec!["chronology".into()], vec![])
+        .await
+        .unwrap();
+    let (case, _) = alice
+        .refer(
+            &"user:dan@southvale".parse().unwrap(),
+            &Category::new("relocation").unwrap(),
+            false,
+            b"a chronology note",
+            None,
+            None,
+            d,
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.extend(dan.read(Duration::from_secs(2)).await.unwrap());
+        if seen.iter().any(|e| matches!(e, Event::Message { .. })) {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::Message { .. })),
+        "{seen:?}"
+    );
+
+    alice
+        .handover(&case, &"user:bob@northshire".parse().unwrap(), None)
+        .await
+        .unwrap();
+    // dan, the remaining member, commits the handover when he reads.
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.extend(dan.read(Duration::from_secs(2)).await.unwrap());
+        if seen.iter().any(|e| matches!(e, Event::Membership { .. })) {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::Membership { .. })),
+        "{seen:?}"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.extend(bob.read(Duration::from_secs(2)).await.unwrap());
+        if seen.iter().any(|e| matches!(e, Event::History { .. })) {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+        "{seen:?}"
+    );
+    let history: Vec<Vec<u8>> = bob
+        .history(&case)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.plaintext)
+        .collect();
+    assert!(
+        history.contains(&b"a chronology note".to_vec()),
+        "{history:?}"
+    );
+}
