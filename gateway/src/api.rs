@@ -427,7 +427,7 @@ async fn inbox(
     Extension(peer): Extension<VerifiedPeer>,
     query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<InboxResponse>, Failure> {
-    let (_, mb) = user_of(&shared, &peer)?;
+    let (_, mut mb) = user_of(&shared, &peer)?;
     let Query(q) = query.map_err(|e| {
         Failure::new(
             StatusCode::BAD_REQUEST,
@@ -464,6 +464,18 @@ async fn inbox(
             () = waiter.wait() => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = crate::stopped(&mut stop) => return Ok(Json(InboxResponse { messages })),
+        }
+        // The directory may have changed while it waited (a reload): a
+        // leaver is refused, and a listing is of the teams she is in now.
+        let live = shared.live();
+        let Some(entry) = live.directory.user(&mb.user) else {
+            return Err(Failure::forbidden(format!(
+                "{peer} is not in this area's directory"
+            )));
+        };
+        if entry.teams != mb.teams {
+            mb.teams = entry.teams.clone();
+            waiter = shared.inbox_watch.waiter(&mb);
         }
     }
 }

@@ -65,9 +65,18 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
             .replacen(BOB, IVY, 1)
             .replacen("user_burst = 100000", "user_burst = 99999", 1);
     std::fs::write(&path, &edited).unwrap();
+    // bob is waiting for his inbox meanwhile.
+    let waiting = {
+        let bob = bob.clone();
+        tokio::spawn(async move { bob.inbox(Duration::from_secs(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let gw = fed.gateway(a).unwrap();
     let r = gw.reload_file(&path).await.unwrap();
     assert_eq!(r.needs_restart, ["limits"]);
+    // His long-poll ends refused, not as if he were still in the directory.
+    let ended = waiting.await.unwrap();
+    assert!(is_forbidden(&ended), "{ended:?}");
     assert!(!reload_failed().await);
     assert_eq!(r.users, 2);
 
