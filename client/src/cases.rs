@@ -1097,7 +1097,19 @@ impl Caseworker {
                 Err(e) => Err(e.into()),
             };
         }
-        match self.mls.process(bytes)? {
+        // The third policy check, before the plaintext is kept: only what
+        // the envelope declared (a handover's transfer and request are
+        // checked as what they are).
+        let declared = env.disclosure.as_ref().map(|d| d.fields.clone());
+        let keep = |case_id: &str, plaintext: &[u8]| match &declared {
+            Some(fields)
+                if !case_id.starts_with(TRANSFER) && !plaintext.starts_with(HANDOVER_MARK) =>
+            {
+                check_declared(plaintext, fields).map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        };
+        match self.mls.process_checked(bytes, &keep)? {
             Processed::Application {
                 group,
                 sender,
@@ -1113,9 +1125,7 @@ impl Caseworker {
                         .commit_handover(&group, &case_id, &sender, request)
                         .await;
                 }
-                // The third policy check: only what the envelope declared.
                 if let Some(d) = &env.disclosure {
-                    check_declared(&plaintext, &d.fields)?;
                     self.remember_fled_from(&case_id, &d.fled_from)?;
                 }
                 Ok(vec![Event::Message {

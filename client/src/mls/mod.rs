@@ -892,6 +892,18 @@ impl MlsClient {
     /// Processes a handshake or application message from the Delivery
     /// Service. Commits by others are merged at once.
     pub fn process(&mut self, bytes: &[u8]) -> Result<Processed, MlsError> {
+        self.process_checked(bytes, &|_, _| Ok(()))
+    }
+
+    /// As [`MlsClient::process`], with `keep` judging a chronology
+    /// message's plaintext (given its case id) before it is kept: one it
+    /// refuses is not written to the history (its key is used up all the
+    /// same) and comes back as [`MlsError::Refused`].
+    pub fn process_checked(
+        &mut self,
+        bytes: &[u8],
+        keep: &dyn Fn(&str, &[u8]) -> Result<(), String>,
+    ) -> Result<Processed, MlsError> {
         let digest = sha256(bytes);
         let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(malformed)?;
         let protocol: ProtocolMessage = match msg.extract() {
@@ -908,7 +920,7 @@ impl MlsClient {
             Some(Seen::Inbound) => return Err(MlsError::Replay),
             None => {}
         }
-        self.atomically(|c| c.process_protocol(group, protocol, digest))
+        self.atomically(|c| c.process_protocol(group, protocol, digest, keep))
     }
 
     fn process_protocol(
@@ -916,6 +928,7 @@ impl MlsClient {
         group: GroupId,
         protocol: ProtocolMessage,
         digest: [u8; 32],
+        keep: &dyn Fn(&str, &[u8]) -> Result<(), String>,
     ) -> Result<Processed, MlsError> {
         let g = active_mut(&mut self.groups, &group)?;
         let processed = g
@@ -938,6 +951,12 @@ impl MlsClient {
                 };
                 match tag {
                     TAG_CHRONOLOGY => {
+                        let case_id = case_id_of(&active_mut(&mut self.groups, &group)?.mls)
+                            .unwrap_or_default();
+                        if let Err(reason) = keep(&case_id, body) {
+                            self.persist(&[seen])?;
+                            return Err(MlsError::Refused(reason));
+                        }
                         let entry = HistoryEntry {
                             epoch,
                             sender: sender.clone(),

@@ -229,6 +229,13 @@ async fn encrypted_content_must_declare_its_disclosure_and_match_it() {
         matches!(refused.as_slice(), [Event::Refused { error, .. }] if error.contains("child.name")),
         "{refused:?}"
     );
+    // Refused content is not kept in dan's chronology (nor handed on).
+    let history = dan.history(&case).unwrap();
+    assert!(
+        history.iter().all(|e| !e.plaintext.windows(6).any(|w| w == b"Amira ")),
+        "{history:?}"
+    );
+    assert_eq!(history.len(), 1, "only the chronology note");
 }
 
 /// The receiving gateway fetches the sender's policy when a message cites
