@@ -475,6 +475,10 @@ pub struct MlsClient {
     groups: BTreeMap<GroupId, Group>,
 }
 
+/// Judges a chronology message's plaintext, given its case id, before it
+/// is kept (see [`MlsClient::process_checked`]): why not, if not.
+pub type Keep<'a> = dyn Fn(&str, &[u8]) -> Result<(), String> + 'a;
+
 impl MlsClient {
     /// Opens the MLS state in `data_dir` (creating it on first use) for the
     /// user `identity_uri` (`spiffe://<area>/user/<id>`). Fails if the state
@@ -902,7 +906,7 @@ impl MlsClient {
     pub fn process_checked(
         &mut self,
         bytes: &[u8],
-        keep: &dyn Fn(&str, &[u8]) -> Result<(), String>,
+        keep: &Keep<'_>,
     ) -> Result<Processed, MlsError> {
         let digest = sha256(bytes);
         let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(malformed)?;
@@ -928,7 +932,7 @@ impl MlsClient {
         group: GroupId,
         protocol: ProtocolMessage,
         digest: [u8; 32],
-        keep: &dyn Fn(&str, &[u8]) -> Result<(), String>,
+        keep: &Keep<'_>,
     ) -> Result<Processed, MlsError> {
         let g = active_mut(&mut self.groups, &group)?;
         let processed = g
