@@ -190,6 +190,7 @@ const HANDOVER_MARK: &[u8] = b"\0handover-request\0";
 
 /// The old lead's request, to the case, that a remaining member commit the handover.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HandoverRequest {
     new_lead: String,
     key_package: Vec<u8>,
@@ -276,6 +277,30 @@ fn awaiting_first_content(events: &[Event]) -> bool {
         }),
         _ => false,
     })
+}
+
+/// The fields to declare for a set of chronology entries: each structured
+/// entry's fields, and `chronology` for free text (or when there is none).
+fn declared_fields<'a>(plaintexts: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+    let mut fields = std::collections::BTreeSet::new();
+    for p in plaintexts {
+        match serde_json::from_slice::<serde_json::Value>(p) {
+            Ok(serde_json::Value::Object(_)) => match crate::referral::Disclosed::from_bytes(p) {
+                Ok(d) => fields.extend(d.fields.keys().map(ToString::to_string)),
+                // Refused by any reader: declared as it is, no less.
+                Err(_) => {
+                    fields.insert("chronology".to_owned());
+                }
+            },
+            _ => {
+                fields.insert("chronology".to_owned());
+            }
+        }
+    }
+    if fields.is_empty() {
+        fields.insert("chronology".to_owned());
+    }
+    fields.into_iter().collect()
 }
 
 /// A person's address (`user:<id>@<area>`) from their identity URI.
@@ -760,9 +785,12 @@ impl Caseworker {
         // policy, they declare what they disclose like any other (the
         // chronology; the request, an action in the case: who leads it).
         let fled = self.fled_from(case_id);
-        let transfer_disclosure = self
-            .declare("safeguarding", vec!["chronology".into()], fled.clone())
-            .await?;
+        // The transfer declares every field its chronology holds, so the
+        // gateways judge what it really discloses (the family's new
+        // address is refused towards where they fled, as ever).
+        let entries = self.mls.history(&group)?;
+        let fields = declared_fields(entries.iter().map(|e| e.plaintext.as_slice()));
+        let transfer_disclosure = self.declare("safeguarding", fields, fled.clone()).await?;
         let request_disclosure = self
             .declare("safeguarding", vec!["actions".into()], fled)
             .await?;
@@ -1101,13 +1129,27 @@ impl Caseworker {
         // the envelope declared (a handover's transfer and request are
         // checked as what they are).
         let declared = env.disclosure.as_ref().map(|d| d.fields.clone());
-        let keep = |case_id: &str, plaintext: &[u8]| match &declared {
-            Some(fields)
-                if !case_id.starts_with(TRANSFER) && !plaintext.starts_with(HANDOVER_MARK) =>
-            {
-                check_declared(plaintext, fields).map_err(|e| e.to_string())
+        let keep = |case_id: &str, plaintext: &[u8]| {
+            if let Some(request) = plaintext.strip_prefix(HANDOVER_MARK) {
+                // A handover request is that and nothing more.
+                return serde_json::from_slice::<HandoverRequest>(request)
+                    .map(|_| ())
+                    .map_err(|e| format!("not a handover request: {e}"));
             }
-            _ => Ok(()),
+            let Some(fields) = &declared else {
+                return Ok(());
+            };
+            if case_id.starts_with(TRANSFER) {
+                // A chronology handed over: each of its entries within
+                // what the transfer declared.
+                let t: Transfer = serde_json::from_slice(plaintext)
+                    .map_err(|e| format!("history hand-over: {e}"))?;
+                for entry in MlsClient::export_entries(&t.history).map_err(|e| e.to_string())? {
+                    check_declared(&entry.plaintext, fields).map_err(|e| e.to_string())?;
+                }
+                return Ok(());
+            }
+            check_declared(plaintext, fields).map_err(|e| e.to_string())
         };
         match self.mls.process_checked(bytes, &keep)? {
             Processed::Application {

@@ -1248,7 +1248,11 @@ async fn fetch_policy(shared: &Shared, peer: &proto::AreaId) -> Result<String, P
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     let status = resp.status();
-    if status.is_server_error() {
+    // Failing, or a proxy's "later" (408, 429): for now.
+    if status.is_server_error()
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+    {
         return Err(unavailable(format!("it answered HTTP {}", status.as_u16())));
     }
     if !status.is_success() {
@@ -1259,7 +1263,12 @@ async fn fetch_policy(shared: &Shared, peer: &proto::AreaId) -> Result<String, P
     }
     let text = crate::federation::read_bounded(resp, MAX_POLICY_BYTES)
         .await
-        .map_err(|e| PolicyCheck::Refused(format!("{peer}'s sharing policy: {e}")))?;
+        .map_err(|e| match e {
+            crate::federation::ReadError::Transport(e) => unavailable(e),
+            e @ crate::federation::ReadError::TooLarge(_) => {
+                PolicyCheck::Refused(format!("{peer}'s sharing policy: {e}"))
+            }
+        })?;
     String::from_utf8(text)
         .map_err(|_| PolicyCheck::Refused(format!("{peer}'s sharing policy is not UTF-8")))
 }

@@ -559,7 +559,7 @@ async fn send(
     let budget = 64 * 1024 + n.saturating_mul(4096);
     let text = read_bounded(resp, budget)
         .await
-        .map_err(SendError::BadAnswer)?;
+        .map_err(|e| SendError::BadAnswer(e.to_string()))?;
     let answer: FederationBatchResponse =
         serde_json::from_slice(&text).map_err(|e| SendError::BadAnswer(e.to_string()))?;
     if answer.results.len() != n {
@@ -574,16 +574,31 @@ async fn send(
     })
 }
 
+/// Why an answer's body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The peer sent more than is taken.
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
+    /// The connection failed or timed out while the body came.
+    #[error("{0}")]
+    Transport(String),
+}
+
 /// An answer's body, refused once it grows past `max` bytes (a peer's
 /// answer is read no further than that).
 pub(crate) async fn read_bounded(
     mut resp: reqwest::Response,
     max: usize,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, ReadError> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ReadError::Transport(describe(&e)))?
+    {
         if body.len() + chunk.len() > max {
-            return Err(format!("the answer is larger than {max} bytes"));
+            return Err(ReadError::TooLarge(max));
         }
         body.extend_from_slice(&chunk);
     }

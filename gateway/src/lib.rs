@@ -230,6 +230,10 @@ pub(crate) struct Shared {
     inbox_watch: inbox_watch::InboxWatch,
     /// The long-polls waiting per user (a few at most).
     polls: inbox_watch::PollSlots,
+    /// One reload at a time: the teams recorded in the store and the
+    /// directory in force change together, and a sweep for former peers
+    /// does not run while a reload takes one back in.
+    reloading: tokio::sync::Mutex<()>,
     /// Each running peer worker's wake-up (peers come and go on reloads).
     wakers: std::sync::RwLock<HashMap<AreaId, Arc<federation::PeerWake>>>,
     /// HTTP client and base URL per peer.
@@ -362,9 +366,6 @@ pub struct Gateway {
     tasks: std::sync::Mutex<JoinSet<()>>,
     /// The running peer workers (a reload starts and stops them).
     workers: tokio::sync::Mutex<HashMap<AreaId, Worker>>,
-    /// One reload at a time: the teams recorded in the store and the
-    /// directory in force change together.
-    reloading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -507,6 +508,7 @@ impl Gateway {
             store,
             inbox_watch: inbox_watch::InboxWatch::default(),
             polls: Default::default(),
+            reloading: tokio::sync::Mutex::new(()),
             wakers: Default::default(),
             peer_clients,
             crls,
@@ -561,7 +563,6 @@ impl Gateway {
             shared,
             tasks: std::sync::Mutex::new(tasks),
             workers: tokio::sync::Mutex::new(workers),
-            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -610,7 +611,7 @@ impl Gateway {
     /// and the error says why. Other settings that differ are listed in
     /// [`Reloaded::needs_restart`] and left as they run.
     pub async fn reload(&self, new: Config) -> Result<Reloaded, GatewayError> {
-        let _one_at_a_time = self.reloading.lock().await;
+        let _one_at_a_time = self.shared.reloading.lock().await;
         let shared = &self.shared;
         if new.area != shared.config.area {
             return Err(GatewayError::Reload(format!(
@@ -732,6 +733,7 @@ impl Gateway {
                     let mut stop = later.stop.subscribe();
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                            let _no_reload = later.reloading.lock().await;
                             give_back_to_former_peers(&later).await;
                         }
                         _ = stopped(&mut stop) => {}
@@ -1080,7 +1082,10 @@ async fn erase_loop(shared: Arc<Shared>) {
         // Status updates for a former peer queued since it was taken out
         // (its messages read here), and a message a request queued for it
         // just after: no worker sends them.
-        give_back_to_former_peers(&shared).await;
+        {
+            let _no_reload = shared.reloading.lock().await;
+            give_back_to_former_peers(&shared).await;
+        }
         let now = now_ms();
         match shared.store.settle_after_leavers(now).await {
             Ok(0) => {}

@@ -955,8 +955,10 @@ impl MlsClient {
                 };
                 match tag {
                     TAG_CHRONOLOGY => {
-                        let case_id = case_id_of(&active_mut(&mut self.groups, &group)?.mls)
-                            .unwrap_or_default();
+                        // The case id this client recorded when it joined,
+                        // as the caller knows it (not one a member may
+                        // have set in the group since).
+                        let case_id = active_mut(&mut self.groups, &group)?.case_id.clone();
                         if let Err(reason) = keep(&case_id, body) {
                             self.persist(&[seen])?;
                             return Err(MlsError::Refused(reason));
@@ -1097,6 +1099,17 @@ impl MlsClient {
     pub fn history(&self, group: &GroupId) -> Result<Vec<HistoryEntry>, MlsError> {
         self.group(group)?;
         self.store.history(group)
+    }
+
+    /// The entries of a history export (see [`MlsClient::export_history`]),
+    /// to look at before it is imported.
+    pub fn export_entries(export: &[u8]) -> Result<Vec<HistoryEntry>, MlsError> {
+        let export: HistoryExport =
+            serde_json::from_slice(export).map_err(|e| MlsError::BadHistory(e.to_string()))?;
+        if export.format != HISTORY_FORMAT {
+            return Err(MlsError::BadHistory(format!("format {}", export.format)));
+        }
+        Ok(export.entries)
     }
 
     /// The group's chronology as JSON, for a new lead.

@@ -588,3 +588,22 @@ fn the_keys_and_history_are_readable_by_their_owner_only() {
     }
     drop(client);
 }
+
+#[test]
+fn content_refused_before_it_is_kept_uses_up_its_key_and_the_next_message_reads() {
+    let (mut sender, mut team, group) = referral();
+    let ct = sender.c().encrypt(&group, b"too much").unwrap();
+    let refuse = |_: &str, _: &[u8]| Err("holds more than it declares".to_owned());
+    assert!(matches!(
+        team[0].c().process_checked(&ct, &refuse),
+        Err(MlsError::Refused(r)) if r.contains("more than it declares")
+    ));
+    // Not kept; the same bytes again are a replay; the next one reads.
+    let kept = team[0].c().history(&group).unwrap().len();
+    assert!(matches!(team[0].c().process(&ct), Err(MlsError::Replay)));
+    let next = sender.c().encrypt(&group, b"within").unwrap();
+    app(team[0].c().process(&next).unwrap());
+    let history = team[0].c().history(&group).unwrap();
+    assert_eq!(history.len(), kept + 1);
+    assert!(history.iter().all(|e| e.plaintext != b"too much"));
+}

@@ -232,7 +232,9 @@ async fn encrypted_content_must_declare_its_disclosure_and_match_it() {
     // Refused content is not kept in dan's chronology (nor handed on).
     let history = dan.history(&case).unwrap();
     assert!(
-        history.iter().all(|e| !e.plaintext.windows(6).any(|w| w == b"Amira ")),
+        history
+            .iter()
+            .all(|e| !e.plaintext.windows(6).any(|w| w == b"Amira ")),
         "{history:?}"
     );
     assert_eq!(history.len(), 1, "only the chronology note");
@@ -398,5 +400,88 @@ async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
     assert!(
         history.contains(&b"a chronology note".to_vec()),
         "{history:?}"
+    );
+}
+
+/// A handover's chronology transfer declares every field its entries
+/// hold: the family's new address, in the case, is not handed to someone
+/// in the area they fled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_holding_the_new_address_is_not_handed_over_to_the_area_the_family_fled() {
+    let fed = with_policies().await;
+    let open = |area: usize, user: &str| {
+        let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
+        Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
+    };
+    let mut dan = open(1, "dan");
+    dan.publish_keys(3).await.unwrap();
+    let mut bob = open(0, "bob");
+    bob.publish_keys(3).await.unwrap();
+    drop(bob);
+    let mut alice = open(0, "alice");
+    let mut content = policy::CaseFile::new();
+    content.insert(
+        policy::FieldPath::new("child.name").unwrap(),
+        policy::Value::Text("Amira Example".into()),
+    );
+    content.insert(
+        policy::FieldPath::new("family.new_address").unwrap(),
+        policy::Value::Text("12 Example Street".into()),
+    );
+    let d = alice
+        .declare(
+            "safeguarding",
+            vec!["child".into(), "family".into()],
+            vec!["northshire".parse().unwrap()],
+        )
+        .await
+        .unwrap();
+    let (case, _) = alice
+        .refer(
+            &"user:dan@southvale".parse().unwrap(),
+            &Category::new("relocation").unwrap(),
+            false,
+            &client::referral::disclosed_bytes(&content),
+            None,
+            None,
+            d,
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.extend(dan.read(Duration::from_secs(2)).await.unwrap());
+        if seen.iter().any(|e| matches!(e, Event::Message { .. })) {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::Message { .. })),
+        "{seen:?}"
+    );
+
+    // dan would hand the case to bob, in northshire, the area they fled.
+    let e = dan
+        .handover(&case, &"user:bob@northshire".parse().unwrap(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            client::cases::CaseError::Client(ClientError::Api {
+                code: ErrorCode::PolicyDenied,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        fed.count(
+            0,
+            "SELECT COUNT(*) FROM inbox WHERE idem_key LIKE '%:transfer'"
+        )
+        .unwrap(),
+        0,
+        "no chronology reached northshire"
     );
 }

@@ -68,7 +68,7 @@ async fn a_reload_takes_up_the_directory_at_once_and_a_bad_one_changes_nothing()
     // bob is waiting for his inbox meanwhile.
     let waiting = {
         let bob = bob.clone();
-        tokio::spawn(async move { bob.inbox(Duration::from_secs(2)).await })
+        tokio::spawn(async move { bob.inbox(Duration::from_secs(5)).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let gw = fed.gateway(a).unwrap();
