@@ -706,10 +706,7 @@ async fn cases_command(
                         from,
                         plaintext,
                     } => {
-                        println!(
-                            "--- case {case_id}, from {from}\n{}",
-                            client::for_terminal(plaintext)
-                        );
+                        println!("--- case {case_id}, from {from}\n{}", readable(plaintext));
                     }
                     Event::Membership {
                         case_id,
@@ -851,7 +848,7 @@ async fn cases_command(
         }
         Command::Handover { case, to } => {
             cw.handover(&case, &to, None).await?;
-            println!("case {case} handed over to {to}; this client can no longer read it");
+            println!("case {case}: handover to {to} requested; it takes effect when a remaining member of the case reads (their client commits it), and from then on this client can no longer read the case");
         }
         Command::History { case } => {
             for e in cw.history(&case)? {
@@ -862,7 +859,7 @@ async fn cases_command(
                     e.imported_from
                         .map(|f| format!(" (handed over by {f})"))
                         .unwrap_or_default(),
-                    client::for_terminal(&e.plaintext)
+                    readable(&e.plaintext)
                 );
             }
         }
@@ -936,6 +933,15 @@ mod erased {
         fn json(&self) -> String {
             serde_json::to_string(self).unwrap_or_default()
         }
+    }
+}
+
+/// A case message for a person to read: a structured case file one field
+/// per line, free text as it is (both safe for the terminal).
+fn readable(plaintext: &[u8]) -> String {
+    match client::referral::Disclosed::from_bytes(plaintext) {
+        Ok(d) => client::for_terminal(d.render().as_bytes()),
+        Err(_) => client::for_terminal(plaintext),
     }
 }
 
@@ -1091,6 +1097,19 @@ fn came_back_lines(rows: &[client::sent::Checked]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_structured_case_file_is_read_one_field_per_line() {
+        let mut content = policy::CaseFile::new();
+        content.insert(
+            policy::FieldPath::new("child.name").unwrap(),
+            policy::Value::Text("Amira Example".into()),
+        );
+        let text = readable(&client::referral::disclosed_bytes(&content));
+        assert!(text.contains("child.name: Amira Example"), "{text}");
+        assert!(!text.contains('{'), "{text}");
+        assert_eq!(readable(b"free text\x1b[2K"), "free text\\u{1b}[2K");
+    }
 
     #[test]
     fn every_event_of_read_is_one_json_object_naming_its_kind() {
