@@ -1095,18 +1095,21 @@ impl Caseworker {
                 Ok((_, case_id)) => {
                     let me = self.me.to_string();
                     let addrs: Vec<String> = match self.meta.pending_addresses.remove(&case_id) {
-                        // A handed-over case: the old lead's list, with us instead of them.
-                        Some(list) => list
-                            .into_iter()
-                            .chain([format!("user:{}@{}", env.sender.user, env.sender.area)])
-                            .collect(),
+                        // A handed-over case: the old lead's list, with us
+                        // instead of them. The committer is reached by it
+                        // already (it read the request sent to that list):
+                        // its own address as well would bring it every
+                        // message twice, the second refused as a replay.
+                        Some(list) if !list.is_empty() => list,
+                        Some(_) => vec![format!("user:{}@{}", env.sender.user, env.sender.area)],
                         None => vec![
                             format!("user:{}@{}", env.sender.user, env.sender.area),
                             env.recipient.to_string(),
                         ],
                     };
                     let mut addrs: Vec<String> = addrs.into_iter().filter(|a| *a != me).collect();
-                    addrs.dedup();
+                    let mut seen = std::collections::HashSet::new();
+                    addrs.retain(|a| seen.insert(a.clone()));
                     // A handover Welcome is addressed to us; the rest of the
                     // case is reached through its team address, learnt from commits.
                     self.meta.cases.insert(case_id.clone(), addrs);

@@ -425,6 +425,18 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
         .send(&case, &category("update"), b"x", None, None)
         .await
         .is_err());
+    // The new lead's reply reaches the team once each: dan, who committed
+    // the handover, is reached through the team, not twice.
+    bob.send(&case, &category("update"), b"from the new lead", None, None)
+        .await
+        .unwrap();
+    let events = read(&mut dan).await;
+    assert_eq!(texts(&events), ["from the new lead"]);
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Refused { .. })),
+        "{events:?}"
+    );
+    assert!(dan.read(Duration::from_secs(1)).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
