@@ -252,7 +252,30 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/me", get(me))
         .route("/v1/federation/policy", get(federation_policy))
         .fallback(|| async { Failure::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            rate_limit,
+        ))
         .with_state(shared)
+}
+
+/// Rate limits per user and per peer gateway, before anything else of the
+/// request (its body included) is read: a caller over its limit costs a
+/// `429` and no more.
+async fn rate_limit(
+    State(shared): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limited = match req.extensions().get::<VerifiedPeer>().map(|p| p.identity()) {
+        Some(Identity::User(_, user)) => shared.limit_user(user),
+        Some(Identity::Gateway(area)) => shared.limit_peer(area),
+        _ => Ok(()),
+    };
+    match limited {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
+    }
 }
 
 // === user endpoints ===
@@ -272,7 +295,6 @@ fn user_of(shared: &Shared, peer: &VerifiedPeer) -> Result<(Sender, Mailbox), Fa
         user: sender.user.clone(),
         teams: entry.teams.clone(),
     };
-    shared.limit_user(&sender.user)?;
     Ok((sender, mb))
 }
 
@@ -618,7 +640,6 @@ async fn federation_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Failure> {
     let area = peer_of(&shared, &peer)?;
-    shared.limit_peer(&area)?;
     let order = batch_order(&headers)?;
     let items = if is_framed(&headers) {
         parse_framed(body, |b| proto::frame::decode_items(b, MAX_FRAMED_ITEMS))?
@@ -1082,7 +1103,6 @@ async fn federation_claim(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<proto::ClaimResponse>, Failure> {
     let area = peer_of(&shared, &peer)?;
-    shared.limit_peer(&area)?;
     let req: proto::ClaimRequest = parse_json(body)?;
     if req.recipient.area != shared.config.area
         || !shared.live().directory.has_target(&req.recipient.target)

@@ -290,6 +290,13 @@ async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
         }) => assert!(s >= 1),
         other => panic!("expected 429 with Retry-After, got {other:?}"),
     }
+    // Every endpoint counts, and is refused before anything of the request
+    // is read.
+    let health = alice.health().await;
+    assert!(
+        matches!(health, Err(client::ClientError::Api { status: 429, .. })),
+        "{health:?}"
+    );
     // Another user is not affected.
     let bob = fed.api(a, "bob").unwrap();
     bob.submit_once(&message("user:alice@northshire", "b0", b"x".to_vec()).unwrap())
