@@ -303,6 +303,17 @@ fn declared_fields<'a>(plaintexts: impl Iterator<Item = &'a [u8]>) -> Vec<String
     fields.into_iter().collect()
 }
 
+/// Whether `addrs` holds a team address in the area of the person address
+/// `user`: such a member is taken to be reached through that team. (A
+/// person of that area outside the team is not: the case's addresses
+/// should travel in the group; until they do, this is a known gap.)
+fn team_in_area(addrs: &[String], user: &str) -> bool {
+    let area = user.rsplit('@').next().unwrap_or_default();
+    addrs
+        .iter()
+        .any(|a| a.starts_with("team:") && a.rsplit('@').next() == Some(area))
+}
+
 /// A person's address (`user:<id>@<area>`) from their identity URI.
 pub fn address_of(identity: &str) -> Option<String> {
     match certs::Identity::parse_uri(identity) {
@@ -874,7 +885,8 @@ impl Caseworker {
         if let Some(old) = address_of(old_lead) {
             addrs.retain(|a| *a != old);
         }
-        if !addrs.contains(&new_addr) {
+        // As every other member does (see `team_in_area`).
+        if !addrs.contains(&new_addr) && !team_in_area(addrs, &new_addr) {
             addrs.push(new_addr);
         }
         self.save()?;
@@ -1100,7 +1112,7 @@ impl Caseworker {
                         // already (it read the request sent to that list):
                         // its own address as well would bring it every
                         // message twice, the second refused as a replay.
-                        Some(list) if !list.is_empty() => list,
+                        Some(list) if list.iter().any(|a| *a != me) => list,
                         Some(_) => vec![format!("user:{}@{}", env.sender.user, env.sender.area)],
                         None => vec![
                             format!("user:{}@{}", env.sender.user, env.sender.area),
@@ -1201,15 +1213,10 @@ impl Caseworker {
                         addrs.retain(|x| *x != a);
                     }
                 }
-                // Members added through a team are reached by its address already.
-                let teams: Vec<String> = addrs
-                    .iter()
-                    .filter(|a| a.starts_with("team:"))
-                    .map(|a| a.rsplit('@').next().unwrap_or_default().to_owned())
-                    .collect();
+                // Members added through a team are reached by its address
+                // already (see `team_in_area`).
                 for a in added.iter().filter_map(|i| address_of(i)) {
-                    let area = a.rsplit('@').next().unwrap_or_default().to_owned();
-                    if !teams.contains(&area) && !addrs.contains(&a) && a != self.me.to_string() {
+                    if !team_in_area(addrs, &a) && !addrs.contains(&a) && a != self.me.to_string() {
                         addrs.push(a);
                     }
                 }

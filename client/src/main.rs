@@ -848,7 +848,7 @@ async fn cases_command(
         }
         Command::Handover { case, to } => {
             cw.handover(&case, &to, None).await?;
-            println!("case {case}: handover to {to} requested; it takes effect when a remaining member of the case reads (their client commits it), and from then on this client can no longer read the case");
+            println!("case {case}: handover to {to} requested; it takes effect when the first remaining member of the case (by identity) reads (their client commits it), and from then on this client can no longer read the case");
         }
         Command::History { case } => {
             for e in cw.history(&case)? {

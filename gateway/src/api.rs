@@ -274,7 +274,18 @@ async fn rate_limit(
     };
     match limited {
         Ok(()) => next.run(req).await,
-        Err(refused) => refused.into_response(),
+        Err(refused) => {
+            let mut resp = refused.into_response();
+            // The body is left unread: the connection cannot carry another
+            // request, and says so rather than end with its bytes unread.
+            let has_body = req.headers().contains_key(header::CONTENT_LENGTH)
+                || req.headers().contains_key(header::TRANSFER_ENCODING);
+            if has_body {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
     }
 }
 
