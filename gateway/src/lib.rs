@@ -822,7 +822,7 @@ async fn stop_worker(shared: &Shared, worker: Worker) {
 /// would otherwise see them waiting for good. Status updates queued for
 /// such an area are dropped.
 async fn give_back_to_former_peers(shared: &Shared) -> usize {
-    let queues = match shared.store.queue_depths().await {
+    let queued = match shared.store.queued_peers().await {
         Ok(q) => q,
         Err(e) => {
             tracing::error!(error = %e, "could not look for messages queued for former peers; the next start or reload looks again");
@@ -830,8 +830,7 @@ async fn give_back_to_former_peers(shared: &Shared) -> usize {
         }
     };
     let mut given_back = 0;
-    for queue in queues {
-        let area = queue.peer;
+    for area in queued {
         if shared.live().peer(&area).is_some() {
             continue;
         }

@@ -380,6 +380,8 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         reason: String,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// The areas that have items queued for them.
+    fn queued_peers(&self) -> impl Future<Output = Result<Vec<AreaId>, StoreError>> + Send;
     /// The last queue position taken by an item for `peer` (0 if none).
     fn queue_end(&self, peer: AreaId) -> impl Future<Output = Result<i64, StoreError>> + Send;
     /// Returns every message queued for `peer` to its sender as
@@ -2544,6 +2546,27 @@ impl Store for SqliteStore {
         let tails = self.tails.clone();
         self.call(move |c| give_back(c, &tails, &peer, (0, i64::MAX), i64::MAX, now_ms, &reason))
             .await
+    }
+
+    async fn queued_peers(&self) -> Result<Vec<AreaId>, StoreError> {
+        self.read(|c| {
+            // One index step per area (`outbox_peer`), not a scan of the
+            // queue: the next area after each one found.
+            let mut stmt = c.prepare_cached(
+                "WITH RECURSIVE p(peer) AS ( \
+                   SELECT MIN(peer) FROM outbox \
+                   UNION ALL \
+                   SELECT (SELECT MIN(peer) FROM outbox WHERE peer > p.peer) FROM p WHERE p.peer IS NOT NULL \
+                 ) SELECT peer FROM p WHERE peer IS NOT NULL",
+            )?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(AreaId::new(row?).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn queue_end(&self, peer: AreaId) -> Result<i64, StoreError> {

@@ -935,6 +935,9 @@ impl MlsClient {
         keep: &Keep<'_>,
     ) -> Result<Processed, MlsError> {
         let g = active_mut(&mut self.groups, &group)?;
+        // The case id this client recorded when it joined (not one a member
+        // may have set in the group since), for `keep`.
+        let case_id = g.case_id.clone();
         let processed = g
             .mls
             .process_message(&self.provider, protocol)
@@ -955,10 +958,6 @@ impl MlsClient {
                 };
                 match tag {
                     TAG_CHRONOLOGY => {
-                        // The case id this client recorded when it joined,
-                        // as the caller knows it (not one a member may
-                        // have set in the group since).
-                        let case_id = active_mut(&mut self.groups, &group)?.case_id.clone();
                         if let Err(reason) = keep(&case_id, body) {
                             self.persist(&[seen])?;
                             return Err(MlsError::Refused(reason));

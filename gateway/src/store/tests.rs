@@ -2179,3 +2179,34 @@ async fn a_peer_cannot_give_up_a_message_it_never_confirmed_having() {
     assert!(matches!(out[..], [IncomingOutcome::Duplicate]), "{out:?}");
     assert_eq!(sent_status(&store, &env).await.status, Status::Accepted);
 }
+
+#[tokio::test]
+async fn the_areas_with_items_queued_are_listed_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    assert!(store.queued_peers().await.unwrap().is_empty());
+    for (n, peer) in [(1u8, "southvale"), (2, "eastmoor"), (3, "southvale")] {
+        let mut env = envelope(n, &format!("q-{n}"));
+        env.recipient = format!("user:bob@{peer}").parse().unwrap();
+        store
+            .submit(NewMessage {
+                envelope: env,
+                body: Body(vec![n; 8]),
+                route: Route::Peer(AreaId::new(peer).unwrap()),
+                commit: None,
+                accept_new: true,
+            })
+            .await
+            .unwrap();
+    }
+    let area = |a: &str| AreaId::new(a).unwrap();
+    assert_eq!(
+        store.queued_peers().await.unwrap(),
+        [area("eastmoor"), area("southvale")]
+    );
+    store
+        .give_back_queue(area("eastmoor"), 5_000, "gone".into())
+        .await
+        .unwrap();
+    assert_eq!(store.queued_peers().await.unwrap(), [area("southvale")]);
+}
