@@ -39,6 +39,19 @@ fn assert_refused_by_tls(r: Result<serde_json::Value, ClientError>) {
     }
 }
 
+/// A client of area `a`'s gateway holding a gateway certificate of
+/// southvale (area `b`), as southvale's gateway calls it.
+fn as_southvale_gateway(fed: &Federation, a: usize, b: usize) -> client::Api {
+    let pair = fed
+        .mint(
+            b,
+            &Identity::Gateway(AreaId::new("southvale").unwrap()),
+            YEAR,
+        )
+        .unwrap();
+    fed.api_with(a, &pair).unwrap()
+}
+
 /// A federation batch delivering one message as if from `from` to `to`.
 fn batch_from(from: &str, to: &str) -> Vec<u8> {
     let body = proto::Body(b"x".to_vec());
@@ -188,14 +201,7 @@ async fn wrong_principal_for_the_endpoint_is_forbidden() {
     assert_eq!(e.code(), Some(ErrorCode::Forbidden));
 
     // A peer gateway calling a user endpoint.
-    let pair = fed
-        .mint(
-            b,
-            &Identity::Gateway(AreaId::new("southvale").unwrap()),
-            YEAR,
-        )
-        .unwrap();
-    let southvale_gw = fed.api_with(a, &pair).unwrap();
+    let southvale_gw = as_southvale_gateway(&fed, a, b);
     let e = southvale_gw
         .submit_once(&message("user:bob@northshire", "gw", b"x".to_vec()).unwrap())
         .await
@@ -223,14 +229,7 @@ async fn wrong_principal_for_the_endpoint_is_forbidden() {
 async fn a_peer_cannot_speak_for_another_area_or_forge_a_body() {
     let fed = Federation::standard().await.unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
-    let pair = fed
-        .mint(
-            b,
-            &Identity::Gateway(AreaId::new("southvale").unwrap()),
-            YEAR,
-        )
-        .unwrap();
-    let southvale_gw = fed.api_with(a, &pair).unwrap();
+    let southvale_gw = as_southvale_gateway(&fed, a, b);
 
     // Claims the message comes from eastmoor.
     let answer = southvale_gw
@@ -452,14 +451,7 @@ async fn a_client_never_follows_a_redirect() {
 async fn a_peers_repeat_of_a_stored_message_is_a_duplicate_and_an_expired_new_one_is_refused() {
     let fed = Federation::standard().await.unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
-    let pair = fed
-        .mint(
-            b,
-            &Identity::Gateway(AreaId::new("southvale").unwrap()),
-            YEAR,
-        )
-        .unwrap();
-    let southvale_gw = fed.api_with(a, &pair).unwrap();
+    let southvale_gw = as_southvale_gateway(&fed, a, b);
     // A message whose validity ran out on its way is refused; a repeat of
     // one stored before is a duplicate, even if it would not be taken now.
     let item = |id: u8, expires_at_ms: u64| {

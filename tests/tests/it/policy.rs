@@ -17,6 +17,24 @@ async fn with_policies() -> Federation {
     fed
 }
 
+fn worker(fed: &Federation, area: usize, user: &str) -> Caseworker {
+    let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
+    Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
+}
+
+/// `w`'s reads (of up to 2 s each, 20 at most) until one gives an event
+/// `done` picks: everything read.
+async fn read_until(w: &mut Caseworker, done: fn(&Event) -> bool) -> Vec<Event> {
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.extend(w.read(Duration::from_secs(2)).await.unwrap());
+        if seen.iter().any(done) {
+            break;
+        }
+    }
+    seen
+}
+
 fn disclosure(version: u32, purpose: &str, fields: &[&str], fled_from: &[&str]) -> Disclosure {
     Disclosure {
         policy_id: "northshire-sharing".into(),
@@ -154,13 +172,9 @@ async fn the_sending_gateway_enforces_the_signed_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_content_must_declare_its_disclosure_and_match_it() {
     let fed = with_policies().await;
-    let open = |area: usize, user: &str| {
-        let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
-        Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
-    };
-    let mut dan = open(1, "dan");
+    let mut dan = worker(&fed, 1, "dan");
     dan.publish_keys(3).await.unwrap();
-    let mut alice = open(0, "alice");
+    let mut alice = worker(&fed, 0, "alice");
     let to = "user:dan@southvale".parse().unwrap();
     let relocation = Category::new("relocation").unwrap();
 
@@ -326,15 +340,11 @@ async fn a_peer_that_serves_no_policy_has_its_message_refused_and_one_unreachabl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
     let fed = with_policies().await;
-    let open = |area: usize, user: &str| {
-        let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
-        Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
-    };
-    let mut dan = open(1, "dan");
+    let mut dan = worker(&fed, 1, "dan");
     dan.publish_keys(3).await.unwrap();
-    let mut bob = open(0, "bob");
+    let mut bob = worker(&fed, 0, "bob");
     bob.publish_keys(3).await.unwrap();
-    let mut alice = open(0, "alice");
+    let mut alice = worker(&fed, 0, "alice");
     let d = alice
         .declare("safeguarding", vec!["chronology".into()], vec![])
         .await
@@ -351,13 +361,7 @@ async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
         )
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    for _ in 0..20 {
-        seen.extend(dan.read(Duration::from_secs(2)).await.unwrap());
-        if seen.iter().any(|e| matches!(e, Event::Message { .. })) {
-            break;
-        }
-    }
+    let seen = read_until(&mut dan, |e| matches!(e, Event::Message { .. })).await;
     assert!(
         seen.iter().any(|e| matches!(e, Event::Message { .. })),
         "{seen:?}"
@@ -368,24 +372,12 @@ async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
         .await
         .unwrap();
     // dan, the remaining member, commits the handover when he reads.
-    let mut seen = Vec::new();
-    for _ in 0..20 {
-        seen.extend(dan.read(Duration::from_secs(2)).await.unwrap());
-        if seen.iter().any(|e| matches!(e, Event::Membership { .. })) {
-            break;
-        }
-    }
+    let seen = read_until(&mut dan, |e| matches!(e, Event::Membership { .. })).await;
     assert!(
         seen.iter().any(|e| matches!(e, Event::Membership { .. })),
         "{seen:?}"
     );
-    let mut seen = Vec::new();
-    for _ in 0..20 {
-        seen.extend(bob.read(Duration::from_secs(2)).await.unwrap());
-        if seen.iter().any(|e| matches!(e, Event::History { .. })) {
-            break;
-        }
-    }
+    let seen = read_until(&mut bob, |e| matches!(e, Event::History { .. })).await;
     assert!(
         seen.iter()
             .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
@@ -409,16 +401,12 @@ async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_case_holding_the_new_address_is_not_handed_over_to_the_area_the_family_fled() {
     let fed = with_policies().await;
-    let open = |area: usize, user: &str| {
-        let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
-        Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
-    };
-    let mut dan = open(1, "dan");
+    let mut dan = worker(&fed, 1, "dan");
     dan.publish_keys(3).await.unwrap();
-    let mut bob = open(0, "bob");
+    let mut bob = worker(&fed, 0, "bob");
     bob.publish_keys(3).await.unwrap();
     drop(bob);
-    let mut alice = open(0, "alice");
+    let mut alice = worker(&fed, 0, "alice");
     let mut content = policy::CaseFile::new();
     content.insert(
         policy::FieldPath::new("child.name").unwrap(),
@@ -448,13 +436,7 @@ async fn a_case_holding_the_new_address_is_not_handed_over_to_the_area_the_famil
         )
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    for _ in 0..20 {
-        seen.extend(dan.read(Duration::from_secs(2)).await.unwrap());
-        if seen.iter().any(|e| matches!(e, Event::Message { .. })) {
-            break;
-        }
-    }
+    let seen = read_until(&mut dan, |e| matches!(e, Event::Message { .. })).await;
     assert!(
         seen.iter().any(|e| matches!(e, Event::Message { .. })),
         "{seen:?}"

@@ -489,6 +489,15 @@ async fn client_restart_mid_conversation_loses_nothing() {
     );
 }
 
+/// The first message waiting in `api`'s inbox (waiting up to 10 s for
+/// one): its id and the bytes the gateway holds.
+async fn first_waiting(api: &client::Api) -> (proto::MessageId, Vec<u8>) {
+    let inbox = api.inbox(Duration::from_secs(10)).await.unwrap();
+    let id = inbox.messages[0].envelope.message_id.clone();
+    let bytes = api.fetch(&id).await.unwrap().body.0;
+    (id, bytes)
+}
+
 /// alice refers a case to dan ("genuine"), and dan reads it.
 async fn genuine_referral_read_by_dan(fed: &Federation) -> (Caseworker, String, Caseworker) {
     let mut alice = worker(fed, 0, "alice");
@@ -520,13 +529,7 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
         .await
         .unwrap();
     let dan_api = fed.api(1, "dan").unwrap();
-    let inbox = dan_api.inbox(Duration::from_secs(10)).await.unwrap();
-    let ciphertext = dan_api
-        .fetch(&inbox.messages[0].envelope.message_id)
-        .await
-        .unwrap()
-        .body
-        .0;
+    let (_, ciphertext) = first_waiting(&dan_api).await;
     assert_eq!(texts(&read(&mut dan).await), ["second"]);
 
     let alice_api = fed.api(0, "alice").unwrap();
@@ -1022,9 +1025,7 @@ async fn a_message_processed_before_a_crash_cut_its_acknowledgement_short_is_ack
         .await
         .unwrap();
     let dan_api = fed.api(1, "dan").unwrap();
-    let inbox = dan_api.inbox(Duration::from_secs(10)).await.unwrap();
-    let id = inbox.messages[0].envelope.message_id.clone();
-    let bytes = dan_api.fetch(&id).await.unwrap().body.0;
+    let (id, bytes) = first_waiting(&dan_api).await;
 
     // dan's client as the crash left it: the message processed (in its
     // MLS state and history) and marked as being processed, not acknowledged.
