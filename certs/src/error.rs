@@ -48,6 +48,15 @@ pub enum CertError {
         /// When, RFC 3339.
         at: String,
     },
+    /// A peer's certificate ran past its `notAfter` while its connection
+    /// was open: the connection carries nothing more.
+    #[error("{who}: certificate expired at {at}")]
+    ExpiredSince {
+        /// The identity the certificate names.
+        who: String,
+        /// When, RFC 3339.
+        at: String,
+    },
     /// A certificate is on its area's revocation list.
     #[error("{who}: certificate {serial} has been revoked by its area's CA")]
     Revoked {

@@ -275,6 +275,8 @@ const NEVER: u64 = u64::MAX;
 pub struct ConnectionCertificate {
     area: AreaId,
     leaf: CertificateDer<'static>,
+    /// Its `notAfter`, Unix seconds: a connection does not outlive it.
+    not_after: i64,
     checked: AtomicU64,
 }
 
@@ -287,18 +289,38 @@ impl ConnectionCertificate {
     pub fn after_handshake(
         conn: &rustls::ServerConnection,
     ) -> Result<ConnectionCertificate, CertError> {
-        let leaf = crate::identity::peer_leaf(conn)?;
+        Self::of_leaf(crate::identity::peer_leaf(conn)?)
+    }
+
+    /// The connection certificate `leaf` (DER).
+    fn of_leaf(leaf: &CertificateDer<'_>) -> Result<ConnectionCertificate, CertError> {
         let identity = identity_of_cert(leaf)?;
         Ok(ConnectionCertificate {
             area: identity.area().clone(),
             leaf: leaf.clone().into_owned(),
+            not_after: crate::not_after(leaf)?,
             checked: AtomicU64::new(NEVER),
         })
     }
 
-    /// Refuses the certificate if the lists changed since it was last
-    /// checked and now revoke it. Cheap while they have not changed.
+    /// Refuses the certificate once it is past its `notAfter` (the
+    /// handshake checked it then; keep-alive connections and long-polls
+    /// last longer), or if the lists changed since it was last checked and
+    /// now revoke it. Cheap while they have not changed.
     pub fn check(&self, revocations: &Revocations) -> Result<(), CertError> {
+        self.check_at(revocations, unix_now())
+    }
+
+    /// [`ConnectionCertificate::check`] at `now` (Unix seconds).
+    pub fn check_at(&self, revocations: &Revocations, now: i64) -> Result<(), CertError> {
+        if now > self.not_after {
+            let who = identity_of_cert(self.leaf.as_ref())
+                .map_or_else(|_| self.area.to_string(), |i| i.to_string());
+            return Err(CertError::ExpiredSince {
+                who,
+                at: rfc3339(self.not_after),
+            });
+        }
         let now = revocations.generation();
         if self.checked.load(Ordering::Acquire) == now {
             return Ok(());
@@ -307,6 +329,21 @@ impl ConnectionCertificate {
         self.checked.store(now, Ordering::Release);
         Ok(())
     }
+}
+
+/// Now, in Unix seconds (0 before 1970, which no clock here shows).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Unix seconds as RFC 3339, for people.
+fn rfc3339(secs: i64) -> String {
+    let at = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(secs.max(0).unsigned_abs()))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]

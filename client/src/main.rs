@@ -227,7 +227,7 @@ fn exit_code_of(c: &ClientError) -> u8 {
     match c {
         ClientError::Config { .. } | ClientError::Certs(_) | ClientError::Revoked(_) => 3,
         ClientError::Api {
-            code: proto::ErrorCode::CertificateRevoked,
+            code: proto::ErrorCode::CertificateRevoked | proto::ErrorCode::CertificateExpired,
             ..
         } => 3,
         ClientError::Api { .. } => 4,
@@ -1284,6 +1284,7 @@ mod tests {
     fn a_revoked_certificate_exits_as_a_certificate_problem() {
         assert_eq!(exit_code_of(&ClientError::Revoked("alert".into())), 3);
         assert_eq!(exit_code_of(&api(proto::ErrorCode::CertificateRevoked)), 3);
+        assert_eq!(exit_code_of(&api(proto::ErrorCode::CertificateExpired)), 3);
         assert_eq!(exit_code_of(&api(proto::ErrorCode::Forbidden)), 4);
         assert_eq!(exit_code_of(&ClientError::Transport("refused".into())), 5);
         assert_eq!(exit_code_of(&ClientError::GatewayRevoked("crl".into())), 5);

@@ -97,6 +97,7 @@ impl IntoResponse for Failure {
         let mut resp = (self.status, body).into_response();
         if self.status == StatusCode::PAYLOAD_TOO_LARGE
             || self.code == ErrorCode::CertificateRevoked
+            || self.code == ErrorCode::CertificateExpired
         {
             // The rest of the request body is not read, so the connection
             // cannot carry another request: say so, or a client may reuse it
@@ -116,11 +117,16 @@ impl IntoResponse for Failure {
 }
 
 /// The answer to a request on a connection whose certificate has been
-/// revoked since it was opened (the connection is then closed).
+/// revoked, or has expired, since it was opened (the connection is then
+/// closed).
 pub(crate) fn revoked(e: &certs::CertError) -> Response {
+    let code = match e {
+        certs::CertError::ExpiredSince { .. } => ErrorCode::CertificateExpired,
+        _ => ErrorCode::CertificateRevoked,
+    };
     Failure::new(
         StatusCode::FORBIDDEN,
-        ErrorCode::CertificateRevoked,
+        code,
         format!("{e}: ask your area's gateway administrator for a new certificate"),
     )
     .into_response()

@@ -961,11 +961,19 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let svc = tower::service_fn(
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     // A connection outlives a revocation made while it is
-                    // open: each request checks the lists in force.
+                    // open, and its certificate's `notAfter`: each request
+                    // checks both.
                     let revoked = cert.check(shared.crls.revocations()).err();
-                    if let Some(e) = &revoked {
-                        shared.metrics.refused_revoked.inc();
-                        tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since been revoked");
+                    match &revoked {
+                        Some(e @ certs::CertError::ExpiredSince { .. }) => {
+                            shared.metrics.refused_expired.inc();
+                            tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since expired");
+                        }
+                        Some(e) => {
+                            shared.metrics.refused_revoked.inc();
+                            tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since been revoked");
+                        }
+                        None => {}
                     }
                     req.extensions_mut().insert(peer.clone());
                     let router = router.clone();

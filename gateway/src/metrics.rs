@@ -90,6 +90,9 @@ pub struct Metrics {
     /// after the connection was opened (handshakes refused for a revoked
     /// certificate count as TLS failures).
     pub refused_revoked: Counter,
+    /// Requests refused because the connection's certificate expired after
+    /// the connection was opened.
+    pub refused_expired: Counter,
 }
 
 /// When one certificate the gateway depends on expires, for the metrics text.
@@ -196,6 +199,11 @@ impl Metrics {
                 "gateway_refused_revoked_total",
                 "Requests refused on connections whose certificate was revoked after they were opened.",
                 &self.refused_revoked,
+            ),
+            (
+                "gateway_refused_expired_total",
+                "Requests refused on connections whose certificate expired after they were opened.",
+                &self.refused_expired,
             ),
         ];
         for (name, help, c) in counters {

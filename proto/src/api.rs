@@ -151,6 +151,10 @@ pub enum ErrorCode {
     /// connection was opened (HTTP 403): nothing was done. A person needs a
     /// new certificate from their gateway's administrator.
     CertificateRevoked,
+    /// The caller's certificate ran past its `notAfter` while the
+    /// connection was open (HTTP 403): nothing was done. A person needs a
+    /// renewed certificate from their gateway's administrator.
+    CertificateExpired,
 }
 
 /// The body of every error answer.

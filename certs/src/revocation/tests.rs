@@ -169,6 +169,37 @@ fn replacing_the_lists_changes_the_generation_and_rechecks_open_connections() {
 }
 
 #[test]
+fn a_connections_certificate_is_refused_once_past_its_not_after() {
+    let north = area("northshire");
+    let ca = Ca::new(&north).unwrap();
+    let pair = ca
+        .issue(
+            &user("northshire", "alice"),
+            Validity::For(Duration::from_secs(60)),
+        )
+        .unwrap();
+    let leaf = CertificateDer::from(der(&pair.cert));
+    let cert = ConnectionCertificate::of_leaf(&leaf).unwrap();
+    let r = Revocations::new(RevocationList::default());
+    let end = crate::not_after(&leaf).unwrap();
+    assert!((now_s() + 55..=now_s() + 61).contains(&end));
+    cert.check_at(&r, end).unwrap();
+    cert.check(&r).unwrap();
+    match cert.check_at(&r, end + 1) {
+        Err(e @ CertError::ExpiredSince { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.starts_with("spiffe://northshire/user/alice: certificate expired at "),
+                "{text}"
+            );
+        }
+        other => panic!("expected ExpiredSince, got {other:?}"),
+    }
+    // Checked again whenever asked, not only when the lists change.
+    assert!(cert.check_at(&r, end + 1).is_err());
+}
+
+#[test]
 fn serials_compare_without_leading_zeros() {
     assert_eq!(significant(&[0, 0x80, 1]), &[0x80, 1]);
     assert_eq!(significant(&[0]), &[0]);

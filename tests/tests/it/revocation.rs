@@ -164,6 +164,60 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_carries_nothing_once_its_certificate_has_expired() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let a = fed.index("northshire");
+    let alice = Identity::User(AreaId::new("northshire").unwrap(), user("alice"));
+    // Valid for three more seconds: the handshake takes it.
+    let short = fed
+        .mint(a, &alice, Validity::For(Duration::from_secs(3)))
+        .unwrap();
+    fed.start_all().await.unwrap();
+    let laptop = fed.api_with(a, &short).unwrap();
+    laptop
+        .submit(&message("user:dan@southvale", "while-valid", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let sent = || fed.count(a, "SELECT COUNT(*) FROM sent").unwrap();
+    assert_eq!(sent(), 1);
+
+    // The connection stays open past the certificate's notAfter: its next
+    // request is refused with a typed answer, and nothing is stored.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let first_refusal = loop {
+        if let Err(e) = laptop.health().await {
+            break e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expired certificate kept working"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    match first_refusal {
+        ClientError::Api {
+            status,
+            code,
+            message,
+            ..
+        } => {
+            assert_eq!((status, code), (403, ErrorCode::CertificateExpired));
+            assert!(message.contains("certificate expired at"), "{message}");
+        }
+        other => panic!("the open connection should get a typed refusal, got {other:?}"),
+    }
+    let attempt = laptop
+        .submit_once(&message("user:dan@southvale", "after-expiry", b"x".to_vec()).unwrap())
+        .await;
+    assert!(attempt.is_err(), "{attempt:?}");
+    assert_eq!(sent(), 1, "nothing stored from the expired certificate");
+    let metrics = fed.gateway(a).unwrap().metrics();
+    assert!(metrics.refused_expired.get() >= 1);
+    assert_eq!(metrics.refused_revoked.get(), 0);
+    fed.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_peer_gateway_is_refused_both_ways_until_it_has_a_new_certificate() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
