@@ -206,6 +206,12 @@ pub struct LimitsConfig {
     /// fetching, acknowledging and status updates go on in the room left.
     /// 0 turns the check off.
     pub min_free_disk_mib: u64,
+    /// Most connections (users' and peers') open at once. While that many
+    /// are open, new ones wait in the listen queue until one closes. The
+    /// gateway also keeps this below its open-files limit (which it raises
+    /// to the hard limit at start), so that its store can always open its
+    /// files.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -218,9 +224,13 @@ impl Default for LimitsConfig {
             peer_burst: 400,
             max_inbox_wait: Duration::from_secs(60),
             min_free_disk_mib: 512,
+            max_connections: 4096,
         }
     }
 }
+
+/// The most `limits.max_connections` may be.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// The most items a gateway takes in one federation batch (and so the most
 /// `delivery.batch_max_items` may be).
@@ -418,6 +428,11 @@ impl Config {
         }
         if l.max_body_bytes == 0 {
             return Err("limits.max_body_bytes: must be at least 1".into());
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&l.max_connections) {
+            return Err(format!(
+                "limits.max_connections: must be from 1 to {MAX_CONNECTIONS}"
+            ));
         }
         if l.max_inbox_wait > Duration::from_secs(3600) {
             return Err("limits.max_inbox_wait: must be at most 1h".into());

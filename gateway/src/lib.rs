@@ -907,11 +907,81 @@ async fn linger(mut tcp: tokio::net::TcpStream) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
+/// Files the gateway keeps open beside its connections: the store's
+/// database, WAL and body segments, its connections to peers, the metrics
+/// listener, and the configuration and revocation files it reads.
+const RESERVED_FILES: u64 = 256;
+
+/// How many connections may be open at once: `limits.max_connections`,
+/// kept below the open-files limit less [`RESERVED_FILES`], after raising
+/// that limit to its hard limit (which a process may do itself). Without
+/// it, connections could take every file, and the store could no longer
+/// open a new body segment.
+fn connection_slots(configured: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limit = raised,
+            Err(e) => tracing::debug!(error = %e, "could not raise the open-files limit"),
+        }
+    }
+    let files = limit.current.unwrap_or(u64::MAX);
+    let room = usize::try_from(files.saturating_sub(RESERVED_FILES))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if room < configured {
+        tracing::warn!(
+            max_connections = configured,
+            open_files_limit = files,
+            using = room,
+            "limits.max_connections is more than the open-files limit allows; raise that limit (systemd: LimitNOFILE=)"
+        );
+    }
+    configured.min(room)
+}
+
+/// Waits for a free connection slot, saying so (at most once a minute)
+/// when every one is taken; `None` when the gateway stops first.
+async fn connection_slot(
+    shared: &Shared,
+    slots: &Arc<tokio::sync::Semaphore>,
+    warned: &mut Option<std::time::Instant>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    shared.metrics.connections_full.inc();
+    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+        *warned = Some(std::time::Instant::now());
+        tracing::warn!(
+            max_connections = shared.config.limits.max_connections,
+            "every connection slot is taken: new connections wait until one closes (limits.max_connections)"
+        );
+    }
+    tokio::select! {
+        slot = slots.clone().acquire_owned() => slot.ok(),
+        _ = crate::stopped(stop) => None,
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let router = api::router(shared.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shared.stop.subscribe();
+    let slots = Arc::new(tokio::sync::Semaphore::new(connection_slots(
+        shared.config.limits.max_connections,
+    )));
+    let mut warned = None;
     loop {
+        let Some(slot) = connection_slot(&shared, &slots, &mut warned, &mut stop).await else {
+            break;
+        };
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -930,6 +1000,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let shared = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            // Held until the connection ends, however it ends.
+            let _slot = slot;
+            let counted = shared.clone();
+            let _open = counted.metrics.connections_open.hold();
             let handshake = acceptor.accept(tcp).into_fallible();
             let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
                 Ok(Ok(tls)) => tls,

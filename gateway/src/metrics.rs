@@ -83,6 +83,11 @@ pub struct Metrics {
     pub messages_erased: Counter,
     /// Inbox long-polls waiting for a message now.
     pub inbox_waiting: Gauge,
+    /// Connections open now (past their TCP accept; handshakes included).
+    pub connections_open: Gauge,
+    /// Times every connection slot (`limits.max_connections`) was taken,
+    /// so that new connections waited.
+    pub connections_full: Counter,
     /// New messages (users' submissions and peers' batches) refused while
     /// the disk was short of space.
     pub refused_disk_low: Counter,
@@ -201,6 +206,11 @@ impl Metrics {
                 &self.refused_revoked,
             ),
             (
+                "gateway_connections_full_total",
+                "Times all limits.max_connections were open, so that new connections waited.",
+                &self.connections_full,
+            ),
+            (
                 "gateway_refused_expired_total",
                 "Requests refused on connections whose certificate expired after they were opened.",
                 &self.refused_expired,
@@ -217,6 +227,11 @@ impl Metrics {
             out,
             "# HELP gateway_inbox_long_polls_waiting Inbox long-polls waiting for a message now (one whose client went away counts until its wait ends).\n# TYPE gateway_inbox_long_polls_waiting gauge\ngateway_inbox_long_polls_waiting {}",
             self.inbox_waiting.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_connections_open Connections open now, users' and peers' (handshakes included).\n# TYPE gateway_connections_open gauge\ngateway_connections_open {}",
+            self.connections_open.get()
         );
         let _ = writeln!(
             out,

@@ -42,6 +42,7 @@ fn values_out_of_bounds_are_refused_naming_their_key() {
             "[limits]\nmax_inbox_wait = \"2h\"\n",
             "limits.max_inbox_wait",
         ),
+        ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
     ] {
         let e = parse(toml).unwrap_err().to_string();
         assert!(e.contains(key), "{toml:?}: {e}");

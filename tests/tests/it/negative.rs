@@ -498,3 +498,42 @@ async fn a_peers_repeat_of_a_stored_message_is_a_duplicate_and_an_expired_new_on
     );
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_for_a_free_slot() {
+    let settings = tests::Settings {
+        toml: format!("{}max_connections = 2\n", tests::Settings::default().toml),
+        policies: false,
+    };
+    let mut fed = Federation::create(&tests::standard_areas(), &settings).unwrap();
+    let a = fed.index("northshire");
+    fed.start(a).await.unwrap();
+    let gateway = fed.gateway(a).unwrap();
+    let metrics = gateway.metrics();
+    // Two clients, each keeping its connection open.
+    let alice = fed.api(a, "alice").unwrap();
+    let bob = fed.api(a, "bob").unwrap();
+    alice.health().await.unwrap();
+    bob.health().await.unwrap();
+    assert_eq!(metrics.connections_open.get(), 2);
+
+    // A third waits while both are open: not refused, not served.
+    let third = fed.api(a, "alice").unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(1), third.health()).await;
+    assert!(waited.is_err(), "served past the limit: {waited:?}");
+    assert!(metrics.connections_full.get() >= 1);
+
+    // Once one closes, the third is served.
+    drop(alice);
+    let served = tests::eventually(Duration::from_secs(20), || async {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), third.health()).await,
+            Ok(Ok(_))
+        )
+    })
+    .await;
+    assert!(served, "the freed slot was not taken");
+    bob.health().await.unwrap();
+    assert!(metrics.connections_open.get() <= 2);
+    fed.stop_all().await;
+}
