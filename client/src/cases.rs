@@ -326,6 +326,34 @@ fn fresh_key() -> String {
     crate::fresh_idempotency_key().to_string()
 }
 
+/// Area `area`'s sharing policy, fetched from its gateway (`api`) and
+/// verified with `policy_key` (`ed25519:<base64>`); `None` when the area
+/// publishes none.
+pub async fn home_policy(
+    api: &Api,
+    area: &proto::AreaId,
+    policy_key: Option<&str>,
+) -> Result<Option<policy::Policy>, CaseError> {
+    let Some(text) = api.policy_text().await? else {
+        return Ok(None);
+    };
+    let key: policy::PolicyVerifyingKey = policy_key
+        .ok_or_else(|| {
+            CaseError::Invalid(
+                "the gateway publishes a sharing policy but this client has no policy_key to verify it"
+                    .into(),
+            )
+        })?
+        .parse()
+        .map_err(|e: policy::PolicyError| CaseError::Invalid(e.to_string()))?;
+    let signed =
+        policy::SignedPolicy::from_text(&text).map_err(|e| CaseError::Invalid(e.to_string()))?;
+    signed
+        .verify(area, &key)
+        .map(Some)
+        .map_err(|e| CaseError::Invalid(format!("the gateway's policy: {e}")))
+}
+
 impl Caseworker {
     /// Opens the worker's MLS state for a client configuration.
     pub fn open(config: &ClientConfig, api: Api) -> Result<Caseworker, CaseError> {
@@ -400,20 +428,11 @@ impl Caseworker {
     /// with the configured key; `None` when the area publishes none.
     pub async fn policy(&mut self) -> Result<Option<&policy::Policy>, CaseError> {
         if self.policy.is_none() {
-            let Some(text) = self.api.policy_text().await? else {
+            let Some(verified) =
+                home_policy(&self.api, &self.me.area, self.policy_key.as_deref()).await?
+            else {
                 return Ok(None);
             };
-            let key: policy::PolicyVerifyingKey = self
-                .policy_key
-                .as_deref()
-                .ok_or_else(|| CaseError::Invalid("the gateway publishes a sharing policy but this client has no policy_key to verify it".into()))?
-                .parse()
-                .map_err(|e: policy::PolicyError| CaseError::Invalid(e.to_string()))?;
-            let signed = policy::SignedPolicy::from_text(&text)
-                .map_err(|e| CaseError::Invalid(e.to_string()))?;
-            let verified = signed
-                .verify(&self.me.area, &key)
-                .map_err(|e| CaseError::Invalid(format!("the gateway's policy: {e}")))?;
             self.policy = Some(verified);
         }
         Ok(self.policy.as_ref())

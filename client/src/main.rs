@@ -39,7 +39,12 @@ struct Cli {
 enum Command {
     /// Send a message (body from --file or standard input) to a user or team.
     ///
-    /// Example: client send --to team:duty@southvale --category relocation --file referral.bin
+    /// The body is not encrypted by this command (use `refer` and `reply`
+    /// for referral content). Where your area has a sharing policy, say
+    /// what the body holds with --fields: the gateway refuses what the
+    /// policy does not allow, and a message that declares nothing.
+    ///
+    /// Example: client send --to team:duty@southvale --category relocation --fields chronology --file note.bin
     Send {
         /// Recipient: user:<id>@<area> or team:<id>@<area>.
         #[arg(long)]
@@ -57,6 +62,18 @@ enum Command {
         /// Read the body from this file instead of standard input.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The fields the body holds, as the sharing policy names them
+        /// (comma-separated, e.g. chronology,risks): declared under your
+        /// area's current policy.
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<String>,
+        /// Why it is shared (with --fields).
+        #[arg(long, default_value = "safeguarding", requires = "fields")]
+        purpose: String,
+        /// An area the family fled: nothing that locates them goes there
+        /// (repeatable; with --fields).
+        #[arg(long = "fled-from", requires = "fields")]
+        fled_from: Vec<proto::AreaId>,
     },
     /// List messages waiting for you and your teams, oldest first.
     Inbox {
@@ -310,6 +327,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             urgent,
             key,
             file,
+            fields,
+            purpose,
+            fled_from,
         } => {
             let body = match file {
                 Some(f) => std::fs::read(&f)
@@ -324,13 +344,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(k) => k,
                 None => client::fresh_idempotency_key(),
             };
+            let disclosure = if fields.is_empty() {
+                None
+            } else {
+                let policy =
+                    client::cases::home_policy(&api, &config.area, config.policy_key.as_deref())
+                        .await?
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "{} publishes no sharing policy, so nothing can be declared under it: send without --fields",
+                                config.area
+                            )
+                        })?;
+                Some(proto::Disclosure {
+                    policy_id: policy.id().to_string(),
+                    policy_version: policy.version(),
+                    purpose,
+                    fields,
+                    fled_from,
+                })
+            };
             let req = SubmitRequest {
                 idempotency_key: key.clone(),
                 recipient: to,
                 category,
                 urgent,
                 kind: proto::MessageKind::Opaque,
-                disclosure: None,
+                disclosure,
                 body: Body(body),
             };
             let area = req.recipient.area.clone();

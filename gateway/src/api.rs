@@ -371,11 +371,15 @@ async fn submit(
         ));
     }
     let route = route_for(&shared, &req.recipient)?;
-    let (commit, application) = match req.kind {
-        MessageKind::Opaque => (None, false),
+    // Opaque bytes may be anything, referral content included: under a
+    // sharing policy they declare what they disclose, as MLS application
+    // messages do. Only MLS handshake messages (Welcome, Commit, Proposal)
+    // carry none.
+    let (commit, content) = match req.kind {
+        MessageKind::Opaque => (None, true),
         MessageKind::Mls => check_mls(&req.body.0)?,
     };
-    check_disclosure(&shared, &peer, &sender, &req, application)?;
+    check_disclosure(&shared, &peer, &sender, &req, content)?;
     let now = now_ms();
     let envelope = Envelope {
         message_id: MessageId::time_ordered(now, rand::random()),
@@ -1139,15 +1143,16 @@ async fn federation_claim(
 
 // === sharing policy ===
 
-/// The second policy check (the client made the first): referral content
-/// leaving a gateway that has a policy must declare its disclosure, and the
-/// policy must allow it.
+/// The second policy check (the client made the first): a message that
+/// carries `content` (an MLS application message, or opaque bytes, which
+/// may be anything) leaving a gateway that has a policy must declare its
+/// disclosure, and the policy must allow it.
 fn check_disclosure(
     shared: &Shared,
     peer: &VerifiedPeer,
     sender: &proto::Sender,
     req: &proto::SubmitRequest,
-    application: bool,
+    content: bool,
 ) -> Result<(), Failure> {
     let denied = |m: String| Failure::new(StatusCode::FORBIDDEN, ErrorCode::PolicyDenied, m);
     let live = shared.live();
@@ -1161,10 +1166,16 @@ fn check_disclosure(
         };
     };
     let Some(d) = &req.disclosure else {
-        return if application {
-            Err(denied(
-                "referral content must declare its disclosure (policy, purpose, fields)".into(),
-            ))
+        return if content {
+            Err(denied(format!(
+                "under {}'s sharing policy a message carrying content must declare its \
+                 disclosure (policy, purpose, fields){}",
+                shared.config.area,
+                match req.kind {
+                    MessageKind::Opaque => "; with `client send`: --fields",
+                    MessageKind::Mls => "",
+                }
+            )))
         } else {
             Ok(())
         };

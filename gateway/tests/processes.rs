@@ -162,17 +162,30 @@ async fn sigkill_of_either_gateway_with_1000_in_flight_loses_and_duplicates_noth
     let mut demo = Demo::new().await;
     let (a, b) = (0, 1);
     let mut tasks = Vec::new();
-    for user in ["alice", "bob"] {
+    // Each declares what the demo's sharing policy lets them send: a social
+    // worker's referral, a police officer's disruption intelligence.
+    let senders = [
+        ("alice", "relocation", "safeguarding"),
+        ("bob", "disruption", "crime-prevention"),
+    ];
+    for (user, category, purpose) in senders {
         let api = demo.api(a, user);
+        let disclosure = proto::Disclosure {
+            policy_id: "northshire-sharing".into(),
+            policy_version: 1,
+            purpose: purpose.into(),
+            fields: vec!["chronology".into()],
+            fled_from: vec![],
+        };
         tasks.push(tokio::spawn(async move {
             for i in 0..500 {
                 let m = SubmitRequest {
                     idempotency_key: IdempotencyKey::new(format!("{user}-{i:05}")).unwrap(),
                     recipient: "team:duty@southvale".parse().unwrap(),
-                    category: Category::new("relocation").unwrap(),
+                    category: Category::new(category).unwrap(),
                     urgent: false,
                     kind: proto::MessageKind::Opaque,
-                    disclosure: None,
+                    disclosure: Some(disclosure.clone()),
                     body: Body(vec![b'k'; 512]),
                 };
                 // submit() retries with the same key while the gateway is down.
@@ -277,6 +290,8 @@ async fn cli_team_referral_from_a_to_b_reaches_acknowledged() {
             "relocation",
             "--key",
             "cli-1",
+            "--fields",
+            "chronology",
         ],
         Some(b"referral bytes"),
     )
@@ -323,6 +338,8 @@ async fn cli_team_referral_from_a_to_b_reaches_acknowledged() {
             "relocation",
             "--key",
             "cli-1",
+            "--fields",
+            "chronology",
         ],
         Some(b"referral bytes"),
     )
@@ -348,6 +365,26 @@ async fn cli_team_referral_from_a_to_b_reaches_acknowledged() {
         err.contains("unknown") || err.contains("UnknownRecipient"),
         "{err}"
     );
+    // Under the area's sharing policy, bytes that declare nothing are
+    // refused: they may hold anything.
+    let (code, _, err) = cli(
+        &alice,
+        &[
+            "send",
+            "--to",
+            "team:duty@southvale",
+            "--category",
+            "relocation",
+        ],
+        Some(b"undeclared"),
+    )
+    .await;
+    assert_eq!(code, 4, "refused by the gateway: {err}");
+    assert!(
+        err.contains("must declare") && err.contains("--fields"),
+        "{err}"
+    );
+    assert_eq!(demo.count(0, "SELECT COUNT(*) FROM sent"), 1);
     let (code, _, _) = cli(&dan, &["inbox", "--wait", "1"], None).await;
     assert_eq!(code, 6, "an empty inbox after waiting");
     demo.kill(0).await;

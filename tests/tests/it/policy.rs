@@ -85,6 +85,13 @@ async fn the_sending_gateway_enforces_the_signed_policy() {
             None,
         ),
         (
+            "opaque bytes declaring nothing (they may hold anything)",
+            &alice,
+            "relocation",
+            None,
+            Some("must declare its disclosure"),
+        ),
+        (
             "field no rule allows",
             &alice,
             "relocation",
