@@ -163,6 +163,12 @@ struct Meta {
     /// from those areas though the worker did not name them again.
     #[serde(default)]
     fled_from: BTreeMap<String, std::collections::BTreeSet<AreaId>>,
+    /// case id → the identity a handover request named as its new lead,
+    /// until the Commit adding them is read: they are reached by their own
+    /// address, whatever teams of their area the case has (only they know
+    /// whether they are in one; a copy by both is set aside).
+    #[serde(default)]
+    handover_leads: BTreeMap<String, String>,
 }
 
 /// A hand-over sent to the new lead in the transfer group.
@@ -304,9 +310,10 @@ fn declared_fields<'a>(plaintexts: impl Iterator<Item = &'a [u8]>) -> Vec<String
 }
 
 /// Whether `addrs` holds a team address in the area of the person address
-/// `user`: such a member is taken to be reached through that team. (A
-/// person of that area outside the team is not: the case's addresses
-/// should travel in the group; until they do, this is a known gap.)
+/// `user`: such a member is taken to be reached through that team (members
+/// are added so when a team's newcomer joins a case). A handover's new lead
+/// is not: every member learns them from the request and sends to their
+/// own address (`Meta::handover_leads`).
 fn team_in_area(addrs: &[String], user: &str) -> bool {
     let area = user.rsplit('@').next().unwrap_or_default();
     addrs
@@ -874,13 +881,25 @@ impl Caseworker {
         let req: HandoverRequest = serde_json::from_slice(request)
             .map_err(|e| CaseError::Invalid(format!("handover request: {e}")))?;
         let me = self.mls.identity().to_owned();
-        let designated = self
-            .mls
-            .members(group)?
-            .into_iter()
-            .filter(|m| m != old_lead)
-            .min();
+        let members = self.mls.members(group)?;
+        if members.contains(&req.new_lead) {
+            // Committed already: the Commit came first (it travels another
+            // way). Only the new lead's address is left to learn.
+            if let Some(a) = address_of(&req.new_lead) {
+                let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();
+                if !addrs.contains(&a) && a != self.me.to_string() {
+                    addrs.push(a);
+                    self.save()?;
+                }
+            }
+            return Ok(Vec::new());
+        }
+        let designated = members.iter().filter(|m| *m != old_lead).min().cloned();
         if designated.as_deref() != Some(me.as_str()) {
+            self.meta
+                .handover_leads
+                .insert(case_id.to_owned(), req.new_lead);
+            self.save()?;
             return Ok(Vec::new());
         }
         let (commit, welcome) = self.mls.handover(group, &req.key_package, old_lead)?;
@@ -904,8 +923,9 @@ impl Caseworker {
         if let Some(old) = address_of(old_lead) {
             addrs.retain(|a| *a != old);
         }
-        // As every other member does (see `team_in_area`).
-        if !addrs.contains(&new_addr) && !team_in_area(addrs, &new_addr) {
+        // By their own address, as every other member does (see
+        // `handover_leads`).
+        if !addrs.contains(&new_addr) {
             addrs.push(new_addr);
         }
         self.save()?;
@@ -1185,7 +1205,8 @@ impl Caseworker {
             }
             check_declared(plaintext, fields).map_err(|e| e.to_string())
         };
-        match self.mls.process_checked(bytes, &keep)? {
+        let via = env.recipient.to_string();
+        match self.mls.process_checked(bytes, Some(&via), &keep)? {
             Processed::Application {
                 group,
                 sender,
@@ -1226,6 +1247,7 @@ impl Caseworker {
                 ..
             } => {
                 let case_id = self.case_of(&group).unwrap_or_default();
+                let lead = self.meta.handover_leads.remove(&case_id);
                 let addrs = self.meta.cases.entry(case_id.clone()).or_default();
                 for r in &removed {
                     if let Some(a) = address_of(r) {
@@ -1233,9 +1255,12 @@ impl Caseworker {
                     }
                 }
                 // Members added through a team are reached by its address
-                // already (see `team_in_area`).
-                for a in added.iter().filter_map(|i| address_of(i)) {
-                    if !team_in_area(addrs, &a) && !addrs.contains(&a) && a != self.me.to_string() {
+                // already (see `team_in_area`); a handover's new lead by
+                // their own.
+                for i in &added {
+                    let Some(a) = address_of(i) else { continue };
+                    let by_team = team_in_area(addrs, &a) && lead.as_deref() != Some(i.as_str());
+                    if !by_team && !addrs.contains(&a) && a != self.me.to_string() {
                         addrs.push(a);
                     }
                 }
@@ -1249,7 +1274,7 @@ impl Caseworker {
             Processed::RemovedUs { group, .. } => Ok(vec![Event::Removed {
                 case_id: self.case_of(&group).unwrap_or_default(),
             }]),
-            Processed::OwnMessage { .. } => Ok(Vec::new()),
+            Processed::OwnMessage { .. } | Processed::Copy { .. } => Ok(Vec::new()),
             #[allow(unreachable_patterns)]
             _ => Ok(Vec::new()),
         }

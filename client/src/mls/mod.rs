@@ -224,6 +224,13 @@ pub enum Processed {
         /// The group.
         group: GroupId,
     },
+    /// A message processed here already, come again by another of our
+    /// addresses (a member reached both through a team and by name):
+    /// nothing new.
+    Copy {
+        /// The group.
+        group: GroupId,
+    },
 }
 
 /// One entry of a case's chronology.
@@ -810,6 +817,7 @@ impl MlsClient {
             c.persist(&[Change::Seen {
                 digest: sha256(&commit),
                 kind: Seen::Own,
+                via: None,
             }])?;
             Ok((commit, welcome))
         })
@@ -877,6 +885,7 @@ impl MlsClient {
                 Change::Seen {
                     digest: sha256(&bytes),
                     kind: Seen::Own,
+                    via: None,
                 },
                 Change::History {
                     group: group.clone(),
@@ -896,16 +905,22 @@ impl MlsClient {
     /// Processes a handshake or application message from the Delivery
     /// Service. Commits by others are merged at once.
     pub fn process(&mut self, bytes: &[u8]) -> Result<Processed, MlsError> {
-        self.process_checked(bytes, &|_, _| Ok(()))
+        self.process_checked(bytes, None, &|_, _| Ok(()))
     }
 
     /// As [`MlsClient::process`], with `keep` judging a chronology
     /// message's plaintext (given its case id) before it is kept: one it
     /// refuses is not written to the history (its key is used up all the
     /// same) and comes back as [`MlsError::Refused`].
+    ///
+    /// `via` is the address it came by (`user:…` or `team:…`), when known:
+    /// the same message again by another of our addresses (a member reached
+    /// both through a team and by name) is [`Processed::Copy`], not a
+    /// replay.
     pub fn process_checked(
         &mut self,
         bytes: &[u8],
+        via: Option<&str>,
         keep: &Keep<'_>,
     ) -> Result<Processed, MlsError> {
         let digest = sha256(bytes);
@@ -920,11 +935,17 @@ impl MlsClient {
         };
         let group = GroupId(protocol.group_id().to_vec());
         match self.store.seen(&digest)? {
-            Some(Seen::Own) => return Ok(Processed::OwnMessage { group }),
-            Some(Seen::Inbound) => return Err(MlsError::Replay),
+            Some((Seen::Own, _)) => return Ok(Processed::OwnMessage { group }),
+            Some((Seen::Inbound, first)) => {
+                return match (first.as_deref(), via) {
+                    (Some(first), Some(via)) if first != via => Ok(Processed::Copy { group }),
+                    _ => Err(MlsError::Replay),
+                }
+            }
             None => {}
         }
-        self.atomically(|c| c.process_protocol(group, protocol, digest, keep))
+        let via = via.map(str::to_owned);
+        self.atomically(|c| c.process_protocol(group, protocol, digest, via, keep))
     }
 
     fn process_protocol(
@@ -932,6 +953,7 @@ impl MlsClient {
         group: GroupId,
         protocol: ProtocolMessage,
         digest: [u8; 32],
+        via: Option<String>,
         keep: &Keep<'_>,
     ) -> Result<Processed, MlsError> {
         let g = active_mut(&mut self.groups, &group)?;
@@ -947,6 +969,7 @@ impl MlsClient {
         let seen = Change::Seen {
             digest,
             kind: Seen::Inbound,
+            via,
         };
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
@@ -1187,6 +1210,7 @@ impl MlsClient {
             c.persist(&[Change::Seen {
                 digest: sha256(&bytes),
                 kind: Seen::Own,
+                via: None,
             }])?;
             Ok(bytes)
         })

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS history (
     UNIQUE (group_id, sender, at_ms, digest)
 );
 CREATE INDEX IF NOT EXISTS history_by_group ON history (group_id, at_ms, id);
-CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, own INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, own INTEGER NOT NULL, via TEXT);
 ";
 
 /// What a message digest in the `seen` table means.
@@ -57,8 +57,12 @@ pub(super) enum Change {
     },
     /// A chronology entry (duplicates by sender, time and content are ignored).
     History { group: GroupId, entry: HistoryEntry },
-    /// A message digest we have seen.
-    Seen { digest: [u8; 32], kind: Seen },
+    /// A message digest we have seen, and the address it came by.
+    Seen {
+        digest: [u8; 32],
+        kind: Seen,
+        via: Option<String>,
+    },
     /// A metadata value.
     Meta { key: &'static str, value: Vec<u8> },
 }
@@ -114,6 +118,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        // Files from before `via` was kept: added, empty for what they saw.
+        if conn.prepare("SELECT via FROM seen LIMIT 0").is_err() {
+            conn.execute_batch("ALTER TABLE seen ADD COLUMN via TEXT")
+                .map_err(db)?;
+        }
         let mut persisted = HashMap::new();
         {
             let mut stmt = conn.prepare("SELECT key, value FROM kv").map_err(db)?;
@@ -164,15 +173,23 @@ impl Store {
     }
 
     /// Whether we have seen a message with this digest, and how.
-    pub(super) fn seen(&self, digest: &[u8; 32]) -> Result<Option<Seen>, MlsError> {
-        let own: Option<i64> = self
+    /// Whether we have seen a message digest, and the address it came by
+    /// (when it came from someone else, by a known address).
+    pub(super) fn seen(
+        &self,
+        digest: &[u8; 32],
+    ) -> Result<Option<(Seen, Option<String>)>, MlsError> {
+        let row: Option<(i64, Option<String>)> = self
             .conn
-            .prepare_cached("SELECT own FROM seen WHERE digest = ?1")
+            .prepare_cached("SELECT own, via FROM seen WHERE digest = ?1")
             .map_err(db)?
-            .query_row([&digest[..]], |r| r.get(0))
+            .query_row([&digest[..]], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(db)?;
-        Ok(own.map(|o| if o != 0 { Seen::Own } else { Seen::Inbound }))
+        Ok(row.map(|(own, via)| {
+            let kind = if own != 0 { Seen::Own } else { Seen::Inbound };
+            (kind, via)
+        }))
     }
 
     /// A group's chronology, oldest first.
@@ -265,12 +282,12 @@ impl Store {
                             ])
                             .map_err(db)?;
                     }
-                    Change::Seen { digest, kind } => {
+                    Change::Seen { digest, kind, via } => {
                         tx.prepare_cached(
-                            "INSERT OR IGNORE INTO seen (digest, own) VALUES (?1, ?2)",
+                            "INSERT OR IGNORE INTO seen (digest, own, via) VALUES (?1, ?2, ?3)",
                         )
                         .map_err(db)?
-                        .execute(params![&digest[..], i64::from(*kind == Seen::Own)])
+                        .execute(params![&digest[..], i64::from(*kind == Seen::Own), via])
                         .map_err(db)?;
                     }
                     Change::Meta { key, value } => {

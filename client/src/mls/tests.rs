@@ -224,6 +224,65 @@ fn replayed_message_is_refused() {
 }
 
 #[test]
+fn the_same_message_by_another_of_our_addresses_is_a_copy_and_by_the_same_one_a_replay() {
+    let (mut sender, mut team, group) = referral();
+    let ct = sender.c().encrypt(&group, b"once").unwrap();
+    let keep = |_: &str, _: &[u8]| Ok(());
+    let team_addr = Some("team:duty@b.example");
+    app(team[0].c().process_checked(&ct, team_addr, &keep).unwrap());
+    // Again through the team: a replay, refused.
+    assert!(matches!(
+        team[0].c().process_checked(&ct, team_addr, &keep),
+        Err(MlsError::Replay)
+    ));
+    // By name as well as through the team: a copy, nothing new.
+    assert_eq!(
+        team[0]
+            .c()
+            .process_checked(&ct, Some("user:d1@b.example"), &keep)
+            .unwrap(),
+        Processed::Copy {
+            group: group.clone()
+        }
+    );
+    // An address unknown either way proves nothing: a replay.
+    assert!(matches!(team[0].c().process(&ct), Err(MlsError::Replay)));
+    assert_eq!(team[0].c().history(&group).unwrap().len(), 1);
+    // Kept across a restart (the address is on disk with the digest).
+    team[0].restart();
+    assert_eq!(
+        team[0]
+            .c()
+            .process_checked(&ct, Some("user:d1@b.example"), &keep)
+            .unwrap(),
+        Processed::Copy { group }
+    );
+}
+
+#[test]
+fn a_file_from_before_addresses_were_kept_is_taken_and_its_messages_stay_replays() {
+    let (mut sender, mut team, group) = referral();
+    let ct = sender.c().encrypt(&group, b"once").unwrap();
+    app(team[0].c().process(&ct).unwrap());
+    // The table as an older client left it.
+    let conn = team[0].c().store.conn_for_tests();
+    conn.execute_batch(
+        "CREATE TABLE seen_old (digest BLOB PRIMARY KEY, own INTEGER NOT NULL);
+         INSERT INTO seen_old SELECT digest, own FROM seen;
+         DROP TABLE seen;
+         ALTER TABLE seen_old RENAME TO seen;",
+    )
+    .unwrap();
+    team[0].restart();
+    assert!(matches!(
+        team[0]
+            .c()
+            .process_checked(&ct, Some("user:d1@b.example"), &|_, _| Ok(())),
+        Err(MlsError::Replay)
+    ));
+}
+
+#[test]
 fn replay_is_refused_by_openmls_even_without_the_digest_table() {
     // Same ciphertext re-encoded cannot dodge the digest check, but if the
     // digest table were lost the ratchet still refuses: simulate by
@@ -595,7 +654,7 @@ fn content_refused_before_it_is_kept_uses_up_its_key_and_the_next_message_reads(
     let ct = sender.c().encrypt(&group, b"too much").unwrap();
     let refuse = |_: &str, _: &[u8]| Err("holds more than it declares".to_owned());
     assert!(matches!(
-        team[0].c().process_checked(&ct, &refuse),
+        team[0].c().process_checked(&ct, None, &refuse),
         Err(MlsError::Refused(r)) if r.contains("more than it declares")
     ));
     // Not kept; the same bytes again are a replay; the next one reads.

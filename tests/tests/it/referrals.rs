@@ -440,6 +440,97 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_lead_outside_the_team_of_their_area_gets_every_members_messages() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let case = refer_to_duty(&mut alice).await;
+    let mut dan = worker(&fed, 1, "dan");
+    let mut erin = worker(&fed, 1, "erin");
+    assert_eq!(
+        texts(&read(&mut dan).await),
+        ["Referral: family moved to southvale"]
+    );
+    assert_eq!(
+        texts(&read(&mut erin).await),
+        ["Referral: family moved to southvale"]
+    );
+
+    // alice hands the case to gita, of southvale but not of its duty team,
+    // whose address the case already has. dan, the first remaining member,
+    // commits it.
+    alice
+        .handover(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    let events = read(&mut dan).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/gita")))),
+        "{events:?}"
+    );
+    let mut gita = worker(&fed, 1, "gita");
+    let mut events = read(&mut gita).await;
+    if !events
+        .iter()
+        .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case))
+    {
+        events.extend(read(&mut gita).await);
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+        "{events:?}"
+    );
+    let events = read(&mut erin).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/gita")))),
+        "{events:?}"
+    );
+
+    // Every member's message reaches her once: erin's (who did not commit)
+    // as well as dan's (who did).
+    erin.send(&case, &category("update"), b"from erin", None, None)
+        .await
+        .unwrap();
+    dan.send(&case, &category("update"), b"from dan", None, None)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..12 {
+        got.extend(gita.read(Duration::from_secs(5)).await.unwrap());
+        if texts(&got).len() >= 2 {
+            break;
+        }
+    }
+    let mut heard = texts(&got);
+    heard.sort();
+    assert_eq!(heard, ["from dan", "from erin"], "{got:?}");
+    assert!(
+        !got.iter().any(|e| matches!(e, Event::Refused { .. })),
+        "{got:?}"
+    );
+    // Her reply reaches the team.
+    gita.send(&case, &category("update"), b"from the new lead", None, None)
+        .await
+        .unwrap();
+    let mut heard = Vec::new();
+    for _ in 0..12 {
+        heard.extend(texts(&erin.read(Duration::from_secs(5)).await.unwrap()));
+        if heard.len() >= 2 {
+            break;
+        }
+    }
+    heard.sort();
+    assert_eq!(heard, ["from dan", "from the new lead"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_restart_mid_conversation_loses_nothing() {
     let fed = federation_with_keys().await;
     let case = {
