@@ -311,6 +311,13 @@ impl ConnectionCertificate {
         self.check_at(revocations, unix_now())
     }
 
+    /// How long the certificate is valid from now (zero once past its
+    /// `notAfter`): what a request may wait for, at most.
+    pub fn valid_for(&self) -> std::time::Duration {
+        let left = self.not_after.saturating_sub(unix_now());
+        std::time::Duration::from_secs(left.max(0).unsigned_abs())
+    }
+
     /// [`ConnectionCertificate::check`] at `now` (Unix seconds).
     pub fn check_at(&self, revocations: &Revocations, now: i64) -> Result<(), CertError> {
         if now > self.not_after {

@@ -120,6 +120,22 @@ impl IntoResponse for Failure {
 /// revoked, or has expired, since it was opened (the connection is then
 /// closed).
 pub(crate) fn revoked(e: &certs::CertError) -> Response {
+    revoked_failure(e).into_response()
+}
+
+/// Counts and logs a request refused for its connection's certificate,
+/// revoked or expired since the connection was opened.
+pub(crate) fn count_refusal(shared: &Shared, peer: &VerifiedPeer, e: &certs::CertError) {
+    if let certs::CertError::ExpiredSince { .. } = e {
+        shared.metrics.refused_expired.inc();
+        tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since expired");
+    } else {
+        shared.metrics.refused_revoked.inc();
+        tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since been revoked");
+    }
+}
+
+fn revoked_failure(e: &certs::CertError) -> Failure {
     let code = match e {
         certs::CertError::ExpiredSince { .. } => ErrorCode::CertificateExpired,
         _ => ErrorCode::CertificateRevoked,
@@ -129,7 +145,6 @@ pub(crate) fn revoked(e: &certs::CertError) -> Response {
         code,
         format!("{e}: ask your area's gateway administrator for a new certificate"),
     )
-    .into_response()
 }
 
 /// What a sender refused for want of disk space is told to wait.
@@ -468,6 +483,7 @@ struct InboxQuery {
 async fn inbox(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
+    cert: Option<Extension<Arc<certs::ConnectionCertificate>>>,
     query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<InboxResponse>, Failure> {
     let (_, mut mb) = user_of(&shared, &peer)?;
@@ -479,6 +495,10 @@ async fn inbox(
         )
     })?;
     let mut wait = Duration::from_secs(q.wait).min(shared.config.limits.max_inbox_wait);
+    // The answer comes before the connection's certificate expires.
+    if let Some(Extension(cert)) = &cert {
+        wait = wait.min(cert.valid_for());
+    }
     // Past a few waiting at once for one user, a listing is answered at once.
     let _slot = if wait.is_zero() {
         None
@@ -507,6 +527,13 @@ async fn inbox(
             () = waiter.wait() => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = crate::stopped(&mut stop) => return Ok(Json(InboxResponse { messages })),
+        }
+        // The certificate may have been revoked while it waited.
+        if let Some(Extension(cert)) = &cert {
+            if let Err(e) = cert.check(shared.crls.revocations()) {
+                count_refusal(&shared, &peer, &e);
+                return Err(revoked_failure(&e));
+            }
         }
         // The directory may have changed while it waited (a reload): a
         // leaver is refused, and a listing is of the teams she is in now.

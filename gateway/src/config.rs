@@ -209,7 +209,7 @@ pub struct LimitsConfig {
     /// Most connections (users' and peers') open at once. While that many
     /// are open, new ones wait in the listen queue until one closes. The
     /// gateway also keeps this below its open-files limit (which it raises
-    /// to the hard limit at start), so that its store can always open its
+    /// as far as needed, up to the hard limit), so that its store can open its
     /// files.
     pub max_connections: usize,
 }

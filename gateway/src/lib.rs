@@ -914,23 +914,29 @@ const RESERVED_FILES: u64 = 256;
 
 /// How many connections may be open at once: `limits.max_connections`,
 /// kept below the open-files limit less [`RESERVED_FILES`], after raising
-/// that limit to its hard limit (which a process may do itself). Without
-/// it, connections could take every file, and the store could no longer
-/// open a new body segment.
+/// that limit (which a process may do itself, up to its hard limit; with
+/// no hard limit, to what it needs). Without it, connections could take
+/// every file, and the store could no longer open a new body segment.
 fn connection_slots(configured: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
+    let needed = u64::try_from(configured)
+        .unwrap_or(u64::MAX)
+        .saturating_add(RESERVED_FILES);
+    let limit = getrlimit(Resource::Nofile);
+    let mut files = limit.current.unwrap_or(u64::MAX);
+    if files < needed {
+        let to = limit.maximum.unwrap_or(needed).max(files);
         let raised = Rlimit {
-            current: limit.maximum,
+            current: Some(to),
             maximum: limit.maximum,
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => limit = raised,
-            Err(e) => tracing::debug!(error = %e, "could not raise the open-files limit"),
+            Ok(()) => files = to,
+            Err(e) => {
+                tracing::warn!(error = %e, open_files_limit = files, "could not raise the open-files limit")
+            }
         }
     }
-    let files = limit.current.unwrap_or(u64::MAX);
     let room = usize::try_from(files.saturating_sub(RESERVED_FILES))
         .unwrap_or(usize::MAX)
         .max(1);
@@ -945,10 +951,58 @@ fn connection_slots(configured: usize) -> usize {
     configured.min(room)
 }
 
+/// Most connections from one address still in their TLS handshake (each
+/// may take up to 10 s): one source cannot hold every connection slot with
+/// handshakes it never finishes. Past it, a new connection from that
+/// address is closed at once.
+const HANDSHAKES_PER_ADDRESS: usize = 32;
+
+/// Connections in their TLS handshake, by remote address.
+#[derive(Debug, Default)]
+struct Handshaking(std::sync::Mutex<HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in [`Handshaking`], given back when dropped.
+#[derive(Debug)]
+struct InHandshake {
+    all: Arc<Handshaking>,
+    from: std::net::IpAddr,
+}
+
+impl Handshaking {
+    /// A place for a handshake from `from`, if it has fewer than
+    /// [`HANDSHAKES_PER_ADDRESS`] under way.
+    fn enter(self: &Arc<Self>, from: std::net::IpAddr) -> Option<InHandshake> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(from).or_default();
+        if *n >= HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(InHandshake {
+            all: self.clone(),
+            from,
+        })
+    }
+}
+
+impl Drop for InHandshake {
+    fn drop(&mut self) {
+        let mut map = self.all.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.from) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.from);
+            }
+        }
+    }
+}
+
 /// Waits for a free connection slot, saying so (at most once a minute)
-/// when every one is taken; `None` when the gateway stops first.
+/// when every one of the `cap` is taken; `None` when the gateway stops
+/// first.
 async fn connection_slot(
     shared: &Shared,
+    cap: usize,
     slots: &Arc<tokio::sync::Semaphore>,
     warned: &mut Option<std::time::Instant>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
@@ -960,7 +1014,7 @@ async fn connection_slot(
     if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
         *warned = Some(std::time::Instant::now());
         tracing::warn!(
-            max_connections = shared.config.limits.max_connections,
+            connections = cap,
             "every connection slot is taken: new connections wait until one closes (limits.max_connections)"
         );
     }
@@ -974,12 +1028,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let router = api::router(shared.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shared.stop.subscribe();
-    let slots = Arc::new(tokio::sync::Semaphore::new(connection_slots(
-        shared.config.limits.max_connections,
-    )));
+    let cap = connection_slots(shared.config.limits.max_connections);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let handshaking = Arc::new(Handshaking::default());
     let mut warned = None;
     loop {
-        let Some(slot) = connection_slot(&shared, &slots, &mut warned, &mut stop).await else {
+        let Some(slot) = connection_slot(&shared, cap, &slots, &mut warned, &mut stop).await else {
             break;
         };
         let (tcp, remote) = tokio::select! {
@@ -993,6 +1047,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             },
             _ = crate::stopped(&mut stop) => break,
         };
+        let Some(in_handshake) = handshaking.enter(remote.ip()) else {
+            shared.metrics.handshakes_refused.inc();
+            tracing::debug!(%remote, "connection closed: its address has too many handshakes under way");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         // The configuration in force now (a reload may have renewed it).
         let acceptor = shared.tls_acceptor();
@@ -1005,7 +1064,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let counted = shared.clone();
             let _open = counted.metrics.connections_open.hold();
             let handshake = acceptor.accept(tcp).into_fallible();
-            let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            let done = tokio::time::timeout(Duration::from_secs(10), handshake).await;
+            drop(in_handshake);
+            let tls = match done {
                 Ok(Ok(tls)) => tls,
                 Ok(Err((e, tcp))) => {
                     shared.metrics.tls_failures.inc();
@@ -1032,24 +1093,18 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
             };
             tracing::debug!(%remote, %peer, "connection");
-            let svc = tower::service_fn(
-                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            let svc =
+                tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     // A connection outlives a revocation made while it is
                     // open, and its certificate's `notAfter`: each request
                     // checks both.
                     let revoked = cert.check(shared.crls.revocations()).err();
-                    match &revoked {
-                        Some(e @ certs::CertError::ExpiredSince { .. }) => {
-                            shared.metrics.refused_expired.inc();
-                            tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since expired");
-                        }
-                        Some(e) => {
-                            shared.metrics.refused_revoked.inc();
-                            tracing::warn!(%peer, error = %e, "request on a connection whose certificate has since been revoked");
-                        }
-                        None => {}
+                    if let Some(e) = &revoked {
+                        api::count_refusal(&shared, &peer, e);
                     }
                     req.extensions_mut().insert(peer.clone());
+                    // For a long-poll, which outlasts its start.
+                    req.extensions_mut().insert(cert.clone());
                     let router = router.clone();
                     async move {
                         match revoked {
@@ -1057,8 +1112,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                             None => router.oneshot(req).await,
                         }
                     }
-                },
-            );
+                });
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn.into_owned()).await {

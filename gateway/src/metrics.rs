@@ -88,6 +88,9 @@ pub struct Metrics {
     /// Times every connection slot (`limits.max_connections`) was taken,
     /// so that new connections waited.
     pub connections_full: Counter,
+    /// Connections closed at once because their address had too many TLS
+    /// handshakes under way.
+    pub handshakes_refused: Counter,
     /// New messages (users' submissions and peers' batches) refused while
     /// the disk was short of space.
     pub refused_disk_low: Counter,
@@ -209,6 +212,11 @@ impl Metrics {
                 "gateway_connections_full_total",
                 "Times all limits.max_connections were open, so that new connections waited.",
                 &self.connections_full,
+            ),
+            (
+                "gateway_handshakes_refused_total",
+                "Connections closed at once because their address had 32 TLS handshakes under way.",
+                &self.handshakes_refused,
             ),
             (
                 "gateway_refused_expired_total",

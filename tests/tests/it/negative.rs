@@ -537,3 +537,43 @@ async fn connections_past_the_limit_wait_for_a_free_slot() {
     assert!(metrics.connections_open.get() <= 2);
     fed.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_slot_with_handshakes_it_never_finishes() {
+    let mut fed =
+        Federation::create(&tests::standard_areas(), &tests::Settings::default()).unwrap();
+    let a = fed.index("northshire");
+    fed.start(a).await.unwrap();
+    let metrics = fed.gateway(a).unwrap().metrics();
+    let addr = format!("127.0.0.1:{}", fed.port(a).unwrap());
+    // 32 connections that never say hello are waited for (10 s each).
+    let mut idle = Vec::new();
+    for _ in 0..32 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let opened = tests::eventually(Duration::from_secs(20), || async {
+        metrics.connections_open.get() == 32
+    })
+    .await;
+    assert!(opened, "{} open", metrics.connections_open.get());
+    assert_eq!(metrics.handshakes_refused.get(), 0);
+    // The next from the same address is closed at once.
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+    )
+    .await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    assert_eq!(metrics.handshakes_refused.get(), 1);
+    // Once they go, a real client from that address gets in.
+    drop(idle);
+    let alice = fed.api(a, "alice").unwrap();
+    let served = tests::eventually(Duration::from_secs(20), || async {
+        alice.health().await.is_ok()
+    })
+    .await;
+    assert!(served);
+    fed.stop_all().await;
+}

@@ -76,6 +76,11 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     let sent = || fed.count(a, "SELECT COUNT(*) FROM sent").unwrap();
     assert_eq!(sent(), 1);
 
+    // A long-poll the laptop began before the theft is noticed.
+    let polling = fed.api_with(a, &stolen).unwrap();
+    polling.health().await.unwrap();
+    let poll = tokio::spawn(async move { polling.inbox(Duration::from_secs(60)).await });
+
     // The CA revokes it. Within the check interval its open connection is
     // refused with a typed answer, and then any new handshake is refused.
     publish(&crl, &ca, &[&stolen], 2);
@@ -95,6 +100,19 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
             assert_eq!((status, code), (403, ErrorCode::CertificateRevoked));
         }
         other => panic!("the open connection should get a typed refusal, got {other:?}"),
+    }
+    // A message for alice wakes the long-poll: it is refused, not answered
+    // with the message.
+    fed.api(a, "bob")
+        .unwrap()
+        .submit(&message("user:alice@northshire", "to-alice", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    match tokio::time::timeout(LIMIT, poll).await {
+        Ok(Ok(Err(ClientError::Api { status, code, .. }))) => {
+            assert_eq!((status, code), (403, ErrorCode::CertificateRevoked));
+        }
+        other => panic!("the waiting long-poll should be refused, got {other:?}"),
     }
     // A new connection is refused in the handshake. (A fresh client: the
     // laptop's own pool may hold a second connection, opened before the
@@ -120,7 +138,11 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     assert!(is_tls_refusal(&attempt), "{attempt:?}");
     let made = settled(failures).await - handshakes;
     assert!((1..=2).contains(&made), "{made} handshakes");
-    assert_eq!(sent(), 1, "nothing stored from the revoked certificate");
+    assert_eq!(
+        sent(),
+        2,
+        "nothing stored from the revoked certificate (bob's is the second)"
+    );
     assert!(fed.gateway(a).unwrap().metrics().refused_revoked.get() >= 1);
 
     // alice's new certificate, for the same identity, works.
@@ -129,7 +151,7 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
         .submit(&message("user:dan@southvale", "after-theft", b"x".to_vec()).unwrap())
         .await
         .unwrap();
-    assert_eq!(sent(), 2);
+    assert_eq!(sent(), 3);
 
     // A list that cannot be used leaves the one in force as it was, and
     // says so in the metrics until a good one comes.
@@ -168,11 +190,11 @@ async fn a_connection_carries_nothing_once_its_certificate_has_expired() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let a = fed.index("northshire");
     let alice = Identity::User(AreaId::new("northshire").unwrap(), user("alice"));
-    // Valid for three more seconds: the handshake takes it.
-    let short = fed
-        .mint(a, &alice, Validity::For(Duration::from_secs(3)))
-        .unwrap();
     fed.start_all().await.unwrap();
+    // Valid for five more seconds: the handshake takes it.
+    let short = fed
+        .mint(a, &alice, Validity::For(Duration::from_secs(5)))
+        .unwrap();
     let laptop = fed.api_with(a, &short).unwrap();
     laptop
         .submit(&message("user:dan@southvale", "while-valid", b"x".to_vec()).unwrap())
@@ -180,6 +202,24 @@ async fn a_connection_carries_nothing_once_its_certificate_has_expired() {
         .unwrap();
     let sent = || fed.count(a, "SELECT COUNT(*) FROM sent").unwrap();
     assert_eq!(sent(), 1);
+    // A long-poll asking for a minute ends when the certificate expires,
+    // not after (another client: the laptop's connection stays free for
+    // the requests below): an empty listing, or the refusal if the clock
+    // passed the second.
+    let polling = fed.api_with(a, &short).unwrap();
+    let poll = tokio::spawn(async move { polling.inbox(Duration::from_secs(60)).await });
+    let answered = tokio::time::timeout(Duration::from_secs(40), poll).await;
+    assert!(
+        matches!(&answered, Ok(Ok(Ok(r))) if r.messages.is_empty())
+            || matches!(
+                &answered,
+                Ok(Ok(Err(ClientError::Api {
+                    code: ErrorCode::CertificateExpired,
+                    ..
+                })))
+            ),
+        "{answered:?}"
+    );
 
     // The connection stays open past the certificate's notAfter: its next
     // request is refused with a typed answer, and nothing is stored.
