@@ -1212,12 +1212,12 @@ fn check_disclosure(
         .directory
         .user(&sender.user)
         .ok_or_else(|| Failure::forbidden("not in the directory"))?;
-    crate::sharing::check_outgoing(own, peer, user, &req.recipient, &req.category, d).map_err(
-        |reason| {
+    let opaque = req.kind == MessageKind::Opaque;
+    crate::sharing::check_outgoing(own, peer, user, &req.recipient, &req.category, d, opaque)
+        .map_err(|reason| {
             tracing::info!(recipient = %req.recipient, %reason, "disclosure refused by policy");
             denied(reason)
-        },
-    )
+        })
 }
 
 async fn own_policy_text(shared: &Shared) -> Result<String, Failure> {

@@ -68,6 +68,7 @@ pub(crate) fn check_outgoing(
     recipient: &Recipient,
     category: &Category,
     d: &Disclosure,
+    opaque: bool,
 ) -> Result<(), String> {
     let sender = SenderContext::new(
         peer,
@@ -87,11 +88,26 @@ pub(crate) fn check_outgoing(
         .map(|f| FieldPath::new(f.as_str()).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let decision = own.policy.decide(&sender, &to, &facts, &fields);
-    if decision.is_allowed() {
-        Ok(())
-    } else {
-        Err(decision.reason)
+    if !decision.is_allowed() {
+        return Err(decision.reason);
     }
+    // The rule's redactions are the sender's client's to apply (`refer`,
+    // `reply`): opaque bytes have been through none, so they may not
+    // declare a field the rule redacts.
+    if opaque {
+        for r in &decision.redactions {
+            if let Some(f) = fields.iter().find(|f| f.overlaps(&r.field)) {
+                return Err(format!(
+                    "rule {} has {} redacted ({}) by the sending client, which only refer and reply do: \
+                     a message sent as it is (client send) may not declare {f}",
+                    decision.rule.as_ref().map_or("?", |n| n.as_str()),
+                    r.field,
+                    r.op.name()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn facts(category: &Category, d: &Disclosure) -> Result<Facts, String> {

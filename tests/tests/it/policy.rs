@@ -111,6 +111,25 @@ async fn the_sending_gateway_enforces_the_signed_policy() {
             Some("no rule"),
         ),
         (
+            "a field the rule has the client redact, in bytes sent as they are",
+            &bob,
+            "disruption",
+            Some(disclosure(
+                1,
+                "crime-prevention",
+                &["child.date_of_birth"],
+                &[],
+            )),
+            Some("redacted (age-band)"),
+        ),
+        (
+            "the rule's other fields, in bytes sent as they are",
+            &bob,
+            "disruption",
+            Some(disclosure(1, "crime-prevention", &["risks"], &[])),
+            None,
+        ),
+        (
             "wrong role for the rule",
             &bob,
             "relocation",
@@ -171,8 +190,8 @@ async fn the_sending_gateway_enforces_the_signed_policy() {
     }
     assert_eq!(
         fed.count(0, "SELECT COUNT(*) FROM sent").unwrap(),
-        1,
-        "only the allowed message was stored"
+        2,
+        "only the allowed messages were stored"
     );
 }
 
