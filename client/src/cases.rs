@@ -65,6 +65,10 @@ pub enum CaseError {
         "another client is still using {0} (a `read --wait` loop?); try again when it has finished"
     )]
     Busy(PathBuf),
+    /// The gateway took another member's change to the case for the same
+    /// epoch (`stale_epoch`): ours was dropped here and nothing changed.
+    #[error("another member changed case {0} at the same time, so nothing was changed: read, then try again")]
+    Overtaken(String),
 }
 
 /// What reading the inbox brought.
@@ -169,6 +173,47 @@ struct Meta {
     /// whether they are in one; a copy by both is set aside).
     #[serde(default)]
     handover_leads: BTreeMap<String, String>,
+    /// case id → our change to it (a Commit), not yet known to be taken by
+    /// the gateway: sent again, under the same keys, before anything else
+    /// is read or sent (see [`Caseworker::settle`]).
+    #[serde(default)]
+    staged: BTreeMap<String, Staged>,
+    /// case id → a handover request this client is to commit (old lead,
+    /// request), kept until the new lead is in the case: a commit overtaken
+    /// by another member's is made again once that one is read.
+    #[serde(default)]
+    handover_requests: BTreeMap<String, (String, Vec<u8>)>,
+}
+
+/// Our Commit to a case, kept from before it is sent until the gateway
+/// has taken it (then it is merged here, the Welcome sent and the case's
+/// addresses changed) or taken another member's for the epoch (then it is
+/// dropped, and nothing changed): a commit merged before the gateway took
+/// it would leave this client in an epoch nobody else is in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Staged {
+    /// Idempotency key base of its messages.
+    key: String,
+    /// Category of its messages.
+    category: String,
+    /// The Commit, for the case's addresses as they were.
+    commit: Vec<u8>,
+    /// Someone it adds (a SPIFFE URI): in the group once it is merged.
+    adds: String,
+    /// Where the Welcome goes, and the Welcome.
+    welcome_to: String,
+    welcome: Vec<u8>,
+    /// The case's addresses once it is taken.
+    addresses: Vec<String>,
+}
+
+/// What became of a staged Commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Taken by the gateway and merged here.
+    Taken,
+    /// Another member's Commit was taken for the epoch: ours is dropped.
+    Overtaken,
 }
 
 /// A hand-over sent to the new lead in the transfer group.
@@ -631,6 +676,7 @@ impl Caseworker {
         disclosure: Option<proto::Disclosure>,
     ) -> Result<Vec<MessageId>, CaseError> {
         let group = self.group_of(case_id)?;
+        self.settle_all().await?;
         if self.addresses(case_id).is_empty() {
             return Err(CaseError::Invalid(format!(
                 "this client has no address to send case {case_id}'s messages to (its record in cases.json is missing); nothing was sent"
@@ -753,27 +799,103 @@ impl Caseworker {
         key: Option<String>,
     ) -> Result<Vec<String>, CaseError> {
         let group = self.group_of(case_id)?;
+        self.settle_all().await?;
         let key = key.unwrap_or_else(fresh_key);
         let (kps, missing) = self.claim(to).await?;
-        let (commit, welcome) = self.mls.add_members(&group, &kps)?;
-        let category = Category::new("update").map_err(|e| CaseError::Invalid(e.to_string()))?;
-        self.fan_out(case_id, &category, &format!("{key}:commit"), commit)
-            .await?;
+        let own = self.mls.stage_add_members(&group, &kps)?;
+        let mut addresses = self.meta.cases.get(case_id).cloned().unwrap_or_default();
+        if !addresses.contains(&to.to_string()) {
+            addresses.push(to.to_string());
+        }
+        let staged = Staged {
+            key,
+            category: "update".into(),
+            commit: own.commit,
+            adds: own.adds.into_iter().next().unwrap_or_default(),
+            welcome_to: to.to_string(),
+            welcome: own.welcome,
+            addresses,
+        };
+        match self.stage(case_id, staged).await? {
+            Settled::Taken => Ok(missing),
+            Settled::Overtaken => Err(CaseError::Overtaken(case_id.to_owned())),
+        }
+    }
+
+    /// Records `staged` for `case_id`, then sends it ([`Caseworker::settle`]).
+    async fn stage(&mut self, case_id: &str, staged: Staged) -> Result<Settled, CaseError> {
+        self.meta.staged.insert(case_id.to_owned(), staged);
+        self.save()?;
+        // Just recorded: settled one way or the other, or an error.
+        Ok(self.settle(case_id).await?.unwrap_or(Settled::Overtaken))
+    }
+
+    /// Sends our staged Commit to the case again (the same keys: what the
+    /// gateway has is not stored twice) and settles it: taken, it is merged
+    /// here, the Welcome goes to whom it adds and the case's addresses
+    /// change; refused for its epoch, it is dropped. `None` if there is
+    /// none. An error (the gateway unreachable) leaves it staged.
+    async fn settle(&mut self, case_id: &str) -> Result<Option<Settled>, CaseError> {
+        let Some(s) = self.meta.staged.get(case_id).cloned() else {
+            return Ok(None);
+        };
+        let Ok(group) = self.group_of(case_id) else {
+            self.meta.staged.remove(case_id);
+            self.save()?;
+            return Ok(None);
+        };
+        let category = Category::new(&s.category).map_err(|e| CaseError::Invalid(e.to_string()))?;
+        if self.mls.has_pending_commit(&group) {
+            let sent = self
+                .fan_out(
+                    case_id,
+                    &category,
+                    &format!("{}:commit", s.key),
+                    s.commit.clone(),
+                )
+                .await;
+            match sent {
+                Ok(_) => self.mls.confirm_commit(&group, &s.commit)?,
+                Err(CaseError::Client(ClientError::Api {
+                    code: proto::ErrorCode::StaleEpoch,
+                    ..
+                })) => {
+                    self.mls.abandon_commit(&group)?;
+                    self.meta.staged.remove(case_id);
+                    self.save()?;
+                    return Ok(Some(Settled::Overtaken));
+                }
+                Err(e) => return Err(e),
+            }
+        } else if !self.mls.members(&group)?.contains(&s.adds) {
+            // Cleared by another member's Commit, read before this one was
+            // known to be taken.
+            self.meta.staged.remove(case_id);
+            self.save()?;
+            return Ok(Some(Settled::Overtaken));
+        }
         self.submit(
-            &to.to_string(),
+            &s.welcome_to,
             &category,
             false,
-            format!("{key}:welcome"),
-            welcome,
+            format!("{}:welcome", s.key),
+            s.welcome.clone(),
             Some((INVITATION, case_id)),
         )
         .await?;
-        let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();
-        if !addrs.contains(&to.to_string()) {
-            addrs.push(to.to_string());
-        }
+        self.meta.cases.insert(case_id.to_owned(), s.addresses);
+        self.meta.staged.remove(case_id);
         self.save()?;
-        Ok(missing)
+        Ok(Some(Settled::Taken))
+    }
+
+    /// Settles every staged Commit ([`Caseworker::settle`]).
+    async fn settle_all(&mut self) -> Result<(), CaseError> {
+        let cases: Vec<String> = self.meta.staged.keys().cloned().collect();
+        for case_id in cases {
+            self.settle(&case_id).await?;
+        }
+        Ok(())
     }
 
     /// Hands a case to a new key lead (a user). MLS does not let a member
@@ -795,6 +917,7 @@ impl Caseworker {
         };
         let new_lead = certs::Identity::User(to.area.clone(), user.clone()).uri();
         let group = self.group_of(case_id)?;
+        self.settle_all().await?;
         let key = key.unwrap_or_else(fresh_key);
         let category = Category::new("handover").map_err(|e| CaseError::Invalid(e.to_string()))?;
         // Two KeyPackages: one for the transfer group, one for the case.
@@ -885,55 +1008,106 @@ impl Caseworker {
         if members.contains(&req.new_lead) {
             // Committed already: the Commit came first (it travels another
             // way). Only the new lead's address is left to learn.
+            self.meta.handover_requests.remove(case_id);
             if let Some(a) = address_of(&req.new_lead) {
                 let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();
                 if !addrs.contains(&a) && a != self.me.to_string() {
                     addrs.push(a);
-                    self.save()?;
                 }
             }
+            self.save()?;
             return Ok(Vec::new());
         }
         let designated = members.iter().filter(|m| *m != old_lead).min().cloned();
         if designated.as_deref() != Some(me.as_str()) {
+            self.meta.handover_requests.remove(case_id);
             self.meta
                 .handover_leads
                 .insert(case_id.to_owned(), req.new_lead);
             self.save()?;
             return Ok(Vec::new());
         }
-        let (commit, welcome) = self.mls.handover(group, &req.key_package, old_lead)?;
-        let category = Category::new("handover").map_err(|e| CaseError::Invalid(e.to_string()))?;
-        let key = fresh_key();
-        // Everyone, the old lead included, gets the Commit.
-        self.fan_out(case_id, &category, &format!("{key}:commit"), commit)
-            .await?;
         let new_addr = address_of(&req.new_lead)
             .ok_or_else(|| CaseError::Invalid("new lead is not a user".into()))?;
-        self.submit(
-            &new_addr,
-            &category,
-            false,
-            format!("{key}:welcome"),
-            welcome,
-            Some((INVITATION, case_id)),
-        )
-        .await?;
-        let addrs = self.meta.cases.entry(case_id.to_owned()).or_default();
+        // Kept until the new lead is in: made again if overtaken.
+        self.meta
+            .handover_requests
+            .insert(case_id.to_owned(), (old_lead.to_owned(), request.to_vec()));
+        self.save()?;
+        let (commit, welcome) = self.mls.handover(group, &req.key_package, old_lead)?;
+        let mut addresses = self.meta.cases.get(case_id).cloned().unwrap_or_default();
         if let Some(old) = address_of(old_lead) {
-            addrs.retain(|a| *a != old);
+            addresses.retain(|a| *a != old);
         }
         // By their own address, as every other member does (see
         // `handover_leads`).
-        if !addrs.contains(&new_addr) {
-            addrs.push(new_addr);
+        if !addresses.contains(&new_addr) {
+            addresses.push(new_addr.clone());
         }
-        self.save()?;
-        Ok(vec![Event::Membership {
-            case_id: case_id.to_owned(),
-            added: vec![req.new_lead],
-            removed: vec![old_lead.to_owned()],
-        }])
+        let staged = Staged {
+            key: fresh_key(),
+            category: "handover".into(),
+            // Everyone, the old lead included, gets the Commit.
+            commit,
+            adds: req.new_lead.clone(),
+            welcome_to: new_addr,
+            welcome,
+            addresses,
+        };
+        match self.stage(case_id, staged).await? {
+            Settled::Taken => {
+                self.meta.handover_requests.remove(case_id);
+                self.save()?;
+                Ok(vec![Event::Membership {
+                    case_id: case_id.to_owned(),
+                    added: vec![req.new_lead],
+                    removed: vec![old_lead.to_owned()],
+                }])
+            }
+            // Made again at the end of this read, after the other Commit.
+            Settled::Overtaken => Ok(Vec::new()),
+        }
+    }
+
+    /// Commits again the handover requests whose Commit was overtaken (see
+    /// `Meta::handover_requests`), now that the other Commit is read.
+    async fn retry_handovers(&mut self) -> Result<Vec<Event>, CaseError> {
+        let mut events = Vec::new();
+        let requests: Vec<(String, (String, Vec<u8>))> = self
+            .meta
+            .handover_requests
+            .iter()
+            .map(|(c, r)| (c.clone(), r.clone()))
+            .collect();
+        for (case_id, (old_lead, request)) in requests {
+            let group = match self.group_of(&case_id) {
+                Ok(g) if self.mls.members(&g).is_ok() => g,
+                _ => {
+                    self.meta.handover_requests.remove(&case_id);
+                    self.save()?;
+                    continue;
+                }
+            };
+            if self.meta.staged.contains_key(&case_id) {
+                continue;
+            }
+            match self
+                .commit_handover(&group, &case_id, &old_lead, &request)
+                .await
+            {
+                Ok(mut more) => events.append(&mut more),
+                // The gateway out of reach: the next read tries again.
+                Err(e @ CaseError::Client(_)) => return Err(e),
+                // The request cannot be committed now (its old lead gone,
+                // say): dropped, as a request refused when first read is.
+                Err(e) => {
+                    tracing::warn!(case = %case_id, error = %e, "a handover request could not be committed again; dropped");
+                    self.meta.handover_requests.remove(&case_id);
+                    self.save()?;
+                }
+            }
+        }
+        Ok(events)
     }
 
     /// The case's chronology as this client holds it.
@@ -965,6 +1139,9 @@ impl Caseworker {
         // A day is longer than any gateway holds a request open.
         let wait = wait.min(Duration::from_secs(86_400));
         let deadline = tokio::time::Instant::now() + wait;
+        // Our own changes first: the cases' next messages may be in the
+        // epochs they make.
+        self.settle_all().await?;
         let mut events = Vec::new();
         let interrupted = |events: Vec<Event>, error: CaseError| {
             if events.is_empty() {
@@ -1007,6 +1184,10 @@ impl Caseworker {
             if events.len() == before {
                 break;
             }
+        }
+        match self.retry_handovers().await {
+            Ok(mut more) => events.append(&mut more),
+            Err(e) => return Err(interrupted(events, e)),
         }
         // Joining used up a KeyPackage: top up when the gateway says the
         // stock is low. What was read is read: a failure here is only told.

@@ -258,10 +258,11 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(c) = cause.downcast_ref::<ClientError>() {
             return exit_code_of(c);
         }
-        if let Some(client::cases::CaseError::Client(c)) =
-            cause.downcast_ref::<client::cases::CaseError>()
-        {
-            return exit_code_of(c);
+        match cause.downcast_ref::<client::cases::CaseError>() {
+            Some(client::cases::CaseError::Client(c)) => return exit_code_of(c),
+            // Refused by the gateway (stale_epoch), as an API error is.
+            Some(client::cases::CaseError::Overtaken(_)) => return 4,
+            _ => {}
         }
     }
     1

@@ -482,6 +482,17 @@ pub struct MlsClient {
     groups: BTreeMap<GroupId, Group>,
 }
 
+/// A commit made here and left pending ([`MlsClient::stage_add_members`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnCommit {
+    /// The Commit, for the group's members.
+    pub commit: Vec<u8>,
+    /// The Welcome, for those it adds.
+    pub welcome: Vec<u8>,
+    /// Whom it adds (SPIFFE URIs).
+    pub adds: Vec<String>,
+}
+
 /// Judges a chronology message's plaintext, given its case id, before it
 /// is kept (see [`MlsClient::process_checked`]): why not, if not.
 pub type Keep<'a> = dyn Fn(&str, &[u8]) -> Result<(), String> + 'a;
@@ -737,12 +748,79 @@ impl MlsClient {
             .iter()
             .map(|b| self.validate_key_package(b).map(|(kp, _)| kp))
             .collect::<Result<Vec<_>, _>>()?;
-        self.commit_change(group, Vec::new(), kps)
+        self.commit_change(group, Vec::new(), kps, true)
+    }
+
+    /// As [`MlsClient::add_members`], but the commit is left pending here:
+    /// merged by [`MlsClient::confirm_commit`] once the Delivery Service has
+    /// taken it, dropped by [`MlsClient::abandon_commit`] if it took another
+    /// for the epoch (or by processing that other one). Until then the
+    /// group stays at its epoch, as the other members do: a commit the
+    /// Delivery Service refused forks nothing. (Commits travel encrypted,
+    /// so one that comes back is known as ours only by its digest: it
+    /// tells nothing of whether the Delivery Service took it first.)
+    /// Also returns who it adds (their SPIFFE URIs).
+    pub fn stage_add_members(
+        &mut self,
+        group: &GroupId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OwnCommit, MlsError> {
+        if key_packages.is_empty() {
+            return Err(MlsError::InvalidArgument("no KeyPackages".into()));
+        }
+        let (kps, adds): (Vec<_>, Vec<_>) = key_packages
+            .iter()
+            .map(|b| self.validate_key_package(b))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        let (commit, welcome) = self.commit_change(group, Vec::new(), kps, false)?;
+        Ok(OwnCommit {
+            commit,
+            welcome,
+            adds,
+        })
+    }
+
+    /// Whether our own commit in `group` waits for the Delivery Service.
+    pub fn has_pending_commit(&self, group: &GroupId) -> bool {
+        self.group(group)
+            .is_ok_and(|g| g.mls.pending_commit().is_some())
+    }
+
+    /// Merges our pending commit `commit` in `group`: the Delivery Service
+    /// took it. Nothing to do if none is pending.
+    pub fn confirm_commit(&mut self, group: &GroupId, commit: &[u8]) -> Result<(), MlsError> {
+        self.atomically(|c| {
+            let g = active_mut(&mut c.groups, group)?;
+            if g.mls.pending_commit().is_some() {
+                g.mls.merge_pending_commit(&c.provider).map_err(mls)?;
+            }
+            c.persist(&[Change::Seen {
+                digest: sha256(commit),
+                kind: Seen::Own,
+                via: None,
+            }])?;
+            Ok(())
+        })
+    }
+
+    /// Drops our pending commit in `group`: the Delivery Service took
+    /// another member's for the epoch.
+    pub fn abandon_commit(&mut self, group: &GroupId) -> Result<(), MlsError> {
+        self.atomically(|c| {
+            let g = active_mut(&mut c.groups, group)?;
+            g.mls
+                .clear_pending_commit(&c.provider.storage)
+                .map_err(|e| MlsError::Storage(e.to_string()))?;
+            c.persist(&[])?;
+            Ok(())
+        })
     }
 
     /// Hands the case over: one commit that adds the new lead (from its
-    /// KeyPackage) and removes every leaf of `old_lead`. Returns
-    /// `(commit, welcome)`.
+    /// KeyPackage) and removes every leaf of `old_lead`, left pending as by
+    /// [`MlsClient::stage_add_members`]. Returns `(commit, welcome)`.
     pub fn handover(
         &mut self,
         group: &GroupId,
@@ -756,14 +834,14 @@ impl MlsClient {
             ));
         }
         let leaves = self.leaves_of(group, old_lead)?;
-        self.commit_change(group, leaves, vec![kp])
+        self.commit_change(group, leaves, vec![kp], false)
     }
 
     /// Removes every leaf of `member` in one commit, merged here. Returns the
     /// commit for the other members.
     pub fn remove_member(&mut self, group: &GroupId, member: &str) -> Result<Vec<u8>, MlsError> {
         let leaves = self.leaves_of(group, member)?;
-        let (commit, _) = self.commit_change(group, leaves, Vec::new())?;
+        let (commit, _) = self.commit_change(group, leaves, Vec::new(), true)?;
         Ok(commit)
     }
 
@@ -786,13 +864,15 @@ impl MlsClient {
         Ok(leaves)
     }
 
-    /// One commit removing `removals` and adding `adds`, merged at once.
-    /// Returns the commit and (empty if nobody was added) the Welcome.
+    /// One commit removing `removals` and adding `adds`, merged at once if
+    /// `merge`, else left pending. Returns the commit and (empty if nobody
+    /// was added) the Welcome.
     fn commit_change(
         &mut self,
         group: &GroupId,
         removals: Vec<LeafNodeIndex>,
         adds: Vec<KeyPackage>,
+        merge: bool,
     ) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
         self.atomically(|c| {
             let g = active_mut(&mut c.groups, group)?;
@@ -808,12 +888,14 @@ impl MlsClient {
                 .stage_commit(&c.provider)
                 .map_err(mls)?;
             let (commit, welcome, _) = bundle.into_messages();
-            g.mls.merge_pending_commit(&c.provider).map_err(mls)?;
             let commit = serialize(&commit)?;
             let welcome = match welcome {
                 Some(w) => serialize(&w)?,
                 None => Vec::new(),
             };
+            if merge {
+                g.mls.merge_pending_commit(&c.provider).map_err(mls)?;
+            }
             c.persist(&[Change::Seen {
                 digest: sha256(&commit),
                 kind: Seen::Own,

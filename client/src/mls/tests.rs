@@ -283,6 +283,65 @@ fn a_file_from_before_addresses_were_kept_is_taken_and_its_messages_stay_replays
 }
 
 #[test]
+fn a_staged_commit_waits_for_the_delivery_service_and_is_dropped_when_overtaken() {
+    let (mut sender, mut team, group) = referral();
+    let epoch = |p: &mut Person| p.c().group(&group).unwrap().mls.epoch().as_u64();
+    let start = epoch(&mut team[0]);
+    // Two members change the group at the same epoch.
+    let mut x = Person::new("c.example", "x1");
+    let mut y = Person::new("c.example", "y1");
+    let (kx, ky) = (x.kp(), y.kp());
+    let a = team[0].c().stage_add_members(&group, &[kx]).unwrap();
+    assert_eq!(a.adds, vec![x.id.clone()]);
+    let commit_b = team[1].c().stage_add_members(&group, &[ky]).unwrap().commit;
+    assert!(team[0].c().has_pending_commit(&group));
+    assert_eq!(epoch(&mut team[0]), start, "not merged before it is taken");
+    // The Delivery Service takes team[1]'s: team[0] drops its own and
+    // merges the one taken, as does everyone else.
+    team[1].c().confirm_commit(&group, &commit_b).unwrap();
+    team[0].c().abandon_commit(&group).unwrap();
+    assert!(!team[0].c().has_pending_commit(&group));
+    team[0].c().process(&commit_b).unwrap();
+    sender.c().process(&commit_b).unwrap();
+    assert_eq!(epoch(&mut team[0]), start + 1);
+    assert!(!team[0].c().members(&group).unwrap().contains(&x.id));
+    let m = team[1].c().encrypt(&group, b"after").unwrap();
+    assert_eq!(app(team[0].c().process(&m).unwrap()).1, b"after");
+    drop(a);
+    // A staged commit that comes back from the Delivery Service is ours
+    // (nothing to do); it waits for the Delivery Service's word all the
+    // same, and is merged when taken.
+    let mut z = Person::new("c.example", "z1");
+    let commit_c = team[0]
+        .c()
+        .stage_add_members(&group, &[z.kp()])
+        .unwrap()
+        .commit;
+    assert_eq!(
+        team[0].c().process(&commit_c).unwrap(),
+        Processed::OwnMessage {
+            group: group.clone()
+        }
+    );
+    assert!(team[0].c().has_pending_commit(&group));
+    team[0].c().confirm_commit(&group, &commit_c).unwrap();
+    assert!(!team[0].c().has_pending_commit(&group));
+    assert_eq!(epoch(&mut team[0]), start + 2);
+    assert!(team[0].c().members(&group).unwrap().contains(&z.id));
+    // Kept across a restart: a commit staged, then the client stopped.
+    let mut w = Person::new("c.example", "w1");
+    let commit_d = team[0]
+        .c()
+        .stage_add_members(&group, &[w.kp()])
+        .unwrap()
+        .commit;
+    team[0].restart();
+    assert!(team[0].c().has_pending_commit(&group));
+    team[0].c().confirm_commit(&group, &commit_d).unwrap();
+    assert_eq!(epoch(&mut team[0]), start + 3);
+}
+
+#[test]
 fn replay_is_refused_by_openmls_even_without_the_digest_table() {
     // Same ciphertext re-encoded cannot dodge the digest check, but if the
     // digest table were lost the ratchet still refuses: simulate by
@@ -384,6 +443,11 @@ fn handover_removes_old_lead_and_new_lead_gets_history() {
     let kp = new_lead.kp();
     let old_lead = team[0].id.clone();
     let (commit, welcome) = team[1].c().handover(&group, &kp, &old_lead).unwrap();
+    // Pending until the Delivery Service has taken it.
+    assert!(team[1].c().has_pending_commit(&group));
+    assert!(team[1].c().members(&group).unwrap().contains(&old_lead));
+    team[1].c().confirm_commit(&group, &commit).unwrap();
+    assert!(!team[1].c().has_pending_commit(&group));
     assert!(!team[1].c().members(&group).unwrap().contains(&old_lead));
     assert!(team[1].c().members(&group).unwrap().contains(&new_lead.id));
 
@@ -479,7 +543,8 @@ fn history_travels_in_the_group() {
     let mut new_lead = Person::new("b.example", "lead2");
     let kp = new_lead.kp();
     let old = team[0].id.clone();
-    let (_commit, welcome) = sender.c().handover(&group, &kp, &old).unwrap();
+    let (commit, welcome) = sender.c().handover(&group, &kp, &old).unwrap();
+    sender.c().confirm_commit(&group, &commit).unwrap();
     new_lead.c().join(&welcome).unwrap();
     let hist = sender.c().send_history(&group).unwrap();
     assert_eq!(

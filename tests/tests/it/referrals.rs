@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use client::cases::{CaseError, Caseworker, Event};
-use client::{ClientConfig, ClientError};
+use client::ClientConfig;
 use proto::{Category, ErrorCode, Recipient};
 use tests::{eventually, Federation};
 
@@ -761,13 +761,116 @@ async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
         .add(&case, &to("user:hana@eastmoor"), None)
         .await
         .unwrap_err();
-    match e {
-        CaseError::Client(ClientError::Api {
-            code: ErrorCode::StaleEpoch,
-            ..
-        }) => {}
-        other => panic!("expected stale_epoch, got {other:?}"),
+    assert!(matches!(&e, CaseError::Overtaken(c) if *c == case), "{e:?}");
+    // bob's own Commit was dropped, not merged: he reads alice's and is in
+    // her epoch, so the case goes on for both (before, he was left in an
+    // epoch of his own and could read nothing more).
+    let events = read(&mut bob).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/gita")))),
+        "{events:?}"
+    );
+    alice
+        .send(&case, &category("update"), b"after the change", None, None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut bob).await), ["after the change"]);
+    // And he can make his change now.
+    bob.add(&case, &to("user:hana@eastmoor"), None)
+        .await
+        .unwrap();
+    let mut hana = worker(&fed, 2, "hana");
+    let events = read(&mut hana).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+        "{events:?}"
+    );
+    bob.send(&case, &category("update"), b"welcome, hana", None, None)
+        .await
+        .unwrap();
+    let mut got = texts(&read(&mut alice).await);
+    got.retain(|t| t == "welcome, hana");
+    assert_eq!(got, ["welcome, hana"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_commit_overtaken_by_another_change_is_made_again() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("user:bob@northshire"),
+            &category("relocation"),
+            false,
+            b"hi",
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut bob = worker(&fed, 0, "bob");
+    assert_eq!(texts(&read(&mut bob).await), ["hi"]);
+    // alice asks for a handover to hana (bob is to commit it), then adds
+    // gita herself before bob has read the request: her Commit takes the
+    // epoch, so bob's handover Commit is refused as stale.
+    alice
+        .handover(&case, &to("user:hana@eastmoor"), None)
+        .await
+        .unwrap();
+    alice
+        .add(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    // bob drops his Commit, reads alice's, and commits the handover again.
+    let mut events = read(&mut bob).await;
+    for _ in 0..5 {
+        if events.iter().any(|e| {
+            matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/hana")))
+        }) {
+            break;
+        }
+        events.extend(bob.read(Duration::from_secs(2)).await.unwrap());
     }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Membership { added, removed, .. }
+            if added.iter().any(|a| a.ends_with("/user/hana"))
+                && removed.iter().any(|r| r.ends_with("/user/alice")))),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Refused { .. })),
+        "{events:?}"
+    );
+    let mut hana = worker(&fed, 2, "hana");
+    let mut joined = read(&mut hana).await;
+    for _ in 0..5 {
+        if joined
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case))
+        {
+            break;
+        }
+        joined.extend(hana.read(Duration::from_secs(2)).await.unwrap());
+    }
+    assert!(
+        joined
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+        "{joined:?}"
+    );
+    bob.send(&case, &category("update"), b"to the new lead", None, None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut hana).await), ["to the new lead"]);
 }
 
 /// Team messages at area `i` settled (no one can list them any more).
