@@ -20,7 +20,8 @@ use proto::{Body, Category, IdempotencyKey, MessageId, Recipient, SubmitRequest}
 /// a read stopped part way prints what it read, then exits as its cause); 2 bad
 /// command line; 3 bad configuration or certificates (expired or revoked
 /// included); 4 the gateway refused the request (for example unknown
-/// recipient, policy, not found); 5 the gateway could not be reached or
+/// recipient, policy, not found, or another member's change to the case
+/// came first: read, then try again); 5 the gateway could not be reached or
 /// trusted; 6 `inbox --wait` or `read --wait` ended with nothing new.
 #[derive(Debug, Parser)]
 #[command(version, about)]
