@@ -100,6 +100,13 @@ pub enum Event {
         /// Identities removed.
         removed: Vec<String>,
     },
+    /// Our change to a case (an `add`, or a handover we committed) was
+    /// dropped: another member's change came first, or the gateway refused
+    /// it. Nothing changed; it can be made again.
+    Overtaken {
+        /// The case.
+        case_id: String,
+    },
     /// We were removed from a case (for example, handed over).
     Removed {
         /// The case.
@@ -198,8 +205,17 @@ struct Staged {
     category: String,
     /// The Commit, for the case's addresses as they were.
     commit: Vec<u8>,
-    /// Someone it adds (a SPIFFE URI): in the group once it is merged.
+    /// Someone it adds (a SPIFFE URI).
     adds: String,
+    /// Whom it removes (SPIFFE URIs).
+    #[serde(default)]
+    removes: Vec<String>,
+    /// The case's addresses (ours left out) when it was made: it goes to
+    /// these, in this order, under `<key>:commit:<i>`.
+    recipients: Vec<String>,
+    /// Whether the gateway has taken it (then it is merged here).
+    #[serde(default)]
+    taken: bool,
     /// Where the Welcome goes, and the Welcome.
     welcome_to: String,
     welcome: Vec<u8>,
@@ -364,6 +380,21 @@ fn team_in_area(addrs: &[String], user: &str) -> bool {
     addrs
         .iter()
         .any(|a| a.starts_with("team:") && a.rsplit('@').next() == Some(area))
+}
+
+/// Whether `e` is the gateway out of reach or busy for now, not a refusal.
+fn for_now(e: &CaseError) -> bool {
+    match e {
+        CaseError::Client(ClientError::Transport(_)) => true,
+        CaseError::Client(ClientError::Api { code, .. }) => matches!(
+            code,
+            proto::ErrorCode::Unavailable
+                | proto::ErrorCode::RateLimited
+                | proto::ErrorCode::Internal
+                | proto::ErrorCode::InsufficientStorage
+        ),
+        _ => false,
+    }
 }
 
 /// A person's address (`user:<id>@<area>`) from their identity URI.
@@ -676,7 +707,7 @@ impl Caseworker {
         disclosure: Option<proto::Disclosure>,
     ) -> Result<Vec<MessageId>, CaseError> {
         let group = self.group_of(case_id)?;
-        self.settle_all().await?;
+        self.settle_before().await?;
         if self.addresses(case_id).is_empty() {
             return Err(CaseError::Invalid(format!(
                 "this client has no address to send case {case_id}'s messages to (its record in cases.json is missing); nothing was sent"
@@ -710,6 +741,17 @@ impl Caseworker {
             .unwrap_or_default()
     }
 
+    /// The case's addresses but ours, as recorded (the addresses a message
+    /// to the case goes to).
+    fn recipients(&self, case_id: &str) -> Vec<String> {
+        let me = self.me.to_string();
+        self.meta
+            .cases
+            .get(case_id)
+            .map(|list| list.iter().filter(|a| **a != me).cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Where the messages of case `case_id` go from here (its addresses
     /// but ours).
     pub fn addresses(&self, case_id: &str) -> Vec<Recipient> {
@@ -737,17 +779,6 @@ impl Caseworker {
             self.save()?;
         }
         Ok(())
-    }
-
-    async fn fan_out(
-        &self,
-        case_id: &str,
-        category: &Category,
-        key: &str,
-        bytes: Vec<u8>,
-    ) -> Result<Vec<MessageId>, CaseError> {
-        self.fan_out_declared(case_id, category, key, bytes, None, None)
-            .await
     }
 
     /// Sends `bytes` to each of the case's addresses but ours; `what` names
@@ -799,10 +830,11 @@ impl Caseworker {
         key: Option<String>,
     ) -> Result<Vec<String>, CaseError> {
         let group = self.group_of(case_id)?;
-        self.settle_all().await?;
+        self.settle_before().await?;
         let key = key.unwrap_or_else(fresh_key);
         let (kps, missing) = self.claim(to).await?;
         let own = self.mls.stage_add_members(&group, &kps)?;
+        let recipients = self.recipients(case_id);
         let mut addresses = self.meta.cases.get(case_id).cloned().unwrap_or_default();
         if !addresses.contains(&to.to_string()) {
             addresses.push(to.to_string());
@@ -812,6 +844,9 @@ impl Caseworker {
             category: "update".into(),
             commit: own.commit,
             adds: own.adds.into_iter().next().unwrap_or_default(),
+            removes: Vec::new(),
+            recipients,
+            taken: false,
             welcome_to: to.to_string(),
             welcome: own.welcome,
             addresses,
@@ -824,78 +859,155 @@ impl Caseworker {
 
     /// Records `staged` for `case_id`, then sends it ([`Caseworker::settle`]).
     async fn stage(&mut self, case_id: &str, staged: Staged) -> Result<Settled, CaseError> {
+        if self.meta.staged.contains_key(case_id) {
+            return Err(CaseError::Invalid(format!(
+                "an earlier change to case {case_id} is still being sent: read, then try again"
+            )));
+        }
         self.meta.staged.insert(case_id.to_owned(), staged);
         self.save()?;
         // Just recorded: settled one way or the other, or an error.
         Ok(self.settle(case_id).await?.unwrap_or(Settled::Overtaken))
     }
 
-    /// Sends our staged Commit to the case again (the same keys: what the
-    /// gateway has is not stored twice) and settles it: taken, it is merged
-    /// here, the Welcome goes to whom it adds and the case's addresses
-    /// change; refused for its epoch, it is dropped. `None` if there is
-    /// none. An error (the gateway unreachable) leaves it staged.
+    /// Sends our staged Commit to the case's addresses (as they were when
+    /// it was made, under the same keys: what the gateway has is not
+    /// stored twice) and settles it. The first address decides: the
+    /// gateway takes the Commit (the epoch is then bound to it: it is
+    /// recorded as taken and merged here, then goes to the other addresses,
+    /// then the Welcome to whom it adds, and the case's addresses change),
+    /// or refuses it (`stale_epoch`: another member's came first; or any
+    /// other refusal), and it is dropped. `None` if there is none. An error
+    /// reaching the gateway leaves it staged, to be sent again.
     async fn settle(&mut self, case_id: &str) -> Result<Option<Settled>, CaseError> {
         let Some(s) = self.meta.staged.get(case_id).cloned() else {
             return Ok(None);
         };
-        let Ok(group) = self.group_of(case_id) else {
-            self.meta.staged.remove(case_id);
-            self.save()?;
-            return Ok(None);
+        let group = match self.group_of(case_id) {
+            Ok(g) if self.mls.members(&g).is_ok() => g,
+            // The case is gone, or we were removed from it.
+            _ => return self.unstage(case_id, Settled::Overtaken).map(Some),
         };
         let category = Category::new(&s.category).map_err(|e| CaseError::Invalid(e.to_string()))?;
-        if self.mls.has_pending_commit(&group) {
+        let mut taken = s.taken;
+        if !taken && !self.mls.has_pending_commit(&group) {
+            // Cleared by another member's Commit (or dropped before a
+            // crash let this record go): never taken.
+            return self.unstage(case_id, Settled::Overtaken).map(Some);
+        }
+        for (i, addr) in s.recipients.iter().enumerate() {
             let sent = self
-                .fan_out(
-                    case_id,
+                .submit(
+                    addr,
                     &category,
-                    &format!("{}:commit", s.key),
+                    false,
+                    format!("{}:commit:{i}", s.key),
                     s.commit.clone(),
+                    None,
                 )
                 .await;
             match sent {
-                Ok(_) => self.mls.confirm_commit(&group, &s.commit)?,
+                Ok(_) => {
+                    if !taken {
+                        taken = true;
+                        if let Some(r) = self.meta.staged.get_mut(case_id) {
+                            r.taken = true;
+                        }
+                        self.save()?;
+                        self.mls.confirm_commit(&group, &s.commit)?;
+                    }
+                }
                 Err(CaseError::Client(ClientError::Api {
                     code: proto::ErrorCode::StaleEpoch,
                     ..
-                })) => {
+                })) if !taken => {
                     self.mls.abandon_commit(&group)?;
-                    self.meta.staged.remove(case_id);
-                    self.save()?;
-                    return Ok(Some(Settled::Overtaken));
+                    return self.unstage(case_id, Settled::Overtaken).map(Some);
+                }
+                Err(e) if for_now(&e) => return Err(e),
+                // Refused for this address itself (it left the directory,
+                // say): the others go on.
+                Err(CaseError::Client(ClientError::Api { code, .. })) => {
+                    tracing::warn!(case = %case_id, address = %addr, ?code, "the gateway refused our change to the case for one address");
                 }
                 Err(e) => return Err(e),
             }
-        } else if !self.mls.members(&group)?.contains(&s.adds) {
-            // Cleared by another member's Commit, read before this one was
-            // known to be taken.
-            self.meta.staged.remove(case_id);
-            self.save()?;
-            return Ok(Some(Settled::Overtaken));
         }
-        self.submit(
-            &s.welcome_to,
-            &category,
-            false,
-            format!("{}:welcome", s.key),
-            s.welcome.clone(),
-            Some((INVITATION, case_id)),
-        )
-        .await?;
+        if !taken {
+            if !s.recipients.is_empty() {
+                // Refused for every address: nobody has it.
+                self.mls.abandon_commit(&group)?;
+                return self.unstage(case_id, Settled::Overtaken).map(Some);
+            }
+            // No address but ours: nobody else to take it from.
+            self.mls.confirm_commit(&group, &s.commit)?;
+        }
+        let welcomed = self
+            .submit(
+                &s.welcome_to,
+                &category,
+                false,
+                format!("{}:welcome", s.key),
+                s.welcome.clone(),
+                Some((INVITATION, case_id)),
+            )
+            .await;
+        match welcomed {
+            Ok(_) => {}
+            Err(e) if for_now(&e) => return Err(e),
+            // Refused (they left the directory, say): the change stands.
+            Err(e) => {
+                tracing::warn!(case = %case_id, address = %s.welcome_to, error = %e, "the Welcome of our change to the case was refused");
+            }
+        }
         self.meta.cases.insert(case_id.to_owned(), s.addresses);
-        self.meta.staged.remove(case_id);
-        self.save()?;
-        Ok(Some(Settled::Taken))
+        self.unstage(case_id, Settled::Taken).map(Some)
     }
 
-    /// Settles every staged Commit ([`Caseworker::settle`]).
-    async fn settle_all(&mut self) -> Result<(), CaseError> {
-        let cases: Vec<String> = self.meta.staged.keys().cloned().collect();
-        for case_id in cases {
-            self.settle(&case_id).await?;
+    /// Forgets the staged Commit of `case_id`, settled as `how`.
+    fn unstage(&mut self, case_id: &str, how: Settled) -> Result<Settled, CaseError> {
+        self.meta.staged.remove(case_id);
+        self.save()?;
+        Ok(how)
+    }
+
+    /// Settles every staged Commit before another change or message to a
+    /// case: what `read` would tell is told in the log.
+    async fn settle_before(&mut self) -> Result<(), CaseError> {
+        for e in self.settle_all().await? {
+            if let Event::Overtaken { case_id } = e {
+                tracing::warn!(case = %case_id, "an earlier change to this case was dropped: another member's came first, or the gateway refused it; make it again");
+            }
         }
         Ok(())
+    }
+
+    /// Settles every staged Commit ([`Caseworker::settle`]); events for
+    /// `read` to tell: a handover taken, or a change dropped.
+    async fn settle_all(&mut self) -> Result<Vec<Event>, CaseError> {
+        let mut events = Vec::new();
+        let cases: Vec<(String, Staged)> = self
+            .meta
+            .staged
+            .iter()
+            .map(|(c, s)| (c.clone(), s.clone()))
+            .collect();
+        for (case_id, s) in cases {
+            match self.settle(&case_id).await? {
+                Some(Settled::Overtaken) => events.push(Event::Overtaken {
+                    case_id: case_id.clone(),
+                }),
+                Some(Settled::Taken) if s.category == "handover" => {
+                    events.push(Event::Membership {
+                        case_id: case_id.clone(),
+                        added: vec![s.adds.clone()],
+                        removed: s.removes.clone(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(events)
     }
 
     /// Hands a case to a new key lead (a user). MLS does not let a member
@@ -917,7 +1029,7 @@ impl Caseworker {
         };
         let new_lead = certs::Identity::User(to.area.clone(), user.clone()).uri();
         let group = self.group_of(case_id)?;
-        self.settle_all().await?;
+        self.settle_before().await?;
         let key = key.unwrap_or_else(fresh_key);
         let category = Category::new("handover").map_err(|e| CaseError::Invalid(e.to_string()))?;
         // Two KeyPackages: one for the transfer group, one for the case.
@@ -994,12 +1106,16 @@ impl Caseworker {
     }
 
     /// Commits a handover request if we are the designated committer.
+    /// `again`: a request this client was designated to commit when it
+    /// read it, whose Commit was overtaken: it commits it still, whoever
+    /// the overtaking Commit added (they never saw the request).
     async fn commit_handover(
         &mut self,
         group: &GroupId,
         case_id: &str,
         old_lead: &str,
         request: &[u8],
+        again: bool,
     ) -> Result<Vec<Event>, CaseError> {
         let req: HandoverRequest = serde_json::from_slice(request)
             .map_err(|e| CaseError::Invalid(format!("handover request: {e}")))?;
@@ -1019,7 +1135,7 @@ impl Caseworker {
             return Ok(Vec::new());
         }
         let designated = members.iter().filter(|m| *m != old_lead).min().cloned();
-        if designated.as_deref() != Some(me.as_str()) {
+        if !again && designated.as_deref() != Some(me.as_str()) {
             self.meta.handover_requests.remove(case_id);
             self.meta
                 .handover_leads
@@ -1035,6 +1151,7 @@ impl Caseworker {
             .insert(case_id.to_owned(), (old_lead.to_owned(), request.to_vec()));
         self.save()?;
         let (commit, welcome) = self.mls.handover(group, &req.key_package, old_lead)?;
+        let recipients = self.recipients(case_id);
         let mut addresses = self.meta.cases.get(case_id).cloned().unwrap_or_default();
         if let Some(old) = address_of(old_lead) {
             addresses.retain(|a| *a != old);
@@ -1050,6 +1167,9 @@ impl Caseworker {
             // Everyone, the old lead included, gets the Commit.
             commit,
             adds: req.new_lead.clone(),
+            removes: vec![old_lead.to_owned()],
+            recipients,
+            taken: false,
             welcome_to: new_addr,
             welcome,
             addresses,
@@ -1092,7 +1212,7 @@ impl Caseworker {
                 continue;
             }
             match self
-                .commit_handover(&group, &case_id, &old_lead, &request)
+                .commit_handover(&group, &case_id, &old_lead, &request, true)
                 .await
             {
                 Ok(mut more) => events.append(&mut more),
@@ -1141,8 +1261,7 @@ impl Caseworker {
         let deadline = tokio::time::Instant::now() + wait;
         // Our own changes first: the cases' next messages may be in the
         // epochs they make.
-        self.settle_all().await?;
-        let mut events = Vec::new();
+        let mut events = self.settle_all().await?;
         let interrupted = |events: Vec<Event>, error: CaseError| {
             if events.is_empty() {
                 error
@@ -1294,6 +1413,14 @@ impl Caseworker {
                         });
                     }
                 }
+                // The gateway out of reach or busy while handling it (a
+                // Commit or Welcome it sends): not the message's fault. The
+                // read stops; the next one takes the message up again (done
+                // already, it is then acknowledged).
+                Err(e @ CaseError::Client(_)) if for_now(&e) => {
+                    self.save()?;
+                    return Err(e);
+                }
                 Err(e) => {
                     self.meta.refused.insert(env.message_id.to_string());
                     self.meta.processing.remove(id);
@@ -1386,8 +1513,17 @@ impl Caseworker {
             }
             check_declared(plaintext, fields).map_err(|e| e.to_string())
         };
+        // The address it came by, if it is one of ours (our own, or a team
+        // of our area, as the gateway lists only our teams'): a copy by
+        // another of them is set aside; by anything else, a replay.
         let via = env.recipient.to_string();
-        match self.mls.process_checked(bytes, Some(&via), &keep)? {
+        let ours = env.recipient == self.me
+            || (matches!(env.recipient.target, Target::Team(_))
+                && env.recipient.area == self.me.area);
+        match self
+            .mls
+            .process_checked(bytes, ours.then_some(via.as_str()), &keep)?
+        {
             Processed::Application {
                 group,
                 sender,
@@ -1400,7 +1536,7 @@ impl Caseworker {
                 }
                 if let Some(request) = plaintext.strip_prefix(HANDOVER_MARK) {
                     return self
-                        .commit_handover(&group, &case_id, &sender, request)
+                        .commit_handover(&group, &case_id, &sender, request, false)
                         .await;
                 }
                 if let Some(d) = &env.disclosure {
@@ -1428,7 +1564,17 @@ impl Caseworker {
                 ..
             } => {
                 let case_id = self.case_of(&group).unwrap_or_default();
-                let lead = self.meta.handover_leads.remove(&case_id);
+                // Only the Commit adding the lead settles it (another
+                // member's change may come first).
+                let lead = self
+                    .meta
+                    .handover_leads
+                    .get(&case_id)
+                    .filter(|l| added.contains(l))
+                    .cloned();
+                if lead.is_some() {
+                    self.meta.handover_leads.remove(&case_id);
+                }
                 let addrs = self.meta.cases.entry(case_id.clone()).or_default();
                 for r in &removed {
                     if let Some(a) = address_of(r) {

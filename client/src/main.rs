@@ -758,6 +758,9 @@ async fn cases_command(
                         println!("case {case_id}: added {added:?}, removed {removed:?}")
                     }
                     Event::Removed { case_id } => println!("you were removed from case {case_id}"),
+                    Event::Overtaken { case_id } => println!(
+                        "case {case_id}: your change was dropped (another member's came first, or the gateway refused it); nothing changed: make it again"
+                    ),
                     Event::History {
                         case_id,
                         from,
@@ -1012,6 +1015,7 @@ fn event_json(e: &client::cases::Event) -> Option<serde_json::Value> {
             removed,
         } => json!({ "event": "membership", "case": case_id, "added": added, "removed": removed }),
         Event::Removed { case_id } => json!({ "event": "removed", "case": case_id }),
+        Event::Overtaken { case_id } => json!({ "event": "overtaken", "case": case_id }),
         Event::History {
             case_id,
             from,
@@ -1174,6 +1178,9 @@ mod tests {
             Event::Removed {
                 case_id: "c".into(),
             },
+            Event::Overtaken {
+                case_id: "c".into(),
+            },
             Event::History {
                 case_id: "c".into(),
                 from: "bob".into(),
@@ -1201,6 +1208,7 @@ mod tests {
                 "message",
                 "membership",
                 "removed",
+                "overtaken",
                 "history",
                 "refused"
             ]

@@ -1019,10 +1019,20 @@ impl MlsClient {
         match self.store.seen(&digest)? {
             Some((Seen::Own, _)) => return Ok(Processed::OwnMessage { group }),
             Some((Seen::Inbound, first)) => {
-                return match (first.as_deref(), via) {
-                    (Some(first), Some(via)) if first != via => Ok(Processed::Copy { group }),
-                    _ => Err(MlsError::Replay),
+                let Some(via) = via else {
+                    return Err(MlsError::Replay);
+                };
+                // Once by each of our addresses; again by any is a replay.
+                if first.as_deref().is_none_or(|f| f == via)
+                    || self.store.copy_seen(&digest, via)?
+                {
+                    return Err(MlsError::Replay);
                 }
+                let via = via.to_owned();
+                return self.atomically(|c| {
+                    c.persist(&[Change::Copy { digest, via }])?;
+                    Ok(Processed::Copy { group })
+                });
             }
             None => {}
         }

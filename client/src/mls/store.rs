@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS history (
 );
 CREATE INDEX IF NOT EXISTS history_by_group ON history (group_id, at_ms, id);
 CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, own INTEGER NOT NULL, via TEXT);
+CREATE TABLE IF NOT EXISTS copies (digest BLOB NOT NULL, via TEXT NOT NULL, PRIMARY KEY (digest, via));
 ";
 
 /// What a message digest in the `seen` table means.
@@ -63,6 +64,8 @@ pub(super) enum Change {
         kind: Seen,
         via: Option<String>,
     },
+    /// A message seen before, come again by another of our addresses.
+    Copy { digest: [u8; 32], via: String },
     /// A metadata value.
     Meta { key: &'static str, value: Vec<u8> },
 }
@@ -173,6 +176,17 @@ impl Store {
     }
 
     /// Whether we have seen a message with this digest, and how.
+    /// Whether a copy of the message `digest` came by `via` before.
+    pub(super) fn copy_seen(&self, digest: &[u8; 32], via: &str) -> Result<bool, MlsError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM copies WHERE digest = ?1 AND via = ?2")
+            .map_err(db)?
+            .query_row(params![&digest[..], via], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(db)
+    }
+
     /// Whether we have seen a message digest, and the address it came by
     /// (when it came from someone else, by a known address).
     pub(super) fn seen(
@@ -288,6 +302,14 @@ impl Store {
                         )
                         .map_err(db)?
                         .execute(params![&digest[..], i64::from(*kind == Seen::Own), via])
+                        .map_err(db)?;
+                    }
+                    Change::Copy { digest, via } => {
+                        tx.prepare_cached(
+                            "INSERT OR IGNORE INTO copies (digest, via) VALUES (?1, ?2)",
+                        )
+                        .map_err(db)?
+                        .execute(params![&digest[..], via])
                         .map_err(db)?;
                     }
                     Change::Meta { key, value } => {

@@ -245,15 +245,28 @@ fn the_same_message_by_another_of_our_addresses_is_a_copy_and_by_the_same_one_a_
             group: group.clone()
         }
     );
+    // Once by each address: by name again, a replay.
+    assert!(matches!(
+        team[0]
+            .c()
+            .process_checked(&ct, Some("user:d1@b.example"), &keep),
+        Err(MlsError::Replay)
+    ));
     // An address unknown either way proves nothing: a replay.
     assert!(matches!(team[0].c().process(&ct), Err(MlsError::Replay)));
     assert_eq!(team[0].c().history(&group).unwrap().len(), 1);
-    // Kept across a restart (the address is on disk with the digest).
+    // Kept across a restart (the addresses are on disk with the digest).
     team[0].restart();
+    assert!(matches!(
+        team[0]
+            .c()
+            .process_checked(&ct, Some("user:d1@b.example"), &keep),
+        Err(MlsError::Replay)
+    ));
     assert_eq!(
         team[0]
             .c()
-            .process_checked(&ct, Some("user:d1@b.example"), &keep)
+            .process_checked(&ct, Some("team:other@b.example"), &keep)
             .unwrap(),
         Processed::Copy { group }
     );
