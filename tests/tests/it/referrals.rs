@@ -367,19 +367,7 @@ async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
     assert!(events.iter().any(|e| matches!(e, Event::Membership { removed, added, .. }
         if removed.iter().any(|r| r.ends_with("/user/alice")) && added.iter().any(|a| a.ends_with("/user/bob")))), "{events:?}");
     let mut bob = worker(&fed, 0, "bob");
-    let mut events = read(&mut bob).await;
-    if !events
-        .iter()
-        .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case))
-    {
-        events.extend(read(&mut bob).await);
-    }
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
-        "{events:?}"
-    );
+    let events = joins(&mut bob, &case).await;
     assert!(
         events
             .iter()
@@ -471,19 +459,7 @@ async fn a_new_lead_outside_the_team_of_their_area_gets_every_members_messages()
         "{events:?}"
     );
     let mut gita = worker(&fed, 1, "gita");
-    let mut events = read(&mut gita).await;
-    if !events
-        .iter()
-        .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case))
-    {
-        events.extend(read(&mut gita).await);
-    }
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
-        "{events:?}"
-    );
+    joins(&mut gita, &case).await;
     let events = read(&mut erin).await;
     assert!(
         events
@@ -734,10 +710,9 @@ async fn key_packages_are_bound_to_the_uploaders_certificate() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
-    let fed = federation_with_keys().await;
-    let mut alice = worker(&fed, 0, "alice");
+/// alice's referral to bob (both of northshire), read by bob.
+async fn alice_refers_to_bob(fed: &Federation) -> (Caseworker, String, Caseworker) {
+    let mut alice = worker(fed, 0, "alice");
     let (case, _) = alice
         .refer(
             &to("user:bob@northshire"),
@@ -750,8 +725,46 @@ async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
         )
         .await
         .unwrap();
-    let mut bob = worker(&fed, 0, "bob");
+    let mut bob = worker(fed, 0, "bob");
     assert_eq!(texts(&read(&mut bob).await), ["hi"]);
+    (alice, case, bob)
+}
+
+/// Reads until `w` has joined `case` (its Welcome may come after other
+/// messages), and returns what was read.
+async fn joins(w: &mut Caseworker, case: &str) -> Vec<Event> {
+    let events = read_until(w, |events| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if case_id == case))
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if case_id == case)),
+        "{events:?}"
+    );
+    events
+}
+
+/// Reads until `done` holds for what was read (a few tries of 2 s after
+/// the first read), and returns what was read.
+async fn read_until(w: &mut Caseworker, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    let mut events = read(w).await;
+    for _ in 0..5 {
+        if done(&events) {
+            break;
+        }
+        events.extend(w.read(Duration::from_secs(2)).await.unwrap());
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
+    let fed = federation_with_keys().await;
+    let (mut alice, case, mut bob) = alice_refers_to_bob(&fed).await;
     // Both commit at the same epoch; the gateway accepts the first only.
     alice
         .add(&case, &to("user:gita@southvale"), None)
@@ -801,21 +814,7 @@ async fn a_second_commit_for_the_same_epoch_is_refused_as_stale() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handover_commit_overtaken_by_another_change_is_made_again() {
     let fed = federation_with_keys().await;
-    let mut alice = worker(&fed, 0, "alice");
-    let (case, _) = alice
-        .refer(
-            &to("user:bob@northshire"),
-            &category("relocation"),
-            false,
-            b"hi",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-    let mut bob = worker(&fed, 0, "bob");
-    assert_eq!(texts(&read(&mut bob).await), ["hi"]);
+    let (mut alice, case, mut bob) = alice_refers_to_bob(&fed).await;
     // alice asks for a handover to hana (bob is to commit it), then adds
     // gita herself before bob has read the request: her Commit takes the
     // epoch, so bob's handover Commit is refused as stale.
@@ -828,16 +827,13 @@ async fn a_handover_commit_overtaken_by_another_change_is_made_again() {
         .await
         .unwrap();
     // bob drops his Commit, reads alice's, and commits the handover again.
-    let mut events = read(&mut bob).await;
-    for _ in 0..5 {
-        if events.iter().any(|e| {
+    let events = read_until(&mut bob, |events| {
+        events.iter().any(|e| {
             matches!(e, Event::Membership { added, .. }
             if added.iter().any(|a| a.ends_with("/user/hana")))
-        }) {
-            break;
-        }
-        events.extend(bob.read(Duration::from_secs(2)).await.unwrap());
-    }
+        })
+    })
+    .await;
     assert!(
         events
             .iter()
@@ -851,22 +847,7 @@ async fn a_handover_commit_overtaken_by_another_change_is_made_again() {
         "{events:?}"
     );
     let mut hana = worker(&fed, 2, "hana");
-    let mut joined = read(&mut hana).await;
-    for _ in 0..5 {
-        if joined
-            .iter()
-            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case))
-        {
-            break;
-        }
-        joined.extend(hana.read(Duration::from_secs(2)).await.unwrap());
-    }
-    assert!(
-        joined
-            .iter()
-            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
-        "{joined:?}"
-    );
+    joins(&mut hana, &case).await;
     bob.send(&case, &category("update"), b"to the new lead", None, None)
         .await
         .unwrap();
