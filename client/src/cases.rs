@@ -190,6 +190,28 @@ struct Meta {
     /// by another member's is made again once that one is read.
     #[serde(default)]
     handover_requests: BTreeMap<String, (String, Vec<u8>)>,
+    /// idempotency key → a referral made under it: kept before its first
+    /// message is sent, so that `refer` again with the same key sends the
+    /// same bytes (the gateway stores nothing twice) rather than a second
+    /// case; its bytes are let go once both messages are taken.
+    #[serde(default)]
+    referrals: BTreeMap<String, Referral>,
+}
+
+/// A referral as made under one idempotency key (see `Meta::referrals`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Referral {
+    /// Its case.
+    case_id: String,
+    /// Whom to, and what it says (a digest of the plaintext and the
+    /// disclosure): a second `refer` with the key must say the same.
+    to: String,
+    what: String,
+    /// Its Welcome and first message, until both are taken.
+    welcome: Option<Vec<u8>>,
+    message: Option<Vec<u8>>,
+    /// Those it could not reach (no keys), as the first time.
+    missing: Vec<String>,
 }
 
 /// Our Commit to a case, kept from before it is sent until the gateway
@@ -661,40 +683,94 @@ impl Caseworker {
         key: Option<String>,
         disclosure: Option<proto::Disclosure>,
     ) -> Result<(String, Vec<String>), CaseError> {
-        let case_id =
-            case_id.unwrap_or_else(|| format!("case-{}", hex::encode(rand::random::<[u8; 8]>())));
         let key = key.unwrap_or_else(fresh_key);
-        let (kps, missing) = self.claim(to).await?;
-        let group = self.mls.create_group(&case_id)?;
-        let (_commit, welcome) = self.mls.add_members(&group, &kps)?;
-        self.meta
-            .cases
-            .insert(case_id.clone(), vec![to.to_string()]);
-        self.save()?;
-        self.submit(
-            &to.to_string(),
-            category,
-            urgent,
-            format!("{key}:welcome"),
-            welcome,
-            Some((INVITATION, &case_id)),
-        )
-        .await?;
+        // What this referral says, to tell a second `refer` with the key.
+        let what = {
+            let d = serde_json::to_vec(&disclosure).unwrap_or_default();
+            let mut all = Vec::with_capacity(body.len() + d.len() + 64);
+            for part in [category.as_str().as_bytes(), &[u8::from(urgent)], &d, body] {
+                all.extend_from_slice(&(part.len() as u64).to_be_bytes());
+                all.extend_from_slice(part);
+            }
+            hex::encode(crate::mls::sha256(&all))
+        };
+        let referral = match self.meta.referrals.get(&key) {
+            // Made before under this key (its sending cut short, or done):
+            // the same bytes again.
+            Some(r) => {
+                if r.to != to.to_string()
+                    || r.what != what
+                    || case_id.is_some_and(|c| c != r.case_id)
+                {
+                    return Err(CaseError::Invalid(format!(
+                        "key {key} was used for another referral (case {}): use another key",
+                        r.case_id
+                    )));
+                }
+                r.clone()
+            }
+            None => {
+                let case_id = case_id
+                    .unwrap_or_else(|| format!("case-{}", hex::encode(rand::random::<[u8; 8]>())));
+                if self.meta.cases.contains_key(&case_id) || self.group_of(&case_id).is_ok() {
+                    return Err(CaseError::Invalid(format!(
+                        "case {case_id} is already on this client: reply, add or handover in it"
+                    )));
+                }
+                let (kps, missing) = self.claim(to).await?;
+                let group = self.mls.create_group(&case_id)?;
+                let (_commit, welcome) = self.mls.add_members(&group, &kps)?;
+                let message = self.mls.encrypt(&group, body)?;
+                let r = Referral {
+                    case_id: case_id.clone(),
+                    to: to.to_string(),
+                    what,
+                    welcome: Some(welcome),
+                    message: Some(message),
+                    missing,
+                };
+                self.meta.cases.insert(case_id, vec![to.to_string()]);
+                self.meta.referrals.insert(key.clone(), r.clone());
+                self.save()?;
+                r
+            }
+        };
+        let case_id = referral.case_id.clone();
+        if let Some(welcome) = referral.welcome {
+            self.submit(
+                &referral.to,
+                category,
+                urgent,
+                format!("{key}:welcome"),
+                welcome,
+                Some((INVITATION, &case_id)),
+            )
+            .await?;
+            if let Some(r) = self.meta.referrals.get_mut(&key) {
+                r.welcome = None;
+            }
+            self.save()?;
+        }
         if let Some(d) = &disclosure {
             self.remember_fled_from(&case_id, &d.fled_from)?;
         }
-        let msg = self.mls.encrypt(&group, body)?;
-        self.submit_declared(
-            &to.to_string(),
-            category,
-            urgent,
-            format!("{key}:message"),
-            msg,
-            disclosure,
-            Some(("referral", &case_id)),
-        )
-        .await?;
-        Ok((case_id, missing))
+        if let Some(message) = referral.message {
+            self.submit_declared(
+                &referral.to,
+                category,
+                urgent,
+                format!("{key}:message"),
+                message,
+                disclosure,
+                Some(("referral", &case_id)),
+            )
+            .await?;
+            if let Some(r) = self.meta.referrals.get_mut(&key) {
+                r.message = None;
+            }
+            self.save()?;
+        }
+        Ok((case_id, referral.missing))
     }
 
     /// Sends a message (reply, update) to everyone in a case.

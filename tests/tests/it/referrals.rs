@@ -710,6 +710,63 @@ async fn key_packages_are_bound_to_the_uploaders_certificate() {
     );
 }
 
+/// alice's referral to southvale's duty team under the key `ref-1`.
+async fn refer(
+    alice: &mut Caseworker,
+    body: &[u8],
+    case: Option<String>,
+) -> Result<(String, Vec<String>), CaseError> {
+    alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            body,
+            case,
+            Some("ref-1".into()),
+            None,
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referral_made_again_under_its_key_is_the_same_referral() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, missing) = refer(&mut alice, b"first", None).await.unwrap();
+    assert!(missing.is_empty());
+    let stored = || fed.count(0, "SELECT COUNT(*) FROM sent").unwrap();
+    assert_eq!(stored(), 2, "the Welcome and the referral");
+    // Again under the key (a script retrying after a lost answer): the same
+    // case, nothing new stored, and no second group.
+    let (again, _) = refer(&mut alice, b"first", None).await.unwrap();
+    assert_eq!(again, case);
+    assert_eq!(stored(), 2);
+    assert_eq!(alice.cases().unwrap(), [case.clone()]);
+    // The key with other content, or a case id this client has: refused.
+    let e = refer(&mut alice, b"other", None).await.unwrap_err();
+    assert!(
+        e.to_string().contains("was used for another referral"),
+        "{e}"
+    );
+    let e = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            b"x",
+            Some(case.clone()),
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already on this client"), "{e}");
+    assert_eq!(stored(), 2);
+    let mut dan = worker(&fed, 1, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["first"]);
+}
+
 /// alice's referral to bob (both of northshire), read by bob.
 async fn alice_refers_to_bob(fed: &Federation) -> (Caseworker, String, Caseworker) {
     let mut alice = worker(fed, 0, "alice");
