@@ -971,6 +971,10 @@ impl Caseworker {
             // crash let this record go): never taken.
             return self.unstage(case_id, Settled::Overtaken).map(Some);
         }
+        if taken && self.mls.has_pending_commit(&group) {
+            // Taken, and a crash came before it was merged.
+            self.mls.confirm_commit(&group, &s.commit)?;
+        }
         for (i, addr) in s.recipients.iter().enumerate() {
             let sent = self
                 .submit(
