@@ -831,17 +831,10 @@ impl Caseworker {
     /// Where the messages of case `case_id` go from here (its addresses
     /// but ours).
     pub fn addresses(&self, case_id: &str) -> Vec<Recipient> {
-        let me = self.me.to_string();
-        self.meta
-            .cases
-            .get(case_id)
-            .map(|list| {
-                list.iter()
-                    .filter(|a| **a != me)
-                    .filter_map(|a| a.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.recipients(case_id)
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
     }
 
     fn remember_fled_from(&mut self, case_id: &str, areas: &[AreaId]) -> Result<(), CaseError> {

@@ -785,15 +785,16 @@ async fn cases_command(
                     _ => {}
                 }
             }
-            for line in not_in_case_lines(&events) {
+            // A summary line: as it is, or as a JSON event of `kind`.
+            let say = |kind: &str, key: &str, line: &str| {
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "event": "not_in_case", "text": line })
-                    );
+                    println!("{}", serde_json::json!({ "event": kind, key: line }));
                 } else {
                     println!("{line}");
                 }
+            };
+            for line in not_in_case_lines(&events) {
+                say("not_in_case", "text", &line);
             }
             if let Some(e) = stopped {
                 return Err(anyhow::Error::new(e).context(format!(
@@ -816,14 +817,7 @@ async fn cases_command(
                 Ok(rows) => {
                     for line in came_back_lines(&rows) {
                         came_back += 1;
-                        if json {
-                            println!(
-                                "{}",
-                                serde_json::json!({ "event": "came_back", "came_back": line })
-                            );
-                        } else {
-                            println!("{line}");
-                        }
+                        say("came_back", "came_back", &line);
                     }
                 }
                 Err(e) => eprintln!("warning: could not check what you sent: {e}"),

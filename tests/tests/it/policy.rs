@@ -22,6 +22,13 @@ fn worker(fed: &Federation, area: usize, user: &str) -> Caseworker {
     Caseworker::open(&config, client::Api::new(&config).unwrap()).unwrap()
 }
 
+/// `user`'s worker in area `area`, with keys published.
+async fn keyed(fed: &Federation, area: usize, user: &str) -> Caseworker {
+    let mut w = worker(fed, area, user);
+    w.publish_keys(3).await.unwrap();
+    w
+}
+
 /// `w`'s reads (of up to 2 s each, 20 at most) until one gives an event
 /// `done` picks: everything read.
 async fn read_until(w: &mut Caseworker, done: fn(&Event) -> bool) -> Vec<Event> {
@@ -198,8 +205,7 @@ async fn the_sending_gateway_enforces_the_signed_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_content_must_declare_its_disclosure_and_match_it() {
     let fed = with_policies().await;
-    let mut dan = worker(&fed, 1, "dan");
-    dan.publish_keys(3).await.unwrap();
+    let mut dan = keyed(&fed, 1, "dan").await;
     let mut alice = worker(&fed, 0, "alice");
     let to = "user:dan@southvale".parse().unwrap();
     let relocation = Category::new("relocation").unwrap();
@@ -366,10 +372,8 @@ async fn a_peer_that_serves_no_policy_has_its_message_refused_and_one_unreachabl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
     let fed = with_policies().await;
-    let mut dan = worker(&fed, 1, "dan");
-    dan.publish_keys(3).await.unwrap();
-    let mut bob = worker(&fed, 0, "bob");
-    bob.publish_keys(3).await.unwrap();
+    let mut dan = keyed(&fed, 1, "dan").await;
+    let mut bob = keyed(&fed, 0, "bob").await;
     let mut alice = worker(&fed, 0, "alice");
     let d = alice
         .declare("safeguarding", vec!["chronology".into()], vec![])
@@ -427,11 +431,9 @@ async fn a_case_is_handed_over_where_a_sharing_policy_is_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_case_holding_the_new_address_is_not_handed_over_to_the_area_the_family_fled() {
     let fed = with_policies().await;
-    let mut dan = worker(&fed, 1, "dan");
-    dan.publish_keys(3).await.unwrap();
-    let mut bob = worker(&fed, 0, "bob");
-    bob.publish_keys(3).await.unwrap();
-    drop(bob);
+    let mut dan = keyed(&fed, 1, "dan").await;
+    // bob's keys published, his client closed (he reads later).
+    drop(keyed(&fed, 0, "bob").await);
     let mut alice = worker(&fed, 0, "alice");
     let mut content = policy::CaseFile::new();
     content.insert(

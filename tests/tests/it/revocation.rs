@@ -40,6 +40,22 @@ async fn settled(count: impl Fn() -> u64) -> u64 {
     }
 }
 
+/// The first error `api`'s open connection gets, asking every `every`
+/// (within [`LIMIT`]) once its certificate is `what` (revoked, expired).
+async fn first_refusal(api: &client::Api, what: &str, every: Duration) -> ClientError {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Err(e) = api.health().await {
+            return e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the {what} certificate kept working"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Refused in the handshake for being revoked.
 fn is_tls_refusal<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> bool {
     matches!(r, Err(ClientError::Revoked(_)))
@@ -84,17 +100,7 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     // The CA revokes it. Within the check interval its open connection is
     // refused with a typed answer, and then any new handshake is refused.
     publish(&crl, &ca, &[&stolen], 2);
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    let first_refusal = loop {
-        if let Err(e) = laptop.health().await {
-            break e;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the revoked certificate kept working"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let first_refusal = first_refusal(&laptop, "revoked", Duration::from_millis(50)).await;
     match first_refusal {
         ClientError::Api { status, code, .. } => {
             assert_eq!((status, code), (403, ErrorCode::CertificateRevoked));
@@ -223,17 +229,7 @@ async fn a_connection_carries_nothing_once_its_certificate_has_expired() {
 
     // The connection stays open past the certificate's notAfter: its next
     // request is refused with a typed answer, and nothing is stored.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    let first_refusal = loop {
-        if let Err(e) = laptop.health().await {
-            break e;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the expired certificate kept working"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let first_refusal = first_refusal(&laptop, "expired", Duration::from_millis(200)).await;
     match first_refusal {
         ClientError::Api {
             status,
