@@ -414,6 +414,7 @@ fn for_now(e: &CaseError) -> bool {
                 | proto::ErrorCode::RateLimited
                 | proto::ErrorCode::Internal
                 | proto::ErrorCode::InsufficientStorage
+                | proto::ErrorCode::RequestTimeout
         ),
         _ => false,
     }

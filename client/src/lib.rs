@@ -463,6 +463,9 @@ impl Api {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
+            // Below a gateway's default `limits.idle_timeout` (60 s), so
+            // that a connection is retired here before the gateway closes it.
+            .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| transport(&e))?;
         let base = gateway.trim_end_matches('/').to_owned();
@@ -661,7 +664,7 @@ impl Api {
                     ..
                 } => Duration::from_secs(retry_after.unwrap_or(1).min(3600)),
                 ClientError::Api {
-                    code: ErrorCode::Unavailable | ErrorCode::Internal,
+                    code: ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::RequestTimeout,
                     ..
                 }
                 | ClientError::Transport(_) => delay,

@@ -98,6 +98,7 @@ impl IntoResponse for Failure {
         if self.status == StatusCode::PAYLOAD_TOO_LARGE
             || self.code == ErrorCode::CertificateRevoked
             || self.code == ErrorCode::CertificateExpired
+            || self.code == ErrorCode::RequestTimeout
         {
             // The rest of the request body is not read, so the connection
             // cannot carry another request: say so, or a client may reuse it
@@ -184,7 +185,13 @@ impl From<crate::store::StoreError> for Failure {
 /// Reads a request body, mapping a size problem to a typed error.
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
     body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if let Some(slow) = crate::connection::too_slow(&rej) {
+            Failure::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                format!("{slow}; nothing was done"),
+            )
+        } else if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Failure::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::PayloadTooLarge,

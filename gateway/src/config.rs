@@ -212,6 +212,16 @@ pub struct LimitsConfig {
     /// as far as needed, up to the hard limit), so that its store can open its
     /// files.
     pub max_connections: usize,
+    /// How long a connection may be open with no request in progress
+    /// (between requests, or before its first request's headers are in)
+    /// before the gateway closes it. Long-polls are requests in progress.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// How long a request's body may take to arrive, from the first moment
+    /// the gateway waits for it; past it the answer is `408
+    /// request_timeout` and the connection is closed.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -225,6 +235,8 @@ impl Default for LimitsConfig {
             max_inbox_wait: Duration::from_secs(60),
             min_free_disk_mib: 512,
             max_connections: 4096,
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -436,6 +448,12 @@ impl Config {
         }
         if l.max_inbox_wait > Duration::from_secs(3600) {
             return Err("limits.max_inbox_wait: must be at most 1h".into());
+        }
+        if l.idle_timeout < Duration::from_secs(1) || l.idle_timeout > Duration::from_secs(3600) {
+            return Err("limits.idle_timeout: must be from 1s to 1h".into());
+        }
+        if l.body_timeout < Duration::from_secs(1) || l.body_timeout > Duration::from_secs(3600) {
+            return Err("limits.body_timeout: must be from 1s to 1h".into());
         }
         Ok(())
     }

@@ -17,6 +17,7 @@
 
 mod api;
 pub mod config;
+mod connection;
 pub mod dev;
 mod disk;
 mod expiry;
@@ -1026,7 +1027,6 @@ async fn connection_slot(
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let router = api::router(shared.clone());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shared.stop.subscribe();
     let cap = connection_slots(shared.config.limits.max_connections);
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
@@ -1057,7 +1057,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let acceptor = shared.tls_acceptor();
         let router = router.clone();
         let shared = shared.clone();
-        let watcher = graceful.watcher();
+        let mut stop = shared.stop.subscribe();
         tokio::spawn(async move {
             // Held until the connection ends, however it ends.
             let _slot = slot;
@@ -1093,8 +1093,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
             };
             tracing::debug!(%remote, %peer, "connection");
-            let svc =
-                tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            let limits = &shared.config.limits;
+            let (idle, body_timeout) = (limits.idle_timeout, limits.body_timeout);
+            let activity = connection::Activity::new();
+            let svc = tower::service_fn({
+                let (shared, activity) = (shared.clone(), activity.clone());
+                move |req: axum::http::Request<hyper::body::Incoming>| {
+                    let in_progress = activity.begin();
                     // A connection outlives a revocation made while it is
                     // open, and its certificate's `notAfter`: each request
                     // checks both.
@@ -1102,28 +1107,48 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     if let Some(e) = &revoked {
                         api::count_refusal(&shared, &peer, e);
                     }
+                    let mut req = req.map(|b| connection::Deadline::new(b, body_timeout));
                     req.extensions_mut().insert(peer.clone());
                     // For a long-poll, which outlasts its start.
                     req.extensions_mut().insert(cert.clone());
-                    let router = router.clone();
+                    let (router, shared) = (router.clone(), shared.clone());
                     async move {
-                        match revoked {
-                            Some(e) => Ok(api::revoked(&e)),
-                            None => router.oneshot(req).await,
+                        let _in_progress = in_progress;
+                        let resp = match revoked {
+                            Some(e) => api::revoked(&e),
+                            None => router.oneshot(req).await?,
+                        };
+                        if resp.status() == axum::http::StatusCode::REQUEST_TIMEOUT {
+                            shared.metrics.bodies_timed_out.inc();
                         }
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
-                });
+                }
+            });
             let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
+                .into_owned();
+            let (ended, error) = connection::serve(conn, &activity, idle, &mut stop).await;
+            if ended == connection::Ended::Idle {
+                shared.metrics.connections_idle_closed.inc();
+                tracing::debug!(%remote, "connection closed: idle for limits.idle_timeout");
+            }
+            if let Some(e) = error {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
+    // Every connection gives its slot back when it ends; each has
+    // `connection::GRACE` to finish once told to stop.
+    let all = u32::try_from(cap).unwrap_or(u32::MAX);
+    if tokio::time::timeout(
+        connection::GRACE + Duration::from_secs(1),
+        slots.acquire_many(all),
+    )
+    .await
+    .is_err()
     {
         tracing::warn!("shutdown: some connections were still open after 10 s");
     }

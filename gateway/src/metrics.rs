@@ -91,6 +91,12 @@ pub struct Metrics {
     /// Connections closed at once because their address had too many TLS
     /// handshakes under way.
     pub handshakes_refused: Counter,
+    /// Connections closed because no request was in progress on them for
+    /// `limits.idle_timeout`.
+    pub connections_idle_closed: Counter,
+    /// Requests answered `408 request_timeout` because their body did not
+    /// arrive within `limits.body_timeout`.
+    pub bodies_timed_out: Counter,
     /// New messages (users' submissions and peers' batches) refused while
     /// the disk was short of space.
     pub refused_disk_low: Counter,
@@ -217,6 +223,16 @@ impl Metrics {
                 "gateway_handshakes_refused_total",
                 "Connections closed at once because their address had 32 TLS handshakes under way.",
                 &self.handshakes_refused,
+            ),
+            (
+                "gateway_connections_idle_closed_total",
+                "Connections closed after limits.idle_timeout with no request in progress.",
+                &self.connections_idle_closed,
+            ),
+            (
+                "gateway_request_bodies_timed_out_total",
+                "Requests answered 408 because their body took longer than limits.body_timeout.",
+                &self.bodies_timed_out,
             ),
             (
                 "gateway_refused_expired_total",

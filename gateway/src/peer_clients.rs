@@ -49,7 +49,9 @@ fn build(
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(90))
+        // Below the peer's default `limits.idle_timeout` (60 s), so that a
+        // connection is retired here before the peer closes it.
+        .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| GatewayError::PeerClient {
             peer: trust.area.clone(),

@@ -155,6 +155,13 @@ pub enum ErrorCode {
     /// connection was open (HTTP 403): nothing was done. A person needs a
     /// renewed certificate from their gateway's administrator.
     CertificateExpired,
+    /// The request's body did not arrive within the gateway's
+    /// `limits.body_timeout` (HTTP 408): nothing was done. Retry.
+    RequestTimeout,
+    /// A code this version does not know (one added by a newer gateway);
+    /// the HTTP status and the message still say what happened.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The body of every error answer.
@@ -295,3 +302,6 @@ pub struct Me {
     /// Teams.
     pub teams: Vec<crate::TeamId>,
 }
+
+#[cfg(test)]
+mod tests;

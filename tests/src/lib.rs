@@ -217,6 +217,23 @@ impl Federation {
         Ok(Api::new(&config)?)
     }
 
+    /// A TLS connection to area `i`'s gateway as `user` (handshake done,
+    /// nothing sent), for tests that write HTTP by hand.
+    pub async fn tls_connect(
+        &self,
+        i: usize,
+        user: &str,
+    ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let config = ClientConfig::load(&self.client_config_path(i, user))?;
+        let creds = certs::Credentials::load(&config.cert, &config.key)?;
+        let tls = certs::user_client_config(&creds, &config.area, &self.ca_certs(i)?)?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port(i)?)).await?;
+        let name =
+            certs::rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        Ok(connector.connect(name, tcp).await?)
+    }
+
     /// Area `i`'s CA, to mint more certificates.
     pub fn ca(&self, i: usize) -> anyhow::Result<Ca> {
         let dir = self.areas[i].dir.join("ca");

@@ -43,6 +43,8 @@ fn values_out_of_bounds_are_refused_naming_their_key() {
             "limits.max_inbox_wait",
         ),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+        ("[limits]\nidle_timeout = \"0s\"\n", "limits.idle_timeout"),
+        ("[limits]\nbody_timeout = \"2h\"\n", "limits.body_timeout"),
     ] {
         let e = parse(toml).unwrap_err().to_string();
         assert!(e.contains(key), "{toml:?}: {e}");

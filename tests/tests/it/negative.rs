@@ -577,3 +577,101 @@ async fn one_address_cannot_hold_every_slot_with_handshakes_it_never_finishes() 
     assert!(served);
     fed.stop_all().await;
 }
+
+/// What `stream` receives until the gateway closes it, or `None` if it is
+/// still open after `within`.
+async fn until_closed<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> Option<String> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::io::AsyncReadExt::read(stream, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()
+        .map(|()| String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_are_closed_but_long_polls_are_not() {
+    use tokio::io::AsyncWriteExt as _;
+    let settings = tests::Settings {
+        toml: format!(
+            "{}idle_timeout = \"1s\"\nbody_timeout = \"1s\"\n",
+            tests::Settings::default().toml
+        ),
+        policies: false,
+    };
+    let mut fed = Federation::create(&tests::standard_areas(), &settings).unwrap();
+    let a = fed.index("northshire");
+    fed.start(a).await.unwrap();
+    let metrics = fed.gateway(a).unwrap().metrics();
+
+    // Authenticated, then silent: closed.
+    let mut silent = fed.tls_connect(a, "alice").await.unwrap();
+    // Headers begun and never finished: closed, unanswered.
+    let mut slow_headers = fed.tls_connect(a, "alice").await.unwrap();
+    slow_headers
+        .write_all(b"GET /v1/health HTTP/1.1\r\nhost: northshire\r\n")
+        .await
+        .unwrap();
+    // A body that stops short: answered 408, then closed.
+    let mut slow_body = fed.tls_connect(a, "alice").await.unwrap();
+    slow_body
+        .write_all(b"POST /v1/messages HTTP/1.1\r\nhost: northshire\r\ncontent-type: application/json\r\ncontent-length: 5000\r\n\r\n{\"recipient\":")
+        .await
+        .unwrap();
+    // One request answered, then nothing more on the connection: closed.
+    let mut kept_alive = fed.tls_connect(a, "alice").await.unwrap();
+    kept_alive
+        .write_all(b"GET /v1/health HTTP/1.1\r\nhost: northshire\r\n\r\n")
+        .await
+        .unwrap();
+    // A long-poll outlasting the idle timeout is a request in progress.
+    let bob = fed.api(a, "bob").unwrap();
+    let poll = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let r = bob.inbox(Duration::from_secs(4)).await;
+        (r, started.elapsed(), bob)
+    });
+
+    let within = Duration::from_secs(30);
+    let (silent, slow_headers, slow_body, kept_alive) = tokio::join!(
+        until_closed(&mut silent, within),
+        until_closed(&mut slow_headers, within),
+        until_closed(&mut slow_body, within),
+        until_closed(&mut kept_alive, within),
+    );
+    assert_eq!(silent.as_deref(), Some(""), "the silent connection");
+    assert_eq!(slow_headers.as_deref(), Some(""), "the unfinished headers");
+    let slow_body = slow_body.expect("the unfinished body was not closed");
+    assert!(
+        slow_body.starts_with("HTTP/1.1 408") && slow_body.contains("\"request_timeout\""),
+        "{slow_body}"
+    );
+    let kept_alive = kept_alive.expect("the idle keep-alive connection was not closed");
+    assert!(kept_alive.starts_with("HTTP/1.1 200"), "{kept_alive}");
+    assert_eq!(metrics.bodies_timed_out.get(), 1);
+    assert!(metrics.connections_idle_closed.get() >= 3);
+
+    let (listed, took, bob) = poll.await.unwrap();
+    let listed = listed.unwrap();
+    assert!(listed.messages.is_empty());
+    assert!(
+        took >= Duration::from_secs(3),
+        "the long-poll ended after {took:?}"
+    );
+    // The client's pooled connection was closed while it sat idle: the
+    // next request opens another.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    bob.health().await.unwrap();
+    assert_eq!(fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(), 0);
+    fed.stop_all().await;
+}

@@ -199,16 +199,7 @@ async fn a_reload_takes_up_a_newer_sharing_policy_and_refuses_an_older_one() {
 
 /// The certificate area `i`'s gateway presents to a new connection now.
 async fn served_certificate(fed: &Federation, i: usize, user: &str) -> Vec<u8> {
-    let config = client::ClientConfig::load(&fed.client_config_path(i, user)).unwrap();
-    let creds = certs::Credentials::load(&config.cert, &config.key).unwrap();
-    let tls = certs::user_client_config(&creds, &config.area, &fed.ca_certs(i).unwrap()).unwrap();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", fed.port(i).unwrap()))
-        .await
-        .unwrap();
-    let name =
-        certs::rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let stream = connector.connect(name, tcp).await.unwrap();
+    let stream = fed.tls_connect(i, user).await.unwrap();
     stream.get_ref().1.peer_certificates().unwrap()[0]
         .as_ref()
         .to_vec()

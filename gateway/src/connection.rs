@@ -1,0 +1,244 @@
+//! Serving one accepted connection once its TLS handshake is done: how long
+//! it may sit with no request in progress (`limits.idle_timeout`), how long
+//! a request's body may take to arrive (`limits.body_timeout`), and how it
+//! ends when the gateway stops.
+//!
+//! hyper applies neither timeout by itself without a timer, and its HTTP/1
+//! header timeout does not cover HTTP/2. Here both protocols are treated
+//! alike: a connection counts the requests its handlers are working on
+//! ([`Activity`]), and one with none for the idle timeout is shut down
+//! gracefully (an HTTP/1 connection closes, an HTTP/2 one is sent GOAWAY).
+//! A client that opens a connection and never finishes a request's headers
+//! has no request in progress either, so it is closed the same way.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+/// How long a connection being shut down (the gateway stopping, or idle)
+/// has to finish what it is writing before it is dropped.
+pub(crate) const GRACE: Duration = Duration::from_secs(10);
+
+/// The requests in progress on one connection, and when the last one ended.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    opened: Instant,
+    in_progress: AtomicUsize,
+    /// Milliseconds from `opened` to the end of the last request.
+    last_ended_ms: AtomicU64,
+}
+
+impl Activity {
+    /// A connection opened now, with no request yet.
+    pub(crate) fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            opened: Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            last_ended_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// A request begins; it is in progress until the guard is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> InProgress {
+        self.in_progress.fetch_add(1, Ordering::SeqCst);
+        InProgress(self.clone())
+    }
+
+    /// Since when the connection has had no request in progress; `None`
+    /// while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.in_progress.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let ms = self.last_ended_ms.load(Ordering::SeqCst);
+        Some(self.opened + Duration::from_millis(ms))
+    }
+}
+
+/// A request in progress on a connection (see [`Activity::begin`]).
+#[derive(Debug)]
+pub(crate) struct InProgress(Arc<Activity>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // The end time first: a check that sees no request in progress
+        // then sees this end too.
+        a.last_ended_ms.fetch_max(ms, Ordering::SeqCst);
+        a.in_progress.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How a served connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The client closed it, or it finished after a graceful shutdown.
+    Closed,
+    /// It had no request in progress for the idle timeout and was shut down.
+    Idle,
+    /// The gateway stopped.
+    Stopped,
+}
+
+/// A connection future hyper can shut down gracefully.
+pub(crate) trait Graceful: Future {
+    /// Starts a graceful shutdown (see hyper's `graceful_shutdown`).
+    fn shut_down(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> Graceful for hyper_util::server::conn::auto::Connection<'static, I, S, E>
+where
+    S: hyper::service::Service<
+        axum::http::Request<hyper::body::Incoming>,
+        Response = axum::http::Response<B>,
+    >,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves `conn` until it ends: closes it gracefully once it has had no
+/// request in progress for `idle` (per `activity`), or when `stop` turns
+/// true; either way drops it if it has not finished [`GRACE`] later (an
+/// idle close waits on while a handler is still at work).
+pub(crate) async fn serve<C, E>(
+    conn: C,
+    activity: &Activity,
+    idle: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> (Ended, Option<E>)
+where
+    C: Graceful<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let check = tokio::time::sleep(idle);
+    let mut check = std::pin::pin!(check);
+    // Set once a graceful shutdown has begun: why, and whether a handler
+    // still at work may hold it open past its deadline.
+    let mut closing: Option<(Ended, bool)> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                let ended = closing.map_or(Ended::Closed, |(why, _)| why);
+                return (ended, r.err());
+            }
+            _ = crate::stopped(stop), if closing.as_ref().is_none_or(|(why, _)| *why != Ended::Stopped) => {
+                conn.as_mut().shut_down();
+                closing = Some((Ended::Stopped, false));
+                check.as_mut().reset(Instant::now() + GRACE);
+            }
+            () = check.as_mut() => {
+                let now = Instant::now();
+                match &closing {
+                    None => match activity.idle_since() {
+                        Some(since) if now >= since + idle => {
+                            conn.as_mut().shut_down();
+                            closing = Some((Ended::Idle, true));
+                            check.as_mut().reset(now + GRACE);
+                        }
+                        Some(since) => check.as_mut().reset(since + idle),
+                        None => check.as_mut().reset(now + idle),
+                    },
+                    Some((why, waits)) => {
+                        if *waits && activity.idle_since().is_none() {
+                            // A request that came in as the connection was
+                            // closing is answered first.
+                            check.as_mut().reset(now + GRACE);
+                        } else {
+                            let ended = if *why == Ended::Idle { Ended::Idle } else { Ended::Stopped };
+                            return (ended, None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A request body that must arrive within a time limit, counted from the
+/// first moment the gateway waits for it (a body that came in with its
+/// headers costs no timer).
+#[derive(Debug)]
+pub(crate) struct Deadline<B> {
+    inner: B,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Deadline<B> {
+    /// `inner`, which must arrive within `limit`.
+    pub(crate) fn new(inner: B, limit: Duration) -> Deadline<B> {
+        Deadline {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+}
+
+/// The error a [`Deadline`] body ends with when its time is up.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {}s", .0.as_secs())]
+pub(crate) struct BodyTooSlow(pub(crate) Duration);
+
+impl<B> Body for Deadline<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let limit = this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTooSlow(limit))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The [`BodyTooSlow`] behind `e`, however deep in its sources.
+pub(crate) fn too_slow<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyTooSlow> {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
+            return Some(slow);
+        }
+        at = e.source();
+    }
+    None
+}
