@@ -121,6 +121,16 @@ pub enum Event {
         /// How many entries were new.
         entries: usize,
     },
+    /// A case handed over to us by someone whose handover did not add us
+    /// to it (its transfer names a KeyPackage the Welcome that brought us
+    /// into the case was not made with): its chronology, addresses and
+    /// fled areas were not taken up.
+    HandoverRefused {
+        /// The case.
+        case_id: String,
+        /// Who sent the transfer.
+        from: String,
+    },
     /// A message to our team in a case we are not part of (it began before
     /// we joined the team, or we were not added): it is encrypted for the
     /// case's members only. Set aside (the team's inbox stops waiting for
@@ -149,11 +159,15 @@ pub enum Event {
 struct Meta {
     /// case id → addresses its messages go to.
     cases: BTreeMap<String, Vec<String>>,
-    /// History exports waiting for their case's Welcome: (case id, from, export).
-    pending_history: Vec<(String, String, Vec<u8>)>,
-    /// Addresses handed over with a case, waiting for its Welcome.
+    /// Cases handed over to us, waiting for their Welcome (see
+    /// [`HandedOver`]).
     #[serde(default)]
-    pending_addresses: BTreeMap<String, Vec<String>>,
+    handed_over: Vec<HandedOver>,
+    /// case id → the KeyPackages (their references, hex) the Welcome that
+    /// brought us into the case was for: a case handed over to us is taken
+    /// up only from the one whose transfer names one of them.
+    #[serde(default)]
+    joined_with: BTreeMap<String, Vec<String>>,
     /// Messages refused once (reported once; they stay unacknowledged).
     #[serde(default)]
     refused: std::collections::BTreeSet<String>,
@@ -196,6 +210,26 @@ struct Meta {
     /// case; its bytes are let go once both messages are taken.
     #[serde(default)]
     referrals: BTreeMap<String, Referral>,
+}
+
+/// A case handed over to us, as its transfer said, kept until we are in
+/// the case. It is taken up only if the Welcome that brings us in was made
+/// with the KeyPackage it names: the old lead claimed that KeyPackage and
+/// put it in the handover request a member committed, so no one else can
+/// name it, and a transfer from anyone else (any user may send us one)
+/// can neither write the case's chronology nor choose its addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct HandedOver {
+    case_id: String,
+    /// Who sent the transfer (a SPIFFE URI).
+    from: String,
+    /// The reference of the KeyPackage the handover adds us with (hex).
+    key_package: String,
+    /// The case's addresses, the old lead's left out.
+    addresses: Vec<String>,
+    fled_from: Vec<AreaId>,
+    /// The chronology, as exported.
+    history: Vec<u8>,
 }
 
 /// A referral as made under one idempotency key (see `Meta::referrals`).
@@ -264,6 +298,11 @@ struct Transfer {
     /// client before this was handed over).
     #[serde(default)]
     fled_from: Vec<AreaId>,
+    /// The reference (hex) of the KeyPackage the handover request gives
+    /// for us: absent from a client before this, whose transfer is not
+    /// taken up.
+    #[serde(default)]
+    key_package: Option<String>,
 }
 
 /// What a message sent is, and its case, for the record of sent messages
@@ -1119,6 +1158,7 @@ impl Caseworker {
             addresses: self.meta.cases.get(case_id).cloned().unwrap_or_default(),
             history: self.mls.export_history(&group)?,
             fled_from: self.fled_from(case_id),
+            key_package: Some(hex::encode(self.mls.key_package_ref(&kp_case)?)),
         };
         let transfer =
             serde_json::to_vec(&transfer).map_err(|e| CaseError::Invalid(e.to_string()))?;
@@ -1527,7 +1567,19 @@ impl Caseworker {
                 Ok((_, case_id)) if case_id.starts_with(TRANSFER) => Ok(Vec::new()),
                 Ok((_, case_id)) => {
                     let me = self.me.to_string();
-                    let addrs: Vec<String> = match self.meta.pending_addresses.remove(&case_id) {
+                    let refs = MlsClient::welcome_refs(bytes)?;
+                    self.meta
+                        .joined_with
+                        .insert(case_id.clone(), refs.iter().map(hex::encode).collect());
+                    let handed = self
+                        .meta
+                        .handed_over
+                        .iter()
+                        .find(|h| {
+                            h.case_id == case_id && self.joined_with(&case_id, &h.key_package)
+                        })
+                        .map(|h| h.addresses.clone());
+                    let addrs: Vec<String> = match handed {
                         // A handed-over case: the old lead's list, with us
                         // instead of them. The committer is reached by it
                         // already (it read the request sent to that list):
@@ -1684,41 +1736,69 @@ impl Caseworker {
     fn receive_history(&mut self, from: &str, transfer: Vec<u8>) -> Result<Vec<Event>, CaseError> {
         let t: Transfer = serde_json::from_slice(&transfer)
             .map_err(|e| CaseError::Invalid(format!("history hand-over: {e}")))?;
+        let Some(key_package) = t.key_package else {
+            return Err(CaseError::Invalid(
+                "history hand-over names no KeyPackage (made by an older client): not taken up"
+                    .into(),
+            ));
+        };
         let old = address_of(from);
-        let addrs = t
+        let addresses = t
             .addresses
             .into_iter()
             .filter(|a| Some(a) != old.as_ref())
             .collect();
-        self.meta.pending_addresses.insert(t.case_id.clone(), addrs);
-        // The new lead keeps the family's whereabouts from where they fled.
-        self.remember_fled_from(&t.case_id, &t.fled_from)?;
-        self.meta
-            .pending_history
-            .push((t.case_id.clone(), from.to_owned(), t.history));
+        self.meta.handed_over.push(HandedOver {
+            case_id: t.case_id.clone(),
+            from: from.to_owned(),
+            key_package,
+            addresses,
+            fled_from: t.fled_from,
+            history: t.history,
+        });
         let events = self.import_pending(&t.case_id)?;
         self.save()?;
         Ok(events)
     }
 
-    /// Imports handed-over history for a case once we are in its group.
+    /// Whether the Welcome that brought us into `case_id` was made with the
+    /// KeyPackage `key_package` (hex) names.
+    fn joined_with(&self, case_id: &str, key_package: &str) -> bool {
+        self.meta
+            .joined_with
+            .get(case_id)
+            .is_some_and(|refs| refs.iter().any(|r| r == key_package))
+    }
+
+    /// Takes up what was handed over for a case once we are in its group:
+    /// its chronology and the areas the family fled, from a transfer that
+    /// names the KeyPackage we were added with; any other is let go.
     fn import_pending(&mut self, case_id: &str) -> Result<Vec<Event>, CaseError> {
         let Ok(group) = self.group_of(case_id) else {
             return Ok(Vec::new());
         };
         let mut events = Vec::new();
-        let pending = std::mem::take(&mut self.meta.pending_history);
-        for (c, from, export) in pending {
-            if c == case_id {
-                let n = self.mls.import_history(&group, &from, &export)?;
-                events.push(Event::History {
-                    case_id: c,
-                    from,
-                    entries: n,
+        let (now, later): (Vec<HandedOver>, Vec<HandedOver>) =
+            std::mem::take(&mut self.meta.handed_over)
+                .into_iter()
+                .partition(|h| h.case_id == case_id);
+        self.meta.handed_over = later;
+        for h in now {
+            if !self.joined_with(case_id, &h.key_package) {
+                events.push(Event::HandoverRefused {
+                    case_id: h.case_id,
+                    from: h.from,
                 });
-            } else {
-                self.meta.pending_history.push((c, from, export));
+                continue;
             }
+            // The new lead keeps the family's whereabouts from where they fled.
+            self.remember_fled_from(case_id, &h.fled_from)?;
+            let n = self.mls.import_history(&group, &h.from, &h.history)?;
+            events.push(Event::History {
+                case_id: h.case_id,
+                from: h.from,
+                entries: n,
+            });
         }
         Ok(events)
     }

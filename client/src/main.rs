@@ -770,6 +770,9 @@ async fn cases_command(
                             "case {case_id}: received {entries} chronology entries from {from}"
                         )
                     }
+                    Event::HandoverRefused { case_id, from } => eprintln!(
+                        "NOT TAKEN UP: case {case_id} handed over by {from}, whose handover did not add you to it"
+                    ),
                     // Summed up below: a newcomer to a team may have many.
                     Event::NotInCase { .. } => {}
                     Event::Refused {
@@ -1015,6 +1018,9 @@ fn event_json(e: &client::cases::Event) -> Option<serde_json::Value> {
             from,
             entries,
         } => json!({ "event": "history", "case": case_id, "from": from, "entries": entries }),
+        Event::HandoverRefused { case_id, from } => {
+            json!({ "event": "handover_refused", "case": case_id, "from": from })
+        }
         Event::Refused {
             message_id,
             from,

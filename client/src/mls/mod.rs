@@ -670,6 +670,28 @@ impl MlsClient {
         bundle.key_package().tls_serialize_detached().map_err(mls)
     }
 
+    /// The reference (RFC 9420 `KeyPackageRef`) of a KeyPackage from someone
+    /// else, once it is validated: a Welcome made with it names it.
+    pub fn key_package_ref(&self, key_package: &[u8]) -> Result<Vec<u8>, MlsError> {
+        let (kp, _) = self.validate_key_package(key_package)?;
+        let r = kp.hash_ref(self.provider.crypto()).map_err(mls)?;
+        Ok(r.as_slice().to_vec())
+    }
+
+    /// The references of the KeyPackages a Welcome is for (one per member
+    /// it adds; see [`MlsClient::key_package_ref`]).
+    pub fn welcome_refs(welcome: &[u8]) -> Result<Vec<Vec<u8>>, MlsError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(welcome).map_err(malformed)?;
+        let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+            return Err(MlsError::Malformed("not a Welcome".into()));
+        };
+        Ok(welcome
+            .secrets()
+            .iter()
+            .map(|s| s.new_member().as_slice().to_vec())
+            .collect())
+    }
+
     /// Parses and validates a KeyPackage from someone else, and checks its
     /// credential is a user URI. Returns it with that identity.
     fn validate_key_package(&self, bytes: &[u8]) -> Result<(KeyPackage, String), MlsError> {

@@ -1285,3 +1285,160 @@ async fn a_message_processed_before_a_crash_cut_its_acknowledgement_short_is_ack
     let history = dan.history(&case).unwrap();
     assert_eq!(history.len(), 2, "once in the history");
 }
+
+/// Sends `to` a case "handed over" by gita, who is not in it: a transfer
+/// group of her own, and in it a transfer for `case` with a chronology she
+/// made up, her own address as the case's, and a genuine KeyPackage of
+/// `to`'s she claimed, named as the one the handover adds them with.
+async fn forged_handover(
+    fed: &Federation,
+    to_user: &str,
+    case: &str,
+    key: &str,
+) -> (client::Api, Vec<proto::MessageId>) {
+    let southvale = fed.index("southvale");
+    let api = fed.api(southvale, "gita").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut mls = client::mls::MlsClient::open(dir.path(), "spiffe://southvale/user/gita").unwrap();
+    // A chronology for the case, exported by her.
+    let made_up = mls.create_group(case).unwrap();
+    mls.encrypt(&made_up, b"forged entry").unwrap();
+    let history = mls.export_history(&made_up).unwrap();
+    let claim = || async {
+        let claimed = api.claim(&to(to_user)).await.unwrap();
+        claimed.key_packages[0].key_package.0.clone()
+    };
+    let (for_transfer, named) = (claim().await, claim().await);
+    let transfer = serde_json::json!({
+        "case_id": case,
+        "addresses": ["user:gita@southvale"],
+        "history": history,
+        "fled_from": [],
+        "key_package": hex::encode(mls.key_package_ref(&named).unwrap()),
+    });
+    let group = mls.create_group(&format!("transfer:{case}:{key}")).unwrap();
+    let (_, welcome) = mls.add_members(&group, &[for_transfer]).unwrap();
+    let message = mls
+        .encrypt(&group, &serde_json::to_vec(&transfer).unwrap())
+        .unwrap();
+    let mut sent = Vec::new();
+    for (i, body) in [welcome, message].into_iter().enumerate() {
+        let req = proto::SubmitRequest {
+            idempotency_key: proto::IdempotencyKey::new(format!("{key}-{i}")).unwrap(),
+            recipient: to(to_user),
+            category: category("handover"),
+            urgent: false,
+            kind: proto::MessageKind::Mls,
+            disclosure: None,
+            body: proto::Body(body),
+        };
+        sent.push(api.submit(&req).await.unwrap().message_id);
+    }
+    (api, sent)
+}
+
+/// `w` reads until `sender`'s messages `ids` are acknowledged (they may
+/// show nothing), returning what it read.
+async fn read_acknowledging(
+    w: &mut Caseworker,
+    sender: &client::Api,
+    ids: &[proto::MessageId],
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events.extend(w.read(Duration::from_secs(1)).await.unwrap());
+        let mut all = true;
+        for id in ids {
+            all &= sender.status(id).await.unwrap().status == proto::Status::Acknowledged;
+        }
+        if all {
+            return events;
+        }
+    }
+    panic!("{ids:?} were not acknowledged; read {events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_handed_over_by_someone_whose_handover_did_not_add_us_is_not_taken_up() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("team:duty@southvale"),
+            &category("relocation"),
+            false,
+            b"first referral",
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut dan = worker(&fed, 1, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["first referral"]);
+
+    // gita, outside the case, hands it to bob before alice does.
+    let (gita, forged) = forged_handover(&fed, "user:bob@northshire", &case, "forged-before").await;
+    let mut bob = worker(&fed, 0, "bob");
+    let early = read_acknowledging(&mut bob, &gita, &forged).await;
+    assert!(
+        !early.iter().any(|e| matches!(e, Event::History { .. })),
+        "{early:?}"
+    );
+
+    // alice's real handover; dan commits it; bob joins.
+    alice
+        .handover(&case, &to("user:bob@northshire"), None)
+        .await
+        .unwrap();
+    read(&mut dan).await;
+    let mut events = early;
+    events.extend(joins(&mut bob, &case).await);
+    let alice_uri = "spiffe://northshire/user/alice";
+    let gita_uri = "spiffe://southvale/user/gita";
+    assert!(
+        events.iter().any(|e| matches!(e, Event::History { from, entries, .. } if from == alice_uri && *entries >= 1)),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Event::HandoverRefused { case_id, from } if *case_id == case && from == gita_uri)),
+        "{events:?}"
+    );
+    let chronology = |bob: &Caseworker| -> Vec<String> {
+        bob.history(&case)
+            .unwrap()
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.plaintext).into_owned())
+            .collect()
+    };
+    let history = chronology(&bob);
+    assert!(
+        history.contains(&"first referral".to_owned()),
+        "{history:?}"
+    );
+    assert!(!history.contains(&"forged entry".to_owned()), "{history:?}");
+    let addresses = bob.addresses(&case);
+    assert!(
+        !addresses.contains(&to("user:gita@southvale")),
+        "{addresses:?}"
+    );
+    assert!(
+        addresses.contains(&to("team:duty@southvale")),
+        "{addresses:?}"
+    );
+
+    // Once bob is in the case, another is refused as well.
+    let (_, forged) = forged_handover(&fed, "user:bob@northshire", &case, "forged-after").await;
+    let late = read_acknowledging(&mut bob, &gita, &forged).await;
+    assert!(
+        late.iter()
+            .any(|e| matches!(e, Event::HandoverRefused { from, .. } if from == gita_uri)),
+        "{late:?}"
+    );
+    assert!(!chronology(&bob).contains(&"forged entry".to_owned()));
+    // bob's reply goes to the case, not to gita.
+    bob.send(&case, &category("update"), b"from the new lead", None, None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut dan).await), ["from the new lead"]);
+}
