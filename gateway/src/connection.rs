@@ -33,6 +33,9 @@ pub(crate) struct Activity {
     in_progress: AtomicUsize,
     /// Milliseconds from `opened` to the end of the last request.
     last_ended_ms: AtomicU64,
+    /// Told when the connection is to carry nothing more (its certificate
+    /// was revoked or has expired): it is shut down like an idle one.
+    end: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -42,7 +45,16 @@ impl Activity {
             opened: Instant::now(),
             in_progress: AtomicUsize::new(0),
             last_ended_ms: AtomicU64::new(0),
+            end: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Ends the connection once the requests in progress are answered:
+    /// HTTP/1.1 closes (the refusal says `Connection: close` too), HTTP/2
+    /// is sent GOAWAY, which that header cannot do.
+    pub(crate) fn end(&self) {
+        // A permit is kept if `serve` is not waiting at this moment.
+        self.end.notify_one();
     }
 
     /// A request begins; it is in progress until the guard is dropped.
@@ -86,6 +98,8 @@ pub(crate) enum Ended {
     Idle,
     /// The gateway stopped.
     Stopped,
+    /// Its certificate was revoked or expired while it was open.
+    Refused,
 }
 
 /// A connection future hyper can shut down gracefully.
@@ -137,6 +151,11 @@ where
                 let ended = closing.map_or(Ended::Closed, |(why, _)| why);
                 return (ended, r.err());
             }
+            () = activity.end.notified(), if closing.is_none() => {
+                conn.as_mut().shut_down();
+                closing = Some((Ended::Refused, false));
+                check.as_mut().reset(Instant::now() + GRACE);
+            }
             _ = crate::stopped(stop), if closing.as_ref().is_none_or(|(why, _)| *why != Ended::Stopped) => {
                 conn.as_mut().shut_down();
                 closing = Some((Ended::Stopped, false));
@@ -160,7 +179,11 @@ where
                             // closing is answered first.
                             check.as_mut().reset(now + GRACE);
                         } else {
-                            let ended = if *why == Ended::Idle { Ended::Idle } else { Ended::Stopped };
+                            let ended = match why {
+                                Ended::Idle => Ended::Idle,
+                                Ended::Refused => Ended::Refused,
+                                _ => Ended::Stopped,
+                            };
                             return (ended, None);
                         }
                     }

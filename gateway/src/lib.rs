@@ -1106,6 +1106,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     let revoked = cert.check(shared.crls.revocations()).err();
                     if let Some(e) = &revoked {
                         api::count_refusal(&shared, &peer, e);
+                        activity.end();
                     }
                     let mut req = req.map(|b| connection::Deadline::new(b, body_timeout));
                     req.extensions_mut().insert(peer.clone());

@@ -192,6 +192,62 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_is_ended_once_its_certificate_is_revoked() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let a = fed.index("northshire");
+    let ca = fed.ca(a).unwrap();
+    let alice = Identity::User(AreaId::new("northshire").unwrap(), user("alice"));
+    let stolen = ca.issue(&alice, YEAR).unwrap();
+    let crl = fed.areas[a].dir.join("published.crl");
+    publish(&crl, &ca, &[], 1);
+    fed.edit_config(
+        a,
+        "ca = \"ca/ca.crt\"\n",
+        "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\ncrl_check_every = \"100ms\"\n",
+    )
+    .unwrap();
+    fed.start(a).await.unwrap();
+    // An HTTP/2 client (HTTP/2 drops `Connection: close`).
+    let tls = certs::user_client_config(
+        &stolen.credentials().unwrap(),
+        &fed.areas[a].area,
+        &fed.ca_certs(a).unwrap(),
+    )
+    .unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}/v1/health", fed.port(a).unwrap());
+    let ok = http.get(&url).send().await.unwrap();
+    assert_eq!(ok.version(), reqwest::Version::HTTP_2);
+    assert_eq!(ok.status(), 200);
+
+    publish(&crl, &ca, &[&stolen], 2);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let refused = loop {
+        let r = http.get(&url).send().await.unwrap();
+        if r.status() != 200 {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "kept working");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.status(), 403);
+    assert!(refused
+        .text()
+        .await
+        .unwrap()
+        .contains("certificate_revoked"));
+    // The connection was ended: the next request needs a new one, which is
+    // refused in its handshake.
+    let next = http.get(&url).send().await;
+    assert!(next.is_err(), "{next:?}");
+    fed.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_carries_nothing_once_its_certificate_has_expired() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let a = fed.index("northshire");
