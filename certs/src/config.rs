@@ -194,6 +194,40 @@ struct PinnedGatewayVerifier {
     area: AreaId,
     inner: Arc<WebPkiServerVerifier>,
     revocations: Option<Revocations>,
+    accepted: Option<ServerNotAfter>,
+}
+
+/// The earliest `notAfter` among the server certificates a client
+/// configuration has accepted. A pooled connection was verified when it
+/// was opened, so a client that keeps connections must let them go once
+/// that time has passed (see [`ServerNotAfter::passed`]) rather than carry
+/// requests to a server whose certificate has expired.
+#[derive(Debug, Clone)]
+pub struct ServerNotAfter(Arc<std::sync::atomic::AtomicI64>);
+
+impl Default for ServerNotAfter {
+    fn default() -> Self {
+        ServerNotAfter(Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)))
+    }
+}
+
+impl ServerNotAfter {
+    /// The earliest `notAfter` accepted (Unix seconds), if any.
+    pub fn earliest(&self) -> Option<i64> {
+        let t = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        (t != i64::MAX).then_some(t)
+    }
+
+    /// Whether a certificate accepted so far is past its `notAfter` at
+    /// `now_s` (Unix seconds).
+    pub fn passed(&self, now_s: i64) -> bool {
+        self.earliest().is_some_and(|t| now_s > t)
+    }
+
+    fn saw(&self, not_after: i64) {
+        self.0
+            .fetch_min(not_after, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ServerCertVerifier for PinnedGatewayVerifier {
@@ -216,6 +250,9 @@ impl ServerCertVerifier for PinnedGatewayVerifier {
             Ok(Identity::Gateway(area)) if area == self.area => {
                 if let Some(r) = &self.revocations {
                     not_revoked(r, &area, end_entity)?;
+                }
+                if let Some(accepted) = &self.accepted {
+                    accepted.saw(crate::not_after(end_entity).map_err(|e| refuse(e.to_string()))?);
                 }
                 Ok(verified)
             }
@@ -255,6 +292,7 @@ fn client_config(
     server_area: &AreaId,
     server_cas: &[CertificateDer<'static>],
     revocations: Option<Revocations>,
+    accepted: Option<ServerNotAfter>,
 ) -> Result<ClientConfig, CertError> {
     let provider = provider();
     let inner = WebPkiServerVerifier::builder_with_provider(roots(server_cas)?, provider.clone())
@@ -264,6 +302,7 @@ fn client_config(
         area: server_area.clone(),
         inner,
         revocations,
+        accepted,
     };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -285,7 +324,7 @@ pub fn user_client_config(
     home: &AreaId,
     home_cas: &[CertificateDer<'static>],
 ) -> Result<ClientConfig, CertError> {
-    client_config(own, home, home_cas, None)
+    client_config(own, home, home_cas, None, None)
 }
 
 /// [`user_client_config`] that also refuses the gateway's certificate if
@@ -298,19 +337,27 @@ pub fn user_client_config_checking(
     home_cas: &[CertificateDer<'static>],
     revocations: &Revocations,
 ) -> Result<ClientConfig, CertError> {
-    client_config(own, home, home_cas, Some(revocations.clone()))
+    client_config(own, home, home_cas, Some(revocations.clone()), None)
 }
 
 /// A gateway's client configuration for one federation peer: presents the
 /// gateway's certificate and accepts only `spiffe://<peer>/gateway` under the
 /// peer's pinned CA, and not if `revocations` (the gateway's, kept current)
-/// revoke the peer's certificate.
+/// revoke the peer's certificate. `accepted` learns the earliest `notAfter`
+/// of the peer certificates it accepts.
 pub fn gateway_client_config(
     own: &Credentials,
     peer: &PeerTrust,
     revocations: &Revocations,
+    accepted: &ServerNotAfter,
 ) -> Result<ClientConfig, CertError> {
-    client_config(own, &peer.area, &peer.cas, Some(revocations.clone()))
+    client_config(
+        own,
+        &peer.area,
+        &peer.cas,
+        Some(revocations.clone()),
+        Some(accepted.clone()),
+    )
 }
 
 /// Verifies one's own certificate chain against one's area CA, as a server

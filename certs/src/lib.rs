@@ -30,7 +30,7 @@ mod revocation;
 
 pub use config::{
     gateway_client_config, server_config, user_client_config, user_client_config_checking,
-    verify_own_certificate, PeerTrust, ServerTrust,
+    verify_own_certificate, PeerTrust, ServerNotAfter, ServerTrust,
 };
 pub use error::CertError;
 pub use identity::{identity_of_cert, not_after, Identity, VerifiedPeer};

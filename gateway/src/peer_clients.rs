@@ -3,8 +3,10 @@
 //! Each peer's client verifies the peer's certificate against its pinned CA
 //! and the revocation lists in force (see [`crate::revocation`]). A pooled
 //! connection, though, was verified when it was opened: when the lists
-//! change, each peer's client is built afresh at its next use, so no
-//! connection opened before a revocation carries another request.
+//! change, or a peer certificate one of its connections was opened with
+//! has passed its `notAfter`, the peer's client is built afresh at its next
+//! use, so no connection opened before a revocation or with a certificate
+//! since expired carries another request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,7 +21,15 @@ use crate::GatewayError;
 struct PeerClient {
     trust: PeerTrust,
     url: String,
-    current: Mutex<(u64, reqwest::Client)>,
+    current: Mutex<Current>,
+}
+
+/// A peer's client in use: the revocation lists' generation it was built
+/// at, and the earliest `notAfter` of the peer certificates it accepted.
+struct Current {
+    generation: u64,
+    client: reqwest::Client,
+    accepted: certs::ServerNotAfter,
 }
 
 /// The clients of every configured peer.
@@ -42,9 +52,11 @@ fn build(
     trust: &PeerTrust,
     revocations: &Revocations,
     timeout: Duration,
-) -> Result<reqwest::Client, GatewayError> {
-    let tls = certs::gateway_client_config(own, trust, revocations)?;
-    reqwest::Client::builder()
+) -> Result<Current, GatewayError> {
+    let generation = revocations.generation();
+    let accepted = certs::ServerNotAfter::default();
+    let tls = certs::gateway_client_config(own, trust, revocations, &accepted)?;
+    let client = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
@@ -56,7 +68,12 @@ fn build(
         .map_err(|e| GatewayError::PeerClient {
             peer: trust.area.clone(),
             message: e.to_string(),
-        })
+        })?;
+    Ok(Current {
+        generation,
+        client,
+        accepted,
+    })
 }
 
 impl Clients {
@@ -68,14 +85,13 @@ impl Clients {
     ) -> Result<Clients, GatewayError> {
         let mut map = HashMap::new();
         for (trust, url) in peers {
-            let generation = revocations.generation();
-            let client = build(&own, &trust, revocations, timeout)?;
+            let current = build(&own, &trust, revocations, timeout)?;
             map.insert(
                 trust.area.clone(),
                 PeerClient {
                     trust,
                     url,
-                    current: Mutex::new((generation, client)),
+                    current: Mutex::new(current),
                 },
             );
         }
@@ -137,20 +153,29 @@ impl PeerClients {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.0 != generation {
-            // The lists changed: drop the pool (its connections were
-            // verified against the old lists).
+        let expired = current
+            .accepted
+            .passed(i64::try_from(crate::now_ms() / 1000).unwrap_or(i64::MAX));
+        if current.generation != generation || expired {
+            // The lists changed, or a certificate a pooled connection was
+            // opened with has expired: drop the pool (its connections were
+            // verified against the old lists, or before that time).
+            if expired {
+                tracing::info!(peer = %area, "a peer certificate in use expired: reconnecting");
+            }
             match build(&clients.own, &peer.trust, &self.revocations, self.timeout) {
-                Ok(client) => *current = (generation, client),
+                Ok(new) => *current = new,
                 // Cannot happen with a configuration that built once; the
-                // old client's new connections still check the new lists.
+                // old client's new connections still check the new lists
+                // and the date.
                 Err(e) => {
                     tracing::warn!(peer = %area, error = %e, "could not rebuild the peer's HTTP client");
-                    current.0 = generation;
+                    current.generation = generation;
+                    current.accepted = certs::ServerNotAfter::default();
                 }
             }
         }
-        Some((current.1.clone(), peer.url.clone()))
+        Some((current.client.clone(), peer.url.clone()))
     }
 }
 

@@ -112,8 +112,15 @@ fn a_gateway_client_never_resumes_even_with_a_server_that_offers_it() {
         area: south.id.clone(),
         cas: cas(&south),
     };
-    let ours =
-        Arc::new(gateway_client_config(&north.gateway, &peer, &Revocations::default()).unwrap());
+    let ours = Arc::new(
+        gateway_client_config(
+            &north.gateway,
+            &peer,
+            &Revocations::default(),
+            &Default::default(),
+        )
+        .unwrap(),
+    );
     let mut resumable = (*ours).clone();
     resumable.resumption = rustls::client::Resumption::default();
     let resumable = Arc::new(resumable);

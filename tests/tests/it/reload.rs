@@ -435,3 +435,59 @@ async fn a_reload_takes_peers_in_and_out_and_follows_a_peer_to_its_new_address()
     assert!(reaches(&alice, &moved.message_id, Status::Delivered, LIMIT).await);
     fed.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_peer_connection_is_let_go_once_the_peers_certificate_expires() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    // southvale's gateway starts with a certificate valid a few seconds.
+    let southvale = Identity::Gateway(AreaId::new("southvale").unwrap());
+    let short = fed
+        .mint(b, &southvale, Validity::For(Duration::from_secs(4)))
+        .unwrap();
+    let dir = fed.areas[b].dir.clone();
+    std::fs::write(dir.join("gateway.crt"), &short.cert).unwrap();
+    std::fs::write(dir.join("gateway.key"), &short.key).unwrap();
+    fed.start_all().await.unwrap();
+    let alice = fed.api(a, "alice").unwrap();
+    let before = alice
+        .submit(&message("user:dan@southvale", "before-expiry", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    assert!(reaches(&alice, &before.message_id, Status::Delivered, LIMIT).await);
+
+    // Past its `notAfter`, northshire does not send over the connection it
+    // opened while the certificate was valid: the message waits, and says
+    // why.
+    let not_after = certs::not_after(&der(&short.cert)).unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    while now() <= not_after + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = alice
+        .submit(&message("user:dan@southvale", "after-expiry", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let told = tests::eventually(LIMIT, || async {
+        let s = alice.status(&after.message_id).await.unwrap();
+        s.waiting.is_some_and(|w| w.last_error.contains("expired"))
+    })
+    .await;
+    let status = alice.status(&after.message_id).await.unwrap();
+    assert!(told, "{status:?}");
+    assert_eq!(status.status, Status::Accepted);
+
+    // Renewed and reloaded: it goes.
+    let renewed = fed.mint(b, &southvale, YEAR).unwrap();
+    std::fs::write(dir.join("gateway.crt"), &renewed.cert).unwrap();
+    std::fs::write(dir.join("gateway.key"), &renewed.key).unwrap();
+    let path = fed.areas[b].config_path.clone();
+    fed.gateway(b).unwrap().reload_file(&path).await.unwrap();
+    assert!(reaches(&alice, &after.message_id, Status::Delivered, LIMIT).await);
+    fed.stop_all().await;
+}
