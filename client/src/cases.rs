@@ -1148,11 +1148,24 @@ impl Caseworker {
         // Two KeyPackages: one for the transfer group, one for the case.
         let (first, _) = self.claim(to).await?;
         let (second, _) = self.claim(to).await?;
-        let (Some(kp_transfer), Some(kp_case)) =
+        // The first for the case: the likelier to be one-time (below).
+        let (Some(kp_case), Some(kp_transfer)) =
             (first.into_iter().next(), second.into_iter().next())
         else {
             return Err(CaseError::NoMembers(to.to_string()));
         };
+        // The transfer names the KeyPackage the new lead is added with, and
+        // the new lead takes up only a transfer naming the one its Welcome
+        // was made with. A last-resort KeyPackage is handed to anyone who
+        // claims one once the others are gone, so it binds nothing.
+        let last_resort = proto::mls::KeyPackageInfo::parse(&kp_case)
+            .map(|k| k.is_last_resort())
+            .unwrap_or(true);
+        if last_resort {
+            return Err(CaseError::Invalid(format!(
+                "{to} has no one-time KeyPackages left: ask them to run `client keys`, then hand the case over again"
+            )));
+        }
         let transfer = Transfer {
             case_id: case_id.to_owned(),
             addresses: self.meta.cases.get(case_id).cloned().unwrap_or_default(),
@@ -1571,33 +1584,16 @@ impl Caseworker {
                     self.meta
                         .joined_with
                         .insert(case_id.clone(), refs.iter().map(hex::encode).collect());
-                    let handed = self
-                        .meta
-                        .handed_over
-                        .iter()
-                        .find(|h| {
-                            h.case_id == case_id && self.joined_with(&case_id, &h.key_package)
-                        })
-                        .map(|h| h.addresses.clone());
-                    let addrs: Vec<String> = match handed {
-                        // A handed-over case: the old lead's list, with us
-                        // instead of them. The committer is reached by it
-                        // already (it read the request sent to that list):
-                        // its own address as well would bring it every
-                        // message twice, the second refused as a replay.
-                        Some(list) if list.iter().any(|a| *a != me) => list,
-                        Some(_) => vec![format!("user:{}@{}", env.sender.user, env.sender.area)],
-                        None => vec![
-                            format!("user:{}@{}", env.sender.user, env.sender.area),
-                            env.recipient.to_string(),
-                        ],
-                    };
-                    let mut addrs: Vec<String> = addrs.into_iter().filter(|a| *a != me).collect();
-                    let mut seen = std::collections::HashSet::new();
-                    addrs.retain(|a| seen.insert(a.clone()));
-                    // A handover Welcome is addressed to us; the rest of the
-                    // case is reached through its team address, learnt from commits.
-                    self.meta.cases.insert(case_id.clone(), addrs);
+                    // Whoever added us, and the address it came by. A case
+                    // handed over to us takes the old lead's list instead
+                    // once its transfer is taken up (`import_pending`).
+                    let addrs = [
+                        format!("user:{}@{}", env.sender.user, env.sender.area),
+                        env.recipient.to_string(),
+                    ];
+                    self.meta
+                        .cases
+                        .insert(case_id.clone(), distinct_but(addrs, &me));
                     let mut events = vec![Event::Joined {
                         case_id: case_id.clone(),
                         from: env.sender.to_string(),
@@ -1737,10 +1733,12 @@ impl Caseworker {
         let t: Transfer = serde_json::from_slice(&transfer)
             .map_err(|e| CaseError::Invalid(format!("history hand-over: {e}")))?;
         let Some(key_package) = t.key_package else {
-            return Err(CaseError::Invalid(
-                "history hand-over names no KeyPackage (made by an older client): not taken up"
-                    .into(),
-            ));
+            // Made by a client before transfers named their KeyPackage:
+            // nothing binds it to a handover that added us.
+            return Ok(vec![Event::HandoverRefused {
+                case_id: t.case_id,
+                from: from.to_owned(),
+            }]);
         };
         let old = address_of(from);
         let addresses = t
@@ -1791,6 +1789,19 @@ impl Caseworker {
                 });
                 continue;
             }
+            // One transfer per handover: any other naming the KeyPackage
+            // (a member saw it in the request) is refused.
+            self.meta.joined_with.remove(case_id);
+            // The case's addresses, as the old lead had them (a transfer
+            // that came after the Welcome replaces the committer's address
+            // the Welcome gave: the committer is reached by them).
+            // The committer is reached by that list already (it read the
+            // request sent to it): its own address as well would bring it
+            // every message twice.
+            let addresses = distinct_but(h.addresses, &self.me.to_string());
+            if !addresses.is_empty() {
+                self.meta.cases.insert(case_id.to_owned(), addresses);
+            }
             // The new lead keeps the family's whereabouts from where they fled.
             self.remember_fled_from(case_id, &h.fled_from)?;
             let n = self.mls.import_history(&group, &h.from, &h.history)?;
@@ -1802,6 +1813,15 @@ impl Caseworker {
         }
         Ok(events)
     }
+}
+
+/// `addresses` in order, each once, without `me`.
+fn distinct_but(addresses: impl IntoIterator<Item = String>, me: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    addresses
+        .into_iter()
+        .filter(|a| a != me && seen.insert(a.clone()))
+        .collect()
 }
 
 /// The third policy check: decrypted content must hold only the fields its

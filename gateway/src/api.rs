@@ -78,6 +78,14 @@ impl Failure {
         }
     }
 
+    fn stale_epoch(newest: u64) -> Failure {
+        Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::StaleEpoch,
+            format!("another Commit was already accepted for this epoch (newest Commit epoch {newest}); process pending messages and retry"),
+        )
+    }
+
     fn internal(e: impl std::fmt::Display) -> Failure {
         tracing::error!(error = %e, "internal error");
         Failure::new(
@@ -276,6 +284,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/keypackages/claim", post(claim_key_packages))
         .route("/v1/federation/keypackages/claim", post(federation_claim))
+        .route("/v1/federation/commits", post(federation_commit_order))
         .route("/v1/policy", get(get_policy))
         .route("/v1/me", get(me))
         .route("/v1/federation/policy", get(federation_policy))
@@ -402,6 +411,10 @@ async fn submit(
         MessageKind::Mls => check_mls(&req.body.0)?,
     };
     check_disclosure(&shared, &peer, &sender, &req, content)?;
+    if let Some(c) = &commit {
+        order_at_home(&shared, c, &req.body.hash()).await?;
+    }
+    let commit = commit.map(|c| (c.group, c.epoch));
     let now = now_ms();
     let envelope = Envelope {
         message_id: MessageId::time_ordered(now, rand::random()),
@@ -448,11 +461,7 @@ async fn submit(
                 .flatten();
             Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true, waiting })))
         }
-        SubmitOutcome::StaleEpoch(newest) => Err(Failure::new(
-            StatusCode::CONFLICT,
-            ErrorCode::StaleEpoch,
-            format!("another Commit was already accepted for this epoch (newest Commit epoch {newest}); process pending messages and retry"),
-        )),
+        SubmitOutcome::StaleEpoch(newest) => Err(Failure::stale_epoch(newest)),
         SubmitOutcome::NotStored => Err(Failure::disk_low(&shared)),
         SubmitOutcome::Conflict(message_id) => Err(Failure::new(
             StatusCode::CONFLICT,
@@ -987,14 +996,21 @@ fn check_item(
 /// Checks an MLS message's public framing. Returns the group and epoch of a
 /// Commit, which the store checks for order.
 /// Also says whether it is an application message (referral content).
-fn check_mls(body: &[u8]) -> Result<(Option<(String, u64)>, bool), Failure> {
+fn check_mls(body: &[u8]) -> Result<(Option<CommitOf>, bool), Failure> {
     let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
     let info =
         MlsMessageInfo::parse(body).map_err(|e| bad(format!("not a valid MLS message: {e}")))?;
     match &info {
         MlsMessageInfo::PublicMessage(m) | MlsMessageInfo::PrivateMessage(m) => {
             match m.content_type() {
-                ContentType::Commit => Ok((Some((hex::encode(m.group_id()), m.epoch())), false)),
+                ContentType::Commit => Ok((
+                    Some(CommitOf {
+                        group: hex::encode(m.group_id()),
+                        epoch: m.epoch(),
+                        home: proto::mls::home_of_group(m.group_id()),
+                    }),
+                    false,
+                )),
                 ContentType::Application => Ok((None, true)),
                 ContentType::Proposal => Ok((None, false)),
             }
@@ -1003,6 +1019,109 @@ fn check_mls(body: &[u8]) -> Result<(Option<(String, u64)>, bool), Failure> {
         MlsMessageInfo::GroupInfo(_) | MlsMessageInfo::KeyPackage(_) => Err(bad(
             "KeyPackages are published with /v1/keypackages; GroupInfo is not relayed".into(),
         )),
+    }
+}
+
+/// A Commit, as its framing shows it to the delivery service.
+struct CommitOf {
+    /// Its group id, hex.
+    group: String,
+    /// The epoch it was made in.
+    epoch: u64,
+    /// The group's home area, if its id names one.
+    home: Option<proto::AreaId>,
+}
+
+/// Before a Commit is taken here for a group whose home is another area,
+/// that area's gateway binds the epoch to it: Commits that members make
+/// through different gateways for the same epoch are ordered in one place,
+/// so the second is refused `stale_epoch` wherever it was made, rather than
+/// forking the group. Here, or a group with no home named, the local record
+/// alone decides (in the store).
+async fn order_at_home(
+    shared: &Shared,
+    commit: &CommitOf,
+    hash: &proto::ContentHash,
+) -> Result<(), Failure> {
+    let Some(home) = commit.home.as_ref().filter(|h| **h != shared.config.area) else {
+        return Ok(());
+    };
+    let unavailable = |m: String| {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            format!("{m}; nothing was stored: retry later"),
+        )
+    };
+    let Some((client, url)) = shared.peer_clients.get(home) else {
+        return Err(unavailable(format!(
+            "the case's home area {home}, which orders its changes, is not a federation peer of {}",
+            shared.config.area
+        )));
+    };
+    let order = proto::CommitOrder {
+        group_id: commit.group.clone(),
+        epoch: commit.epoch,
+        content_hash: *hash,
+    };
+    let resp = client
+        .post(format!("{url}/v1/federation/commits"))
+        .json(&order)
+        .send()
+        .await
+        .map_err(|e| {
+            unavailable(format!(
+                "the case's home gateway ({home}) could not be reached to order this change: {e}"
+            ))
+        })?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let refusal: Option<ApiError> = resp.json().await.ok();
+    match refusal {
+        Some(e) if e.error == ErrorCode::StaleEpoch => Err(Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::StaleEpoch,
+            format!("the case's home gateway ({home}): {}", e.message),
+        )),
+        _ => Err(unavailable(format!(
+            "the case's home gateway ({home}) answered HTTP {status} when asked to order this change"
+        ))),
+    }
+}
+
+/// `POST /v1/federation/commits`: a peer asks this gateway, the home of a
+/// group, to bind an epoch to a Commit (see [`order_at_home`]).
+async fn federation_commit_order(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<proto::CommitOrdered>, Failure> {
+    let area = peer_of(&shared, &peer)?;
+    let order: proto::CommitOrder = parse_json(body)?;
+    let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
+    let id = hex::decode(&order.group_id).map_err(|e| bad(format!("group_id: {e}")))?;
+    if proto::mls::home_of_group(&id).as_ref() != Some(&shared.config.area) {
+        return Err(bad(format!(
+            "group {} does not name {} as its home",
+            order.group_id, shared.config.area
+        )));
+    }
+    match shared
+        .store
+        .order_commit(
+            order.group_id.clone(),
+            order.epoch,
+            order.content_hash.to_string(),
+        )
+        .await?
+    {
+        None => {
+            tracing::debug!(peer = %area, epoch = order.epoch, "a peer's Commit took its epoch");
+            Ok(Json(proto::CommitOrdered { epoch: order.epoch }))
+        }
+        Some(newest) => Err(Failure::stale_epoch(newest)),
     }
 }
 

@@ -89,6 +89,53 @@ impl Drop for InProgress {
     }
 }
 
+/// Responses up to this size are handed to the connection whole when
+/// their handler returns, and count as written then; a larger one is in
+/// progress until its body is written ([`Guarded`]), so a slow reader of a
+/// large fetch is not taken for an idle connection.
+pub(crate) const SMALL_RESPONSE: u64 = 64 * 1024;
+
+/// A response body that keeps its request in progress until it is written
+/// or dropped.
+#[derive(Debug)]
+pub(crate) struct Guarded<B> {
+    inner: B,
+    _in_progress: InProgress,
+}
+
+impl<B> Guarded<B> {
+    /// `inner`, its request in progress while it lasts.
+    pub(crate) fn new(inner: B, in_progress: InProgress) -> Guarded<B> {
+        Guarded {
+            inner,
+            _in_progress: in_progress,
+        }
+    }
+}
+
+impl<B> Body for Guarded<B>
+where
+    B: Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// How a served connection ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Ended {

@@ -1025,10 +1025,21 @@ async fn connection_slot(
     }
 }
 
+/// How long this project's clients and peers keep an idle pooled
+/// connection (see `client::Api` and `peer_clients`).
+const CLIENT_POOL_IDLE: Duration = Duration::from_secs(30);
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let router = api::router(shared.clone());
     let mut stop = shared.stop.subscribe();
     let cap = connection_slots(shared.config.limits.max_connections);
+    if shared.config.limits.idle_timeout <= CLIENT_POOL_IDLE {
+        tracing::warn!(
+            idle_timeout = ?shared.config.limits.idle_timeout,
+            "limits.idle_timeout is not above the {} s clients and peers keep an idle connection: a request on one the gateway is closing fails, and only some are retried",
+            CLIENT_POOL_IDLE.as_secs()
+        );
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     let handshaking = Arc::new(Handshaking::default());
     let mut warned = None;
@@ -1064,7 +1075,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let counted = shared.clone();
             let _open = counted.metrics.connections_open.hold();
             let handshake = acceptor.accept(tcp).into_fallible();
-            let done = tokio::time::timeout(Duration::from_secs(10), handshake).await;
+            // A handshake under way when the gateway stops is dropped.
+            let done = tokio::select! {
+                done = tokio::time::timeout(Duration::from_secs(10), handshake) => done,
+                () = crate::stopped(&mut stop) => return,
+            };
             drop(in_handshake);
             let tls = match done {
                 Ok(Ok(tls)) => tls,
@@ -1114,7 +1129,6 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     req.extensions_mut().insert(cert.clone());
                     let (router, shared) = (router.clone(), shared.clone());
                     async move {
-                        let _in_progress = in_progress;
                         let resp = match revoked {
                             Some(e) => api::revoked(&e),
                             None => router.oneshot(req).await?,
@@ -1122,7 +1136,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                         if resp.status() == axum::http::StatusCode::REQUEST_TIMEOUT {
                             shared.metrics.bodies_timed_out.inc();
                         }
-                        Ok::<_, std::convert::Infallible>(resp)
+                        let small = hyper::body::Body::size_hint(resp.body())
+                            .exact()
+                            .is_some_and(|n| n <= connection::SMALL_RESPONSE);
+                        Ok::<_, std::convert::Infallible>(if small {
+                            resp
+                        } else {
+                            resp.map(|b| {
+                                axum::body::Body::new(connection::Guarded::new(b, in_progress))
+                            })
+                        })
                     }
                 }
             });
@@ -1144,14 +1167,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     // Every connection gives its slot back when it ends; each has
     // `connection::GRACE` to finish once told to stop.
     let all = u32::try_from(cap).unwrap_or(u32::MAX);
-    if tokio::time::timeout(
-        connection::GRACE + Duration::from_secs(1),
-        slots.acquire_many(all),
-    )
-    .await
-    .is_err()
+    let wait = connection::GRACE + Duration::from_secs(1);
+    if tokio::time::timeout(wait, slots.acquire_many(all))
+        .await
+        .is_err()
     {
-        tracing::warn!("shutdown: some connections were still open after 10 s");
+        tracing::warn!(
+            "shutdown: some connections were still open after {} s",
+            wait.as_secs()
+        );
     }
 }
 

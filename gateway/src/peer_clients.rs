@@ -171,7 +171,6 @@ impl PeerClients {
                 Err(e) => {
                     tracing::warn!(peer = %area, error = %e, "could not rebuild the peer's HTTP client");
                     current.generation = generation;
-                    current.accepted = certs::ServerNotAfter::default();
                 }
             }
         }

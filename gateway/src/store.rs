@@ -253,6 +253,17 @@ pub trait Store: Send + Sync + 'static {
         &self,
         m: NewMessage,
     ) -> impl Future<Output = Result<SubmitOutcome, StoreError>> + Send;
+    /// Binds epoch `epoch` of MLS group `group` (hex) to the Commit whose
+    /// content hash is `hash`, for a group whose home is this gateway's
+    /// area and a member who submitted the Commit at another gateway:
+    /// `None` if it is bound to it now (or was already), `Some(newest)`,
+    /// the newest epoch bound, if another Commit took that epoch first.
+    fn order_commit(
+        &self,
+        group: String,
+        epoch: u64,
+        hash: String,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
     /// Stores a peer's batch, in order, deduplicated on message id and on
     /// (sender, idempotency key).
     fn accept_batch(
@@ -1805,7 +1816,51 @@ fn store_thread(
     tracing::debug!("store thread stopped");
 }
 
+/// Binds `epoch` of `group` to the Commit hashed `hash` unless another
+/// Commit has that epoch, or a later one is bound: then `Some(newest)`.
+fn bind_commit(
+    c: &Connection,
+    group: &str,
+    epoch: u64,
+    hash: &str,
+) -> Result<Option<u64>, StoreError> {
+    let epoch_i = i64::try_from(epoch).unwrap_or(i64::MAX);
+    let newest: Option<i64> = c
+        .prepare_cached("SELECT MAX(epoch) FROM group_commits WHERE group_id = ?1")?
+        .query_row([group], |r| r.get(0))?;
+    let same: Option<String> = c
+        .prepare_cached(
+            "SELECT content_hash FROM group_commits WHERE group_id = ?1 AND epoch = ?2",
+        )?
+        .query_row(params![group, epoch_i], |r| r.get(0))
+        .optional()?;
+    let newest_u = || u64::try_from(newest.unwrap_or(0)).unwrap_or(0);
+    match same {
+        Some(h) if h == hash => Ok(None),
+        Some(_) => Ok(Some(newest_u())),
+        None if newest.is_some_and(|n| n > epoch_i) => Ok(Some(newest_u())),
+        None => {
+            exec(
+                c,
+                "INSERT INTO group_commits (group_id, epoch, content_hash) VALUES (?1, ?2, ?3)",
+                params![group, epoch_i, hash],
+            )?;
+            Ok(None)
+        }
+    }
+}
+
 impl Store for SqliteStore {
+    async fn order_commit(
+        &self,
+        group: String,
+        epoch: u64,
+        hash: String,
+    ) -> Result<Option<u64>, StoreError> {
+        self.call(move |c| bind_commit(c, &group, epoch, &hash))
+            .await
+    }
+
     async fn submit(&self, m: NewMessage) -> Result<SubmitOutcome, StoreError> {
         let own = self.own_area.clone();
         // Serialise outside the writer thread: it is the one serial resource.
@@ -1833,27 +1888,8 @@ impl Store for SqliteStore {
                 return Ok(SubmitOutcome::NotStored);
             }
             if let Some((group, epoch)) = &m.commit {
-                let hash = env.content_hash.to_string();
-                let newest: Option<i64> = c
-                    .prepare_cached("SELECT MAX(epoch) FROM group_commits WHERE group_id = ?1")?
-                    .query_row([group], |r| r.get(0))?;
-                let same: Option<String> = c
-                    .prepare_cached("SELECT content_hash FROM group_commits WHERE group_id = ?1 AND epoch = ?2")?
-                    .query_row(params![group, *epoch as i64], |r| r.get(0))
-                    .optional()?;
-                match same {
-                    Some(h) if h == hash => {}
-                    Some(_) => return Ok(SubmitOutcome::StaleEpoch(newest.unwrap_or(0).max(0) as u64)),
-                    None if newest.is_some_and(|n| n > *epoch as i64) => {
-                        return Ok(SubmitOutcome::StaleEpoch(newest.unwrap_or(0).max(0) as u64))
-                    }
-                    None => {
-                        exec(
-                            c,
-                            "INSERT INTO group_commits (group_id, epoch, content_hash) VALUES (?1, ?2, ?3)",
-                            params![group, *epoch as i64, hash],
-                        )?;
-                    }
+                if let Some(newest) = bind_commit(c, group, *epoch, &env.content_hash.to_string())? {
+                    return Ok(SubmitOutcome::StaleEpoch(newest));
                 }
             }
             let id = env.message_id.as_str();

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Body, Category, Envelope, IdempotencyKey, MessageId, Recipient, Status};
+use crate::{Body, Category, ContentHash, Envelope, IdempotencyKey, MessageId, Recipient, Status};
 
 /// `POST /v1/messages`: a user submits a message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,6 +262,30 @@ pub struct AckRequest {
     /// The message is in a case the caller is not part of.
     #[serde(default)]
     pub not_in_case: bool,
+}
+
+/// `POST /v1/federation/commits`: a gateway asks the home gateway of an MLS
+/// group (see [`crate::mls::home_of_group`]) to bind an epoch to a Commit a
+/// member submitted at it, before taking the Commit. Answered
+/// [`CommitOrdered`], or `409` `stale_epoch` when another Commit has the
+/// epoch (or a later one is bound).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitOrder {
+    /// The group id, hex.
+    pub group_id: String,
+    /// The epoch the Commit was made in.
+    pub epoch: u64,
+    /// The Commit's content hash (of its ciphertext).
+    pub content_hash: ContentHash,
+}
+
+/// The answer to [`CommitOrder`]: the epoch is this Commit's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitOrdered {
+    /// The epoch bound.
+    pub epoch: u64,
 }
 
 /// `POST /v1/keypackages/claim`: take one KeyPackage for each member of a recipient.

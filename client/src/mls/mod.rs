@@ -736,8 +736,21 @@ impl MlsClient {
                 .capabilities(capabilities())
                 .with_group_context_extensions(extensions)
                 .build();
-            let mls_group = MlsGroup::new(&c.provider, &c.signer, &config, c.credential.clone())
-                .map_err(mls)?;
+            // The group's home is our area: its gateway orders the group's
+            // Commits, wherever members are (see `proto::mls::home_of_group`).
+            let home = match certs::Identity::parse_uri(&c.identity) {
+                Ok(certs::Identity::User(area, _)) => area,
+                _ => return Err(MlsError::BadIdentity(short(&c.identity))),
+            };
+            let group_id = proto::mls::group_id_with_home(&home, &rand::random::<[u8; 16]>());
+            let mls_group = MlsGroup::new_with_group_id(
+                &c.provider,
+                &c.signer,
+                &config,
+                openmls::group::GroupId::from_slice(&group_id),
+                c.credential.clone(),
+            )
+            .map_err(mls)?;
             let id = GroupId(mls_group.group_id().to_vec());
             c.groups.insert(
                 id.clone(),
@@ -952,6 +965,13 @@ impl MlsClient {
             let id = GroupId(mls_group.group_id().to_vec());
             if c.groups.contains_key(&id) {
                 return Err(MlsError::AlreadyInGroup(id));
+            }
+            // Whoever makes a group names its case: a second group naming a
+            // case we are in is someone else's, not the case.
+            if c.groups.values().any(|g| g.case_id == case_id) {
+                return Err(MlsError::Refused(format!(
+                    "a Welcome into another group for case {case_id}, which this client is in already"
+                )));
             }
             c.groups.insert(
                 id.clone(),

@@ -744,3 +744,31 @@ fn content_refused_before_it_is_kept_uses_up_its_key_and_the_next_message_reads(
     assert_eq!(history.len(), kept + 1);
     assert!(history.iter().all(|e| e.plaintext != b"too much"));
 }
+
+#[test]
+fn a_group_names_its_creators_area_as_home_and_a_second_group_for_a_case_is_refused() {
+    let (_sender, mut team, group) = referral();
+    assert_eq!(
+        proto::mls::home_of_group(&group.0),
+        Some(proto::AreaId::new("a.example").unwrap())
+    );
+    // Someone else makes a group of their own under the same case id and
+    // adds a member of the real one: refused, and the case is still the
+    // real group.
+    let mut other = Person::new("c.example", "mallory");
+    let kp = team[0].kp();
+    let theirs = other.c().create_group("CASE-42").unwrap();
+    let (_, welcome) = other.c().add_members(&theirs, &[kp]).unwrap();
+    let r = team[0].c().join(&welcome);
+    assert!(
+        matches!(&r, Err(MlsError::Refused(m)) if m.contains("CASE-42")),
+        "{r:?}"
+    );
+    let groups: Vec<(GroupId, String)> = team[0].c().groups().unwrap();
+    let cases: Vec<&GroupId> = groups
+        .iter()
+        .filter(|(_, c)| c == "CASE-42")
+        .map(|(g, _)| g)
+        .collect();
+    assert_eq!(cases, [&group]);
+}

@@ -65,6 +65,32 @@ const SIGNATURE_LEN: usize = 64;
 /// Length of a SHA-256 hash reference.
 const REF_LEN: usize = 32;
 
+/// How a group id names its home area: `home/<area>/` then random bytes.
+const HOME_PREFIX: &[u8] = b"home/";
+
+/// A group id naming `home` as the group's home area: the area whose
+/// gateway orders the group's Commits (one per epoch), wherever its members
+/// are. `random` keeps ids apart.
+pub fn group_id_with_home(home: &crate::AreaId, random: &[u8; 16]) -> Vec<u8> {
+    let mut id = HOME_PREFIX.to_vec();
+    id.extend_from_slice(home.as_str().as_bytes());
+    id.push(b'/');
+    id.extend_from_slice(random);
+    id
+}
+
+/// The home area a group id names (see [`group_id_with_home`]); `None` for
+/// one that names none, such as a group made before homes were named.
+pub fn home_of_group(group_id: &[u8]) -> Option<crate::AreaId> {
+    let rest = group_id.strip_prefix(HOME_PREFIX)?;
+    let slash = rest.iter().position(|b| *b == b'/')?;
+    let (area, random) = rest.split_at(slash);
+    if random.len() != 17 {
+        return None;
+    }
+    crate::AreaId::new(std::str::from_utf8(area).ok()?).ok()
+}
+
 /// An error in MLS bytes received from a peer or a user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -924,3 +924,17 @@ fn mutated_messages_never_panic() {
         parse_both(&mutate(&mut rng, seed));
     }
 }
+
+#[test]
+fn a_group_id_names_its_home_area() {
+    let home = crate::AreaId::new("northshire").unwrap();
+    let id = group_id_with_home(&home, &[7u8; 16]);
+    assert_eq!(home_of_group(&id), Some(home.clone()));
+    // Random group ids (from before homes were named) name none, nor do
+    // ids that only look like one.
+    assert_eq!(home_of_group(&[0x5a; 32]), None);
+    assert_eq!(home_of_group(b"home/northshire/short"), None);
+    assert_eq!(home_of_group(b"home/North Shire/0123456789abcdef"), None);
+    assert_eq!(home_of_group(b"home/"), None);
+    assert_eq!(home_of_group(b""), None);
+}

@@ -1442,3 +1442,72 @@ async fn a_case_handed_over_by_someone_whose_handover_did_not_add_us_is_not_take
         .unwrap();
     assert_eq!(texts(&read(&mut dan).await), ["from the new lead"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_the_cases_home() {
+    let fed = federation_with_keys().await;
+    // alice (northshire, the case's home) refers to dan (southvale) and
+    // adds hana (eastmoor): three members behind three gateways.
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, _) = alice
+        .refer(
+            &to("user:dan@southvale"),
+            &category("relocation"),
+            false,
+            b"first referral",
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut dan = worker(&fed, 1, "dan");
+    joins(&mut dan, &case).await;
+    alice
+        .add(&case, &to("user:hana@eastmoor"), None)
+        .await
+        .unwrap();
+    let added = |who: &'static str| {
+        move |events: &[Event]| {
+            events.iter().any(|e| {
+                matches!(e, Event::Membership { added, .. }
+                if added.iter().any(|a| a.ends_with(who)))
+            })
+        }
+    };
+    assert!(added("/user/hana")(
+        &read_until(&mut dan, added("/user/hana")).await
+    ));
+    let mut hana = worker(&fed, 2, "hana");
+    joins(&mut hana, &case).await;
+
+    // dan and hana both change the case in the same epoch, each through
+    // their own gateway: the case's home takes dan's, and hana's is
+    // refused as stale there, though her own gateway has never seen the
+    // epoch taken.
+    dan.add(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    let e = hana
+        .add(&case, &to("user:bob@northshire"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, CaseError::Overtaken(c) if *c == case), "{e:?}");
+
+    // So the case does not fork: hana reads dan's change and the case goes
+    // on for all three.
+    assert!(added("/user/gita")(
+        &read_until(&mut hana, added("/user/gita")).await
+    ));
+    assert!(added("/user/gita")(
+        &read_until(&mut alice, added("/user/gita")).await
+    ));
+    dan.send(&case, &category("update"), b"from southvale", None, None)
+        .await
+        .unwrap();
+    assert!(texts(&read(&mut hana).await).contains(&"from southvale".to_owned()));
+    hana.send(&case, &category("update"), b"from eastmoor", None, None)
+        .await
+        .unwrap();
+    assert!(texts(&read(&mut alice).await).contains(&"from eastmoor".to_owned()));
+}

@@ -440,10 +440,12 @@ async fn a_reload_takes_peers_in_and_out_and_follows_a_peer_to_its_new_address()
 async fn a_pooled_peer_connection_is_let_go_once_the_peers_certificate_expires() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
     let (a, b) = (fed.index("northshire"), fed.index("southvale"));
-    // southvale's gateway starts with a certificate valid a few seconds.
+    // southvale's gateway starts with a certificate valid a few seconds
+    // (long enough for both to start and a first message to go on a slow
+    // machine: a test that ran out of it would fail, not pass).
     let southvale = Identity::Gateway(AreaId::new("southvale").unwrap());
     let short = fed
-        .mint(b, &southvale, Validity::For(Duration::from_secs(4)))
+        .mint(b, &southvale, Validity::For(Duration::from_secs(12)))
         .unwrap();
     let dir = fed.areas[b].dir.clone();
     std::fs::write(dir.join("gateway.crt"), &short.cert).unwrap();
