@@ -1511,3 +1511,55 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
         .unwrap();
     assert!(texts(&read(&mut alice).await).contains(&"from eastmoor".to_owned()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waits_while_its_groups_home_gateway_is_out_of_reach() {
+    let mut fed = federation_with_keys().await;
+    let (north, south) = (fed.index("northshire"), fed.index("southvale"));
+    // A group made by a northshire worker: northshire is its home.
+    let dir = tempfile::tempdir().unwrap();
+    let mut mls =
+        client::mls::MlsClient::open(dir.path(), "spiffe://northshire/user/alice").unwrap();
+    let group = mls.create_group("case-home-test").unwrap();
+    let dan = fed.api(south, "dan").unwrap();
+    let kp = dan.claim(&to("user:erin@southvale")).await.unwrap();
+    let (commit, _) = mls
+        .add_members(&group, &[kp.key_packages[0].key_package.0.clone()])
+        .unwrap();
+    let submission = proto::SubmitRequest {
+        idempotency_key: proto::IdempotencyKey::new("home-test-commit".to_owned()).unwrap(),
+        recipient: to("user:erin@southvale"),
+        category: category("membership"),
+        urgent: false,
+        kind: proto::MessageKind::Mls,
+        disclosure: None,
+        body: proto::Body(commit),
+    };
+    // The home is down: southvale cannot order the Commit, so it takes
+    // nothing, and says why.
+    fed.stop(north).await;
+    let r = dan.submit_once(&submission).await;
+    match &r {
+        Err(client::ClientError::Api {
+            status,
+            code,
+            message,
+            ..
+        }) => {
+            assert_eq!((*status, *code), (503, ErrorCode::Unavailable), "{message}");
+            assert!(message.contains("northshire"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fed.count(south, "SELECT COUNT(*) FROM sent").unwrap(), 0);
+    // Back, it binds the epoch to it, and takes the same Commit again.
+    fed.start(north).await.unwrap();
+    dan.submit_once(&submission).await.unwrap();
+    dan.submit_once(&submission).await.unwrap();
+    assert_eq!(
+        fed.count(north, "SELECT COUNT(*) FROM group_commits")
+            .unwrap(),
+        1
+    );
+    fed.stop_all().await;
+}
