@@ -334,6 +334,10 @@ pub struct Caseworker {
     meta_path: PathBuf,
     meta: Meta,
     sent: crate::sent::SentLog,
+    /// Cases whose own Commit could not be settled for now (their gateway,
+    /// or the case's home gateway, out of reach): their messages wait in
+    /// the inbox while the other cases are read.
+    held: std::collections::HashSet<String>,
     /// Held while this client works on its data directory: two clients at
     /// once would each write back state the other moved on.
     _lock: std::fs::File,
@@ -543,6 +547,7 @@ impl Caseworker {
             meta_path,
             meta,
             sent,
+            held: std::collections::HashSet::new(),
             _lock: lock,
         })
     }
@@ -629,6 +634,17 @@ impl Caseworker {
             .find(|(_, c)| c == case_id)
             .map(|(g, _)| g)
             .ok_or_else(|| CaseError::UnknownCase(case_id.to_owned()))
+    }
+
+    /// The case of an MLS message of a group we are in (not a Welcome).
+    fn case_of_message(&self, bytes: &[u8]) -> Option<String> {
+        match proto::mls::MlsMessageInfo::parse(bytes).ok()? {
+            proto::mls::MlsMessageInfo::PublicMessage(m)
+            | proto::mls::MlsMessageInfo::PrivateMessage(m) => {
+                self.case_of(&GroupId::from_bytes(m.group_id()))
+            }
+            _ => None,
+        }
     }
 
     fn case_of(&self, group: &GroupId) -> Option<String> {
@@ -823,7 +839,7 @@ impl Caseworker {
         disclosure: Option<proto::Disclosure>,
     ) -> Result<Vec<MessageId>, CaseError> {
         let group = self.group_of(case_id)?;
-        self.settle_before().await?;
+        self.settle_before(case_id).await?;
         if self.addresses(case_id).is_empty() {
             return Err(CaseError::Invalid(format!(
                 "this client has no address to send case {case_id}'s messages to (its record in cases.json is missing); nothing was sent"
@@ -939,7 +955,7 @@ impl Caseworker {
         key: Option<String>,
     ) -> Result<Vec<String>, CaseError> {
         let group = self.group_of(case_id)?;
-        self.settle_before().await?;
+        self.settle_before(case_id).await?;
         let key = key.unwrap_or_else(fresh_key);
         let (kps, missing) = self.claim(to).await?;
         let own = self.mls.stage_add_members(&group, &kps)?;
@@ -1086,19 +1102,26 @@ impl Caseworker {
 
     /// Settles every staged Commit before another change or message to a
     /// case: what `read` would tell is told in the log.
-    async fn settle_before(&mut self) -> Result<(), CaseError> {
+    async fn settle_before(&mut self, case_id: &str) -> Result<(), CaseError> {
         for e in self.settle_all().await? {
             if let Event::Overtaken { case_id } = e {
                 tracing::warn!(case = %case_id, "an earlier change to this case was dropped: another member's came first, or the gateway refused it; make it again");
             }
         }
+        if self.held.contains(case_id) {
+            // Nothing more in this case until its change is settled: say why.
+            self.settle(case_id).await?;
+        }
         Ok(())
     }
 
     /// Settles every staged Commit ([`Caseworker::settle`]); events for
-    /// `read` to tell: a handover taken, or a change dropped.
+    /// `read` to tell: a handover taken, or a change dropped. One that
+    /// cannot be settled for now holds its case (see `Caseworker::held`),
+    /// not the others.
     async fn settle_all(&mut self) -> Result<Vec<Event>, CaseError> {
         let mut events = Vec::new();
+        self.held.clear();
         let cases: Vec<(String, Staged)> = self
             .meta
             .staged
@@ -1106,7 +1129,16 @@ impl Caseworker {
             .map(|(c, s)| (c.clone(), s.clone()))
             .collect();
         for (case_id, s) in cases {
-            match self.settle(&case_id).await? {
+            let settled = match self.settle(&case_id).await {
+                Ok(settled) => settled,
+                Err(e) if for_now(&e) => {
+                    tracing::warn!(case = %case_id, error = %e, "a change to this case is not settled yet; its messages wait");
+                    self.held.insert(case_id);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match settled {
                 Some(Settled::Overtaken) => events.push(Event::Overtaken {
                     case_id: case_id.clone(),
                 }),
@@ -1142,7 +1174,7 @@ impl Caseworker {
         };
         let new_lead = certs::Identity::User(to.area.clone(), user.clone()).uri();
         let group = self.group_of(case_id)?;
-        self.settle_before().await?;
+        self.settle_before(case_id).await?;
         let key = key.unwrap_or_else(fresh_key);
         let category = Category::new("handover").map_err(|e| CaseError::Invalid(e.to_string()))?;
         // Two KeyPackages: one for the transfer group, one for the case.
@@ -1492,6 +1524,11 @@ impl Caseworker {
                 }
                 continue;
             }
+            let case = self.case_of_message(&fetched.body.0);
+            if case.as_ref().is_some_and(|c| self.held.contains(c)) {
+                // Its case waits for our own change to it (above).
+                continue;
+            }
             let resumed = !self.meta.processing.insert(id.to_owned());
             if !resumed {
                 self.save()?;
@@ -1540,13 +1577,20 @@ impl Caseworker {
                         });
                     }
                 }
-                // The gateway out of reach or busy while handling it (a
+                // A gateway out of reach or busy while handling it (a
                 // Commit or Welcome it sends): not the message's fault. The
-                // read stops; the next one takes the message up again (done
-                // already, it is then acknowledged).
+                // next read takes it up again (done already, it is then
+                // acknowledged); meanwhile its case waits, and the read
+                // goes on with the others. With no case to hold, it stops.
                 Err(e @ CaseError::Client(_)) if for_now(&e) => {
                     self.save()?;
-                    return Err(e);
+                    match case {
+                        Some(c) => {
+                            tracing::warn!(case = %c, error = %e, "a message of this case waits: a gateway is out of reach");
+                            self.held.insert(c);
+                        }
+                        None => return Err(e),
+                    }
                 }
                 Err(e) => {
                     self.meta.refused.insert(env.message_id.to_string());
@@ -1598,7 +1642,7 @@ impl Caseworker {
                         case_id: case_id.clone(),
                         from: env.sender.to_string(),
                     }];
-                    events.extend(self.import_pending(&case_id)?);
+                    events.extend(self.import_pending(&case_id, true)?);
                     self.save()?;
                     Ok(events)
                 }
@@ -1754,7 +1798,7 @@ impl Caseworker {
             fled_from: t.fled_from,
             history: t.history,
         });
-        let events = self.import_pending(&t.case_id)?;
+        let events = self.import_pending(&t.case_id, false)?;
         self.save()?;
         Ok(events)
     }
@@ -1771,7 +1815,8 @@ impl Caseworker {
     /// Takes up what was handed over for a case once we are in its group:
     /// its chronology and the areas the family fled, from a transfer that
     /// names the KeyPackage we were added with; any other is let go.
-    fn import_pending(&mut self, case_id: &str) -> Result<Vec<Event>, CaseError> {
+    /// `at_join`: the Welcome was just read (else the transfer came after it).
+    fn import_pending(&mut self, case_id: &str, at_join: bool) -> Result<Vec<Event>, CaseError> {
         let Ok(group) = self.group_of(case_id) else {
             return Ok(Vec::new());
         };
@@ -1795,10 +1840,20 @@ impl Caseworker {
             // The case's addresses, as the old lead had them (a transfer
             // that came after the Welcome replaces the committer's address
             // the Welcome gave: the committer is reached by them).
-            // The committer is reached by that list already (it read the
-            // request sent to it): its own address as well would bring it
-            // every message twice.
-            let addresses = distinct_but(h.addresses, &self.me.to_string());
+            // The old lead's list. Read with the Welcome, it replaces the
+            // committer's address the Welcome gave: the committer is reached
+            // by it already (it read the request sent to that list), and its
+            // own address as well would bring it every message twice. Come
+            // after, it adds to what this client has learnt since (members
+            // added by Commits read meanwhile); a person then reached twice
+            // gets the second copy set aside.
+            let known = if at_join {
+                Vec::new()
+            } else {
+                self.meta.cases.get(case_id).cloned().unwrap_or_default()
+            };
+            let addresses =
+                distinct_but(h.addresses.into_iter().chain(known), &self.me.to_string());
             if !addresses.is_empty() {
                 self.meta.cases.insert(case_id.to_owned(), addresses);
             }

@@ -86,6 +86,14 @@ impl Failure {
         )
     }
 
+    fn epoch_ahead(newest: u64) -> Failure {
+        Failure::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Rejected,
+            format!("a Commit for an epoch past the next of its group (newest Commit epoch {newest}): refused"),
+        )
+    }
+
     fn internal(e: impl std::fmt::Display) -> Failure {
         tracing::error!(error = %e, "internal error");
         Failure::new(
@@ -414,7 +422,11 @@ async fn submit(
     if let Some(c) = &commit {
         order_at_home(&shared, c, &req.body.hash()).await?;
     }
-    let commit = commit.map(|c| (c.group, c.epoch));
+    let own = &shared.config.area;
+    let commit = commit.map(|c| {
+        let home_here = c.home.as_ref() == Some(own);
+        (c.group, c.epoch, home_here)
+    });
     let now = now_ms();
     let envelope = Envelope {
         message_id: MessageId::time_ordered(now, rand::random()),
@@ -462,6 +474,7 @@ async fn submit(
             Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true, waiting })))
         }
         SubmitOutcome::StaleEpoch(newest) => Err(Failure::stale_epoch(newest)),
+        SubmitOutcome::EpochAhead(newest) => Err(Failure::epoch_ahead(newest)),
         SubmitOutcome::NotStored => Err(Failure::disk_low(&shared)),
         SubmitOutcome::Conflict(message_id) => Err(Failure::new(
             StatusCode::CONFLICT,
@@ -1046,6 +1059,12 @@ async fn order_at_home(
     let Some(home) = commit.home.as_ref().filter(|h| **h != shared.config.area) else {
         return Ok(());
     };
+    if shared.disk.is_low() {
+        // Nothing new is stored here now (a repeat is answered as one):
+        // binding the epoch at the home for a Commit not stored would hold
+        // it for nothing.
+        return Ok(());
+    }
     let unavailable = |m: String| {
         Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1054,10 +1073,11 @@ async fn order_at_home(
         )
     };
     let Some((client, url)) = shared.peer_clients.get(home) else {
-        return Err(unavailable(format!(
-            "the case's home area {home}, which orders its changes, is not a federation peer of {}",
-            shared.config.area
-        )));
+        // A home this gateway cannot ask (not a peer: no member here should
+        // be in its case) must not hold the case's changes for good: the
+        // local record alone orders them, as for a group with no home.
+        tracing::warn!(%home, "a Commit for a group whose home area is not a federation peer: ordered here only");
+        return Ok(());
     };
     let order = proto::CommitOrder {
         group_id: commit.group.clone(),
@@ -1080,11 +1100,19 @@ async fn order_at_home(
     }
     let refusal: Option<ApiError> = resp.json().await.ok();
     match refusal {
-        Some(e) if e.error == ErrorCode::StaleEpoch => Err(Failure::new(
-            StatusCode::CONFLICT,
-            ErrorCode::StaleEpoch,
-            format!("the case's home gateway ({home}): {}", e.message),
-        )),
+        Some(e) if e.error == ErrorCode::StaleEpoch || e.error == ErrorCode::Rejected => {
+            Err(Failure::new(
+                StatusCode::CONFLICT,
+                e.error,
+                format!("the case's home gateway ({home}): {}", e.message),
+            ))
+        }
+        // A home gateway from before this endpoint: the local record alone
+        // orders the group's Commits, as before.
+        Some(e) if status == reqwest::StatusCode::NOT_FOUND && e.error == ErrorCode::NotFound => {
+            tracing::warn!(%home, "the home gateway does not order Commits (an older version): ordered here only");
+            Ok(())
+        }
         _ => Err(unavailable(format!(
             "the case's home gateway ({home}) answered HTTP {status} when asked to order this change"
         ))),
@@ -1108,20 +1136,19 @@ async fn federation_commit_order(
             order.group_id, shared.config.area
         )));
     }
+    // Recorded as this gateway's own submissions record it (lowercase hex).
+    let group = hex::encode(&id);
     match shared
         .store
-        .order_commit(
-            order.group_id.clone(),
-            order.epoch,
-            order.content_hash.to_string(),
-        )
+        .order_commit(group, order.epoch, order.content_hash.to_string())
         .await?
     {
-        None => {
+        crate::store::Bind::Bound => {
             tracing::debug!(peer = %area, epoch = order.epoch, "a peer's Commit took its epoch");
             Ok(Json(proto::CommitOrdered { epoch: order.epoch }))
         }
-        Some(newest) => Err(Failure::stale_epoch(newest)),
+        crate::store::Bind::Stale(newest) => Err(Failure::stale_epoch(newest)),
+        crate::store::Bind::Ahead(newest) => Err(Failure::epoch_ahead(newest)),
     }
 }
 

@@ -93,8 +93,10 @@ pub struct NewMessage {
     pub body: Body,
     /// Where it goes.
     pub route: Route,
-    /// For an MLS Commit: its group id (hex) and epoch, checked for order.
-    pub commit: Option<(String, u64)>,
+    /// For an MLS Commit: its group id (hex), its epoch, and whether this
+    /// gateway is the group's home (then its epochs must follow on from
+    /// the newest bound, see [`Bind::Ahead`]); checked for order.
+    pub commit: Option<(String, u64, bool)>,
     /// Whether it may be stored if it is new. False while the disk is
     /// short of space: a repeat of an earlier submission is still answered
     /// as one, and anything else is [`SubmitOutcome::NotStored`].
@@ -136,8 +138,26 @@ pub enum SubmitOutcome {
     /// An MLS Commit for an epoch that already has a different Commit; the
     /// group's newest epoch with a Commit is given.
     StaleEpoch(u64),
+    /// An MLS Commit, at its group's home, for an epoch past the one after
+    /// the newest bound (given): nothing was stored.
+    EpochAhead(u64),
     /// New, and [`NewMessage::accept_new`] was false: nothing was stored.
     NotStored,
+}
+
+/// What binding an epoch of a group to a Commit came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    /// The epoch is this Commit's (now, or already).
+    Bound,
+    /// Another Commit has the epoch, or a later one is bound; the newest
+    /// epoch bound is given.
+    Stale(u64),
+    /// At the group's home, whose record sees every Commit of the group:
+    /// the epoch is past the one after the newest bound (given; none bound,
+    /// past epoch 1). No member can be there, so it is refused, and no one
+    /// can take the group's future epochs ahead of its members.
+    Ahead(u64),
 }
 
 /// An incoming federation item that passed the server's checks.
@@ -255,15 +275,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<SubmitOutcome, StoreError>> + Send;
     /// Binds epoch `epoch` of MLS group `group` (hex) to the Commit whose
     /// content hash is `hash`, for a group whose home is this gateway's
-    /// area and a member who submitted the Commit at another gateway:
-    /// `None` if it is bound to it now (or was already), `Some(newest)`,
-    /// the newest epoch bound, if another Commit took that epoch first.
+    /// area and a member who submitted the Commit at another gateway.
     fn order_commit(
         &self,
         group: String,
         epoch: u64,
         hash: String,
-    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Bind, StoreError>> + Send;
     /// Stores a peer's batch, in order, deduplicated on message id and on
     /// (sender, idempotency key).
     fn accept_batch(
@@ -1817,13 +1835,15 @@ fn store_thread(
 }
 
 /// Binds `epoch` of `group` to the Commit hashed `hash` unless another
-/// Commit has that epoch, or a later one is bound: then `Some(newest)`.
+/// Commit has that epoch, or a later one is bound, or (`home`: this is the
+/// group's home) the epoch is ahead of the next (see [`Bind`]).
 fn bind_commit(
     c: &Connection,
     group: &str,
     epoch: u64,
     hash: &str,
-) -> Result<Option<u64>, StoreError> {
+    home: bool,
+) -> Result<Bind, StoreError> {
     let epoch_i = i64::try_from(epoch).unwrap_or(i64::MAX);
     let newest: Option<i64> = c
         .prepare_cached("SELECT MAX(epoch) FROM group_commits WHERE group_id = ?1")?
@@ -1835,17 +1855,19 @@ fn bind_commit(
         .query_row(params![group, epoch_i], |r| r.get(0))
         .optional()?;
     let newest_u = || u64::try_from(newest.unwrap_or(0)).unwrap_or(0);
+    let next = newest.map_or(1, |n| n.saturating_add(1));
     match same {
-        Some(h) if h == hash => Ok(None),
-        Some(_) => Ok(Some(newest_u())),
-        None if newest.is_some_and(|n| n > epoch_i) => Ok(Some(newest_u())),
+        Some(h) if h == hash => Ok(Bind::Bound),
+        Some(_) => Ok(Bind::Stale(newest_u())),
+        None if newest.is_some_and(|n| n > epoch_i) => Ok(Bind::Stale(newest_u())),
+        None if home && epoch_i > next => Ok(Bind::Ahead(newest_u())),
         None => {
             exec(
                 c,
                 "INSERT INTO group_commits (group_id, epoch, content_hash) VALUES (?1, ?2, ?3)",
                 params![group, epoch_i, hash],
             )?;
-            Ok(None)
+            Ok(Bind::Bound)
         }
     }
 }
@@ -1856,8 +1878,8 @@ impl Store for SqliteStore {
         group: String,
         epoch: u64,
         hash: String,
-    ) -> Result<Option<u64>, StoreError> {
-        self.call(move |c| bind_commit(c, &group, epoch, &hash))
+    ) -> Result<Bind, StoreError> {
+        self.call(move |c| bind_commit(c, &group, epoch, &hash, true))
             .await
     }
 
@@ -1887,9 +1909,11 @@ impl Store for SqliteStore {
             if !m.accept_new {
                 return Ok(SubmitOutcome::NotStored);
             }
-            if let Some((group, epoch)) = &m.commit {
-                if let Some(newest) = bind_commit(c, group, *epoch, &env.content_hash.to_string())? {
-                    return Ok(SubmitOutcome::StaleEpoch(newest));
+            if let Some((group, epoch, home)) = &m.commit {
+                match bind_commit(c, group, *epoch, &env.content_hash.to_string(), *home)? {
+                    Bind::Bound => {}
+                    Bind::Stale(newest) => return Ok(SubmitOutcome::StaleEpoch(newest)),
+                    Bind::Ahead(newest) => return Ok(SubmitOutcome::EpochAhead(newest)),
                 }
             }
             let id = env.message_id.as_str();

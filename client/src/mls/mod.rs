@@ -147,7 +147,8 @@ fn malformed<E: fmt::Display>(e: E) -> MlsError {
 
 // === public types ===
 
-/// An MLS group id (random, 16 bytes for groups we create). Displays as hex.
+/// An MLS group id (`home/<area>/` and 16 random bytes for groups we
+/// create; see `proto::mls::group_id_with_home`). Displays as hex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GroupId(Vec<u8>);
 

@@ -2210,3 +2210,23 @@ async fn the_areas_with_items_queued_are_listed_each_once() {
         .unwrap();
     assert_eq!(store.queued_peers().await.unwrap(), [area("southvale")]);
 }
+
+#[tokio::test]
+async fn a_home_binds_each_epoch_once_and_none_ahead_of_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let order = |epoch: u64, hash: &str| store.order_commit("ab".into(), epoch, hash.into());
+    // No epoch bound: the first a member can make, and no later one.
+    assert_eq!(order(u64::MAX, "x").await.unwrap(), Bind::Ahead(0));
+    assert_eq!(order(2, "x").await.unwrap(), Bind::Ahead(0));
+    assert_eq!(order(1, "a").await.unwrap(), Bind::Bound);
+    // The same Commit again (a retry, another address): still its.
+    assert_eq!(order(1, "a").await.unwrap(), Bind::Bound);
+    // Another for the epoch, or an older one: stale.
+    assert_eq!(order(1, "b").await.unwrap(), Bind::Stale(1));
+    assert_eq!(order(0, "b").await.unwrap(), Bind::Stale(1));
+    // Past the next: refused; the next: bound.
+    assert_eq!(order(3, "c").await.unwrap(), Bind::Ahead(1));
+    assert_eq!(order(2, "c").await.unwrap(), Bind::Bound);
+    assert_eq!(order(3, "d").await.unwrap(), Bind::Bound);
+}
