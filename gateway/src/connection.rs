@@ -63,8 +63,14 @@ impl Activity {
         InProgress(self.clone())
     }
 
-    /// Since when the connection has had no request in progress; `None`
-    /// while one is.
+    /// A large response's writing went on (see [`Guarded`]).
+    fn progress(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ended_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// Since when the connection has had no request in progress (nor a
+    /// large response's writing going on); `None` while one is.
     fn idle_since(&self) -> Option<Instant> {
         if self.in_progress.load(Ordering::SeqCst) > 0 {
             return None;
@@ -90,49 +96,74 @@ impl Drop for InProgress {
 }
 
 /// Responses up to this size are handed to the connection whole when
-/// their handler returns, and count as written then; a larger one is in
-/// progress until its body is written ([`Guarded`]), so a slow reader of a
-/// large fetch is not taken for an idle connection.
+/// their handler returns, and count as written then. A larger one is
+/// handed over in pieces of this size ([`Guarded`]), each counted as
+/// activity: a slow reader of a large fetch is not taken for an idle
+/// connection, and one that stops reading is.
 pub(crate) const SMALL_RESPONSE: u64 = 64 * 1024;
 
-/// A response body that keeps its request in progress until it is written
-/// or dropped.
+/// A response body handed to the connection a piece at a time, each piece
+/// taken counted as activity on the connection (see [`SMALL_RESPONSE`]).
 #[derive(Debug)]
 pub(crate) struct Guarded<B> {
     inner: B,
-    _in_progress: InProgress,
+    pending: Bytes,
+    activity: Arc<Activity>,
 }
 
 impl<B> Guarded<B> {
-    /// `inner`, its request in progress while it lasts.
-    pub(crate) fn new(inner: B, in_progress: InProgress) -> Guarded<B> {
+    /// `inner`, its writing counted on `activity`.
+    pub(crate) fn new(inner: B, activity: Arc<Activity>) -> Guarded<B> {
         Guarded {
             inner,
-            _in_progress: in_progress,
+            pending: Bytes::new(),
+            activity,
         }
     }
 }
 
 impl<B> Body for Guarded<B>
 where
-    B: Body + Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
-    type Data = B::Data;
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(SMALL_RESPONSE as usize);
+                let piece = this.pending.split_to(n);
+                this.activity.progress();
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.pending = data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                other => return other,
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.pending.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let pending = self.pending.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(pending));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(pending));
+        }
+        hint
     }
 }
 

@@ -1128,7 +1128,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     // For a long-poll, which outlasts its start.
                     req.extensions_mut().insert(cert.clone());
                     let (router, shared) = (router.clone(), shared.clone());
+                    let writing = activity.clone();
                     async move {
+                        let _in_progress = in_progress;
                         let resp = match revoked {
                             Some(e) => api::revoked(&e),
                             None => router.oneshot(req).await?,
@@ -1143,7 +1145,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                             resp
                         } else {
                             resp.map(|b| {
-                                axum::body::Body::new(connection::Guarded::new(b, in_progress))
+                                axum::body::Body::new(connection::Guarded::new(b, writing))
                             })
                         })
                     }
