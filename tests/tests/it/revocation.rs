@@ -25,6 +25,20 @@ fn publish(path: &Path, ca: &Ca, revoked: &[&PemPair], n: u64) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Area `a`'s gateway set to read its CA's revocation list every 100 ms
+/// from a file, published empty here; returns the file.
+fn publishing(fed: &Federation, a: usize, ca: &Ca) -> std::path::PathBuf {
+    let crl = fed.areas[a].dir.join("published.crl");
+    publish(&crl, ca, &[], 1);
+    fed.edit_config(
+        a,
+        "ca = \"ca/ca.crt\"\n",
+        "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\ncrl_check_every = \"100ms\"\n",
+    )
+    .unwrap();
+    crl
+}
+
 /// `count` once it has stopped moving: the gateway counts a refused
 /// handshake just after sending its alert, so the client may hear of the
 /// refusal a moment before it is counted.
@@ -69,14 +83,7 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     let alice = Identity::User(AreaId::new("northshire").unwrap(), user("alice"));
     let stolen = ca.issue(&alice, YEAR).unwrap();
     let renewed = ca.issue(&alice, YEAR).unwrap();
-    let crl = fed.areas[a].dir.join("published.crl");
-    publish(&crl, &ca, &[], 1);
-    fed.edit_config(
-        a,
-        "ca = \"ca/ca.crt\"\n",
-        "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\ncrl_check_every = \"100ms\"\n",
-    )
-    .unwrap();
+    let crl = publishing(&fed, a, &ca);
     fed.serve_metrics(a).unwrap();
     fed.start_all().await.unwrap();
     let text = fed.metrics_text(a).await.unwrap();
@@ -198,14 +205,7 @@ async fn an_http2_connection_is_ended_once_its_certificate_is_revoked() {
     let ca = fed.ca(a).unwrap();
     let alice = Identity::User(AreaId::new("northshire").unwrap(), user("alice"));
     let stolen = ca.issue(&alice, YEAR).unwrap();
-    let crl = fed.areas[a].dir.join("published.crl");
-    publish(&crl, &ca, &[], 1);
-    fed.edit_config(
-        a,
-        "ca = \"ca/ca.crt\"\n",
-        "ca = \"ca/ca.crt\"\ncrls = [\"published.crl\"]\ncrl_check_every = \"100ms\"\n",
-    )
-    .unwrap();
+    let crl = publishing(&fed, a, &ca);
     fed.start(a).await.unwrap();
     // An HTTP/2 client (HTTP/2 drops `Connection: close`).
     let tls = certs::user_client_config(
