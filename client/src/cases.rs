@@ -1622,7 +1622,7 @@ impl Caseworker {
             let to_team = matches!(env.recipient.target, Target::Team(_));
             return match self.mls.join(bytes) {
                 Ok((_, case_id)) if case_id.starts_with(TRANSFER) => Ok(Vec::new()),
-                Ok((_, case_id)) => {
+                Ok((group, case_id)) => {
                     let me = self.me.to_string();
                     let refs = MlsClient::welcome_refs(bytes)?;
                     self.meta
@@ -1631,13 +1631,24 @@ impl Caseworker {
                     // Whoever added us, and the address it came by. A case
                     // handed over to us takes the old lead's list instead
                     // once its transfer is taken up (`import_pending`).
-                    let addrs = [
-                        format!("user:{}@{}", env.sender.user, env.sender.area),
-                        env.recipient.to_string(),
-                    ];
-                    self.meta
-                        .cases
-                        .insert(case_id.clone(), distinct_but(addrs, &me));
+                    let mut addrs = distinct_but(
+                        [
+                            format!("user:{}@{}", env.sender.user, env.sender.area),
+                            env.recipient.to_string(),
+                        ],
+                        &me,
+                    );
+                    // And every other member, as a member reading the
+                    // Commit that added them would (those of an area whose
+                    // team we reach are reached by it): added on our own,
+                    // we would otherwise reach only whoever added us.
+                    for i in self.mls.members(&group)? {
+                        let Some(a) = address_of(&i) else { continue };
+                        if a != me && !addrs.contains(&a) && !team_in_area(&addrs, &a) {
+                            addrs.push(a);
+                        }
+                    }
+                    self.meta.cases.insert(case_id.clone(), addrs);
                     let mut events = vec![Event::Joined {
                         case_id: case_id.clone(),
                         from: env.sender.to_string(),

@@ -1509,11 +1509,16 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
     assert!(says("from southvale")(
         &read_until(&mut hana, says("from southvale")).await
     ));
+    // hana, added by alice, reaches dan too (a newcomer knows every
+    // member's address, not only whoever added her).
     hana.send(&case, &category("update"), b"from eastmoor", None, None)
         .await
         .unwrap();
     assert!(says("from eastmoor")(
         &read_until(&mut alice, says("from eastmoor")).await
+    ));
+    assert!(says("from eastmoor")(
+        &read_until(&mut dan, says("from eastmoor")).await
     ));
 }
 
