@@ -63,7 +63,8 @@ impl Activity {
         InProgress(self.clone())
     }
 
-    /// A large response's writing went on (see [`Guarded`]).
+    /// Something happened on the connection now: a request ended, or a
+    /// large response's writing went on (see [`Guarded`]).
     fn progress(&self) {
         let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ended_ms.fetch_max(ms, Ordering::SeqCst);
@@ -84,14 +85,19 @@ impl Activity {
 #[derive(Debug)]
 pub(crate) struct InProgress(Arc<Activity>);
 
+impl InProgress {
+    /// The connection it is on.
+    pub(crate) fn activity(&self) -> Arc<Activity> {
+        self.0.clone()
+    }
+}
+
 impl Drop for InProgress {
     fn drop(&mut self) {
-        let a = &self.0;
-        let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         // The end time first: a check that sees no request in progress
         // then sees this end too.
-        a.last_ended_ms.fetch_max(ms, Ordering::SeqCst);
-        a.in_progress.fetch_sub(1, Ordering::SeqCst);
+        self.0.progress();
+        self.0.in_progress.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -168,7 +174,7 @@ where
 }
 
 /// How a served connection ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
     /// The client closed it, or it finished after a graceful shutdown.
     Closed,
@@ -220,51 +226,42 @@ where
     let mut conn = std::pin::pin!(conn);
     let check = tokio::time::sleep(idle);
     let mut check = std::pin::pin!(check);
-    // Set once a graceful shutdown has begun: why, and whether a handler
-    // still at work may hold it open past its deadline.
-    let mut closing: Option<(Ended, bool)> = None;
+    // Set once a graceful shutdown has begun, saying why. An idle close
+    // waits on for a handler still at work; the others do not.
+    let mut closing: Option<Ended> = None;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
-                let ended = closing.map_or(Ended::Closed, |(why, _)| why);
-                return (ended, r.err());
+                return (closing.unwrap_or(Ended::Closed), r.err());
             }
             () = activity.end.notified(), if closing.is_none() => {
                 conn.as_mut().shut_down();
-                closing = Some((Ended::Refused, false));
+                closing = Some(Ended::Refused);
                 check.as_mut().reset(Instant::now() + GRACE);
             }
-            _ = crate::stopped(stop), if closing.as_ref().is_none_or(|(why, _)| *why != Ended::Stopped) => {
+            _ = crate::stopped(stop), if closing != Some(Ended::Stopped) => {
                 conn.as_mut().shut_down();
-                closing = Some((Ended::Stopped, false));
+                closing = Some(Ended::Stopped);
                 check.as_mut().reset(Instant::now() + GRACE);
             }
             () = check.as_mut() => {
                 let now = Instant::now();
-                match &closing {
+                match closing {
                     None => match activity.idle_since() {
                         Some(since) if now >= since + idle => {
                             conn.as_mut().shut_down();
-                            closing = Some((Ended::Idle, true));
+                            closing = Some(Ended::Idle);
                             check.as_mut().reset(now + GRACE);
                         }
                         Some(since) => check.as_mut().reset(since + idle),
                         None => check.as_mut().reset(now + idle),
                     },
-                    Some((why, waits)) => {
-                        if *waits && activity.idle_since().is_none() {
-                            // A request that came in as the connection was
-                            // closing is answered first.
-                            check.as_mut().reset(now + GRACE);
-                        } else {
-                            let ended = match why {
-                                Ended::Idle => Ended::Idle,
-                                Ended::Refused => Ended::Refused,
-                                _ => Ended::Stopped,
-                            };
-                            return (ended, None);
-                        }
+                    // A request that came in as the connection was closing
+                    // idle is answered first.
+                    Some(Ended::Idle) if activity.idle_since().is_none() => {
+                        check.as_mut().reset(now + GRACE);
                     }
+                    Some(why) => return (why, None),
                 }
             }
         }

@@ -1027,7 +1027,7 @@ async fn connection_slot(
 
 /// How long this project's clients and peers keep an idle pooled
 /// connection (see `client::Api` and `peer_clients`).
-const CLIENT_POOL_IDLE: Duration = Duration::from_secs(30);
+pub(crate) const CLIENT_POOL_IDLE: Duration = Duration::from_secs(30);
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let router = api::router(shared.clone());
@@ -1128,9 +1128,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     // For a long-poll, which outlasts its start.
                     req.extensions_mut().insert(cert.clone());
                     let (router, shared) = (router.clone(), shared.clone());
-                    let writing = activity.clone();
                     async move {
-                        let _in_progress = in_progress;
                         let resp = match revoked {
                             Some(e) => api::revoked(&e),
                             None => router.oneshot(req).await?,
@@ -1145,7 +1143,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                             resp
                         } else {
                             resp.map(|b| {
-                                axum::body::Body::new(connection::Guarded::new(b, writing))
+                                axum::body::Body::new(connection::Guarded::new(
+                                    b,
+                                    in_progress.activity(),
+                                ))
                             })
                         })
                     }

@@ -63,7 +63,7 @@ fn build(
         .connect_timeout(Duration::from_secs(10))
         // Below the peer's default `limits.idle_timeout` (60 s), so that a
         // connection is retired here before the peer closes it.
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(crate::CLIENT_POOL_IDLE)
         .build()
         .map_err(|e| GatewayError::PeerClient {
             peer: trust.area.clone(),
