@@ -227,19 +227,28 @@ async fn an_http2_connection_is_ended_once_its_certificate_is_revoked() {
     publish(&crl, &ca, &[&stolen], 2);
     let deadline = tokio::time::Instant::now() + LIMIT;
     let refused = loop {
-        let r = http.get(&url).send().await.unwrap();
-        if r.status() != 200 {
-            break r;
+        match http.get(&url).send().await {
+            Ok(r) if r.status() == 200 => {}
+            Ok(r) => break Some(r),
+            // The client's connection was replaced (rarely, on a loaded
+            // machine) and the new one refused in its handshake: nothing
+            // is carried either way.
+            Err(e) => {
+                assert!(format!("{e:?}").contains("CertificateRevoked"), "{e:?}");
+                break None;
+            }
         }
         assert!(tokio::time::Instant::now() < deadline, "kept working");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(refused.status(), 403);
-    assert!(refused
-        .text()
-        .await
-        .unwrap()
-        .contains("certificate_revoked"));
+    if let Some(refused) = refused {
+        assert_eq!(refused.status(), 403);
+        assert!(refused
+            .text()
+            .await
+            .unwrap()
+            .contains("certificate_revoked"));
+    }
     // The connection is ended (a request sent before the client has read
     // the GOAWAY may still be answered, refused): the next request needs a
     // new one, which is refused in its handshake.
