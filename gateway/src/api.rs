@@ -793,67 +793,64 @@ async fn accept_items(
     let mut index = Vec::with_capacity(n);
     // One directory for the whole batch.
     let live = shared.live();
-    // Messages refused by the checks below, by position: a repeat of one
-    // stored before (its answer lost) is a duplicate, not a refusal, even
-    // if the directory, the policy or the clock has moved on since.
-    let mut refused = Vec::new();
     let mut policy: PolicyMemo = None;
     for (i, item) in items.into_iter().enumerate() {
         let id = match &item {
             FederationItem::Deliver { envelope, .. } => Some(envelope.message_id.clone()),
             FederationItem::Status { .. } => None,
         };
-        match check_item(shared, &live.directory, &area, item) {
-            Ok(incoming) => {
-                if let Incoming::Deliver(env, _) = &incoming {
-                    if let Some(d) = &env.disclosure {
-                        match check_incoming_policy(shared, &area, d, &mut policy).await {
-                            Ok(()) => {}
-                            Err(PolicyCheck::Refused(reason)) => {
-                                tracing::warn!(peer = %area, "refused federation item: it does not cite the peer's current sharing policy");
-                                results[i] = Some(ItemResult::Rejected {
-                                    code: ErrorCode::PolicyDenied,
-                                    reason,
-                                });
-                                refused.extend(id.map(|id| (i, id)));
-                                continue;
-                            }
-                            // Not the item's fault: the peer sends the
-                            // batch again later.
-                            Err(PolicyCheck::Unavailable(reason)) => {
-                                tracing::warn!(peer = %area, %reason, "federation batch refused for now: the peer's sharing policy could not be fetched");
-                                return Err(Failure::new(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    ErrorCode::Unavailable,
-                                    reason,
-                                ));
-                            }
-                        }
+        let checked = match check_item(shared, &live.directory, &area, item) {
+            Ok(Incoming::Deliver(env, body)) => match &env.disclosure {
+                None => Ok(Incoming::Deliver(env, body)),
+                Some(d) => match check_incoming_policy(shared, &area, d, &mut policy).await {
+                    Ok(()) => Ok(Incoming::Deliver(env, body)),
+                    Err(PolicyCheck::Refused(reason)) => {
+                        tracing::warn!(peer = %area, "refused federation item: it does not cite the peer's current sharing policy");
+                        Err(ItemResult::Rejected {
+                            code: ErrorCode::PolicyDenied,
+                            reason,
+                        })
                     }
-                }
-                // Whom it is for, when it is a message (a status is for no inbox).
-                let target = match &incoming {
-                    Incoming::Deliver(env, _) => Some(env.recipient.target.clone()),
-                    Incoming::Status(..) => None,
-                };
-                valid.push(incoming);
-                index.push((i, target));
-            }
+                    // Not the item's fault: the peer sends the batch again later.
+                    Err(PolicyCheck::Unavailable(reason)) => {
+                        tracing::warn!(peer = %area, %reason, "federation batch refused for now: the peer's sharing policy could not be fetched");
+                        return Err(Failure::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            ErrorCode::Unavailable,
+                            reason,
+                        ));
+                    }
+                },
+            },
+            Ok(incoming) => Ok(incoming),
             Err(rejected) => {
                 if let ItemResult::Rejected { code, .. } = &rejected {
                     tracing::warn!(peer = %area, ?code, "refused federation item");
                 }
-                results[i] = Some(rejected);
-                refused.extend(id.map(|id| (i, id)));
+                Err(rejected)
             }
-        }
-    }
-    if !refused.is_empty() {
-        let ids = refused.iter().map(|(_, id)| id.clone()).collect();
-        let known = shared.store.delivered_already(area.clone(), ids).await?;
-        for (i, id) in &refused {
-            if known.contains(id) {
-                results[*i] = Some(ItemResult::Duplicate);
+        };
+        match checked {
+            Ok(incoming) => {
+                // Whom it is for, when it is a message (a status is for no inbox).
+                let target = match &incoming {
+                    Incoming::Deliver(env, _) => Some(env.recipient.target.clone()),
+                    Incoming::Status(..) | Incoming::Refused(_) => None,
+                };
+                valid.push(incoming);
+                index.push((i, target));
+            }
+            // A refused message still goes to the store: a repeat of one
+            // stored before (its answer lost) is a duplicate, not a refusal,
+            // even if the directory, the policy or the clock has moved on
+            // since. The store looks in its own order, so it also finds an
+            // original queued just before this batch and not yet committed.
+            Err(rejected) => {
+                results[i] = Some(rejected);
+                if let Some(id) = id {
+                    valid.push(Incoming::Refused(id));
+                    index.push((i, None));
+                }
             }
         }
     }
@@ -912,6 +909,8 @@ async fn accept_items(
                 code: ErrorCode::NotFound,
                 reason: "no such message was sent to your area".into(),
             },
+            // The checks' refusal, set above, stands.
+            IncomingOutcome::Refused => continue,
         });
     }
     shared.metrics.federation_items_received.add(n as u64);

@@ -167,6 +167,13 @@ pub enum Incoming {
     Deliver(Box<Envelope>, Body),
     /// A status change of a message sent from here to the calling peer.
     Status(MessageId, Status, u64),
+    /// A message the gateway's checks refused (its recipient left the
+    /// directory, the policy changed, its validity ran out, …). Nothing of
+    /// it is stored. A repeat of one the peer delivered before, whose
+    /// answer was lost, is answered as a duplicate: the lookup runs in the
+    /// store's order, so it also finds an original queued just before it
+    /// and not yet committed.
+    Refused(MessageId),
 }
 
 /// What became of an incoming item.
@@ -181,6 +188,8 @@ pub enum IncomingOutcome {
     Conflict,
     /// No such message was sent from here to that peer.
     UnknownMessage,
+    /// A [`Incoming::Refused`] message not stored before: the refusal stands.
+    Refused,
 }
 
 /// One queued federation item.
@@ -426,11 +435,6 @@ pub trait Store: Send + Sync + 'static {
     /// Which of the messages `ids` the gateway of `sender_area` delivered
     /// here already (a repeat is answered as a duplicate, whatever has
     /// changed since it was stored).
-    fn delivered_already(
-        &self,
-        sender_area: AreaId,
-        ids: Vec<MessageId>,
-    ) -> impl Future<Output = Result<Vec<MessageId>, StoreError>> + Send;
     /// Stores a user's KeyPackages `(reference, bytes, last resort)`; a new
     /// last-resort package replaces the old one. Returns the user's stock.
     fn put_key_packages(
@@ -1967,7 +1971,7 @@ impl Store for SqliteStore {
             .map(|item| {
                 let json = match &item {
                     Incoming::Deliver(env, _) => to_json(env)?,
-                    Incoming::Status(..) => String::new(),
+                    Incoming::Status(..) | Incoming::Refused(_) => String::new(),
                 };
                 Ok((item, json))
             })
@@ -1976,7 +1980,7 @@ impl Store for SqliteStore {
             .iter()
             .map(|(item, _)| match item {
                 Incoming::Deliver(_, body) => body.0.len(),
-                Incoming::Status(..) => 0,
+                Incoming::Status(..) | Incoming::Refused(_) => 0,
             })
             .sum::<usize>();
         let bodies = self.bodies.clone();
@@ -2020,6 +2024,18 @@ impl Store for SqliteStore {
                                 }
                             }
                             _ => IncomingOutcome::UnknownMessage,
+                        }
+                    }
+                    Incoming::Refused(id) => {
+                        let known = c
+                            .prepare_cached(
+                                "SELECT 1 FROM inbox WHERE message_id = ?1 AND sender_area = ?2",
+                            )?
+                            .exists(params![id.as_str(), peer.as_str()])?;
+                        if known {
+                            IncomingOutcome::Duplicate
+                        } else {
+                            IncomingOutcome::Refused
                         }
                     }
                 });
@@ -2635,25 +2651,6 @@ impl Store for SqliteStore {
                 c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE peer = ?1")?
                     .query_row([peer.as_str()], |r| r.get(0))?,
             )
-        })
-        .await
-    }
-
-    async fn delivered_already(
-        &self,
-        sender_area: AreaId,
-        ids: Vec<MessageId>,
-    ) -> Result<Vec<MessageId>, StoreError> {
-        self.read(move |c| {
-            let mut stmt =
-                c.prepare_cached("SELECT 1 FROM inbox WHERE message_id = ?1 AND sender_area = ?2")?;
-            let mut found = Vec::new();
-            for id in ids {
-                if stmt.exists(params![id.as_str(), sender_area.as_str()])? {
-                    found.push(id);
-                }
-            }
-            Ok(found)
         })
         .await
     }

@@ -2230,3 +2230,64 @@ async fn a_home_binds_each_epoch_once_and_none_ahead_of_the_next() {
     assert_eq!(order(2, "c").await.unwrap(), Bind::Bound);
     assert_eq!(order(3, "d").await.unwrap(), Bind::Bound);
 }
+
+/// A message the receiving gateway's checks refuse is looked up in the
+/// store's own order: a repeat of one queued just before it, not yet
+/// committed (its answer lost with a dropped connection), is a duplicate,
+/// not a refusal; one never stored stays refused, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The held guard stops the store's sync thread, not this runtime.
+#[allow(clippy::await_holding_lock)]
+async fn a_refused_repeat_of_a_message_queued_before_it_is_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let body = Body(vec![3; 16]);
+    let mut env = incoming(3, "repeat-1");
+    env.content_hash = body.hash();
+    let id = env.message_id.clone();
+    let never = MessageId::time_ordered(31_000, [9; 10]);
+
+    // Nothing of the original is on disk while the repeat is queued.
+    let gate = store.durability.gate.lock().unwrap();
+    let original = store
+        .queue_batch(
+            peer.clone(),
+            vec![Incoming::Deliver(Box::new(env), body)],
+            None,
+        )
+        .await
+        .unwrap();
+    let repeat = store
+        .queue_batch(
+            peer.clone(),
+            vec![
+                Incoming::Refused(id.clone()),
+                Incoming::Refused(never.clone()),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    drop(gate);
+    assert_eq!(original.await.unwrap(), vec![IncomingOutcome::Stored]);
+    assert_eq!(
+        repeat.await.unwrap(),
+        vec![IncomingOutcome::Duplicate, IncomingOutcome::Refused]
+    );
+
+    // Another peer's message under that id is not this peer's duplicate.
+    let other = store
+        .accept_batch(
+            AreaId::new("eastmoor").unwrap(),
+            vec![Incoming::Refused(id)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(other, vec![IncomingOutcome::Refused]);
+    let rows: i64 = Connection::open(dir.path().join("gateway.sqlite3"))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM inbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1, "a refused item stores nothing");
+}

@@ -680,3 +680,40 @@ async fn idle_and_slow_connections_are_closed_but_long_polls_are_not() {
     assert_eq!(fed.count(a, "SELECT COUNT(*) FROM sent").unwrap(), 0);
     fed.stop_all().await;
 }
+
+/// A peer's repeat of a message stored before (its answer lost) is answered
+/// as a duplicate even when the checks would refuse it now; a refused
+/// message never stored stays refused. Either way nothing more is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_repeat_of_a_stored_message_is_answered_as_a_duplicate() {
+    let fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    let southvale_gw = as_southvale_gateway(&fed, a, b);
+    let mut original: serde_json::Value =
+        serde_json::from_slice(&batch_from("southvale", "northshire")).unwrap();
+    original["items"][0]["envelope"]["recipient"] = "user:alice@northshire".into();
+    let original = serde_json::to_vec(&original).unwrap();
+    let answer = southvale_gw
+        .post_raw("/v1/federation/batch", original.clone())
+        .await
+        .unwrap();
+    assert_eq!(answer["results"][0]["result"], "stored", "{answer}");
+
+    // The same message again, now refused by a check (its body no longer
+    // matches), beside one never stored that fails the same check.
+    let mut batch: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    batch["items"][0]["body"] = "dGFtcGVyZWQ=".into();
+    let mut fresh = batch["items"][0].clone();
+    fresh["envelope"]["message_id"] = "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f".into();
+    batch["items"].as_array_mut().unwrap().push(fresh);
+    let answer = southvale_gw
+        .post_framed(
+            "/v1/federation/frames",
+            framed(&serde_json::to_vec(&batch).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["results"][0]["result"], "duplicate", "{answer}");
+    assert_eq!(answer["results"][1]["result"], "rejected", "{answer}");
+    assert_eq!(fed.count(a, "SELECT COUNT(*) FROM inbox").unwrap(), 1);
+}
