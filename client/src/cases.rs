@@ -210,6 +210,12 @@ struct Meta {
     /// case; its bytes are let go once both messages are taken.
     #[serde(default)]
     referrals: BTreeMap<String, Referral>,
+    /// When this client last looked at its published KeyPackages (ms since
+    /// the epoch); `None` until it first publishes some. `read` looks again
+    /// after [`KEY_CHECK_INTERVAL`]: KeyPackages run out with use, and
+    /// expire unused.
+    #[serde(default)]
+    keys_checked_ms: Option<u64>,
 }
 
 /// A case handed over to us, as its transfer said, kept until we are in
@@ -388,6 +394,11 @@ fn lock_data_dir(dir: &std::path::Path, patience: Duration) -> Result<std::fs::F
 
 /// How many single-use KeyPackages `keys publish` publishes by default.
 pub const KEY_STOCK: usize = 20;
+/// How often `read` asks the gateway whether this client's published
+/// KeyPackages run low (or near the end of their lifetime), and publishes
+/// fresh ones if so. A member whose KeyPackages all expired could not be
+/// added to a case.
+const KEY_CHECK_INTERVAL: Duration = Duration::from_secs(86_400);
 /// Prefix of the case id of a chronology transfer group.
 const TRANSFER: &str = "transfer:";
 
@@ -624,7 +635,29 @@ impl Caseworker {
     pub async fn publish_keys(&mut self, n: usize) -> Result<proto::KeyPackageStock, CaseError> {
         let mut kps = self.mls.key_packages(n)?;
         kps.push(self.mls.last_resort_key_package()?);
-        Ok(self.api.upload_key_packages(kps).await?)
+        let stock = self.api.upload_key_packages(kps).await?;
+        self.meta.keys_checked_ms = Some(crate::now_ms());
+        self.save()?;
+        Ok(stock)
+    }
+
+    /// Publishes fresh KeyPackages if the gateway says the stock is low:
+    /// after joining a case (which used one), and once every
+    /// [`KEY_CHECK_INTERVAL`] for a client that has published before.
+    async fn top_up_keys(&mut self, joined: bool) -> Result<(), CaseError> {
+        let due = self.meta.keys_checked_ms.is_some_and(|t| {
+            crate::now_ms().saturating_sub(t) >= KEY_CHECK_INTERVAL.as_millis() as u64
+        });
+        if !joined && !due {
+            return Ok(());
+        }
+        if self.api.key_package_stock().await?.low {
+            self.publish_keys(KEY_STOCK).await?;
+        } else {
+            self.meta.keys_checked_ms = Some(crate::now_ms());
+            self.save()?;
+        }
+        Ok(())
     }
 
     fn group_of(&self, case_id: &str) -> Result<GroupId, CaseError> {
@@ -712,17 +745,28 @@ impl Caseworker {
     /// Claims KeyPackages for every member of `to`; at least one must exist.
     async fn claim(&self, to: &Recipient) -> Result<(Vec<Vec<u8>>, Vec<String>), CaseError> {
         let claimed = self.api.claim(to).await?;
-        if claimed.key_packages.is_empty() {
+        let mut missing = claimed.missing;
+        let mut kps = Vec::with_capacity(claimed.key_packages.len());
+        for k in claimed.key_packages {
+            // One that cannot be used (expired: a gateway before this
+            // client's hands those out too; or not the member's own) leaves
+            // that member out, as one without keys, not the whole change.
+            match self.mls.key_package_identity(&k.key_package.0) {
+                Ok(id) if id == k.identity => kps.push(k.key_package.0),
+                Ok(_) => {
+                    tracing::warn!(member = %k.identity, "a claimed KeyPackage is someone else's; that member is not added");
+                    missing.push(k.identity);
+                }
+                Err(e) => {
+                    tracing::warn!(member = %k.identity, error = %e, "a claimed KeyPackage cannot be used; that member is not added");
+                    missing.push(k.identity);
+                }
+            }
+        }
+        if kps.is_empty() {
             return Err(CaseError::NoMembers(to.to_string()));
         }
-        Ok((
-            claimed
-                .key_packages
-                .into_iter()
-                .map(|k| k.key_package.0)
-                .collect(),
-            claimed.missing,
-        ))
+        Ok((kps, missing))
     }
 
     /// Starts a referral: a new group with the members of `to`, the Welcome,
@@ -1467,18 +1511,12 @@ impl Caseworker {
             Ok(mut more) => events.append(&mut more),
             Err(e) => return Err(interrupted(events, e)),
         }
-        // Joining used up a KeyPackage: top up when the gateway says the
-        // stock is low. What was read is read: a failure here is only told.
-        if events.iter().any(|e| matches!(e, Event::Joined { .. })) {
-            let topped_up = async {
-                if self.api.key_package_stock().await?.low {
-                    self.publish_keys(KEY_STOCK).await?;
-                }
-                Ok::<_, CaseError>(())
-            };
-            if let Err(e) = topped_up.await {
-                tracing::warn!(error = %e, "could not top up this client's published keys; `client keys` does it");
-            }
+        // Joining used up a KeyPackage, and KeyPackages expire: top up
+        // when the gateway says the stock is low. What was read is read: a
+        // failure here is only told.
+        let joined = events.iter().any(|e| matches!(e, Event::Joined { .. }));
+        if let Err(e) = self.top_up_keys(joined).await {
+            tracing::warn!(error = %e, "could not top up this client's published keys; `client keys` does it");
         }
         Ok(events)
     }

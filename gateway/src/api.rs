@@ -22,7 +22,8 @@ use proto::{
 use serde::Deserialize;
 
 use crate::store::{
-    BatchOrder, Incoming, IncomingOutcome, Mailbox, NewMessage, Route, Store, SubmitOutcome,
+    BatchOrder, Incoming, IncomingOutcome, KeyStock, Mailbox, NewKeyPackage, NewMessage, Route,
+    Store, SubmitOutcome,
 };
 use crate::{now_ms, Directory, Shared};
 use proto::mls::{ContentType, MlsMessageInfo};
@@ -1194,22 +1195,30 @@ async fn upload_key_packages(
                 format!("key_packages[{i}]: expired or not yet valid"),
             ));
         }
-        kps.push((
-            info.key_package_ref().to_string(),
-            kp.0,
-            info.is_last_resort(),
-        ));
+        kps.push(NewKeyPackage {
+            kp_ref: info.key_package_ref().to_string(),
+            bytes: kp.0,
+            last_resort: info.is_last_resort(),
+            not_after_s: info.lifetime().not_after,
+        });
     }
-    let (stored, available, last_resort) = shared
+    let stock = shared
         .store
         .put_key_packages(sender.user, kps, now_ms())
         .await?;
-    Ok(Json(proto::KeyPackageStock {
-        stored,
-        available,
-        last_resort,
-        low: available < LOW_STOCK,
-    }))
+    Ok(Json(stock_of(stock)))
+}
+
+/// What a user is told of their published KeyPackages: low when few
+/// single-use ones are left, or no last-resort one (counting only those
+/// with [`crate::store::KEY_PACKAGE_RENEWAL`] of their lifetime left).
+fn stock_of(stock: KeyStock) -> proto::KeyPackageStock {
+    proto::KeyPackageStock {
+        stored: stock.stored,
+        available: stock.available,
+        last_resort: stock.last_resort,
+        low: stock.available < LOW_STOCK || !stock.last_resort,
+    }
 }
 
 /// Claims KeyPackages of a target in this area.
@@ -1218,7 +1227,7 @@ async fn claim_local(
     target: &proto::Target,
 ) -> Result<proto::ClaimResponse, Failure> {
     let members = shared.live().directory.members(target);
-    let claimed = shared.store.claim_key_packages(members).await?;
+    let claimed = shared.store.claim_key_packages(members, now_ms()).await?;
     let mut out = proto::ClaimResponse {
         key_packages: Vec::new(),
         missing: Vec::new(),
@@ -1525,14 +1534,9 @@ async fn key_package_stock(
     Extension(peer): Extension<VerifiedPeer>,
 ) -> Result<Json<proto::KeyPackageStock>, Failure> {
     let (sender, _) = user_of(&shared, &peer)?;
-    let (_, available, last_resort) = shared
+    let stock = shared
         .store
         .put_key_packages(sender.user, Vec::new(), now_ms())
         .await?;
-    Ok(Json(proto::KeyPackageStock {
-        stored: 0,
-        available,
-        last_resort,
-        low: available < LOW_STOCK,
-    }))
+    Ok(Json(stock_of(stock)))
 }

@@ -213,6 +213,43 @@ pub enum Sent {
 /// A user and the KeyPackage claimed for them, if they had one.
 pub type Claimed = (UserId, Option<Vec<u8>>);
 
+/// A KeyPackage a user publishes, checked by the gateway (see
+/// [`proto::mls::KeyPackageInfo`]).
+#[derive(Debug, Clone)]
+pub struct NewKeyPackage {
+    /// Its `KeyPackageRef`, hex.
+    pub kp_ref: String,
+    /// The KeyPackage itself.
+    pub bytes: Vec<u8>,
+    /// Whether it may be handed out more than once.
+    pub last_resort: bool,
+    /// The last second of its lifetime.
+    pub not_after_s: u64,
+}
+
+/// A user's published KeyPackages, as [`Store::put_key_packages`] counts
+/// them: only those with [`KEY_PACKAGE_RENEWAL`] or more of their lifetime
+/// left, so a client tops up before they run out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyStock {
+    /// How many of the upload were stored now.
+    pub stored: usize,
+    /// Single-use KeyPackages left.
+    pub available: usize,
+    /// Whether a last-resort KeyPackage is held.
+    pub last_resort: bool,
+}
+
+/// A KeyPackage is handed out only while at least this much of its
+/// lifetime is left (a claimer checks it against its own clock); one past
+/// that is removed.
+pub const KEY_PACKAGE_CLAIM_MARGIN: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A KeyPackage with less of its lifetime left than this is not counted in
+/// a user's stock (it is still handed out until
+/// [`KEY_PACKAGE_CLAIM_MARGIN`]), so the client publishes fresh ones first.
+pub const KEY_PACKAGE_RENEWAL: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
+
 /// What [`Store::sync_teams`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TeamChanges {
@@ -435,19 +472,24 @@ pub trait Store: Send + Sync + 'static {
     /// Which of the messages `ids` the gateway of `sender_area` delivered
     /// here already (a repeat is answered as a duplicate, whatever has
     /// changed since it was stored).
-    /// Stores a user's KeyPackages `(reference, bytes, last resort)`; a new
-    /// last-resort package replaces the old one. Returns the user's stock.
+    /// Stores a user's KeyPackages; a new last-resort package replaces the
+    /// old one. One with less than [`KEY_PACKAGE_CLAIM_MARGIN`] of its
+    /// lifetime left is not stored, and those held that are past it are
+    /// removed. Returns the user's stock (see [`KeyStock`]).
     fn put_key_packages(
         &self,
         user: UserId,
-        kps: Vec<(String, Vec<u8>, bool)>,
+        kps: Vec<NewKeyPackage>,
         now_ms: u64,
-    ) -> impl Future<Output = Result<(usize, usize, bool), StoreError>> + Send;
+    ) -> impl Future<Output = Result<KeyStock, StoreError>> + Send;
     /// Takes one KeyPackage per user: the oldest single-use one (removed), or
-    /// else the last-resort one (kept).
+    /// else the last-resort one (kept); only one with
+    /// [`KEY_PACKAGE_CLAIM_MARGIN`] of its lifetime left at `now_ms`, so an
+    /// expired one never fails a referral. Those past it are removed.
     fn claim_key_packages(
         &self,
         users: Vec<UserId>,
+        now_ms: u64,
     ) -> impl Future<Output = Result<Vec<Claimed>, StoreError>> + Send;
     /// Why the store takes no more work, if it does not (an fsync of its
     /// log failed); the gateway then reports itself unhealthy.
@@ -820,8 +862,54 @@ fn stored_body_missing() -> Result<Vec<u8>, StoreError> {
     Err(corrupt("a row has neither a body nor a body reference"))
 }
 
+/// Removes `user`'s KeyPackages with less than
+/// [`KEY_PACKAGE_CLAIM_MARGIN`] of their lifetime left at `now_ms`: no one
+/// may be added with them any more.
+fn drop_expired_key_packages(c: &Connection, user: &UserId, now_ms: u64) -> Result<(), StoreError> {
+    let until = now_ms / 1000 + KEY_PACKAGE_CLAIM_MARGIN.as_secs();
+    exec(
+        c,
+        "DELETE FROM key_packages WHERE user_id = ?1 AND not_after_s < ?2",
+        params![user.as_str(), to_i64(until)],
+    )?;
+    Ok(())
+}
+
+/// A count of seconds as SQLite stores it (saturating).
+fn to_i64(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+/// Schema 7's `key_packages.not_after_s` for KeyPackages stored before it:
+/// the column is added if missing, and read from each KeyPackage (checked
+/// when it was uploaded); one that does not parse any more is removed.
+/// Nothing to do on later starts.
+fn fill_key_package_lifetimes(c: &Connection) -> Result<(), StoreError> {
+    let has_column: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('key_packages') WHERE name = 'not_after_s'")?
+        .exists([])?;
+    if !has_column {
+        c.execute_batch("ALTER TABLE key_packages ADD COLUMN not_after_s INTEGER")?;
+    }
+    let rows: Vec<(String, Vec<u8>)> = c
+        .prepare("SELECT kp_ref, key_package FROM key_packages WHERE not_after_s IS NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (kp_ref, bytes) in rows {
+        match proto::mls::KeyPackageInfo::parse(&bytes) {
+            Ok(info) => exec(
+                c,
+                "UPDATE key_packages SET not_after_s = ?2 WHERE kp_ref = ?1",
+                params![kp_ref, to_i64(info.lifetime().not_after)],
+            )?,
+            Err(_) => exec(c, "DELETE FROM key_packages WHERE kp_ref = ?1", [kp_ref])?,
+        };
+    }
+    Ok(())
+}
+
 /// The schema version this gateway writes.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Columns of `sent` (schema 2 and 3), shared by the schema and the migration.
 const SENT_TABLE: &str = "(
@@ -871,10 +959,10 @@ fn with_tables(template: &str) -> String {
         .replace("{UNLISTABLE}", UNLISTABLE)
 }
 
-/// The schema, version 6 (4 is 3 with a `mailbox` index that holds only
+/// The schema, version 7 (4 is 3 with a `mailbox` index that holds only
 /// messages someone can still list; 5 adds `settled`, for erasing the
 /// ciphertext of acknowledged messages; 6 adds `team_members`, whom an MLS
-/// message to a team is for). A sent message's whole status history
+/// message to a team is for; 7 adds each KeyPackage's `not_after_s`). A sent message's whole status history
 /// lives in its `sent` row (one time column per status), so a status change
 /// rewrites one row; the outbox holds only a delivery's body and reads its envelope from
 /// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
@@ -919,7 +1007,10 @@ CREATE TABLE IF NOT EXISTS key_packages (
     user_id     TEXT NOT NULL,
     key_package BLOB NOT NULL,
     last_resort INTEGER NOT NULL,
-    created_ms  INTEGER NOT NULL
+    created_ms  INTEGER NOT NULL,
+    -- The last second of its lifetime (schema 7; filled at start for
+    -- those stored before).
+    not_after_s INTEGER
 );
 CREATE INDEX IF NOT EXISTS key_packages_user ON key_packages (user_id, last_resort, created_ms);
 -- The last batch stored of each of a peer's pipelined sending sessions
@@ -931,7 +1022,7 @@ CREATE TABLE IF NOT EXISTS peer_sessions (
     last_batch INTEGER NOT NULL,
     UNIQUE (peer, session)
 );
-PRAGMA user_version = 6;
+PRAGMA user_version = 7;
 ";
 
 /// Who has acknowledged an MLS message: each member of a team acknowledges
@@ -979,6 +1070,13 @@ BEGIN IMMEDIATE;
 PRAGMA user_version = 6;
 COMMIT;
 ";
+
+/// Schema 6 to 7: each KeyPackage's lifetime, so that an expired one is
+/// neither handed out nor counted. The column is added, and filled, at
+/// every start where it is missing or empty (see
+/// `fill_key_package_lifetimes`): a database migrated from before schema 6
+/// gets `key_packages` whole from the schema.
+const MIGRATE_6_TO_7: &str = "PRAGMA user_version = 7;";
 
 /// Whether the user `?1` may see an inbox row of her mailboxes: any,
 /// except an MLS message to a team stored before she joined it (see
@@ -1320,13 +1418,14 @@ impl SqliteStore {
                     "database schema version {v} is newer than this gateway understands ({SCHEMA_VERSION})"
                 )))
             }
-            1..=5 => {
+            1..=6 => {
                 let steps = [
                     (1, MIGRATE_1_TO_2_TEMPLATE),
                     (2, MIGRATE_2_TO_3_TEMPLATE),
                     (3, MIGRATE_3_TO_4_TEMPLATE),
                     (4, MIGRATE_4_TO_5_TEMPLATE),
                     (5, MIGRATE_5_TO_6_TEMPLATE),
+                    (6, MIGRATE_6_TO_7),
                 ];
                 for (from, template) in steps.into_iter().filter(|(from, _)| *from >= version) {
                     let to = from + 1;
@@ -1343,6 +1442,7 @@ impl SqliteStore {
         }
         conn.execute_batch(&with_tables(SCHEMA_TEMPLATE))
             .map_err(in_db)?;
+        fill_key_package_lifetimes(&conn)?;
         // From here on the sync thread fsyncs the WAL after each group's
         // COMMIT (see `Durability`); SQLite itself still syncs around
         // checkpoints and when the WAL restarts.
@@ -2658,27 +2758,31 @@ impl Store for SqliteStore {
     async fn put_key_packages(
         &self,
         user: UserId,
-        kps: Vec<(String, Vec<u8>, bool)>,
+        kps: Vec<NewKeyPackage>,
         now_ms: u64,
-    ) -> Result<(usize, usize, bool), StoreError> {
+    ) -> Result<KeyStock, StoreError> {
         self.call(move |c| {
             let mut stored = 0;
-            for (kp_ref, bytes, last_resort) in &kps {
-                if *last_resort {
+            // One too near the end of its lifetime to be handed out is not
+            // stored (nor does it replace the last-resort one held).
+            let usable_after = now_ms / 1000 + KEY_PACKAGE_CLAIM_MARGIN.as_secs();
+            for kp in kps.iter().filter(|kp| kp.not_after_s >= usable_after) {
+                if kp.last_resort {
                     exec(c, "DELETE FROM key_packages WHERE user_id = ?1 AND last_resort = 1", [user.as_str()])?;
                 }
                 stored += exec(
                     c,
-                    "INSERT OR IGNORE INTO key_packages (kp_ref, user_id, key_package, last_resort, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![kp_ref, user.as_str(), bytes, last_resort, now_ms as i64],
+                    "INSERT OR IGNORE INTO key_packages (kp_ref, user_id, key_package, last_resort, created_ms, not_after_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![kp.kp_ref, user.as_str(), kp.bytes, kp.last_resort, now_ms as i64, to_i64(kp.not_after_s)],
                 )?;
             }
+            drop_expired_key_packages(c, &user, now_ms)?;
             let (available, last): (i64, i64) = c
                 .prepare_cached(
-                    "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(SUM(last_resort = 1), 0) FROM key_packages WHERE user_id = ?1",
+                    "SELECT COALESCE(SUM(last_resort = 0), 0), COALESCE(SUM(last_resort = 1), 0) FROM key_packages WHERE user_id = ?1 AND not_after_s >= ?2",
                 )?
-                .query_row([user.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok((stored, available.max(0) as usize, last > 0))
+                .query_row(params![user.as_str(), to_i64(now_ms / 1000 + KEY_PACKAGE_RENEWAL.as_secs())], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(KeyStock { stored, available: available.max(0) as usize, last_resort: last > 0 })
         })
         .await
     }
@@ -2686,10 +2790,12 @@ impl Store for SqliteStore {
     async fn claim_key_packages(
         &self,
         users: Vec<UserId>,
+        now_ms: u64,
     ) -> Result<Vec<(UserId, Option<Vec<u8>>)>, StoreError> {
         self.call(move |c| {
             let mut out = Vec::with_capacity(users.len());
             for user in &users {
+                drop_expired_key_packages(c, user, now_ms)?;
                 let row: Option<(String, Vec<u8>, bool)> = c
                     .prepare_cached(
                         "SELECT kp_ref, key_package, last_resort FROM key_packages WHERE user_id = ?1 ORDER BY last_resort, created_ms LIMIT 1",

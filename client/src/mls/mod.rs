@@ -671,6 +671,12 @@ impl MlsClient {
         bundle.key_package().tls_serialize_detached().map_err(mls)
     }
 
+    /// The identity (SPIFFE URI) of a KeyPackage from someone else, once
+    /// it is validated (signatures, lifetime against this clock, suite).
+    pub fn key_package_identity(&self, key_package: &[u8]) -> Result<String, MlsError> {
+        self.validate_key_package(key_package).map(|(_, id)| id)
+    }
+
     /// The reference (RFC 9420 `KeyPackageRef`) of a KeyPackage from someone
     /// else, once it is validated: a Welcome made with it names it.
     pub fn key_package_ref(&self, key_package: &[u8]) -> Result<Vec<u8>, MlsError> {

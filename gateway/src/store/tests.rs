@@ -265,7 +265,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 6);
+    assert_eq!(v, 7);
     // Schema 3: the migrated message is in the bulk-built mailbox index,
     // and the per-message index by recipient is gone.
     let indexed: i64 = c
@@ -285,7 +285,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
         )
         .unwrap();
     assert_eq!(old_index, 0);
-    c.execute_batch("PRAGMA user_version = 7").unwrap();
+    c.execute_batch("PRAGMA user_version = 8").unwrap();
     drop(c);
     let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
     assert!(e.to_string().contains("newer"), "{e}");
@@ -1677,7 +1677,7 @@ async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 6);
+    assert_eq!(v, 7);
     // Schema 5: the messages acknowledged before it are settled from the
     // upgrade on, and so erased once their retention has run from then.
     let settled: Vec<(String, i64)> = c
@@ -2290,4 +2290,117 @@ async fn a_refused_repeat_of_a_message_queued_before_it_is_a_duplicate() {
         .query_row("SELECT COUNT(*) FROM inbox", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 1, "a refused item stores nothing");
+}
+
+/// KeyPackages are handed out only while they have
+/// `KEY_PACKAGE_CLAIM_MARGIN` of their lifetime left, and counted in the
+/// stock only with `KEY_PACKAGE_RENEWAL` left; one too short-lived is not
+/// stored, nor does it replace the last-resort one held. Those stored before
+/// schema 7 get their lifetime at start (one that no longer parses is let go).
+#[tokio::test]
+async fn only_key_packages_with_lifetime_left_are_handed_out_or_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("southvale").unwrap()).unwrap();
+    let erin = UserId::new("erin").unwrap();
+    let now_ms = 1_800_000_000_000;
+    let now_s = now_ms / 1000;
+    let day = 86_400;
+    let kp = |name: &str, last_resort, not_after_s| NewKeyPackage {
+        kp_ref: name.to_owned(),
+        bytes: name.as_bytes().to_vec(),
+        last_resort,
+        not_after_s,
+    };
+    // Oldest first: ten days left (handed out, not counted), then sixty.
+    let stock = store
+        .put_key_packages(
+            erin.clone(),
+            vec![kp("ten", false, now_s + 10 * day)],
+            now_ms,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stock.stored, stock.available, stock.last_resort),
+        (1, 0, false)
+    );
+    let stock = store
+        .put_key_packages(
+            erin.clone(),
+            vec![
+                kp("sixty", false, now_s + 60 * day),
+                kp("last", true, now_s + 30 * day),
+            ],
+            now_ms + 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stock.stored, stock.available, stock.last_resort),
+        (2, 1, true)
+    );
+    // A last-resort one with half an hour left is not stored, and the one
+    // held stays.
+    let stock = store
+        .put_key_packages(
+            erin.clone(),
+            vec![
+                kp("brief", true, now_s + 1800),
+                kp("brief2", false, now_s + 1800),
+            ],
+            now_ms + 2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stock.stored, stock.available, stock.last_resort),
+        (0, 1, true)
+    );
+
+    let claim = |at_ms: u64| {
+        let (store, erin) = (store.clone(), erin.clone());
+        async move {
+            let got = store.claim_key_packages(vec![erin], at_ms).await.unwrap();
+            got[0].1.clone().map(|b| String::from_utf8(b).unwrap())
+        }
+    };
+    assert_eq!(claim(now_ms).await.as_deref(), Some("ten"));
+    assert_eq!(claim(now_ms).await.as_deref(), Some("sixty"));
+    assert_eq!(claim(now_ms).await.as_deref(), Some("last"));
+    assert_eq!(claim(now_ms).await.as_deref(), Some("last"));
+    // Within an hour of its end, the last-resort one is no more.
+    let late = (now_s + 30 * day - 1800) * 1000;
+    assert_eq!(claim(late).await, None);
+    drop(store);
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let n: i64 = c
+        .query_row("SELECT COUNT(*) FROM key_packages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+
+    // Schema 6 had no lifetime column: migrated, a row from then that does
+    // not parse is let go when the store opens.
+    c.execute_batch(
+        "ALTER TABLE key_packages DROP COLUMN not_after_s; \
+         INSERT INTO key_packages (kp_ref, user_id, key_package, last_resort, created_ms) VALUES ('old', 'erin', x'00', 0, 0); \
+         PRAGMA user_version = 6;",
+    )
+    .unwrap();
+    let _store = SqliteStore::open(dir.path(), AreaId::new("southvale").unwrap()).unwrap();
+    let (n, v): (i64, i64) = c
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM key_packages), (SELECT user_version FROM pragma_user_version)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((n, v), (0, 7));
+    let column: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('key_packages') WHERE name = 'not_after_s'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(column, 1);
 }

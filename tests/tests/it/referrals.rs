@@ -1573,3 +1573,120 @@ async fn a_commit_waits_while_its_groups_home_gateway_is_out_of_reach() {
     );
     fed.stop_all().await;
 }
+
+/// KeyPackages for `identity`, made with openmls as a client makes them,
+/// but whose lifetime ends `secs` from now: a single-use one and a
+/// last-resort one (as if published long ago).
+fn short_lived_key_packages(identity: &str, secs: u64) -> Vec<Vec<u8>> {
+    use openmls::prelude as om;
+    use openmls::prelude::tls_codec::Serialize as _;
+    let cs = om::Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let signer = openmls_basic_credential::SignatureKeyPair::new(cs.signature_algorithm()).unwrap();
+    let credential = om::CredentialWithKey {
+        credential: om::BasicCredential::new(identity.as_bytes().to_vec()).into(),
+        signature_key: signer.public().into(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    [false, true]
+        .into_iter()
+        .map(|last_resort| {
+            let mut b = om::KeyPackage::builder()
+                .key_package_lifetime(om::Lifetime::init(now - 60, now + secs));
+            if last_resort {
+                b = b.mark_as_last_resort();
+            }
+            b.build(cs, &provider, &signer, credential.clone())
+                .unwrap()
+                .key_package()
+                .tls_serialize_detached()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A team member whose published KeyPackages expired does not stop a
+/// referral to the team: the gateway hands out none past its lifetime (the
+/// member is told to the sender as one without keys), and the member's
+/// client, which looks at its stock once a day when it reads, publishes
+/// fresh ones, so the next referral reaches the whole team.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_keys_expired_does_not_stop_a_referral_to_the_team() {
+    let fed = Federation::standard().await.unwrap();
+    for (area, u) in [(0, "alice"), (1, "dan"), (1, "farah")] {
+        worker(&fed, area, u).publish_keys(5).await.unwrap();
+    }
+    // erin published long ago: what the gateway holds of hers runs out
+    // in 2 s (written to its database as it stored them then).
+    worker(&fed, 1, "erin").publish_keys(1).await.unwrap();
+    let short = short_lived_key_packages("spiffe://southvale/user/erin", 2);
+    let erin_api = fed.api(1, "erin").unwrap();
+    // Published now, ones that short-lived are not stored at all.
+    let stock = erin_api.upload_key_packages(short.clone()).await.unwrap();
+    assert_eq!((stock.stored, stock.available), (0, 1), "{stock:?}");
+    let db = rusqlite::Connection::open(fed.db_path(1)).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute("DELETE FROM key_packages WHERE user_id = 'erin'", [])
+        .unwrap();
+    for kp in &short {
+        let info = proto::mls::KeyPackageInfo::parse(kp).unwrap();
+        db.execute(
+            "INSERT INTO key_packages (kp_ref, user_id, key_package, last_resort, created_ms, not_after_s) VALUES (?1, 'erin', ?2, ?3, 0, ?4)",
+            rusqlite::params![
+                info.key_package_ref().to_string(),
+                kp,
+                info.is_last_resort(),
+                info.lifetime().not_after as i64
+            ],
+        )
+        .unwrap();
+    }
+    drop(db);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut alice = worker(&fed, 0, "alice");
+    let (case, missing) = refer_to_duty_missing(&mut alice).await;
+    assert_eq!(missing, ["spiffe://southvale/user/erin"]);
+    for u in ["dan", "farah"] {
+        let events = read(&mut worker(&fed, 1, u)).await;
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+            "{u}: {events:?}"
+        );
+    }
+    let erins = "SELECT COUNT(*) FROM key_packages WHERE user_id = 'erin'";
+    assert_eq!(fed.count(1, erins).unwrap(), 0, "expired ones are removed");
+
+    // A day after erin's client last looked, reading publishes fresh ones.
+    let config = ClientConfig::load(&fed.client_config_path(1, "erin")).unwrap();
+    let meta = config.data_directory().join("cases.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let checked = m["keys_checked_ms"].as_u64().unwrap();
+    m["keys_checked_ms"] = (checked - 86_400_000).into();
+    std::fs::write(&meta, serde_json::to_vec(&m).unwrap()).unwrap();
+    let mut erin = worker(&fed, 1, "erin");
+    erin.read(Duration::ZERO).await.unwrap();
+    let stock = erin_api.key_package_stock().await.unwrap();
+    assert!(!stock.low && stock.last_resort, "{stock:?}");
+    // Read again at once: no more are published.
+    erin.read(Duration::ZERO).await.unwrap();
+    assert_eq!(
+        erin_api.key_package_stock().await.unwrap().available,
+        stock.available
+    );
+    drop(erin);
+
+    let second = refer_to_duty(&mut alice).await;
+    let events = read(&mut worker(&fed, 1, "erin")).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == second)),
+        "{events:?}"
+    );
+}
