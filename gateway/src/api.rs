@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::store::{
     BatchOrder, Incoming, IncomingOutcome, KeyStock, Mailbox, NewKeyPackage, NewMessage, Route,
-    Store, SubmitOutcome,
+    Store, SubmitOutcome, Submitted,
 };
 use crate::{now_ms, Directory, Shared};
 use proto::mls::{ContentType, MlsMessageInfo};
@@ -410,18 +410,60 @@ async fn submit(
             ),
         ));
     }
-    let route = route_for(&shared, &req.recipient)?;
-    // Opaque bytes may be anything, referral content included: under a
-    // sharing policy they declare what they disclose, as MLS application
-    // messages do. Only MLS handshake messages (Welcome, Commit, Proposal)
-    // carry none.
-    let (commit, content) = match req.kind {
-        MessageKind::Opaque => (None, true),
-        MessageKind::Mls => check_mls(&req.body.0)?,
+    let hash = req.body.hash();
+    let what = Submitted {
+        user: sender.user.clone(),
+        key: req.idempotency_key.clone(),
+        recipient: req.recipient.clone(),
+        content_hash: hash,
+        category: req.category.clone(),
     };
-    check_disclosure(&shared, &peer, &sender, &req, content)?;
+    // Read once: the same answer decides whether the home is asked and
+    // whether the store takes something new.
+    let low = shared.disk.is_low();
+    let checked = async {
+        let route = route_for(&shared, &req.recipient)?;
+        // Opaque bytes may be anything, referral content included: under
+        // a sharing policy they declare what they disclose, as MLS
+        // application messages do. Only MLS handshake messages (Welcome,
+        // Commit, Proposal) carry none.
+        let (commit, content) = match req.kind {
+            MessageKind::Opaque => (None, true),
+            MessageKind::Mls => check_mls(&req.body.0)?,
+        };
+        check_disclosure(&shared, &peer, &sender, &req, content)?;
+        Ok::<_, Failure>((route, commit))
+    }
+    .await;
+    let (route, commit) = match checked {
+        Ok(checked) => checked,
+        // A repeat of a submission stored before (its answer lost) is
+        // answered as one, whatever has changed since (the directory, the
+        // policy, the peers): what was stored is never refused.
+        Err(refusal) => {
+            return match shared.store.prior_submission(what).await? {
+                Some(prior) => answer(
+                    &shared,
+                    prior,
+                    &req.recipient,
+                    &route_of(&shared, &req.recipient),
+                ),
+                None => Err(refusal),
+            }
+        }
+    };
     if let Some(c) = &commit {
-        order_at_home(&shared, c, &req.body.hash()).await?;
+        // Before the case's home binds an epoch: a repeat, or another
+        // message under the key, is answered from what is stored, and binds
+        // nothing there (the home's binding cannot be undone).
+        if let Some(prior) = shared.store.prior_submission(what).await? {
+            return answer(&shared, prior, &req.recipient, &route);
+        }
+        if !low {
+            // Short of disk nothing new is stored here, so binding the
+            // epoch at the home would hold it for nothing.
+            order_at_home(&shared, c, &hash).await?;
+        }
     }
     let own = &shared.config.area;
     let commit = commit.map(|c| {
@@ -438,7 +480,7 @@ async fn submit(
         urgent: req.urgent,
         kind: req.kind,
         disclosure: req.disclosure.clone(),
-        content_hash: req.body.hash(),
+        content_hash: hash,
         accepted_at_ms: now,
         expires_at_ms: now
             .saturating_add(shared.config.delivery.message_validity.as_millis() as u64),
@@ -452,31 +494,57 @@ async fn submit(
             commit,
             // Short of disk space, only a repeat is answered (as one): a
             // client retrying after a lost answer learns its message was stored.
-            accept_new: !shared.disk.is_low(),
+            accept_new: !low,
         })
         .await?;
+    if let SubmitOutcome::Stored(message_id, _) = &outcome {
+        shared.metrics.submitted.inc();
+        tracing::info!(%message_id, recipient = %envelope.recipient, category = %envelope.category, "accepted");
+    }
+    answer(&shared, outcome, &envelope.recipient, &route)
+}
+
+/// The route a message to `to` took when it was stored (for a repeat whose
+/// route may no longer be configured): here, or to its area.
+fn route_of(shared: &Shared, to: &Recipient) -> Route {
+    if to.area == shared.config.area {
+        Route::Local
+    } else {
+        Route::Peer(to.area.clone())
+    }
+}
+
+/// The answer to a submission the store dealt with. Stored or not, the
+/// message's recipient (here) or peer worker is woken: a repeat may come
+/// because the first answer was cut off before the handler woke anyone.
+fn answer(
+    shared: &Shared,
+    outcome: SubmitOutcome,
+    recipient: &Recipient,
+    route: &Route,
+) -> Result<(StatusCode, Json<SubmitResponse>), Failure> {
+    let wake = || match route {
+        Route::Local => shared.inbox_changed([&recipient.target]),
+        Route::Peer(area) => shared.wake_peer(area),
+    };
     match outcome {
         SubmitOutcome::Stored(message_id, status) => {
-            shared.metrics.submitted.inc();
-            tracing::info!(%message_id, recipient = %envelope.recipient, category = %envelope.category, "accepted");
-            match &route {
-                Route::Local => shared.inbox_changed([&envelope.recipient.target]),
-                Route::Peer(area) => shared.wake_peer(area),
-            }
-            let waiting = shared.waiting_for(&envelope.recipient.area);
+            wake();
+            let waiting = shared.waiting_for(&recipient.area);
             Ok((StatusCode::CREATED, Json(SubmitResponse { message_id, status, duplicate: false, waiting })))
         }
         SubmitOutcome::Duplicate(message_id, status) => {
             shared.metrics.duplicates.inc();
             tracing::info!(%message_id, "duplicate submission; nothing new stored");
+            wake();
             let waiting = (status == proto::Status::Accepted)
-                .then(|| shared.waiting_for(&envelope.recipient.area))
+                .then(|| shared.waiting_for(&recipient.area))
                 .flatten();
             Ok((StatusCode::OK, Json(SubmitResponse { message_id, status, duplicate: true, waiting })))
         }
         SubmitOutcome::StaleEpoch(newest) => Err(Failure::stale_epoch(newest)),
         SubmitOutcome::EpochAhead(newest) => Err(Failure::epoch_ahead(newest)),
-        SubmitOutcome::NotStored => Err(Failure::disk_low(&shared)),
+        SubmitOutcome::NotStored => Err(Failure::disk_low(shared)),
         SubmitOutcome::Conflict(message_id) => Err(Failure::new(
             StatusCode::CONFLICT,
             ErrorCode::IdempotencyConflict,
@@ -901,7 +969,12 @@ async fn accept_items(
                 stored_for.extend(target);
                 ItemResult::Stored
             }
-            IncomingOutcome::Duplicate => ItemResult::Duplicate,
+            // A repeat may come because the first request was cut off
+            // before its handler woke anyone: wake them now.
+            IncomingOutcome::Duplicate => {
+                stored_for.extend(target);
+                ItemResult::Duplicate
+            }
             IncomingOutcome::Conflict => ItemResult::Rejected {
                 code: ErrorCode::IdempotencyConflict,
                 reason: "another message was delivered here under its id".into(),
@@ -1059,12 +1132,6 @@ async fn order_at_home(
     let Some(home) = commit.home.as_ref().filter(|h| **h != shared.config.area) else {
         return Ok(());
     };
-    if shared.disk.is_low() {
-        // Nothing new is stored here now (a repeat is answered as one):
-        // binding the epoch at the home for a Commit not stored would hold
-        // it for nothing.
-        return Ok(());
-    }
     let unavailable = |m: String| {
         Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1376,7 +1443,9 @@ fn check_disclosure(
     let opaque = req.kind == MessageKind::Opaque;
     crate::sharing::check_outgoing(own, peer, user, &req.recipient, &req.category, d, opaque)
         .map_err(|reason| {
-            tracing::info!(recipient = %req.recipient, %reason, "disclosure refused by policy");
+            // The reason goes to the caller only: it may quote what they
+            // typed, and name an area a family fled.
+            tracing::info!(recipient = %req.recipient, "disclosure refused by policy");
             denied(reason)
         })
 }

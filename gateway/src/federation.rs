@@ -64,7 +64,14 @@ impl SendError {
     /// Whether the batch may have reached the peer, and been stored, though
     /// no answer says so.
     fn may_have_arrived(&self) -> bool {
-        matches!(self, SendError::Http(_) | SendError::BadAnswer(_))
+        match self {
+            SendError::Http(_) | SendError::BadAnswer(_) => true,
+            // A server error may come after the batch was committed (an
+            // fsync that failed after COMMIT, a proxy that timed out);
+            // `503` and `507` are the peer's word that nothing was stored.
+            SendError::Status(code, _) => *code >= 500 && *code != 503 && *code != 507,
+            SendError::Unreached(_) | SendError::RateLimited(_) => false,
+        }
     }
 }
 
@@ -192,11 +199,23 @@ pub(crate) async fn peer_worker(
     // (up to this queue position), so that only one too large for the peer
     // is refused.
     let mut one_by_one_until: i64 = 0;
-    let mut uncertain_up_to = shared
-        .store
-        .queue_end(peer.area.clone())
-        .await
-        .unwrap_or(i64::MAX);
+    // (Read again after a failure: taken as the whole queue, it would hold
+    // every message for a day past its validity for this worker's life.)
+    let mut uncertain_up_to = loop {
+        match shared.store.queue_end(peer.area.clone()).await {
+            Ok(end) => break end,
+            Err(e) => {
+                let wait = jitter(backoff);
+                backoff = (backoff * 2).min(delivery.retry_max);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "reading the peer's queue failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = crate::stopped(&mut stop) => return,
+                }
+            }
+        }
+    };
+    backoff = delivery.retry_initial;
     loop {
         if *stop.borrow() {
             break;
@@ -277,7 +296,11 @@ pub(crate) async fn peer_worker(
         let Some(front) = in_flight.front_mut() else {
             tokio::select! {
                 _ = wake.notify.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                // A second with nothing to send: the peer confirms its
+                // ordering again with the next answer before batches are
+                // pipelined (it may have been replaced by an older version
+                // meanwhile, and no request failed to say so).
+                _ = tokio::time::sleep(Duration::from_secs(1)) => ordered = false,
                 _ = crate::stopped(&mut stop) => break,
             }
             continue;

@@ -210,6 +210,21 @@ pub enum Sent {
     Refused(String),
 }
 
+/// A submission as deduplication sees it (see [`Store::prior_submission`]).
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// Its sender.
+    pub user: UserId,
+    /// The sender's idempotency key.
+    pub key: proto::IdempotencyKey,
+    /// Whom it is for.
+    pub recipient: proto::Recipient,
+    /// Its body's hash.
+    pub content_hash: proto::ContentHash,
+    /// Its category.
+    pub category: proto::Category,
+}
+
 /// A user and the KeyPackage claimed for them, if they had one.
 pub type Claimed = (UserId, Option<Vec<u8>>);
 
@@ -319,6 +334,15 @@ pub trait Store: Send + Sync + 'static {
         &self,
         m: NewMessage,
     ) -> impl Future<Output = Result<SubmitOutcome, StoreError>> + Send;
+    /// What is stored (on disk) under a submission's (sender, idempotency
+    /// key), as [`Store::submit`] would answer a repeat: `Duplicate`,
+    /// `Conflict`, or `None` if nothing is. Read off the writer, so that a
+    /// repeat is answered before anything that has changed since could
+    /// refuse it.
+    fn prior_submission(
+        &self,
+        what: Submitted,
+    ) -> impl Future<Output = Result<Option<SubmitOutcome>, StoreError>> + Send;
     /// Binds epoch `epoch` of MLS group `group` (hex) to the Commit whose
     /// content hash is `hash`, for a group whose home is this gateway's
     /// area and a member who submitted the Commit at another gateway.
@@ -860,6 +884,29 @@ fn erased_at(c: &Connection, id: &MessageId) -> Result<Option<u64>, StoreError> 
 
 fn stored_body_missing() -> Result<Vec<u8>, StoreError> {
     Err(corrupt("a row has neither a body nor a body reference"))
+}
+
+/// What was stored before under a submission's (sender, idempotency key):
+/// the same message again ([`SubmitOutcome::Duplicate`]), or another one
+/// ([`SubmitOutcome::Conflict`]).
+fn prior_submission(c: &Connection, s: &Submitted) -> Result<Option<SubmitOutcome>, StoreError> {
+    let prior: Option<(String, String, String)> = c
+        .prepare_cached("SELECT message_id, envelope, status FROM sent WHERE idem_key = ?1 AND sender_user = ?2")?
+        .query_row(params![s.key.as_str(), s.user.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((id, prior_env, status)) = prior else {
+        return Ok(None);
+    };
+    let prior_env: Envelope = from_json(&prior_env)?;
+    let id = MessageId::new(id).map_err(corrupt)?;
+    let same = prior_env.recipient == s.recipient
+        && prior_env.content_hash == s.content_hash
+        && prior_env.category == s.category;
+    Ok(Some(if same {
+        SubmitOutcome::Duplicate(id, parse_status(&status)?)
+    } else {
+        SubmitOutcome::Conflict(id)
+    }))
 }
 
 /// Removes `user`'s KeyPackages with less than
@@ -1994,21 +2041,15 @@ impl Store for SqliteStore {
         let (bodies, tails) = (self.bodies.clone(), self.tails.clone());
         self.call(move |c| {
             let env = &m.envelope;
-            let prior: Option<(String, String, String)> = c.prepare_cached("SELECT message_id, envelope, status FROM sent WHERE idem_key = ?1 AND sender_user = ?2")?.query_row(params![env.idempotency_key.as_str(), env.sender.user.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            if let Some((id, prior_env, status)) = prior {
-                let prior_env: Envelope = from_json(&prior_env)?;
-                let id = MessageId::new(id).map_err(corrupt)?;
-                let same = prior_env.recipient == env.recipient
-                    && prior_env.content_hash == env.content_hash
-                    && prior_env.category == env.category;
-                return Ok(if same {
-                    SubmitOutcome::Duplicate(id, parse_status(&status)?)
-                } else {
-                    SubmitOutcome::Conflict(id)
-                });
+            let what = Submitted {
+                user: env.sender.user.clone(),
+                key: env.idempotency_key.clone(),
+                recipient: env.recipient.clone(),
+                content_hash: env.content_hash,
+                category: env.category.clone(),
+            };
+            if let Some(prior) = prior_submission(c, &what)? {
+                return Ok(prior);
             }
             if !m.accept_new {
                 return Ok(SubmitOutcome::NotStored);
@@ -2050,6 +2091,10 @@ impl Store for SqliteStore {
             Ok(SubmitOutcome::Stored(env.message_id.clone(), status))
         })
         .await
+    }
+
+    async fn prior_submission(&self, what: Submitted) -> Result<Option<SubmitOutcome>, StoreError> {
+        self.read(move |c| prior_submission(c, &what)).await
     }
 
     async fn accept_batch(
@@ -2203,7 +2248,13 @@ impl Store for SqliteStore {
         let Some((env, body, status)) = found else {
             return Ok(None);
         };
-        if status == Status::Delivered {
+        // Its sender fetching the echo of their own MLS message to their
+        // team has not had it read: its sender is not told (as `ack` sets
+        // such an echo aside).
+        let own_echo = env.kind == proto::MessageKind::Mls
+            && env.sender.area == self.own_area
+            && env.sender.user == mb.user;
+        if status == Status::Delivered && !own_echo {
             let (own, tails) = (self.own_area.clone(), self.tails.clone());
             self.call(move |c| {
                 // Moves forward only: another fetch or an acknowledgement

@@ -1347,6 +1347,10 @@ async fn a_team_message_is_acknowledged_only_by_someone_who_read_it() {
 
     let read = submit(1).await;
     let id = || read.message_id.clone();
+    // alice's own client fetches her echo as it reads: her message is not
+    // `fetched` for that.
+    assert!(store.fetch(mb(&alice), id(), 9).await.unwrap().is_some());
+    assert_eq!(sent_status(&store, &read).await.status, Status::Delivered);
     // alice's own echo, and carol, not in the case: nothing read yet.
     assert_eq!(
         store.ack(mb(&alice), id(), 10).await.unwrap(),

@@ -389,6 +389,15 @@ async fn a_reload_takes_peers_in_and_out_and_follows_a_peer_to_its_new_address()
         ),
         "{refused:?}"
     );
+    // A repeat of what was stored before (its answer lost) is answered as
+    // one, not refused for a peer that has gone since.
+    let again = send(&alice, "team:duty@southvale", "waiting")
+        .await
+        .unwrap();
+    assert!(
+        again.duplicate && again.message_id == waiting.message_id,
+        "{again:?}"
+    );
     fed.start(b).await.unwrap();
     let from_dan = send(&dan, "user:alice@northshire", "from-dan")
         .await
