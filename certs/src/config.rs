@@ -70,17 +70,22 @@ fn refuse(why: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
 }
 
-/// Refuses a chain that verified if its end entity is revoked, with the
-/// alert that tells the other side so (`certificate_revoked`).
+/// Refuses a chain that verified if its end entity, or a CA sent with it,
+/// is revoked, with the alert that tells the other side so
+/// (`certificate_revoked`).
 fn not_revoked(
     revocations: &Revocations,
     area: &AreaId,
     end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
 ) -> Result<(), rustls::Error> {
-    revocations.check(area, end_entity.as_ref()).map_err(|e| {
-        tracing::warn!(reason = %e, "refused a revoked certificate");
-        rustls::Error::InvalidCertificate(CertificateError::Revoked)
-    })
+    let cas = intermediates.iter().map(|c| c.as_ref());
+    revocations
+        .check_chain(area, end_entity.as_ref(), cas)
+        .map_err(|e| {
+            tracing::warn!(reason = %e, "refused a revoked certificate");
+            rustls::Error::InvalidCertificate(CertificateError::Revoked)
+        })
 }
 
 impl ClientCertVerifier for AreaPinnedClientVerifier {
@@ -112,7 +117,7 @@ impl ClientCertVerifier for AreaPinnedClientVerifier {
             .inspect_err(|e| {
                 tracing::warn!(%identity, error = %e, "client certificate did not verify against its area's CA");
             })?;
-        not_revoked(&self.revocations, area, end_entity)?;
+        not_revoked(&self.revocations, area, end_entity, intermediates)?;
         Ok(verified)
     }
 
@@ -249,7 +254,7 @@ impl ServerCertVerifier for PinnedGatewayVerifier {
         match identity_of_cert(end_entity) {
             Ok(Identity::Gateway(area)) if area == self.area => {
                 if let Some(r) = &self.revocations {
-                    not_revoked(r, &area, end_entity)?;
+                    not_revoked(r, &area, end_entity, intermediates)?;
                 }
                 if let Some(accepted) = &self.accepted {
                     accepted.saw(crate::not_after(end_entity).map_err(|e| refuse(e.to_string()))?);

@@ -54,6 +54,20 @@ pub enum Validity {
     Expired,
 }
 
+/// A CA's certificate parameters: named `name`, signing certificates and
+/// CRLs, with at most `path_len` CAs below it; valid for ten years.
+fn ca_params(name: String, path_len: u8) -> Result<CertificateParams, CertError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    window(
+        &mut params,
+        Validity::For(Duration::from_secs(10 * 365 * 86_400)),
+    );
+    Ok(params)
+}
+
 fn window(params: &mut CertificateParams, validity: Validity) {
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
@@ -67,18 +81,20 @@ fn window(params: &mut CertificateParams, validity: Validity) {
 }
 
 impl Ca {
-    /// Mints a new CA for `area`, valid for ten years.
+    /// Mints a new CA for `area`, valid for ten years, that signs
+    /// certificates itself.
     pub fn new(area: &proto::AreaId) -> Result<Ca, CertError> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{area} referral gateway CA"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        window(
-            &mut params,
-            Validity::For(Duration::from_secs(10 * 365 * 86_400)),
-        );
+        Self::root(area, 0)
+    }
+
+    /// Mints a new CA for `area`, valid for ten years, that may also sign
+    /// issuing CAs ([`Ca::issuing_ca`]), as many areas' PKIs do.
+    pub fn with_issuing_cas(area: &proto::AreaId) -> Result<Ca, CertError> {
+        Self::root(area, 1)
+    }
+
+    fn root(area: &proto::AreaId, path_len: u8) -> Result<Ca, CertError> {
+        let params = ca_params(format!("{area} referral gateway CA"), path_len)?;
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         let pem = PemPair {
@@ -89,6 +105,38 @@ impl Ca {
             pem,
             issuer: Issuer::new(params, key),
         })
+    }
+
+    /// Mints an issuing CA named `name`, signed by this one (made by
+    /// [`Ca::with_issuing_cas`]), valid for five years. Certificates it
+    /// issues verify against this CA when sent with its certificate (see
+    /// [`Ca::chain`]).
+    pub fn issuing_ca(&self, name: &str) -> Result<Ca, CertError> {
+        let mut params = ca_params(name.to_owned(), 0)?;
+        params.use_authority_key_identifier_extension = true;
+        window(
+            &mut params,
+            Validity::For(Duration::from_secs(5 * 365 * 86_400)),
+        );
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let pem = PemPair {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        };
+        Ok(Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// `pair` (issued by this CA) with this CA's certificate after its own:
+    /// the chain a holder of a certificate from an issuing CA presents.
+    pub fn chain(&self, pair: &PemPair) -> PemPair {
+        PemPair {
+            cert: format!("{}{}", pair.cert, self.pem.cert),
+            key: pair.key.clone(),
+        }
     }
 
     /// Loads a CA minted earlier from its PEM certificate and key.

@@ -190,22 +190,44 @@ impl RevocationList {
     /// Refuses `end_entity`, which claims `area`, if it is on one of that
     /// area's lists (or cannot be parsed, which a verified chain rules out).
     pub fn check(&self, area: &AreaId, end_entity: &[u8]) -> Result<(), CertError> {
+        self.check_chain(area, end_entity, std::iter::empty())
+    }
+
+    /// As [`RevocationList::check`], and refuses the chain too if one of
+    /// the `intermediates` sent with `end_entity` (the CAs between it and
+    /// its area's CA) is revoked: an area that revokes an issuing CA it
+    /// signed revokes everything that CA issued.
+    pub fn check_chain<'a>(
+        &self,
+        area: &AreaId,
+        end_entity: &[u8],
+        intermediates: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), CertError> {
         let Some(by_issuer) = self.revoked.get(area) else {
             return Ok(());
         };
-        let (_, cert) = X509Certificate::from_der(end_entity)
-            .map_err(|e| CertError::Malformed(e.to_string()))?;
-        let revoked = by_issuer
-            .get(cert.issuer().as_raw())
-            .is_some_and(|s| s.contains(significant(cert.raw_serial())));
-        if revoked {
+        let on_list = |der: &[u8]| -> Result<Option<String>, CertError> {
+            let (_, cert) =
+                X509Certificate::from_der(der).map_err(|e| CertError::Malformed(e.to_string()))?;
+            let revoked = by_issuer
+                .get(cert.issuer().as_raw())
+                .is_some_and(|s| s.contains(significant(cert.raw_serial())));
+            Ok(revoked.then(|| cert.raw_serial_as_string()))
+        };
+        if let Some(serial) = on_list(end_entity)? {
             let who = identity_of_cert(end_entity)
                 .map(|i| i.to_string())
                 .unwrap_or_else(|_| format!("a certificate of area {area}"));
-            return Err(CertError::Revoked {
-                who,
-                serial: cert.raw_serial_as_string(),
-            });
+            return Err(CertError::Revoked { who, serial });
+        }
+        for der in intermediates {
+            if let Some(serial) = on_list(der)? {
+                let who = identity_of_cert(end_entity).map_or_else(
+                    |_| format!("the CA that issued a certificate of area {area}"),
+                    |i| format!("the CA that issued {i}"),
+                );
+                return Err(CertError::Revoked { who, serial });
+            }
         }
         Ok(())
     }
@@ -262,6 +284,16 @@ impl Revocations {
     pub fn check(&self, area: &AreaId, end_entity: &[u8]) -> Result<(), CertError> {
         self.current().check(area, end_entity)
     }
+
+    /// [`RevocationList::check_chain`] against the current lists.
+    pub fn check_chain<'a>(
+        &self,
+        area: &AreaId,
+        end_entity: &[u8],
+        intermediates: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), CertError> {
+        self.current().check_chain(area, end_entity, intermediates)
+    }
 }
 
 /// A generation no lists have: checked at the first request.
@@ -275,6 +307,8 @@ const NEVER: u64 = u64::MAX;
 pub struct ConnectionCertificate {
     area: AreaId,
     leaf: CertificateDer<'static>,
+    /// The CAs the peer sent between its certificate and its area's CA.
+    intermediates: Vec<CertificateDer<'static>>,
     /// Its `notAfter`, Unix seconds: a connection does not outlive it.
     not_after: i64,
     checked: AtomicU64,
@@ -289,15 +323,23 @@ impl ConnectionCertificate {
     pub fn after_handshake(
         conn: &rustls::ServerConnection,
     ) -> Result<ConnectionCertificate, CertError> {
-        Self::of_leaf(crate::identity::peer_leaf(conn)?)
+        let chain = conn
+            .peer_certificates()
+            .ok_or(CertError::NoPeerCertificate)?;
+        Self::of_chain(chain)
     }
 
-    /// The connection certificate `leaf` (DER).
-    fn of_leaf(leaf: &CertificateDer<'_>) -> Result<ConnectionCertificate, CertError> {
+    /// The connection certificate `chain` (DER, its leaf first).
+    fn of_chain(chain: &[CertificateDer<'_>]) -> Result<ConnectionCertificate, CertError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(CertError::NoPeerCertificate)?;
         let identity = identity_of_cert(leaf)?;
         Ok(ConnectionCertificate {
             area: identity.area().clone(),
             leaf: leaf.clone().into_owned(),
+            intermediates: intermediates
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect(),
             not_after: crate::not_after(leaf)?,
             checked: AtomicU64::new(NEVER),
         })
@@ -332,7 +374,11 @@ impl ConnectionCertificate {
         if self.checked.load(Ordering::Acquire) == now {
             return Ok(());
         }
-        revocations.check(&self.area, self.leaf.as_ref())?;
+        revocations.check_chain(
+            &self.area,
+            self.leaf.as_ref(),
+            self.intermediates.iter().map(|c| c.as_ref()),
+        )?;
         self.checked.store(now, Ordering::Release);
         Ok(())
     }

@@ -148,3 +148,72 @@ fn a_gateway_client_never_resumes_even_with_a_server_that_offers_it() {
     );
     assert_eq!(kinds(&ours), [HandshakeKind::Full, HandshakeKind::Full]);
 }
+
+/// An area whose CA signs an issuing CA, which signs its users'
+/// certificates: a user's chain verifies against the area's CA, and once
+/// the area's CA revokes the issuing CA, every certificate it issued is
+/// refused in the handshake (`certificate_revoked`), though none of them
+/// is on a list itself.
+#[test]
+fn a_certificate_from_a_revoked_issuing_ca_is_refused() {
+    let id = AreaId::new("northshire").unwrap();
+    let root = Ca::with_issuing_cas(&id).unwrap();
+    let issuing = root.issuing_ca("northshire issuing CA 1").unwrap();
+    let gateway = root
+        .issue(&Identity::Gateway(id.clone()), YEAR)
+        .unwrap()
+        .credentials()
+        .unwrap();
+    let alice = issuing
+        .issue(
+            &Identity::User(id.clone(), proto::UserId::new("alice").unwrap()),
+            YEAR,
+        )
+        .unwrap();
+    let alice = issuing.chain(&alice).credentials().unwrap();
+    let root_cas = crate::parse_certs(&root.pem().cert, "ca").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let crl = dir.path().join("north.crl");
+    std::fs::write(
+        &crl,
+        root.revocation_list(&[&issuing.pem().cert], 1, YEAR)
+            .unwrap(),
+    )
+    .unwrap();
+    let listed =
+        crate::RevocationList::load([(&id, std::slice::from_ref(&crl), root_cas.as_slice())])
+            .unwrap();
+    let client = Arc::new(user_client_config(&alice, &id, &root_cas).unwrap());
+    let connect = |revocations: Revocations| -> Result<(), rustls::Error> {
+        let trust = ServerTrust {
+            own_area: id.clone(),
+            own_cas: root_cas.clone(),
+            peers: Vec::new(),
+            revocations,
+        };
+        let server = server_config(&gateway, &trust).unwrap();
+        let mut c = ClientConnection::new(client.clone(), name()).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..20 {
+            buf.clear();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets()?;
+            buf.clear();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not end");
+    };
+    connect(Revocations::default()).unwrap();
+    let e = connect(Revocations::new(listed)).unwrap_err();
+    assert_eq!(
+        e,
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+    );
+}

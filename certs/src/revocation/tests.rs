@@ -179,7 +179,7 @@ fn a_connections_certificate_is_refused_once_past_its_not_after() {
         )
         .unwrap();
     let leaf = CertificateDer::from(der(&pair.cert));
-    let cert = ConnectionCertificate::of_leaf(&leaf).unwrap();
+    let cert = ConnectionCertificate::of_chain(std::slice::from_ref(&leaf)).unwrap();
     let r = Revocations::new(RevocationList::default());
     let end = crate::not_after(&leaf).unwrap();
     assert!((now_s() + 55..=now_s() + 61).contains(&end));
@@ -244,4 +244,35 @@ fn while_an_area_moves_to_a_new_ca_of_the_same_name_either_cas_list_is_taken() {
         Err(CertError::Crl { reason, .. }) => assert!(reason.contains("signature"), "{reason}"),
         other => panic!("expected a Crl error, got {other:?}"),
     }
+}
+
+/// An open connection whose certificate came from an issuing CA is
+/// refused at its next request once the area's CA revokes that issuing CA.
+#[test]
+fn an_open_connection_is_refused_once_its_issuing_ca_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let north = area("northshire");
+    let root = Ca::with_issuing_cas(&north).unwrap();
+    let issuing = root.issuing_ca("northshire issuing CA 1").unwrap();
+    let alice = issuing.issue(&user("northshire", "alice"), YEAR).unwrap();
+    let chain = crate::parse_certs(&issuing.chain(&alice).cert, "chain").unwrap();
+    let cert = ConnectionCertificate::of_chain(&chain).unwrap();
+    let r = Revocations::new(RevocationList::default());
+    cert.check(&r).unwrap();
+    let crl = file(
+        &dir,
+        "north.crl",
+        root.revocation_list(&[&issuing.pem().cert], 1, YEAR)
+            .unwrap()
+            .as_bytes(),
+    );
+    r.replace(load(&north, &[crl], &root).unwrap());
+    match cert.check(&r) {
+        Err(CertError::Revoked { who, .. }) => {
+            assert_eq!(who, "the CA that issued spiffe://northshire/user/alice");
+        }
+        other => panic!("expected Revoked, got {other:?}"),
+    }
+    // The leaf alone is on no list.
+    r.check(&north, chain[0].as_ref()).unwrap();
 }
