@@ -713,6 +713,19 @@ impl MlsClient {
                 kp.ciphersuite()
             )));
         }
+        // A case's group requires it (its id is in the group context): a
+        // member whose client lacks it could not be added.
+        let case_ids = ExtensionType::Unknown(CASE_EXTENSION);
+        if !kp
+            .leaf_node()
+            .capabilities()
+            .extensions()
+            .contains(&case_ids)
+        {
+            return Err(MlsError::InvalidKeyPackage(
+                "its client does not support case ids".into(),
+            ));
+        }
         let id = user_identity_of(kp.leaf_node().credential())?;
         Ok((kp, id))
     }

@@ -772,3 +772,29 @@ fn a_group_names_its_creators_area_as_home_and_a_second_group_for_a_case_is_refu
         .collect();
     assert_eq!(cases, [&group]);
 }
+
+/// A KeyPackage from a client that cannot take part in a case (no support
+/// for case ids, which every case's group requires) is refused when it is
+/// checked, before any group is changed; one that can is taken.
+#[test]
+fn a_key_package_without_case_id_support_is_refused_when_checked() {
+    let mut sender = Person::new("a.example", "sw1");
+    let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+    let id = uri("b.example", "d1");
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(id.as_bytes().to_vec()).into(),
+        signature_key: signer.to_public_vec().into(),
+    };
+    let without = KeyPackage::builder()
+        .build(CIPHERSUITE, &Provider::default(), &signer, credential)
+        .unwrap()
+        .key_package()
+        .tls_serialize_detached()
+        .unwrap();
+    assert!(matches!(
+        sender.c().key_package_identity(&without),
+        Err(MlsError::InvalidKeyPackage(_))
+    ));
+    let with = foreign_key_package(&id);
+    assert_eq!(sender.c().key_package_identity(&with).unwrap(), id);
+}
