@@ -34,6 +34,13 @@ async fn error_code(mut resp: reqwest::Response) -> Option<proto::ErrorCode> {
         .map(|e| e.error)
 }
 
+/// Whether the peer answered that it could not read the batch (`400` with
+/// its code `malformed_request`; a bare `400`, from a proxy say, is not
+/// that).
+fn is_unreadable(status: u16, code: Option<proto::ErrorCode>) -> bool {
+    status == 400 && code == Some(proto::ErrorCode::MalformedRequest)
+}
+
 /// An error code as it is on the wire (`insufficient_storage`).
 fn code_name(c: proto::ErrorCode) -> String {
     serde_json::to_string(&c)
@@ -195,9 +202,9 @@ pub(crate) async fn peer_worker(
     // them, so their validity running out does not return them to their
     // senders while the peer may yet answer (a repeat is answered as a
     // duplicate, an expired new one refused), only a day later.
-    // After a batch the peer found too large, its items go one at a time
-    // (up to this queue position), so that only one too large for the peer
-    // is refused.
+    // After a batch the peer found too large, or could not read, its items
+    // go one at a time (up to this queue position), so that only the one at
+    // fault is refused.
     let mut one_by_one_until: i64 = 0;
     // (Read again after a failure: taken as the whole queue, it would hold
     // every message for a day past its validity for this worker's life.)
@@ -366,7 +373,15 @@ pub(crate) async fn peer_worker(
                 // The batches behind this one may or may not reach the peer;
                 // start again from the last answer (the peer deduplicates).
                 let cut_off = !in_flight.is_empty();
-                if matches!(e, SendError::Status(413, _)) {
+                // Too large, or unreadable, for the peer: one at a time, so
+                // that only the item at fault is refused.
+                let one_item_at_fault = match &e {
+                    SendError::Status(status, code) => {
+                        *status == 413 || is_unreadable(*status, *code)
+                    }
+                    _ => false,
+                };
+                if one_item_at_fault {
                     one_by_one_until = done.seqs.last().copied().unwrap_or(0);
                 }
                 abandon(&mut in_flight);
@@ -572,7 +587,24 @@ async fn send(
         });
     }
     if !status.is_success() {
-        return Err(SendError::Status(status.as_u16(), error_code(resp).await));
+        let code = error_code(resp).await;
+        // A lone item the peer cannot read (a gateway of another version,
+        // say), answered `400 malformed_request`: refused (its sender is
+        // told), not retried for ever with the queue behind it.
+        if is_unreadable(status.as_u16(), code) && n == 1 {
+            return Ok(Answered {
+                response: FederationBatchResponse {
+                    results: vec![ItemResult::Rejected {
+                        code: proto::ErrorCode::MalformedRequest,
+                        reason:
+                            "the receiving gateway could not read it (it may run another version)"
+                                .into(),
+                    }],
+                },
+                ordered: false,
+            });
+        }
+        return Err(SendError::Status(status.as_u16(), code));
     }
     let ordered = resp
         .headers()

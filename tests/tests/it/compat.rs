@@ -81,3 +81,89 @@ async fn a_peer_without_framed_batches_is_sent_json() {
     }
     older.abort();
 }
+
+/// A peer that cannot read one item of a batch (a gateway of another
+/// version, say) answers the whole batch `400 malformed_request`: the
+/// batch's items then go one at a time, the one it cannot read is refused
+/// to its sender with the reason, and the others are delivered, in order,
+/// rather than all waiting behind it until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_the_peer_cannot_read_is_refused_alone_and_the_rest_go_on() {
+    let mut fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    fed.stop(b).await;
+    // Three messages wait for southvale, so they go as one batch.
+    let alice = fed.api(a, "alice").unwrap();
+    let mut sent = Vec::new();
+    for (key, body) in [
+        ("m1", &b"first"[..]),
+        ("m2", b"unreadable"),
+        ("m3", b"third"),
+    ] {
+        let m = message("user:dan@southvale", key, body.to_vec()).unwrap();
+        sent.push(alice.submit(&m).await.unwrap().message_id);
+    }
+    let listener = fed.listen_as(b).await.unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let (seen, sizes) = (got.clone(), batches.clone());
+    let peer = tests::serve_as_gateway(&fed, b, listener, move |req| {
+        let (seen, sizes) = (seen.clone(), sizes.clone());
+        async move {
+            let path = req.uri().path().to_owned();
+            let body = tests::body_bytes(req).await;
+            let (status, answer) = if path == "/v1/federation/batch" {
+                let batch: FederationBatch = serde_json::from_slice(&body).unwrap();
+                sizes.lock().unwrap().push(batch.items.len());
+                let unreadable = batch.items.iter().any(|i| {
+                    matches!(i, FederationItem::Deliver { body, .. } if body.0 == b"unreadable")
+                });
+                if unreadable {
+                    (
+                        400,
+                        br#"{"error":"malformed_request","message":"unknown field"}"#.to_vec(),
+                    )
+                } else {
+                    let results = batch.items.iter().map(|_| ItemResult::Stored).collect();
+                    seen.lock().unwrap().extend(batch.items);
+                    (
+                        200,
+                        serde_json::to_vec(&FederationBatchResponse { results }).unwrap(),
+                    )
+                }
+            } else {
+                (
+                    404,
+                    br#"{"error":"not_found","message":"no such endpoint"}"#.to_vec(),
+                )
+            };
+            hyper::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(answer)))
+                .unwrap()
+        }
+    })
+    .unwrap();
+    let limit = Duration::from_secs(30);
+    for id in [&sent[0], &sent[2]] {
+        assert!(reaches(&alice, id, Status::Delivered, limit).await);
+    }
+    assert!(reaches(&alice, &sent[1], Status::Undeliverable, limit).await);
+    let reason = tests::undeliverable_reason(&alice, &sent[1])
+        .await
+        .unwrap_or_default();
+    assert!(reason.contains("could not read"), "{reason}");
+    let ids: Vec<_> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|i| match i {
+            FederationItem::Deliver { envelope, .. } => Some(envelope.message_id.clone()),
+            FederationItem::Status { .. } => None,
+        })
+        .collect();
+    assert_eq!(ids, [sent[0].clone(), sent[2].clone()]);
+    assert_eq!(batches.lock().unwrap().first(), Some(&3), "one batch first");
+    peer.abort();
+}
