@@ -211,11 +211,17 @@ struct Meta {
     #[serde(default)]
     referrals: BTreeMap<String, Referral>,
     /// When this client last looked at its published KeyPackages (ms since
-    /// the epoch); `None` until it first publishes some. `read` looks again
-    /// after [`KEY_CHECK_INTERVAL`]: KeyPackages run out with use, and
-    /// expire unused.
-    #[serde(default)]
+    /// the epoch); `None` for a new client until it first publishes some.
+    /// `read` looks again after [`KEY_CHECK_INTERVAL`]: KeyPackages run out
+    /// with use, and expire unused. A client from before this field looks
+    /// at its first `read`: it may have published long ago.
+    #[serde(default = "long_ago")]
     keys_checked_ms: Option<u64>,
+}
+
+/// [`Meta::keys_checked_ms`] for a client's file from before it.
+fn long_ago() -> Option<u64> {
+    Some(0)
 }
 
 /// A case handed over to us, as its transfer said, kept until we are in

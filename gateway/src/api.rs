@@ -452,18 +452,17 @@ async fn submit(
             }
         }
     };
-    if let Some(c) = &commit {
+    // Short of disk nothing new is stored here, so binding the epoch at the
+    // home would hold it for nothing.
+    let remote_home = |c: &CommitOf| c.home.as_ref().is_some_and(|h| *h != shared.config.area);
+    if let Some(c) = commit.as_ref().filter(|c| remote_home(c) && !low) {
         // Before the case's home binds an epoch: a repeat, or another
         // message under the key, is answered from what is stored, and binds
         // nothing there (the home's binding cannot be undone).
         if let Some(prior) = shared.store.prior_submission(what).await? {
             return answer(&shared, prior, &req.recipient, &route);
         }
-        if !low {
-            // Short of disk nothing new is stored here, so binding the
-            // epoch at the home would hold it for nothing.
-            order_at_home(&shared, c, &hash).await?;
-        }
+        order_at_home(&shared, c, &hash).await?;
     }
     let own = &shared.config.area;
     let commit = commit.map(|c| {

@@ -76,7 +76,14 @@ impl SendError {
             // A server error may come after the batch was committed (an
             // fsync that failed after COMMIT, a proxy that timed out);
             // `503` and `507` are the peer's word that nothing was stored.
-            SendError::Status(code, _) => *code >= 500 && *code != 503 && *code != 507,
+            SendError::Status(status, code) => {
+                let nothing_stored = matches!(
+                    (status, code),
+                    (503, Some(proto::ErrorCode::Unavailable))
+                        | (507, Some(proto::ErrorCode::InsufficientStorage))
+                );
+                *status >= 500 && !nothing_stored
+            }
             SendError::Unreached(_) | SendError::RateLimited(_) => false,
         }
     }
@@ -206,6 +213,9 @@ pub(crate) async fn peer_worker(
     // go one at a time (up to this queue position), so that only the one at
     // fault is refused.
     let mut one_by_one_until: i64 = 0;
+    // Whether the peer took an item from this worker since its last failure
+    // other than an unreadable item (see `is_unreadable`).
+    let mut reads_others = false;
     // (Read again after a failure: taken as the whole queue, it would hold
     // every message for a day past its validity for this worker's life.)
     let mut uncertain_up_to = loop {
@@ -325,9 +335,35 @@ pub(crate) async fn peer_worker(
         let Some(done) = in_flight.pop_front() else {
             continue;
         };
+        // A lone item the peer cannot read (a gateway of another version,
+        // say), answered `400 malformed_request` while the peer reads
+        // others: refused (its sender is told), not retried for ever with
+        // the queue behind it. Without that evidence (after a restart or an
+        // outage, say) the fault may be every item's, and all wait.
+        let answer = match answer {
+            Err(SendError::Status(status, code))
+                if is_unreadable(status, code) && done.seqs.len() == 1 && reads_others =>
+            {
+                Ok(Answered {
+                    response: FederationBatchResponse {
+                        results: vec![ItemResult::Rejected {
+                            code: proto::ErrorCode::MalformedRequest,
+                            reason: "the receiving gateway could not read it (it may run another version)".into(),
+                        }],
+                    },
+                    ordered: false,
+                })
+            }
+            other => other,
+        };
         match answer {
             Ok(answered) => {
                 ordered = answered.ordered;
+                reads_others |= answered
+                    .response
+                    .results
+                    .iter()
+                    .any(|r| matches!(r, ItemResult::Stored | ItemResult::Duplicate));
                 backoff = delivery.retry_initial;
                 if last_error.take().is_some() {
                     tracing::info!("peer reachable again");
@@ -383,6 +419,9 @@ pub(crate) async fn peer_worker(
                 };
                 if one_item_at_fault {
                     one_by_one_until = done.seqs.last().copied().unwrap_or(0);
+                }
+                if !matches!(&e, SendError::Status(status, code) if is_unreadable(*status, *code)) {
+                    reads_others = false;
                 }
                 abandon(&mut in_flight);
                 if cut_off || e.may_have_arrived() {
@@ -587,24 +626,7 @@ async fn send(
         });
     }
     if !status.is_success() {
-        let code = error_code(resp).await;
-        // A lone item the peer cannot read (a gateway of another version,
-        // say), answered `400 malformed_request`: refused (its sender is
-        // told), not retried for ever with the queue behind it.
-        if is_unreadable(status.as_u16(), code) && n == 1 {
-            return Ok(Answered {
-                response: FederationBatchResponse {
-                    results: vec![ItemResult::Rejected {
-                        code: proto::ErrorCode::MalformedRequest,
-                        reason:
-                            "the receiving gateway could not read it (it may run another version)"
-                                .into(),
-                    }],
-                },
-                ordered: false,
-            });
-        }
-        return Err(SendError::Status(status.as_u16(), code));
+        return Err(SendError::Status(status.as_u16(), error_code(resp).await));
     }
     let ordered = resp
         .headers()

@@ -927,17 +927,10 @@ fn to_i64(secs: u64) -> i64 {
     i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
-/// Schema 7's `key_packages.not_after_s` for KeyPackages stored before it:
-/// the column is added if missing, and read from each KeyPackage (checked
-/// when it was uploaded); one that does not parse any more is removed.
-/// Nothing to do on later starts.
+/// Schema 7's `key_packages.not_after_s` for KeyPackages stored before it,
+/// read from each one (checked when it was uploaded); one that does not
+/// parse any more is removed.
 fn fill_key_package_lifetimes(c: &Connection) -> Result<(), StoreError> {
-    let has_column: bool = c
-        .prepare("SELECT 1 FROM pragma_table_info('key_packages') WHERE name = 'not_after_s'")?
-        .exists([])?;
-    if !has_column {
-        c.execute_batch("ALTER TABLE key_packages ADD COLUMN not_after_s INTEGER")?;
-    }
     let rows: Vec<(String, Vec<u8>)> = c
         .prepare("SELECT kp_ref, key_package FROM key_packages WHERE not_after_s IS NULL")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -1119,11 +1112,33 @@ COMMIT;
 ";
 
 /// Schema 6 to 7: each KeyPackage's lifetime, so that an expired one is
-/// neither handed out nor counted. The column is added, and filled, at
-/// every start where it is missing or empty (see
-/// `fill_key_package_lifetimes`): a database migrated from before schema 6
-/// gets `key_packages` whole from the schema.
-const MIGRATE_6_TO_7: &str = "PRAGMA user_version = 7;";
+/// neither handed out nor counted: the column, filled from each KeyPackage
+/// (see `fill_key_package_lifetimes`), in one transaction with the version.
+/// (Migrated from before schema 6, the database has no `key_packages` yet:
+/// the schema makes it whole.)
+fn migrate_6_to_7(c: &Connection) -> Result<(), StoreError> {
+    c.execute_batch("BEGIN IMMEDIATE")?;
+    let done = (|| {
+        let table: bool = c
+            .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'key_packages'")?
+            .exists([])?;
+        let column: bool = c
+            .prepare("SELECT 1 FROM pragma_table_info('key_packages') WHERE name = 'not_after_s'")?
+            .exists([])?;
+        if table && !column {
+            c.execute_batch("ALTER TABLE key_packages ADD COLUMN not_after_s INTEGER")?;
+        }
+        if table {
+            fill_key_package_lifetimes(c)?;
+        }
+        c.execute_batch("PRAGMA user_version = 7; COMMIT;")?;
+        Ok(())
+    })();
+    if done.is_err() {
+        let _ = c.execute_batch("ROLLBACK");
+    }
+    done
+}
 
 /// Whether the user `?1` may see an inbox row of her mailboxes: any,
 /// except an MLS message to a team stored before she joined it (see
@@ -1472,7 +1487,6 @@ impl SqliteStore {
                     (3, MIGRATE_3_TO_4_TEMPLATE),
                     (4, MIGRATE_4_TO_5_TEMPLATE),
                     (5, MIGRATE_5_TO_6_TEMPLATE),
-                    (6, MIGRATE_6_TO_7),
                 ];
                 for (from, template) in steps.into_iter().filter(|(from, _)| *from >= version) {
                     let to = from + 1;
@@ -1484,12 +1498,17 @@ impl SqliteStore {
                         ))
                     })?;
                 }
+                tracing::info!("migrating the database from schema 6 to 7");
+                migrate_6_to_7(&conn).map_err(|e| {
+                    StoreError::Db(format!(
+                        "migrating schema 6 to 7 (that step changed nothing): {e}"
+                    ))
+                })?;
             }
             _ => {}
         }
         conn.execute_batch(&with_tables(SCHEMA_TEMPLATE))
             .map_err(in_db)?;
-        fill_key_package_lifetimes(&conn)?;
         // From here on the sync thread fsyncs the WAL after each group's
         // COMMIT (see `Durability`); SQLite itself still syncs around
         // checkpoints and when the WAL restarts.
@@ -2710,7 +2729,8 @@ impl Store for SqliteStore {
                         let reason = format!("refused by {peer}: {reason}");
                         advance_sent(c, &id, Status::Undeliverable, now_ms, Some(&reason))?;
                     }
-                    Some(_) => tracing::warn!(%peer, %reason, "peer refused a status update"),
+                    // The peer's words are not logged: they are its text.
+                    Some(_) => tracing::warn!(%peer, "peer refused a status update"),
                     None => {}
                 }
             }

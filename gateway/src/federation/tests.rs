@@ -27,6 +27,8 @@ fn server_errors_other_than_the_peers_refusals_may_have_stored_the_batch() {
         SendError::Status(500, Some(ErrorCode::Internal)),
         SendError::Status(502, None),
         SendError::Status(504, None),
+        // A proxy's, not the peer's word.
+        SendError::Status(503, None),
     ] {
         assert!(e.may_have_arrived(), "{e}");
     }

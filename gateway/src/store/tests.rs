@@ -2382,12 +2382,23 @@ async fn only_key_packages_with_lifetime_left_are_handed_out_or_counted() {
         .unwrap();
     assert_eq!(n, 0);
 
-    // Schema 6 had no lifetime column: migrated, a row from then that does
-    // not parse is let go when the store opens.
+    // Schema 6 had no lifetime column: migrated, a row from then gets its
+    // KeyPackage's lifetime, and one that does not parse is let go.
+    let mls_dir = tempfile::tempdir().unwrap();
+    let real = client::mls::MlsClient::open(mls_dir.path(), "spiffe://southvale/user/erin")
+        .unwrap()
+        .key_packages(1)
+        .unwrap()
+        .remove(0);
     c.execute_batch(
         "ALTER TABLE key_packages DROP COLUMN not_after_s; \
          INSERT INTO key_packages (kp_ref, user_id, key_package, last_resort, created_ms) VALUES ('old', 'erin', x'00', 0, 0); \
          PRAGMA user_version = 6;",
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO key_packages (kp_ref, user_id, key_package, last_resort, created_ms) VALUES ('real', 'erin', ?1, 0, 0)",
+        [&real],
     )
     .unwrap();
     let _store = SqliteStore::open(dir.path(), AreaId::new("southvale").unwrap()).unwrap();
@@ -2398,7 +2409,23 @@ async fn only_key_packages_with_lifetime_left_are_handed_out_or_counted() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((n, v), (0, 7));
+    assert_eq!((n, v), (1, 7));
+    let not_after: i64 = c
+        .query_row(
+            "SELECT not_after_s FROM key_packages WHERE kp_ref = 'real'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let wall_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // openmls makes them for 12 weeks.
+    assert!(
+        (80 * 86_400..90 * 86_400).contains(&(not_after - wall_s)),
+        "{not_after}"
+    );
     let column: i64 = c
         .query_row(
             "SELECT COUNT(*) FROM pragma_table_info('key_packages') WHERE name = 'not_after_s'",
