@@ -786,10 +786,22 @@ async fn federation_batch(
 ) -> Result<Response, Failure> {
     let area = peer_of(&shared, &peer)?;
     let order = batch_order(&headers)?;
-    let items = if is_framed(&headers) {
-        parse_framed(body, |b| proto::frame::decode_items(b, MAX_FRAMED_ITEMS))?
+    // Framed, an item that cannot be read is refused alone (a gateway of
+    // another version may send one this one does not know), so it does not
+    // hold up the peer's queue.
+    let items: Vec<Result<FederationItem, String>> = if is_framed(&headers) {
+        parse_framed(body, |b| {
+            proto::frame::decode_each_item(b, MAX_FRAMED_ITEMS)
+        })?
+        .into_iter()
+        .map(|i| i.map_err(|e| e.to_string()))
+        .collect()
     } else {
-        parse_json::<FederationBatch>(body)?.items
+        parse_json::<FederationBatch>(body)?
+            .items
+            .into_iter()
+            .map(Ok)
+            .collect()
     };
     if items.len() > MAX_FRAMED_ITEMS {
         return Err(Failure::new(
@@ -852,7 +864,7 @@ fn batch_order(headers: &HeaderMap) -> Result<Option<(u64, u64)>, Failure> {
 async fn accept_items(
     shared: &Shared,
     area: proto::AreaId,
-    items: Vec<FederationItem>,
+    items: Vec<Result<FederationItem, String>>,
     order: Option<(u64, u64)>,
 ) -> Result<Json<FederationBatchResponse>, Failure> {
     let n = items.len();
@@ -863,6 +875,19 @@ async fn accept_items(
     let live = shared.live();
     let mut policy: PolicyMemo = None;
     for (i, item) in items.into_iter().enumerate() {
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                tracing::warn!(peer = %area, "refused a federation item this gateway cannot read");
+                results[i] = Some(ItemResult::Rejected {
+                    code: ErrorCode::MalformedRequest,
+                    reason: format!(
+                        "this gateway cannot read it (it may run another version): {e}"
+                    ),
+                });
+                continue;
+            }
+        };
         let id = match &item {
             FederationItem::Deliver { envelope, .. } => Some(envelope.message_id.clone()),
             FederationItem::Status { .. } => None,

@@ -230,6 +230,17 @@ pub fn encode_items<'a>(items: impl IntoIterator<Item = &'a FederationItem>) -> 
 
 /// Decodes framed federation items (at least one, at most `max`).
 pub fn decode_items(input: &[u8], max: usize) -> Result<Vec<FederationItem>, FrameError> {
+    decode_each_item(input, max)?.into_iter().collect()
+}
+
+/// As [`decode_items`], but a record whose head cannot be read (a kind or
+/// field from another version, say), or whose body does not belong, is an
+/// error of that item alone; only a batch whose framing is broken, or that
+/// holds no records or more than `max`, fails whole.
+pub fn decode_each_item(
+    input: &[u8],
+    max: usize,
+) -> Result<Vec<Result<FederationItem, FrameError>>, FrameError> {
     let recs = records(input)?;
     if recs.is_empty() || recs.len() > max {
         return Err(FrameError::Count {
@@ -237,30 +248,32 @@ pub fn decode_items(input: &[u8], max: usize) -> Result<Vec<FederationItem>, Fra
             found: recs.len(),
         });
     }
-    let mut items = Vec::with_capacity(recs.len());
-    for (i, rec) in recs.iter().enumerate() {
-        let mut item: FederationItem = parse_head(i, rec.head)?;
-        match &mut item {
-            FederationItem::Deliver { body, .. } => {
-                if !body.is_empty() {
+    Ok(recs
+        .iter()
+        .enumerate()
+        .map(|(i, rec)| {
+            let mut item: FederationItem = parse_head(i, rec.head)?;
+            match &mut item {
+                FederationItem::Deliver { body, .. } => {
+                    if !body.is_empty() {
+                        return Err(FrameError::Body {
+                            record: i,
+                            reason: HEAD_HAS_BODY,
+                        });
+                    }
+                    *body = Body(rec.body.to_vec());
+                }
+                _ if !rec.body.is_empty() => {
                     return Err(FrameError::Body {
                         record: i,
-                        reason: HEAD_HAS_BODY,
-                    });
+                        reason: "only a delivery carries a body",
+                    })
                 }
-                *body = Body(rec.body.to_vec());
+                _ => {}
             }
-            _ if !rec.body.is_empty() => {
-                return Err(FrameError::Body {
-                    record: i,
-                    reason: "only a delivery carries a body",
-                })
-            }
-            _ => {}
-        }
-        items.push(item);
-    }
-    Ok(items)
+            Ok(item)
+        })
+        .collect())
 }
 
 #[cfg(test)]

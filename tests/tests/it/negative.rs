@@ -259,13 +259,40 @@ async fn a_peer_cannot_speak_for_another_area_or_forge_a_body() {
         ("truncated", whole[..whole.len() - 1].to_vec()),
         ("empty", Vec::new()),
         ("head too large", u32::MAX.to_be_bytes().to_vec()),
-        ("body on a status item", body_in_head),
     ] {
         let e = southvale_gw
             .post_framed("/v1/federation/frames", bytes)
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::MalformedRequest), "{what}: {e}");
+    }
+    // A record that cannot be read, in a batch whose framing is sound, is
+    // refused alone (a gateway of another version may send one), beside an
+    // item that can be.
+    let mut unknown_kind = Vec::new();
+    proto::frame::push_record(
+        &mut unknown_kind,
+        br#"{"kind":"recall","message_id":"00112233445566778899aabbccddeeff"}"#,
+        b"",
+    );
+    for (what, bad) in [
+        ("body on a status item", body_in_head),
+        ("unknown kind", unknown_kind),
+    ] {
+        let mut batch = bad;
+        batch.extend_from_slice(&framed(&batch_from("eastmoor", "northshire")));
+        let answer = southvale_gw
+            .post_framed("/v1/federation/frames", batch)
+            .await
+            .unwrap();
+        assert_eq!(
+            answer["results"][0]["code"], "malformed_request",
+            "{what}: {answer}"
+        );
+        assert_eq!(
+            answer["results"][1]["code"], "forbidden",
+            "{what}: {answer}"
+        );
     }
 
     // Body does not match the content hash.
