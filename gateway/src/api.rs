@@ -411,7 +411,8 @@ async fn submit(
         ));
     }
     let hash = req.body.hash();
-    let what = Submitted {
+    // Made only when a repeat is looked for (not on the common path).
+    let what = || Submitted {
         user: sender.user.clone(),
         key: req.idempotency_key.clone(),
         recipient: req.recipient.clone(),
@@ -441,7 +442,7 @@ async fn submit(
         // answered as one, whatever has changed since (the directory, the
         // policy, the peers): what was stored is never refused.
         Err(refusal) => {
-            return match shared.store.prior_submission(what).await? {
+            return match shared.store.prior_submission(what()).await? {
                 Some(prior) => answer(
                     &shared,
                     prior,
@@ -459,7 +460,7 @@ async fn submit(
         // Before the case's home binds an epoch: a repeat, or another
         // message under the key, is answered from what is stored, and binds
         // nothing there (the home's binding cannot be undone).
-        if let Some(prior) = shared.store.prior_submission(what).await? {
+        if let Some(prior) = shared.store.prior_submission(what()).await? {
             return answer(&shared, prior, &req.recipient, &route);
         }
         order_at_home(&shared, c, &hash).await?;
