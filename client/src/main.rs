@@ -117,7 +117,10 @@ enum Command {
     },
     /// Publish your MLS KeyPackages so others can add you to referrals.
     ///
-    /// Run once after setup, and again when `read` says your stock is low.
+    /// Run once after setup. After that `read` publishes fresh ones by
+    /// itself when your stock runs low or nears the end of its 12-week
+    /// lifetime (it looks once a day); run this again if `read` warns that
+    /// it could not.
     Keys {
         /// How many single-use KeyPackages to publish (a last-resort one is added).
         #[arg(long, default_value_t = client::cases::KEY_STOCK)]
