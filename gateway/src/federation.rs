@@ -160,6 +160,10 @@ type Answer = (Result<Answered, SendError>, u64, bool);
 struct Answered {
     response: FederationBatchResponse,
     ordered: bool,
+    /// A refusal made here from the peer's error answer to a lone item (too
+    /// large, or unreadable): the peer took nothing, so the batch's number
+    /// in its session was not used (see `peer_worker`).
+    not_taken: bool,
 }
 
 /// Runs one peer's worker until shutdown.
@@ -317,7 +321,11 @@ pub(crate) async fn peer_worker(
                 // ordering again with the next answer before batches are
                 // pipelined (it may have been replaced by an older version
                 // meanwhile, and no request failed to say so).
-                _ = tokio::time::sleep(Duration::from_secs(1)) => ordered = false,
+                // (And whether it reads this gateway's items, likewise.)
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    ordered = false;
+                    reads_others = false;
+                }
                 _ = crate::stopped(&mut stop) => break,
             }
             continue;
@@ -331,6 +339,11 @@ pub(crate) async fn peer_worker(
             _ = wake.notify.notified(), if room => continue,
             _ = crate::stopped(&mut stop) => break,
         };
+        // A peer that stopped taking framed batches was replaced by an older
+        // version: what it reads is to be seen again.
+        if framed && !now_framed {
+            reads_others = false;
+        }
         framed = now_framed;
         let Some(done) = in_flight.pop_front() else {
             continue;
@@ -340,9 +353,13 @@ pub(crate) async fn peer_worker(
         // others: refused (its sender is told), not retried for ever with
         // the queue behind it. Without that evidence (after a restart or an
         // outage, say) the fault may be every item's, and all wait.
+        // (Nor one the peer may hold already: sent before, unanswered.)
+        let lone = done.seqs.first().filter(|_| done.seqs.len() == 1).copied();
         let answer = match answer {
             Err(SendError::Status(status, code))
-                if is_unreadable(status, code) && done.seqs.len() == 1 && reads_others =>
+                if is_unreadable(status, code)
+                    && reads_others
+                    && lone.is_some_and(|seq| seq > uncertain_up_to) =>
             {
                 Ok(Answered {
                     response: FederationBatchResponse {
@@ -352,6 +369,7 @@ pub(crate) async fn peer_worker(
                         }],
                     },
                     ordered: false,
+                    not_taken: true,
                 })
             }
             other => other,
@@ -359,6 +377,17 @@ pub(crate) async fn peer_worker(
         match answer {
             Ok(answered) => {
                 ordered = answered.ordered;
+                if answered.not_taken {
+                    // The peer never queued this batch: the next would wait
+                    // there for it in vain. A new session starts after it,
+                    // and whatever was sent behind it goes again there.
+                    if !in_flight.is_empty() {
+                        abandon(&mut in_flight);
+                        uncertain_up_to = uncertain_up_to.max(sent_up_to);
+                    }
+                    sent_up_to = done.seqs.last().copied().unwrap_or(sent_up_to);
+                    (session, next_batch) = (rand::random(), 1);
+                }
                 reads_others |= answered
                     .response
                     .results
@@ -623,6 +652,7 @@ async fn send(
                 }],
             },
             ordered: false,
+            not_taken: true,
         });
     }
     if !status.is_success() {
@@ -648,6 +678,7 @@ async fn send(
     Ok(Answered {
         response: answer,
         ordered,
+        not_taken: false,
     })
 }
 

@@ -1048,8 +1048,8 @@ CREATE TABLE IF NOT EXISTS key_packages (
     key_package BLOB NOT NULL,
     last_resort INTEGER NOT NULL,
     created_ms  INTEGER NOT NULL,
-    -- The last second of its lifetime (schema 7; filled at start for
-    -- those stored before).
+    -- The last second of its lifetime (schema 7; filled by the 6 to 7
+    -- migration for those stored before).
     not_after_s INTEGER
 );
 CREATE INDEX IF NOT EXISTS key_packages_user ON key_packages (user_id, last_resort, created_ms);

@@ -482,6 +482,11 @@ async fn a_message_larger_than_the_peer_takes_is_refused_and_the_queue_behind_it
         .await
         .unwrap();
     fed.start(b).await.unwrap();
+    let failures = || {
+        fed.gateway(a)
+            .map_or(0, |g| g.metrics().federation_failures.get())
+    };
+    let before = failures();
     assert!(
         reaches(
             &alice,
@@ -491,6 +496,9 @@ async fn a_message_larger_than_the_peer_takes_is_refused_and_the_queue_behind_it
         )
         .await
     );
+    // The refusal starts a new session: the next batch does not wait at
+    // southvale for the one it never queued (and fail when that times out).
+    assert_eq!(failures(), before, "a send failed once southvale was back");
     let reason = tests::undeliverable_reason(&alice, &large.message_id)
         .await
         .unwrap_or_default();
