@@ -97,14 +97,19 @@ impl Ca {
         let params = ca_params(format!("{area} referral gateway CA"), path_len)?;
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
+        Ok(Ca::of(&cert, params, key))
+    }
+
+    /// The CA whose certificate `cert` was made from `params` and `key`.
+    fn of(cert: &rcgen::Certificate, params: CertificateParams, key: KeyPair) -> Ca {
         let pem = PemPair {
             cert: cert.pem(),
             key: key.serialize_pem(),
         };
-        Ok(Ca {
+        Ca {
             pem,
             issuer: Issuer::new(params, key),
-        })
+        }
     }
 
     /// Mints an issuing CA named `name`, signed by this one (made by
@@ -120,14 +125,7 @@ impl Ca {
         );
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        let pem = PemPair {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        };
-        Ok(Ca {
-            pem,
-            issuer: Issuer::new(params, key),
-        })
+        Ok(Ca::of(&cert, params, key))
     }
 
     /// `pair` (issued by this CA) with this CA's certificate after its own:

@@ -9,28 +9,21 @@ use proto::{FederationBatch, FederationBatchResponse, FederationItem, ItemResult
 use tests::{message, reaches, Federation};
 
 /// Stands in for southvale's gateway as an older version: real mTLS with
-/// southvale's certificate and trust, no `/v1/federation/frames` (404), and a
-/// JSON `/v1/federation/batch` that stores nothing but records what came.
-async fn older_peer(
+/// southvale's certificate and trust, no `/v1/federation/frames` (404), and
+/// a JSON `/v1/federation/batch` answered by `answer` (status, body).
+async fn json_only_peer(
     fed: &Federation,
     b: usize,
-) -> (Arc<Mutex<Vec<FederationItem>>>, tokio::task::JoinHandle<()>) {
+    answer: impl Fn(FederationBatch) -> (u16, Vec<u8>) + Clone + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
     let listener = fed.listen_as(b).await.unwrap();
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let seen = got.clone();
-    let handle = tests::serve_as_gateway(fed, b, listener, move |req| {
-        let seen = seen.clone();
+    tests::serve_as_gateway(fed, b, listener, move |req| {
+        let answer = answer.clone();
         async move {
             let path = req.uri().path().to_owned();
             let body = tests::body_bytes(req).await;
-            let (status, answer) = if path == "/v1/federation/batch" {
-                let batch: FederationBatch = serde_json::from_slice(&body).unwrap();
-                let results = batch.items.iter().map(|_| ItemResult::Stored).collect();
-                seen.lock().unwrap().extend(batch.items);
-                (
-                    200,
-                    serde_json::to_vec(&FederationBatchResponse { results }).unwrap(),
-                )
+            let (status, body) = if path == "/v1/federation/batch" {
+                answer(serde_json::from_slice(&body).unwrap())
             } else {
                 (
                     404,
@@ -40,11 +33,32 @@ async fn older_peer(
             hyper::Response::builder()
                 .status(status)
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(answer)))
+                .body(Full::new(Bytes::from(body)))
                 .unwrap()
         }
     })
-    .unwrap();
+    .unwrap()
+}
+
+/// Every item stored, as far as the sender can tell: an answer of `stored`
+/// for each, and the items recorded in `seen`.
+fn store_all(seen: &Mutex<Vec<FederationItem>>, batch: FederationBatch) -> (u16, Vec<u8>) {
+    let results = batch.items.iter().map(|_| ItemResult::Stored).collect();
+    seen.lock().unwrap().extend(batch.items);
+    (
+        200,
+        serde_json::to_vec(&FederationBatchResponse { results }).unwrap(),
+    )
+}
+
+/// An older southvale that stores nothing but records what came.
+async fn older_peer(
+    fed: &Federation,
+    b: usize,
+) -> (Arc<Mutex<Vec<FederationItem>>>, tokio::task::JoinHandle<()>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let seen = got.clone();
+    let handle = json_only_peer(fed, b, move |batch| store_all(&seen, batch)).await;
     (got, handle)
 }
 
@@ -94,48 +108,25 @@ async fn picky_peer(
     Arc<Mutex<Vec<usize>>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let listener = fed.listen_as(b).await.unwrap();
     let got = Arc::new(Mutex::new(Vec::new()));
     let batches = Arc::new(Mutex::new(Vec::new()));
     let (seen, sizes) = (got.clone(), batches.clone());
-    let peer = tests::serve_as_gateway(fed, b, listener, move |req| {
-        let (seen, sizes) = (seen.clone(), sizes.clone());
-        async move {
-            let path = req.uri().path().to_owned();
-            let body = tests::body_bytes(req).await;
-            let (status, answer) = if path == "/v1/federation/batch" {
-                let batch: FederationBatch = serde_json::from_slice(&body).unwrap();
-                sizes.lock().unwrap().push(batch.items.len());
-                let unreadable = batch.items.iter().any(|i| {
-                    matches!(i, FederationItem::Deliver { body, .. } if body.0 == b"unreadable")
-                });
-                if unreadable {
-                    (
-                        400,
-                        br#"{"error":"malformed_request","message":"unknown field"}"#.to_vec(),
-                    )
-                } else {
-                    let results = batch.items.iter().map(|_| ItemResult::Stored).collect();
-                    seen.lock().unwrap().extend(batch.items);
-                    (
-                        200,
-                        serde_json::to_vec(&FederationBatchResponse { results }).unwrap(),
-                    )
-                }
-            } else {
-                (
-                    404,
-                    br#"{"error":"not_found","message":"no such endpoint"}"#.to_vec(),
-                )
-            };
-            hyper::Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(answer)))
-                .unwrap()
+    let peer = json_only_peer(fed, b, move |batch| {
+        sizes.lock().unwrap().push(batch.items.len());
+        let unreadable = batch
+            .items
+            .iter()
+            .any(|i| matches!(i, FederationItem::Deliver { body, .. } if body.0 == b"unreadable"));
+        if unreadable {
+            (
+                400,
+                br#"{"error":"malformed_request","message":"unknown field"}"#.to_vec(),
+            )
+        } else {
+            store_all(&seen, batch)
         }
     })
-    .unwrap();
+    .await;
     (got, batches, peer)
 }
 
