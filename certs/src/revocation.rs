@@ -280,12 +280,7 @@ impl Revocations {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    /// [`RevocationList::check`] against the lists in force.
-    pub fn check(&self, area: &AreaId, end_entity: &[u8]) -> Result<(), CertError> {
-        self.current().check(area, end_entity)
-    }
-
-    /// [`RevocationList::check_chain`] against the current lists.
+    /// [`RevocationList::check_chain`] against the lists in force.
     pub fn check_chain<'a>(
         &self,
         area: &AreaId,

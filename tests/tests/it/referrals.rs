@@ -53,6 +53,23 @@ fn texts(events: &[Event]) -> Vec<String> {
         .collect()
 }
 
+/// `w`'s referral of `body` to `to` (category `relocation`, not urgent, a
+/// fresh case id and key, no disclosure): its case.
+async fn refer_to(w: &mut Caseworker, to_whom: &str, body: &[u8]) -> String {
+    w.refer(
+        &to(to_whom),
+        &category("relocation"),
+        false,
+        body,
+        None,
+        None,
+        None,
+    )
+    .await
+    .unwrap()
+    .0
+}
+
 /// alice's referral to southvale's duty team, every member reached: its case.
 async fn refer_to_duty(alice: &mut Caseworker) -> String {
     let (case, missing) = refer_to_duty_missing(alice).await;
@@ -326,18 +343,7 @@ async fn canary_plaintext_never_reaches_gateway_files_or_logs() {
 async fn handover_removes_the_old_lead_and_gives_the_new_lead_the_chronology() {
     let fed = federation_with_keys().await;
     let mut alice = worker(&fed, 0, "alice");
-    let (case, _) = alice
-        .refer(
-            &to("team:duty@southvale"),
-            &category("relocation"),
-            false,
-            b"first referral",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let case = refer_to(&mut alice, "team:duty@southvale", b"first referral").await;
     // alice's client has recorded that the family fled eastmoor (here,
     // with no sharing policy, there are no disclosures to carry it).
     drop(alice);
@@ -568,18 +574,7 @@ async fn first_waiting(api: &client::Api) -> (proto::MessageId, Vec<u8>) {
 /// alice refers a case to dan ("genuine"), and dan reads it.
 async fn genuine_referral_read_by_dan(fed: &Federation) -> (Caseworker, String, Caseworker) {
     let mut alice = worker(fed, 0, "alice");
-    let (case, _) = alice
-        .refer(
-            &to("user:dan@southvale"),
-            &category("relocation"),
-            false,
-            b"genuine",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let case = refer_to(&mut alice, "user:dan@southvale", b"genuine").await;
     let mut dan = worker(fed, 1, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["genuine"]);
     (alice, case, dan)
@@ -770,18 +765,7 @@ async fn a_referral_made_again_under_its_key_is_the_same_referral() {
 /// alice's referral to bob (both of northshire), read by bob.
 async fn alice_refers_to_bob(fed: &Federation) -> (Caseworker, String, Caseworker) {
     let mut alice = worker(fed, 0, "alice");
-    let (case, _) = alice
-        .refer(
-            &to("user:bob@northshire"),
-            &category("relocation"),
-            false,
-            b"hi",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let case = refer_to(&mut alice, "user:bob@northshire", b"hi").await;
     let mut bob = worker(fed, 0, "bob");
     assert_eq!(texts(&read(&mut bob).await), ["hi"]);
     (alice, case, bob)
@@ -1362,18 +1346,7 @@ async fn read_acknowledging(
 async fn a_case_handed_over_by_someone_whose_handover_did_not_add_us_is_not_taken_up() {
     let fed = federation_with_keys().await;
     let mut alice = worker(&fed, 0, "alice");
-    let (case, _) = alice
-        .refer(
-            &to("team:duty@southvale"),
-            &category("relocation"),
-            false,
-            b"first referral",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let case = refer_to(&mut alice, "team:duty@southvale", b"first referral").await;
     let mut dan = worker(&fed, 1, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["first referral"]);
 
@@ -1449,18 +1422,7 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
     // alice (northshire, the case's home) refers to dan (southvale) and
     // adds hana (eastmoor): three members behind three gateways.
     let mut alice = worker(&fed, 0, "alice");
-    let (case, _) = alice
-        .refer(
-            &to("user:dan@southvale"),
-            &category("relocation"),
-            false,
-            b"first referral",
-            None,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+    let case = refer_to(&mut alice, "user:dan@southvale", b"first referral").await;
     let mut dan = worker(&fed, 1, "dan");
     joins(&mut dan, &case).await;
     alice
