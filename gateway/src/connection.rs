@@ -340,3 +340,148 @@ pub(crate) fn too_slow<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&
     }
     None
 }
+
+/// How long a connection's stream is drained once hyper is done with it,
+/// and how much of what the client still sends is read meanwhile.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 << 20;
+
+/// A connection's stream that, once hyper drops it, is handed back (to
+/// [`linger`]) instead of being closed at once.
+///
+/// A request refused before its body was read (too large, too slow, a
+/// revoked certificate) is answered and the connection closed while the
+/// client may still be sending the body. Closing a socket with data unread
+/// makes the kernel send a reset, and a client that gets it before reading
+/// the answer sees "broken pipe" or "connection reset" instead of `413`:
+/// a gateway told so retries a message its peer will never take, and a
+/// person is told their network failed. Draining the rest first lets the
+/// answer be read.
+pub(crate) struct Lingering<S: Send + 'static> {
+    stream: Option<S>,
+    back: Option<tokio::sync::oneshot::Sender<S>>,
+}
+
+impl<S: Send + 'static> Lingering<S> {
+    /// Wraps `stream`; the receiver gets it back when the wrapper is dropped.
+    pub(crate) fn new(stream: S) -> (Lingering<S>, tokio::sync::oneshot::Receiver<S>) {
+        let (back, rx) = tokio::sync::oneshot::channel();
+        (
+            Lingering {
+                stream: Some(stream),
+                back: Some(back),
+            },
+            rx,
+        )
+    }
+
+    fn stream(&mut self) -> std::io::Result<Pin<&mut S>>
+    where
+        S: Unpin,
+    {
+        self.stream
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl<S: Send + 'static> Drop for Lingering<S> {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(back)) = (self.stream.take(), self.back.take()) {
+            // No one waiting: it is closed here, as before.
+            let _ = back.send(stream);
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin + Send + 'static> tokio::io::AsyncRead for Lingering<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin + Send + 'static> tokio::io::AsyncWrite for Lingering<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.as_ref().is_some_and(S::is_write_vectored)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Closes a served connection's stream (given back by [`Lingering`]) as
+/// [`drain`] does, reading at most [`LINGER_BYTES`].
+pub(crate) async fn linger<S>(back: tokio::sync::oneshot::Receiver<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Ok(stream) = back.await {
+        drain(stream, LINGER_BYTES).await;
+    }
+}
+
+/// Closes `stream` so that the client reads what it was last sent: its
+/// write side is shut (a no-op if that was done), then what the client
+/// still sends is read and discarded until it closes, for at most
+/// [`LINGER`] and `max_bytes`.
+pub(crate) async fn drain<S>(mut stream: S, max_bytes: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let drain = async {
+        if stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut read = 0;
+        while read < max_bytes {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}

@@ -872,9 +872,8 @@ pub async fn run(
     Ok(())
 }
 
-/// How long a refused handshake's connection is drained before it is
-/// dropped, and how much of what the client sent is read meanwhile.
-const LINGER: Duration = Duration::from_secs(2);
+/// How much of what a client sends is read while a refused handshake's
+/// connection is drained (for at most 2 s) before it is dropped.
 const LINGER_BYTES: usize = 64 * 1024;
 
 /// Closes a connection whose handshake was refused so that the client reads
@@ -887,25 +886,11 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// "connection reset" instead of the alert: a revoked laptop would be told
 /// its network failed. So the write side is shut and what the client sends
 /// is read and discarded until it closes,
-/// for at most [`LINGER`] and [`LINGER_BYTES`]. (The TLS layer has made
+/// for at most 2 s and [`LINGER_BYTES`]. (The TLS layer has made
 /// its last attempt to write the alert; a client that never reads it
 /// loses nothing by this.)
-async fn linger(mut tcp: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    if tcp.shutdown().await.is_err() {
-        return;
-    }
-    let drain = async {
-        let mut buf = [0u8; 4096];
-        let mut read = 0;
-        while read < LINGER_BYTES {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => read += n,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
+async fn linger(tcp: tokio::net::TcpStream) {
+    connection::drain(tcp, LINGER_BYTES).await;
 }
 
 /// Files the gateway keeps open beside its connections: the store's
@@ -1153,6 +1138,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
+            let (tls, back) = connection::Lingering::new(tls);
             let conn = builder
                 .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
                 .into_owned();
@@ -1164,6 +1150,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             if let Some(e) = error {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
+            // Drained before it is closed, so that an answer sent before a
+            // request's body was read reaches the client (its slot is held
+            // meanwhile).
+            connection::linger(back).await;
         });
     }
     drop(listener);
