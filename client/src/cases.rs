@@ -289,6 +289,33 @@ struct Staged {
     welcome: Vec<u8>,
     /// The case's addresses once it is taken.
     addresses: Vec<String>,
+    /// The Commit's proof for the gateway (none in a record from before
+    /// proofs).
+    #[serde(default)]
+    proof: Option<proto::CommitProof>,
+}
+
+/// An MLS message's submission to `to`.
+fn mls_request(
+    to: &str,
+    category: &Category,
+    urgent: bool,
+    key: String,
+    body: Vec<u8>,
+    disclosure: Option<proto::Disclosure>,
+) -> Result<SubmitRequest, CaseError> {
+    Ok(SubmitRequest {
+        idempotency_key: IdempotencyKey::new(key).map_err(|e| CaseError::Invalid(e.to_string()))?,
+        recipient: to
+            .parse()
+            .map_err(|e: proto::ProtoError| CaseError::Invalid(e.to_string()))?,
+        category: category.clone(),
+        urgent,
+        kind: MessageKind::Mls,
+        disclosure,
+        commit_proof: None,
+        body: Body(body),
+    })
 }
 
 /// What became of a staged Commit.
@@ -719,26 +746,45 @@ impl Caseworker {
         disclosure: Option<proto::Disclosure>,
         what: Recording<'_>,
     ) -> Result<MessageId, CaseError> {
-        let req = SubmitRequest {
-            idempotency_key: IdempotencyKey::new(key)
-                .map_err(|e| CaseError::Invalid(e.to_string()))?,
-            recipient: to
-                .parse()
-                .map_err(|e: proto::ProtoError| CaseError::Invalid(e.to_string()))?,
-            category: category.clone(),
-            urgent,
-            kind: MessageKind::Mls,
-            disclosure,
-            body: Body(body),
-        };
+        let req = mls_request(to, category, urgent, key, body, disclosure)?;
+        self.send_request(req, what).await
+    }
+
+    /// Sends our Commit to `to`, with its proof (none for one staged by a
+    /// client from before proofs).
+    async fn submit_commit(
+        &self,
+        to: &str,
+        category: &Category,
+        key: String,
+        commit: Vec<u8>,
+        proof: Option<proto::CommitProof>,
+    ) -> Result<MessageId, CaseError> {
+        let mut req = mls_request(to, category, false, key, commit, None)?;
+        req.commit_proof = proof;
+        self.send_request(req, None).await
+    }
+
+    async fn send_request(
+        &self,
+        req: SubmitRequest,
+        what: Recording<'_>,
+    ) -> Result<MessageId, CaseError> {
+        let to = req.recipient.to_string();
+        let to = to.as_str();
         let area = req.recipient.area.clone();
         let r = self.api.submit(&req).await?;
         if let Some(w) = &r.waiting {
             tracing::warn!("{}", crate::waiting_note(&area, w));
         }
         if let Some((what, case)) = what {
-            let entry =
-                crate::sent::SentEntry::now(r.message_id.clone(), to, what, Some(case), category);
+            let entry = crate::sent::SentEntry::now(
+                r.message_id.clone(),
+                to,
+                what,
+                Some(case),
+                &req.category,
+            );
             // Sent is sent: a record that cannot be written is reported,
             // not turned into a failure the worker would retry.
             if let Err(e) = self.sent.record(entry) {
@@ -1025,6 +1071,7 @@ impl Caseworker {
             welcome_to: to.to_string(),
             welcome: own.welcome,
             addresses,
+            proof: Some(own.proof),
         };
         match self.stage(case_id, staged).await? {
             Settled::Taken => Ok(missing),
@@ -1076,13 +1123,12 @@ impl Caseworker {
         }
         for (i, addr) in s.recipients.iter().enumerate() {
             let sent = self
-                .submit(
+                .submit_commit(
                     addr,
                     &category,
-                    false,
                     format!("{}:commit:{i}", s.key),
                     s.commit.clone(),
-                    None,
+                    s.proof.clone(),
                 )
                 .await;
             match sent {
@@ -1359,7 +1405,7 @@ impl Caseworker {
             .handover_requests
             .insert(case_id.to_owned(), (old_lead.to_owned(), request.to_vec()));
         self.save()?;
-        let (commit, welcome) = self.mls.handover(group, &req.key_package, old_lead)?;
+        let own = self.mls.handover(group, &req.key_package, old_lead)?;
         let recipients = self.recipients(case_id);
         let mut addresses = self.meta.cases.get(case_id).cloned().unwrap_or_default();
         if let Some(old) = address_of(old_lead) {
@@ -1374,14 +1420,15 @@ impl Caseworker {
             key: fresh_key(),
             category: "handover".into(),
             // Everyone, the old lead included, gets the Commit.
-            commit,
+            commit: own.commit,
             adds: req.new_lead.clone(),
             removes: vec![old_lead.to_owned()],
             recipients,
             taken: false,
             welcome_to: new_addr,
-            welcome,
+            welcome: own.welcome,
             addresses,
+            proof: Some(own.proof),
         };
         match self.stage(case_id, staged).await? {
             Settled::Taken => {

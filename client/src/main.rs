@@ -376,6 +376,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 urgent,
                 kind: proto::MessageKind::Opaque,
                 disclosure,
+                commit_proof: None,
                 body: Body(body),
             };
             let area = req.recipient.area.clone();

@@ -22,8 +22,8 @@ use proto::{
 use serde::Deserialize;
 
 use crate::store::{
-    BatchOrder, Incoming, IncomingOutcome, KeyStock, Mailbox, NewKeyPackage, NewMessage, Route,
-    Store, SubmitOutcome, Submitted,
+    BatchOrder, CommitToBind, Incoming, IncomingOutcome, KeyStock, Mailbox, NewKeyPackage,
+    NewMessage, Route, Store, SubmitOutcome, Submitted,
 };
 use crate::{now_ms, Directory, Shared};
 use proto::mls::{ContentType, MlsMessageInfo};
@@ -84,6 +84,14 @@ impl Failure {
             StatusCode::CONFLICT,
             ErrorCode::StaleEpoch,
             format!("another Commit was already accepted for this epoch (newest Commit epoch {newest}); process pending messages and retry"),
+        )
+    }
+
+    fn unproven_commit(why: &str) -> Failure {
+        Failure::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::UnprovenCommit,
+            format!("this Commit was refused: {why}. A member of the case's current epoch proves its Commits (a client from before this must be updated); nothing was stored"),
         )
     }
 
@@ -432,6 +440,7 @@ async fn submit(
             MessageKind::Opaque => (None, true),
             MessageKind::Mls => check_mls(&req.body.0)?,
         };
+        check_proof_form(req.commit_proof.as_ref(), commit.is_some())?;
         check_disclosure(&shared, &peer, &sender, &req, content)?;
         Ok::<_, Failure>((route, commit))
     }
@@ -463,12 +472,14 @@ async fn submit(
         if let Some(prior) = shared.store.prior_submission(what()).await? {
             return answer(&shared, prior, &req.recipient, &route);
         }
-        order_at_home(&shared, c, &hash).await?;
+        order_at_home(&shared, c, &hash, req.commit_proof.as_ref()).await?;
     }
     let own = &shared.config.area;
-    let commit = commit.map(|c| {
-        let home_here = c.home.as_ref() == Some(own);
-        (c.group, c.epoch, home_here)
+    let commit = commit.map(|c| CommitToBind {
+        home_here: c.home.as_ref() == Some(own),
+        group: c.group,
+        epoch: c.epoch,
+        proof: req.commit_proof.clone(),
     });
     let now = now_ms();
     let envelope = Envelope {
@@ -544,6 +555,7 @@ fn answer(
         }
         SubmitOutcome::StaleEpoch(newest) => Err(Failure::stale_epoch(newest)),
         SubmitOutcome::EpochAhead(newest) => Err(Failure::epoch_ahead(newest)),
+        SubmitOutcome::Unproven(why) => Err(Failure::unproven_commit(why)),
         SubmitOutcome::NotStored => Err(Failure::disk_low(shared)),
         SubmitOutcome::Conflict(message_id) => Err(Failure::new(
             StatusCode::CONFLICT,
@@ -1133,6 +1145,17 @@ fn check_mls(body: &[u8]) -> Result<(Option<CommitOf>, bool), Failure> {
     }
 }
 
+/// A Commit's proof, if one came, must be well formed (before anything is
+/// asked or stored), and only a Commit comes with one.
+fn check_proof_form(proof: Option<&proto::CommitProof>, is_commit: bool) -> Result<(), Failure> {
+    let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
+    match proof {
+        None => Ok(()),
+        Some(_) if !is_commit => Err(bad("commit_proof: only an MLS Commit comes with one".into())),
+        Some(p) => p.check_form().map_err(|e| bad(e.to_string())),
+    }
+}
+
 /// A Commit, as its framing shows it to the delivery service.
 struct CommitOf {
     /// Its group id, hex.
@@ -1153,6 +1176,7 @@ async fn order_at_home(
     shared: &Shared,
     commit: &CommitOf,
     hash: &proto::ContentHash,
+    proof: Option<&proto::CommitProof>,
 ) -> Result<(), Failure> {
     let Some(home) = commit.home.as_ref().filter(|h| **h != shared.config.area) else {
         return Ok(());
@@ -1171,21 +1195,32 @@ async fn order_at_home(
         tracing::warn!(%home, "a Commit for a group whose home area is not a federation peer: ordered here only");
         return Ok(());
     };
-    let order = proto::CommitOrder {
+    let mut order = proto::CommitOrder {
         group_id: commit.group.clone(),
         epoch: commit.epoch,
         content_hash: *hash,
+        proof: proof.cloned(),
     };
-    let resp = client
-        .post(format!("{url}/v1/federation/commits"))
-        .json(&order)
-        .send()
-        .await
-        .map_err(|e| {
-            unavailable(format!(
-                "the case's home gateway ({home}) could not be reached to order this change: {e}"
-            ))
-        })?;
+    let ask = |order: &proto::CommitOrder| {
+        client
+            .post(format!("{url}/v1/federation/commits"))
+            .json(order)
+            .send()
+    };
+    let unreachable = |e: reqwest::Error| {
+        unavailable(format!(
+            "the case's home gateway ({home}) could not be reached to order this change: {e}"
+        ))
+    };
+    let mut resp = ask(&order).await.map_err(unreachable)?;
+    if resp.status() == reqwest::StatusCode::BAD_REQUEST && order.proof.is_some() {
+        // A home from before proofs refuses the field it does not know: it
+        // orders the Commit as it did before, without it. (Well-formed
+        // here, the proof is not what a newer home would refuse that way.)
+        tracing::warn!(%home, "the home gateway does not read Commit proofs (an older version): asked without");
+        order.proof = None;
+        resp = ask(&order).await.map_err(unreachable)?;
+    }
     let status = resp.status();
     if status.is_success() {
         return Ok(());
@@ -1199,6 +1234,11 @@ async fn order_at_home(
                 format!("the case's home gateway ({home}): {}", e.message),
             ))
         }
+        Some(e) if e.error == ErrorCode::UnprovenCommit => Err(Failure::new(
+            StatusCode::FORBIDDEN,
+            e.error,
+            format!("the case's home gateway ({home}): {}", e.message),
+        )),
         // A home gateway from before this endpoint: the local record alone
         // orders the group's Commits, as before.
         Some(e) if status == reqwest::StatusCode::NOT_FOUND && e.error == ErrorCode::NotFound => {
@@ -1220,6 +1260,7 @@ async fn federation_commit_order(
 ) -> Result<Json<proto::CommitOrdered>, Failure> {
     let area = peer_of(&shared, &peer)?;
     let order: proto::CommitOrder = parse_json(body)?;
+    check_proof_form(order.proof.as_ref(), true)?;
     let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
     let id = hex::decode(&order.group_id).map_err(|e| bad(format!("group_id: {e}")))?;
     if proto::mls::home_of_group(&id).as_ref() != Some(&shared.config.area) {
@@ -1232,7 +1273,7 @@ async fn federation_commit_order(
     let group = hex::encode(&id);
     match shared
         .store
-        .order_commit(group, order.epoch, order.content_hash.to_string())
+        .order_commit(group, order.epoch, order.content_hash, order.proof)
         .await?
     {
         crate::store::Bind::Bound => {
@@ -1241,6 +1282,7 @@ async fn federation_commit_order(
         }
         crate::store::Bind::Stale(newest) => Err(Failure::stale_epoch(newest)),
         crate::store::Bind::Ahead(newest) => Err(Failure::epoch_ahead(newest)),
+        crate::store::Bind::Unproven(why) => Err(Failure::unproven_commit(why)),
     }
 }
 

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::path::Path;
 
 use proto::{
-    AreaId, Body, Envelope, FederationItem, InboxItem, MessageId, Status, StatusEvent,
+    AreaId, Body, ContentHash, Envelope, FederationItem, InboxItem, MessageId, Status, StatusEvent,
     StatusResponse, TeamId, UserId,
 };
 use rusqlite::{params, Connection, OptionalExtension};
@@ -93,14 +93,26 @@ pub struct NewMessage {
     pub body: Body,
     /// Where it goes.
     pub route: Route,
-    /// For an MLS Commit: its group id (hex), its epoch, and whether this
-    /// gateway is the group's home (then its epochs must follow on from
-    /// the newest bound, see [`Bind::Ahead`]); checked for order.
-    pub commit: Option<(String, u64, bool)>,
+    /// For an MLS Commit: what binds its epoch to it, checked for order.
+    pub commit: Option<CommitToBind>,
     /// Whether it may be stored if it is new. False while the disk is
     /// short of space: a repeat of an earlier submission is still answered
     /// as one, and anything else is [`SubmitOutcome::NotStored`].
     pub accept_new: bool,
+}
+
+/// An MLS Commit whose epoch is to be bound to it (see [`Bind`]).
+#[derive(Debug, Clone)]
+pub struct CommitToBind {
+    /// Its group id (lowercase hex).
+    pub group: String,
+    /// The epoch it was made in.
+    pub epoch: u64,
+    /// Whether this gateway is the group's home (then its epochs must
+    /// follow on from the newest bound, see [`Bind::Ahead`]).
+    pub home_here: bool,
+    /// Its member's proof, if it came with one (see [`Bind::Unproven`]).
+    pub proof: Option<proto::CommitProof>,
 }
 
 /// One peer's outbound queue.
@@ -141,6 +153,9 @@ pub enum SubmitOutcome {
     /// An MLS Commit, at its group's home, for an epoch past the one after
     /// the newest bound (given): nothing was stored.
     EpochAhead(u64),
+    /// An MLS Commit without a valid proof (why is given; see
+    /// [`Bind::Unproven`]): nothing was stored.
+    Unproven(&'static str),
     /// New, and [`NewMessage::accept_new`] was false: nothing was stored.
     NotStored,
 }
@@ -148,6 +163,11 @@ pub enum SubmitOutcome {
 /// What binding an epoch of a group to a Commit came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bind {
+    /// The Commit that started the epoch named the epoch's key, and this
+    /// Commit's proof is missing or not signed with it (why is given): a
+    /// member of the epoch did not make it (one removed before it, say),
+    /// so it cannot take the epoch. Nothing is bound.
+    Unproven(&'static str),
     /// The epoch is this Commit's (now, or already).
     Bound,
     /// Another Commit has the epoch, or a later one is bound; the newest
@@ -350,7 +370,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         group: String,
         epoch: u64,
-        hash: String,
+        hash: ContentHash,
+        proof: Option<proto::CommitProof>,
     ) -> impl Future<Output = Result<Bind, StoreError>> + Send;
     /// Stores a peer's batch, in order, deduplicated on message id and on
     /// (sender, idempotency key).
@@ -949,7 +970,7 @@ fn fill_key_package_lifetimes(c: &Connection) -> Result<(), StoreError> {
 }
 
 /// The schema version this gateway writes.
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// Columns of `sent` (schema 2 and 3), shared by the schema and the migration.
 const SENT_TABLE: &str = "(
@@ -999,10 +1020,11 @@ fn with_tables(template: &str) -> String {
         .replace("{UNLISTABLE}", UNLISTABLE)
 }
 
-/// The schema, version 7 (4 is 3 with a `mailbox` index that holds only
+/// The schema, version 8 (4 is 3 with a `mailbox` index that holds only
 /// messages someone can still list; 5 adds `settled`, for erasing the
 /// ciphertext of acknowledged messages; 6 adds `team_members`, whom an MLS
-/// message to a team is for; 7 adds each KeyPackage's `not_after_s`). A sent message's whole status history
+/// message to a team is for; 7 adds each KeyPackage's `not_after_s`; 8 each bound Commit's
+/// `next_key`). A sent message's whole status history
 /// lives in its `sent` row (one time column per status), so a status change
 /// rewrites one row; the outbox holds only a delivery's body and reads its envelope from
 /// `sent`. Idempotency keys are indexed key first (in `sent` and `inbox`):
@@ -1040,6 +1062,9 @@ CREATE TABLE IF NOT EXISTS group_commits (
     group_id     TEXT NOT NULL,
     epoch        INTEGER NOT NULL,
     content_hash TEXT NOT NULL,
+    -- The public key of the epoch the Commit starts (schema 8), which the
+    -- next Commit's proof must be signed with; NULL when it named none.
+    next_key     BLOB,
     PRIMARY KEY (group_id, epoch)
 );
 CREATE TABLE IF NOT EXISTS key_packages (
@@ -1062,7 +1087,7 @@ CREATE TABLE IF NOT EXISTS peer_sessions (
     last_batch INTEGER NOT NULL,
     UNIQUE (peer, session)
 );
-PRAGMA user_version = 7;
+PRAGMA user_version = 8;
 ";
 
 /// Who has acknowledged an MLS message: each member of a team acknowledges
@@ -1110,6 +1135,30 @@ BEGIN IMMEDIATE;
 PRAGMA user_version = 6;
 COMMIT;
 ";
+
+/// Schema 7 to 8: the key each bound Commit names for the next epoch (see
+/// [`Bind::Unproven`]); those bound before named none. One transaction.
+/// (Migrated from before `group_commits`, the schema makes it whole.)
+fn migrate_7_to_8(c: &Connection) -> Result<(), StoreError> {
+    c.execute_batch("BEGIN IMMEDIATE")?;
+    let done = (|| {
+        let table: bool = c
+            .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'group_commits'")?
+            .exists([])?;
+        let column: bool = c
+            .prepare("SELECT 1 FROM pragma_table_info('group_commits') WHERE name = 'next_key'")?
+            .exists([])?;
+        if table && !column {
+            c.execute_batch("ALTER TABLE group_commits ADD COLUMN next_key BLOB")?;
+        }
+        c.execute_batch("PRAGMA user_version = 8; COMMIT;")?;
+        Ok(())
+    })();
+    if done.is_err() {
+        let _ = c.execute_batch("ROLLBACK");
+    }
+    done
+}
 
 /// Schema 6 to 7: each KeyPackage's lifetime, so that an expired one is
 /// neither handed out nor counted: the column, filled from each KeyPackage
@@ -1480,7 +1529,7 @@ impl SqliteStore {
                     "database schema version {v} is newer than this gateway understands ({SCHEMA_VERSION})"
                 )))
             }
-            1..=6 => {
+            1..=7 => {
                 let steps = [
                     (1, MIGRATE_1_TO_2_TEMPLATE),
                     (2, MIGRATE_2_TO_3_TEMPLATE),
@@ -1498,10 +1547,18 @@ impl SqliteStore {
                         ))
                     })?;
                 }
-                tracing::info!("migrating the database from schema 6 to 7");
-                migrate_6_to_7(&conn).map_err(|e| {
+                if version <= 6 {
+                    tracing::info!("migrating the database from schema 6 to 7");
+                    migrate_6_to_7(&conn).map_err(|e| {
+                        StoreError::Db(format!(
+                            "migrating schema 6 to 7 (that step changed nothing): {e}"
+                        ))
+                    })?;
+                }
+                tracing::info!("migrating the database from schema 7 to 8");
+                migrate_7_to_8(&conn).map_err(|e| {
                     StoreError::Db(format!(
-                        "migrating schema 6 to 7 (that step changed nothing): {e}"
+                        "migrating schema 7 to 8 (that step changed nothing): {e}"
                     ))
                 })?;
             }
@@ -2011,9 +2068,12 @@ fn bind_commit(
     c: &Connection,
     group: &str,
     epoch: u64,
-    hash: &str,
+    content_hash: &ContentHash,
     home: bool,
+    proof: Option<&proto::CommitProof>,
 ) -> Result<Bind, StoreError> {
+    let hash = content_hash.to_string();
+    let hash = hash.as_str();
     let epoch_i = i64::try_from(epoch).unwrap_or(i64::MAX);
     let newest: Option<i64> = c
         .prepare_cached("SELECT MAX(epoch) FROM group_commits WHERE group_id = ?1")?
@@ -2032,10 +2092,41 @@ fn bind_commit(
         None if newest.is_some_and(|n| n > epoch_i) => Ok(Bind::Stale(newest_u())),
         None if home && epoch_i > next => Ok(Bind::Ahead(newest_u())),
         None => {
+            // The key the Commit that started this epoch named, if any
+            // (none for a group's first Commit seen, or one from a client
+            // before proofs: then none is asked for, as before).
+            let key: Option<Vec<u8>> = match epoch_i.checked_sub(1) {
+                Some(before) => c
+                    .prepare_cached(
+                        "SELECT next_key FROM group_commits WHERE group_id = ?1 AND epoch = ?2",
+                    )?
+                    .query_row(params![group, before], |r| r.get(0))
+                    .optional()?
+                    .flatten(),
+                None => None,
+            };
+            if let Some(key) = key {
+                let key: [u8; 32] = key.as_slice().try_into().map_err(corrupt)?;
+                let Some(proof) = proof else {
+                    return Ok(Bind::Unproven(
+                        "it came without the proof that a member of the group's current epoch made it",
+                    ));
+                };
+                if proof.verify(&key, group, epoch, content_hash).is_err() {
+                    return Ok(Bind::Unproven(
+                        "its proof is not signed with the key of the group's current epoch",
+                    ));
+                }
+            }
+            let Ok(next_key) = proof.map(proto::CommitProof::next_key).transpose() else {
+                return Ok(Bind::Unproven(
+                    "its proof names no valid key for the next epoch",
+                ));
+            };
             exec(
                 c,
-                "INSERT INTO group_commits (group_id, epoch, content_hash) VALUES (?1, ?2, ?3)",
-                params![group, epoch_i, hash],
+                "INSERT INTO group_commits (group_id, epoch, content_hash, next_key) VALUES (?1, ?2, ?3, ?4)",
+                params![group, epoch_i, hash, next_key.as_ref().map(|k| k.as_slice())],
             )?;
             Ok(Bind::Bound)
         }
@@ -2047,9 +2138,10 @@ impl Store for SqliteStore {
         &self,
         group: String,
         epoch: u64,
-        hash: String,
+        hash: ContentHash,
+        proof: Option<proto::CommitProof>,
     ) -> Result<Bind, StoreError> {
-        self.call(move |c| bind_commit(c, &group, epoch, &hash, true))
+        self.call(move |c| bind_commit(c, &group, epoch, &hash, true, proof.as_ref()))
             .await
     }
 
@@ -2073,11 +2165,19 @@ impl Store for SqliteStore {
             if !m.accept_new {
                 return Ok(SubmitOutcome::NotStored);
             }
-            if let Some((group, epoch, home)) = &m.commit {
-                match bind_commit(c, group, *epoch, &env.content_hash.to_string(), *home)? {
+            if let Some(b) = &m.commit {
+                match bind_commit(
+                    c,
+                    &b.group,
+                    b.epoch,
+                    &env.content_hash,
+                    b.home_here,
+                    b.proof.as_ref(),
+                )? {
                     Bind::Bound => {}
                     Bind::Stale(newest) => return Ok(SubmitOutcome::StaleEpoch(newest)),
                     Bind::Ahead(newest) => return Ok(SubmitOutcome::EpochAhead(newest)),
+                    Bind::Unproven(why) => return Ok(SubmitOutcome::Unproven(why)),
                 }
             }
             let id = env.message_id.as_str();

@@ -186,6 +186,7 @@ async fn sigkill_of_either_gateway_with_1000_in_flight_loses_and_duplicates_noth
                     urgent: false,
                     kind: proto::MessageKind::Opaque,
                     disclosure: Some(disclosure.clone()),
+                    commit_proof: None,
                     body: Body(vec![b'k'; 512]),
                 };
                 // submit() retries with the same key while the gateway is down.
@@ -630,6 +631,7 @@ async fn relocation_the_new_area_gets_the_referral_and_the_fled_area_never_learn
                 fields: vec!["family.new_address".into()],
                 fled_from: vec!["northshire".parse().unwrap()],
             }),
+            commit_proof: None,
             body: Body(b"x".to_vec()),
         })
         .await

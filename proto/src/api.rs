@@ -24,8 +24,34 @@ pub struct SubmitRequest {
     /// For referral content: what it discloses, under which policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disclosure: Option<crate::Disclosure>,
+    /// For an MLS Commit: the member's proof that it was made within the
+    /// group's current epoch (see [`CommitProof`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_proof: Option<CommitProof>,
     /// The opaque body (base64 on the wire).
     pub body: Body,
+}
+
+/// A member's proof that an MLS Commit was made within its group's epoch,
+/// which the group's home gateway checks before it binds the epoch to the
+/// Commit, and the key that proves the next Commit.
+///
+/// Every member of an epoch derives the same key pair from the epoch's
+/// secrets ([`crate::mls::EPOCH_KEY_LABEL`]); a member removed before it
+/// cannot, so it cannot take the group's next epoch with a Commit of its
+/// own making (and with it every later change of the case). A Commit made
+/// in epoch `n` is signed with epoch `n`'s key and names epoch `n + 1`'s
+/// public key, which the gateway keeps with the binding. Made and checked
+/// with [`CommitProof::make`] and [`CommitProof::verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitProof {
+    /// Ed25519 signature (hex, 64 bytes) by the key of the epoch the Commit
+    /// was made in, over [`crate::mls::commit_proof_message`].
+    pub signature: String,
+    /// The Ed25519 public key (hex, 32 bytes) of the epoch the Commit
+    /// starts.
+    pub next_epoch_key: String,
 }
 
 /// Answer to a submission.
@@ -158,6 +184,10 @@ pub enum ErrorCode {
     /// The request's body did not arrive within the gateway's
     /// `limits.body_timeout` (HTTP 408): nothing was done. Retry.
     RequestTimeout,
+    /// An MLS Commit without a valid proof that a member of the group's
+    /// current epoch made it (HTTP 403; see [`CommitProof`]): nothing was
+    /// stored. A client from before proofs needs updating.
+    UnprovenCommit,
     /// A code this version does not know (one added by a newer gateway);
     /// the HTTP status and the message still say what happened.
     #[serde(other)]
@@ -278,6 +308,10 @@ pub struct CommitOrder {
     pub epoch: u64,
     /// The Commit's content hash (of its ciphertext).
     pub content_hash: ContentHash,
+    /// The member's proof, as it came with the Commit (a home from before
+    /// proofs refuses the field: it is then asked again without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<CommitProof>,
 }
 
 /// The answer to [`CommitOrder`]: the epoch is this Commit's.

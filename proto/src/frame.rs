@@ -157,6 +157,8 @@ pub fn encode_submit(req: &SubmitRequest) -> Vec<u8> {
         kind: crate::MessageKind,
         #[serde(skip_serializing_if = "Option::is_none")]
         disclosure: Option<&'a crate::Disclosure>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        commit_proof: Option<&'a crate::CommitProof>,
         body: &'static str,
     }
     // Destructured in full, so a new request field cannot be left out of the head.
@@ -167,6 +169,7 @@ pub fn encode_submit(req: &SubmitRequest) -> Vec<u8> {
         urgent,
         kind,
         disclosure,
+        commit_proof,
         body,
     } = req;
     let head = head_json(&Head {
@@ -176,6 +179,7 @@ pub fn encode_submit(req: &SubmitRequest) -> Vec<u8> {
         urgent: *urgent,
         kind: *kind,
         disclosure: disclosure.as_ref(),
+        commit_proof: commit_proof.as_ref(),
         body: "",
     });
     let mut out = Vec::with_capacity(8 + head.len() + body.len());

@@ -374,6 +374,7 @@ pub fn message(to: &str, key: &str, body: Vec<u8>) -> anyhow::Result<SubmitReque
         urgent: false,
         kind: proto::MessageKind::Opaque,
         disclosure: None,
+        commit_proof: None,
         body: Body(body),
     })
 }
@@ -490,4 +491,23 @@ pub async fn body_bytes(req: hyper::Request<hyper::body::Incoming>) -> bytes::By
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default()
+}
+
+/// An MLS Commit's public framing, made up: `group` (bytes) at `epoch`,
+/// with bytes where the encrypted parts go. A delivery service that cannot
+/// decrypt takes it for any member's Commit.
+pub fn made_up_commit(group: &[u8], epoch: u64) -> Vec<u8> {
+    let mut m = vec![0, 1, 0, 2]; // mls10, private_message
+    let opaque = |m: &mut Vec<u8>, bytes: &[u8]| {
+        assert!(bytes.len() < 64);
+        m.push(bytes.len() as u8);
+        m.extend_from_slice(bytes);
+    };
+    opaque(&mut m, group);
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.push(3); // commit
+    opaque(&mut m, b"");
+    opaque(&mut m, &[7; 16]);
+    opaque(&mut m, &[9; 48]);
+    m
 }

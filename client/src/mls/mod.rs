@@ -141,6 +141,15 @@ fn mls<E: fmt::Display>(e: E) -> MlsError {
     MlsError::Mls(e.to_string())
 }
 
+/// An epoch's secret for its commit-proof key (see
+/// [`proto::mls::EPOCH_KEY_LABEL`]), as exported.
+fn epoch_secret<E: fmt::Display>(exported: Result<Vec<u8>, E>) -> Result<[u8; 32], MlsError> {
+    exported
+        .map_err(mls)?
+        .try_into()
+        .map_err(|_| MlsError::Mls("an exported secret of the wrong length".into()))
+}
+
 fn malformed<E: fmt::Display>(e: E) -> MlsError {
     MlsError::Malformed(e.to_string())
 }
@@ -492,6 +501,8 @@ pub struct OwnCommit {
     pub welcome: Vec<u8>,
     /// Whom it adds (SPIFFE URIs).
     pub adds: Vec<String>,
+    /// The proof that a member of the epoch made it, for the gateway.
+    pub proof: proto::CommitProof,
 }
 
 /// Judges a chronology message's plaintext, given its case id, before it
@@ -803,7 +814,8 @@ impl MlsClient {
             .iter()
             .map(|b| self.validate_key_package(b).map(|(kp, _)| kp))
             .collect::<Result<Vec<_>, _>>()?;
-        self.commit_change(group, Vec::new(), kps, true)
+        let own = self.commit_change(group, Vec::new(), kps, true)?;
+        Ok((own.commit, own.welcome))
     }
 
     /// As [`MlsClient::add_members`], but the commit is left pending here:
@@ -829,12 +841,8 @@ impl MlsClient {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
-        let (commit, welcome) = self.commit_change(group, Vec::new(), kps, false)?;
-        Ok(OwnCommit {
-            commit,
-            welcome,
-            adds,
-        })
+        let own = self.commit_change(group, Vec::new(), kps, false)?;
+        Ok(OwnCommit { adds, ..own })
     }
 
     /// Whether our own commit in `group` waits for the Delivery Service.
@@ -875,13 +883,13 @@ impl MlsClient {
 
     /// Hands the case over: one commit that adds the new lead (from its
     /// KeyPackage) and removes every leaf of `old_lead`, left pending as by
-    /// [`MlsClient::stage_add_members`]. Returns `(commit, welcome)`.
+    /// [`MlsClient::stage_add_members`].
     pub fn handover(
         &mut self,
         group: &GroupId,
         new_lead_key_package: &[u8],
         old_lead: &str,
-    ) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    ) -> Result<OwnCommit, MlsError> {
         let (kp, new_lead) = self.validate_key_package(new_lead_key_package)?;
         if new_lead == old_lead {
             return Err(MlsError::InvalidArgument(
@@ -889,15 +897,18 @@ impl MlsClient {
             ));
         }
         let leaves = self.leaves_of(group, old_lead)?;
-        self.commit_change(group, leaves, vec![kp], false)
+        let own = self.commit_change(group, leaves, vec![kp], false)?;
+        Ok(OwnCommit {
+            adds: vec![new_lead],
+            ..own
+        })
     }
 
     /// Removes every leaf of `member` in one commit, merged here. Returns the
     /// commit for the other members.
     pub fn remove_member(&mut self, group: &GroupId, member: &str) -> Result<Vec<u8>, MlsError> {
         let leaves = self.leaves_of(group, member)?;
-        let (commit, _) = self.commit_change(group, leaves, Vec::new(), true)?;
-        Ok(commit)
+        Ok(self.commit_change(group, leaves, Vec::new(), true)?.commit)
     }
 
     fn leaves_of(&self, group: &GroupId, member: &str) -> Result<Vec<LeafNodeIndex>, MlsError> {
@@ -920,17 +931,24 @@ impl MlsClient {
     }
 
     /// One commit removing `removals` and adding `adds`, merged at once if
-    /// `merge`, else left pending. Returns the commit and (empty if nobody
-    /// was added) the Welcome.
+    /// `merge`, else left pending. Returns the commit, (empty if nobody was
+    /// added) the Welcome, and its proof; `adds` is left to the caller.
     fn commit_change(
         &mut self,
         group: &GroupId,
         removals: Vec<LeafNodeIndex>,
         adds: Vec<KeyPackage>,
         merge: bool,
-    ) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    ) -> Result<OwnCommit, MlsError> {
         self.atomically(|c| {
             let g = active_mut(&mut c.groups, group)?;
+            let epoch = g.mls.epoch().as_u64();
+            let this_epoch = epoch_secret(g.mls.export_secret(
+                &c.provider.crypto,
+                proto::mls::EPOCH_KEY_LABEL,
+                &[],
+                32,
+            ))?;
             let bundle = g
                 .mls
                 .commit_builder()
@@ -948,6 +966,21 @@ impl MlsClient {
                 Some(w) => serialize(&w)?,
                 None => Vec::new(),
             };
+            // The key of the epoch this Commit starts, named to the gateway
+            // so that it can check the next Commit's proof.
+            let next_epoch = epoch_secret(
+                g.mls
+                    .pending_commit()
+                    .ok_or_else(|| MlsError::Mls("the commit was not staged".into()))?
+                    .export_secret(&c.provider.crypto, proto::mls::EPOCH_KEY_LABEL, &[], 32),
+            )?;
+            let proof = proto::CommitProof::make(
+                &this_epoch,
+                &next_epoch,
+                &hex::encode(&group.0),
+                epoch,
+                &proto::ContentHash(sha256(&commit)),
+            );
             if merge {
                 g.mls.merge_pending_commit(&c.provider).map_err(mls)?;
             }
@@ -956,7 +989,12 @@ impl MlsClient {
                 kind: Seen::Own,
                 via: None,
             }])?;
-            Ok((commit, welcome))
+            Ok(OwnCommit {
+                commit,
+                welcome,
+                adds: Vec::new(),
+                proof,
+            })
         })
     }
 

@@ -439,6 +439,56 @@ fn open_refuses_bad_or_other_identity() {
     ));
 }
 
+/// The public key of `group`'s current epoch as `p` derives it (see
+/// [`proto::CommitProof`]); `None` once `p` is out of the group.
+fn epoch_key(p: &mut Person, group: &GroupId) -> Option<[u8; 32]> {
+    let c = p.c();
+    let secret = c
+        .group(group)
+        .ok()?
+        .mls
+        .export_secret(&c.provider.crypto, proto::mls::EPOCH_KEY_LABEL, &[], 32)
+        .ok()?;
+    Some(
+        proto::mls::epoch_key(&secret.try_into().unwrap())
+            .verifying_key()
+            .to_bytes(),
+    )
+}
+
+/// A Commit's proof is signed with the key every member of its epoch
+/// derives, and names the key that every member of the next epoch derives,
+/// new ones included; a member it removes cannot derive that one.
+#[test]
+fn a_commits_proof_is_by_its_epochs_key_and_names_one_only_the_next_epochs_members_derive() {
+    let (mut sender, mut team, group) = referral();
+    let this_epoch = epoch_key(&mut sender, &group).unwrap();
+    assert_eq!(epoch_key(&mut team[0], &group), Some(this_epoch));
+    let mut new_lead = Person::new("c.example", "lead2");
+    let kp = new_lead.kp();
+    let old_lead = team[0].id.clone();
+    let own = team[1].c().handover(&group, &kp, &old_lead).unwrap();
+    let (hex_group, hash) = (
+        hex::encode(&group.0),
+        proto::ContentHash(sha256(&own.commit)),
+    );
+    own.proof.verify(&this_epoch, &hex_group, 1, &hash).unwrap();
+    assert!(own.proof.verify(&this_epoch, &hex_group, 2, &hash).is_err());
+    let next = own.proof.next_key().unwrap();
+    assert_ne!(next, this_epoch);
+
+    team[1].c().confirm_commit(&group, &own.commit).unwrap();
+    sender.c().process(&own.commit).unwrap();
+    new_lead.c().join(&own.welcome).unwrap();
+    for p in [&mut sender, &mut team[1], &mut new_lead] {
+        assert_eq!(epoch_key(p, &group), Some(next));
+    }
+    // The old lead, removed by it, has only the epoch before.
+    assert_eq!(epoch_key(&mut team[0], &group), Some(this_epoch));
+    team[0].c().process(&own.commit).unwrap();
+    assert_eq!(epoch_key(&mut team[0], &group), None);
+}
+
 #[test]
 fn handover_removes_old_lead_and_new_lead_gets_history() {
     let (mut sender, mut team, group) = referral();
@@ -455,7 +505,9 @@ fn handover_removes_old_lead_and_new_lead_gets_history() {
     let mut new_lead = Person::new("c.example", "lead2");
     let kp = new_lead.kp();
     let old_lead = team[0].id.clone();
-    let (commit, welcome) = team[1].c().handover(&group, &kp, &old_lead).unwrap();
+    let OwnCommit {
+        commit, welcome, ..
+    } = team[1].c().handover(&group, &kp, &old_lead).unwrap();
     // Pending until the Delivery Service has taken it.
     assert!(team[1].c().has_pending_commit(&group));
     assert!(team[1].c().members(&group).unwrap().contains(&old_lead));
@@ -556,7 +608,9 @@ fn history_travels_in_the_group() {
     let mut new_lead = Person::new("b.example", "lead2");
     let kp = new_lead.kp();
     let old = team[0].id.clone();
-    let (commit, welcome) = sender.c().handover(&group, &kp, &old).unwrap();
+    let OwnCommit {
+        commit, welcome, ..
+    } = sender.c().handover(&group, &kp, &old).unwrap();
     sender.c().confirm_commit(&group, &commit).unwrap();
     new_lead.c().join(&welcome).unwrap();
     let hist = sender.c().send_history(&group).unwrap();

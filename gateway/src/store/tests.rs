@@ -265,7 +265,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 7);
+    assert_eq!(v, 8);
     // Schema 3: the migrated message is in the bulk-built mailbox index,
     // and the per-message index by recipient is gone.
     let indexed: i64 = c
@@ -285,7 +285,7 @@ async fn schema_1_is_migrated_without_losing_history_queue_or_keys() {
         )
         .unwrap();
     assert_eq!(old_index, 0);
-    c.execute_batch("PRAGMA user_version = 8").unwrap();
+    c.execute_batch("PRAGMA user_version = 9").unwrap();
     drop(c);
     let e = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap_err();
     assert!(e.to_string().contains("newer"), "{e}");
@@ -1681,7 +1681,7 @@ async fn schema_3_drops_acknowledged_messages_from_the_mailbox_index() {
     let v: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 7);
+    assert_eq!(v, 8);
     // Schema 5: the messages acknowledged before it are settled from the
     // upgrade on, and so erased once their retention has run from then.
     let settled: Vec<(String, i64)> = c
@@ -2219,7 +2219,8 @@ async fn the_areas_with_items_queued_are_listed_each_once() {
 async fn a_home_binds_each_epoch_once_and_none_ahead_of_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
-    let order = |epoch: u64, hash: &str| store.order_commit("ab".into(), epoch, hash.into());
+    let order =
+        |epoch: u64, hash: &str| store.order_commit("ab".into(), epoch, content(hash), None);
     // No epoch bound: the first a member can make, and no later one.
     assert_eq!(order(u64::MAX, "x").await.unwrap(), Bind::Ahead(0));
     assert_eq!(order(2, "x").await.unwrap(), Bind::Ahead(0));
@@ -2233,6 +2234,103 @@ async fn a_home_binds_each_epoch_once_and_none_ahead_of_the_next() {
     assert_eq!(order(3, "c").await.unwrap(), Bind::Ahead(1));
     assert_eq!(order(2, "c").await.unwrap(), Bind::Bound);
     assert_eq!(order(3, "d").await.unwrap(), Bind::Bound);
+}
+
+/// A content hash named by a letter.
+fn content(letter: &str) -> proto::ContentHash {
+    proto::ContentHash([letter.as_bytes()[0]; 32])
+}
+
+/// Once a bound Commit has named the key of the epoch it starts, the next
+/// Commit takes that epoch only with a proof signed by it, for its own
+/// content: one made without the epoch's secret (by a member removed
+/// before it, say) is refused, and binds nothing. A group whose Commits
+/// named no key (clients from before proofs) is ordered as before; a
+/// database from before proofs (schema 7) is migrated.
+#[tokio::test]
+async fn a_commit_without_the_epochs_proof_cannot_take_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let secret = |n: u8| [n; 32];
+    let proof = |this: u8, next: u8, epoch: u64, hash: &str| {
+        Some(proto::CommitProof::make(
+            &secret(this),
+            &secret(next),
+            "ab",
+            epoch,
+            &content(hash),
+        ))
+    };
+    let order = |epoch: u64, hash: &str, proof: Option<proto::CommitProof>| {
+        store.order_commit("ab".into(), epoch, content(hash), proof)
+    };
+    // The first Commit seen names the key of epoch 2.
+    assert_eq!(
+        order(1, "a", proof(1, 2, 1, "a")).await.unwrap(),
+        Bind::Bound
+    );
+    // Epoch 2's Commit: without a proof, with epoch 1's key, or with a
+    // proof made for another Commit, refused.
+    for p in [
+        None,
+        proof(1, 3, 2, "b"),
+        proof(2, 3, 2, "c"),
+        proof(2, 3, 1, "b"),
+    ] {
+        assert!(
+            matches!(order(2, "b", p).await.unwrap(), Bind::Unproven(_)),
+            "taken without a valid proof"
+        );
+    }
+    // Nothing was bound: the member's own Commit takes the epoch.
+    assert_eq!(
+        order(2, "d", proof(2, 3, 2, "d")).await.unwrap(),
+        Bind::Bound
+    );
+    assert_eq!(
+        order(2, "d", None).await.unwrap(),
+        Bind::Bound,
+        "a repeat is the same Commit"
+    );
+    assert_eq!(
+        order(3, "e", proof(2, 4, 3, "e")).await.unwrap(),
+        Bind::Unproven("its proof is not signed with the key of the group's current epoch")
+    );
+    // A malformed next key is refused, not stored.
+    let mut bad = proof(3, 4, 3, "e").unwrap();
+    bad.next_epoch_key = "00".repeat(31);
+    assert!(matches!(
+        order(3, "e", Some(bad)).await.unwrap(),
+        Bind::Unproven(_)
+    ));
+    assert_eq!(
+        order(3, "e", proof(3, 4, 3, "e")).await.unwrap(),
+        Bind::Bound
+    );
+
+    // A group whose Commits named no key: ordered as before.
+    let plain =
+        |epoch: u64, hash: &str| store.order_commit("cd".into(), epoch, content(hash), None);
+    assert_eq!(plain(1, "a").await.unwrap(), Bind::Bound);
+    assert_eq!(plain(2, "b").await.unwrap(), Bind::Bound);
+    drop(store);
+
+    // Schema 7 had no key column: migrated, its bindings are kept (and
+    // named no key).
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    c.execute_batch("ALTER TABLE group_commits DROP COLUMN next_key; PRAGMA user_version = 7;")
+        .unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let v: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 8);
+    let order = |epoch: u64, hash: &str, proof: Option<proto::CommitProof>| {
+        store.order_commit("ab".into(), epoch, content(hash), proof)
+    };
+    assert_eq!(order(3, "f", None).await.unwrap(), Bind::Stale(3));
+    assert_eq!(order(4, "f", None).await.unwrap(), Bind::Bound);
+    assert_eq!(order(5, "g", None).await.unwrap(), Bind::Bound);
 }
 
 /// A message the receiving gateway's checks refuse is looked up in the
@@ -2409,7 +2507,7 @@ async fn only_key_packages_with_lifetime_left_are_handed_out_or_counted() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((n, v), (1, 7));
+    assert_eq!((n, v), (1, 8));
     let not_after: i64 = c
         .query_row(
             "SELECT not_after_s FROM key_packages WHERE kp_ref = 'real'",

@@ -17,6 +17,7 @@ fn request() -> SubmitRequest {
             fields: vec!["child.name".into()],
             fled_from: vec![AreaId::new("westmere").unwrap()],
         }),
+        commit_proof: None,
         body: Body((0..=255u8).cycle().take(5000).collect()),
     }
 }

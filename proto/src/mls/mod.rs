@@ -91,6 +91,109 @@ pub fn home_of_group(group_id: &[u8]) -> Option<crate::AreaId> {
     crate::AreaId::new(std::str::from_utf8(area).ok()?).ok()
 }
 
+/// The MLS exporter label (RFC 9420 §8.5; empty context, 32 bytes) from
+/// which every member of an epoch derives that epoch's key pair for
+/// [`crate::CommitProof`]s ([`epoch_key`]).
+pub const EPOCH_KEY_LABEL: &str = "referral-gateway epoch key v1";
+
+/// The epoch key pair derived from the secret exported with
+/// [`EPOCH_KEY_LABEL`].
+pub fn epoch_key(exported: &[u8; 32]) -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(exported)
+}
+
+/// What a [`crate::CommitProof`]'s signature covers: the Commit's group
+/// (lowercase hex), the epoch it was made in and its content hash, after a
+/// label that keeps these signatures apart from any other.
+pub fn commit_proof_message(
+    group_hex: &str,
+    epoch: u64,
+    content_hash: &crate::ContentHash,
+) -> Vec<u8> {
+    let mut m = b"referral-gateway commit proof v1\0".to_vec();
+    m.extend_from_slice(&(group_hex.len() as u64).to_be_bytes());
+    m.extend_from_slice(group_hex.as_bytes());
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(&content_hash.0);
+    m
+}
+
+/// A [`crate::CommitProof`] that does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProofError {
+    /// A field is not what it must be (hex of the right length, a valid key).
+    #[error("commit proof: {0}")]
+    Malformed(&'static str),
+    /// The signature is not by the epoch's key over this Commit.
+    #[error("commit proof: the signature is not by a member of the group's current epoch")]
+    BadSignature,
+}
+
+impl crate::CommitProof {
+    /// The proof for a Commit (its content hash) made in `epoch` of the
+    /// group `group_hex`, from the secrets exported with [`EPOCH_KEY_LABEL`]
+    /// in that epoch and in the one the Commit starts.
+    pub fn make(
+        this_epoch: &[u8; 32],
+        next_epoch: &[u8; 32],
+        group_hex: &str,
+        epoch: u64,
+        content_hash: &crate::ContentHash,
+    ) -> crate::CommitProof {
+        use ed25519_dalek::Signer as _;
+        let signature =
+            epoch_key(this_epoch).sign(&commit_proof_message(group_hex, epoch, content_hash));
+        crate::CommitProof {
+            signature: hex::encode(signature.to_bytes()),
+            next_epoch_key: hex::encode(epoch_key(next_epoch).verifying_key().to_bytes()),
+        }
+    }
+
+    /// The next epoch's public key, checked to be a valid Ed25519 key.
+    pub fn next_key(&self) -> Result<[u8; 32], ProofError> {
+        let key = from_hex::<SIGNATURE_KEY_LEN>(&self.next_epoch_key)
+            .ok_or(ProofError::Malformed("next_epoch_key is not 64 hex digits"))?;
+        VerifyingKey::from_bytes(&key)
+            .map_err(|_| ProofError::Malformed("next_epoch_key is not an Ed25519 key"))?;
+        Ok(key)
+    }
+
+    /// Checks the fields' form (before anything is stored or asked).
+    pub fn check_form(&self) -> Result<(), ProofError> {
+        self.next_key()?;
+        from_hex::<SIGNATURE_LEN>(&self.signature)
+            .ok_or(ProofError::Malformed("signature is not 128 hex digits"))?;
+        Ok(())
+    }
+
+    /// Checks the signature against `key`, the public key of the epoch the
+    /// Commit was made in (as the Commit that started it named it).
+    pub fn verify(
+        &self,
+        key: &[u8; 32],
+        group_hex: &str,
+        epoch: u64,
+        content_hash: &crate::ContentHash,
+    ) -> Result<(), ProofError> {
+        let sig = from_hex::<SIGNATURE_LEN>(&self.signature)
+            .ok_or(ProofError::Malformed("signature is not 128 hex digits"))?;
+        let key = VerifyingKey::from_bytes(key).map_err(|_| ProofError::BadSignature)?;
+        key.verify_strict(
+            &commit_proof_message(group_hex, epoch, content_hash),
+            &Signature::from_bytes(&sig),
+        )
+        .map_err(|_| ProofError::BadSignature)
+    }
+}
+
+/// `N` bytes from exactly `2 * N` hex digits.
+fn from_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(text, &mut out).ok()?;
+    Some(out)
+}
+
 /// An error in MLS bytes received from a peer or a user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -938,3 +938,52 @@ fn a_group_id_names_its_home_area() {
     assert_eq!(home_of_group(b"home/"), None);
     assert_eq!(home_of_group(b""), None);
 }
+
+/// A commit proof holds only for its group, epoch and content, under the
+/// key it was made with; one of bad form is refused with an error, never a
+/// panic.
+#[test]
+fn commit_proofs_hold_only_for_what_they_were_made_for() {
+    let hash = crate::ContentHash([4; 32]);
+    let proof = crate::CommitProof::make(&[1; 32], &[2; 32], "ab", 7, &hash);
+    let key = epoch_key(&[1; 32]).verifying_key().to_bytes();
+    proof.verify(&key, "ab", 7, &hash).unwrap();
+    proof.check_form().unwrap();
+    assert_eq!(
+        proof.next_key().unwrap(),
+        epoch_key(&[2; 32]).verifying_key().to_bytes()
+    );
+    for (group, epoch, hash, key) in [
+        ("ac", 7, hash, key),
+        ("ab", 8, hash, key),
+        ("ab", 7, crate::ContentHash([5; 32]), key),
+        ("ab", 7, hash, proof.next_key().unwrap()),
+    ] {
+        assert_eq!(
+            proof.verify(&key, group, epoch, &hash),
+            Err(ProofError::BadSignature)
+        );
+    }
+    let bad = |signature: &str, next: &str| crate::CommitProof {
+        signature: signature.into(),
+        next_epoch_key: next.into(),
+    };
+    let (sig, next) = (proof.signature.clone(), proof.next_epoch_key.clone());
+    for p in [
+        bad("zz", &next),
+        bad(&sig[2..], &next),
+        bad(&format!("{sig}00"), &next),
+        bad(&sig, &next[2..]),
+        bad(&sig, "not hex at all"),
+        bad("", ""),
+    ] {
+        assert!(
+            matches!(p.check_form(), Err(ProofError::Malformed(_))),
+            "{p:?}"
+        );
+    }
+    assert!(matches!(
+        bad("zz", &next).verify(&key, "ab", 7, &hash),
+        Err(ProofError::Malformed(_))
+    ));
+}

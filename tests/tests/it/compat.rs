@@ -197,3 +197,80 @@ async fn an_item_the_peer_cannot_read_is_refused_alone_and_the_rest_go_on() {
     assert!(batches.lock().unwrap().len() > asked, "the peer was asked");
     peer.abort();
 }
+
+/// A case's home from before Commit proofs refuses the field it does not
+/// know (`400`): the committer's gateway asks it again without the proof,
+/// and the home orders the Commit as it did before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_from_before_commit_proofs_is_asked_without_one() {
+    let mut fed = Federation::standard().await.unwrap();
+    let (a, b) = (fed.index("northshire"), fed.index("southvale"));
+    fed.stop(a).await;
+    // Whether each order came without a proof (and was taken).
+    let orders = Arc::new(Mutex::new(Vec::new()));
+    let seen = orders.clone();
+    let listener = fed.listen_as(a).await.unwrap();
+    let home = tests::serve_as_gateway(&fed, a, listener, move |req| {
+        let seen = seen.clone();
+        async move {
+            let path = req.uri().path().to_owned();
+            let body: serde_json::Value =
+                serde_json::from_slice(&tests::body_bytes(req).await).unwrap();
+            let known = ["group_id", "epoch", "content_hash"];
+            let (status, answer) = if path != "/v1/federation/commits" {
+                (
+                    404,
+                    serde_json::json!({"error": "not_found", "message": "no such endpoint"}),
+                )
+            } else if body
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|k| known.contains(&k.as_str()))
+            {
+                seen.lock().unwrap().push(true);
+                (200, serde_json::json!({"epoch": body["epoch"]}))
+            } else {
+                seen.lock().unwrap().push(false);
+                (
+                    400,
+                    serde_json::json!({"error": "malformed_request", "message": "unknown field"}),
+                )
+            };
+            hyper::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(serde_json::to_vec(&answer).unwrap())))
+                .unwrap()
+        }
+    })
+    .unwrap();
+
+    let area = proto::AreaId::new("northshire").unwrap();
+    let group = proto::mls::group_id_with_home(&area, &[5; 16]);
+    let commit = tests::made_up_commit(&group, 1);
+    let hash = proto::Body(commit.clone()).hash();
+    let mut req = message("user:dan@southvale", "proof-compat-1", commit).unwrap();
+    req.kind = proto::MessageKind::Mls;
+    req.commit_proof = Some(proto::CommitProof::make(
+        &[1; 32],
+        &[2; 32],
+        &hex::encode(&group),
+        1,
+        &hash,
+    ));
+    let erin = fed.api(b, "erin").unwrap();
+    erin.submit_once(&req).await.unwrap();
+    assert_eq!(*orders.lock().unwrap(), [false, true]);
+    // Taken here, with the key it names for the next epoch.
+    assert_eq!(
+        fed.count(
+            b,
+            "SELECT COUNT(*) FROM group_commits WHERE next_key IS NOT NULL"
+        )
+        .unwrap(),
+        1
+    );
+    home.abort();
+    fed.stop_all().await;
+}

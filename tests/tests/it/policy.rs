@@ -60,6 +60,7 @@ fn request(category: &str, d: Option<Disclosure>, key: &str) -> SubmitRequest {
         urgent: false,
         kind: MessageKind::Opaque,
         disclosure: d,
+        commit_proof: None,
         body: proto::Body(b"ciphertext".to_vec()),
     }
 }

@@ -607,6 +607,7 @@ async fn tampered_or_replayed_ciphertext_is_refused_by_the_client() {
                     urgent: false,
                     kind: proto::MessageKind::Mls,
                     disclosure: None,
+                    commit_proof: None,
                     body: proto::Body(bytes),
                 })
                 .await
@@ -1314,6 +1315,7 @@ async fn forged_handover(
             urgent: false,
             kind: proto::MessageKind::Mls,
             disclosure: None,
+            commit_proof: None,
             body: proto::Body(body),
         };
         sent.push(api.submit(&req).await.unwrap().message_id);
@@ -1484,6 +1486,118 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
     ));
 }
 
+/// A member removed from a case knows its group id, and its epochs can be
+/// counted: before proofs, a Commit of her making (any bytes so framed)
+/// could take the case's next epoch at its home, and every real change
+/// after it was refused `stale_epoch` for good. Now the home takes a
+/// Commit only with a proof signed with the current epoch's key, which only
+/// its members can derive: hers is refused, at the home and through
+/// another gateway, and the members' next change goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_from_a_case_cannot_take_its_next_epoch() {
+    let mut fed = federation_with_keys().await;
+    let (north, south) = (fed.index("northshire"), fed.index("southvale"));
+    let mut alice = worker(&fed, north, "alice");
+    let case = refer_to(&mut alice, "team:duty@southvale", b"first referral").await;
+    let mut dan = worker(&fed, south, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["first referral"]);
+    // alice hands the case to bob; dan commits it, and she is out.
+    alice
+        .handover(&case, &to("user:bob@northshire"), None)
+        .await
+        .unwrap();
+    let events = read(&mut dan).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Membership { removed, .. }
+        if removed.iter().any(|r| r.ends_with("/user/alice")))),
+        "{events:?}"
+    );
+    let mut bob = worker(&fed, north, "bob");
+    joins(&mut bob, &case).await;
+
+    // What she knows: the group, and the epoch after the newest bound.
+    let db = rusqlite::Connection::open(fed.db_path(north)).unwrap();
+    let (group, epoch): (String, i64) = db
+        .query_row(
+            "SELECT group_id, MAX(epoch) FROM group_commits GROUP BY group_id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let bound = |sql: &str| {
+        fed.count(north, &format!("SELECT COUNT(*) FROM group_commits{sql}"))
+            .unwrap()
+    };
+    let keyed = " WHERE next_key IS NOT NULL";
+    let (before, keyed_before) = (bound(""), bound(keyed));
+    let epoch = u64::try_from(epoch).unwrap();
+    let junk = tests::made_up_commit(&hex::decode(&group).unwrap(), epoch + 1);
+    let hash = proto::Body(junk.clone()).hash();
+    let submission = |key: &str, proof: Option<proto::CommitProof>| proto::SubmitRequest {
+        idempotency_key: proto::IdempotencyKey::new(key.to_owned()).unwrap(),
+        recipient: to("user:bob@northshire"),
+        category: category("membership"),
+        urgent: false,
+        kind: proto::MessageKind::Mls,
+        disclosure: None,
+        commit_proof: proof,
+        body: proto::Body(junk.clone()),
+    };
+    // A key of her choosing (she cannot derive the epoch's).
+    let guessed = proto::CommitProof::make(&[1; 32], &[2; 32], &group, epoch + 1, &hash);
+    let refused = |r: Result<proto::SubmitResponse, client::ClientError>| match r {
+        Err(client::ClientError::Api { status, code, .. }) => {
+            assert_eq!((status, code), (403, ErrorCode::UnprovenCommit));
+        }
+        other => panic!("taken: {other:?}"),
+    };
+    // At the case's home, through her own gateway; and through another
+    // area's gateway, which asks the home.
+    let at_home = fed.api(north, "alice").unwrap();
+    refused(at_home.submit_once(&submission("junk-1", None)).await);
+    refused(
+        at_home
+            .submit_once(&submission("junk-2", Some(guessed.clone())))
+            .await,
+    );
+    let elsewhere = fed.api(south, "gita").unwrap();
+    refused(
+        elsewhere
+            .submit_once(&submission("junk-3", Some(guessed)))
+            .await,
+    );
+    assert_eq!(
+        bound(""),
+        before,
+        "an epoch was bound to a Commit no member made"
+    );
+    assert_eq!(
+        fed.count(
+            north,
+            "SELECT COUNT(*) FROM sent WHERE idem_key LIKE 'junk-%'"
+        )
+        .unwrap(),
+        0
+    );
+
+    // The members' next change takes the epoch, with its proof, and the
+    // case goes on.
+    dan.add(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    let added = |events: &[Event]| {
+        events.iter().any(|e| {
+            matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/gita")))
+        })
+    };
+    assert!(added(&read_until(&mut bob, added).await));
+    assert_eq!(bound(keyed), keyed_before + 1);
+    fed.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_waits_while_its_groups_home_gateway_is_out_of_reach() {
     let mut fed = federation_with_keys().await;
@@ -1505,6 +1619,7 @@ async fn a_commit_waits_while_its_groups_home_gateway_is_out_of_reach() {
         urgent: false,
         kind: proto::MessageKind::Mls,
         disclosure: None,
+        commit_proof: None,
         body: proto::Body(commit),
     };
     // The home is down: southvale cannot order the Commit, so it takes
