@@ -1150,6 +1150,20 @@ impl Caseworker {
                     return self.unstage(case_id, Settled::Overtaken).map(Some);
                 }
                 Err(e) if for_now(&e) => return Err(e),
+                // Not proven to come from a member of the case's epoch (a
+                // change staged before this client made proofs): dropped,
+                // and the gateway's reason told, not taken for another
+                // member's change.
+                Err(
+                    e @ CaseError::Client(ClientError::Api {
+                        code: proto::ErrorCode::UnprovenCommit,
+                        ..
+                    }),
+                ) if !taken => {
+                    self.mls.abandon_commit(&group)?;
+                    self.unstage(case_id, Settled::Overtaken)?;
+                    return Err(e);
+                }
                 // Refused for this address itself (it left the directory,
                 // say): the others go on.
                 Err(CaseError::Client(ClientError::Api { code, .. })) => {
@@ -1230,6 +1244,17 @@ impl Caseworker {
                 Err(e) if for_now(&e) => {
                     tracing::warn!(case = %case_id, error = %e, "a change to this case is not settled yet; its messages wait");
                     self.held.insert(case_id);
+                    continue;
+                }
+                // Dropped (see `settle`): told, and the other cases read.
+                Err(
+                    e @ CaseError::Client(ClientError::Api {
+                        code: proto::ErrorCode::UnprovenCommit,
+                        ..
+                    }),
+                ) => {
+                    tracing::warn!(case = %case_id, error = %e, "a change to this case was refused and dropped; make it again");
+                    events.push(Event::Overtaken { case_id });
                     continue;
                 }
                 Err(e) => return Err(e),

@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::store::{
     BatchOrder, CommitToBind, Incoming, IncomingOutcome, KeyStock, Mailbox, NewKeyPackage,
-    NewMessage, Route, Store, SubmitOutcome, Submitted,
+    NewMessage, Orderer, Route, Store, SubmitOutcome, Submitted,
 };
 use crate::{now_ms, Directory, Shared};
 use proto::mls::{ContentType, MlsMessageInfo};
@@ -440,7 +440,7 @@ async fn submit(
             MessageKind::Opaque => (None, true),
             MessageKind::Mls => check_mls(&req.body.0)?,
         };
-        check_proof_form(req.commit_proof.as_ref(), commit.is_some())?;
+        check_proof(req.commit_proof.as_ref(), commit.as_ref(), &hash)?;
         check_disclosure(&shared, &peer, &sender, &req, content)?;
         Ok::<_, Failure>((route, commit))
     }
@@ -465,6 +465,7 @@ async fn submit(
     // Short of disk nothing new is stored here, so binding the epoch at the
     // home would hold it for nothing.
     let remote_home = |c: &CommitOf| c.home.as_ref().is_some_and(|h| *h != shared.config.area);
+    let mut ordered_at_home = false;
     if let Some(c) = commit.as_ref().filter(|c| remote_home(c) && !low) {
         // Before the case's home binds an epoch: a repeat, or another
         // message under the key, is answered from what is stored, and binds
@@ -472,11 +473,17 @@ async fn submit(
         if let Some(prior) = shared.store.prior_submission(what()).await? {
             return answer(&shared, prior, &req.recipient, &route);
         }
-        order_at_home(&shared, c, &hash, req.commit_proof.as_ref()).await?;
+        ordered_at_home = order_at_home(&shared, c, &hash, req.commit_proof.as_ref()).await?;
     }
     let own = &shared.config.area;
     let commit = commit.map(|c| CommitToBind {
-        home_here: c.home.as_ref() == Some(own),
+        orderer: if c.home.as_ref() == Some(own) {
+            Orderer::Home
+        } else if ordered_at_home {
+            Orderer::OrderedAtHome
+        } else {
+            Orderer::HereAlone
+        },
         group: c.group,
         epoch: c.epoch,
         proof: req.commit_proof.clone(),
@@ -1145,14 +1152,24 @@ fn check_mls(body: &[u8]) -> Result<(Option<CommitOf>, bool), Failure> {
     }
 }
 
-/// A Commit's proof, if one came, must be well formed (before anything is
-/// asked or stored), and only a Commit comes with one.
-fn check_proof_form(proof: Option<&proto::CommitProof>, is_commit: bool) -> Result<(), Failure> {
+/// A Commit's proof, if one came, must be well formed and show that its
+/// maker holds the key it names for the next epoch (checked before
+/// anything is asked or stored; the rest needs the stored key), and only a
+/// Commit comes with one.
+fn check_proof(
+    proof: Option<&proto::CommitProof>,
+    commit: Option<&CommitOf>,
+    hash: &proto::ContentHash,
+) -> Result<(), Failure> {
     let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
-    match proof {
-        None => Ok(()),
-        Some(_) if !is_commit => Err(bad("commit_proof: only an MLS Commit comes with one".into())),
-        Some(p) => p.check_form().map_err(|e| bad(e.to_string())),
+    match (proof, commit) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(bad("commit_proof: only an MLS Commit comes with one".into())),
+        (Some(p), Some(c)) => match p.next_key(&c.group, c.epoch, hash) {
+            Ok(_) => Ok(()),
+            Err(e @ proto::mls::ProofError::Malformed(_)) => Err(bad(e.to_string())),
+            Err(e) => Err(Failure::unproven_commit(&e.to_string())),
+        },
     }
 }
 
@@ -1171,15 +1188,17 @@ struct CommitOf {
 /// through different gateways for the same epoch are ordered in one place,
 /// so the second is refused `stale_epoch` wherever it was made, rather than
 /// forking the group. Here, or a group with no home named, the local record
-/// alone decides (in the store).
+/// alone decides (in the store). True if the home bound it; false if the
+/// home cannot be asked (not a peer, or a version without the endpoint)
+/// and the local record alone decides.
 async fn order_at_home(
     shared: &Shared,
     commit: &CommitOf,
     hash: &proto::ContentHash,
     proof: Option<&proto::CommitProof>,
-) -> Result<(), Failure> {
+) -> Result<bool, Failure> {
     let Some(home) = commit.home.as_ref().filter(|h| **h != shared.config.area) else {
-        return Ok(());
+        return Ok(false);
     };
     let unavailable = |m: String| {
         Failure::new(
@@ -1193,7 +1212,7 @@ async fn order_at_home(
         // be in its case) must not hold the case's changes for good: the
         // local record alone orders them, as for a group with no home.
         tracing::warn!(%home, "a Commit for a group whose home area is not a federation peer: ordered here only");
-        return Ok(());
+        return Ok(false);
     };
     let mut order = proto::CommitOrder {
         group_id: commit.group.clone(),
@@ -1223,7 +1242,7 @@ async fn order_at_home(
     }
     let status = resp.status();
     if status.is_success() {
-        return Ok(());
+        return Ok(true);
     }
     let refusal: Option<ApiError> = resp.json().await.ok();
     match refusal {
@@ -1243,7 +1262,7 @@ async fn order_at_home(
         // orders the group's Commits, as before.
         Some(e) if status == reqwest::StatusCode::NOT_FOUND && e.error == ErrorCode::NotFound => {
             tracing::warn!(%home, "the home gateway does not order Commits (an older version): ordered here only");
-            Ok(())
+            Ok(false)
         }
         _ => Err(unavailable(format!(
             "the case's home gateway ({home}) answered HTTP {status} when asked to order this change"
@@ -1260,7 +1279,6 @@ async fn federation_commit_order(
 ) -> Result<Json<proto::CommitOrdered>, Failure> {
     let area = peer_of(&shared, &peer)?;
     let order: proto::CommitOrder = parse_json(body)?;
-    check_proof_form(order.proof.as_ref(), true)?;
     let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
     let id = hex::decode(&order.group_id).map_err(|e| bad(format!("group_id: {e}")))?;
     if proto::mls::home_of_group(&id).as_ref() != Some(&shared.config.area) {
@@ -1271,9 +1289,15 @@ async fn federation_commit_order(
     }
     // Recorded as this gateway's own submissions record it (lowercase hex).
     let group = hex::encode(&id);
+    let commit = CommitOf {
+        group,
+        epoch: order.epoch,
+        home: Some(shared.config.area.clone()),
+    };
+    check_proof(order.proof.as_ref(), Some(&commit), &order.content_hash)?;
     match shared
         .store
-        .order_commit(group, order.epoch, order.content_hash, order.proof)
+        .order_commit(commit.group, order.epoch, order.content_hash, order.proof)
         .await?
     {
         crate::store::Bind::Bound => {

@@ -10,6 +10,10 @@
 //! gracefully (an HTTP/1 connection closes, an HTTP/2 one is sent GOAWAY).
 //! A client that opens a connection and never finishes a request's headers
 //! has no request in progress either, so it is closed the same way.
+//!
+//! A connection hyper is done with is drained before it is closed
+//! ([`Lingering`], [`linger`]), so that an answer sent before a request's
+//! body was read (`413`, `408`) reaches a client still writing it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -210,6 +214,19 @@ where
     }
 }
 
+/// How serving a connection ended.
+#[derive(Debug)]
+pub(crate) struct Served<E> {
+    /// Why.
+    pub(crate) ended: Ended,
+    /// The error it ended with, if any.
+    pub(crate) error: Option<E>,
+    /// Dropped unfinished, [`GRACE`] after its shutdown began: what it was
+    /// writing is cut short, and its stream is not to be closed as if it
+    /// had ended well (see [`linger`]).
+    pub(crate) cut_short: bool,
+}
+
 /// Serves `conn` until it ends: closes it gracefully once it has had no
 /// request in progress for `idle` (per `activity`), or when `stop` turns
 /// true; either way drops it if it has not finished [`GRACE`] later (an
@@ -219,7 +236,7 @@ pub(crate) async fn serve<C, E>(
     activity: &Activity,
     idle: Duration,
     stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> (Ended, Option<E>)
+) -> Served<E>
 where
     C: Graceful<Output = Result<(), E>>,
 {
@@ -232,7 +249,11 @@ where
     loop {
         tokio::select! {
             r = conn.as_mut() => {
-                return (closing.unwrap_or(Ended::Closed), r.err());
+                return Served {
+                    ended: closing.unwrap_or(Ended::Closed),
+                    error: r.err(),
+                    cut_short: false,
+                };
             }
             () = activity.end.notified(), if closing.is_none() => {
                 conn.as_mut().shut_down();
@@ -261,7 +282,13 @@ where
                     Some(Ended::Idle) if activity.idle_since().is_none() => {
                         check.as_mut().reset(now + GRACE);
                     }
-                    Some(why) => return (why, None),
+                    Some(why) => {
+                        return Served {
+                            ended: why,
+                            error: None,
+                            cut_short: true,
+                        }
+                    }
                 }
             }
         }
@@ -341,10 +368,12 @@ pub(crate) fn too_slow<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&
     None
 }
 
-/// How long a connection's stream is drained once hyper is done with it,
-/// and how much of what the client still sends is read meanwhile.
-const LINGER: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 64 << 20;
+/// How long a connection's stream is drained once hyper is done with it
+/// (or a handshake was refused).
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
+/// How much of what a client still sends is read while its connection is
+/// drained after it was served.
+const SERVED_LINGER_BYTES: usize = 64 << 20;
 
 /// A connection's stream that, once hyper drops it, is handed back (to
 /// [`linger`]) instead of being closed at once.
@@ -356,13 +385,14 @@ const LINGER_BYTES: usize = 64 << 20;
 /// the answer sees "broken pipe" or "connection reset" instead of `413`:
 /// a gateway told so retries a message its peer will never take, and a
 /// person is told their network failed. Draining the rest first lets the
-/// answer be read.
-pub(crate) struct Lingering<S: Send + 'static> {
+/// answer be read (by a client that reads while it writes, as hyper's
+/// does, or that finishes writing within [`LINGER`]).
+pub(crate) struct Lingering<S> {
     stream: Option<S>,
     back: Option<tokio::sync::oneshot::Sender<S>>,
 }
 
-impl<S: Send + 'static> Lingering<S> {
+impl<S> Lingering<S> {
     /// Wraps `stream`; the receiver gets it back when the wrapper is dropped.
     pub(crate) fn new(stream: S) -> (Lingering<S>, tokio::sync::oneshot::Receiver<S>) {
         let (back, rx) = tokio::sync::oneshot::channel();
@@ -386,7 +416,7 @@ impl<S: Send + 'static> Lingering<S> {
     }
 }
 
-impl<S: Send + 'static> Drop for Lingering<S> {
+impl<S> Drop for Lingering<S> {
     fn drop(&mut self) {
         if let (Some(stream), Some(back)) = (self.stream.take(), self.back.take()) {
             // No one waiting: it is closed here, as before.
@@ -395,7 +425,7 @@ impl<S: Send + 'static> Drop for Lingering<S> {
     }
 }
 
-impl<S: tokio::io::AsyncRead + Unpin + Send + 'static> tokio::io::AsyncRead for Lingering<S> {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Lingering<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -408,7 +438,7 @@ impl<S: tokio::io::AsyncRead + Unpin + Send + 'static> tokio::io::AsyncRead for 
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin + Send + 'static> tokio::io::AsyncWrite for Lingering<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Lingering<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -451,13 +481,17 @@ impl<S: tokio::io::AsyncWrite + Unpin + Send + 'static> tokio::io::AsyncWrite fo
 }
 
 /// Closes a served connection's stream (given back by [`Lingering`]) as
-/// [`drain`] does, reading at most [`LINGER_BYTES`].
-pub(crate) async fn linger<S>(back: tokio::sync::oneshot::Receiver<S>)
+/// [`drain`] does, reading at most [`SERVED_LINGER_BYTES`]; one `served`
+/// says was cut short is dropped as it is, mid-write, as before.
+pub(crate) async fn linger<S, E>(back: tokio::sync::oneshot::Receiver<S>, served: &Served<E>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    if served.cut_short {
+        return;
+    }
     if let Ok(stream) = back.await {
-        drain(stream, LINGER_BYTES).await;
+        drain(stream, SERVED_LINGER_BYTES).await;
     }
 }
 
@@ -474,8 +508,13 @@ where
         if stream.shutdown().await.is_err() {
             return;
         }
+        // Often the client has closed already: nothing is allocated then.
+        let mut first = [0u8; 1];
+        let mut read = match stream.read(&mut first).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
         let mut buf = vec![0u8; 16 * 1024];
-        let mut read = 0;
         while read < max_bytes {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => break,

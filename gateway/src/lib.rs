@@ -873,8 +873,9 @@ pub async fn run(
 }
 
 /// How much of what a client sends is read while a refused handshake's
-/// connection is drained (for at most 2 s) before it is dropped.
-const LINGER_BYTES: usize = 64 * 1024;
+/// connection is drained (for at most [`connection::LINGER`]) before it is
+/// dropped.
+const HANDSHAKE_LINGER_BYTES: usize = 64 * 1024;
 
 /// Closes a connection whose handshake was refused so that the client reads
 /// the alert saying why (`certificate_revoked`, `bad_certificate`, ...).
@@ -886,11 +887,11 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// "connection reset" instead of the alert: a revoked laptop would be told
 /// its network failed. So the write side is shut and what the client sends
 /// is read and discarded until it closes,
-/// for at most 2 s and [`LINGER_BYTES`]. (The TLS layer has made
+/// for at most [`connection::LINGER`] and [`HANDSHAKE_LINGER_BYTES`]. (The TLS layer has made
 /// its last attempt to write the alert; a client that never reads it
 /// loses nothing by this.)
 async fn linger(tcp: tokio::net::TcpStream) {
-    connection::drain(tcp, LINGER_BYTES).await;
+    connection::drain(tcp, HANDSHAKE_LINGER_BYTES).await;
 }
 
 /// Files the gateway keeps open beside its connections: the store's
@@ -1089,6 +1090,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "no usable identity after handshake");
+                    connection::drain(tls, HANDSHAKE_LINGER_BYTES).await;
                     return;
                 }
             };
@@ -1142,25 +1144,26 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let conn = builder
                 .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
                 .into_owned();
-            let (ended, error) = connection::serve(conn, &activity, idle, &mut stop).await;
-            if ended == connection::Ended::Idle {
+            let served = connection::serve(conn, &activity, idle, &mut stop).await;
+            if served.ended == connection::Ended::Idle {
                 shared.metrics.connections_idle_closed.inc();
                 tracing::debug!(%remote, "connection closed: idle for limits.idle_timeout");
             }
-            if let Some(e) = error {
+            if let Some(e) = &served.error {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
             // Drained before it is closed, so that an answer sent before a
             // request's body was read reaches the client (its slot is held
             // meanwhile).
-            connection::linger(back).await;
+            connection::linger(back, &served).await;
         });
     }
     drop(listener);
     // Every connection gives its slot back when it ends; each has
-    // `connection::GRACE` to finish once told to stop.
+    // `connection::GRACE` to finish once told to stop, then at most
+    // `connection::LINGER` to be drained.
     let all = u32::try_from(cap).unwrap_or(u32::MAX);
-    let wait = connection::GRACE + Duration::from_secs(1);
+    let wait = connection::GRACE + connection::LINGER + Duration::from_secs(1);
     if tokio::time::timeout(wait, slots.acquire_many(all))
         .await
         .is_err()

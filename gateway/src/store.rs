@@ -108,11 +108,29 @@ pub struct CommitToBind {
     pub group: String,
     /// The epoch it was made in.
     pub epoch: u64,
-    /// Whether this gateway is the group's home (then its epochs must
-    /// follow on from the newest bound, see [`Bind::Ahead`]).
-    pub home_here: bool,
+    /// Who orders the group's Commits.
+    pub orderer: Orderer,
     /// Its member's proof, if it came with one (see [`Bind::Unproven`]).
     pub proof: Option<proto::CommitProof>,
+}
+
+/// Who orders an MLS group's Commits, as this gateway binds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orderer {
+    /// This gateway is the group's home: its record sees every Commit of
+    /// the group, so its epochs must follow on from the newest bound (see
+    /// [`Bind::Ahead`]), and each takes a proof (see [`Bind::Unproven`]).
+    Home,
+    /// The group's home (another area) has bound the epoch to this Commit:
+    /// the record here follows it. No proof is checked or key kept here
+    /// (they are the home's to judge: a key kept here could be one a
+    /// removed member named when sending an old Commit again, and a refusal
+    /// here of what the home has bound would leave the epoch to a Commit
+    /// no one received).
+    OrderedAtHome,
+    /// No home orders the group (its id names none, or one this gateway
+    /// cannot ask): this gateway's record alone does, proofs included.
+    HereAlone,
 }
 
 /// One peer's outbound queue.
@@ -2062,14 +2080,15 @@ fn store_thread(
 }
 
 /// Binds `epoch` of `group` to the Commit hashed `hash` unless another
-/// Commit has that epoch, or a later one is bound, or (`home`: this is the
-/// group's home) the epoch is ahead of the next (see [`Bind`]).
+/// Commit has that epoch, or a later one is bound, or (at the group's home)
+/// the epoch is ahead of the next, or its proof does not hold (see
+/// [`Bind`], [`Orderer`]).
 fn bind_commit(
     c: &Connection,
     group: &str,
     epoch: u64,
     content_hash: &ContentHash,
-    home: bool,
+    orderer: Orderer,
     proof: Option<&proto::CommitProof>,
 ) -> Result<Bind, StoreError> {
     let hash = content_hash.to_string();
@@ -2090,38 +2109,16 @@ fn bind_commit(
         Some(h) if h == hash => Ok(Bind::Bound),
         Some(_) => Ok(Bind::Stale(newest_u())),
         None if newest.is_some_and(|n| n > epoch_i) => Ok(Bind::Stale(newest_u())),
-        None if home && epoch_i > next => Ok(Bind::Ahead(newest_u())),
+        None if orderer == Orderer::Home && epoch_i > next => Ok(Bind::Ahead(newest_u())),
         None => {
-            // The key the Commit that started this epoch named, if any
-            // (none for a group's first Commit seen, or one from a client
-            // before proofs: then none is asked for, as before).
-            let key: Option<Vec<u8>> = match epoch_i.checked_sub(1) {
-                Some(before) => c
-                    .prepare_cached(
-                        "SELECT next_key FROM group_commits WHERE group_id = ?1 AND epoch = ?2",
-                    )?
-                    .query_row(params![group, before], |r| r.get(0))
-                    .optional()?
-                    .flatten(),
-                None => None,
-            };
-            if let Some(key) = key {
-                let key: [u8; 32] = key.as_slice().try_into().map_err(corrupt)?;
-                let Some(proof) = proof else {
-                    return Ok(Bind::Unproven(
-                        "it came without the proof that a member of the group's current epoch made it",
-                    ));
-                };
-                if proof.verify(&key, group, epoch, content_hash).is_err() {
-                    return Ok(Bind::Unproven(
-                        "its proof is not signed with the key of the group's current epoch",
-                    ));
+            let next_key = match orderer {
+                Orderer::OrderedAtHome => None,
+                Orderer::Home | Orderer::HereAlone => {
+                    match proven(c, group, epoch, content_hash, proof)? {
+                        Ok(next_key) => next_key,
+                        Err(why) => return Ok(Bind::Unproven(why)),
+                    }
                 }
-            }
-            let Ok(next_key) = proof.map(proto::CommitProof::next_key).transpose() else {
-                return Ok(Bind::Unproven(
-                    "its proof names no valid key for the next epoch",
-                ));
             };
             exec(
                 c,
@@ -2133,6 +2130,55 @@ fn bind_commit(
     }
 }
 
+/// The key the Commit that started `epoch` named, if any, checked against
+/// `proof`: the key its proof names for the next epoch (none without a
+/// proof), or why not. None is asked for after a Commit that named no key
+/// (a group's first Commit seen, one from a client before proofs), as
+/// before proofs; a proof that comes anyway must show it holds the key it
+/// names.
+fn proven(
+    c: &Connection,
+    group: &str,
+    epoch: u64,
+    content_hash: &ContentHash,
+    proof: Option<&proto::CommitProof>,
+) -> Result<Result<Option<[u8; 32]>, &'static str>, StoreError> {
+    let key: Option<Vec<u8>> = match epoch.checked_sub(1).map(i64::try_from) {
+        Some(Ok(before)) => c
+            .prepare_cached(
+                "SELECT next_key FROM group_commits WHERE group_id = ?1 AND epoch = ?2",
+            )?
+            .query_row(params![group, before], |r| r.get(0))
+            .optional()?
+            .flatten(),
+        _ => None,
+    };
+    let key: Option<[u8; 32]> = key
+        .map(|k| k.as_slice().try_into().map_err(corrupt))
+        .transpose()?;
+    Ok(match (key, proof) {
+        (None, None) => Ok(None),
+        (Some(_), None) => {
+            Err("it came without the proof that a member of the group's current epoch made it")
+        }
+        (Some(key), Some(p)) => match p.verify(&key, group, epoch, content_hash) {
+            Ok(next) => Ok(Some(next)),
+            Err(proto::mls::ProofError::BadSignature) => {
+                Err("its proof is not signed with the key of the group's current epoch")
+            }
+            Err(_) => Err(NEXT_KEY_UNPROVEN),
+        },
+        (None, Some(p)) => p
+            .next_key(group, epoch, content_hash)
+            .map(Some)
+            .map_err(|_| NEXT_KEY_UNPROVEN),
+    })
+}
+
+/// Why a proof whose next key did not sign is refused.
+const NEXT_KEY_UNPROVEN: &str =
+    "its proof does not show that its maker holds the key it names for the next epoch";
+
 impl Store for SqliteStore {
     async fn order_commit(
         &self,
@@ -2141,7 +2187,7 @@ impl Store for SqliteStore {
         hash: ContentHash,
         proof: Option<proto::CommitProof>,
     ) -> Result<Bind, StoreError> {
-        self.call(move |c| bind_commit(c, &group, epoch, &hash, true, proof.as_ref()))
+        self.call(move |c| bind_commit(c, &group, epoch, &hash, Orderer::Home, proof.as_ref()))
             .await
     }
 
@@ -2171,7 +2217,7 @@ impl Store for SqliteStore {
                     &b.group,
                     b.epoch,
                     &env.content_hash,
-                    b.home_here,
+                    b.orderer,
                     b.proof.as_ref(),
                 )? {
                     Bind::Bound => {}

@@ -41,8 +41,9 @@ pub struct SubmitRequest {
 /// cannot, so it cannot take the group's next epoch with a Commit of its
 /// own making (and with it every later change of the case). A Commit made
 /// in epoch `n` is signed with epoch `n`'s key and names epoch `n + 1`'s
-/// public key, which the gateway keeps with the binding. Made and checked
-/// with [`CommitProof::make`] and [`CommitProof::verify`].
+/// public key, signed with that key too, which the gateway keeps with the
+/// binding. Made and checked with [`CommitProof::make`],
+/// [`CommitProof::next_key`] and [`CommitProof::verify`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommitProof {
@@ -52,6 +53,10 @@ pub struct CommitProof {
     /// The Ed25519 public key (hex, 32 bytes) of the epoch the Commit
     /// starts.
     pub next_epoch_key: String,
+    /// Ed25519 signature (hex, 64 bytes) by that key over the same: it
+    /// shows that whoever made the proof holds the next epoch's key (so a
+    /// member removed by the Commit cannot name a key of her own for it).
+    pub next_epoch_signature: String,
 }
 
 /// Answer to a submission.

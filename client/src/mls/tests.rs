@@ -472,9 +472,9 @@ fn a_commits_proof_is_by_its_epochs_key_and_names_one_only_the_next_epochs_membe
         hex::encode(&group.0),
         proto::ContentHash(sha256(&own.commit)),
     );
-    own.proof.verify(&this_epoch, &hex_group, 1, &hash).unwrap();
+    let next = own.proof.verify(&this_epoch, &hex_group, 1, &hash).unwrap();
     assert!(own.proof.verify(&this_epoch, &hex_group, 2, &hash).is_err());
-    let next = own.proof.next_key().unwrap();
+    assert_eq!(own.proof.next_key(&hex_group, 1, &hash), Ok(next));
     assert_ne!(next, this_epoch);
 
     team[1].c().confirm_commit(&group, &own.commit).unwrap();

@@ -2333,6 +2333,69 @@ async fn a_commit_without_the_epochs_proof_cannot_take_the_epoch() {
     assert_eq!(order(5, "g", None).await.unwrap(), Bind::Bound);
 }
 
+/// Where the group's home (another area) has bound the epoch, the record
+/// here follows it: no proof is checked and no key kept (one kept here
+/// could be a key a removed member named, sending an old Commit again).
+/// Where this gateway orders the group alone, it checks proofs as a home
+/// does, and takes no key whose maker does not show she holds it.
+#[tokio::test]
+async fn a_record_that_follows_the_home_keeps_no_key_and_checks_no_proof() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = SqliteStore::open(dir.path(), AreaId::new("southvale").unwrap()).unwrap();
+    let c = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let proof = |group: &str, this: u8, next: u8, epoch: u64, hash: &str| {
+        proto::CommitProof::make(&[this; 32], &[next; 32], group, epoch, &content(hash))
+    };
+    let bind =
+        |group: &str, epoch: u64, hash: &str, orderer: Orderer, p: Option<proto::CommitProof>| {
+            super::bind_commit(&c, group, epoch, &content(hash), orderer, p.as_ref()).unwrap()
+        };
+    let keys = |group: &str| -> i64 {
+        c.query_row(
+            "SELECT COUNT(*) FROM group_commits WHERE group_id = ?1 AND next_key IS NOT NULL",
+            [group],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    use Orderer::{HereAlone, OrderedAtHome};
+    assert_eq!(
+        bind("ab", 1, "a", OrderedAtHome, Some(proof("ab", 1, 2, 1, "a"))),
+        Bind::Bound
+    );
+    assert_eq!(bind("ab", 2, "b", OrderedAtHome, None), Bind::Bound);
+    assert_eq!(keys("ab"), 0);
+
+    assert_eq!(
+        bind("ef", 1, "a", HereAlone, Some(proof("ef", 1, 2, 1, "a"))),
+        Bind::Bound
+    );
+    assert_eq!(keys("ef"), 1);
+    assert!(matches!(
+        bind("ef", 2, "b", HereAlone, None),
+        Bind::Unproven(_)
+    ));
+    // Signed with the epoch's key, but naming a key its maker does not hold.
+    let mut swapped = proof("ef", 2, 9, 2, "b");
+    swapped.next_epoch_key = proof("ef", 2, 3, 2, "b").next_epoch_key;
+    assert!(matches!(
+        bind("ef", 2, "b", HereAlone, Some(swapped)),
+        Bind::Unproven(_)
+    ));
+    assert_eq!(
+        bind("ef", 2, "b", HereAlone, Some(proof("ef", 2, 3, 2, "b"))),
+        Bind::Bound
+    );
+    // A first Commit seen whose next key did not sign: not taken either.
+    let mut unsigned = proof("gh", 1, 2, 1, "a");
+    unsigned.next_epoch_signature = proof("gh", 1, 2, 1, "z").next_epoch_signature;
+    assert!(matches!(
+        bind("gh", 1, "a", HereAlone, Some(unsigned)),
+        Bind::Unproven(_)
+    ));
+    assert_eq!(keys("gh"), 0);
+}
+
 /// A message the receiving gateway's checks refuse is looked up in the
 /// store's own order: a repeat of one queued just before it, not yet
 /// committed (its answer lost with a dropped connection), is a duplicate,

@@ -102,21 +102,32 @@ pub fn epoch_key(exported: &[u8; 32]) -> ed25519_dalek::SigningKey {
     ed25519_dalek::SigningKey::from_bytes(exported)
 }
 
-/// What a [`crate::CommitProof`]'s signature covers: the Commit's group
-/// (lowercase hex), the epoch it was made in and its content hash, after a
-/// label that keeps these signatures apart from any other.
+/// What both of a [`crate::CommitProof`]'s signatures cover: the Commit's
+/// group (lowercase hex), the epoch it was made in, its content hash and
+/// the key it names for the next epoch, after a label that keeps these
+/// signatures apart from any other. Each signature adds whose it is
+/// ([`PROOF_BY_THIS_EPOCH`], [`PROOF_BY_NEXT_EPOCH`]) in front.
 pub fn commit_proof_message(
     group_hex: &str,
     epoch: u64,
     content_hash: &crate::ContentHash,
+    next_key: &[u8; 32],
 ) -> Vec<u8> {
     let mut m = b"referral-gateway commit proof v1\0".to_vec();
     m.extend_from_slice(&(group_hex.len() as u64).to_be_bytes());
     m.extend_from_slice(group_hex.as_bytes());
     m.extend_from_slice(&epoch.to_be_bytes());
     m.extend_from_slice(&content_hash.0);
+    m.extend_from_slice(next_key);
     m
 }
+
+/// In front of [`commit_proof_message`] for the signature by the key of
+/// the epoch the Commit was made in.
+pub const PROOF_BY_THIS_EPOCH: &[u8] = b"by this epoch\0";
+/// In front of [`commit_proof_message`] for the signature by the key the
+/// Commit names for the next epoch (which shows that its maker holds it).
+pub const PROOF_BY_NEXT_EPOCH: &[u8] = b"by the next epoch\0";
 
 /// A [`crate::CommitProof`] that does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,6 +139,10 @@ pub enum ProofError {
     /// The signature is not by the epoch's key over this Commit.
     #[error("commit proof: the signature is not by a member of the group's current epoch")]
     BadSignature,
+    /// The key named for the next epoch did not sign: its maker may not
+    /// hold it.
+    #[error("commit proof: the key named for the next epoch is not shown to be held")]
+    NextKeyUnproven,
 }
 
 impl crate::CommitProof {
@@ -142,49 +157,73 @@ impl crate::CommitProof {
         content_hash: &crate::ContentHash,
     ) -> crate::CommitProof {
         use ed25519_dalek::Signer as _;
-        let signature =
-            epoch_key(this_epoch).sign(&commit_proof_message(group_hex, epoch, content_hash));
+        let (this, next) = (epoch_key(this_epoch), epoch_key(next_epoch));
+        let next_key = next.verifying_key().to_bytes();
+        let m = commit_proof_message(group_hex, epoch, content_hash, &next_key);
+        let signed = |key: &ed25519_dalek::SigningKey, by: &[u8]| {
+            hex::encode(key.sign(&[by, m.as_slice()].concat()).to_bytes())
+        };
         crate::CommitProof {
-            signature: hex::encode(signature.to_bytes()),
-            next_epoch_key: hex::encode(epoch_key(next_epoch).verifying_key().to_bytes()),
+            signature: signed(&this, PROOF_BY_THIS_EPOCH),
+            next_epoch_key: hex::encode(next_key),
+            next_epoch_signature: signed(&next, PROOF_BY_NEXT_EPOCH),
         }
     }
 
-    /// The next epoch's public key, checked to be a valid Ed25519 key.
-    pub fn next_key(&self) -> Result<[u8; 32], ProofError> {
+    /// The key named for the next epoch, checked: a valid Ed25519 key that
+    /// signed this Commit (so a proof cannot name a key its maker does not
+    /// hold), and the other signature well formed. Needs no stored key:
+    /// checked before anything is asked or stored.
+    pub fn next_key(
+        &self,
+        group_hex: &str,
+        epoch: u64,
+        content_hash: &crate::ContentHash,
+    ) -> Result<[u8; 32], ProofError> {
         let key = from_hex::<SIGNATURE_KEY_LEN>(&self.next_epoch_key)
             .ok_or(ProofError::Malformed("next_epoch_key is not 64 hex digits"))?;
-        VerifyingKey::from_bytes(&key)
+        let verifying = VerifyingKey::from_bytes(&key)
             .map_err(|_| ProofError::Malformed("next_epoch_key is not an Ed25519 key"))?;
+        signature_of(&self.signature, SIGNATURE_NOT_HEX)?;
+        let sig = signature_of(
+            &self.next_epoch_signature,
+            "next_epoch_signature is not 128 hex digits",
+        )?;
+        let m = commit_proof_message(group_hex, epoch, content_hash, &key);
+        verifying
+            .verify_strict(&[PROOF_BY_NEXT_EPOCH, m.as_slice()].concat(), &sig)
+            .map_err(|_| ProofError::NextKeyUnproven)?;
         Ok(key)
     }
 
-    /// Checks the fields' form (before anything is stored or asked).
-    pub fn check_form(&self) -> Result<(), ProofError> {
-        self.next_key()?;
-        from_hex::<SIGNATURE_LEN>(&self.signature)
-            .ok_or(ProofError::Malformed("signature is not 128 hex digits"))?;
-        Ok(())
-    }
-
-    /// Checks the signature against `key`, the public key of the epoch the
-    /// Commit was made in (as the Commit that started it named it).
+    /// Checks the signature by `key`, the public key of the epoch the
+    /// Commit was made in (as the Commit that started it named it), and
+    /// the key named for the next epoch ([`crate::CommitProof::next_key`]),
+    /// which it returns.
     pub fn verify(
         &self,
         key: &[u8; 32],
         group_hex: &str,
         epoch: u64,
         content_hash: &crate::ContentHash,
-    ) -> Result<(), ProofError> {
-        let sig = from_hex::<SIGNATURE_LEN>(&self.signature)
-            .ok_or(ProofError::Malformed("signature is not 128 hex digits"))?;
+    ) -> Result<[u8; 32], ProofError> {
+        let next = self.next_key(group_hex, epoch, content_hash)?;
+        let sig = signature_of(&self.signature, SIGNATURE_NOT_HEX)?;
         let key = VerifyingKey::from_bytes(key).map_err(|_| ProofError::BadSignature)?;
-        key.verify_strict(
-            &commit_proof_message(group_hex, epoch, content_hash),
-            &Signature::from_bytes(&sig),
-        )
-        .map_err(|_| ProofError::BadSignature)
+        let m = commit_proof_message(group_hex, epoch, content_hash, &next);
+        key.verify_strict(&[PROOF_BY_THIS_EPOCH, m.as_slice()].concat(), &sig)
+            .map_err(|_| ProofError::BadSignature)?;
+        Ok(next)
     }
+}
+
+const SIGNATURE_NOT_HEX: &str = "signature is not 128 hex digits";
+
+/// An Ed25519 signature from its hex; `malformed` says what is wrong if it
+/// is not one.
+fn signature_of(text: &str, malformed: &'static str) -> Result<Signature, ProofError> {
+    let bytes = from_hex::<SIGNATURE_LEN>(text).ok_or(ProofError::Malformed(malformed))?;
+    Ok(Signature::from_bytes(&bytes))
 }
 
 /// `N` bytes from exactly `2 * N` hex digits.

@@ -940,50 +940,68 @@ fn a_group_id_names_its_home_area() {
 }
 
 /// A commit proof holds only for its group, epoch and content, under the
-/// key it was made with; one of bad form is refused with an error, never a
-/// panic.
+/// key it was made with, and names a next key only its maker holds; one of
+/// bad form is refused with an error, never a panic.
 #[test]
 fn commit_proofs_hold_only_for_what_they_were_made_for() {
     let hash = crate::ContentHash([4; 32]);
     let proof = crate::CommitProof::make(&[1; 32], &[2; 32], "ab", 7, &hash);
     let key = epoch_key(&[1; 32]).verifying_key().to_bytes();
-    proof.verify(&key, "ab", 7, &hash).unwrap();
-    proof.check_form().unwrap();
-    assert_eq!(
-        proof.next_key().unwrap(),
-        epoch_key(&[2; 32]).verifying_key().to_bytes()
-    );
+    let next = epoch_key(&[2; 32]).verifying_key().to_bytes();
+    assert_eq!(proof.verify(&key, "ab", 7, &hash), Ok(next));
+    assert_eq!(proof.next_key("ab", 7, &hash), Ok(next));
     for (group, epoch, hash, key) in [
         ("ac", 7, hash, key),
         ("ab", 8, hash, key),
         ("ab", 7, crate::ContentHash([5; 32]), key),
-        ("ab", 7, hash, proof.next_key().unwrap()),
+        ("ab", 7, hash, next),
     ] {
-        assert_eq!(
-            proof.verify(&key, group, epoch, &hash),
-            Err(ProofError::BadSignature)
-        );
+        assert!(proof.verify(&key, group, epoch, &hash).is_err());
     }
-    let bad = |signature: &str, next: &str| crate::CommitProof {
+    assert_eq!(
+        proof.verify(&next, "ab", 7, &hash),
+        Err(ProofError::BadSignature)
+    );
+    // A key its maker does not hold (a member removed by the Commit naming
+    // one of her own, signed with the epoch's key she still has): refused.
+    let mut swapped = crate::CommitProof::make(&[1; 32], &[3; 32], "ab", 7, &hash);
+    swapped.next_epoch_key = proof.next_epoch_key.clone();
+    assert_eq!(
+        swapped.next_key("ab", 7, &hash),
+        Err(ProofError::NextKeyUnproven)
+    );
+    let mut named = proof.clone();
+    named.next_epoch_key = hex::encode(epoch_key(&[3; 32]).verifying_key().to_bytes());
+    assert!(named.verify(&key, "ab", 7, &hash).is_err());
+    let bad = |signature: &str, next: &str, next_signature: &str| crate::CommitProof {
         signature: signature.into(),
         next_epoch_key: next.into(),
+        next_epoch_signature: next_signature.into(),
     };
-    let (sig, next) = (proof.signature.clone(), proof.next_epoch_key.clone());
+    let (sig, next, next_sig) = (
+        proof.signature.as_str(),
+        proof.next_epoch_key.as_str(),
+        proof.next_epoch_signature.as_str(),
+    );
     for p in [
-        bad("zz", &next),
-        bad(&sig[2..], &next),
-        bad(&format!("{sig}00"), &next),
-        bad(&sig, &next[2..]),
-        bad(&sig, "not hex at all"),
-        bad("", ""),
+        bad("zz", next, next_sig),
+        bad(&sig[2..], next, next_sig),
+        bad(&format!("{sig}00"), next, next_sig),
+        bad(sig, &next[2..], next_sig),
+        bad(sig, "not hex at all", next_sig),
+        bad(sig, next, &next_sig[1..]),
+        bad("", "", ""),
     ] {
         assert!(
-            matches!(p.check_form(), Err(ProofError::Malformed(_))),
+            matches!(p.next_key("ab", 7, &hash), Err(ProofError::Malformed(_))),
+            "{p:?}"
+        );
+        assert!(
+            matches!(
+                p.verify(&key, "ab", 7, &hash),
+                Err(ProofError::Malformed(_))
+            ),
             "{p:?}"
         );
     }
-    assert!(matches!(
-        bad("zz", &next).verify(&key, "ab", 7, &hash),
-        Err(ProofError::Malformed(_))
-    ));
 }

@@ -262,11 +262,11 @@ async fn a_home_from_before_commit_proofs_is_asked_without_one() {
     let erin = fed.api(b, "erin").unwrap();
     erin.submit_once(&req).await.unwrap();
     assert_eq!(*orders.lock().unwrap(), [false, true]);
-    // Taken here, with the key it names for the next epoch.
+    // Taken here, following the home (which keeps the keys, once upgraded).
     assert_eq!(
         fed.count(
             b,
-            "SELECT COUNT(*) FROM group_commits WHERE next_key IS NOT NULL"
+            "SELECT COUNT(*) FROM group_commits WHERE next_key IS NULL"
         )
         .unwrap(),
         1

@@ -1598,6 +1598,93 @@ async fn a_member_removed_from_a_case_cannot_take_its_next_epoch() {
     fed.stop_all().await;
 }
 
+/// A member removed from a case has the Commit that removed her (it came to
+/// her). Sent again through a gateway that is not the case's home, the
+/// home takes it as the Commit it bound already; the record there follows
+/// the home and keeps no key, so the key she names with it for the next
+/// epoch (one she holds) cannot stop the members' next change there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_cannot_name_the_next_epochs_key_where_the_case_has_no_home() {
+    let mut fed = federation_with_keys().await;
+    let (north, south) = (fed.index("northshire"), fed.index("southvale"));
+    // dan (southvale) refers to alice (northshire): southvale is the home.
+    let mut dan = worker(&fed, south, "dan");
+    let case = refer_to(&mut dan, "user:alice@northshire", b"referral").await;
+    let mut alice = worker(&fed, north, "alice");
+    assert_eq!(texts(&read(&mut alice).await), ["referral"]);
+    alice
+        .handover(&case, &to("user:bob@northshire"), None)
+        .await
+        .unwrap();
+    let events = read(&mut dan).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Membership { removed, .. }
+        if removed.iter().any(|r| r.ends_with("/user/alice")))),
+        "{events:?}"
+    );
+    let mut bob = worker(&fed, north, "bob");
+    joins(&mut bob, &case).await;
+
+    // The Commit that removed her, as it came to her.
+    let api = fed.api(north, "alice").unwrap();
+    let waiting = api.inbox(Duration::ZERO).await.unwrap().messages;
+    let item = waiting
+        .iter()
+        .find(|m| {
+            m.envelope.sender.user.as_str() == "dan" && m.envelope.category.as_str() == "handover"
+        })
+        .expect("the Commit that removed her");
+    let commit = api.fetch(&item.envelope.message_id).await.unwrap().body.0;
+    let (group, epoch) = match proto::mls::MlsMessageInfo::parse(&commit).unwrap() {
+        proto::mls::MlsMessageInfo::PrivateMessage(m)
+        | proto::mls::MlsMessageInfo::PublicMessage(m) => (hex::encode(m.group_id()), m.epoch()),
+        other => panic!("{other:?}"),
+    };
+    // Sent again by her, naming a next key of her own (she holds it).
+    let own = proto::CommitProof::make(
+        &[1; 32],
+        &[9; 32],
+        &group,
+        epoch,
+        &proto::Body(commit.clone()).hash(),
+    );
+    let again = proto::SubmitRequest {
+        idempotency_key: proto::IdempotencyKey::new("again-1".to_owned()).unwrap(),
+        recipient: to("user:bob@northshire"),
+        category: category("handover"),
+        urgent: false,
+        kind: proto::MessageKind::Mls,
+        disclosure: None,
+        commit_proof: Some(own),
+        body: proto::Body(commit),
+    };
+    api.submit_once(&again).await.unwrap();
+    assert_eq!(
+        fed.count(
+            north,
+            "SELECT COUNT(*) FROM group_commits WHERE next_key IS NOT NULL"
+        )
+        .unwrap(),
+        0,
+        "a key was kept where the case has no home"
+    );
+
+    // bob, a member of the next epoch, changes the case through northshire.
+    bob.add(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    let added = |events: &[Event]| {
+        events.iter().any(|e| {
+            matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/gita")))
+        })
+    };
+    assert!(added(&read_until(&mut dan, added).await));
+    fed.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_waits_while_its_groups_home_gateway_is_out_of_reach() {
     let mut fed = federation_with_keys().await;
