@@ -1685,6 +1685,65 @@ async fn a_removed_member_cannot_name_the_next_epochs_key_where_the_case_has_no_
     fed.stop_all().await;
 }
 
+/// A client upgraded while one of its changes to a case waited (staged
+/// before it made proofs, the case's home out of reach): once the case's
+/// changes carry proofs, that change is refused, dropped and told as such,
+/// and the case goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_staged_before_proofs_is_dropped_and_the_case_goes_on() {
+    let mut fed = federation_with_keys().await;
+    let (north, south) = (fed.index("northshire"), fed.index("southvale"));
+    let mut alice = worker(&fed, north, "alice");
+    let case = refer_to(&mut alice, "user:dan@southvale", b"referral").await;
+    let mut dan = worker(&fed, south, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["referral"]);
+    // dan's first change names the next epoch's key at the home.
+    dan.add(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    // His next waits, the home out of reach (his client stopped while it
+    // was sending it again)...
+    fed.stop(north).await;
+    let waited = tokio::time::timeout(
+        Duration::from_secs(2),
+        dan.add(&case, &to("user:farah@southvale"), None),
+    )
+    .await;
+    assert!(waited.is_err(), "{waited:?}");
+    // ...as a client from before proofs staged it.
+    drop(dan);
+    let meta_path = ClientConfig::load(&fed.client_config_path(south, "dan"))
+        .unwrap()
+        .data_directory()
+        .join("cases.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["staged"][&case]["proof"] = serde_json::Value::Null;
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    fed.start(north).await.unwrap();
+
+    let mut dan = worker(&fed, south, "dan");
+    let events = read(&mut dan).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Overtaken { case_id } if *case_id == case)),
+        "{events:?}"
+    );
+    // Made again, with its proof, it goes through.
+    dan.add(&case, &to("user:farah@southvale"), None)
+        .await
+        .unwrap();
+    let added = |events: &[Event]| {
+        events.iter().any(|e| {
+            matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/farah")))
+        })
+    };
+    assert!(added(&read_until(&mut alice, added).await));
+    fed.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_waits_while_its_groups_home_gateway_is_out_of_reach() {
     let mut fed = federation_with_keys().await;
