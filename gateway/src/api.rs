@@ -601,6 +601,7 @@ async fn inbox(
     State(shared): State<Arc<Shared>>,
     Extension(peer): Extension<VerifiedPeer>,
     cert: Option<Extension<Arc<certs::ConnectionCertificate>>>,
+    activity: Option<Extension<Arc<crate::connection::Activity>>>,
     query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<InboxResponse>, Failure> {
     let (_, mut mb) = user_of(&shared, &peer)?;
@@ -649,6 +650,11 @@ async fn inbox(
         if let Some(Extension(cert)) = &cert {
             if let Err(e) = cert.check(shared.crls.revocations()) {
                 count_refusal(&shared, &peer, &e);
+                // The connection carries nothing more (HTTP/2 included,
+                // where `Connection: close` means nothing).
+                if let Some(Extension(activity)) = &activity {
+                    activity.end();
+                }
                 return Err(revoked_failure(&e));
             }
         }

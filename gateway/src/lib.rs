@@ -1114,6 +1114,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     req.extensions_mut().insert(peer.clone());
                     // For a long-poll, which outlasts its start.
                     req.extensions_mut().insert(cert.clone());
+                    // For a long-poll refused when it wakes: it ends the
+                    // connection, as a refusal here does.
+                    req.extensions_mut().insert(activity.clone());
                     let (router, shared) = (router.clone(), shared.clone());
                     async move {
                         let resp = match revoked {

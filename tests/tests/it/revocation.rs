@@ -263,6 +263,83 @@ async fn an_http2_connection_is_ended_once_its_certificate_is_revoked() {
     fed.stop_all().await;
 }
 
+/// A long-poll waiting on an HTTP/2 connection when its certificate is
+/// revoked is refused when it wakes, and that refusal ends the connection
+/// too (GOAWAY), as a refused request does: the next request needs a new
+/// connection, which is refused in its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_refused_for_a_revocation_ends_its_http2_connection() {
+    let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
+    let a = fed.index("northshire");
+    let ca = fed.ca(a).unwrap();
+    let alice = Identity::User(AreaId::new("northshire").unwrap(), user("alice"));
+    let stolen = ca.issue(&alice, YEAR).unwrap();
+    let crl = publishing(&fed, a, &ca);
+    fed.serve_metrics(a).unwrap();
+    fed.start(a).await.unwrap();
+    let tls = certs::user_client_config(
+        &stolen.credentials().unwrap(),
+        &fed.areas[a].area,
+        &fed.ca_certs(a).unwrap(),
+    )
+    .unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let base = format!("https://127.0.0.1:{}", fed.port(a).unwrap());
+    let ok = http.get(format!("{base}/v1/health")).send().await.unwrap();
+    assert_eq!(
+        (ok.version(), ok.status().as_u16()),
+        (reqwest::Version::HTTP_2, 200)
+    );
+    let poll = tokio::spawn({
+        let (http, url) = (http.clone(), format!("{base}/v1/inbox?wait=30"));
+        async move { http.get(url).send().await }
+    });
+    let waiting = || async {
+        fed.metrics_text(a)
+            .await
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == "gateway_inbox_long_polls_waiting 1")
+    };
+    assert!(
+        eventually(LIMIT, waiting).await,
+        "the long-poll never waited"
+    );
+
+    publish(&crl, &ca, &[&stolen], 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A message for alice wakes the long-poll: refused.
+    fed.api(a, "bob")
+        .unwrap()
+        .submit(&message("user:alice@northshire", "wake", b"x".to_vec()).unwrap())
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(LIMIT, poll)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused
+        .text()
+        .await
+        .unwrap()
+        .contains("certificate_revoked"));
+    // The connection was ended with it: the next request is not answered on
+    // it (a new connection is refused in its handshake; a request that went
+    // out before the client saw the end is cancelled with it).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..2 {
+        let next = http.get(format!("{base}/v1/health")).send().await;
+        assert!(next.is_err(), "{next:?}");
+    }
+    fed.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_carries_nothing_once_its_certificate_has_expired() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
