@@ -258,6 +258,10 @@ struct Referral {
     message: Option<Vec<u8>>,
     /// Those it could not reach (no keys), as the first time.
     missing: Vec<String>,
+    /// The case's first epoch, to be bound at its home (here) before the
+    /// Welcome goes out, until it is (none in a record from before proofs).
+    #[serde(default)]
+    first_epoch: Option<proto::CommitOrder>,
 }
 
 /// Our Commit to a case, kept from before it is sent until the gateway
@@ -492,6 +496,18 @@ fn team_in_area(addrs: &[String], user: &str) -> bool {
 }
 
 /// Whether `e` is the gateway out of reach or busy for now, not a refusal.
+/// Whether the gateway refused our change as not proven to come from a
+/// member of the case's current epoch (see [`proto::CommitProof`]).
+fn unproven(e: &CaseError) -> bool {
+    matches!(
+        e,
+        CaseError::Client(ClientError::Api {
+            code: proto::ErrorCode::UnprovenCommit,
+            ..
+        })
+    )
+}
+
 fn for_now(e: &CaseError) -> bool {
     match e {
         CaseError::Client(ClientError::Transport(_)) => true,
@@ -871,15 +887,22 @@ impl Caseworker {
                 }
                 let (kps, missing) = self.claim(to).await?;
                 let group = self.mls.create_group(&case_id)?;
-                let (_commit, welcome) = self.mls.add_members(&group, &kps)?;
+                let made = self.mls.add_members_proven(&group, &kps)?;
                 let message = self.mls.encrypt(&group, body)?;
+                let first_epoch = proto::CommitOrder {
+                    group_id: group.to_string(),
+                    epoch: made.epoch,
+                    content_hash: proto::ContentHash(crate::mls::sha256(&made.commit)),
+                    proof: Some(made.proof),
+                };
                 let r = Referral {
                     case_id: case_id.clone(),
                     to: to.to_string(),
                     what,
-                    welcome: Some(welcome),
+                    welcome: Some(made.welcome),
                     message: Some(message),
                     missing,
+                    first_epoch: Some(first_epoch),
                 };
                 self.meta.cases.insert(case_id, vec![to.to_string()]);
                 self.meta.referrals.insert(key.clone(), r.clone());
@@ -888,6 +911,26 @@ impl Caseworker {
             }
         };
         let case_id = referral.case_id.clone();
+        if let Some(order) = &referral.first_epoch {
+            // Before anyone else knows the group's id: the case's next
+            // change then takes a proof too.
+            match self.api.order_commit(order).await {
+                Ok(_) => {}
+                // A gateway from before this: the case's first change takes
+                // no proof there, as before.
+                Err(ClientError::Api {
+                    code: proto::ErrorCode::NotFound,
+                    ..
+                }) => {
+                    tracing::warn!("the gateway does not take a case's first epoch (an older version): its first change will need no proof");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(r) = self.meta.referrals.get_mut(&key) {
+                r.first_epoch = None;
+            }
+            self.save()?;
+        }
         if let Some(welcome) = referral.welcome {
             self.submit(
                 &referral.to,
@@ -1154,12 +1197,7 @@ impl Caseworker {
                 // change staged before this client made proofs): dropped,
                 // and the gateway's reason told, not taken for another
                 // member's change.
-                Err(
-                    e @ CaseError::Client(ClientError::Api {
-                        code: proto::ErrorCode::UnprovenCommit,
-                        ..
-                    }),
-                ) if !taken => {
+                Err(e) if !taken && unproven(&e) => {
                     self.mls.abandon_commit(&group)?;
                     self.unstage(case_id, Settled::Overtaken)?;
                     return Err(e);
@@ -1247,12 +1285,7 @@ impl Caseworker {
                     continue;
                 }
                 // Dropped (see `settle`): told, and the other cases read.
-                Err(
-                    e @ CaseError::Client(ClientError::Api {
-                        code: proto::ErrorCode::UnprovenCommit,
-                        ..
-                    }),
-                ) => {
+                Err(e) if unproven(&e) => {
                     tracing::warn!(case = %case_id, error = %e, "a change to this case was refused and dropped; make it again");
                     events.push(Event::Overtaken { case_id });
                     continue;
@@ -1497,10 +1530,17 @@ impl Caseworker {
                 .await
             {
                 Ok(mut more) => events.append(&mut more),
-                // The gateway out of reach: the next read tries again.
-                Err(e @ CaseError::Client(_)) => return Err(e),
+                // The gateway out of reach (or not trusted, or not trusting
+                // this client): the next read tries again.
+                Err(e @ CaseError::Client(_))
+                    if for_now(&e) || !matches!(&e, CaseError::Client(ClientError::Api { .. })) =>
+                {
+                    return Err(e)
+                }
                 // The request cannot be committed now (its old lead gone,
-                // say): dropped, as a request refused when first read is.
+                // say, or the gateway refused the change for good, as one
+                // not proven: the case's other changes and reads go on):
+                // dropped, as a request refused when first read is.
                 Err(e) => {
                     tracing::warn!(case = %case_id, error = %e, "a handover request could not be committed again; dropped");
                     self.meta.handover_requests.remove(&case_id);

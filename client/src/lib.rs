@@ -739,6 +739,18 @@ impl Api {
         self.get("/v1/keypackages").await
     }
 
+    /// Binds an epoch of a group whose home is this gateway to a Commit, with
+    /// its proof, without sending the Commit to anyone: a group's maker does
+    /// so for the Commit that made it (see [`proto::CommitProof`]).
+    pub async fn order_commit(
+        &self,
+        order: &proto::CommitOrder,
+    ) -> Result<proto::CommitOrdered, ClientError> {
+        let body = serde_json::to_vec(order).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let v = self.post_raw("/v1/commits", body).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// Claims one KeyPackage for each member of a user or team, here or in a peer area.
     pub async fn claim(
         &self,

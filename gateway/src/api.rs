@@ -302,6 +302,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/keypackages/claim", post(claim_key_packages))
         .route("/v1/federation/keypackages/claim", post(federation_claim))
         .route("/v1/federation/commits", post(federation_commit_order))
+        .route("/v1/commits", post(own_commit_order))
         .route("/v1/policy", get(get_policy))
         .route("/v1/me", get(me))
         .route("/v1/federation/policy", get(federation_policy))
@@ -1285,6 +1286,40 @@ async fn federation_commit_order(
 ) -> Result<Json<proto::CommitOrdered>, Failure> {
     let area = peer_of(&shared, &peer)?;
     let order: proto::CommitOrder = parse_json(body)?;
+    let epoch = order.epoch;
+    let ordered = bind_at_home(&shared, order).await?;
+    tracing::debug!(peer = %area, epoch, "a peer's Commit took its epoch");
+    Ok(ordered)
+}
+
+/// `POST /v1/commits`: a member who has just made a group here (its home)
+/// binds its first epoch to the Commit that made it, with its proof, before
+/// anyone else knows the group's id: the group's next change then takes a
+/// proof too (see [`proto::CommitProof`]). The Commit itself goes to no one
+/// (its only member made it).
+async fn own_commit_order(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<VerifiedPeer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<proto::CommitOrdered>, Failure> {
+    user_of(&shared, &peer)?;
+    let order: proto::CommitOrder = parse_json(body)?;
+    if order.proof.is_none() {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedRequest,
+            "proof: a Commit ordered alone comes with its proof",
+        ));
+    }
+    bind_at_home(&shared, order).await
+}
+
+/// Binds an epoch of a group whose home is this gateway to a Commit, as
+/// `order` asks, checking its proof.
+async fn bind_at_home(
+    shared: &Shared,
+    order: proto::CommitOrder,
+) -> Result<Json<proto::CommitOrdered>, Failure> {
     let bad = |m: String| Failure::new(StatusCode::BAD_REQUEST, ErrorCode::MalformedRequest, m);
     let id = hex::decode(&order.group_id).map_err(|e| bad(format!("group_id: {e}")))?;
     if proto::mls::home_of_group(&id).as_ref() != Some(&shared.config.area) {
@@ -1294,9 +1329,8 @@ async fn federation_commit_order(
         )));
     }
     // Recorded as this gateway's own submissions record it (lowercase hex).
-    let group = hex::encode(&id);
     let commit = CommitOf {
-        group,
+        group: hex::encode(&id),
         epoch: order.epoch,
         home: Some(shared.config.area.clone()),
     };
@@ -1306,10 +1340,7 @@ async fn federation_commit_order(
         .order_commit(commit.group, order.epoch, order.content_hash, order.proof)
         .await?
     {
-        crate::store::Bind::Bound => {
-            tracing::debug!(peer = %area, epoch = order.epoch, "a peer's Commit took its epoch");
-            Ok(Json(proto::CommitOrdered { epoch: order.epoch }))
-        }
+        crate::store::Bind::Bound => Ok(Json(proto::CommitOrdered { epoch: order.epoch })),
         crate::store::Bind::Stale(newest) => Err(Failure::stale_epoch(newest)),
         crate::store::Bind::Ahead(newest) => Err(Failure::epoch_ahead(newest)),
         crate::store::Bind::Unproven(why) => Err(Failure::unproven_commit(why)),

@@ -482,12 +482,14 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Lingering<S> {
 
 /// Closes a served connection's stream (given back by [`Lingering`]) as
 /// [`drain`] does, reading at most [`SERVED_LINGER_BYTES`]; one `served`
-/// says was cut short is dropped as it is, mid-write, as before.
+/// says was cut short, or ended with an error (mid-response, perhaps), is
+/// dropped as it is, as before: a clean close would make what it was
+/// writing look whole.
 pub(crate) async fn linger<S, E>(back: tokio::sync::oneshot::Receiver<S>, served: &Served<E>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if served.cut_short {
+    if served.cut_short || served.error.is_some() {
         return;
     }
     if let Ok(stream) = back.await {

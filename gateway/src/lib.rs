@@ -874,11 +874,8 @@ pub async fn run(
 
 /// How much of what a client sends is read while a refused handshake's
 /// connection is drained (for at most [`connection::LINGER`]) before it is
-/// dropped.
-const HANDSHAKE_LINGER_BYTES: usize = 64 * 1024;
-
-/// Closes a connection whose handshake was refused so that the client reads
-/// the alert saying why (`certificate_revoked`, `bad_certificate`, ...).
+/// dropped, so that the client reads the alert saying why
+/// (`certificate_revoked`, `bad_certificate`, ...).
 ///
 /// In TLS 1.3 a client sends its first request right after its own
 /// `Finished`, before the server has judged its certificate. Dropping the
@@ -887,12 +884,10 @@ const HANDSHAKE_LINGER_BYTES: usize = 64 * 1024;
 /// "connection reset" instead of the alert: a revoked laptop would be told
 /// its network failed. So the write side is shut and what the client sends
 /// is read and discarded until it closes,
-/// for at most [`connection::LINGER`] and [`HANDSHAKE_LINGER_BYTES`]. (The TLS layer has made
-/// its last attempt to write the alert; a client that never reads it
-/// loses nothing by this.)
-async fn linger(tcp: tokio::net::TcpStream) {
-    connection::drain(tcp, HANDSHAKE_LINGER_BYTES).await;
-}
+/// for at most [`connection::LINGER`] and this many bytes
+/// ([`connection::drain`]). (The TLS layer has made its last attempt to
+/// write the alert; a client that never reads it loses nothing by this.)
+const HANDSHAKE_LINGER_BYTES: usize = 64 * 1024;
 
 /// Files the gateway keeps open beside its connections: the store's
 /// database, WAL and body segments, its connections to peers, the metrics
@@ -1072,7 +1067,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 Ok(Err((e, tcp))) => {
                     shared.metrics.tls_failures.inc();
                     tracing::info!(%remote, error = %e, "TLS handshake failed");
-                    linger(tcp).await;
+                    connection::drain(tcp, HANDSHAKE_LINGER_BYTES).await;
                     return;
                 }
                 Err(_) => {

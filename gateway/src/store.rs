@@ -2132,8 +2132,9 @@ fn bind_commit(
 
 /// The key the Commit that started `epoch` named, if any, checked against
 /// `proof`: the key its proof names for the next epoch (none without a
-/// proof), or why not. None is asked for after a Commit that named no key
-/// (a group's first Commit seen, one from a client before proofs), as
+/// proof), or why not. No proof is asked for where the epoch's key is not
+/// known here (no Commit bound here started the epoch with one: the group
+/// is new here, or a client from before proofs made that Commit), as
 /// before proofs; a proof that comes anyway must show it holds the key it
 /// names.
 fn proven(

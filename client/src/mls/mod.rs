@@ -503,6 +503,8 @@ pub struct OwnCommit {
     pub adds: Vec<String>,
     /// The proof that a member of the epoch made it, for the gateway.
     pub proof: proto::CommitProof,
+    /// The epoch it was made in.
+    pub epoch: u64,
 }
 
 /// Judges a chronology message's plaintext, given its case id, before it
@@ -802,20 +804,35 @@ impl MlsClient {
     /// Adds the owners of `key_packages` (validated; each must be a user
     /// URI) in one commit, merged here at once. Returns `(commit, welcome)`:
     /// the commit goes to the existing members, the Welcome to the new ones.
+    /// (Its proof is left out: see [`MlsClient::add_members_proven`].)
     pub fn add_members(
         &mut self,
         group: &GroupId,
         key_packages: &[Vec<u8>],
     ) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+        let own = self.add_members_proven(group, key_packages)?;
+        Ok((own.commit, own.welcome))
+    }
+
+    /// As [`MlsClient::add_members`], with the Commit's proof: a group's
+    /// maker has its home bind the group's first epoch with it before the
+    /// Welcome goes out.
+    pub fn add_members_proven(
+        &mut self,
+        group: &GroupId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<OwnCommit, MlsError> {
         if key_packages.is_empty() {
             return Err(MlsError::InvalidArgument("no KeyPackages".into()));
         }
-        let kps = key_packages
+        let (kps, adds): (Vec<_>, Vec<_>) = key_packages
             .iter()
-            .map(|b| self.validate_key_package(b).map(|(kp, _)| kp))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|b| self.validate_key_package(b))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let own = self.commit_change(group, Vec::new(), kps, true)?;
-        Ok((own.commit, own.welcome))
+        Ok(OwnCommit { adds, ..own })
     }
 
     /// As [`MlsClient::add_members`], but the commit is left pending here:
@@ -905,7 +922,8 @@ impl MlsClient {
     }
 
     /// Removes every leaf of `member` in one commit, merged here. Returns the
-    /// commit for the other members.
+    /// commit for the other members (without its proof: a gateway whose
+    /// record of the group names keys refuses it).
     pub fn remove_member(&mut self, group: &GroupId, member: &str) -> Result<Vec<u8>, MlsError> {
         let leaves = self.leaves_of(group, member)?;
         Ok(self.commit_change(group, leaves, Vec::new(), true)?.commit)
@@ -994,6 +1012,7 @@ impl MlsClient {
                 welcome,
                 adds: Vec::new(),
                 proof,
+                epoch,
             })
         })
     }

@@ -1486,6 +1486,63 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
     ));
 }
 
+/// A new case's first epoch is bound at its home, with its proof, before
+/// the Welcome goes out: so its first change takes a proof too, and
+/// someone who learns the group's id from a message's framing (a team
+/// member outside the case, say) cannot freeze the case before it changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cases_first_change_takes_a_proof_too() {
+    let mut fed = federation_with_keys().await;
+    let (north, south) = (fed.index("northshire"), fed.index("southvale"));
+    let mut alice = worker(&fed, north, "alice");
+    let case = refer_to(&mut alice, "user:dan@southvale", b"referral").await;
+    let db = rusqlite::Connection::open(fed.db_path(north)).unwrap();
+    let (group, epoch, keyed): (String, i64, bool) = db
+        .query_row(
+            "SELECT group_id, epoch, next_key IS NOT NULL FROM group_commits",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((epoch, keyed), (0, true));
+    let junk = tests::made_up_commit(&hex::decode(&group).unwrap(), 1);
+    let submission = proto::SubmitRequest {
+        idempotency_key: proto::IdempotencyKey::new("first-junk".to_owned()).unwrap(),
+        recipient: to("user:dan@southvale"),
+        category: category("membership"),
+        urgent: false,
+        kind: proto::MessageKind::Mls,
+        disclosure: None,
+        commit_proof: None,
+        body: proto::Body(junk),
+    };
+    match fed
+        .api(south, "gita")
+        .unwrap()
+        .submit_once(&submission)
+        .await
+    {
+        Err(client::ClientError::Api { status, code, .. }) => {
+            assert_eq!((status, code), (403, ErrorCode::UnprovenCommit));
+        }
+        other => panic!("taken: {other:?}"),
+    }
+    // The members' first change goes through.
+    let mut dan = worker(&fed, south, "dan");
+    assert_eq!(texts(&read(&mut dan).await), ["referral"]);
+    dan.add(&case, &to("user:gita@southvale"), None)
+        .await
+        .unwrap();
+    let added = |events: &[Event]| {
+        events.iter().any(|e| {
+            matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with("/user/gita")))
+        })
+    };
+    assert!(added(&read_until(&mut alice, added).await));
+    fed.stop_all().await;
+}
+
 /// A member removed from a case knows its group id, and its epochs can be
 /// counted: before proofs, a Commit of her making (any bytes so framed)
 /// could take the case's next epoch at its home, and every real change
