@@ -1158,24 +1158,7 @@ COMMIT;
 /// [`Bind::Unproven`]); those bound before named none. One transaction.
 /// (Migrated from before `group_commits`, the schema makes it whole.)
 fn migrate_7_to_8(c: &Connection) -> Result<(), StoreError> {
-    c.execute_batch("BEGIN IMMEDIATE")?;
-    let done = (|| {
-        let table: bool = c
-            .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'group_commits'")?
-            .exists([])?;
-        let column: bool = c
-            .prepare("SELECT 1 FROM pragma_table_info('group_commits') WHERE name = 'next_key'")?
-            .exists([])?;
-        if table && !column {
-            c.execute_batch("ALTER TABLE group_commits ADD COLUMN next_key BLOB")?;
-        }
-        c.execute_batch("PRAGMA user_version = 8; COMMIT;")?;
-        Ok(())
-    })();
-    if done.is_err() {
-        let _ = c.execute_batch("ROLLBACK");
-    }
-    done
+    add_column(c, 8, "group_commits", "next_key", "BLOB", |_| Ok(()))
 }
 
 /// Schema 6 to 7: each KeyPackage's lifetime, so that an expired one is
@@ -1184,21 +1167,42 @@ fn migrate_7_to_8(c: &Connection) -> Result<(), StoreError> {
 /// (Migrated from before schema 6, the database has no `key_packages` yet:
 /// the schema makes it whole.)
 fn migrate_6_to_7(c: &Connection) -> Result<(), StoreError> {
+    add_column(
+        c,
+        7,
+        "key_packages",
+        "not_after_s",
+        "INTEGER",
+        fill_key_package_lifetimes,
+    )
+}
+
+/// One migration step in one transaction: `table` (if it is there; the
+/// schema makes a missing one whole) gets `column` of `kind` if it has it
+/// not, `fill` fills it, and the schema is `version`; or nothing changes.
+fn add_column(
+    c: &Connection,
+    version: i64,
+    table: &str,
+    column: &str,
+    kind: &str,
+    fill: fn(&Connection) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     c.execute_batch("BEGIN IMMEDIATE")?;
     let done = (|| {
-        let table: bool = c
-            .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'key_packages'")?
-            .exists([])?;
-        let column: bool = c
-            .prepare("SELECT 1 FROM pragma_table_info('key_packages') WHERE name = 'not_after_s'")?
-            .exists([])?;
-        if table && !column {
-            c.execute_batch("ALTER TABLE key_packages ADD COLUMN not_after_s INTEGER")?;
+        let has_table: bool = c
+            .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1")?
+            .exists([table])?;
+        let has_column: bool = c
+            .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+            .exists([table, column])?;
+        if has_table && !has_column {
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
-        if table {
-            fill_key_package_lifetimes(c)?;
+        if has_table {
+            fill(c)?;
         }
-        c.execute_batch("PRAGMA user_version = 7; COMMIT;")?;
+        c.execute_batch(&format!("PRAGMA user_version = {version}; COMMIT;"))?;
         Ok(())
     })();
     if done.is_err() {

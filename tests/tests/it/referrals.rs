@@ -1486,6 +1486,75 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
     ));
 }
 
+/// An MLS Commit (`body`) submitted to `to_whom` under `key`, with `proof`.
+fn commit_to(
+    to_whom: &str,
+    key: &str,
+    body: Vec<u8>,
+    proof: Option<proto::CommitProof>,
+) -> proto::SubmitRequest {
+    proto::SubmitRequest {
+        idempotency_key: proto::IdempotencyKey::new(key.to_owned()).unwrap(),
+        recipient: to(to_whom),
+        category: category("membership"),
+        urgent: false,
+        kind: proto::MessageKind::Mls,
+        disclosure: None,
+        commit_proof: proof,
+        body: proto::Body(body),
+    }
+}
+
+/// A submission refused as a Commit no member of the epoch proved.
+fn refused_unproven(r: Result<proto::SubmitResponse, client::ClientError>) {
+    match r {
+        Err(client::ClientError::Api { status, code, .. }) => {
+            assert_eq!((status, code), (403, ErrorCode::UnprovenCommit));
+        }
+        other => panic!("taken: {other:?}"),
+    }
+}
+
+/// alice hands `case` to bob (northshire); `committer`, reading, commits
+/// it, and she is out; bob joins. Returns bob.
+async fn alice_hands_over_to_bob(
+    fed: &Federation,
+    alice: &mut Caseworker,
+    case: &str,
+    committer: &mut Caseworker,
+) -> Caseworker {
+    alice
+        .handover(case, &to("user:bob@northshire"), None)
+        .await
+        .unwrap();
+    let events = read(committer).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Membership { removed, .. }
+        if removed.iter().any(|r| r.ends_with("/user/alice")))),
+        "{events:?}"
+    );
+    let mut bob = worker(fed, fed.index("northshire"), "bob");
+    joins(&mut bob, case).await;
+    bob
+}
+
+/// `by` adds `user` (of southvale) to `case`, and `reader` reads that.
+async fn adds(by: &mut Caseworker, case: &str, user: &str, reader: &mut Caseworker) {
+    by.add(case, &to(&format!("user:{user}@southvale")), None)
+        .await
+        .unwrap();
+    let suffix = format!("/user/{user}");
+    let added = |events: &[Event]| {
+        events.iter().any(|e| {
+            matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with(&suffix)))
+        })
+    };
+    assert!(added(&read_until(reader, added).await));
+}
+
 /// A new case's first epoch is bound at its home, with its proof, before
 /// the Welcome goes out: so its first change takes a proof too, and
 /// someone who learns the group's id from a message's framing (a team
@@ -1506,40 +1575,17 @@ async fn a_new_cases_first_change_takes_a_proof_too() {
         .unwrap();
     assert_eq!((epoch, keyed), (0, true));
     let junk = tests::made_up_commit(&hex::decode(&group).unwrap(), 1);
-    let submission = proto::SubmitRequest {
-        idempotency_key: proto::IdempotencyKey::new("first-junk".to_owned()).unwrap(),
-        recipient: to("user:dan@southvale"),
-        category: category("membership"),
-        urgent: false,
-        kind: proto::MessageKind::Mls,
-        disclosure: None,
-        commit_proof: None,
-        body: proto::Body(junk),
-    };
-    match fed
-        .api(south, "gita")
-        .unwrap()
-        .submit_once(&submission)
-        .await
-    {
-        Err(client::ClientError::Api { status, code, .. }) => {
-            assert_eq!((status, code), (403, ErrorCode::UnprovenCommit));
-        }
-        other => panic!("taken: {other:?}"),
-    }
+    let submission = commit_to("user:dan@southvale", "first-junk", junk, None);
+    refused_unproven(
+        fed.api(south, "gita")
+            .unwrap()
+            .submit_once(&submission)
+            .await,
+    );
     // The members' first change goes through.
     let mut dan = worker(&fed, south, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["referral"]);
-    dan.add(&case, &to("user:gita@southvale"), None)
-        .await
-        .unwrap();
-    let added = |events: &[Event]| {
-        events.iter().any(|e| {
-            matches!(e, Event::Membership { added, .. }
-            if added.iter().any(|a| a.ends_with("/user/gita")))
-        })
-    };
-    assert!(added(&read_until(&mut alice, added).await));
+    adds(&mut dan, &case, "gita", &mut alice).await;
     fed.stop_all().await;
 }
 
@@ -1559,20 +1605,7 @@ async fn a_member_removed_from_a_case_cannot_take_its_next_epoch() {
     let mut dan = worker(&fed, south, "dan");
     assert_eq!(texts(&read(&mut dan).await), ["first referral"]);
     // alice hands the case to bob; dan commits it, and she is out.
-    alice
-        .handover(&case, &to("user:bob@northshire"), None)
-        .await
-        .unwrap();
-    let events = read(&mut dan).await;
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Membership { removed, .. }
-        if removed.iter().any(|r| r.ends_with("/user/alice")))),
-        "{events:?}"
-    );
-    let mut bob = worker(&fed, north, "bob");
-    joins(&mut bob, &case).await;
+    let mut bob = alice_hands_over_to_bob(&fed, &mut alice, &case, &mut dan).await;
 
     // What she knows: the group, and the epoch after the newest bound.
     let db = rusqlite::Connection::open(fed.db_path(north)).unwrap();
@@ -1592,24 +1625,12 @@ async fn a_member_removed_from_a_case_cannot_take_its_next_epoch() {
     let epoch = u64::try_from(epoch).unwrap();
     let junk = tests::made_up_commit(&hex::decode(&group).unwrap(), epoch + 1);
     let hash = proto::Body(junk.clone()).hash();
-    let submission = |key: &str, proof: Option<proto::CommitProof>| proto::SubmitRequest {
-        idempotency_key: proto::IdempotencyKey::new(key.to_owned()).unwrap(),
-        recipient: to("user:bob@northshire"),
-        category: category("membership"),
-        urgent: false,
-        kind: proto::MessageKind::Mls,
-        disclosure: None,
-        commit_proof: proof,
-        body: proto::Body(junk.clone()),
+    let submission = |key: &str, proof: Option<proto::CommitProof>| {
+        commit_to("user:bob@northshire", key, junk.clone(), proof)
     };
     // A key of her choosing (she cannot derive the epoch's).
     let guessed = proto::CommitProof::make(&[1; 32], &[2; 32], &group, epoch + 1, &hash);
-    let refused = |r: Result<proto::SubmitResponse, client::ClientError>| match r {
-        Err(client::ClientError::Api { status, code, .. }) => {
-            assert_eq!((status, code), (403, ErrorCode::UnprovenCommit));
-        }
-        other => panic!("taken: {other:?}"),
-    };
+    let refused = refused_unproven;
     // At the case's home, through her own gateway; and through another
     // area's gateway, which asks the home.
     let at_home = fed.api(north, "alice").unwrap();
@@ -1641,16 +1662,7 @@ async fn a_member_removed_from_a_case_cannot_take_its_next_epoch() {
 
     // The members' next change takes the epoch, with its proof, and the
     // case goes on.
-    dan.add(&case, &to("user:gita@southvale"), None)
-        .await
-        .unwrap();
-    let added = |events: &[Event]| {
-        events.iter().any(|e| {
-            matches!(e, Event::Membership { added, .. }
-            if added.iter().any(|a| a.ends_with("/user/gita")))
-        })
-    };
-    assert!(added(&read_until(&mut bob, added).await));
+    adds(&mut dan, &case, "gita", &mut bob).await;
     assert_eq!(bound(keyed), keyed_before + 1);
     fed.stop_all().await;
 }
@@ -1669,20 +1681,7 @@ async fn a_removed_member_cannot_name_the_next_epochs_key_where_the_case_has_no_
     let case = refer_to(&mut dan, "user:alice@northshire", b"referral").await;
     let mut alice = worker(&fed, north, "alice");
     assert_eq!(texts(&read(&mut alice).await), ["referral"]);
-    alice
-        .handover(&case, &to("user:bob@northshire"), None)
-        .await
-        .unwrap();
-    let events = read(&mut dan).await;
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Membership { removed, .. }
-        if removed.iter().any(|r| r.ends_with("/user/alice")))),
-        "{events:?}"
-    );
-    let mut bob = worker(&fed, north, "bob");
-    joins(&mut bob, &case).await;
+    let mut bob = alice_hands_over_to_bob(&fed, &mut alice, &case, &mut dan).await;
 
     // The Commit that removed her, as it came to her.
     let api = fed.api(north, "alice").unwrap();
@@ -1707,16 +1706,7 @@ async fn a_removed_member_cannot_name_the_next_epochs_key_where_the_case_has_no_
         epoch,
         &proto::Body(commit.clone()).hash(),
     );
-    let again = proto::SubmitRequest {
-        idempotency_key: proto::IdempotencyKey::new("again-1".to_owned()).unwrap(),
-        recipient: to("user:bob@northshire"),
-        category: category("handover"),
-        urgent: false,
-        kind: proto::MessageKind::Mls,
-        disclosure: None,
-        commit_proof: Some(own),
-        body: proto::Body(commit),
-    };
+    let again = commit_to("user:bob@northshire", "again-1", commit, Some(own));
     api.submit_once(&again).await.unwrap();
     assert_eq!(
         fed.count(
@@ -1729,16 +1719,7 @@ async fn a_removed_member_cannot_name_the_next_epochs_key_where_the_case_has_no_
     );
 
     // bob, a member of the next epoch, changes the case through northshire.
-    bob.add(&case, &to("user:gita@southvale"), None)
-        .await
-        .unwrap();
-    let added = |events: &[Event]| {
-        events.iter().any(|e| {
-            matches!(e, Event::Membership { added, .. }
-            if added.iter().any(|a| a.ends_with("/user/gita")))
-        })
-    };
-    assert!(added(&read_until(&mut dan, added).await));
+    adds(&mut bob, &case, "gita", &mut dan).await;
     fed.stop_all().await;
 }
 
@@ -1788,16 +1769,7 @@ async fn a_change_staged_before_proofs_is_dropped_and_the_case_goes_on() {
         "{events:?}"
     );
     // Made again, with its proof, it goes through.
-    dan.add(&case, &to("user:farah@southvale"), None)
-        .await
-        .unwrap();
-    let added = |events: &[Event]| {
-        events.iter().any(|e| {
-            matches!(e, Event::Membership { added, .. }
-            if added.iter().any(|a| a.ends_with("/user/farah")))
-        })
-    };
-    assert!(added(&read_until(&mut alice, added).await));
+    adds(&mut dan, &case, "farah", &mut alice).await;
     fed.stop_all().await;
 }
 

@@ -198,6 +198,21 @@ async fn a_revoked_user_certificate_is_refused_at_once_on_open_connections_too()
     fed.stop_all().await;
 }
 
+/// An HTTP/2 client of area `a`'s gateway with `pair`'s certificate.
+fn http2_client(fed: &Federation, a: usize, pair: &PemPair) -> reqwest::Client {
+    let tls = certs::user_client_config(
+        &pair.credentials().unwrap(),
+        &fed.areas[a].area,
+        &fed.ca_certs(a).unwrap(),
+    )
+    .unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_is_ended_once_its_certificate_is_revoked() {
     let mut fed = Federation::create(&tests::standard_areas(), &Settings::default()).unwrap();
@@ -208,17 +223,7 @@ async fn an_http2_connection_is_ended_once_its_certificate_is_revoked() {
     let crl = publishing(&fed, a, &ca);
     fed.start(a).await.unwrap();
     // An HTTP/2 client (HTTP/2 drops `Connection: close`).
-    let tls = certs::user_client_config(
-        &stolen.credentials().unwrap(),
-        &fed.areas[a].area,
-        &fed.ca_certs(a).unwrap(),
-    )
-    .unwrap();
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let http = http2_client(&fed, a, &stolen);
     let url = format!("https://127.0.0.1:{}/v1/health", fed.port(a).unwrap());
     let ok = http.get(&url).send().await.unwrap();
     assert_eq!(ok.version(), reqwest::Version::HTTP_2);
@@ -277,17 +282,7 @@ async fn a_long_poll_refused_for_a_revocation_ends_its_http2_connection() {
     let crl = publishing(&fed, a, &ca);
     fed.serve_metrics(a).unwrap();
     fed.start(a).await.unwrap();
-    let tls = certs::user_client_config(
-        &stolen.credentials().unwrap(),
-        &fed.areas[a].area,
-        &fed.ca_certs(a).unwrap(),
-    )
-    .unwrap();
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let http = http2_client(&fed, a, &stolen);
     let base = format!("https://127.0.0.1:{}", fed.port(a).unwrap());
     let ok = http.get(format!("{base}/v1/health")).send().await.unwrap();
     assert_eq!(
