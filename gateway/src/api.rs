@@ -1238,20 +1238,31 @@ async fn order_at_home(
             "the case's home gateway ({home}) could not be reached to order this change: {e}"
         ))
     };
-    let mut resp = ask(&order).await.map_err(unreachable)?;
-    if resp.status() == reqwest::StatusCode::BAD_REQUEST && order.proof.is_some() {
+    // The status and, if refused, why.
+    let answer = |resp: reqwest::Response| async move {
+        let status = resp.status();
+        let refusal: Option<ApiError> = if status.is_success() {
+            None
+        } else {
+            resp.json().await.ok()
+        };
+        (status, refusal)
+    };
+    let (mut status, mut refusal) = answer(ask(&order).await.map_err(unreachable)?).await;
+    let unknown_proof = |e: &ApiError| {
+        e.error == ErrorCode::MalformedRequest && e.message.contains("unknown field `proof`")
+    };
+    if order.proof.is_some() && refusal.as_ref().is_some_and(unknown_proof) {
         // A home from before proofs refuses the field it does not know: it
-        // orders the Commit as it did before, without it. (Well-formed
-        // here, the proof is not what a newer home would refuse that way.)
+        // orders the Commit as it did before, without it. (Any other
+        // refusal stands: the proof is not dropped for it.)
         tracing::warn!(%home, "the home gateway does not read Commit proofs (an older version): asked without");
         order.proof = None;
-        resp = ask(&order).await.map_err(unreachable)?;
+        (status, refusal) = answer(ask(&order).await.map_err(unreachable)?).await;
     }
-    let status = resp.status();
     if status.is_success() {
         return Ok(true);
     }
-    let refusal: Option<ApiError> = resp.json().await.ok();
     match refusal {
         Some(e) if e.error == ErrorCode::StaleEpoch || e.error == ErrorCode::Rejected => {
             Err(Failure::new(

@@ -231,10 +231,11 @@ async fn a_home_from_before_commit_proofs_is_asked_without_one() {
                 seen.lock().unwrap().push(true);
                 (200, serde_json::json!({"epoch": body["epoch"]}))
             } else {
+                // Worded as a gateway from before proofs words it.
                 seen.lock().unwrap().push(false);
                 (
                     400,
-                    serde_json::json!({"error": "malformed_request", "message": "unknown field"}),
+                    serde_json::json!({"error": "malformed_request", "message": "malformed JSON: unknown field `proof`, expected one of `group_id`, `epoch`, `content_hash` at line 1 column 200"}),
                 )
             };
             hyper::Response::builder()
