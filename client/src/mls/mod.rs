@@ -822,17 +822,7 @@ impl MlsClient {
         group: &GroupId,
         key_packages: &[Vec<u8>],
     ) -> Result<OwnCommit, MlsError> {
-        if key_packages.is_empty() {
-            return Err(MlsError::InvalidArgument("no KeyPackages".into()));
-        }
-        let (kps, adds): (Vec<_>, Vec<_>) = key_packages
-            .iter()
-            .map(|b| self.validate_key_package(b))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .unzip();
-        let own = self.commit_change(group, Vec::new(), kps, true)?;
-        Ok(OwnCommit { adds, ..own })
+        self.add(group, key_packages, true)
     }
 
     /// As [`MlsClient::add_members`], but the commit is left pending here:
@@ -849,6 +839,17 @@ impl MlsClient {
         group: &GroupId,
         key_packages: &[Vec<u8>],
     ) -> Result<OwnCommit, MlsError> {
+        self.add(group, key_packages, false)
+    }
+
+    /// One commit adding the owners of `key_packages` (validated), merged
+    /// at once if `merge`, else left pending; with whom it adds.
+    fn add(
+        &mut self,
+        group: &GroupId,
+        key_packages: &[Vec<u8>],
+        merge: bool,
+    ) -> Result<OwnCommit, MlsError> {
         if key_packages.is_empty() {
             return Err(MlsError::InvalidArgument("no KeyPackages".into()));
         }
@@ -858,7 +859,7 @@ impl MlsClient {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
-        let own = self.commit_change(group, Vec::new(), kps, false)?;
+        let own = self.commit_change(group, Vec::new(), kps, merge)?;
         Ok(OwnCommit { adds, ..own })
     }
 
