@@ -579,8 +579,8 @@ type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// run counting.
 trait Job: Send {
     /// Runs the job; `own_savepoint`: inside a savepoint of its own, undone
-    /// if it fails. Returns whether it succeeded.
-    fn run(&mut self, conn: &Connection, own_savepoint: bool) -> bool;
+    /// if it fails. Returns its error, if it failed.
+    fn run(&mut self, conn: &Connection, own_savepoint: bool) -> Result<(), StoreError>;
     /// Tells the caller the outcome of its last run, given the group's commit.
     fn complete(self: Box<Self>) -> Completion;
 }
@@ -597,15 +597,15 @@ where
     F: FnMut(&Connection) -> Result<R, StoreError> + Send,
     R: Send + 'static,
 {
-    fn run(&mut self, conn: &Connection, own_savepoint: bool) -> bool {
+    fn run(&mut self, conn: &Connection, own_savepoint: bool) -> Result<(), StoreError> {
         let r = if own_savepoint {
             in_savepoint(conn, &mut self.work)
         } else {
             (self.work)(conn)
         };
-        let ok = r.is_ok();
+        let failed = r.as_ref().err().cloned();
         self.outcome = Some(r);
-        ok
+        failed.map_or(Ok(()), Err)
     }
 
     fn complete(self: Box<Self>) -> Completion {
@@ -1771,7 +1771,7 @@ fn read_on_disk<R>(
 /// Runs a group's jobs in its open transaction: all without savepoints
 /// first; if one fails, the group is rolled back and every job runs again in
 /// a savepoint of its own, so that the failure undoes only its own writes.
-/// Err: the transaction could not be begun again.
+/// Err: the transaction could not be begun again, or SQLite ended it.
 fn run_jobs(
     conn: &Connection,
     bodies: &Bodies,
@@ -1779,7 +1779,7 @@ fn run_jobs(
     jobs: &mut [Box<dyn Job>],
 ) -> Result<(), StoreError> {
     bodies.start_group(jobs.len());
-    if jobs.iter_mut().all(|job| job.run(conn, false)) {
+    if jobs.iter_mut().all(|job| job.run(conn, false).is_ok()) {
         return Ok(());
     }
     roll_back_group(conn, bodies, tails);
@@ -1788,8 +1788,16 @@ fn run_jobs(
     for job in jobs.iter_mut() {
         // A failed job's writes are undone, and so are its queue effects.
         let mark = tails.staged_len();
-        if !job.run(conn, true) {
+        if let Err(e) = job.run(conn, true) {
             tails.truncate_staged(mark);
+            // On some errors (a full disk, an I/O error while spilling
+            // pages to the WAL) SQLite rolls back the whole transaction, not
+            // only the statement: the group's earlier jobs are undone too,
+            // and a job run now would commit on its own, unnumbered and
+            // before its bodies are synced. The whole group has failed.
+            if conn.is_autocommit() {
+                return Err(e);
+            }
         }
     }
     Ok(())
@@ -2021,7 +2029,7 @@ fn store_thread(
             continue;
         }
         if let Err(e) = run_jobs(&conn, bodies, tails, &mut jobs) {
-            tracing::error!(error = %e, "store: cannot run a group again after a failed job");
+            tracing::error!(error = %e, "store: a group failed as a whole (its transaction could not begin again, or SQLite ended it)");
             roll_back_group(&conn, bodies, tails);
             for job in jobs {
                 job.complete()(Err(match &e {

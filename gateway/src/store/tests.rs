@@ -660,6 +660,104 @@ async fn a_repeated_delivery_adds_no_body_bytes() {
     );
 }
 
+/// Queues `jobs` while the writer is held in a job of its own, so that
+/// they share its next group; returns their outcomes.
+async fn in_one_group<R: Send + 'static>(
+    store: &SqliteStore,
+    jobs: Vec<impl FnMut(&Connection) -> Result<R, StoreError> + Send + 'static>,
+) -> Vec<Result<R, StoreError>> {
+    let (open, wait) = std::sync::mpsc::channel::<()>();
+    let (running, started) = std::sync::mpsc::channel::<()>();
+    let blocker = store
+        .queue(move |_: &Connection| {
+            let _ = running.send(());
+            let _ = wait.recv();
+            Ok(())
+        })
+        .await
+        .unwrap();
+    // The writer is inside the blocker's group: the next jobs make a new one.
+    started.recv().unwrap();
+    let mut queued = Vec::new();
+    for job in jobs {
+        queued.push(store.queue(job).await.unwrap());
+    }
+    open.send(()).unwrap();
+    blocker.await.unwrap();
+    let mut outcomes = Vec::new();
+    for q in queued {
+        outcomes.push(q.await);
+    }
+    outcomes
+}
+
+#[tokio::test]
+async fn a_group_whose_transaction_sqlite_ended_fails_whole_and_no_job_commits_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let epoch = store.tails.collect(&peer);
+    store.tails.found_end(&peer, epoch, 0);
+    // Job 1 fails the way a full disk can fail a statement while SQLite
+    // spills pages: the whole transaction is rolled back under the group.
+    let job = |n: usize| {
+        let (tails, peer) = (store.tails.clone(), peer.clone());
+        move |c: &Connection| {
+            if n == 1 {
+                c.execute_batch("ROLLBACK")?;
+                return Err(StoreError::DiskFull("the disk is full".into()));
+            }
+            exec(
+                c,
+                "INSERT INTO peer_sessions (peer, session, last_batch) VALUES ('job', ?1, 1)",
+                [n as i64],
+            )?;
+            let item = FederationItem::Status {
+                message_id: MessageId::time_ordered(1_000, [n as u8; 10]),
+                status: Status::Fetched,
+                at_ms: 1,
+            };
+            tails.stage(Effect::Push(
+                peer.clone(),
+                Queued {
+                    seq: 10 + n as i64,
+                    item,
+                },
+            ));
+            Ok(n)
+        }
+    };
+    let outcomes = in_one_group(&store, (0..3).map(job).collect()).await;
+    for (n, o) in outcomes.iter().enumerate() {
+        assert!(o.is_err(), "job {n} was told {o:?}, but its group was lost");
+    }
+    let db = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let rows: i64 = db
+        .query_row(
+            "SELECT count(*) FROM peer_sessions WHERE peer = 'job'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 0, "no job committed on its own");
+    assert!(
+        store.tails.serve(&peer, 0, 10).unwrap().is_empty(),
+        "nor queued anything"
+    );
+    // The store goes on.
+    let n = store
+        .call(|c: &Connection| {
+            exec(
+                c,
+                "INSERT INTO peer_sessions (peer, session, last_batch) VALUES ('job', 9, 1)",
+                [],
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 #[tokio::test]
 async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -695,31 +793,7 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
             Ok(n)
         }
     };
-    // Hold the writer in a job of its own while the three are queued, so
-    // that they share the next group.
-    let (open, wait) = std::sync::mpsc::channel::<()>();
-    let (running, started) = std::sync::mpsc::channel::<()>();
-    let blocker = store
-        .queue(move |_: &Connection| {
-            let _ = running.send(());
-            let _ = wait.recv();
-            Ok(())
-        })
-        .await
-        .unwrap();
-    // The writer is inside the blocker's group: the next jobs make a new one.
-    started.recv().unwrap();
-    let queued = [
-        store.queue(job(0)).await.unwrap(),
-        store.queue(job(1)).await.unwrap(),
-        store.queue(job(2)).await.unwrap(),
-    ];
-    open.send(()).unwrap();
-    blocker.await.unwrap();
-    let mut outcomes = Vec::new();
-    for q in queued {
-        outcomes.push(q.await);
-    }
+    let outcomes = in_one_group(&store, (0..3).map(job).collect()).await;
     assert_eq!(outcomes[0].as_ref().unwrap(), &0);
     assert!(
         matches!(outcomes[1], Err(StoreError::Corrupt(_))),
