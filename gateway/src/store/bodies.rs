@@ -65,6 +65,9 @@ pub(crate) struct BodyLog {
     inner: Mutex<Inner>,
     /// The segment last read, kept open: a batch reads many bodies from one.
     reading: Mutex<Option<(i64, Arc<File>)>>,
+    /// Set by a test to make the next directory sync of a roll fail.
+    #[cfg(test)]
+    fail_next_roll_sync: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -168,6 +171,8 @@ impl BodyLog {
                 spares,
             }),
             reading: Mutex::new(None),
+            #[cfg(test)]
+            fail_next_roll_sync: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -236,21 +241,34 @@ impl BodyLog {
     /// of the group whose bodies filled it are committed: a removal decided
     /// from rows read after it sees the new open segment then sees those
     /// rows too (see [`BodyLog::open_segment`]). A failure leaves the full
-    /// segment open; the next call tries again.
+    /// segment open, appended to as before (the segment, file and length
+    /// change together or not at all); the next call tries again.
     pub(crate) fn roll_if_full(&self) -> io::Result<()> {
         let mut inner = self.lock();
         if inner.len < SEGMENT_BYTES {
             return Ok(());
         }
         let next = inner.seg + 1;
-        if let Some(spare) = inner.spares.pop() {
-            if let Err(e) = std::fs::rename(&spare, segment_path(&self.dir, next)) {
-                inner.spares.push(spare);
-                return Err(e);
+        let path = segment_path(&self.dir, next);
+        // A roll that failed after its rename left the spare in place.
+        if !path.exists() {
+            if let Some(spare) = inner.spares.pop() {
+                if let Err(e) = std::fs::rename(&spare, &path) {
+                    inner.spares.push(spare);
+                    return Err(e);
+                }
             }
         }
-        inner.file = open_segment(&self.dir, next)?;
+        let file = open_segment(&self.dir, next)?;
+        #[cfg(test)]
+        if self
+            .fail_next_roll_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(io::Error::other("injected: the directory sync failed"));
+        }
         sync_dir(&self.dir)?;
+        inner.file = file;
         inner.seg = next;
         inner.len = 0;
         Ok(())

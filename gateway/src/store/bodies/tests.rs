@@ -328,3 +328,32 @@ fn a_full_body_segment_stays_open_until_its_group_has_committed() {
     log.roll_if_full().unwrap();
     assert_eq!(log.open_segment(), first + 1);
 }
+
+#[test]
+fn a_roll_that_fails_keeps_appending_where_the_references_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = BodyLog::open(dir.path()).unwrap();
+    let body = vec![7u8; 1 << 20];
+    for _ in 0..17 {
+        log.append(&body);
+    }
+    log.sync().unwrap();
+    let full = log.open_segment();
+    // The next segment is created, but the directory sync fails.
+    log.fail_next_roll_sync
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(log.roll_if_full().is_err());
+    assert_eq!(log.open_segment(), full, "the full segment stays open");
+    // The next group's bodies are where their references say.
+    let r = log.append(b"after the failed roll");
+    log.sync().unwrap();
+    assert_eq!(r.seg, full);
+    assert_eq!(log.read(r).unwrap(), b"after the failed roll");
+    // The next roll succeeds, and the body is still there.
+    log.roll_if_full().unwrap();
+    assert_eq!(log.open_segment(), full + 1);
+    let s = log.append(b"in the next segment");
+    commit(&log);
+    assert_eq!(log.read(r).unwrap(), b"after the failed roll");
+    assert_eq!(log.read(s).unwrap(), b"in the next segment");
+}
