@@ -156,6 +156,10 @@ const STATUS_ITEM_VALIDITY_MS: u64 = 30 * 86_400_000;
 /// this.
 pub const GIVEN_UP_UNREAD: &str = "no one read it: those in the team it was sent to left the team, or were not in its case, without reading it. Add the team's current members to the case and send it again";
 
+/// Why a queued message went back to its sender unsent: this gateway's
+/// copy of it was found damaged when it was to be sent.
+pub const DAMAGED_COPY: &str = "this gateway's stored copy of it was found damaged before the receiving gateway confirmed it: send it again (it may have arrived once already)";
+
 /// What a submission did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitOutcome {
@@ -493,6 +497,12 @@ pub trait Store: Send + Sync + 'static {
         id: MessageId,
     ) -> impl Future<Output = Result<Option<StatusResponse>, StoreError>> + Send;
     /// The oldest queued items for a peer after queue position `after`.
+    /// An item whose stored copy is damaged (its body past the end of its
+    /// segment, its segment gone, its row undecodable) can never be sent:
+    /// it goes back to its sender as undeliverable ([`DAMAGED_COPY`]) and
+    /// the items behind it are read, so one damaged item does not hold the
+    /// peer's queue. A read that may succeed later (a file that could not
+    /// be opened now) is an error, and the item stays.
     fn queued(
         &self,
         peer: AreaId,
@@ -891,6 +901,58 @@ impl Bodies {
         self.outbox.discard();
         self.inbox.discard();
     }
+}
+
+/// Why a queued item could not be read.
+enum Unread {
+    /// Its stored copy is damaged: it can never be sent.
+    Damaged(StoreError),
+    /// A read that may succeed later.
+    Later(StoreError),
+}
+
+/// A queued item from its outbox row.
+fn queued_item(
+    log: &BodyLog,
+    seq: i64,
+    item: Option<String>,
+    envelope: Option<String>,
+    inline: Option<Vec<u8>>,
+    [seg, off, len]: [Option<i64>; 3],
+) -> Result<FederationItem, Unread> {
+    Ok(match (item, envelope) {
+        (Some(item), _) => from_json(&item).map_err(Unread::Damaged)?,
+        (None, Some(env)) => {
+            let envelope = Box::new(from_json(&env).map_err(Unread::Damaged)?);
+            let body = match (inline, seg, off, len) {
+                (Some(b), _, _, _) => b,
+                (None, Some(seg), Some(off), Some(len)) => {
+                    log.read(BodyRef { seg, off, len }).map_err(|e| {
+                        use std::io::ErrorKind::{InvalidData, NotFound, UnexpectedEof};
+                        let err = corrupt(format!("body in segment {seg} at {off}: {e}"));
+                        match e.kind() {
+                            NotFound | UnexpectedEof | InvalidData => Unread::Damaged(err),
+                            _ => Unread::Later(err),
+                        }
+                    })?
+                }
+                _ => {
+                    return Err(Unread::Damaged(corrupt(format!(
+                        "outbox row {seq} has no body"
+                    ))))
+                }
+            };
+            FederationItem::Deliver {
+                envelope,
+                body: Body(body),
+            }
+        }
+        _ => {
+            return Err(Unread::Damaged(corrupt(format!(
+                "outbox row {seq} has neither item nor message"
+            ))))
+        }
+    })
 }
 
 /// A stored body: inline in its row (schema 1 rows) or in a body log.
@@ -2192,6 +2254,82 @@ fn proven(
 const NEXT_KEY_UNPROVEN: &str =
     "its proof does not show that its maker holds the key it names for the next epoch";
 
+impl SqliteStore {
+    /// The queued items for `peer` after `after`, read from the database;
+    /// `Err(seq)` (inside `Ok`) when the first of them is damaged.
+    async fn read_queued(
+        &self,
+        peer: &AreaId,
+        after: i64,
+        max: usize,
+    ) -> Result<Result<Vec<Queued>, i64>, StoreError> {
+        type Row = (
+            i64,
+            Option<String>,
+            Option<String>,
+            Option<Vec<u8>>,
+            [Option<i64>; 3],
+        );
+        // Collect from before the snapshot is taken (see `tail`).
+        let epoch = self.tails.collect(peer);
+        let peer = peer.clone();
+        let bodies = self.bodies.clone();
+        let tail_peer = peer.clone();
+        let rows: Vec<Row> = self
+            .read(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT o.seq, o.item, COALESCE(o.envelope, s.envelope), o.body, o.body_seg, o.body_off, o.body_len FROM outbox o LEFT JOIN sent s ON o.is_deliver = 1 AND s.message_id = o.message_id WHERE o.peer = ?1 AND o.seq > ?2 ORDER BY o.seq LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![peer.as_str(), after, max as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, [r.get(4)?, r.get(5)?, r.get(6)?]))
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        let caught_up = rows.len() < max;
+        let mut items = Vec::with_capacity(rows.len());
+        for (seq, item, envelope, inline, [seg, off, len]) in rows {
+            match queued_item(&bodies.outbox, seq, item, envelope, inline, [seg, off, len]) {
+                Ok(item) => items.push(Queued { seq, item }),
+                Err(Unread::Later(e)) => return Err(e),
+                Err(Unread::Damaged(e)) => {
+                    tracing::error!(seq, error = %e, "an item queued for the peer is damaged: it goes back to its sender");
+                    // What comes before it is sent first, in order.
+                    return Ok(if items.is_empty() {
+                        Err(seq)
+                    } else {
+                        Ok(items)
+                    });
+                }
+            }
+        }
+        if caught_up {
+            let last = items.last().map_or(after, |q| q.seq);
+            self.tails.found_end(&tail_peer, epoch, last);
+        }
+        Ok(Ok(items))
+    }
+
+    /// Gives the damaged queued item at `seq` back to its sender.
+    async fn give_back_damaged(&self, peer: &AreaId, seq: i64) -> Result<(), StoreError> {
+        let (tails, peer) = (self.tails.clone(), peer.clone());
+        let at_ms = u64::try_from(now_us() / 1000).unwrap_or(0);
+        self.call(move |c| {
+            give_back(
+                c,
+                &tails,
+                &peer,
+                (seq - 1, seq),
+                i64::MAX,
+                at_ms,
+                DAMAGED_COPY,
+            )
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
 impl Store for SqliteStore {
     async fn order_commit(
         &self,
@@ -2810,55 +2948,15 @@ impl Store for SqliteStore {
         after: i64,
         max: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        type Row = (
-            i64,
-            Option<String>,
-            Option<String>,
-            Option<Vec<u8>>,
-            [Option<i64>; 3],
-        );
         if let Some(items) = self.tails.serve(&peer, after, max) {
             return Ok(items);
         }
-        // Collect from before the snapshot is taken (see `tail`).
-        let epoch = self.tails.collect(&peer);
-        let bodies = self.bodies.clone();
-        let tail_peer = peer.clone();
-        let rows: Vec<Row> = self
-            .read(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT o.seq, o.item, COALESCE(o.envelope, s.envelope), o.body, o.body_seg, o.body_off, o.body_len FROM outbox o LEFT JOIN sent s ON o.is_deliver = 1 AND s.message_id = o.message_id WHERE o.peer = ?1 AND o.seq > ?2 ORDER BY o.seq LIMIT ?3",
-                )?;
-                let rows = stmt.query_map(params![peer.as_str(), after, max as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, [r.get(4)?, r.get(5)?, r.get(6)?]))
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            })
-            .await?;
-        let caught_up = rows.len() < max;
-        let items = rows
-            .into_iter()
-            .map(|(seq, item, envelope, inline, [seg, off, len])| {
-                let item = match (item, envelope) {
-                    (Some(item), _) => from_json(&item)?,
-                    (None, Some(env)) => FederationItem::Deliver {
-                        envelope: Box::new(from_json(&env)?),
-                        body: Body(stored_body(&bodies.outbox, inline, seg, off, len)?),
-                    },
-                    _ => {
-                        return Err(corrupt(format!(
-                            "outbox row {seq} has neither item nor message"
-                        )))
-                    }
-                };
-                Ok(Queued { seq, item })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        if caught_up {
-            let last = items.last().map_or(after, |q| q.seq);
-            self.tails.found_end(&tail_peer, epoch, last);
+        loop {
+            match self.read_queued(&peer, after, max).await? {
+                Ok(items) => return Ok(items),
+                Err(seq) => self.give_back_damaged(&peer, seq).await?,
+            }
         }
-        Ok(items)
     }
 
     async fn sent(

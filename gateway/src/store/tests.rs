@@ -847,6 +847,58 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
 }
 
 #[tokio::test]
+async fn a_damaged_queued_item_goes_back_to_its_sender_and_the_queue_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
+    let peer = AreaId::new("southvale").unwrap();
+    let alice = UserId::new("alice").unwrap();
+    for n in 1..=3 {
+        let m = NewMessage {
+            body: Body(vec![n; 8]),
+            envelope: envelope(n, &format!("damaged-{n}")),
+            route: Route::Peer(peer.clone()),
+            commit: None,
+            accept_new: true,
+        };
+        store.submit(m).await.unwrap();
+    }
+    // The second's body points into a segment that is gone.
+    let side = Connection::open(dir.path().join("gateway.sqlite3")).unwrap();
+    let damaged = envelope(2, "x").message_id;
+    let n = side
+        .execute(
+            "UPDATE outbox SET body = NULL, body_seg = 999, body_off = 0, body_len = 8 WHERE message_id = ?1",
+            [damaged.as_str()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    let ids = |q: &[Queued]| -> Vec<MessageId> {
+        q.iter()
+            .map(|q| match &q.item {
+                FederationItem::Deliver { envelope, .. } => envelope.message_id.clone(),
+                other => panic!("expected a delivery, got {other:?}"),
+            })
+            .collect()
+    };
+    // What comes before it goes first; then it goes back to its sender and
+    // what comes after it goes on.
+    let first = store.queued(peer.clone(), 0, 10).await.unwrap();
+    assert_eq!(ids(&first), vec![envelope(1, "x").message_id]);
+    let next = store.queued(peer.clone(), first[0].seq, 10).await.unwrap();
+    assert_eq!(ids(&next), vec![envelope(3, "x").message_id]);
+    let FederationItem::Deliver { body, .. } = &next[0].item else {
+        unreachable!()
+    };
+    assert_eq!(body.0, vec![3u8; 8]);
+    let s = store.status(alice, damaged).await.unwrap().unwrap();
+    assert_eq!(s.status, Status::Undeliverable);
+    assert_eq!(
+        s.history.last().and_then(|e| e.reason.as_deref()),
+        Some(DAMAGED_COPY)
+    );
+}
+
+#[tokio::test]
 async fn fresh_queue_items_are_served_from_memory_until_the_queue_changes_under_them() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path(), AreaId::new("northshire").unwrap()).unwrap();
