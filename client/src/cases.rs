@@ -21,7 +21,7 @@ use proto::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::mls::{GroupId, HistoryEntry, MlsClient, MlsError, Processed};
+use crate::mls::{GroupId, HistoryEntry, Kept, MlsClient, MlsError, Processed};
 use crate::{Api, ClientConfig, ClientError};
 
 /// Why a case operation failed.
@@ -51,6 +51,14 @@ pub enum CaseError {
     /// An argument is not usable.
     #[error("{0}")]
     Invalid(String),
+    /// A case id in what another user sent (a handover's transfer) that
+    /// is not one: empty, too long, or holding control characters (a
+    /// terminal escape, say). What carried it is refused.
+    #[error("refused: a case id must be 1 to 256 bytes without control characters, not \"{0}\"")]
+    InvalidCaseId(
+        /// The id, shortened and escaped for a terminal.
+        String,
+    ),
     /// `read` stopped part way: `events` were read (and acknowledged)
     /// before `error`; the messages after it stay in the inbox.
     #[error("{error} (after reading {} message(s); run read again for the rest)", events.len())]
@@ -153,6 +161,90 @@ pub enum Event {
         /// Why.
         error: String,
     },
+}
+
+// === impl Display for Event ===
+
+impl std::fmt::Display for Event {
+    /// What `read` tells a person of the event, safe for a terminal: every
+    /// string another user or a gateway chose (a case id, an identity, a
+    /// reason) is escaped ([`crate::one_line`]), a message's text shown
+    /// by [`crate::readable`].
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::one_line as safe;
+        match self {
+            Event::Joined { case_id, from } => {
+                write!(f, "joined case {} (added by {})", safe(case_id), safe(from))
+            }
+            Event::Message {
+                case_id,
+                from,
+                plaintext,
+            } => write!(
+                f,
+                "--- case {}, from {}\n{}",
+                safe(case_id),
+                safe(from),
+                crate::readable(plaintext)
+            ),
+            Event::Membership {
+                case_id,
+                added,
+                removed,
+            } => {
+                // `Debug` escapes control characters in the identities.
+                write!(
+                    f,
+                    "case {}: added {added:?}, removed {removed:?}",
+                    safe(case_id)
+                )
+            }
+            Event::Overtaken { case_id } => write!(
+                f,
+                "case {}: your change was dropped (another member's came first, or the gateway refused it); nothing changed: make it again",
+                safe(case_id)
+            ),
+            Event::Removed { case_id } => {
+                write!(f, "you were removed from case {}", safe(case_id))
+            }
+            Event::History {
+                case_id,
+                from,
+                entries,
+            } => write!(
+                f,
+                "case {}: received {entries} chronology entries from {}",
+                safe(case_id),
+                safe(from)
+            ),
+            Event::HandoverRefused { case_id, from } => write!(
+                f,
+                "NOT TAKEN UP: case {} handed over by {}, whose handover did not add you to it",
+                safe(case_id),
+                safe(from)
+            ),
+            Event::NotInCase {
+                message_id,
+                from,
+                to,
+            } => write!(
+                f,
+                "message {message_id} to {} (from {}) is in a case you are not part of",
+                safe(to),
+                safe(from)
+            ),
+            Event::Refused {
+                message_id,
+                from,
+                error,
+            } => write!(
+                f,
+                "REFUSED message {message_id} from {}: {}",
+                safe(from),
+                safe(error)
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -346,6 +438,21 @@ struct Transfer {
     /// taken up.
     #[serde(default)]
     key_package: Option<String>,
+}
+
+impl Transfer {
+    /// Parses a transfer as another user sent it, refusing one whose case
+    /// id is not a case id ([`CaseError::InvalidCaseId`]): its case id is
+    /// shown to the worker, and compared with the cases joined.
+    fn parse(bytes: &[u8]) -> Result<Transfer, CaseError> {
+        let t: Transfer = serde_json::from_slice(bytes)
+            .map_err(|e| CaseError::Invalid(format!("history hand-over: {e}")))?;
+        if crate::mls::check_case_id(&t.case_id).is_err() {
+            let shown: String = t.case_id.chars().take(64).collect();
+            return Err(CaseError::InvalidCaseId(crate::one_line(&shown)));
+        }
+        Ok(t)
+    }
 }
 
 /// What a message sent is, and its case, for the record of sent messages
@@ -1340,6 +1447,11 @@ impl Caseworker {
         else {
             return Err(CaseError::NoMembers(to.to_string()));
         };
+        // Both the new lead's own, whatever the gateways answered: the
+        // chronology goes to the one, the case to the other.
+        for kp in [&kp_case, &kp_transfer] {
+            self.mls.check_key_package_of(kp, &new_lead)?;
+        }
         // The transfer names the KeyPackage the new lead is added with, and
         // the new lead takes up only a transfer naming the one its Welcome
         // was made with. A last-resort KeyPackage is handed to anyone who
@@ -1458,12 +1570,20 @@ impl Caseworker {
         }
         let new_addr = address_of(&req.new_lead)
             .ok_or_else(|| CaseError::Invalid("new lead is not a user".into()))?;
+        // The one added is the one named (and recorded, told, welcomed):
+        // a request with someone else's KeyPackage is refused before it is
+        // kept to be committed again (`retry_handovers` lets go of one
+        // kept by a client before this check).
+        self.mls
+            .check_key_package_of(&req.key_package, &req.new_lead)?;
         // Kept until the new lead is in: made again if overtaken.
         self.meta
             .handover_requests
             .insert(case_id.to_owned(), (old_lead.to_owned(), request.to_vec()));
         self.save()?;
-        let own = self.mls.handover(group, &req.key_package, old_lead)?;
+        let own = self
+            .mls
+            .handover(group, &req.key_package, &req.new_lead, old_lead)?;
         let recipients = self.recipients(case_id);
         let mut addresses = self.meta.cases.get(case_id).cloned().unwrap_or_default();
         if let Some(old) = address_of(old_lead) {
@@ -1820,32 +1940,8 @@ impl Caseworker {
                 Err(e) => Err(e.into()),
             };
         }
-        // The third policy check, before the plaintext is kept: only what
-        // the envelope declared (a handover's transfer and request are
-        // checked as what they are).
-        let declared = env.disclosure.as_ref().map(|d| d.fields.clone());
-        let keep = |case_id: &str, plaintext: &[u8]| {
-            if let Some(request) = plaintext.strip_prefix(HANDOVER_MARK) {
-                // A handover request is that and nothing more.
-                return serde_json::from_slice::<HandoverRequest>(request)
-                    .map(|_| ())
-                    .map_err(|e| format!("not a handover request: {e}"));
-            }
-            let Some(fields) = &declared else {
-                return Ok(());
-            };
-            if case_id.starts_with(TRANSFER) {
-                // A chronology handed over: each of its entries within
-                // what the transfer declared.
-                let t: Transfer = serde_json::from_slice(plaintext)
-                    .map_err(|e| format!("history hand-over: {e}"))?;
-                for entry in MlsClient::export_entries(&t.history).map_err(|e| e.to_string())? {
-                    check_declared(&entry.plaintext, fields).map_err(|e| e.to_string())?;
-                }
-                return Ok(());
-            }
-            check_declared(plaintext, fields).map_err(|e| e.to_string())
-        };
+        // The third policy check, before the plaintext is kept.
+        let keep = keep_declared(env.disclosure.as_ref().map(|d| d.fields.clone()));
         // The address it came by, if it is one of ours (our own, or a team
         // of our area, as the gateway lists only our teams'): a copy by
         // another of them is set aside; by anything else, a replay.
@@ -1941,8 +2037,7 @@ impl Caseworker {
     }
 
     fn receive_history(&mut self, from: &str, transfer: Vec<u8>) -> Result<Vec<Event>, CaseError> {
-        let t: Transfer = serde_json::from_slice(&transfer)
-            .map_err(|e| CaseError::Invalid(format!("history hand-over: {e}")))?;
+        let t = Transfer::parse(&transfer)?;
         let Some(key_package) = t.key_package else {
             // Made by a client before transfers named their KeyPackage:
             // nothing binds it to a handover that added us.
@@ -2034,6 +2129,52 @@ impl Caseworker {
             });
         }
         Ok(events)
+    }
+}
+
+/// Why a history export inside a case's group is refused (see
+/// [`keep_declared`]).
+const HISTORY_IN_GROUP: &str = "a chronology handed over inside the case's group: chronologies \
+     are handed over only to a new lead, in a transfer";
+
+/// The third policy check, as `read` makes it before a message's
+/// plaintext is kept ([`MlsClient::process_checked`]): only what the
+/// envelope declared (`declared`; none: no check, as in an area without a
+/// policy). A handover's transfer and request are checked as what they
+/// are. A history export inside a case's group is refused whatever it
+/// declares: a chronology is handed over only in a transfer, to the new
+/// lead the handover adds (see [`Caseworker::handover`]); one in the group
+/// would let any member write entries in others' names into everyone's
+/// chronology.
+fn keep_declared(declared: Option<Vec<String>>) -> impl Fn(&str, Kept<'_>) -> Result<(), String> {
+    move |case_id: &str, kept: Kept<'_>| {
+        let Kept::Message(plaintext) = kept else {
+            return Err(HISTORY_IN_GROUP.into());
+        };
+        if let Some(request) = plaintext.strip_prefix(HANDOVER_MARK) {
+            // A handover request is that and nothing more.
+            return serde_json::from_slice::<HandoverRequest>(request)
+                .map(|_| ())
+                .map_err(|e| format!("not a handover request: {e}"));
+        }
+        if case_id.starts_with(TRANSFER) {
+            // A transfer is that, with a case id that is one, whatever
+            // was declared.
+            let t = Transfer::parse(plaintext).map_err(|e| e.to_string())?;
+            let Some(fields) = &declared else {
+                return Ok(());
+            };
+            // A chronology handed over: each of its entries within what
+            // the transfer declared.
+            for entry in MlsClient::export_entries(&t.history).map_err(|e| e.to_string())? {
+                check_declared(&entry.plaintext, fields).map_err(|e| e.to_string())?;
+            }
+            return Ok(());
+        }
+        match &declared {
+            Some(fields) => check_declared(plaintext, fields).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 }
 

@@ -327,6 +327,16 @@ pub fn one_line(text: &str) -> String {
     escaped(text.as_bytes(), false)
 }
 
+/// A case message for a person to read: a structured case file one field
+/// per line, free text as it is; both safe for a terminal
+/// ([`for_terminal`]).
+pub fn readable(plaintext: &[u8]) -> String {
+    match referral::Disclosed::from_bytes(plaintext) {
+        Ok(d) => for_terminal(d.render().as_bytes()),
+        Err(_) => for_terminal(plaintext),
+    }
+}
+
 fn escaped(bytes: &[u8], keep_lines: bool) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::with_capacity(text.len());
@@ -360,12 +370,13 @@ pub fn time_text(at_ms: u64, millis: bool) -> String {
 
 /// What to tell the sender when the recipient's gateway keeps failing: the
 /// message is queued and retried, and an urgent one may need a phone call.
+/// The gateway's words for the failure are escaped ([`one_line`]).
 pub fn waiting_note(area: &AreaId, w: &proto::Waiting) -> String {
     format!(
         "{area}'s gateway has not taken messages since {} ({}); this one is queued \
          and will be retried until it expires: if it is urgent, phone them",
         time_text(w.since_ms, false),
-        w.last_error
+        one_line(&w.last_error)
     )
 }
 

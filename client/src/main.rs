@@ -300,7 +300,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Empty>().is_some() => ExitCode::from(6),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors may quote a gateway or another worker: escaped.
+            eprintln!(
+                "error: {}",
+                client::for_terminal(format!("{e:#}").as_bytes())
+            );
             ExitCode::from(exit_code(&e))
         }
     }
@@ -718,7 +722,8 @@ async fn cases_command(
                 .await?;
             println!("{case_id}");
             for m in missing {
-                let to = client::cases::address_of(&m).unwrap_or_else(|| m.clone());
+                // As the gateway named them: escaped.
+                let to = client::one_line(&client::cases::address_of(&m).unwrap_or(m));
                 eprintln!("warning: {to} has published no keys and was not added; once they have run `client keys`, add them with `client add --case {case_id} --to {to}`");
             }
         }
@@ -743,53 +748,12 @@ async fn cases_command(
                     }
                     continue;
                 }
+                // Safe for the terminal (see `Event`'s `Display`).
                 match e {
-                    Event::Joined { case_id, from } => {
-                        println!("joined case {case_id} (added by {from})")
-                    }
-                    Event::Message {
-                        case_id,
-                        from,
-                        plaintext,
-                    } => {
-                        println!("--- case {case_id}, from {from}\n{}", readable(plaintext));
-                    }
-                    Event::Membership {
-                        case_id,
-                        added,
-                        removed,
-                    } => {
-                        println!("case {case_id}: added {added:?}, removed {removed:?}")
-                    }
-                    Event::Removed { case_id } => println!("you were removed from case {case_id}"),
-                    Event::Overtaken { case_id } => println!(
-                        "case {case_id}: your change was dropped (another member's came first, or the gateway refused it); nothing changed: make it again"
-                    ),
-                    Event::History {
-                        case_id,
-                        from,
-                        entries,
-                    } => {
-                        println!(
-                            "case {case_id}: received {entries} chronology entries from {from}"
-                        )
-                    }
-                    Event::HandoverRefused { case_id, from } => eprintln!(
-                        "NOT TAKEN UP: case {case_id} handed over by {from}, whose handover did not add you to it"
-                    ),
                     // Summed up below: a newcomer to a team may have many.
                     Event::NotInCase { .. } => {}
-                    Event::Refused {
-                        message_id,
-                        from,
-                        error,
-                    } => {
-                        eprintln!(
-                            "REFUSED message {message_id} from {from}: {}",
-                            client::one_line(error)
-                        );
-                    }
-                    _ => {}
+                    Event::HandoverRefused { .. } | Event::Refused { .. } => eprintln!("{e}"),
+                    _ => println!("{e}"),
                 }
             }
             // A summary line: as it is, or as a JSON event of `kind`.
@@ -827,7 +791,10 @@ async fn cases_command(
                         say("came_back", "came_back", &line);
                     }
                 }
-                Err(e) => eprintln!("warning: could not check what you sent: {e}"),
+                Err(e) => eprintln!(
+                    "warning: could not check what you sent: {}",
+                    client::one_line(&e.to_string())
+                ),
             }
             if refused {
                 anyhow::bail!("some messages were refused (see above); they stay in the inbox");
@@ -889,7 +856,10 @@ async fn cases_command(
             let missing = cw.add(&case, &to, None).await?;
             println!("added {to} to case {case}");
             for m in missing {
-                eprintln!("warning: {m} has published no keys and was not added");
+                eprintln!(
+                    "warning: {} has published no keys and was not added",
+                    client::one_line(&m)
+                );
             }
         }
         Command::Handover { case, to } => {
@@ -897,16 +867,10 @@ async fn cases_command(
             println!("case {case}: handover to {to} requested; it takes effect when the first remaining member of the case (by identity) reads (their client commits it), and from then on this client can no longer read the case");
         }
         Command::History { case } => {
+            // Its senders and who handed entries over are as a history
+            // export said: escaped (see `HistoryEntry`'s `Display`).
             for e in cw.history(&case)? {
-                println!(
-                    "--- {} {}{}\n{}",
-                    client::time_text(e.at_ms, true),
-                    e.sender,
-                    e.imported_from
-                        .map(|f| format!(" (handed over by {f})"))
-                        .unwrap_or_default(),
-                    readable(&e.plaintext)
-                );
+                println!("{e}");
             }
         }
         Command::ReferralTemplate => print!("{}", client::referral::template()),
@@ -979,15 +943,6 @@ mod erased {
         fn json(&self) -> String {
             serde_json::to_string(self).unwrap_or_default()
         }
-    }
-}
-
-/// A case message for a person to read: a structured case file one field
-/// per line, free text as it is (both safe for the terminal).
-fn readable(plaintext: &[u8]) -> String {
-    match client::referral::Disclosed::from_bytes(plaintext) {
-        Ok(d) => client::for_terminal(d.render().as_bytes()),
-        Err(_) => client::for_terminal(plaintext),
     }
 }
 
@@ -1101,7 +1056,7 @@ fn sent_lines(rows: &[client::sent::Checked]) -> Vec<String> {
         let e = &r.entry;
         let status = match (&r.status, &r.error) {
             (Some(s), _) => s.as_str().to_owned(),
-            (None, Some(err)) => format!("unknown ({err})"),
+            (None, Some(err)) => format!("unknown ({})", client::one_line(err)),
             (None, None) => "unknown".to_owned(),
         };
         out.push(format!(
@@ -1147,19 +1102,6 @@ fn came_back_lines(rows: &[client::sent::Checked]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_structured_case_file_is_read_one_field_per_line() {
-        let mut content = policy::CaseFile::new();
-        content.insert(
-            policy::FieldPath::new("child.name").unwrap(),
-            policy::Value::Text("Amira Example".into()),
-        );
-        let text = readable(&client::referral::disclosed_bytes(&content));
-        assert!(text.contains("child.name: Amira Example"), "{text}");
-        assert!(!text.contains('{'), "{text}");
-        assert_eq!(readable(b"free text\x1b[2K"), "free text\\u{1b}[2K");
-    }
 
     #[test]
     fn every_event_of_read_is_one_json_object_naming_its_kind() {

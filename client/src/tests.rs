@@ -130,3 +130,16 @@ fn a_reason_stays_on_its_own_line() {
         "refused\\u{a}    status: acknowledged\\u{9}\\u{1b}[1A"
     );
 }
+
+#[test]
+fn a_structured_case_file_is_read_one_field_per_line() {
+    let mut content = policy::CaseFile::new();
+    content.insert(
+        policy::FieldPath::new("child.name").unwrap(),
+        policy::Value::Text("Amira Example".into()),
+    );
+    let text = readable(&referral::disclosed_bytes(&content));
+    assert!(text.contains("child.name: Amira Example"), "{text}");
+    assert!(!text.contains('{'), "{text}");
+    assert_eq!(readable(b"free text\x1b[2K"), "free text\\u{1b}[2K");
+}

@@ -17,8 +17,13 @@
 //!   `synchronous = FULL`). Each state-changing call commits one transaction
 //!   before it returns, so a restart loses no group, key or message.
 //! * **Plaintext stays here.** The decrypted chronology (history) of each case
-//!   is stored only in this file; [`MlsClient::send_history`] hands it to a new
-//!   lead inside the group.
+//!   is stored only in this file; [`MlsClient::export_history`] hands it to a
+//!   new lead ([`MlsClient::send_history`], inside the group).
+//! * **Imported history is checked and marked.** Each entry of a history
+//!   export a member sends in the group is judged by the same check as a
+//!   chronology message ([`Kept::Imported`]), its sender must be a user
+//!   identity, and every imported entry is marked as handed over by whoever
+//!   handed it over (`imported_from`), whatever the export says.
 //! * **Bad bytes change nothing.** Anything from outside that fails to parse,
 //!   authenticate or decrypt yields a typed [`MlsError`]; a replay is
 //!   [`MlsError::Replay`], tampering [`MlsError::Tampered`].
@@ -129,6 +134,15 @@ pub enum MlsError {
     /// A history export that does not parse or is for another case.
     #[error("bad history export: {0}")]
     BadHistory(String),
+    /// A KeyPackage given for one person (a handover's new lead) is
+    /// someone else's: adding its owner would add a person not named.
+    #[error("a KeyPackage given for {named} is {owner}'s: refused")]
+    NotTheirKeyPackage {
+        /// Whom it was given for (escaped for a terminal, shortened).
+        named: String,
+        /// Whose it is (the identity in its credential).
+        owner: String,
+    },
     /// An argument from the caller is invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -257,6 +271,25 @@ pub struct HistoryEntry {
     pub plaintext: Vec<u8>,
     /// If this entry came in a history hand-over: who handed it over.
     pub imported_from: Option<String>,
+}
+
+impl fmt::Display for HistoryEntry {
+    /// The entry for a person to read: a header line (when, who, and who
+    /// handed it over), then its text, safe for a terminal: its sender and
+    /// `imported_from` may be anything a history export said, so they are
+    /// escaped as its text is ([`crate::readable`]).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "--- {} {}",
+            crate::time_text(self.at_ms, true),
+            crate::one_line(&self.sender)
+        )?;
+        if let Some(by) = &self.imported_from {
+            write!(f, " (handed over by {})", crate::one_line(by))?;
+        }
+        write!(f, "\n{}", crate::readable(&self.plaintext))
+    }
 }
 
 mod hex_bytes {
@@ -400,7 +433,10 @@ fn case_id_of(group: &MlsGroup) -> Result<String, MlsError> {
     Ok(case_id)
 }
 
-fn check_case_id(case_id: &str) -> Result<(), MlsError> {
+/// Checks a case id: 1 to [`MAX_CASE_ID`] bytes, no control characters (so
+/// that one shown on a terminal cannot move the cursor or send it
+/// commands).
+pub(crate) fn check_case_id(case_id: &str) -> Result<(), MlsError> {
     if case_id.is_empty() || case_id.len() > MAX_CASE_ID || case_id.chars().any(char::is_control) {
         return Err(MlsError::InvalidArgument(format!(
             "case id must be 1..={MAX_CASE_ID} bytes without control characters"
@@ -507,9 +543,22 @@ pub struct OwnCommit {
     pub epoch: u64,
 }
 
-/// Judges a chronology message's plaintext, given its case id, before it
-/// is kept (see [`MlsClient::process_checked`]): why not, if not.
-pub type Keep<'a> = dyn Fn(&str, &[u8]) -> Result<(), String> + 'a;
+/// What [`Keep`] judges before it is kept.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Kept<'a> {
+    /// A chronology message's plaintext.
+    Message(&'a [u8]),
+    /// An entry of a history export a member sent in the group
+    /// ([`MlsClient::send_history`]), as it would be kept (its
+    /// `imported_from` set to the member who sent it).
+    Imported(&'a HistoryEntry),
+}
+
+/// Judges what a message brings (a chronology message, or each entry of a
+/// history export), given its case id, before it is kept (see
+/// [`MlsClient::process_checked`]): why not, if not.
+pub type Keep<'a> = dyn Fn(&str, Kept<'_>) -> Result<(), String> + 'a;
 
 impl MlsClient {
     /// Opens the MLS state in `data_dir` (creating it on first use) for the
@@ -712,6 +761,29 @@ impl MlsClient {
             .collect())
     }
 
+    /// Checks that a KeyPackage from someone else is valid and `named`'s
+    /// own: its credential's identity is exactly `named`
+    /// ([`MlsError::NotTheirKeyPackage`] if it is someone else's).
+    pub fn check_key_package_of(&self, key_package: &[u8], named: &str) -> Result<(), MlsError> {
+        self.validate_key_package_of(key_package, named).map(|_| ())
+    }
+
+    /// As `validate_key_package`, and the KeyPackage must be `named`'s.
+    fn validate_key_package_of(
+        &self,
+        bytes: &[u8],
+        named: &str,
+    ) -> Result<(KeyPackage, String), MlsError> {
+        let (kp, owner) = self.validate_key_package(bytes)?;
+        if owner != named {
+            return Err(MlsError::NotTheirKeyPackage {
+                named: crate::one_line(&short(named)),
+                owner,
+            });
+        }
+        Ok((kp, owner))
+    }
+
     /// Parses and validates a KeyPackage from someone else, and checks its
     /// credential is a user URI. Returns it with that identity.
     fn validate_key_package(&self, bytes: &[u8]) -> Result<(KeyPackage, String), MlsError> {
@@ -899,16 +971,18 @@ impl MlsClient {
         })
     }
 
-    /// Hands the case over: one commit that adds the new lead (from its
-    /// KeyPackage) and removes every leaf of `old_lead`, left pending as by
-    /// [`MlsClient::stage_add_members`].
+    /// Hands the case over: one commit that adds the new lead `new_lead`
+    /// (from its KeyPackage, which must be theirs:
+    /// [`MlsError::NotTheirKeyPackage`] otherwise) and removes every leaf
+    /// of `old_lead`, left pending as by [`MlsClient::stage_add_members`].
     pub fn handover(
         &mut self,
         group: &GroupId,
         new_lead_key_package: &[u8],
+        new_lead: &str,
         old_lead: &str,
     ) -> Result<OwnCommit, MlsError> {
-        let (kp, new_lead) = self.validate_key_package(new_lead_key_package)?;
+        let (kp, new_lead) = self.validate_key_package_of(new_lead_key_package, new_lead)?;
         if new_lead == old_lead {
             return Err(MlsError::InvalidArgument(
                 "new lead and old lead are the same".into(),
@@ -1111,9 +1185,10 @@ impl MlsClient {
     }
 
     /// As [`MlsClient::process`], with `keep` judging a chronology
-    /// message's plaintext (given its case id) before it is kept: one it
-    /// refuses is not written to the history (its key is used up all the
-    /// same) and comes back as [`MlsError::Refused`].
+    /// message's plaintext, and each entry of a history export (given
+    /// their case id), before it is kept: a message it refuses (an export
+    /// with one entry it refuses) is not written to the history (its key
+    /// is used up all the same) and comes back as [`MlsError::Refused`].
     ///
     /// `via` is the address it came by (`user:…` or `team:…`), when known:
     /// the same message again by another of our addresses (a member reached
@@ -1193,7 +1268,7 @@ impl MlsClient {
                 };
                 match tag {
                     TAG_CHRONOLOGY => {
-                        if let Err(reason) = keep(&case_id, body) {
+                        if let Err(reason) = keep(&case_id, Kept::Message(body)) {
                             self.persist(&[seen])?;
                             return Err(MlsError::Refused(reason));
                         }
@@ -1220,15 +1295,29 @@ impl MlsClient {
                         })
                     }
                     TAG_HISTORY => {
-                        let changes = match self.history_changes(&group, body, &sender) {
-                            Ok(changes) => changes,
+                        // Each entry judged as a chronology message is: an
+                        // export is no way round the receiver's check.
+                        let judged =
+                            self.history_entries(&group, body, &sender)
+                                .and_then(|entries| {
+                                    for entry in &entries {
+                                        keep(&case_id, Kept::Imported(entry))
+                                            .map_err(MlsError::Refused)?;
+                                    }
+                                    Ok(entries)
+                                });
+                        let entries = match judged {
+                            Ok(entries) => entries,
                             Err(e) => {
                                 self.persist(&[seen])?;
                                 return Err(e);
                             }
                         };
                         let mut all = vec![seen];
-                        all.extend(changes);
+                        all.extend(entries.into_iter().map(|entry| Change::History {
+                            group: group.clone(),
+                            entry,
+                        }));
                         let imported = self.persist(&all)?;
                         Ok(Processed::HistoryImported {
                             group,
@@ -1358,25 +1447,39 @@ impl MlsClient {
     }
 
     /// Merges a history export from `from` (whom the caller authenticated,
-    /// e.g. as the sender of the MLS message that carried it) into our
-    /// history of `group`. Entries already present are skipped; returns how
-    /// many were new. The export must be for this group's case.
+    /// e.g. as the sender of the MLS message that carried it, and whose
+    /// entries the caller checked) into our history of `group`. Entries
+    /// already present are skipped; returns how many were new. The export
+    /// must be for this group's case, made by `from`, and name only user
+    /// identities as senders; each entry is recorded as handed over by
+    /// `from`.
     pub fn import_history(
         &mut self,
         group: &GroupId,
         from: &str,
         export: &[u8],
     ) -> Result<usize, MlsError> {
-        let changes = self.history_changes(group, export, from)?;
+        let changes: Vec<Change> = self
+            .history_entries(group, export, from)?
+            .into_iter()
+            .map(|entry| Change::History {
+                group: group.clone(),
+                entry,
+            })
+            .collect();
         self.persist(&changes)
     }
 
-    fn history_changes(
+    /// The entries of a history export from `from` for `group`, as they
+    /// are to be kept: `imported_from` is `from`, who vouches for them (an
+    /// export cannot pass its entries off as handed over by someone else,
+    /// or as not handed over at all).
+    fn history_entries(
         &self,
         group: &GroupId,
         export: &[u8],
         from: &str,
-    ) -> Result<Vec<Change>, MlsError> {
+    ) -> Result<Vec<HistoryEntry>, MlsError> {
         let export: HistoryExport =
             serde_json::from_slice(export).map_err(|e| MlsError::BadHistory(e.to_string()))?;
         if export.format != HISTORY_FORMAT {
@@ -1391,19 +1494,17 @@ impl MlsClient {
                 "export was not made by its sender".into(),
             ));
         }
-        Ok(export
+        export
             .entries
             .into_iter()
             .map(|mut entry| {
-                if entry.imported_from.is_none() {
-                    entry.imported_from = Some(from.to_owned());
-                }
-                Change::History {
-                    group: group.clone(),
-                    entry,
-                }
+                check_user_uri(&entry.sender).map_err(|_| {
+                    MlsError::BadHistory("an entry's sender is not a user identity".into())
+                })?;
+                entry.imported_from = Some(from.to_owned());
+                Ok(entry)
             })
-            .collect())
+            .collect()
     }
 
     /// Encrypts our history of the group to the group (e.g. right after a

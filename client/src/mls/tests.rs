@@ -227,7 +227,7 @@ fn replayed_message_is_refused() {
 fn the_same_message_by_another_of_our_addresses_is_a_copy_and_by_the_same_one_a_replay() {
     let (mut sender, mut team, group) = referral();
     let ct = sender.c().encrypt(&group, b"once").unwrap();
-    let keep = |_: &str, _: &[u8]| Ok(());
+    let keep = |_: &str, _: Kept<'_>| Ok(());
     let team_addr = Some("team:duty@b.example");
     app(team[0].c().process_checked(&ct, team_addr, &keep).unwrap());
     // Again through the team: a replay, refused.
@@ -467,7 +467,10 @@ fn a_commits_proof_is_by_its_epochs_key_and_names_one_only_the_next_epochs_membe
     let mut new_lead = Person::new("c.example", "lead2");
     let kp = new_lead.kp();
     let old_lead = team[0].id.clone();
-    let own = team[1].c().handover(&group, &kp, &old_lead).unwrap();
+    let own = team[1]
+        .c()
+        .handover(&group, &kp, &new_lead.id, &old_lead)
+        .unwrap();
     let (hex_group, hash) = (
         hex::encode(&group.0),
         proto::ContentHash(sha256(&own.commit)),
@@ -507,7 +510,10 @@ fn handover_removes_old_lead_and_new_lead_gets_history() {
     let old_lead = team[0].id.clone();
     let OwnCommit {
         commit, welcome, ..
-    } = team[1].c().handover(&group, &kp, &old_lead).unwrap();
+    } = team[1]
+        .c()
+        .handover(&group, &kp, &new_lead.id, &old_lead)
+        .unwrap();
     // Pending until the Delivery Service has taken it.
     assert!(team[1].c().has_pending_commit(&group));
     assert!(team[1].c().members(&group).unwrap().contains(&old_lead));
@@ -600,6 +606,24 @@ fn handover_removes_old_lead_and_new_lead_gets_history() {
     assert_eq!(h[2].imported_from, None);
 }
 
+/// A history export `c` sends in `group` as it is, whatever it says (as
+/// a member's own client could).
+fn send_export(c: &mut MlsClient, group: &GroupId, export: &HistoryExport) -> Vec<u8> {
+    let framed = frame(TAG_HISTORY, now_ms(), &serde_json::to_vec(export).unwrap());
+    let g = active_mut(&mut c.groups, group).unwrap();
+    let out = g
+        .mls
+        .create_message(&c.provider, &c.signer, &framed)
+        .unwrap();
+    serialize(&out).unwrap()
+}
+
+/// A history export travels in the group only under the receiver's check,
+/// entry by entry, as a chronology message does: one with an entry that
+/// holds a field the check refuses (the family's new address, where only
+/// the chronology is declared) is refused whole, and the chronology stays
+/// as it was. One taken is marked as handed over by its sender, whatever
+/// it says; one naming a sender that is not a user is refused.
 #[test]
 fn history_travels_in_the_group() {
     let (mut sender, mut team, group) = referral();
@@ -610,21 +634,108 @@ fn history_travels_in_the_group() {
     let old = team[0].id.clone();
     let OwnCommit {
         commit, welcome, ..
-    } = sender.c().handover(&group, &kp, &old).unwrap();
+    } = sender
+        .c()
+        .handover(&group, &kp, &new_lead.id, &old)
+        .unwrap();
     sender.c().confirm_commit(&group, &commit).unwrap();
     new_lead.c().join(&welcome).unwrap();
+    // The receiver's check, as `read` makes it for a message declaring
+    // the chronology only.
+    let declared = ["chronology".to_owned()];
+    let check = |plaintext: &[u8]| {
+        crate::cases::check_declared(plaintext, &declared).map_err(|e| e.to_string())
+    };
+    let keep = |_: &str, kept: Kept<'_>| match kept {
+        Kept::Message(p) => check(p),
+        Kept::Imported(e) => check(&e.plaintext),
+    };
+
+    // An entry the sender's chronology holds, and the export with it.
+    let mut address = policy::CaseFile::new();
+    address.insert(
+        policy::FieldPath::new("family.new_address").unwrap(),
+        policy::Value::Text("1 Hidden Lane".into()),
+    );
+    let hidden = crate::referral::disclosed_bytes(&address);
+    sender.c().encrypt(&group, &hidden).unwrap();
     let hist = sender.c().send_history(&group).unwrap();
+    let refused = new_lead.c().process_checked(&hist, None, &keep);
+    assert!(
+        matches!(&refused, Err(MlsError::Refused(r)) if r.contains("family.new_address")),
+        "{refused:?}"
+    );
+    assert!(new_lead.c().history(&group).unwrap().is_empty());
+    // The history message itself is not a chronology entry for the sender.
+    assert_eq!(sender.c().history(&group).unwrap().len(), 2);
+
+    // Entries within the check, backdated and passed off as a colleague's
+    // (and as handed over by them): taken, but marked as handed over by
+    // the member who sent them.
+    let colleague = team[1].id.clone();
+    let entry = |text: &[u8]| HistoryEntry {
+        epoch: 0,
+        sender: colleague.clone(),
+        at_ms: 1_000,
+        plaintext: text.to_vec(),
+        imported_from: Some(colleague.clone()),
+    };
+    let exporter = sender.id.clone();
+    let export = |entries: Vec<HistoryEntry>| HistoryExport {
+        format: HISTORY_FORMAT,
+        case_id: "CASE-42".into(),
+        exported_by: exporter.clone(),
+        entries,
+    };
+    let forged = send_export(sender.c(), &group, &export(vec![entry(b"one")]));
     assert_eq!(
-        new_lead.c().process(&hist).unwrap(),
+        new_lead.c().process_checked(&forged, None, &keep).unwrap(),
         Processed::HistoryImported {
             group: group.clone(),
             from: sender.id.clone(),
             imported: 1
         }
     );
-    assert_eq!(new_lead.c().history(&group).unwrap()[0].plaintext, b"one");
-    // The history message itself is not a chronology entry for the sender.
-    assert_eq!(sender.c().history(&group).unwrap().len(), 1);
+    let h = new_lead.c().history(&group).unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].plaintext, b"one");
+    assert_eq!(h[0].imported_from.as_deref(), Some(sender.id.as_str()));
+
+    // A sender that is not a user identity (a terminal escape, say):
+    // refused, nothing kept.
+    let mut odd = entry(b"two");
+    odd.sender = "\x1b[2K".into();
+    let odd = send_export(sender.c(), &group, &export(vec![odd]));
+    assert!(matches!(
+        new_lead.c().process_checked(&odd, None, &keep),
+        Err(MlsError::BadHistory(_))
+    ));
+    assert_eq!(new_lead.c().history(&group).unwrap().len(), 1);
+}
+
+/// A handover adds only the new lead it names: a KeyPackage that is
+/// someone else's is refused, and the group is left as it was.
+#[test]
+fn a_handover_with_someone_elses_key_package_is_refused_and_changes_nothing() {
+    let (_sender, mut team, group) = referral();
+    let named = Person::new("c.example", "lead2");
+    let mut other = Person::new("c.example", "mallory");
+    let kp = other.kp();
+    let old = team[0].id.clone();
+    let before = team[1].c().members(&group).unwrap();
+    let r = team[1].c().handover(&group, &kp, &named.id, &old);
+    assert!(
+        matches!(&r, Err(MlsError::NotTheirKeyPackage { named: n, owner })
+            if *n == named.id && *owner == other.id),
+        "{r:?}"
+    );
+    assert!(!team[1].c().has_pending_commit(&group));
+    assert_eq!(team[1].c().members(&group).unwrap(), before);
+    assert!(matches!(
+        team[1].c().check_key_package_of(&kp, &named.id),
+        Err(MlsError::NotTheirKeyPackage { .. })
+    ));
+    team[1].c().check_key_package_of(&kp, &other.id).unwrap();
 }
 
 #[test]
@@ -784,7 +895,7 @@ fn the_keys_and_history_are_readable_by_their_owner_only() {
 fn content_refused_before_it_is_kept_uses_up_its_key_and_the_next_message_reads() {
     let (mut sender, mut team, group) = referral();
     let ct = sender.c().encrypt(&group, b"too much").unwrap();
-    let refuse = |_: &str, _: &[u8]| Err("holds more than it declares".to_owned());
+    let refuse = |_: &str, _: Kept<'_>| Err("holds more than it declares".to_owned());
     assert!(matches!(
         team[0].c().process_checked(&ct, None, &refuse),
         Err(MlsError::Refused(r)) if r.contains("more than it declares")
