@@ -148,6 +148,8 @@ impl PeerWake {
 /// One batch on the wire: its items' queue positions and the request.
 struct InFlight {
     seqs: Vec<i64>,
+    /// Whether each item is a message (not a status update).
+    messages: Vec<bool>,
     request: tokio::task::JoinHandle<Answer>,
 }
 
@@ -297,6 +299,10 @@ pub(crate) async fn peer_worker(
             };
             backlog = more;
             let seqs: Vec<i64> = batch.iter().map(|q| q.seq).collect();
+            let messages = batch
+                .iter()
+                .map(|q| matches!(q.item, proto::FederationItem::Deliver { .. }))
+                .collect();
             sent_up_to = seqs.last().copied().unwrap_or(sent_up_to);
             if !in_flight.is_empty() {
                 shared.metrics.federation_batches_pipelined.inc();
@@ -311,7 +317,11 @@ pub(crate) async fn peer_worker(
                 // takes to get to the answer.
                 (answer, now_ms(), framed)
             });
-            in_flight.push_back(InFlight { seqs, request });
+            in_flight.push_back(InFlight {
+                seqs,
+                messages,
+                request,
+            });
         }
         let room = in_flight.len() < window;
         let Some(front) = in_flight.front_mut() else {
@@ -399,7 +409,8 @@ pub(crate) async fn peer_worker(
                 }
                 wake.record(Ok(()), answered_at);
                 let mut verdicts = Vec::with_capacity(done.seqs.len());
-                for (seq, r) in done.seqs.iter().zip(answered.response.results) {
+                let results = done.seqs.iter().zip(&done.messages);
+                for ((seq, message), r) in results.zip(answered.response.results) {
                     cursor = cursor.max(*seq);
                     verdicts.push((
                         *seq,
@@ -410,7 +421,11 @@ pub(crate) async fn peer_worker(
                                 // name people): its sender reads it, the
                                 // log gets the code.
                                 tracing::warn!(?code, "peer refused an item");
-                                shared.metrics.undeliverable.inc();
+                                // A refused status update is no message
+                                // gone back to its sender.
+                                if *message {
+                                    shared.metrics.undeliverable.inc();
+                                }
                                 Sent::Refused(reason)
                             }
                         },

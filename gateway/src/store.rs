@@ -1514,9 +1514,12 @@ fn give_back(
     for (seq, id, is_deliver) in &rows {
         exec(c, "DELETE FROM outbox WHERE seq = ?1", [*seq])?;
         match id {
+            // One whose sender knows better already (the peer said it was
+            // fetched, say) is not counted as given back.
             Some(id) if *is_deliver => {
-                advance_sent(c, id, Status::Undeliverable, at_ms, Some(reason))?;
-                messages += 1;
+                if advance_sent(c, id, Status::Undeliverable, at_ms, Some(reason))? {
+                    messages += 1;
+                }
             }
             _ => updates += 1,
         }
