@@ -151,6 +151,16 @@ pub enum Event {
         /// The team it was addressed to.
         to: String,
     },
+    /// A message that came before a change to its case it follows (a
+    /// Commit, or the Welcome that adds us, still on its way through
+    /// another gateway): it waits in the inbox, unread and
+    /// unacknowledged, and is read once that change is (told once).
+    Waiting {
+        /// The message.
+        message_id: MessageId,
+        /// Its sender.
+        from: String,
+    },
     /// A message was refused (tampered, replayed, not decryptable); it stays
     /// in the inbox, unacknowledged.
     Refused {
@@ -233,6 +243,11 @@ impl std::fmt::Display for Event {
                 safe(to),
                 safe(from)
             ),
+            Event::Waiting { message_id, from } => write!(
+                f,
+                "message {message_id} from {} waits: a change to its case made before it has not reached you yet; `read` again later takes it",
+                safe(from)
+            ),
             Event::Refused {
                 message_id,
                 from,
@@ -274,6 +289,11 @@ struct Meta {
     /// replay, and refused.
     #[serde(default)]
     processing: std::collections::BTreeSet<String>,
+    /// Messages that came before a change they follow (see
+    /// [`Event::Waiting`]) → when this client first found one waiting (ms
+    /// since the epoch). Left in the inbox, and read again at every pass.
+    #[serde(default)]
+    waiting: BTreeMap<String, u64>,
     /// case id → the areas the family fled, as declared by any message
     /// of the case sent or read here: every later disclosure in the case
     /// declares them too, so the gateways keep the family's whereabouts
@@ -1768,10 +1788,38 @@ impl Caseworker {
     ) -> Result<usize, CaseError> {
         let inbox = self.api.inbox(wait).await?;
         let listed = inbox.messages.len();
-        for item in inbox
+        let mut work: Vec<&proto::InboxItem> = inbox
             .messages
             .iter()
             .filter(|m| m.envelope.kind == MessageKind::Mls)
+            .collect();
+        // A message that came before the change it follows waits; once
+        // another message was taken, the waiting ones are looked at again
+        // (the change may have been among them), in their order.
+        loop {
+            let mut waiting = Vec::new();
+            let mut took = false;
+            for item in work {
+                match self.read_one(item, events).await? {
+                    Step::Waits => waiting.push(item),
+                    Step::Taken => took = true,
+                    Step::Other => {}
+                }
+            }
+            if waiting.is_empty() || !took {
+                break;
+            }
+            work = waiting;
+        }
+        Ok(listed)
+    }
+
+    /// Reads one listed message of the inbox.
+    async fn read_one(
+        &mut self,
+        item: &proto::InboxItem,
+        events: &mut Vec<Event>,
+    ) -> Result<Step, CaseError> {
         {
             let env = &item.envelope;
             let id = env.message_id.as_str();
@@ -1781,7 +1829,7 @@ impl Caseworker {
             let again = self.meta.refused.contains(id);
             if again {
                 if !to_team || self.meta.rechecked.contains(id) {
-                    continue;
+                    return Ok(Step::Other);
                 }
                 self.meta.rechecked.insert(id.to_owned());
                 self.save()?;
@@ -1798,24 +1846,52 @@ impl Caseworker {
                         error: "the body does not match the envelope's content hash".into(),
                     });
                 }
-                continue;
+                return Ok(Step::Other);
             }
             let case = self.case_of_message(&fetched.body.0);
             if case.as_ref().is_some_and(|c| self.held.contains(c)) {
                 // Its case waits for our own change to it (above).
-                continue;
+                return Ok(Step::Other);
             }
             let resumed = !self.meta.processing.insert(id.to_owned());
             if !resumed {
                 self.save()?;
             }
-            match self.handle(env, &fetched.body.0).await {
+            let outcome = self.handle(env, &fetched.body.0).await;
+            // Ahead of a change not read yet (by name: a case we are not
+            // in yet, whose Welcome may still come): it waits, unchanged
+            // and unacknowledged, for as long as a message may take.
+            let early = match &outcome {
+                Err(CaseError::Mls(MlsError::Ahead { .. })) => true,
+                Err(CaseError::Mls(MlsError::UnknownGroup(_))) => !to_team,
+                _ => false,
+            };
+            let now = crate::now_ms();
+            let since = self.meta.waiting.get(id).copied();
+            if early && since.is_none_or(|t| now.saturating_sub(t) < WAIT_FOR_EARLIER_MS) {
+                self.meta.processing.remove(id);
+                self.meta
+                    .waiting
+                    .insert(id.to_owned(), since.unwrap_or(now));
+                self.save()?;
+                if since.is_none() {
+                    events.push(Event::Waiting {
+                        message_id: env.message_id.clone(),
+                        from,
+                    });
+                }
+                return Ok(Step::Waits);
+            }
+            self.meta.waiting.remove(id);
+            let mut step = Step::Other;
+            match outcome {
                 Ok(mut evs) => {
                     events.append(&mut evs);
                     self.api.ack(&env.message_id).await?;
                     self.meta.refused.remove(id);
                     self.meta.processing.remove(id);
                     self.save()?;
+                    step = Step::Taken;
                 }
                 // Processed here before, its acknowledgement cut short:
                 // shown then, acknowledged now.
@@ -1881,8 +1957,8 @@ impl Caseworker {
                     }
                 }
             }
+            Ok(step)
         }
-        Ok(listed)
     }
 
     async fn handle(
@@ -2131,6 +2207,22 @@ impl Caseworker {
         Ok(events)
     }
 }
+
+/// What [`Caseworker::read_one`] did with a message.
+enum Step {
+    /// Taken: processed and acknowledged (a case's state may have moved).
+    Taken,
+    /// It waits for a change made before it (see [`Event::Waiting`]).
+    Waits,
+    /// Anything else: refused, set aside, held, or skipped.
+    Other,
+}
+
+/// How long a message that came before a change it follows waits for
+/// that change (a Commit or Welcome still on its way, by another
+/// gateway's link) before it is refused: as long as the gateways try to
+/// deliver a message (their default validity).
+const WAIT_FOR_EARLIER_MS: u64 = 5 * 24 * 3600 * 1000;
 
 /// Why a history export inside a case's group is refused (see
 /// [`keep_declared`]).

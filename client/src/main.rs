@@ -980,6 +980,11 @@ fn event_json(e: &client::cases::Event) -> Option<serde_json::Value> {
         Event::HandoverRefused { case_id, from } => {
             json!({ "event": "handover_refused", "case": case_id, "from": from })
         }
+        Event::Waiting { message_id, from } => json!({
+            "event": "waiting",
+            "message_id": message_id.to_string(),
+            "from": from,
+        }),
         Event::Refused {
             message_id,
             from,
@@ -1132,6 +1137,10 @@ mod tests {
                 from: "bob".into(),
                 entries: 3,
             },
+            Event::Waiting {
+                message_id: proto::MessageId::from_bytes([2; 16]),
+                from: "bob".into(),
+            },
             Event::Refused {
                 message_id: proto::MessageId::from_bytes([1; 16]),
                 from: "mallory".into(),
@@ -1156,6 +1165,7 @@ mod tests {
                 "removed",
                 "overtaken",
                 "history",
+                "waiting",
                 "refused"
             ]
         );

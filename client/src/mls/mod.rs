@@ -105,6 +105,19 @@ pub enum MlsError {
     /// The message is for a group we do not hold.
     #[error("unknown group {0}")]
     UnknownGroup(GroupId),
+    /// The message is from a later epoch of the group than ours: the change
+    /// (a Commit) that leads there has not reached us yet (gateways keep
+    /// order per link, not across them). Nothing changed; it can be
+    /// processed once that change has been.
+    #[error("from a later state of the case (epoch {epoch}; this client's is {ours}): a change made before it has not arrived yet")]
+    Ahead {
+        /// The group.
+        group: GroupId,
+        /// The message's epoch.
+        epoch: u64,
+        /// Ours.
+        ours: u64,
+    },
     /// We were removed from this group: we can no longer read or send.
     #[error("no longer a member of group {0}")]
     NotMember(GroupId),
@@ -1244,6 +1257,10 @@ impl MlsClient {
         keep: &Keep<'_>,
     ) -> Result<Processed, MlsError> {
         let g = active_mut(&mut self.groups, &group)?;
+        let (epoch, ours) = (protocol.epoch().as_u64(), g.mls.epoch().as_u64());
+        if epoch > ours {
+            return Err(MlsError::Ahead { group, epoch, ours });
+        }
         // The case id this client recorded when it joined (not one a member
         // may have set in the group since), for `keep`.
         let case_id = g.case_id.clone();

@@ -206,6 +206,35 @@ fn tampered_ciphertext_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_message_ahead_of_its_commit_waits_unchanged_and_reads_after_it() {
+    let (mut sender, mut team, group) = referral();
+    let mut extra = Person::new("b.example", "d9");
+    let (commit, _) = sender.c().add_members(&group, &[extra.kp()]).unwrap();
+    let reply = sender.c().encrypt(&group, b"after the change").unwrap();
+    let commit2 = sender.c().remove_member(&group, &extra.id).unwrap();
+    let later = sender.c().encrypt(&group, b"after both changes").unwrap();
+    // The reply and the second change come by another way than the first
+    // change, and first.
+    for early in [&reply, &commit2, &later] {
+        match team[0].c().process(early) {
+            Err(MlsError::Ahead { epoch, ours, .. }) => assert!(epoch > ours),
+            other => panic!("expected Ahead, got {other:?}"),
+        }
+    }
+    assert_eq!(team[0].c().epoch(&group).unwrap(), 1, "nothing changed");
+    team[0].c().process(&commit).unwrap();
+    assert_eq!(
+        app(team[0].c().process(&reply).unwrap()).1,
+        b"after the change"
+    );
+    team[0].c().process(&commit2).unwrap();
+    assert_eq!(
+        app(team[0].c().process(&later).unwrap()).1,
+        b"after both changes"
+    );
+}
+
+#[test]
 fn replayed_message_is_refused() {
     let (mut sender, mut team, group) = referral();
     let ct = sender.c().encrypt(&group, b"once").unwrap();
@@ -541,10 +570,10 @@ fn handover_removes_old_lead_and_new_lead_gets_history() {
     }
     team[2].c().process(&commit).unwrap();
     // A message sent after the handover, before the old lead even saw the
-    // commit: the old lead cannot read it.
+    // commit: to the old lead, it waits for that commit.
     let after = sender.c().encrypt(&group, b"after handover").unwrap();
     let err = team[0].c().process(&after).unwrap_err();
-    assert!(matches!(err, MlsError::Undecryptable(_)), "{err:?}");
+    assert!(matches!(err, MlsError::Ahead { .. }), "{err:?}");
     // The old lead processes its removal and still cannot read it, nor send.
     assert_eq!(
         team[0].c().process(&commit).unwrap(),

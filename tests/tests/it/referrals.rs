@@ -1486,6 +1486,86 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
     ));
 }
 
+/// Gateways keep order per link, not across them: a reply that follows a
+/// change to its case can reach a member before the change does (the
+/// changer's gateway cannot reach the member's for a while). It waits,
+/// unread and unacknowledged, and is read once the change is; before, it
+/// was refused for good and the reply was never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_overtakes_the_change_it_follows_waits_for_it() {
+    let fed = federation_with_keys().await;
+    let (south, east) = (fed.index("southvale"), fed.index("eastmoor"));
+    let mut alice = worker(&fed, 0, "alice");
+    let case = refer_to(&mut alice, "user:dan@southvale", b"first referral").await;
+    let mut dan = worker(&fed, south, "dan");
+    joins(&mut dan, &case).await;
+    let mut hana = worker(&fed, east, "hana");
+    alice
+        .add(&case, &to("user:hana@eastmoor"), None)
+        .await
+        .unwrap();
+    joins(&mut hana, &case).await;
+    let added = |who: &'static str| {
+        move |events: &[Event]| {
+            events.iter().any(|e| {
+                matches!(e, Event::Membership { added, .. }
+                if added.iter().any(|a| a.ends_with(who)))
+            })
+        }
+    };
+    assert!(added("/user/hana")(
+        &read_until(&mut dan, added("/user/hana")).await
+    ));
+    // eastmoor loses its way to southvale (its change waits in its queue),
+    // while northshire still reaches both.
+    let url = format!("url = \"https://127.0.0.1:{}\"", fed.port(south).unwrap());
+    let nowhere = "url = \"https://127.0.0.1:1\"";
+    fed.edit_config(east, &url, nowhere).unwrap();
+    reload(&fed, east).await;
+    hana.add(&case, &to("user:bob@northshire"), None)
+        .await
+        .unwrap();
+    assert!(added("/user/bob")(
+        &read_until(&mut alice, added("/user/bob")).await
+    ));
+    alice
+        .send(&case, &category("update"), b"after bob joined", None, None)
+        .await
+        .unwrap();
+    // dan gets alice's reply first: it waits, and dan is told so, once.
+    let waits = |events: &[Event]| events.iter().any(|e| matches!(e, Event::Waiting { .. }));
+    let events = read_until(&mut dan, waits).await;
+    assert!(waits(&events), "{events:?}");
+    assert!(texts(&events).is_empty(), "{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Refused { .. })),
+        "{events:?}"
+    );
+    let again = dan.read(Duration::ZERO).await.unwrap();
+    assert!(again.is_empty(), "told once, nothing refused: {again:?}");
+    // Unacknowledged: it stays in dan's inbox, and alice is not told a
+    // person has read it.
+    let listed = fed
+        .api(south, "dan")
+        .unwrap()
+        .inbox(Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(listed.messages.len(), 1, "{listed:?}");
+    assert_eq!(listed.messages[0].envelope.category.as_str(), "update");
+    // eastmoor reaches southvale again: the change, then the reply.
+    fed.edit_config(east, nowhere, &url).unwrap();
+    reload(&fed, east).await;
+    let says = |text: &'static str| move |events: &[Event]| texts(events).iter().any(|t| t == text);
+    let events = read_until(&mut dan, says("after bob joined")).await;
+    assert!(says("after bob joined")(&events), "{events:?}");
+    assert!(added("/user/bob")(&events), "{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Refused { .. })),
+        "{events:?}"
+    );
+}
+
 /// An MLS Commit (`body`) submitted to `to_whom` under `key`, with `proof`.
 fn commit_to(
     to_whom: &str,
