@@ -37,6 +37,11 @@ pub enum CaseError {
     /// No such case on this client.
     #[error("no case {0:?} on this client")]
     UnknownCase(String),
+    /// What was read could not be shown (see [`Caseworker::show_as_read`]):
+    /// the message it came from, and those after it, are not
+    /// acknowledged.
+    #[error("could not show what was read: {0}; it was not acknowledged")]
+    Output(String),
     /// Nobody in the recipient has published KeyPackages.
     #[error("no member of {0} can be reached yet: none has published keys")]
     NoMembers(String),
@@ -161,6 +166,18 @@ pub enum Event {
         /// Its sender.
         from: String,
     },
+    /// A message read here before whose `read` was cut short before it was
+    /// acknowledged (killed, or its output failed): what it brought may
+    /// not have been shown then, and is not shown again (its keys are used
+    /// up); the case's history has it. Acknowledged now.
+    ReadBefore {
+        /// The message.
+        message_id: MessageId,
+        /// Its sender.
+        from: String,
+        /// Its case, when known.
+        case_id: Option<String>,
+    },
     /// A message was refused (tampered, replayed, not decryptable); it stays
     /// in the inbox, unacknowledged.
     Refused {
@@ -243,6 +260,23 @@ impl std::fmt::Display for Event {
                 safe(to),
                 safe(from)
             ),
+            Event::ReadBefore {
+                message_id,
+                from,
+                case_id,
+            } => match case_id {
+                Some(c) => write!(
+                    f,
+                    "message {message_id} from {} was read here before, and may not have been shown: `client history --case {}` has it",
+                    safe(from),
+                    safe(c)
+                ),
+                None => write!(
+                    f,
+                    "message {message_id} from {} was read here before, and may not have been shown",
+                    safe(from)
+                ),
+            },
             Event::Waiting { message_id, from } => write!(
                 f,
                 "message {message_id} from {} waits: a change to its case made before it has not reached you yet; `read` again later takes it",
@@ -508,6 +542,10 @@ pub struct Caseworker {
     /// or the case's home gateway, out of reach): their messages wait in
     /// the inbox while the other cases are read.
     held: std::collections::HashSet<String>,
+    /// Shows what `read` reads as it goes ([`Caseworker::show_as_read`]).
+    show: Option<Box<Show>>,
+    /// How many of the events of the `read` under way were shown.
+    shown: usize,
     /// Held while this client works on its data directory: two clients at
     /// once would each write back state the other moved on.
     _lock: std::fs::File,
@@ -735,6 +773,8 @@ impl Caseworker {
             meta,
             sent,
             held: std::collections::HashSet::new(),
+            show: None,
+            shown: 0,
             _lock: lock,
         })
     }
@@ -1707,6 +1747,46 @@ impl Caseworker {
             .collect())
     }
 
+    /// Has `read` show each event with `show` as it goes: a message is
+    /// acknowledged (its sender told a person has it) only once what it
+    /// brought was shown, so a `read` cut short (killed, or a long step
+    /// after the messages, such as a handover retried or keys topped up)
+    /// leaves nothing acknowledged that its reader was not shown. A `show`
+    /// that fails (its output closed) stops the `read`
+    /// ([`CaseError::Output`]) before anything more is acknowledged.
+    pub fn show_as_read(&mut self, show: Box<Show>) {
+        self.show = Some(show);
+    }
+
+    /// Shows the events of this `read` not shown yet.
+    fn show(&mut self, events: &[Event]) -> Result<(), CaseError> {
+        let fresh = events.get(self.shown..).unwrap_or_default();
+        if let Some(show) = self.show.as_mut() {
+            for e in fresh {
+                show(e).map_err(|e| CaseError::Output(e.to_string()))?;
+                self.shown += 1;
+            }
+        }
+        self.shown = events.len();
+        Ok(())
+    }
+
+    /// `read` stopped by `error` after `events`: those not shown yet are
+    /// shown (as far as they can be) and returned with it.
+    fn interrupted(&mut self, events: Vec<Event>, error: CaseError) -> CaseError {
+        if let Err(e) = self.show(&events) {
+            tracing::warn!(error = %e, "could not show what was read before the read stopped");
+        }
+        if events.is_empty() {
+            error
+        } else {
+            CaseError::Interrupted {
+                events,
+                error: Box::new(error),
+            }
+        }
+    }
+
     /// Processes the MLS messages waiting in the inbox, oldest first, waiting
     /// up to `wait` for the first one; acknowledges each one handled. Tops up
     /// KeyPackages when the gateway says the stock is low.
@@ -1722,22 +1802,13 @@ impl Caseworker {
         let deadline = tokio::time::Instant::now() + wait;
         // Our own changes first: the cases' next messages may be in the
         // epochs they make.
+        self.shown = 0;
         let mut events = self.settle_all().await?;
-        let interrupted = |events: Vec<Event>, error: CaseError| {
-            if events.is_empty() {
-                error
-            } else {
-                CaseError::Interrupted {
-                    events,
-                    error: Box::new(error),
-                }
-            }
-        };
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let listed = match self.read_batch(left, &mut events).await {
                 Ok(n) => n,
-                Err(e) => return Err(interrupted(events, e)),
+                Err(e) => return Err(self.interrupted(events, e)),
             };
             // Only messages dealt with before wait (refused, or not for
             // this client to read): the gateway answers at once while
@@ -1759,7 +1830,7 @@ impl Caseworker {
             }
             let before = events.len();
             if let Err(e) = self.read_batch(left, &mut events).await {
-                return Err(interrupted(events, e));
+                return Err(self.interrupted(events, e));
             }
             if events.len() == before {
                 break;
@@ -1767,7 +1838,10 @@ impl Caseworker {
         }
         match self.retry_handovers().await {
             Ok(mut more) => events.append(&mut more),
-            Err(e) => return Err(interrupted(events, e)),
+            Err(e) => return Err(self.interrupted(events, e)),
+        }
+        if let Err(e) = self.show(&events) {
+            return Err(self.interrupted(events, e));
         }
         // Joining used up a KeyPackage, and KeyPackages expire: top up
         // when the gateway says the stock is low. What was read is read: a
@@ -1887,6 +1961,8 @@ impl Caseworker {
             match outcome {
                 Ok(mut evs) => {
                     events.append(&mut evs);
+                    // Shown before its sender is told a person has it.
+                    self.show(events)?;
                     self.api.ack(&env.message_id).await?;
                     self.meta.refused.remove(id);
                     self.meta.processing.remove(id);
@@ -1894,8 +1970,15 @@ impl Caseworker {
                     step = Step::Taken;
                 }
                 // Processed here before, its acknowledgement cut short:
-                // shown then, acknowledged now.
+                // shown then, or not (see `Event::ReadBefore`); told, and
+                // acknowledged now.
                 Err(CaseError::Mls(MlsError::Replay | MlsError::AlreadyInGroup(_))) if resumed => {
+                    events.push(Event::ReadBefore {
+                        message_id: env.message_id.clone(),
+                        from,
+                        case_id: case,
+                    });
+                    self.show(events)?;
                     self.api.ack(&env.message_id).await?;
                     self.meta.refused.remove(id);
                     self.meta.processing.remove(id);
@@ -2207,6 +2290,10 @@ impl Caseworker {
         Ok(events)
     }
 }
+
+/// Shows one event of `read` to the person reading
+/// ([`Caseworker::show_as_read`]).
+pub type Show = dyn FnMut(&Event) -> std::io::Result<()> + Send;
 
 /// What [`Caseworker::read_one`] did with a message.
 enum Step {

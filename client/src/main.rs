@@ -728,7 +728,10 @@ async fn cases_command(
             }
         }
         Command::Read { wait } => {
-            // What was read before a failure is shown before the failure.
+            // Each event is shown as it is read, before its message is
+            // acknowledged; what was read before a failure is shown before
+            // the failure.
+            cw.show_as_read(Box::new(move |e| show_event(e, json)));
             let (events, stopped) = match cw.read(Duration::from_secs(wait)).await {
                 Ok(events) => (events, None),
                 Err(client::cases::CaseError::Interrupted { events, error }) => {
@@ -736,26 +739,7 @@ async fn cases_command(
                 }
                 Err(e) => return Err(e.into()),
             };
-            let mut refused = false;
-            for e in &events {
-                if matches!(e, Event::Refused { .. }) {
-                    refused = true;
-                }
-                if json {
-                    // One JSON object per line, whatever happened.
-                    if let Some(v) = event_json(e) {
-                        println!("{v}");
-                    }
-                    continue;
-                }
-                // Safe for the terminal (see `Event`'s `Display`).
-                match e {
-                    // Summed up below: a newcomer to a team may have many.
-                    Event::NotInCase { .. } => {}
-                    Event::HandoverRefused { .. } | Event::Refused { .. } => eprintln!("{e}"),
-                    _ => println!("{e}"),
-                }
-            }
+            let refused = events.iter().any(|e| matches!(e, Event::Refused { .. }));
             // A summary line: as it is, or as a JSON event of `kind`.
             let say = |kind: &str, key: &str, line: &str| {
                 if json {
@@ -946,6 +930,30 @@ mod erased {
     }
 }
 
+/// Shows an event of `read` as it is read: one JSON object per line
+/// (`json`), or its text, safe for the terminal (see `Event`'s `Display`):
+/// refusals on standard error. Messages in cases the reader is not part of
+/// are summed up after (a newcomer to a team may have many). An error
+/// (standard output closed) stops the read before its message is
+/// acknowledged.
+fn show_event(e: &client::cases::Event, json: bool) -> std::io::Result<()> {
+    use client::cases::Event;
+    use std::io::Write as _;
+    if json {
+        return match event_json(e) {
+            Some(v) => writeln!(std::io::stdout(), "{v}"),
+            None => Ok(()),
+        };
+    }
+    match e {
+        Event::NotInCase { .. } => Ok(()),
+        Event::HandoverRefused { .. } | Event::Refused { .. } => {
+            writeln!(std::io::stderr(), "{e}")
+        }
+        _ => writeln!(std::io::stdout(), "{e}"),
+    }
+}
+
 /// An event of `read` as one JSON object (`event` names its kind); `None`
 /// for one summed up elsewhere (`not_in_case`).
 fn event_json(e: &client::cases::Event) -> Option<serde_json::Value> {
@@ -980,6 +988,16 @@ fn event_json(e: &client::cases::Event) -> Option<serde_json::Value> {
         Event::HandoverRefused { case_id, from } => {
             json!({ "event": "handover_refused", "case": case_id, "from": from })
         }
+        Event::ReadBefore {
+            message_id,
+            from,
+            case_id,
+        } => json!({
+            "event": "read_before",
+            "message_id": message_id.to_string(),
+            "from": from,
+            "case": case_id,
+        }),
         Event::Waiting { message_id, from } => json!({
             "event": "waiting",
             "message_id": message_id.to_string(),
@@ -1141,6 +1159,11 @@ mod tests {
                 message_id: proto::MessageId::from_bytes([2; 16]),
                 from: "bob".into(),
             },
+            Event::ReadBefore {
+                message_id: proto::MessageId::from_bytes([3; 16]),
+                from: "bob".into(),
+                case_id: Some("c".into()),
+            },
             Event::Refused {
                 message_id: proto::MessageId::from_bytes([1; 16]),
                 from: "mallory".into(),
@@ -1166,6 +1189,7 @@ mod tests {
                 "overtaken",
                 "history",
                 "waiting",
+                "read_before",
                 "refused"
             ]
         );

@@ -1260,7 +1260,13 @@ async fn a_message_processed_before_a_crash_cut_its_acknowledgement_short_is_ack
 
     let mut dan = worker(&fed, 1, "dan");
     let events = dan.read(Duration::ZERO).await.unwrap();
-    assert!(events.is_empty(), "shown before the crash: {events:?}");
+    // Not shown again (its keys are used up), and perhaps never shown:
+    // dan is told where it is.
+    assert!(
+        matches!(&events[..], [Event::ReadBefore { message_id, case_id: Some(c), .. }]
+            if *message_id == id && *c == case),
+        "{events:?}"
+    );
     assert!(dan_api
         .inbox(Duration::ZERO)
         .await
@@ -1563,6 +1569,67 @@ async fn a_reply_that_overtakes_the_change_it_follows_waits_for_it() {
     assert!(
         !events.iter().any(|e| matches!(e, Event::Refused { .. })),
         "{events:?}"
+    );
+}
+
+/// A message is acknowledged (its sender told a person has it) only once
+/// what it brought was shown: a `read` whose output fails (closed, say)
+/// stops there, and the message stays in the inbox; one that shows it
+/// acknowledges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_acknowledged_only_once_its_reader_was_shown_it() {
+    let fed = federation_with_keys().await;
+    let (mut alice, case, mut bob) = alice_refers_to_bob(&fed).await;
+    alice
+        .send(&case, &category("update"), b"shown first", None, None)
+        .await
+        .unwrap();
+    let inbox = || async {
+        fed.api(0, "bob")
+            .unwrap()
+            .inbox(Duration::ZERO)
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            inbox().await.messages.len() == 1
+        })
+        .await
+    );
+    bob.show_as_read(Box::new(|_| {
+        Err(std::io::Error::other("standard output is closed"))
+    }));
+    let e = bob.read(Duration::from_secs(5)).await.unwrap_err();
+    let output = |e: &CaseError| match e {
+        CaseError::Output(_) => true,
+        CaseError::Interrupted { error, .. } => matches!(**error, CaseError::Output(_)),
+        _ => false,
+    };
+    assert!(output(&e), "{e:?}");
+    assert_eq!(inbox().await.messages.len(), 1, "not acknowledged");
+    // Shown, it is acknowledged.
+    let shown = Arc::new(Mutex::new(Vec::new()));
+    let into = shown.clone();
+    bob.show_as_read(Box::new(move |e| {
+        into.lock().unwrap().push(format!("{e}"));
+        Ok(())
+    }));
+    let events = bob.read(Duration::from_secs(5)).await.unwrap();
+    assert!(inbox().await.messages.is_empty(), "acknowledged once shown");
+    // Its keys were used up by the read that could not show it: the
+    // reader is told where it is.
+    assert!(
+        matches!(&events[..], [Event::ReadBefore { case_id: Some(c), .. }] if *c == case),
+        "{events:?}"
+    );
+    let shown = shown.lock().unwrap();
+    assert_eq!(shown.len(), 1);
+    assert!(shown[0].contains("client history --case"), "{shown:?}");
+    let history = bob.history(&case).unwrap();
+    assert!(
+        history.iter().any(|h| h.plaintext == b"shown first"),
+        "the case's history has it"
     );
 }
 
