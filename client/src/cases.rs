@@ -64,6 +64,16 @@ pub enum CaseError {
         /// The id, shortened and escaped for a terminal.
         String,
     ),
+    /// A message to a case could not be sent to every address now (its
+    /// gateway out of reach, say): it is kept, and the next `read` or
+    /// message to the case sends it again, the same bytes under the same
+    /// keys, so no address gets it twice.
+    #[error("{error}; the message is kept, and the next `client read` (or message to the case) sends it again: do not send it again yourself")]
+    Kept {
+        /// Why it could not be sent now.
+        #[source]
+        error: Box<CaseError>,
+    },
     /// `read` stopped part way: `events` were read (and acknowledged)
     /// before `error`; the messages after it stay in the inbox.
     #[error("{error} (after reading {} message(s); run read again for the rest)", events.len())]
@@ -356,6 +366,11 @@ struct Meta {
     /// case; its bytes are let go once both messages are taken.
     #[serde(default)]
     referrals: BTreeMap<String, Referral>,
+    /// idempotency key → a message to a case's addresses (a reply), kept
+    /// from before its first copy is sent until every address took it or
+    /// refused it for good (see [`Outgoing`]).
+    #[serde(default)]
+    outgoing: BTreeMap<String, Outgoing>,
     /// When this client last looked at its published KeyPackages (ms since
     /// the epoch); `None` for a new client until it first publishes some.
     /// `read` looks again after [`KEY_CHECK_INTERVAL`]: KeyPackages run out
@@ -388,6 +403,20 @@ struct HandedOver {
     fled_from: Vec<AreaId>,
     /// The chronology, as exported.
     history: Vec<u8>,
+}
+
+/// A message to a case's addresses, as encrypted once (see
+/// `Meta::outgoing`): sent again, the same bytes under the same keys, until
+/// every address has taken it or refused it for good.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Outgoing {
+    case_id: String,
+    category: String,
+    bytes: Vec<u8>,
+    disclosure: Option<proto::Disclosure>,
+    /// The addresses still to take it, each with its place in the case's
+    /// list when it was made (its copy's key is `<key>:<place>`).
+    to: Vec<(usize, String)>,
 }
 
 /// A referral as made under one idempotency key (see `Meta::referrals`).
@@ -1164,9 +1193,101 @@ impl Caseworker {
         if let Some(d) = &disclosure {
             self.remember_fled_from(case_id, &d.fled_from)?;
         }
+        // One kept from before goes first: the case's messages in order.
+        self.send_kept(Some(case_id)).await?;
+        if self.meta.outgoing.contains_key(&key) {
+            return Err(CaseError::Invalid(format!(
+                "a message under key {key} is being sent already: `client read` sends it; nothing new was sent"
+            )));
+        }
         let msg = self.mls.encrypt(&group, body)?;
-        self.fan_out_declared(case_id, category, &key, msg, disclosure, Some("reply"))
-            .await
+        let me = self.me.to_string();
+        let to = self
+            .meta
+            .cases
+            .get(case_id)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, a)| **a != me)
+            .map(|(i, a)| (i, a.clone()))
+            .collect();
+        // Kept before its first copy goes: nothing sent is ever made twice.
+        self.meta.outgoing.insert(
+            key.clone(),
+            Outgoing {
+                case_id: case_id.to_owned(),
+                category: category.as_str().to_owned(),
+                bytes: msg,
+                disclosure,
+                to,
+            },
+        );
+        self.save()?;
+        self.send_outgoing(&key).await
+    }
+
+    /// Sends again the messages kept from before (of case `only`, or of
+    /// every case), oldest key first; stops at the first that cannot be
+    /// sent for now ([`CaseError::Kept`]).
+    async fn send_kept(&mut self, only: Option<&str>) -> Result<(), CaseError> {
+        let keys: Vec<String> = self
+            .meta
+            .outgoing
+            .iter()
+            .filter(|(_, o)| only.is_none_or(|c| o.case_id == c))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.send_outgoing(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the message kept under `key` to each address still to take
+    /// it, under that address's key: one taken, or refused for good (by a
+    /// sharing policy, say: the error is returned once the others are
+    /// sent), is let go; one that cannot be sent for now keeps it
+    /// ([`CaseError::Kept`]).
+    async fn send_outgoing(&mut self, key: &str) -> Result<Vec<MessageId>, CaseError> {
+        let Some(out) = self.meta.outgoing.get(key).cloned() else {
+            return Ok(Vec::new());
+        };
+        let category = Category::new(out.category.clone())
+            .map_err(|e| CaseError::Invalid(format!("a kept message's category: {e}")))?;
+        let (mut ids, mut refused) = (Vec::new(), None);
+        for (i, addr) in &out.to {
+            let sent = self
+                .submit_declared(
+                    addr,
+                    &category,
+                    false,
+                    format!("{key}:{i}"),
+                    out.bytes.clone(),
+                    out.disclosure.clone(),
+                    Some(("reply", &out.case_id)),
+                )
+                .await;
+            match sent {
+                Ok(id) => ids.push(id),
+                Err(e) if for_now(&e) => {
+                    self.save()?;
+                    return Err(CaseError::Kept { error: Box::new(e) });
+                }
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            }
+            if let Some(o) = self.meta.outgoing.get_mut(key) {
+                o.to.retain(|(j, _)| j != i);
+            }
+        }
+        self.meta.outgoing.remove(key);
+        self.save()?;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(ids),
+        }
     }
 
     /// The areas the family of case `case_id` fled, as declared by the
@@ -1804,6 +1925,11 @@ impl Caseworker {
         // epochs they make.
         self.shown = 0;
         let mut events = self.settle_all().await?;
+        // What could not be sent before goes now; still not, it waits and
+        // the read goes on.
+        if let Err(e) = self.send_kept(None).await {
+            tracing::warn!(error = %e, "a message kept from before could not be sent yet");
+        }
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let listed = match self.read_batch(left, &mut events).await {

@@ -212,6 +212,10 @@ impl ClientConfig {
     }
 }
 
+/// How long [`Api::submit`] tries again, by default, while the gateway is
+/// out of reach or busy: about a minute.
+pub const SUBMIT_RETRY_FOR: Duration = Duration::from_secs(60);
+
 /// A connection to the home gateway.
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -222,6 +226,9 @@ pub struct Api {
     /// The TLS configuration, for hearing why a handshake was refused
     /// ([`Api::refusal`]).
     tls: Arc<certs::rustls::ClientConfig>,
+    /// How long [`Api::submit`] tries again while the gateway is out of
+    /// reach or busy.
+    retry_for: Duration,
 }
 
 fn describe(e: &reqwest::Error) -> String {
@@ -487,7 +494,17 @@ impl Api {
             base,
             messages,
             tls,
+            retry_for: SUBMIT_RETRY_FOR,
         })
+    }
+
+    /// This API, with [`Api::submit`] trying again for `retry_for` (by
+    /// default [`SUBMIT_RETRY_FOR`]) while the gateway is out of reach or
+    /// busy.
+    #[must_use]
+    pub fn retrying_for(mut self, retry_for: Duration) -> Api {
+        self.retry_for = retry_for;
+        self
     }
 
     /// Sends a request. A failure that may have hidden the gateway's reason
@@ -662,7 +679,7 @@ impl Api {
     /// about a minute.
     pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
         let mut delay = Duration::from_millis(100);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + self.retry_for;
         loop {
             let err = match self.submit_once(req).await {
                 Ok(r) => return Ok(r),

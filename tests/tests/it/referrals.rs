@@ -1633,6 +1633,54 @@ async fn a_message_is_acknowledged_only_once_its_reader_was_shown_it() {
     );
 }
 
+/// A reply its gateway could not take (out of reach) is kept, and the
+/// next `read` sends it: the same bytes under the same keys, so it reaches
+/// the case once, and the worker need not (must not) write it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_its_gateway_could_not_take_is_kept_and_sent_by_the_next_read() {
+    let mut fed = federation_with_keys().await;
+    let north = fed.index("northshire");
+    let config = ClientConfig::load(&fed.client_config_path(north, "alice")).unwrap();
+    let api = client::Api::new(&config)
+        .unwrap()
+        .retrying_for(Duration::from_millis(500));
+    let mut alice = Caseworker::open(&config, api).unwrap();
+    let case = refer_to(&mut alice, "user:dan@southvale", b"first referral").await;
+    let mut dan = worker(&fed, fed.index("southvale"), "dan");
+    joins(&mut dan, &case).await;
+    fed.stop(north).await;
+    let e = alice
+        .send(&case, &category("update"), b"kept while away", None, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CaseError::Kept { .. }), "{e:?}");
+    assert!(e.to_string().contains("do not send it again"), "{e}");
+    fed.start(north).await.unwrap();
+    // The next read sends it; another read does not send it again.
+    alice.read(Duration::ZERO).await.unwrap();
+    alice.read(Duration::ZERO).await.unwrap();
+    let says = |text: &'static str| move |events: &[Event]| texts(events).iter().any(|t| t == text);
+    let events = read_until(&mut dan, says("kept while away")).await;
+    assert_eq!(
+        texts(&events)
+            .iter()
+            .filter(|t| *t == "kept while away")
+            .count(),
+        1,
+        "{events:?}"
+    );
+    // And the case goes on.
+    alice
+        .send(&case, &category("update"), b"and after", None, None)
+        .await
+        .unwrap();
+    assert!(says("and after")(
+        &read_until(&mut dan, says("and after")).await
+    ));
+    let more = dan.read(Duration::ZERO).await.unwrap();
+    assert!(texts(&more).is_empty(), "nothing twice: {more:?}");
+}
+
 /// An MLS Commit (`body`) submitted to `to_whom` under `key`, with `proof`.
 fn commit_to(
     to_whom: &str,
