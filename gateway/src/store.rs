@@ -928,10 +928,12 @@ fn queued_item(
                 (Some(b), _, _, _) => b,
                 (None, Some(seg), Some(off), Some(len)) => {
                     log.read(BodyRef { seg, off, len }).map_err(|e| {
-                        use std::io::ErrorKind::{InvalidData, NotFound, UnexpectedEof};
+                        use std::io::ErrorKind::{InvalidData, UnexpectedEof};
                         let err = corrupt(format!("body in segment {seg} at {off}: {e}"));
+                        // A segment not found may be a directory briefly
+                        // missing (a restore, a late mount): that waits.
                         match e.kind() {
-                            NotFound | UnexpectedEof | InvalidData => Unread::Damaged(err),
+                            UnexpectedEof | InvalidData => Unread::Damaged(err),
                             _ => Unread::Later(err),
                         }
                     })?
@@ -1888,6 +1890,12 @@ fn in_savepoint<R>(
             Ok(r)
         }
         Err(e) => {
+            // SQLite may have ended the whole transaction (a full disk):
+            // then there is no savepoint to go back to, and the job's own
+            // error is the one to tell.
+            if conn.is_autocommit() {
+                return Err(e);
+            }
             exec(conn, "ROLLBACK TO job", [])?;
             exec(conn, "RELEASE job", [])?;
             Err(e)
