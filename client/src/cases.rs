@@ -277,8 +277,9 @@ impl std::fmt::Display for Event {
             } => match case_id {
                 Some(c) => write!(
                     f,
-                    "message {message_id} from {} was read here before, and may not have been shown: `client history --case {}` has it",
+                    "message {message_id} from {} (case {}) was read here before, and what it brought may not have been shown: `client history --case {}` shows the case's messages, `client cases` its cases",
                     safe(from),
+                    safe(c),
                     safe(c)
                 ),
                 None => write!(
@@ -575,6 +576,10 @@ pub struct Caseworker {
     show: Option<Box<Show>>,
     /// How many of the events of the `read` under way were shown.
     shown: usize,
+    /// How long a message to our team in a case we do not hold yet waits
+    /// for the Welcome that may still be on its way (see
+    /// [`Caseworker::waiting_for_team_welcomes`]).
+    team_welcome_wait: Duration,
     /// Held while this client works on its data directory: two clients at
     /// once would each write back state the other moved on.
     _lock: std::fs::File,
@@ -804,6 +809,7 @@ impl Caseworker {
             held: std::collections::HashSet::new(),
             show: None,
             shown: 0,
+            team_welcome_wait: TEAM_WELCOME_WAIT,
             _lock: lock,
         })
     }
@@ -1924,6 +1930,16 @@ impl Caseworker {
         // Our own changes first: the cases' next messages may be in the
         // epochs they make.
         self.shown = 0;
+        // A message no longer listed (acknowledged elsewhere, or given up
+        // by the gateway) is not looked at again: its record goes.
+        let now = crate::now_ms();
+        let before = self.meta.waiting.len();
+        self.meta
+            .waiting
+            .retain(|_, since| now.saturating_sub(*since) < 2 * WAIT_FOR_EARLIER_MS);
+        if self.meta.waiting.len() != before {
+            self.save()?;
+        }
         let mut events = self.settle_all().await?;
         // What could not be sent before goes now; still not, it waits and
         // the read goes on.
@@ -1996,22 +2012,51 @@ impl Caseworker {
         // A message that came before the change it follows waits; once
         // another message was taken, the waiting ones are looked at again
         // (the change may have been among them), in their order.
+        let mut first_seen = std::collections::HashSet::new();
         loop {
             let mut waiting = Vec::new();
             let mut took = false;
             for item in work {
                 match self.read_one(item, events).await? {
-                    Step::Waits => waiting.push(item),
+                    Step::Waits { first } => {
+                        if first {
+                            first_seen.insert(item.envelope.message_id.clone());
+                        }
+                        waiting.push(item);
+                    }
                     Step::Taken => took = true,
                     Step::Other => {}
                 }
             }
             if waiting.is_empty() || !took {
+                // Told once, of those still waiting (not of one whose
+                // change came later in the same listing). A message to
+                // the team waits silently: most likely it is in a case we
+                // are not in, and is set aside once its wait is over.
+                for item in waiting {
+                    let env = &item.envelope;
+                    let to_team = matches!(env.recipient.target, Target::Team(_));
+                    if first_seen.contains(&env.message_id) && !to_team {
+                        events.push(Event::Waiting {
+                            message_id: env.message_id.clone(),
+                            from: env.sender.to_string(),
+                        });
+                    }
+                }
                 break;
             }
             work = waiting;
         }
         Ok(listed)
+    }
+
+    /// Sets how long a message to our team in a case this client does not
+    /// hold yet waits for the Welcome that may still be on its way through
+    /// another gateway (by default [`TEAM_WELCOME_WAIT`]), from when it
+    /// was sent, before it is set aside as in a case we are not part of
+    /// ([`Event::NotInCase`]).
+    pub fn waiting_for_team_welcomes(&mut self, wait: Duration) {
+        self.team_welcome_wait = wait;
     }
 
     /// Reads one listed message of the inbox.
@@ -2061,26 +2106,32 @@ impl Caseworker {
             // Ahead of a change not read yet (by name: a case we are not
             // in yet, whose Welcome may still come): it waits, unchanged
             // and unacknowledged, for as long as a message may take.
-            let early = match &outcome {
-                Err(CaseError::Mls(MlsError::Ahead { .. })) => true,
-                Err(CaseError::Mls(MlsError::UnknownGroup(_))) => !to_team,
-                _ => false,
-            };
             let now = crate::now_ms();
             let since = self.meta.waiting.get(id).copied();
-            if early && since.is_none_or(|t| now.saturating_sub(t) < WAIT_FOR_EARLIER_MS) {
+            let early = match &outcome {
+                Err(CaseError::Mls(e)) => may_wait(
+                    e,
+                    to_team,
+                    Waited {
+                        sent_ms: env.accepted_at_ms,
+                        since_ms: since,
+                        now_ms: now,
+                    },
+                    self.team_welcome_wait,
+                ),
+                _ => false,
+            };
+            if early {
                 self.meta.processing.remove(id);
-                self.meta
-                    .waiting
-                    .insert(id.to_owned(), since.unwrap_or(now));
-                self.save()?;
+                // Already waiting: the state is as it was (what the save
+                // above wrote is harmless: taken up again, it waits again).
                 if since.is_none() {
-                    events.push(Event::Waiting {
-                        message_id: env.message_id.clone(),
-                        from,
-                    });
+                    self.meta.waiting.insert(id.to_owned(), now);
+                    self.save()?;
                 }
-                return Ok(Step::Waits);
+                return Ok(Step::Waits {
+                    first: since.is_none(),
+                });
             }
             self.meta.waiting.remove(id);
             let mut step = Step::Other;
@@ -2098,11 +2149,18 @@ impl Caseworker {
                 // Processed here before, its acknowledgement cut short:
                 // shown then, or not (see `Event::ReadBefore`); told, and
                 // acknowledged now.
-                Err(CaseError::Mls(MlsError::Replay | MlsError::AlreadyInGroup(_))) if resumed => {
+                Err(CaseError::Mls(e @ (MlsError::Replay | MlsError::AlreadyInGroup(_))))
+                    if resumed =>
+                {
+                    // A Welcome names its case by the group it joined.
+                    let case_id = case.or_else(|| match &e {
+                        MlsError::AlreadyInGroup(g) => self.case_of(g),
+                        _ => None,
+                    });
                     events.push(Event::ReadBefore {
                         message_id: env.message_id.clone(),
                         from,
-                        case_id: case,
+                        case_id,
                     });
                     self.show(events)?;
                     self.api.ack(&env.message_id).await?;
@@ -2425,11 +2483,50 @@ pub type Show = dyn FnMut(&Event) -> std::io::Result<()> + Send;
 enum Step {
     /// Taken: processed and acknowledged (a case's state may have moved).
     Taken,
-    /// It waits for a change made before it (see [`Event::Waiting`]).
-    Waits,
+    /// It waits for a change made before it (see [`Event::Waiting`]);
+    /// `first`: found waiting for the first time.
+    Waits { first: bool },
     /// Anything else: refused, set aside, held, or skipped.
     Other,
 }
+
+/// When a message that could not be read yet was sent, first found
+/// waiting here, and now (ms since the epoch), for [`may_wait`].
+#[derive(Debug, Clone, Copy)]
+struct Waited {
+    sent_ms: u64,
+    since_ms: Option<u64>,
+    now_ms: u64,
+}
+
+/// Whether a message that could not be read because of `why` waits for a
+/// change made before it: one from a later epoch of a case we are in
+/// ([`MlsError::Ahead`]), or of a case we do not hold yet
+/// ([`MlsError::UnknownGroup`]) whose Welcome may still come. To a
+/// person, it waits [`WAIT_FOR_EARLIER_MS`] from when it was first found;
+/// to a team, a case we do not hold is most likely one we are not in, so
+/// it waits only `team_wait` from when it was sent (and from when it was
+/// first found, whatever the sender's clock says), then is set aside.
+fn may_wait(why: &MlsError, to_team: bool, t: Waited, team_wait: Duration) -> bool {
+    let within = |from: u64, limit: u64| t.now_ms.saturating_sub(from) < limit;
+    match why {
+        MlsError::Ahead { .. } => t.since_ms.is_none_or(|s| within(s, WAIT_FOR_EARLIER_MS)),
+        MlsError::UnknownGroup(_) if !to_team => {
+            t.since_ms.is_none_or(|s| within(s, WAIT_FOR_EARLIER_MS))
+        }
+        MlsError::UnknownGroup(_) => {
+            let limit = u64::try_from(team_wait.as_millis()).unwrap_or(u64::MAX);
+            within(t.sent_ms, limit) && t.since_ms.is_none_or(|s| within(s, limit))
+        }
+        _ => false,
+    }
+}
+
+/// How long, by default, a message to our team in a case we do not hold
+/// yet waits for its Welcome (see [`Caseworker::waiting_for_team_welcomes`]):
+/// a Welcome normally follows within seconds, and a gateway briefly out
+/// of reach is tried again within a minute or two.
+pub const TEAM_WELCOME_WAIT: Duration = Duration::from_secs(300);
 
 /// How long a message that came before a change it follows waits for
 /// that change (a Commit or Welcome still on its way, by another

@@ -244,3 +244,74 @@ fn a_history_export_inside_a_cases_group_is_refused() {
     bob.cw.mls.process_checked(&m, None, &keep).unwrap();
     assert_eq!(bob.cw.mls.history(&group).unwrap().len(), 1);
 }
+
+#[test]
+fn a_message_waits_for_the_change_it_follows_only_as_long_as_it_may_take() {
+    let group = GroupId::from_bytes(vec![1, 2, 3]);
+    let ahead = MlsError::Ahead {
+        group: group.clone(),
+        epoch: 3,
+        ours: 2,
+    };
+    let unknown = MlsError::UnknownGroup(group);
+    let team_wait = Duration::from_secs(300);
+    let at = |sent_ms: u64, since_ms: Option<u64>, now_ms: u64| Waited {
+        sent_ms,
+        since_ms,
+        now_ms,
+    };
+    let day = 86_400_000;
+    // Ahead of its case's change, to a person or a team: days.
+    for to_team in [false, true] {
+        assert!(may_wait(&ahead, to_team, at(0, None, 10 * day), team_wait));
+        assert!(may_wait(
+            &ahead,
+            to_team,
+            at(0, Some(day), 5 * day),
+            team_wait
+        ));
+        assert!(!may_wait(
+            &ahead,
+            to_team,
+            at(0, Some(day), 7 * day),
+            team_wait
+        ));
+    }
+    // A case we do not hold, by name: its Welcome may come, for days.
+    assert!(may_wait(&unknown, false, at(0, None, day), team_wait));
+    assert!(!may_wait(
+        &unknown,
+        false,
+        at(0, Some(0), 6 * day),
+        team_wait
+    ));
+    // To the team: minutes from when it was sent, and from when it was
+    // first found here, whatever the sender's clock says.
+    assert!(may_wait(&unknown, true, at(1_000, None, 60_000), team_wait));
+    assert!(!may_wait(
+        &unknown,
+        true,
+        at(1_000, None, 400_000),
+        team_wait
+    ));
+    assert!(!may_wait(
+        &unknown,
+        true,
+        at(10 * day, Some(0), 400_000),
+        team_wait
+    ));
+    assert!(!may_wait(
+        &unknown,
+        true,
+        at(1_000, None, 2_000),
+        Duration::ZERO
+    ));
+    // Anything else never waits.
+    for other in [
+        MlsError::Replay,
+        MlsError::Tampered("x".into()),
+        MlsError::Undecryptable("x".into()),
+    ] {
+        assert!(!may_wait(&other, false, at(0, None, 1), team_wait));
+    }
+}

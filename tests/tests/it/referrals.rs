@@ -1027,6 +1027,8 @@ async fn a_team_member_who_joins_later_is_not_shown_earlier_referrals_and_a_leav
     std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
     drop(gita);
     let mut gita = worker(&fed, b, "gita");
+    // (Past the wait for a Welcome that may still be on its way.)
+    gita.waiting_for_team_welcomes(Duration::ZERO);
     let events = read(&mut gita).await;
     assert!(
         matches!(&events[..], [Event::NotInCase { to, .. }] if to == "team:duty@southvale"),
@@ -1172,6 +1174,8 @@ async fn a_team_member_left_out_of_a_case_acknowledges_neither_its_invitation_no
     // She is told of the referral (the Welcome, not for her, says nothing:
     // it might have been for a case she is in).
     let mut farah = worker(&fed, b, "farah");
+    // (Past the wait for a Welcome that may still be on its way.)
+    farah.waiting_for_team_welcomes(Duration::ZERO);
     let events = read(&mut farah).await;
     assert!(
         matches!(&events[..], [Event::NotInCase { to, .. }] if to == "team:duty@southvale"),
