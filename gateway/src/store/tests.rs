@@ -660,6 +660,34 @@ async fn a_repeated_delivery_adds_no_body_bytes() {
     );
 }
 
+/// Job `n`'s writes in the group tests: a `peer_sessions` row (peer
+/// `job`, session `n`) and a queued status update at position `10 + n`.
+fn one_row_and_one_queue_effect(
+    c: &Connection,
+    tails: &Tails,
+    peer: &AreaId,
+    n: usize,
+) -> Result<(), StoreError> {
+    exec(
+        c,
+        "INSERT INTO peer_sessions (peer, session, last_batch) VALUES ('job', ?1, 1)",
+        [n as i64],
+    )?;
+    let item = FederationItem::Status {
+        message_id: MessageId::time_ordered(1_000, [n as u8; 10]),
+        status: Status::Fetched,
+        at_ms: 1,
+    };
+    tails.stage(Effect::Push(
+        peer.clone(),
+        Queued {
+            seq: 10 + n as i64,
+            item,
+        },
+    ));
+    Ok(())
+}
+
 /// Queues `jobs` while the writer is held in a job of its own, so that
 /// they share its next group; returns their outcomes.
 async fn in_one_group<R: Send + 'static>(
@@ -707,23 +735,7 @@ async fn a_group_whose_transaction_sqlite_ended_fails_whole_and_no_job_commits_a
                 c.execute_batch("ROLLBACK")?;
                 return Err(StoreError::DiskFull("the disk is full".into()));
             }
-            exec(
-                c,
-                "INSERT INTO peer_sessions (peer, session, last_batch) VALUES ('job', ?1, 1)",
-                [n as i64],
-            )?;
-            let item = FederationItem::Status {
-                message_id: MessageId::time_ordered(1_000, [n as u8; 10]),
-                status: Status::Fetched,
-                at_ms: 1,
-            };
-            tails.stage(Effect::Push(
-                peer.clone(),
-                Queued {
-                    seq: 10 + n as i64,
-                    item,
-                },
-            ));
+            one_row_and_one_queue_effect(c, &tails, &peer, n)?;
             Ok(n)
         }
     };
@@ -779,18 +791,7 @@ async fn a_failing_job_undoes_only_its_own_writes_in_a_shared_group() {
         let (tails, peer) = (store.tails.clone(), peer.clone());
         move |c: &Connection| {
             runs[n].fetch_add(1, SeqCst);
-            exec(
-                c,
-                "INSERT INTO peer_sessions (peer, session, last_batch) VALUES ('job', ?1, 1)",
-                [n as i64],
-            )?;
-            let item = FederationItem::Status {
-                message_id: MessageId::time_ordered(1_000, [n as u8; 10]),
-                status: Status::Fetched,
-                at_ms: 1,
-            };
-            let seq = 10 + n as i64;
-            tails.stage(Effect::Push(peer.clone(), Queued { seq, item }));
+            one_row_and_one_queue_effect(c, &tails, &peer, n)?;
             if n == 1 {
                 return Err(StoreError::Corrupt("job 1 fails after writing".into()));
             }

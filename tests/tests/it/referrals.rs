@@ -1428,32 +1428,40 @@ async fn a_case_handed_over_by_someone_whose_handover_did_not_add_us_is_not_take
     assert_eq!(texts(&read(&mut dan).await), ["from the new lead"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_the_cases_home() {
-    let fed = federation_with_keys().await;
-    // alice (northshire, the case's home) refers to dan (southvale) and
-    // adds hana (eastmoor): three members behind three gateways.
-    let mut alice = worker(&fed, 0, "alice");
+/// Whether `who` (an identity's ending, `/user/hana`) was added.
+fn added(who: &'static str) -> impl Fn(&[Event]) -> bool {
+    move |events: &[Event]| {
+        events.iter().any(|e| {
+            matches!(e, Event::Membership { added, .. }
+            if added.iter().any(|a| a.ends_with(who)))
+        })
+    }
+}
+
+/// alice (northshire, the case's home) refers to dan (southvale) and adds
+/// hana (eastmoor): three members behind three gateways, all joined.
+/// Returns alice, the case, dan and hana.
+async fn a_case_in_three_areas(fed: &Federation) -> (Caseworker, String, Caseworker, Caseworker) {
+    let mut alice = worker(fed, 0, "alice");
     let case = refer_to(&mut alice, "user:dan@southvale", b"first referral").await;
-    let mut dan = worker(&fed, 1, "dan");
+    let mut dan = worker(fed, fed.index("southvale"), "dan");
     joins(&mut dan, &case).await;
     alice
         .add(&case, &to("user:hana@eastmoor"), None)
         .await
         .unwrap();
-    let added = |who: &'static str| {
-        move |events: &[Event]| {
-            events.iter().any(|e| {
-                matches!(e, Event::Membership { added, .. }
-                if added.iter().any(|a| a.ends_with(who)))
-            })
-        }
-    };
     assert!(added("/user/hana")(
         &read_until(&mut dan, added("/user/hana")).await
     ));
-    let mut hana = worker(&fed, 2, "hana");
+    let mut hana = worker(fed, fed.index("eastmoor"), "hana");
     joins(&mut hana, &case).await;
+    (alice, case, dan, hana)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_the_cases_home() {
+    let fed = federation_with_keys().await;
+    let (mut alice, case, mut dan, mut hana) = a_case_in_three_areas(&fed).await;
 
     // dan and hana both change the case in the same epoch, each through
     // their own gateway: the case's home takes dan's, and hana's is
@@ -1505,27 +1513,7 @@ async fn commits_made_through_different_gateways_for_one_epoch_are_ordered_at_th
 async fn a_reply_that_overtakes_the_change_it_follows_waits_for_it() {
     let fed = federation_with_keys().await;
     let (south, east) = (fed.index("southvale"), fed.index("eastmoor"));
-    let mut alice = worker(&fed, 0, "alice");
-    let case = refer_to(&mut alice, "user:dan@southvale", b"first referral").await;
-    let mut dan = worker(&fed, south, "dan");
-    joins(&mut dan, &case).await;
-    let mut hana = worker(&fed, east, "hana");
-    alice
-        .add(&case, &to("user:hana@eastmoor"), None)
-        .await
-        .unwrap();
-    joins(&mut hana, &case).await;
-    let added = |who: &'static str| {
-        move |events: &[Event]| {
-            events.iter().any(|e| {
-                matches!(e, Event::Membership { added, .. }
-                if added.iter().any(|a| a.ends_with(who)))
-            })
-        }
-    };
-    assert!(added("/user/hana")(
-        &read_until(&mut dan, added("/user/hana")).await
-    ));
+    let (mut alice, case, mut dan, mut hana) = a_case_in_three_areas(&fed).await;
     // eastmoor loses its way to southvale (its change waits in its queue),
     // while northshire still reaches both.
     let url = format!("url = \"https://127.0.0.1:{}\"", fed.port(south).unwrap());
