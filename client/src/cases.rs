@@ -64,6 +64,19 @@ pub enum CaseError {
         /// The id, shortened and escaped for a terminal.
         String,
     ),
+    /// A referral was made and kept, but could not all be sent now (its
+    /// gateway out of reach, say): the same `refer` again with its key
+    /// sends the rest, the same case (without the key, a second one).
+    #[error("{error}; the referral (case {case_id}) is kept: run the same `client refer` again with `--key {key}` to finish it (without that key it would make a second case)")]
+    ReferralKept {
+        /// Its idempotency key.
+        key: String,
+        /// Its case.
+        case_id: String,
+        /// Why it could not all be sent now.
+        #[source]
+        error: Box<CaseError>,
+    },
     /// A message to a case could not be sent to every address now (its
     /// gateway out of reach, say): it is kept, and the next `read` or
     /// message to the case sends it again, the same bytes under the same
@@ -1113,6 +1126,35 @@ impl Caseworker {
             }
         };
         let case_id = referral.case_id.clone();
+        self.send_referral(&key, referral, category, urgent, disclosure)
+            .await
+            .map_err(|error| {
+                // Kept under its key: the same `refer` with it finishes it
+                // (without it, a second case would be made).
+                if for_now(&error) {
+                    CaseError::ReferralKept {
+                        key: key.clone(),
+                        case_id,
+                        error: Box::new(error),
+                    }
+                } else {
+                    error
+                }
+            })
+    }
+
+    /// Sends what of referral `referral`, kept under `key`, is not taken
+    /// yet: its first epoch to be bound at its home, its Welcome, its first
+    /// message.
+    async fn send_referral(
+        &mut self,
+        key: &str,
+        referral: Referral,
+        category: &Category,
+        urgent: bool,
+        disclosure: Option<proto::Disclosure>,
+    ) -> Result<(String, Vec<String>), CaseError> {
+        let case_id = referral.case_id.clone();
         if let Some(order) = &referral.first_epoch {
             // Before anyone else knows the group's id: the case's next
             // change then takes a proof too.
@@ -1128,7 +1170,7 @@ impl Caseworker {
                 }
                 Err(e) => return Err(e.into()),
             }
-            if let Some(r) = self.meta.referrals.get_mut(&key) {
+            if let Some(r) = self.meta.referrals.get_mut(key) {
                 r.first_epoch = None;
             }
             self.save()?;
@@ -1143,7 +1185,7 @@ impl Caseworker {
                 Some((INVITATION, &case_id)),
             )
             .await?;
-            if let Some(r) = self.meta.referrals.get_mut(&key) {
+            if let Some(r) = self.meta.referrals.get_mut(key) {
                 r.welcome = None;
             }
             self.save()?;
@@ -1162,7 +1204,7 @@ impl Caseworker {
                 Some(("referral", &case_id)),
             )
             .await?;
-            if let Some(r) = self.meta.referrals.get_mut(&key) {
+            if let Some(r) = self.meta.referrals.get_mut(key) {
                 r.message = None;
             }
             self.save()?;

@@ -1673,6 +1673,74 @@ async fn a_reply_its_gateway_could_not_take_is_kept_and_sent_by_the_next_read() 
     assert!(texts(&more).is_empty(), "nothing twice: {more:?}");
 }
 
+/// A referral cut short after it was made (its gateway busy) is kept under
+/// its key, and the worker is told to run the same `refer` with that key:
+/// which finishes it, the same case, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referral_cut_short_says_which_key_finishes_it() {
+    let mut fed = federation_with_keys().await;
+    let north = fed.index("northshire");
+    // alice's gateway takes three requests at once, then one a second.
+    fed.stop(north).await;
+    fed.edit_config(
+        north,
+        "user_requests_per_second = 100000\nuser_burst = 100000",
+        "user_requests_per_second = 1\nuser_burst = 3",
+    )
+    .unwrap();
+    fed.start(north).await.unwrap();
+    let config = ClientConfig::load(&fed.client_config_path(north, "alice")).unwrap();
+    let api = client::Api::new(&config)
+        .unwrap()
+        .retrying_for(Duration::from_millis(200));
+    let mut alice = Caseworker::open(&config, api).unwrap();
+    let (who, cat, body) = (
+        to("user:dan@southvale"),
+        category("relocation"),
+        b"kept referral".to_vec(),
+    );
+    let e = alice
+        .refer(
+            &who,
+            &cat,
+            false,
+            &body,
+            None,
+            Some("ref-kept".into()),
+            None,
+        )
+        .await
+        .unwrap_err();
+    let CaseError::ReferralKept { key, case_id, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(key, "ref-kept");
+    assert!(e.to_string().contains("--key ref-kept"), "{e}");
+    let case_id = case_id.clone();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (again, _) = alice
+        .refer(
+            &who,
+            &cat,
+            false,
+            &body,
+            None,
+            Some("ref-kept".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, case_id, "the same case");
+    let mut dan = worker(&fed, fed.index("southvale"), "dan");
+    let events = joins(&mut dan, &case_id).await;
+    let events = if texts(&events).is_empty() {
+        read_until(&mut dan, |e| !texts(e).is_empty()).await
+    } else {
+        events
+    };
+    assert_eq!(texts(&events), ["kept referral"]);
+}
+
 /// An MLS Commit (`body`) submitted to `to_whom` under `key`, with `proof`.
 fn commit_to(
     to_whom: &str,
