@@ -2571,7 +2571,20 @@ impl Store for SqliteStore {
                     ))),
                 }
             })
-            .await?;
+            .await;
+        let found = match found {
+            // Erased after this read's snapshot was taken (its body zeroed,
+            // or its segment removed, while it was read): erased, not
+            // damaged, as a read now shows.
+            Err(e @ StoreError::Corrupt(_)) => {
+                let i = id.clone();
+                return Err(match self.read(move |c| erased_at(c, &i)).await? {
+                    Some(at) => StoreError::Erased(at),
+                    None => e,
+                });
+            }
+            other => other?,
+        };
         let Some((env, body, status)) = found else {
             return Ok(None);
         };

@@ -2007,6 +2007,18 @@ async fn settled_messages_lose_their_ciphertext_after_retention() {
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(log.iter().all(|b| *b == 0), "only zeros are left");
     assert_eq!(store.remove_erased_bodies().await.unwrap(), 0);
+    // A fetch whose snapshot was taken before an erasure sees the row's
+    // old body reference, into a segment removed since: erased (410), not
+    // damaged (500).
+    c.execute(
+        "UPDATE inbox SET body_seg = ?2, body_off = 0, body_len = 64 WHERE message_id = ?1",
+        params![envs[1].message_id.as_str(), segs[0]],
+    )
+    .unwrap();
+    match fetch(1, 6000).await {
+        Err(StoreError::Erased(2000)) => {}
+        other => panic!("{other:?}"),
+    }
 }
 
 /// The oldest segment in use is found past many rows whose bodies are gone
