@@ -1290,7 +1290,11 @@ async fn erase_loop(shared: Arc<Shared>) {
         }
         // Also after a restart: bodies erased before it and not yet zeroed.
         if let (_, Err(e)) = in_batches(BATCH, || shared.store.zero_erased(BATCH)).await {
-            tracing::warn!(error = %e, "could not zero erased bodies");
+            // Their segments stay until they are zeroed: unlinked first,
+            // their bytes could no longer be zeroed, and would stay on the
+            // disk until overwritten.
+            tracing::warn!(error = %e, "could not zero erased bodies; their segments stay until the next pass");
+            continue;
         }
         match shared.store.remove_erased_bodies().await {
             Ok(0) => {}
