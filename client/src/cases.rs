@@ -77,6 +77,17 @@ pub enum CaseError {
         #[source]
         error: Box<CaseError>,
     },
+    /// An earlier message to the case, kept because it could not be sent,
+    /// still cannot be: nothing new was made or sent (the case's messages
+    /// go in order).
+    #[error("{error}; an earlier message to case {case_id} is kept and still waits to be sent: nothing new was sent. `client read` sends it; then send this one")]
+    EarlierKept {
+        /// The case.
+        case_id: String,
+        /// Why the earlier one cannot be sent now.
+        #[source]
+        error: Box<CaseError>,
+    },
     /// A message to a case could not be sent to every address now (its
     /// gateway out of reach, say): it is kept, and the next `read` or
     /// message to the case sends it again, the same bytes under the same
@@ -431,6 +442,13 @@ struct Outgoing {
     /// The addresses still to take it, each with its place in the case's
     /// list when it was made (its copy's key is `<key>:<place>`).
     to: Vec<(usize, String)>,
+    /// The case's epoch it was encrypted in (none in a record from before
+    /// this): members read a message only a few epochs back.
+    #[serde(default)]
+    epoch: Option<u64>,
+    /// When it was made (ms since the epoch): kept ones go oldest first.
+    #[serde(default)]
+    made_ms: u64,
 }
 
 /// A referral as made under one idempotency key (see `Meta::referrals`).
@@ -733,6 +751,23 @@ fn for_now(e: &CaseError) -> bool {
         ),
         _ => false,
     }
+}
+
+/// Whether the gateway refused a message for its address, for good (a
+/// sharing policy, an unknown recipient, too large, its key used for
+/// another): sending it there again cannot help.
+fn refused_for_good(e: &CaseError) -> bool {
+    matches!(
+        e,
+        CaseError::Client(ClientError::Api {
+            code: proto::ErrorCode::PolicyDenied
+                | proto::ErrorCode::UnknownRecipient
+                | proto::ErrorCode::PayloadTooLarge
+                | proto::ErrorCode::IdempotencyConflict
+                | proto::ErrorCode::Rejected,
+            ..
+        })
+    )
 }
 
 /// A person's address (`user:<id>@<area>`) from their identity URI.
@@ -1242,12 +1277,13 @@ impl Caseworker {
             self.remember_fled_from(case_id, &d.fled_from)?;
         }
         // One kept from before goes first: the case's messages in order.
-        self.send_kept(Some(case_id)).await?;
+        self.send_earlier(case_id).await?;
         if self.meta.outgoing.contains_key(&key) {
             return Err(CaseError::Invalid(format!(
                 "a message under key {key} is being sent already: `client read` sends it; nothing new was sent"
             )));
         }
+        let epoch = self.mls.epoch(&group)?;
         let msg = self.mls.encrypt(&group, body)?;
         let me = self.me.to_string();
         let to = self
@@ -1269,6 +1305,8 @@ impl Caseworker {
                 bytes: msg,
                 disclosure,
                 to,
+                epoch: Some(epoch),
+                made_ms: crate::now_ms(),
             },
         );
         self.save()?;
@@ -1279,17 +1317,32 @@ impl Caseworker {
     /// every case), oldest key first; stops at the first that cannot be
     /// sent for now ([`CaseError::Kept`]).
     async fn send_kept(&mut self, only: Option<&str>) -> Result<(), CaseError> {
-        let keys: Vec<String> = self
+        let mut kept: Vec<(u64, String)> = self
             .meta
             .outgoing
             .iter()
             .filter(|(_, o)| only.is_none_or(|c| o.case_id == c))
-            .map(|(k, _)| k.clone())
+            .map(|(k, o)| (o.made_ms, k.clone()))
             .collect();
-        for key in keys {
+        // In the order they were made (keys given with `--key` are any).
+        kept.sort();
+        for (_, key) in kept {
             self.send_outgoing(&key).await?;
         }
         Ok(())
+    }
+
+    /// Sends the messages to case `case_id` kept from before, before
+    /// anything new goes to it; one that still cannot go stops it
+    /// ([`CaseError::EarlierKept`]).
+    async fn send_earlier(&mut self, case_id: &str) -> Result<(), CaseError> {
+        self.send_kept(Some(case_id)).await.map_err(|e| match e {
+            CaseError::Kept { error } => CaseError::EarlierKept {
+                case_id: case_id.to_owned(),
+                error,
+            },
+            e => e,
+        })
     }
 
     /// Sends the message kept under `key` to each address still to take
@@ -1301,8 +1354,33 @@ impl Caseworker {
         let Some(out) = self.meta.outgoing.get(key).cloned() else {
             return Ok(Vec::new());
         };
-        let category = Category::new(out.category.clone())
-            .map_err(|e| CaseError::Invalid(format!("a kept message's category: {e}")))?;
+        // No longer one to send: we left the case, or it moved on past
+        // where its members still read (they would refuse it).
+        let moved_on = match self.group_of(&out.case_id) {
+            Ok(group) => match (self.mls.is_active(&group), self.mls.epoch(&group)) {
+                (Ok(true), Ok(now)) => out
+                    .epoch
+                    .is_some_and(|e| now.saturating_sub(e) > crate::mls::MAX_PAST_EPOCHS as u64),
+                _ => true,
+            },
+            Err(_) => true,
+        };
+        let category = Category::new(out.category.clone());
+        let category = match (moved_on, category) {
+            (false, Ok(c)) => c,
+            (_, category) => {
+                self.meta.outgoing.remove(key);
+                self.save()?;
+                return Err(CaseError::Invalid(match category {
+                    Err(e) => format!("a kept message to case {} has a bad category ({e}): it was let go, not sent", out.case_id),
+                    Ok(_) => format!(
+                        "a kept message to case {} could not be sent before the case moved on (or you left it): it was let go, not sent to {} address(es); send it again if it still matters",
+                        out.case_id,
+                        out.to.len()
+                    ),
+                }));
+            }
+        };
         let (mut ids, mut refused) = (Vec::new(), None);
         for (i, addr) in &out.to {
             let sent = self
@@ -1318,12 +1396,15 @@ impl Caseworker {
                 .await;
             match sent {
                 Ok(id) => ids.push(id),
-                Err(e) if for_now(&e) => {
+                // Refused for this address, for good: let go of it.
+                Err(e) if refused_for_good(&e) => {
+                    refused.get_or_insert(e);
+                }
+                // Anything else (the gateway out of reach or busy, this
+                // client's certificate refused): it stays kept.
+                Err(e) => {
                     self.save()?;
                     return Err(CaseError::Kept { error: Box::new(e) });
-                }
-                Err(e) => {
-                    refused.get_or_insert(e);
                 }
             }
             if let Some(o) = self.meta.outgoing.get_mut(key) {
@@ -1431,6 +1512,8 @@ impl Caseworker {
     ) -> Result<Vec<String>, CaseError> {
         let group = self.group_of(case_id)?;
         self.settle_before(case_id).await?;
+        // What is kept for the case goes before this change.
+        self.send_earlier(case_id).await?;
         let key = key.unwrap_or_else(fresh_key);
         let (kps, missing) = self.claim(to).await?;
         let own = self.mls.stage_add_members(&group, &kps)?;
@@ -1665,6 +1748,8 @@ impl Caseworker {
         let new_lead = certs::Identity::User(to.area.clone(), user.clone()).uri();
         let group = self.group_of(case_id)?;
         self.settle_before(case_id).await?;
+        // What is kept for the case goes before this change.
+        self.send_earlier(case_id).await?;
         let key = key.unwrap_or_else(fresh_key);
         let category = Category::new("handover").map_err(|e| CaseError::Invalid(e.to_string()))?;
         // Two KeyPackages: one for the transfer group, one for the case.

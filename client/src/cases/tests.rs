@@ -315,3 +315,35 @@ fn a_message_waits_for_the_change_it_follows_only_as_long_as_it_may_take() {
         assert!(!may_wait(&other, false, at(0, None, 1), team_wait));
     }
 }
+
+#[test]
+fn a_kept_message_lets_an_address_go_only_when_the_gateway_refused_it_there_for_good() {
+    let api = |status: u16, code: proto::ErrorCode| {
+        CaseError::Client(ClientError::Api {
+            status,
+            code,
+            message: "x".into(),
+            retry_after: None,
+        })
+    };
+    for final_for_it in [
+        api(403, proto::ErrorCode::PolicyDenied),
+        api(404, proto::ErrorCode::UnknownRecipient),
+        api(413, proto::ErrorCode::PayloadTooLarge),
+        api(409, proto::ErrorCode::IdempotencyConflict),
+    ] {
+        assert!(refused_for_good(&final_for_it), "{final_for_it:?}");
+    }
+    // Whatever else (this client's certificate, the gateway busy or out of
+    // reach, an answer a proxy garbled) keeps it for every address.
+    for kept in [
+        api(403, proto::ErrorCode::CertificateExpired),
+        api(403, proto::ErrorCode::Forbidden),
+        api(503, proto::ErrorCode::Unavailable),
+        api(500, proto::ErrorCode::Internal),
+        CaseError::Client(ClientError::Transport("down".into())),
+        CaseError::Client(ClientError::Decode("<html>502</html>".into())),
+    ] {
+        assert!(!refused_for_good(&kept), "{kept:?}");
+    }
+}

@@ -66,7 +66,7 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 const CASE_EXTENSION: u16 = 0xF0CA;
 /// How many past epochs' secrets a member keeps, so that a message sent just
 /// before a commit still decrypts after it.
-const MAX_PAST_EPOCHS: usize = 2;
+pub const MAX_PAST_EPOCHS: usize = 2;
 /// Longest accepted case id, in bytes.
 const MAX_CASE_ID: usize = 256;
 

@@ -1647,6 +1647,14 @@ async fn a_reply_its_gateway_could_not_take_is_kept_and_sent_by_the_next_read() 
         .unwrap_err();
     assert!(matches!(e, CaseError::Kept { .. }), "{e:?}");
     assert!(e.to_string().contains("do not send it again"), "{e}");
+    // A new message while it still cannot go: nothing new is made (the
+    // case's messages go in order), and the worker is told so.
+    let e = alice
+        .send(&case, &category("update"), b"not made", None, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CaseError::EarlierKept { .. }), "{e:?}");
+    assert!(e.to_string().contains("nothing new was sent"), "{e}");
     fed.start(north).await.unwrap();
     // The next read sends it; another read does not send it again.
     alice.read(Duration::ZERO).await.unwrap();
@@ -1671,6 +1679,11 @@ async fn a_reply_its_gateway_could_not_take_is_kept_and_sent_by_the_next_read() 
     ));
     let more = dan.read(Duration::ZERO).await.unwrap();
     assert!(texts(&more).is_empty(), "nothing twice: {more:?}");
+    let history = dan.history(&case).unwrap();
+    assert!(
+        !history.iter().any(|h| h.plaintext == b"not made"),
+        "{history:?}"
+    );
 }
 
 /// A referral cut short after it was made (its gateway busy) is kept under
