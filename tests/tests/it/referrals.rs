@@ -1632,11 +1632,7 @@ async fn a_message_is_acknowledged_only_once_its_reader_was_shown_it() {
 async fn a_reply_its_gateway_could_not_take_is_kept_and_sent_by_the_next_read() {
     let mut fed = federation_with_keys().await;
     let north = fed.index("northshire");
-    let config = ClientConfig::load(&fed.client_config_path(north, "alice")).unwrap();
-    let api = client::Api::new(&config)
-        .unwrap()
-        .retrying_for(Duration::from_millis(500));
-    let mut alice = Caseworker::open(&config, api).unwrap();
+    let mut alice = impatient_worker(&fed, north, "alice");
     let case = refer_to(&mut alice, "user:dan@southvale", b"first referral").await;
     let mut dan = worker(&fed, fed.index("southvale"), "dan");
     joins(&mut dan, &case).await;
@@ -1686,6 +1682,31 @@ async fn a_reply_its_gateway_could_not_take_is_kept_and_sent_by_the_next_read() 
     );
 }
 
+/// `user` of area `area`, whose client tries a submission again for a
+/// moment only (not a minute) while its gateway is out of reach or busy.
+fn impatient_worker(fed: &Federation, area: usize, user: &str) -> Caseworker {
+    let config = ClientConfig::load(&fed.client_config_path(area, user)).unwrap();
+    let api = client::Api::new(&config)
+        .unwrap()
+        .retrying_for(Duration::from_millis(300));
+    Caseworker::open(&config, api).unwrap()
+}
+
+/// alice's referral to dan under key `ref-kept`.
+async fn refer_kept(alice: &mut Caseworker) -> Result<(String, Vec<String>), CaseError> {
+    alice
+        .refer(
+            &to("user:dan@southvale"),
+            &category("relocation"),
+            false,
+            b"kept referral",
+            None,
+            Some("ref-kept".into()),
+            None,
+        )
+        .await
+}
+
 /// A referral cut short after it was made (its gateway busy) is kept under
 /// its key, and the worker is told to run the same `refer` with that key:
 /// which finishes it, the same case, once.
@@ -1702,28 +1723,8 @@ async fn a_referral_cut_short_says_which_key_finishes_it() {
     )
     .unwrap();
     fed.start(north).await.unwrap();
-    let config = ClientConfig::load(&fed.client_config_path(north, "alice")).unwrap();
-    let api = client::Api::new(&config)
-        .unwrap()
-        .retrying_for(Duration::from_millis(200));
-    let mut alice = Caseworker::open(&config, api).unwrap();
-    let (who, cat, body) = (
-        to("user:dan@southvale"),
-        category("relocation"),
-        b"kept referral".to_vec(),
-    );
-    let e = alice
-        .refer(
-            &who,
-            &cat,
-            false,
-            &body,
-            None,
-            Some("ref-kept".into()),
-            None,
-        )
-        .await
-        .unwrap_err();
+    let mut alice = impatient_worker(&fed, north, "alice");
+    let e = refer_kept(&mut alice).await.unwrap_err();
     let CaseError::ReferralKept { key, case_id, .. } = &e else {
         panic!("{e:?}")
     };
@@ -1731,18 +1732,7 @@ async fn a_referral_cut_short_says_which_key_finishes_it() {
     assert!(e.to_string().contains("--key ref-kept"), "{e}");
     let case_id = case_id.clone();
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let (again, _) = alice
-        .refer(
-            &who,
-            &cat,
-            false,
-            &body,
-            None,
-            Some("ref-kept".into()),
-            None,
-        )
-        .await
-        .unwrap();
+    let (again, _) = refer_kept(&mut alice).await.unwrap();
     assert_eq!(again, case_id, "the same case");
     let mut dan = worker(&fed, fed.index("southvale"), "dan");
     let events = joins(&mut dan, &case_id).await;
