@@ -2355,6 +2355,51 @@ impl Caseworker {
         }
     }
 
+    /// Records the case `case_id` (group `group`) we joined by the Welcome
+    /// `bytes` that `env` carried: the KeyPackages it was for, and the
+    /// case's addresses.
+    fn record_joined(
+        &mut self,
+        env: &proto::Envelope,
+        bytes: &[u8],
+        group: &GroupId,
+        case_id: &str,
+    ) -> Result<Vec<Event>, CaseError> {
+        let me = self.me.to_string();
+        let refs = MlsClient::welcome_refs(bytes)?;
+        self.meta
+            .joined_with
+            .insert(case_id.to_owned(), refs.iter().map(hex::encode).collect());
+        // Whoever added us, and the address it came by. A case handed over
+        // to us takes the old lead's list instead once its transfer is
+        // taken up (`import_pending`).
+        let mut addrs = distinct_but(
+            [
+                format!("user:{}@{}", env.sender.user, env.sender.area),
+                env.recipient.to_string(),
+            ],
+            &me,
+        );
+        // And every other member, as a member reading the Commit that added
+        // them would (those of an area whose team we reach are reached by
+        // it): added on our own, we would otherwise reach only whoever
+        // added us.
+        for i in self.mls.members(group)? {
+            let Some(a) = address_of(&i) else { continue };
+            if a != me && !addrs.contains(&a) && !team_in_area(&addrs, &a) {
+                addrs.push(a);
+            }
+        }
+        self.meta.cases.insert(case_id.to_owned(), addrs);
+        let mut events = vec![Event::Joined {
+            case_id: case_id.to_owned(),
+            from: env.sender.to_string(),
+        }];
+        events.extend(self.import_pending(case_id, true)?);
+        self.save()?;
+        Ok(events)
+    }
+
     async fn handle(
         &mut self,
         env: &proto::Envelope,
@@ -2368,41 +2413,20 @@ impl Caseworker {
             let to_team = matches!(env.recipient.target, Target::Team(_));
             return match self.mls.join(bytes) {
                 Ok((_, case_id)) if case_id.starts_with(TRANSFER) => Ok(Vec::new()),
-                Ok((group, case_id)) => {
-                    let me = self.me.to_string();
-                    let refs = MlsClient::welcome_refs(bytes)?;
-                    self.meta
-                        .joined_with
-                        .insert(case_id.clone(), refs.iter().map(hex::encode).collect());
-                    // Whoever added us, and the address it came by. A case
-                    // handed over to us takes the old lead's list instead
-                    // once its transfer is taken up (`import_pending`).
-                    let mut addrs = distinct_but(
-                        [
-                            format!("user:{}@{}", env.sender.user, env.sender.area),
-                            env.recipient.to_string(),
-                        ],
-                        &me,
-                    );
-                    // And every other member, as a member reading the
-                    // Commit that added them would (those of an area whose
-                    // team we reach are reached by it): added on our own,
-                    // we would otherwise reach only whoever added us.
-                    for i in self.mls.members(&group)? {
-                        let Some(a) = address_of(&i) else { continue };
-                        if a != me && !addrs.contains(&a) && !team_in_area(&addrs, &a) {
-                            addrs.push(a);
-                        }
+                Ok((group, case_id)) => self.record_joined(env, bytes, &group, &case_id),
+                // This Welcome joined us before: a read cut short after
+                // joining and before the case was recorded here (recorded
+                // now, as then), or a copy by another of our addresses.
+                Err(MlsError::AlreadyInGroup(group)) => match self.case_of(&group) {
+                    Some(case_id)
+                        if !self.meta.cases.contains_key(&case_id)
+                            && !case_id.starts_with(TRANSFER) =>
+                    {
+                        self.record_joined(env, bytes, &group, &case_id)
                     }
-                    self.meta.cases.insert(case_id.clone(), addrs);
-                    let mut events = vec![Event::Joined {
-                        case_id: case_id.clone(),
-                        from: env.sender.to_string(),
-                    }];
-                    events.extend(self.import_pending(&case_id, true)?);
-                    self.save()?;
-                    Ok(events)
-                }
+                    _ if to_team => Err(MlsError::AlreadyInGroup(group).into()),
+                    _ => Ok(Vec::new()),
+                },
                 // For others of the team, not us: we were not added, or are
                 // in the case already (a newcomer's Welcome), or sent it.
                 Err(MlsError::WelcomeNotForUs) if to_team => Err(MlsError::WelcomeNotForUs.into()),

@@ -881,6 +881,7 @@ impl MlsClient {
                 group: id.clone(),
                 case_id: case_id.to_owned(),
                 created_ms: now_ms(),
+                welcome: None,
             }])?;
             Ok(id)
         })
@@ -1108,8 +1109,17 @@ impl MlsClient {
     /// Joins a group from a Welcome. Returns the group id and its case id.
     /// Refuses a Welcome not encrypted to one of our KeyPackages
     /// ([`MlsError::WelcomeNotForUs`]) and a group with a member whose
-    /// identity is not a user URI.
+    /// identity is not a user URI. A Welcome joined by before is
+    /// [`MlsError::AlreadyInGroup`] (its digest is kept with the group).
     pub fn join(&mut self, welcome: &[u8]) -> Result<(GroupId, String), MlsError> {
+        // The same Welcome again (its KeyPackage used up by the first
+        // join, so it would read as not for us): in that group already.
+        let digest = sha256(welcome);
+        if let Some(group) = self.store.joined_by(&digest)? {
+            if self.groups.contains_key(&group) {
+                return Err(MlsError::AlreadyInGroup(group));
+            }
+        }
         let msg = MlsMessageIn::tls_deserialize_exact(welcome).map_err(malformed)?;
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
             return Err(MlsError::Malformed("not a Welcome".into()));
@@ -1149,6 +1159,7 @@ impl MlsClient {
                 group: id.clone(),
                 case_id: case_id.clone(),
                 created_ms: now_ms(),
+                welcome: Some(digest),
             }])?;
             Ok((id, case_id))
         })

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_by_group ON history (group_id, at_ms, id);
 CREATE TABLE IF NOT EXISTS seen (digest BLOB PRIMARY KEY, own INTEGER NOT NULL, via TEXT);
 CREATE TABLE IF NOT EXISTS copies (digest BLOB NOT NULL, via TEXT NOT NULL, PRIMARY KEY (digest, via));
+CREATE TABLE IF NOT EXISTS welcomes (digest BLOB PRIMARY KEY, group_id BLOB NOT NULL);
 ";
 
 /// What a message digest in the `seen` table means.
@@ -50,11 +51,13 @@ pub(super) enum Seen {
 /// A row change that rides along with the openmls state in one transaction.
 #[derive(Debug)]
 pub(super) enum Change {
-    /// A group we now belong to.
+    /// A group we now belong to, and the digest of the Welcome we joined
+    /// it by (none for one we made).
     Group {
         group: GroupId,
         case_id: String,
         created_ms: u64,
+        welcome: Option<[u8; 32]>,
     },
     /// A chronology entry (duplicates by sender, time and content are ignored).
     History { group: GroupId, entry: HistoryEntry },
@@ -189,6 +192,18 @@ impl Store {
 
     /// Whether we have seen a message digest, and the address it came by
     /// (when it came from someone else, by a known address).
+    /// The group we joined by the Welcome with this digest, if we did.
+    pub(super) fn joined_by(&self, digest: &[u8; 32]) -> Result<Option<GroupId>, MlsError> {
+        let group: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT group_id FROM welcomes WHERE digest = ?1")
+            .map_err(db)?
+            .query_row([&digest[..]], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        Ok(group.map(GroupId))
+    }
+
     pub(super) fn seen(
         &self,
         digest: &[u8; 32],
@@ -268,6 +283,7 @@ impl Store {
                         group,
                         case_id,
                         created_ms,
+                        welcome,
                     } => {
                         tx.execute(
                             "INSERT OR REPLACE INTO groups (group_id, case_id, created_ms)
@@ -275,6 +291,13 @@ impl Store {
                             params![group.0, case_id, to_i64(*created_ms)],
                         )
                         .map_err(db)?;
+                        if let Some(digest) = welcome {
+                            tx.execute(
+                                "INSERT OR REPLACE INTO welcomes (digest, group_id) VALUES (?1, ?2)",
+                                params![&digest[..], group.0],
+                            )
+                            .map_err(db)?;
+                        }
                     }
                     Change::History { group, entry } => {
                         let digest = super::sha256(&entry.plaintext);

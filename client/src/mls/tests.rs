@@ -992,3 +992,16 @@ fn a_key_package_without_case_id_support_is_refused_when_checked() {
     let with = foreign_key_package(&id);
     assert_eq!(sender.c().key_package_identity(&with).unwrap(), id);
 }
+
+#[test]
+fn a_welcome_joined_by_before_is_already_in_group_even_with_its_key_package_used_up() {
+    let (mut sender, _team, group) = referral();
+    let mut late = Person::new("b.example", "d7");
+    let (_, welcome) = sender.c().add_members(&group, &[late.kp()]).unwrap();
+    late.c().join(&welcome).unwrap();
+    late.restart();
+    match late.c().join(&welcome) {
+        Err(MlsError::AlreadyInGroup(g)) => assert_eq!(g, group),
+        other => panic!("expected AlreadyInGroup, got {other:?}"),
+    }
+}

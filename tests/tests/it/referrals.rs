@@ -1281,6 +1281,53 @@ async fn a_message_processed_before_a_crash_cut_its_acknowledgement_short_is_ack
     assert_eq!(history.len(), 2, "once in the history");
 }
 
+/// A Welcome joined, and the read cut short before the case was recorded
+/// (a kill between the MLS state and `cases.json`): the next read records
+/// it, so the case can be answered, rather than leaving it with no address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_joined_just_before_a_crash_is_recorded_at_the_next_read() {
+    let fed = federation_with_keys().await;
+    let mut alice = worker(&fed, 0, "alice");
+    let case = refer_to(&mut alice, "user:dan@southvale", b"first referral").await;
+    let dan_api = fed.api(1, "dan").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            dan_api.inbox(Duration::ZERO).await.unwrap().messages.len() == 2
+        })
+        .await
+    );
+    let (id, bytes) = first_waiting(&dan_api).await;
+    // dan's client as the crash left it: joined (in its MLS state), the
+    // Welcome marked as being processed, the case not recorded.
+    let config = ClientConfig::load(&fed.client_config_path(1, "dan")).unwrap();
+    let dir = config.data_directory();
+    {
+        let mut mls = client::mls::MlsClient::open(&dir, "spiffe://southvale/user/dan").unwrap();
+        assert_eq!(mls.join(&bytes).unwrap().1, case);
+    }
+    let meta_path = dir.join("cases.json");
+    let mut meta: serde_json::Value = match std::fs::read(&meta_path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap(),
+        Err(_) => serde_json::json!({}),
+    };
+    meta["processing"] = serde_json::json!([id.to_string()]);
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+
+    let mut dan = worker(&fed, 1, "dan");
+    let events = read_until(&mut dan, |e| !texts(e).is_empty()).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Joined { case_id, .. } if *case_id == case)),
+        "{events:?}"
+    );
+    assert_eq!(texts(&events), ["first referral"]);
+    dan.send(&case, &category("update"), b"answered", None, None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&read(&mut alice).await), ["answered"]);
+}
+
 /// Sends `to` a case "handed over" by gita, who is not in it: a transfer
 /// group of her own, and in it a transfer for `case` with a chronology she
 /// made up, her own address as the case's, and a genuine KeyPackage of
