@@ -327,11 +327,24 @@ pub fn for_terminal(bytes: &[u8]) -> String {
     escaped(bytes, true)
 }
 
-/// A gateway's or peer's short text (a refusal reason) made safe for one
-/// line of a terminal: as [`for_terminal`], newlines and tabs escaped too,
-/// so it cannot start a line that looks like the client's own.
+/// A gateway's or peer's short text (a refusal reason, an identity, a
+/// case id) made safe for one line of a terminal: as [`for_terminal`],
+/// newlines and tabs escaped too, so it cannot start a line that looks
+/// like the client's own, and so are the bidirectional-text controls
+/// ([`is_bidi_control`]), so it cannot show its characters in another
+/// order than they are (a case id or a sender that reads as another).
 pub fn one_line(text: &str) -> String {
     escaped(text.as_bytes(), false)
+}
+
+/// Whether `c` is a bidirectional-text control (an embedding, override or
+/// isolate, or a direction mark): it changes the order in which the text
+/// after it is shown.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// A case message for a person to read: a structured case file one field
@@ -348,7 +361,10 @@ fn escaped(bytes: &[u8], keep_lines: bool) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() && !(keep_lines && (c == '\n' || c == '\t')) {
+        // A message's own text keeps its direction marks (names and
+        // places in right-to-left scripts); one line does not.
+        let bidi = !keep_lines && is_bidi_control(c);
+        if bidi || c.is_control() && !(keep_lines && (c == '\n' || c == '\t')) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);

@@ -143,3 +143,18 @@ fn a_structured_case_file_is_read_one_field_per_line() {
     assert!(!text.contains('{'), "{text}");
     assert_eq!(readable(b"free text\x1b[2K"), "free text\\u{1b}[2K");
 }
+
+#[test]
+fn one_line_text_cannot_reorder_what_follows_it() {
+    // "case-1" followed by a right-to-left override and "evil" shows as
+    // "case-1live": escaped, it shows as what it is.
+    let spoof = "case-1\u{202E}evil\u{2066}x\u{200F}";
+    let shown = one_line(spoof);
+    assert!(!shown.chars().any(is_bidi_control), "{shown}");
+    assert!(shown.contains("\\u{202e}"), "{shown}");
+    // A message's own text keeps its direction marks.
+    assert!(for_terminal("\u{200F}\u{05E9}".as_bytes()).contains('\u{200F}'));
+    // And a case id cannot hold one.
+    assert!(crate::mls::check_case_id(spoof).is_err());
+    assert!(crate::mls::check_case_id("case-1").is_ok());
+}

@@ -450,7 +450,12 @@ fn case_id_of(group: &MlsGroup) -> Result<String, MlsError> {
 /// that one shown on a terminal cannot move the cursor or send it
 /// commands).
 pub(crate) fn check_case_id(case_id: &str) -> Result<(), MlsError> {
-    if case_id.is_empty() || case_id.len() > MAX_CASE_ID || case_id.chars().any(char::is_control) {
+    if case_id.is_empty()
+        || case_id.len() > MAX_CASE_ID
+        || case_id
+            .chars()
+            .any(|c| c.is_control() || crate::is_bidi_control(c))
+    {
         return Err(MlsError::InvalidArgument(format!(
             "case id must be 1..={MAX_CASE_ID} bytes without control characters"
         )));
