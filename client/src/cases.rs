@@ -2192,167 +2192,165 @@ impl Caseworker {
         item: &proto::InboxItem,
         events: &mut Vec<Event>,
     ) -> Result<Step, CaseError> {
-        {
-            let env = &item.envelope;
-            let id = env.message_id.as_str();
-            let to_team = matches!(env.recipient.target, proto::Target::Team(_));
-            // Refused before: reported then, and not looked at again, but
-            // for a message to the team once (see `Meta::rechecked`).
-            let again = self.meta.refused.contains(id);
-            if again {
-                if !to_team || self.meta.rechecked.contains(id) {
-                    return Ok(Step::Other);
-                }
-                self.meta.rechecked.insert(id.to_owned());
+        let env = &item.envelope;
+        let id = env.message_id.as_str();
+        let to_team = matches!(env.recipient.target, proto::Target::Team(_));
+        // Refused before: reported then, and not looked at again, but
+        // for a message to the team once (see `Meta::rechecked`).
+        let again = self.meta.refused.contains(id);
+        if again {
+            if !to_team || self.meta.rechecked.contains(id) {
+                return Ok(Step::Other);
+            }
+            self.meta.rechecked.insert(id.to_owned());
+            self.save()?;
+        }
+        let fetched = self.api.fetch(&env.message_id).await?;
+        let from = env.sender.to_string();
+        if fetched.body.hash() != fetched.envelope.content_hash {
+            self.meta.refused.insert(env.message_id.to_string());
+            self.save()?;
+            if !again {
+                events.push(Event::Refused {
+                    message_id: env.message_id.clone(),
+                    from,
+                    error: "the body does not match the envelope's content hash".into(),
+                });
+            }
+            return Ok(Step::Other);
+        }
+        let case = self.case_of_message(&fetched.body.0);
+        if case.as_ref().is_some_and(|c| self.held.contains(c)) {
+            // Its case waits for our own change to it (above).
+            return Ok(Step::Other);
+        }
+        let resumed = !self.meta.processing.insert(id.to_owned());
+        if !resumed {
+            self.save()?;
+        }
+        let outcome = self.handle(env, &fetched.body.0).await;
+        // Ahead of a change not read yet (by name: a case we are not
+        // in yet, whose Welcome may still come): it waits, unchanged
+        // and unacknowledged, for as long as a message may take.
+        let now = crate::now_ms();
+        let since = self.meta.waiting.get(id).copied();
+        let early = match &outcome {
+            Err(CaseError::Mls(e)) => may_wait(
+                e,
+                to_team,
+                Waited {
+                    sent_ms: env.accepted_at_ms,
+                    since_ms: since,
+                    now_ms: now,
+                },
+                self.team_welcome_wait,
+            ),
+            _ => false,
+        };
+        if early {
+            self.meta.processing.remove(id);
+            // Already waiting: the state is as it was (what the save
+            // above wrote is harmless: taken up again, it waits again).
+            if since.is_none() {
+                self.meta.waiting.insert(id.to_owned(), now);
                 self.save()?;
             }
-            let fetched = self.api.fetch(&env.message_id).await?;
-            let from = env.sender.to_string();
-            if fetched.body.hash() != fetched.envelope.content_hash {
+            return Ok(Step::Waits {
+                first: since.is_none(),
+            });
+        }
+        self.meta.waiting.remove(id);
+        let mut step = Step::Other;
+        match outcome {
+            Ok(mut evs) => {
+                events.append(&mut evs);
+                // Shown before its sender is told a person has it.
+                self.show(events)?;
+                self.api.ack(&env.message_id).await?;
+                self.meta.refused.remove(id);
+                self.meta.processing.remove(id);
+                self.save()?;
+                step = Step::Taken;
+            }
+            // Processed here before, its acknowledgement cut short:
+            // shown then, or not (see `Event::ReadBefore`); told, and
+            // acknowledged now.
+            Err(CaseError::Mls(e @ (MlsError::Replay | MlsError::AlreadyInGroup(_))))
+                if resumed =>
+            {
+                // A Welcome names its case by the group it joined.
+                let case_id = case.or_else(|| match &e {
+                    MlsError::AlreadyInGroup(g) => self.case_of(g),
+                    _ => None,
+                });
+                events.push(Event::ReadBefore {
+                    message_id: env.message_id.clone(),
+                    from,
+                    case_id,
+                });
+                self.show(events)?;
+                self.api.ack(&env.message_id).await?;
+                self.meta.refused.remove(id);
+                self.meta.processing.remove(id);
+                self.save()?;
+            }
+            // To our team, in a case whose group we are not in (we
+            // joined the team after the case began, or were not added):
+            // encrypted for its members only, so nothing here is ours to
+            // read. Set aside, so the team's inbox does not wait for us;
+            // the members of the case have it. Not acknowledged: its
+            // sender must not be told a person has read it.
+            // A Welcome to the team for a case we are in already (the
+            // team was added again for a newcomer) is set aside the same.
+            Err(CaseError::Mls(
+                e @ (MlsError::UnknownGroup(_)
+                | MlsError::WelcomeNotForUs
+                | MlsError::AlreadyInGroup(_)),
+            )) if to_team => {
+                self.api.not_in_case(&env.message_id).await?;
+                self.meta.refused.remove(id);
+                self.meta.processing.remove(id);
+                self.save()?;
+                // A Welcome not for us says nothing to tell: we may be
+                // in its case already. The case's messages say it if
+                // we are not.
+                if !matches!(e, MlsError::WelcomeNotForUs | MlsError::AlreadyInGroup(_)) {
+                    events.push(Event::NotInCase {
+                        message_id: env.message_id.clone(),
+                        from,
+                        to: env.recipient.to_string(),
+                    });
+                }
+            }
+            // A gateway out of reach or busy while handling it (a
+            // Commit or Welcome it sends): not the message's fault. The
+            // next read takes it up again (done already, it is then
+            // acknowledged); meanwhile its case waits, and the read
+            // goes on with the others. With no case to hold, it stops.
+            Err(e @ CaseError::Client(_)) if for_now(&e) => {
+                self.save()?;
+                match case {
+                    Some(c) => {
+                        tracing::warn!(case = %c, error = %e, "a message of this case waits: a gateway is out of reach");
+                        self.held.insert(c);
+                    }
+                    None => return Err(e),
+                }
+            }
+            Err(e) => {
                 self.meta.refused.insert(env.message_id.to_string());
+                self.meta.processing.remove(id);
                 self.save()?;
                 if !again {
                     events.push(Event::Refused {
                         message_id: env.message_id.clone(),
                         from,
-                        error: "the body does not match the envelope's content hash".into(),
-                    });
-                }
-                return Ok(Step::Other);
-            }
-            let case = self.case_of_message(&fetched.body.0);
-            if case.as_ref().is_some_and(|c| self.held.contains(c)) {
-                // Its case waits for our own change to it (above).
-                return Ok(Step::Other);
-            }
-            let resumed = !self.meta.processing.insert(id.to_owned());
-            if !resumed {
-                self.save()?;
-            }
-            let outcome = self.handle(env, &fetched.body.0).await;
-            // Ahead of a change not read yet (by name: a case we are not
-            // in yet, whose Welcome may still come): it waits, unchanged
-            // and unacknowledged, for as long as a message may take.
-            let now = crate::now_ms();
-            let since = self.meta.waiting.get(id).copied();
-            let early = match &outcome {
-                Err(CaseError::Mls(e)) => may_wait(
-                    e,
-                    to_team,
-                    Waited {
-                        sent_ms: env.accepted_at_ms,
-                        since_ms: since,
-                        now_ms: now,
-                    },
-                    self.team_welcome_wait,
-                ),
-                _ => false,
-            };
-            if early {
-                self.meta.processing.remove(id);
-                // Already waiting: the state is as it was (what the save
-                // above wrote is harmless: taken up again, it waits again).
-                if since.is_none() {
-                    self.meta.waiting.insert(id.to_owned(), now);
-                    self.save()?;
-                }
-                return Ok(Step::Waits {
-                    first: since.is_none(),
-                });
-            }
-            self.meta.waiting.remove(id);
-            let mut step = Step::Other;
-            match outcome {
-                Ok(mut evs) => {
-                    events.append(&mut evs);
-                    // Shown before its sender is told a person has it.
-                    self.show(events)?;
-                    self.api.ack(&env.message_id).await?;
-                    self.meta.refused.remove(id);
-                    self.meta.processing.remove(id);
-                    self.save()?;
-                    step = Step::Taken;
-                }
-                // Processed here before, its acknowledgement cut short:
-                // shown then, or not (see `Event::ReadBefore`); told, and
-                // acknowledged now.
-                Err(CaseError::Mls(e @ (MlsError::Replay | MlsError::AlreadyInGroup(_))))
-                    if resumed =>
-                {
-                    // A Welcome names its case by the group it joined.
-                    let case_id = case.or_else(|| match &e {
-                        MlsError::AlreadyInGroup(g) => self.case_of(g),
-                        _ => None,
-                    });
-                    events.push(Event::ReadBefore {
-                        message_id: env.message_id.clone(),
-                        from,
-                        case_id,
-                    });
-                    self.show(events)?;
-                    self.api.ack(&env.message_id).await?;
-                    self.meta.refused.remove(id);
-                    self.meta.processing.remove(id);
-                    self.save()?;
-                }
-                // To our team, in a case whose group we are not in (we
-                // joined the team after the case began, or were not added):
-                // encrypted for its members only, so nothing here is ours to
-                // read. Set aside, so the team's inbox does not wait for us;
-                // the members of the case have it. Not acknowledged: its
-                // sender must not be told a person has read it.
-                // A Welcome to the team for a case we are in already (the
-                // team was added again for a newcomer) is set aside the same.
-                Err(CaseError::Mls(
-                    e @ (MlsError::UnknownGroup(_)
-                    | MlsError::WelcomeNotForUs
-                    | MlsError::AlreadyInGroup(_)),
-                )) if to_team => {
-                    self.api.not_in_case(&env.message_id).await?;
-                    self.meta.refused.remove(id);
-                    self.meta.processing.remove(id);
-                    self.save()?;
-                    // A Welcome not for us says nothing to tell: we may be
-                    // in its case already. The case's messages say it if
-                    // we are not.
-                    if !matches!(e, MlsError::WelcomeNotForUs | MlsError::AlreadyInGroup(_)) {
-                        events.push(Event::NotInCase {
-                            message_id: env.message_id.clone(),
-                            from,
-                            to: env.recipient.to_string(),
-                        });
-                    }
-                }
-                // A gateway out of reach or busy while handling it (a
-                // Commit or Welcome it sends): not the message's fault. The
-                // next read takes it up again (done already, it is then
-                // acknowledged); meanwhile its case waits, and the read
-                // goes on with the others. With no case to hold, it stops.
-                Err(e @ CaseError::Client(_)) if for_now(&e) => {
-                    self.save()?;
-                    match case {
-                        Some(c) => {
-                            tracing::warn!(case = %c, error = %e, "a message of this case waits: a gateway is out of reach");
-                            self.held.insert(c);
-                        }
-                        None => return Err(e),
-                    }
-                }
-                Err(e) => {
-                    self.meta.refused.insert(env.message_id.to_string());
-                    self.meta.processing.remove(id);
-                    self.save()?;
-                    if !again {
-                        events.push(Event::Refused {
-                            message_id: env.message_id.clone(),
-                            from,
-                            error: e.to_string(),
-                        })
-                    }
+                        error: e.to_string(),
+                    })
                 }
             }
-            Ok(step)
         }
+        Ok(step)
     }
 
     /// Records the case `case_id` (group `group`) we joined by the Welcome

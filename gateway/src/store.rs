@@ -924,26 +924,7 @@ fn queued_item(
         (Some(item), _) => from_json(&item).map_err(Unread::Damaged)?,
         (None, Some(env)) => {
             let envelope = Box::new(from_json(&env).map_err(Unread::Damaged)?);
-            let body = match (inline, seg, off, len) {
-                (Some(b), _, _, _) => b,
-                (None, Some(seg), Some(off), Some(len)) => {
-                    log.read(BodyRef { seg, off, len }).map_err(|e| {
-                        use std::io::ErrorKind::{InvalidData, UnexpectedEof};
-                        let err = corrupt(format!("body in segment {seg} at {off}: {e}"));
-                        // A segment not found may be a directory briefly
-                        // missing (a restore, a late mount): that waits.
-                        match e.kind() {
-                            UnexpectedEof | InvalidData => Unread::Damaged(err),
-                            _ => Unread::Later(err),
-                        }
-                    })?
-                }
-                _ => {
-                    return Err(Unread::Damaged(corrupt(format!(
-                        "outbox row {seq} has no body"
-                    ))))
-                }
-            };
+            let body = body_of(log, inline, seg, off, len)?;
             FederationItem::Deliver {
                 envelope,
                 body: Body(body),
@@ -965,12 +946,33 @@ fn stored_body(
     off: Option<i64>,
     len: Option<i64>,
 ) -> Result<Vec<u8>, StoreError> {
+    body_of(log, inline, seg, off, len).map_err(|(Unread::Damaged(e) | Unread::Later(e))| e)
+}
+
+/// A stored body, or why it could not be read: damaged for good (a
+/// reference past the end of its segment, or no body at all), or for now
+/// (a segment not found may be a directory briefly missing: a restore, a
+/// late mount).
+fn body_of(
+    log: &BodyLog,
+    inline: Option<Vec<u8>>,
+    seg: Option<i64>,
+    off: Option<i64>,
+    len: Option<i64>,
+) -> Result<Vec<u8>, Unread> {
     match (inline, seg, off, len) {
         (Some(b), _, _, _) => Ok(b),
-        (None, Some(seg), Some(off), Some(len)) => log
-            .read(BodyRef { seg, off, len })
-            .map_err(|e| corrupt(format!("body in segment {seg} at {off}: {e}"))),
-        _ => stored_body_missing(),
+        (None, Some(seg), Some(off), Some(len)) => {
+            log.read(BodyRef { seg, off, len }).map_err(|e| {
+                use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+                let err = corrupt(format!("body in segment {seg} at {off}: {e}"));
+                match e.kind() {
+                    UnexpectedEof | InvalidData => Unread::Damaged(err),
+                    _ => Unread::Later(err),
+                }
+            })
+        }
+        _ => stored_body_missing().map_err(Unread::Damaged),
     }
 }
 
